@@ -1,0 +1,155 @@
+// Package backend defines where a repository's objects live: the Backend
+// interface that the repository format is written against, the names and
+// layout of its objects, and error values every implementation shares.
+//
+// Every object is written once and never changed in place (content-addressed
+// objects are immutable), so the interface has no append or rename: a backend
+// only has to store a whole object atomically, read a range of it, list and
+// remove.
+package backend
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// FileType is the kind of object, which decides its place in the layout.
+type FileType string
+
+// The object kinds of a repository.
+const (
+	ConfigFile   FileType = "config"
+	PackFile     FileType = "data"
+	IndexFile    FileType = "index"
+	SnapshotFile FileType = "snapshots"
+	LockFile     FileType = "locks"
+)
+
+// AllTypes lists the kinds that hold many objects (everything but config).
+var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LockFile}
+
+// Handle names one object.
+type Handle struct {
+	Type FileType
+	Name string // empty for ConfigFile
+}
+
+func (h Handle) String() string {
+	if h.Type == ConfigFile {
+		return "config"
+	}
+	return string(h.Type) + "/" + h.Name
+}
+
+// Path returns the object's path relative to the repository root. Packs are
+// fanned out into 256 directories by the first two hex digits of their name
+// so that no directory grows past what file systems and SFTP servers list
+// comfortably.
+func (h Handle) Path() string {
+	switch {
+	case h.Type == ConfigFile:
+		return "config"
+	case h.Type == PackFile && len(h.Name) >= 2:
+		return "data/" + h.Name[:2] + "/" + h.Name
+	default:
+		return string(h.Type) + "/" + h.Name
+	}
+}
+
+// Info describes a stored object.
+type Info struct {
+	Name string
+	Size int64
+}
+
+// Backend stores a repository's objects.
+//
+// Implementations must be safe for concurrent use. Save must be atomic: a
+// reader sees either no object or the whole object, never a prefix, even if
+// the process is killed during the write.
+type Backend interface {
+	// Location describes the backend for messages (no secrets).
+	Location() string
+	// Save stores an object of the given size read from rd. rd may be read
+	// more than once (after Seek to 0) when the save is retried.
+	Save(ctx context.Context, h Handle, rd io.ReadSeeker, size int64) error
+	// Load returns a reader for length bytes at offset off; length 0 means
+	// to the end.
+	Load(ctx context.Context, h Handle, off, length int64) (io.ReadCloser, error)
+	// Stat returns the object's size; ErrNotExist when there is none.
+	Stat(ctx context.Context, h Handle) (Info, error)
+	// List calls fn for each object of type t, in no particular order.
+	List(ctx context.Context, t FileType, fn func(Info) error) error
+	// Remove deletes an object.
+	Remove(ctx context.Context, h Handle) error
+	// Close releases connections.
+	Close() error
+}
+
+// ErrNotExist is returned (wrapped) when an object does not exist.
+var ErrNotExist = errors.New("object does not exist")
+
+// ErrExists is returned by Save when a create-only object (config) exists.
+var ErrExists = errors.New("object already exists")
+
+// ErrPermission marks an error that retrying cannot fix: credentials that
+// lack a right, an expired token, a read-only location.
+var ErrPermission = errors.New("permission denied")
+
+// Permanent wraps err so that retry wrappers give up at once.
+type Permanent struct{ Err error }
+
+func (p *Permanent) Error() string { return p.Err.Error() }
+func (p *Permanent) Unwrap() error { return p.Err }
+
+// IsPermanent reports whether err must not be retried.
+func IsPermanent(err error) bool {
+	var p *Permanent
+	return errors.As(err, &p) || errors.Is(err, ErrNotExist) || errors.Is(err, ErrPermission) ||
+		errors.Is(err, ErrExists) || errors.Is(err, context.Canceled)
+}
+
+// ReadAll loads a whole object.
+func ReadAll(ctx context.Context, be Backend, h Handle) ([]byte, error) {
+	rd, err := be.Load(ctx, h, 0, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer rd.Close()
+	buf, err := io.ReadAll(rd)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", h, err)
+	}
+	return buf, nil
+}
+
+// ReadRange loads length bytes at off and fails unless all arrive.
+func ReadRange(ctx context.Context, be Backend, h Handle, off, length int64) ([]byte, error) {
+	rd, err := be.Load(ctx, h, off, length)
+	if err != nil {
+		return nil, err
+	}
+	defer rd.Close()
+	buf := make([]byte, length)
+	if _, err := io.ReadFull(rd, buf); err != nil {
+		return nil, fmt.Errorf("read %d bytes at %d of %s: %w", length, off, h, err)
+	}
+	return buf, nil
+}
+
+// ByteReader is a bytes.Reader that also hands out its slice, so that a
+// backend can write it without a copy (the local backend writes it with
+// O_DIRECT).
+type ByteReader struct {
+	*bytes.Reader
+	buf []byte
+}
+
+// NewByteReader returns a reader of b.
+func NewByteReader(b []byte) *ByteReader { return &ByteReader{bytes.NewReader(b), b} }
+
+// Bytes returns the whole slice.
+func (r *ByteReader) Bytes() []byte { return r.buf }

@@ -1,0 +1,117 @@
+package cli
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sauve-backup/sauve/internal/backup"
+	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/disk"
+	"github.com/sauve-backup/sauve/internal/repo"
+)
+
+func newBackupCmd(g *globals) *cobra.Command {
+	var (
+		stdinName string
+		host      string
+		tags      []string
+	)
+	cmd := &cobra.Command{
+		Use:   "backup SOURCE",
+		Short: "Back up a disk, partition, image file or standard input",
+		Long: `Back up SOURCE into the repository as a new snapshot.
+
+SOURCE is a block device (/dev/sda, /dev/nvme0n1p2, /dev/vg/lv), a disk image
+file, or - for standard input (name it with --stdin-name). The disk is cut
+into fixed-size chunks: chunks of zeros and holes of sparse image files are
+neither read nor stored, and chunks the repository holds already (from any
+earlier backup, of any host) are not stored again, so every snapshot is a
+full restore point that costs only what changed.
+
+The snapshot manifest is written last: an interrupted backup leaves no
+snapshot, and the next backup reuses what it had uploaded.`,
+		Example: `  sauve backup /dev/vda --tag nightly
+  sauve backup /var/lib/libvirt/images/web.img
+  dd if=/dev/sdb bs=1M | sauve backup - --stdin-name sdb.img`,
+		Args: exactArgs(1, "one SOURCE (a device, an image file, or - for stdin)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			src, err := disk.OpenSource(args[0])
+			if err != nil {
+				return err
+			}
+			defer src.Close()
+			if host == "" {
+				host, _ = os.Hostname()
+			}
+			name := filepath.Base(src.Path)
+			path := src.Path
+			if src.Kind == disk.Stream {
+				name, path = stdinName, "-"
+			} else if abs, err := filepath.Abs(src.Path); err == nil {
+				path = abs
+			}
+			r, err := g.openRepo(ctx, true, true)
+			if err != nil {
+				return err
+			}
+			if n, err := r.AdoptOrphanPacks(ctx); err != nil {
+				return err
+			} else if n > 0 {
+				g.warnf("indexed %d packs left by an interrupted backup; their chunks are reused", n)
+			}
+			var parent *repo.ID
+			if all, err := r.Snapshots(ctx, func(id string, err error) { g.warnf("%v", err) }); err == nil {
+				if p, err := repo.FindSnapshot(all, "latest", repo.Filter{Host: host, Path: path}); err == nil {
+					parent = &p.ID
+				}
+			}
+			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: src.Size, Reader: src}
+			if src.Kind == disk.File {
+				if m := blockmap.NewSparse(src.File(), src.Size); m != nil {
+					bs.Map = m
+				}
+			}
+			prog := new(backup.Progress)
+			m := startMeter(g.stderr, g.showProgress(), meterSource{
+				label:   "backup " + name,
+				total:   prog.Total.Load,
+				current: prog.Done.Load,
+				extra: func() string {
+					return fmt.Sprintf("new %s, dedup %s, zero %s", bytesIEC(prog.New.Load()), bytesIEC(prog.Reused.Load()), bytesIEC(prog.Zero.Load()))
+				},
+			})
+			res, err := backup.Run(ctx, r, bs, backup.Options{
+				Host: host, Tags: tags, Parent: parent, Progress: prog, Program: "sauve " + Version,
+			})
+			m.Stop()
+			if err != nil {
+				return fmt.Errorf("backup of %s: %w", src.Path, err)
+			}
+			sn, st := res.Snapshot, res.Stats
+			d := sn.Disks[0]
+			if g.json {
+				return g.printJSON(map[string]any{
+					"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": sn.Tags,
+					"disk": d.Name, "source": d.Source, "size": d.Size, "bytes_read": st.BytesRead,
+					"bytes_new": st.BytesNew, "bytes_new_compressed": st.BytesNewCoded, "bytes_stored": st.BytesStored,
+					"chunks_new": st.ChunksNew, "chunks_reused": st.ChunksReused, "chunks_zero": st.ChunksZero,
+					"packs": res.Packs, "seconds": st.Seconds,
+				})
+			}
+			g.printf("snapshot %s saved: %s, %s (%d chunks of %s)\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), d.Chunks(), bytesIEC(int64(d.ChunkSize)))
+			g.printf("  read %s, new %s (%s compressed), chunks %d new / %d reused / %d zero\n",
+				bytesIEC(st.BytesRead), bytesIEC(st.BytesNew), bytesIEC(st.BytesNewCoded), st.ChunksNew, st.ChunksReused, st.ChunksZero)
+			g.printf("  took %s (%s)\n", seconds(st.Seconds), rate(d.Size, st.Seconds))
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&stdinName, "stdin-name", "stdin", "name of the disk read from standard input")
+	f.StringVar(&host, "host", "", "host name recorded in the snapshot (default: this machine's)")
+	f.StringArrayVar(&tags, "tag", nil, "tag the snapshot (repeatable)")
+	return cmd
+}

@@ -1,0 +1,94 @@
+package cli
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sauve-backup/sauve/internal/repo"
+)
+
+func newCheckCmd(g *globals) *cobra.Command {
+	var readData bool
+	cmd := &cobra.Command{
+		Use:   "check",
+		Short: "Verify the repository's structure, and with --read-data all its data",
+		Long: `Verify that the repository is whole: every index object readable, every pack
+the index names present and long enough, every snapshot's signature valid,
+and every chunk of every snapshot indexed in a pack that exists.
+
+With --read-data, also download every pack, check it against its name, and
+decrypt and verify every chunk in it (a write-only key can verify packs and
+chunk lists but not decrypt chunks).
+
+Damage is reported with the snapshots, disks and byte ranges it affects, and
+the exit status is 1. check never modifies the repository.`,
+		Example: `  sauve check
+  sauve check --read-data --json`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := g.openRepo(ctx, false)
+			if err != nil {
+				return err
+			}
+			var m *meter
+			var done, total int
+			if readData {
+				m = startMeter(g.stderr, g.showProgress(), meterSource{
+					label: "read packs", total: func() int64 { return int64(total) }, current: func() int64 { return int64(done) },
+				})
+			}
+			rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Progress: func(d, t int) { done, total = d, t }})
+			m.Stop()
+			if err != nil {
+				return err
+			}
+			if g.json {
+				if err := g.printJSON(rep); err != nil {
+					return err
+				}
+			} else {
+				printCheck(g, rep, readData)
+			}
+			if !rep.OK() {
+				return &ExitError{Code: 1}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&readData, "read-data", false, "download and verify every pack and chunk")
+	return cmd
+}
+
+func printCheck(g *globals, rep *repo.CheckReport, readData bool) {
+	for _, w := range rep.Warnings {
+		g.warnf("%s", w)
+	}
+	for _, e := range rep.Errors {
+		fmt.Fprintf(g.stderr, "sauve: error: %s\n", e)
+	}
+	for _, d := range rep.Damaged {
+		fmt.Fprintf(g.stderr, "sauve: damaged: snapshot %s disk %s: %d chunks in", d.Snapshot.Short(), d.Disk, d.Chunks)
+		for i, s := range d.Ranges {
+			if i == 8 {
+				fmt.Fprintf(g.stderr, " … (%d more ranges)", len(d.Ranges)-i)
+				break
+			}
+			fmt.Fprintf(g.stderr, " [%d, %d)", s.Offset, s.Offset+s.Length)
+		}
+		fmt.Fprintln(g.stderr)
+	}
+	g.printf("%d snapshots, %d packs, %d blobs, %d index objects checked\n", rep.Snapshots, rep.Packs, rep.Blobs, rep.Indexes)
+	if readData {
+		g.printf("read %d packs (%s)\n", rep.PacksRead, bytesIEC(rep.BytesRead))
+		if rep.DataSkipped {
+			g.printf("the key is write-only: chunk data was checked against pack names, not decrypted\n")
+		}
+	}
+	if rep.OK() {
+		g.printf("no errors found\n")
+	} else {
+		fmt.Fprintf(g.stderr, "sauve: check found %d errors; %d snapshots are damaged\n", len(rep.Errors), len(rep.Damaged))
+	}
+}

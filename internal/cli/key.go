@@ -1,0 +1,171 @@
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sauve-backup/sauve/internal/crypto"
+	"github.com/sauve-backup/sauve/internal/repo"
+)
+
+func newKeyCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "key",
+		Short: "Show, export and protect keys",
+		Long: `Manage the keys of a repository.
+
+A full key backs up, restores and certifies other keys. A write-only key
+(sauve key export --write-only) backs up and deduplicates but cannot decrypt
+any chunk: give it to the machines that only send backups, so that a stolen
+machine cannot read the repository. Its backups are signed and verified on
+restore like the owner's.`,
+	}
+	cmd.AddCommand(newKeyExportCmd(g), newKeyShowCmd(g), newKeyPasswdCmd(g))
+	return cmd
+}
+
+// keyForRepo loads the key of the repository at --repo.
+func (g *globals) keyForRepo(cmd *cobra.Command) (*crypto.Keys, string, error) {
+	be, err := g.openBackend()
+	if err != nil {
+		return nil, "", err
+	}
+	cfg, err := repo.ReadConfig(cmd.Context(), be)
+	if err != nil {
+		return nil, "", err
+	}
+	return g.loadKeys(cfg.ID)
+}
+
+func newKeyExportCmd(g *globals) *cobra.Command {
+	var writeOnly bool
+	var name string
+	cmd := &cobra.Command{
+		Use:   "export FILE",
+		Short: "Write a copy of the key, or a write-only key, to FILE",
+		Long: `Write a key for the repository to FILE (mode 0600, never overwritten).
+
+With --write-only the new key can back up but not restore; it gets its own
+signing key, certified by the owner's, and --name labels it (default: this
+host). Without it, FILE is a copy of the full key. The new file is protected
+by the passphrase from $SAUVE_NEW_PASSPHRASE, or one asked on the terminal.`,
+		Example: `  sauve key export --write-only --name web1 /tmp/web1.key
+  sauve key export /media/usb/sauve-full.key`,
+		Args: exactArgs(1, "the FILE to write"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			keys, _, err := g.keyForRepo(cmd)
+			if err != nil {
+				return err
+			}
+			out := keys
+			if writeOnly {
+				if name == "" {
+					name, _ = os.Hostname()
+				}
+				if out, err = keys.DeriveWriteOnly(name); err != nil {
+					return err
+				}
+			} else if keys.Kind != crypto.Full {
+				return errors.New("this key is write-only: it cannot export a full key")
+			}
+			pass, err := newPassphrase()
+			if err != nil {
+				return err
+			}
+			data, err := crypto.EncodeKeyFile(out, pass)
+			if err != nil {
+				return err
+			}
+			if err := writeKeyFile(args[0], data); err != nil {
+				return err
+			}
+			if g.json {
+				return g.printJSON(map[string]any{"file": args[0], "kind": out.Kind, "repository": out.RepoID, "passphrase": len(pass) > 0})
+			}
+			g.printf("wrote %s key for repository %s to %s\n", out.Kind, out.RepoID, args[0])
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&writeOnly, "write-only", false, "make a key that can back up but not restore")
+	cmd.Flags().StringVar(&name, "name", "", "name of the writer in its certificate (default: host name)")
+	return cmd
+}
+
+// newPassphrase reads the passphrase for a new key file.
+func newPassphrase() ([]byte, error) {
+	if p, ok := os.LookupEnv("SAUVE_NEW_PASSPHRASE"); ok {
+		return []byte(p), nil
+	}
+	if _, ok := os.LookupEnv("SAUVE_PASSPHRASE"); ok {
+		// Non-interactive: keep the passphrase the caller uses.
+		return passphrase("", false)
+	}
+	return passphrase("Passphrase for the new key file (empty for none): ", true)
+}
+
+func newKeyShowCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:     "show",
+		Short:   "Describe the key in use",
+		Example: `  sauve key show --repo /srv/backup/sauve`,
+		Args:    exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			keys, path, err := g.keyForRepo(cmd)
+			if err != nil {
+				return err
+			}
+			signer := "owner"
+			if keys.Cert != nil {
+				signer = keys.Cert.Name
+			}
+			info := map[string]any{
+				"file": path, "repository": keys.RepoID, "kind": keys.Kind, "can_restore": keys.CanDecrypt(),
+				"signer": signer, "signer_key": fmt.Sprintf("%x", keys.Signer.Public()),
+			}
+			if g.json {
+				return g.printJSON(info)
+			}
+			g.printf("key file:    %s\nrepository:  %s\nkind:        %s\ncan restore: %v\nsigns as:    %s\n", path, keys.RepoID, keys.Kind, keys.CanDecrypt(), signer)
+			return nil
+		},
+	}
+}
+
+func newKeyPasswdCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "passwd",
+		Short: "Change the passphrase of the key file",
+		Long: `Re-encrypt the key file under a new passphrase ($SAUVE_NEW_PASSPHRASE or the
+terminal; empty removes protection). The file is replaced atomically.`,
+		Example: `  sauve key passwd --key /root/sauve.key`,
+		Args:    exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			keys, path, err := g.keyForRepo(cmd)
+			if err != nil {
+				return err
+			}
+			pass, err := newPassphrase()
+			if err != nil {
+				return err
+			}
+			data, err := crypto.EncodeKeyFile(keys, pass)
+			if err != nil {
+				return err
+			}
+			tmp := path + ".new"
+			os.Remove(tmp)
+			if err := writeKeyFile(tmp, data); err != nil {
+				return err
+			}
+			if err := os.Rename(tmp, path); err != nil {
+				os.Remove(tmp)
+				return fmt.Errorf("replace key file: %w", err)
+			}
+			g.printf("changed the passphrase of %s\n", path)
+			return nil
+		},
+	}
+}

@@ -1,0 +1,239 @@
+package cli
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/term"
+
+	"github.com/sauve-backup/sauve/internal/backend"
+	"github.com/sauve-backup/sauve/internal/backend/local"
+	"github.com/sauve-backup/sauve/internal/crypto"
+	"github.com/sauve-backup/sauve/internal/repo"
+)
+
+// defaultRepo is the repository used when neither --repo nor SAUVE_REPO
+// names one: a folder under the user's data directory.
+func defaultRepo() (string, error) {
+	if d := os.Getenv("XDG_DATA_HOME"); d != "" {
+		return filepath.Join(d, "sauve", "repo"), nil
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return "", usageError{errors.New("no repository given: use --repo or set SAUVE_REPO")}
+	}
+	return filepath.Join(home, ".local", "share", "sauve", "repo"), nil
+}
+
+// openBackend turns a repository location into a backend.
+func (g *globals) openBackend() (backend.Backend, error) {
+	loc := g.repo
+	if loc == "" {
+		d, err := defaultRepo()
+		if err != nil {
+			return nil, err
+		}
+		loc, g.repo, g.usingDefault = d, d, true
+	}
+	if i := strings.Index(loc, "://"); i > 0 && !strings.HasPrefix(loc, "file://") {
+		return nil, fmt.Errorf("repository %q: scheme %q is not supported (use a folder path or file://)", loc, loc[:i])
+	}
+	return local.Open(loc)
+}
+
+// configDir is where key files live by default.
+func configDir() (string, error) {
+	if d := os.Getenv("XDG_CONFIG_HOME"); d != "" {
+		return filepath.Join(d, "sauve"), nil
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return "", fmt.Errorf("cannot find a home directory for the key file (set XDG_CONFIG_HOME or use --key): %w", err)
+	}
+	return filepath.Join(home, ".config", "sauve"), nil
+}
+
+// defaultKeyPath is the key file path tied to a repository ID.
+func defaultKeyPath(repoID string) (string, error) {
+	d, err := configDir()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(d, "keys", repoID+".key"), nil
+}
+
+func (g *globals) cacheBase() string {
+	if g.noCache {
+		return ""
+	}
+	if g.cacheDir != "" {
+		return g.cacheDir
+	}
+	if d := os.Getenv("XDG_CACHE_HOME"); d != "" {
+		return filepath.Join(d, "sauve")
+	}
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "sauve")
+	}
+	return ""
+}
+
+// passphrase returns the passphrase from the environment or the terminal.
+// confirm asks twice (for new passphrases).
+func passphrase(prompt string, confirm bool) ([]byte, error) {
+	if p, ok := os.LookupEnv("SAUVE_PASSPHRASE"); ok {
+		return []byte(p), nil
+	}
+	if f := os.Getenv("SAUVE_PASSPHRASE_FILE"); f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("passphrase file: %w", err)
+		}
+		return []byte(strings.TrimRight(string(b), "\r\n")), nil
+	}
+	tty, err := os.OpenFile("/dev/tty", os.O_RDWR, 0)
+	if err != nil || !term.IsTerminal(int(tty.Fd())) {
+		if tty != nil {
+			tty.Close()
+		}
+		return nil, nil
+	}
+	defer tty.Close()
+	read := func(p string) ([]byte, error) {
+		fmt.Fprint(tty, p)
+		b, err := term.ReadPassword(int(tty.Fd()))
+		fmt.Fprintln(tty)
+		return b, err
+	}
+	p1, err := read(prompt)
+	if err != nil {
+		return nil, fmt.Errorf("read passphrase: %w", err)
+	}
+	if confirm && len(p1) > 0 {
+		p2, err := read("Repeat passphrase: ")
+		if err != nil {
+			return nil, fmt.Errorf("read passphrase: %w", err)
+		}
+		if string(p1) != string(p2) {
+			return nil, errors.New("the passphrases do not match")
+		}
+	}
+	return p1, nil
+}
+
+// loadKeys finds and decodes the key for the repository with ID repoID.
+func (g *globals) loadKeys(repoID string) (*crypto.Keys, string, error) {
+	path := g.keyFile
+	if path == "" {
+		p, err := defaultKeyPath(repoID)
+		if err != nil {
+			return nil, "", err
+		}
+		path = p
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			if g.keyFile == "" {
+				return nil, path, fmt.Errorf("no key for repository %s: expected %s; give the key file with --key or SAUVE_KEY", repoID, path)
+			}
+			return nil, path, fmt.Errorf("key file %s does not exist", path)
+		}
+		return nil, path, fmt.Errorf("read key file: %w", err)
+	}
+	info, err := crypto.InspectKeyFile(data)
+	if err != nil {
+		return nil, path, fmt.Errorf("key file %s: %w", path, err)
+	}
+	if info.Repository != repoID {
+		return nil, path, fmt.Errorf("key file %s belongs to repository %s, not to this repository (%s)", path, info.Repository, repoID)
+	}
+	keys, err := crypto.DecodeKeyFile(data, func() ([]byte, error) {
+		return passphrase(fmt.Sprintf("Passphrase for key %s: ", path), false)
+	})
+	if err != nil {
+		if errors.Is(err, crypto.ErrNeedPassphrase) {
+			return nil, path, fmt.Errorf("key file %s is protected by a passphrase: set SAUVE_PASSPHRASE or run from a terminal", path)
+		}
+		return nil, path, fmt.Errorf("key file %s: %w", path, err)
+	}
+	return keys, path, nil
+}
+
+// openRepo opens the repository with its key and, when loadIndex is set,
+// its index. With create set, the default repository is created on first
+// use (a repository named with --repo must be made with 'sauve init').
+func (g *globals) openRepo(ctx context.Context, loadIndex bool, create ...bool) (*repo.Repository, error) {
+	be, err := g.openBackend()
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := repo.ReadConfig(ctx, be)
+	if errors.Is(err, repo.ErrNoRepository) && g.usingDefault && len(create) > 0 && create[0] {
+		info, ierr := g.initRepo(ctx, be, 0, 0)
+		if ierr != nil {
+			return nil, ierr
+		}
+		if !g.quiet {
+			fmt.Fprintf(g.stderr, "sauve: created the default repository %s (key %s)\n", be.Location(), info.keyPath)
+		}
+		cfg, err = repo.ReadConfig(ctx, be)
+	}
+	if err != nil {
+		if errors.Is(err, repo.ErrNoRepository) && g.usingDefault {
+			return nil, fmt.Errorf("%w; or name one with --repo or SAUVE_REPO", err)
+		}
+		return nil, err
+	}
+	keys, _, err := g.loadKeys(cfg.ID)
+	if err != nil {
+		return nil, err
+	}
+	r, err := repo.Open(ctx, be, keys, repo.Options{
+		CacheDir:    g.cacheBase(),
+		Connections: g.connections,
+		Warn:        func(f string, a ...any) { g.warnf(f, a...) },
+	})
+	if err != nil {
+		return nil, err
+	}
+	if loadIndex {
+		if err := r.LoadIndex(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// writeKeyFile writes a key file with mode 0600, refusing to overwrite.
+func writeKeyFile(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("create key directory: %w", err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("key file %s exists already: refusing to overwrite it", path)
+		}
+		return fmt.Errorf("write key file: %w", err)
+	}
+	w := bufio.NewWriter(f)
+	w.Write(data)
+	w.WriteString("\n")
+	if err := w.Flush(); err != nil {
+		f.Close()
+		os.Remove(path)
+		return fmt.Errorf("write key file %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		os.Remove(path)
+		return fmt.Errorf("write key file %s: %w", path, err)
+	}
+	return f.Close()
+}

@@ -1,0 +1,183 @@
+// Package cli is sauve's command line: commands, flags, environment
+// variables, text and --json output, passphrase prompts and progress bars.
+// It turns arguments into calls of the pipeline packages and nothing more.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+)
+
+// Version is set at build time with -ldflags "-X ...cli.Version=...".
+var Version = "0.1.0-dev"
+
+// globals are the flags every command shares.
+type globals struct {
+	repo        string
+	keyFile     string
+	json        bool
+	quiet       bool
+	noCache     bool
+	cacheDir    string
+	connections int
+	progress    string
+
+	usingDefault bool // no --repo or SAUVE_REPO: the default repository
+
+	stdout io.Writer
+	stderr io.Writer
+}
+
+// usageError marks mistakes in the command line (exit status 2).
+type usageError struct{ error }
+
+// ExitError carries an exit status without a message of its own (the
+// command printed its report already).
+type ExitError struct{ Code int }
+
+func (e *ExitError) Error() string { return fmt.Sprintf("exit status %d", e.Code) }
+
+// Main runs the command line and returns the exit status.
+func Main(args []string) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	g := &globals{stdout: os.Stdout, stderr: os.Stderr}
+	root := newRoot(g)
+	root.SetArgs(args)
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return 0
+	}
+	var ee *ExitError
+	if errors.As(err, &ee) {
+		return ee.Code
+	}
+	if errors.Is(err, context.Canceled) {
+		fmt.Fprintln(g.stderr, "sauve: interrupted")
+		return 130
+	}
+	var ue usageError
+	if errors.As(err, &ue) {
+		fmt.Fprintf(g.stderr, "sauve: %v\nRun 'sauve --help' for usage.\n", err)
+		return 2
+	}
+	if g.json {
+		_ = json.NewEncoder(g.stdout).Encode(map[string]string{"error": err.Error()})
+	}
+	fmt.Fprintf(g.stderr, "sauve: error: %v\n", err)
+	return 1
+}
+
+func newRoot(g *globals) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "sauve",
+		Short: "Block-level backup, restore and migration of whole disks",
+		Long: `sauve backs up disks, partitions and disk images into a deduplicating,
+encrypted repository. Every backup is a full restore point but stores only
+the chunks that changed.
+
+The repository is given with --repo or $SAUVE_REPO (a folder path or
+file:// URL); without either, it is ~/.local/share/sauve/repo
+($XDG_DATA_HOME/sauve/repo), which the first backup creates. Its key is found with --key, $SAUVE_KEY, or in
+$XDG_CONFIG_HOME/sauve/keys/<repository id>.key where 'sauve init' puts it.
+A passphrase-protected key reads its passphrase from $SAUVE_PASSPHRASE,
+$SAUVE_PASSPHRASE_FILE, or the terminal.`,
+		Example: `  export SAUVE_REPO=/srv/backup/sauve
+  sauve init
+  sauve backup /dev/vda --tag nightly
+  sauve snapshots
+  sauve restore latest /dev/vdb`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Version:       Version,
+	}
+	root.SetOut(g.stdout)
+	root.SetErr(g.stderr)
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
+	pf := root.PersistentFlags()
+	pf.StringVarP(&g.repo, "repo", "r", os.Getenv("SAUVE_REPO"), "repository location: a folder or file:// URL ($SAUVE_REPO; default ~/.local/share/sauve/repo)")
+	pf.StringVar(&g.keyFile, "key", os.Getenv("SAUVE_KEY"), "key file ($SAUVE_KEY; default: the one 'sauve init' saved for this repository)")
+	pf.BoolVar(&g.json, "json", false, "print results as JSON on stdout")
+	pf.BoolVarP(&g.quiet, "quiet", "q", false, "print nothing but errors (and --json output)")
+	pf.StringVar(&g.cacheDir, "cache-dir", os.Getenv("SAUVE_CACHE_DIR"), "local cache of index and chunk lists ($SAUVE_CACHE_DIR; default $XDG_CACHE_HOME/sauve)")
+	pf.BoolVar(&g.noCache, "no-cache", false, "do not use the local cache")
+	pf.IntVar(&g.connections, "connections", 0, "concurrent requests to the repository (default: 2 for a folder)")
+	pf.StringVar(&g.progress, "progress", "auto", "progress bar on stderr: auto (when stderr is a terminal), always, never")
+
+	// Hidden: profiles for docs/BENCHMARKS.md.
+	var cpuProfile, memProfile string
+	pf.StringVar(&cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) to this file")
+	pf.StringVar(&memProfile, "mem-profile", "", "write a heap profile (pprof) at exit to this file")
+	_ = pf.MarkHidden("cpu-profile")
+	_ = pf.MarkHidden("mem-profile")
+	var stopProfile func()
+	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
+		var err error
+		stopProfile, err = startProfiles(cpuProfile, memProfile)
+		return err
+	}
+	root.PersistentPostRun = func(cmd *cobra.Command, args []string) {
+		if stopProfile != nil {
+			stopProfile()
+		}
+	}
+
+	root.AddCommand(newInitCmd(g), newBackupCmd(g), newSnapshotsCmd(g), newRestoreCmd(g), newCheckCmd(g), newKeyCmd(g))
+	return root
+}
+
+// showProgress says whether to draw progress bars.
+func (g *globals) showProgress() bool {
+	switch g.progress {
+	case "always":
+		return true
+	case "never":
+		return false
+	}
+	if g.quiet {
+		return false
+	}
+	f, ok := g.stderr.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// printf prints human output unless --quiet or --json.
+func (g *globals) printf(format string, args ...any) {
+	if g.quiet || g.json {
+		return
+	}
+	fmt.Fprintf(g.stdout, format, args...)
+}
+
+// warnf prints a warning on stderr unless --quiet.
+func (g *globals) warnf(format string, args ...any) {
+	if g.quiet {
+		return
+	}
+	fmt.Fprintf(g.stderr, "sauve: warning: "+format+"\n", args...)
+}
+
+func (g *globals) printJSON(v any) error {
+	enc := json.NewEncoder(g.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// exactArgs is cobra.ExactArgs with a usage error.
+func exactArgs(n int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageError{fmt.Errorf("%s: expects %s", cmd.CommandPath(), what)}
+		}
+		return nil
+	}
+}

@@ -1,0 +1,157 @@
+package crypto
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+)
+
+func TestKeyFileRoundTrip(t *testing.T) {
+	k, err := Generate("0123456789abcdef0123456789abcdef")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pass := range []string{"", "correct horse"} {
+		data, err := EncodeKeyFile(k, []byte(pass))
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := InspectKeyFile(data)
+		if err != nil || info.Encrypted != (pass != "") || info.Repository != k.RepoID || info.Kind != Full {
+			t.Fatalf("inspect: %+v %v", info, err)
+		}
+		got, err := DecodeKeyFile(data, func() ([]byte, error) { return []byte(pass), nil })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.MetaKey != k.MetaKey || got.IDKey != k.IDKey || *got.DataPrivate != *k.DataPrivate ||
+			!got.OwnerPublic.Equal(k.OwnerPublic) || !got.Signer.Equal(k.Signer) {
+			t.Fatal("decoded key differs")
+		}
+		if pass != "" {
+			if plain := bytes.Contains(data, k.MetaKey[:]); plain {
+				t.Fatal("protected key file holds the key in the clear")
+			}
+			_, err := DecodeKeyFile(data, func() ([]byte, error) { return []byte("wrong"), nil })
+			if !errors.Is(err, ErrPassphrase) {
+				t.Fatalf("wrong passphrase: %v", err)
+			}
+			if _, err := DecodeKeyFile(data, nil); !errors.Is(err, ErrNeedPassphrase) {
+				t.Fatalf("no passphrase: %v", err)
+			}
+		}
+	}
+}
+
+func TestWriteOnlyKey(t *testing.T) {
+	owner, _ := Generate("r1")
+	wo, err := owner.DeriveWriteOnly("web1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ := EncodeKeyFile(wo, nil)
+	wo, err = DecodeKeyFile(data, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wo.CanDecrypt() || bytes.Contains(data, owner.DataPrivate[:]) {
+		t.Fatal("write-only key can decrypt")
+	}
+	if _, err := wo.DataOpener(); !errors.Is(err, ErrWriteOnly) {
+		t.Fatalf("DataOpener: %v", err)
+	}
+	if _, err := wo.DeriveWriteOnly("x"); err == nil {
+		t.Fatal("a write-only key certified another key")
+	}
+	// The writer seals data the owner can open.
+	s, _ := wo.DataSealer()
+	sealed := s.Seal(nil, []byte("chunk"), []byte("id"))
+	o, _ := owner.DataOpener()
+	if p, err := o.Open(nil, s.Ephemeral(), sealed, []byte("id")); err != nil || string(p) != "chunk" {
+		t.Fatalf("owner cannot open writer's data: %v", err)
+	}
+	if _, err := o.Open(nil, s.Ephemeral(), sealed, []byte("other id")); !errors.Is(err, ErrAuth) {
+		t.Fatal("blob opened under another ID")
+	}
+	// Signatures: owner and certified writer pass; tampering, and a writer
+	// certified by another owner, fail.
+	msg := []byte(`{"manifest":1}`)
+	for _, k := range []*Keys{owner, wo} {
+		if err := owner.Verify(msg, k.Sign(msg)); err != nil {
+			t.Errorf("%s signature: %v", k.Kind, err)
+		}
+		if err := wo.Verify(msg, k.Sign(msg)); err != nil {
+			t.Errorf("%s signature verified by writer: %v", k.Kind, err)
+		}
+		if err := owner.Verify([]byte(`{"manifest":2}`), k.Sign(msg)); err == nil {
+			t.Errorf("%s: tampered message verified", k.Kind)
+		}
+	}
+	stranger, _ := Generate("r1")
+	sw, _ := stranger.DeriveWriteOnly("intruder")
+	if err := owner.Verify(msg, sw.Sign(msg)); !errors.Is(err, ErrUntrustedSigner) {
+		t.Errorf("foreign writer: %v", err)
+	}
+	if err := owner.Verify(msg, stranger.Sign(msg)); !errors.Is(err, ErrUntrustedSigner) {
+		t.Errorf("foreign owner: %v", err)
+	}
+}
+
+func TestMetaSealer(t *testing.T) {
+	var k1, k2 [32]byte
+	k2[0] = 1
+	m1, m2 := NewMetaSealer(k1), NewMetaSealer(k2)
+	s := m1.Seal(nil, []byte("index"), []byte("ad"))
+	if p, err := m1.Open(nil, s, []byte("ad")); err != nil || string(p) != "index" {
+		t.Fatal(err)
+	}
+	if _, err := m2.Open(nil, s, []byte("ad")); !errors.Is(err, ErrAuth) {
+		t.Fatal("opened with the wrong key")
+	}
+	s[len(s)-1] ^= 1
+	if _, err := m1.Open(nil, s, []byte("ad")); !errors.Is(err, ErrAuth) {
+		t.Fatal("opened tampered data")
+	}
+	if _, err := m1.Open(nil, s[:10], nil); err == nil {
+		t.Fatal("opened a short object")
+	}
+}
+
+func FuzzDecodeKeyFile(f *testing.F) {
+	k, _ := Generate("r")
+	plain, _ := EncodeKeyFile(k, nil)
+	wo, _ := k.DeriveWriteOnly("w")
+	wdata, _ := EncodeKeyFile(wo, nil)
+	f.Add(plain)
+	f.Add(wdata)
+	f.Add([]byte(`{"sauve_key":1,"kind":"full","kdf":{"algorithm":"argon2id","memory_kib":4294967295,"time":1,"threads":1}}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		got, err := DecodeKeyFile(b, func() ([]byte, error) { return []byte("x"), nil })
+		if err != nil {
+			return
+		}
+		if len(got.OwnerPublic) != 32 || (got.Kind == Full) != got.CanDecrypt() {
+			t.Fatal("accepted an inconsistent key")
+		}
+	})
+}
+
+func BenchmarkChunkID(b *testing.B) {
+	for _, size := range []int{64 << 10, 1 << 20} {
+		buf := bytes.Repeat([]byte{7}, size)
+		h := NewHasher([32]byte{1})
+		b.Run(sizeName(size), func(b *testing.B) {
+			b.SetBytes(int64(size))
+			for b.Loop() {
+				h.Sum(buf)
+			}
+		})
+	}
+}
+
+func sizeName(n int) string {
+	if n >= 1<<20 {
+		return string(rune('0'+n>>20)) + "MiB"
+	}
+	return "64KiB"
+}

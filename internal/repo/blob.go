@@ -1,0 +1,119 @@
+package repo
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// BlobType says how a blob in a pack is sealed.
+type BlobType uint8
+
+// Blob types.
+const (
+	// DataBlob is a disk chunk, sealed to the repository's public key.
+	DataBlob BlobType = 1
+	// MetaBlob is a chunk list, sealed with the metadata key.
+	MetaBlob BlobType = 2
+)
+
+func (t BlobType) String() string {
+	switch t {
+	case DataBlob:
+		return "data"
+	case MetaBlob:
+		return "meta"
+	}
+	return fmt.Sprintf("blob type %d", uint8(t))
+}
+
+// A blob's plaintext starts with one byte that says how the rest is coded.
+const (
+	codingRaw  = 0
+	codingZstd = 1
+)
+
+// compressor codes blob plaintexts. zstd encoders and decoders are pooled:
+// they hold window buffers worth reusing.
+type compressor struct {
+	encoders sync.Pool
+	decoders sync.Pool
+}
+
+func newCompressor(maxSize int) *compressor {
+	c := &compressor{}
+	c.encoders.New = func() any {
+		e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
+			zstd.WithLowerEncoderMem(true), zstd.WithWindowSize(windowFor(maxSize)))
+		if err != nil {
+			panic(err)
+		}
+		return e
+	}
+	c.decoders.New = func() any {
+		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecodeAllCapLimit(true),
+			zstd.WithDecoderMaxMemory(uint64(maxSize)+1))
+		if err != nil {
+			panic(err)
+		}
+		return d
+	}
+	return c
+}
+
+func windowFor(n int) int {
+	w := zstd.MinWindowSize
+	for w < n && w < zstd.MaxWindowSize {
+		w <<= 1
+	}
+	return w
+}
+
+// encode appends the coded form of plain to dst: zstd when it saves at
+// least 1/32 of the size, raw otherwise (random data, already compressed
+// files), so that incompressible chunks cost nothing to read back.
+func (c *compressor) encode(dst, plain []byte) []byte {
+	start := len(dst)
+	dst = append(dst, codingZstd)
+	e := c.encoders.Get().(*zstd.Encoder)
+	dst = e.EncodeAll(plain, dst)
+	c.encoders.Put(e)
+	if len(dst)-start-1 < len(plain)-len(plain)/32 {
+		return dst
+	}
+	dst = append(dst[:start], codingRaw)
+	return append(dst, plain...)
+}
+
+var errCoding = errors.New("unknown blob coding")
+
+// decode appends the plaintext of coded to dst; the result never exceeds
+// maxSize bytes, whatever the input claims.
+func (c *compressor) decode(dst, coded []byte, maxSize int) ([]byte, error) {
+	if len(coded) == 0 {
+		return nil, errCoding
+	}
+	switch coded[0] {
+	case codingRaw:
+		if len(coded)-1 > maxSize {
+			return nil, fmt.Errorf("blob of %d bytes exceeds limit %d", len(coded)-1, maxSize)
+		}
+		return append(dst, coded[1:]...), nil
+	case codingZstd:
+		d := c.decoders.Get().(*zstd.Decoder)
+		defer c.decoders.Put(d)
+		if cap(dst)-len(dst) < maxSize {
+			n := make([]byte, len(dst), len(dst)+maxSize)
+			copy(n, dst)
+			dst = n
+		}
+		out, err := d.DecodeAll(coded[1:], dst[:len(dst):len(dst)+maxSize])
+		if err != nil {
+			return nil, fmt.Errorf("decompress: %w", err)
+		}
+		return out, nil
+	}
+	return nil, fmt.Errorf("%w %d", errCoding, coded[0])
+}

@@ -1,0 +1,101 @@
+package repo
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// Cache keeps copies of a repository's index objects, manifests and chunk
+// lists on local disk, so that commands against a remote repository fetch
+// only what they have not seen. It holds objects as stored (sealed), and
+// every read is verified like a read from the backend, so a damaged cache
+// costs a download, never a wrong result.
+type Cache struct {
+	dir string
+}
+
+// Cache kinds.
+const (
+	cacheIndex     = "index"
+	cacheSnapshots = "snapshots"
+	cacheBlobs     = "blobs"
+)
+
+// OpenCache returns the cache for repository id under base.
+func OpenCache(base, id string) (*Cache, error) {
+	dir := filepath.Join(base, id)
+	for _, k := range []string{cacheIndex, cacheSnapshots, cacheBlobs} {
+		if err := os.MkdirAll(filepath.Join(dir, k), 0o700); err != nil {
+			return nil, err
+		}
+	}
+	// CACHEDIR.TAG keeps backup tools from backing the cache up.
+	tag := filepath.Join(base, "CACHEDIR.TAG")
+	if _, err := os.Stat(tag); errors.Is(err, fs.ErrNotExist) {
+		_ = os.WriteFile(tag, []byte("Signature: 8a477f597d28d172789f06886806bc55\n# sauve cache; see https://bford.info/cachedir/\n"), 0o600)
+	}
+	return &Cache{dir: dir}, nil
+}
+
+func (c *Cache) path(kind, name string) string {
+	if kind == cacheBlobs && len(name) > 2 {
+		return filepath.Join(c.dir, kind, name[:2], name)
+	}
+	return filepath.Join(c.dir, kind, name)
+}
+
+// Get returns a cached object.
+func (c *Cache) Get(kind, name string) ([]byte, bool) {
+	if c == nil {
+		return nil, false
+	}
+	b, err := os.ReadFile(c.path(kind, name))
+	return b, err == nil
+}
+
+// Put stores an object; failures are ignored (a cache is an optimisation).
+func (c *Cache) Put(kind, name string, data []byte) {
+	if c == nil {
+		return
+	}
+	p := c.path(kind, name)
+	dir := filepath.Dir(p)
+	_ = os.MkdirAll(dir, 0o700)
+	var rnd [6]byte
+	_, _ = rand.Read(rnd[:])
+	tmp := filepath.Join(dir, ".tmp-"+hex.EncodeToString(rnd[:]))
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		os.Remove(tmp)
+		return
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		os.Remove(tmp)
+	}
+}
+
+// Remove drops an object.
+func (c *Cache) Remove(kind, name string) {
+	if c != nil {
+		os.Remove(c.path(kind, name))
+	}
+}
+
+// List returns the names cached of a kind (not blobs).
+func (c *Cache) List(kind string) []string {
+	if c == nil {
+		return nil
+	}
+	ents, _ := os.ReadDir(filepath.Join(c.dir, kind))
+	var names []string
+	for _, e := range ents {
+		if !e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
+			names = append(names, e.Name())
+		}
+	}
+	return names
+}

@@ -1,0 +1,384 @@
+// Package restore is the restore pipeline: it walks a disk's chunk list in
+// order, fetches the blobs it needs with ranged reads of whole runs of a
+// pack, verifies each chunk against its ID, and writes it to a file, a
+// device or a stream. A delta restore hashes the target first and fetches
+// and writes only the chunks that differ.
+package restore
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/sauve-backup/sauve/internal/backend"
+	"github.com/sauve-backup/sauve/internal/repo"
+)
+
+// Target is a file or device being restored to.
+type Target interface {
+	io.WriterAt
+	io.ReaderAt
+	// Zero makes a range read as zeros.
+	Zero(off, n int64, zeros []byte) error
+}
+
+// Options for a restore.
+type Options struct {
+	// Delta reads the target and writes only chunks that differ.
+	Delta bool
+	// Fresh says the target is a new, empty file: zero chunks need no
+	// write at all.
+	Fresh   bool
+	Workers int
+	// Progress, when set, is updated as the restore runs.
+	Progress *Progress
+}
+
+// Progress is read by the caller while the restore runs.
+type Progress struct {
+	Total   atomic.Int64
+	Done    atomic.Int64
+	Written atomic.Int64
+	Fetched atomic.Int64
+}
+
+// Result reports what a restore did.
+type Result struct {
+	Size          int64   `json:"size"`
+	BytesWritten  int64   `json:"bytes_written"`
+	BytesFetched  int64   `json:"bytes_fetched"`
+	ChunksWritten int64   `json:"chunks_written"`
+	ChunksSame    int64   `json:"chunks_unchanged"`
+	ChunksZero    int64   `json:"chunks_zero"`
+	Seconds       float64 `json:"seconds"`
+}
+
+type span struct {
+	id  repo.ID
+	loc repo.Location
+	off int64
+	n   int
+}
+
+type job struct {
+	seq   int64
+	zero  bool // a run of zero chunks at [off, off+length)
+	off   int64
+	len   int64
+	spans []span // consecutive chunks whose blobs are adjacent in one pack
+}
+
+const maxRun = 4 << 20 // bytes of sealed blobs fetched in one request
+
+type counters struct {
+	written, fetched, chunksWritten, same, zero atomic.Int64
+}
+
+// ToTarget restores disk d of a snapshot onto t.
+func ToTarget(ctx context.Context, r *repo.Repository, d *repo.Disk, t Target, opts Options) (*Result, error) {
+	return run(ctx, r, d, t, nil, opts)
+}
+
+// ToStream writes disk d to w in order, zeros included.
+func ToStream(ctx context.Context, r *repo.Repository, d *repo.Disk, w io.Writer, opts Options) (*Result, error) {
+	opts.Delta, opts.Fresh = false, false
+	return run(ctx, r, d, nil, w, opts)
+}
+
+func run(ctx context.Context, r *repo.Repository, d *repo.Disk, t Target, w io.Writer, opts Options) (*Result, error) {
+	start := time.Now()
+	if d.ChunkSize != r.Config().ChunkSize {
+		return nil, fmt.Errorf("disk %s has chunk size %d, repository %d", d.Name, d.ChunkSize, r.Config().ChunkSize)
+	}
+	if !r.CanDecrypt() && d.Stats.ChunksNew+d.Stats.ChunksReused > 0 {
+		// Fail before writing anything.
+		if _, err := r.Keys().DataOpener(); err != nil {
+			return nil, err
+		}
+	}
+	workers := opts.Workers
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0) * 2
+	}
+	prog := opts.Progress
+	if prog == nil {
+		prog = new(Progress)
+	}
+	prog.Total.Store(d.Size)
+	var c counters
+
+	g, gctx := errgroup.WithContext(ctx)
+	jobs := make(chan job, workers)
+	g.Go(func() error {
+		defer close(jobs)
+		return plan(gctx, r, d, opts, jobs)
+	})
+
+	// For a stream, finished jobs go to one writer that puts them in order.
+	type done struct {
+		seq  int64
+		data [][]byte
+		zero int64
+	}
+	var ordered chan done
+	if w != nil {
+		ordered = make(chan done, workers)
+	}
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		g.Go(func() error {
+			defer wg.Done()
+			zeros := make([]byte, d.ChunkSize)
+			for j := range jobs {
+				if w != nil {
+					out := done{seq: j.seq}
+					if j.zero {
+						out.zero = j.len
+					} else {
+						bufs, err := fetch(gctx, r, j.spans, nil, &c)
+						if err != nil {
+							return err
+						}
+						out.data = bufs
+					}
+					select {
+					case ordered <- out:
+					case <-gctx.Done():
+						return gctx.Err()
+					}
+					continue
+				}
+				if err := apply(gctx, r, t, j, opts, zeros, &c); err != nil {
+					return err
+				}
+				prog.Done.Add(jobLen(j))
+				prog.Written.Store(c.written.Load())
+				prog.Fetched.Store(c.fetched.Load())
+			}
+			return nil
+		})
+	}
+	if w != nil {
+		go func() { wg.Wait(); close(ordered) }()
+		g.Go(func() error {
+			pending := map[int64]done{}
+			next := int64(0)
+			zeros := make([]byte, 1<<20)
+			for o := range ordered {
+				pending[o.seq] = o
+				for {
+					p, ok := pending[next]
+					if !ok {
+						break
+					}
+					delete(pending, next)
+					next++
+					for n := p.zero; n > 0; {
+						k := min(n, int64(len(zeros)))
+						if _, err := w.Write(zeros[:k]); err != nil {
+							return fmt.Errorf("write output: %w", err)
+						}
+						n -= k
+						c.written.Add(k)
+						prog.Done.Add(k)
+					}
+					for _, b := range p.data {
+						if _, err := w.Write(b); err != nil {
+							return fmt.Errorf("write output: %w", err)
+						}
+						c.written.Add(int64(len(b)))
+						prog.Done.Add(int64(len(b)))
+					}
+					prog.Written.Store(c.written.Load())
+				}
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	return &Result{
+		Size: d.Size, BytesWritten: c.written.Load(), BytesFetched: c.fetched.Load(),
+		ChunksWritten: c.chunksWritten.Load(), ChunksSame: c.same.Load(), ChunksZero: c.zero.Load(),
+		Seconds: time.Since(start).Seconds(),
+	}, nil
+}
+
+func jobLen(j job) int64 {
+	if j.zero {
+		return j.len
+	}
+	var n int64
+	for _, s := range j.spans {
+		n += int64(s.n)
+	}
+	return n
+}
+
+// plan walks the chunk list and groups it into jobs: runs of zero chunks,
+// and runs of chunks stored next to each other in one pack, which one
+// ranged read fetches.
+func plan(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, jobs chan<- job) error {
+	list := r.ChunkList(d)
+	cs := int64(d.ChunkSize)
+	var cur job
+	seq := int64(0)
+	flush := func() error {
+		if !cur.zero && len(cur.spans) == 0 {
+			return nil
+		}
+		cur.seq = seq
+		seq++
+		select {
+		case jobs <- cur:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		cur = job{}
+		return nil
+	}
+	var sealedRun int64
+	for i := int64(0); i < list.Len(); i++ {
+		id, err := list.At(ctx, i)
+		if err != nil {
+			return err
+		}
+		off := i * cs
+		n := min(cs, d.Size-off)
+		if id.IsZero() {
+			if cur.zero && cur.off+cur.len == off && cur.len < 64<<20 {
+				cur.len += n
+				continue
+			}
+			if err := flush(); err != nil {
+				return err
+			}
+			cur = job{zero: true, off: off, len: n}
+			continue
+		}
+		loc, ok := r.Index().Lookup(id)
+		if !ok || loc.Type != repo.DataBlob {
+			return fmt.Errorf("chunk %s at offset %d of disk %s: %w", id.Short(), off, d.Name, repo.ErrBlobMissing)
+		}
+		if !cur.zero && len(cur.spans) > 0 {
+			last := cur.spans[len(cur.spans)-1].loc
+			if last.Pack == loc.Pack && last.Offset+last.Length == loc.Offset && sealedRun+int64(loc.Length) <= maxRun {
+				cur.spans = append(cur.spans, span{id: id, loc: loc, off: off, n: int(n)})
+				sealedRun += int64(loc.Length)
+				continue
+			}
+		}
+		if err := flush(); err != nil {
+			return err
+		}
+		cur = job{spans: []span{{id: id, loc: loc, off: off, n: int(n)}}}
+		sealedRun = int64(loc.Length)
+	}
+	return flush()
+}
+
+// fetch reads the run of blobs with one request and returns each chunk's
+// verified plaintext. want, if not nil, says which spans are needed.
+func fetch(ctx context.Context, r *repo.Repository, spans []span, want []bool, c *counters) ([][]byte, error) {
+	first, last := spans[0].loc, spans[len(spans)-1].loc
+	h := backend.Handle{Type: backend.PackFile, Name: first.Pack.String()}
+	length := int64(last.Offset+last.Length) - int64(first.Offset)
+	raw, err := backend.ReadRange(ctx, r.Backend(), h, int64(first.Offset), length)
+	if err != nil {
+		return nil, fmt.Errorf("chunk %s at disk offset %d: %w", spans[0].id.Short(), spans[0].off, err)
+	}
+	c.fetched.Add(length)
+	out := make([][]byte, len(spans))
+	for k, s := range spans {
+		if want != nil && !want[k] {
+			continue
+		}
+		rel := s.loc.Offset - first.Offset
+		plain, err := r.OpenBlob(make([]byte, 0, s.n), s.id, s.loc, raw[rel:rel+s.loc.Length])
+		if err != nil {
+			return nil, fmt.Errorf("disk offset %d: %w", s.off, err)
+		}
+		if len(plain) != s.n {
+			return nil, fmt.Errorf("chunk %s at disk offset %d: %d bytes, expected %d", s.id.Short(), s.off, len(plain), s.n)
+		}
+		out[k] = plain
+	}
+	return out, nil
+}
+
+func apply(ctx context.Context, r *repo.Repository, t Target, j job, opts Options, zeros []byte, c *counters) error {
+	if j.zero {
+		c.zero.Add((j.len + int64(len(zeros)) - 1) / int64(len(zeros)))
+		if opts.Fresh {
+			return nil
+		}
+		if opts.Delta {
+			// Zero only the chunks of the run that are not zero already.
+			buf := make([]byte, len(zeros))
+			for off := j.off; off < j.off+j.len; off += int64(len(zeros)) {
+				n := min(int64(len(zeros)), j.off+j.len-off)
+				if _, err := t.ReadAt(buf[:n], off); err != nil && !errors.Is(err, io.EOF) {
+					return fmt.Errorf("read target at %d: %w", off, err)
+				}
+				if bytes.Equal(buf[:n], zeros[:n]) {
+					continue
+				}
+				if err := t.Zero(off, n, zeros); err != nil {
+					return fmt.Errorf("zero target at %d: %w", off, err)
+				}
+				c.written.Add(n)
+			}
+			return nil
+		}
+		if err := t.Zero(j.off, j.len, zeros); err != nil {
+			return fmt.Errorf("zero target at %d: %w", j.off, err)
+		}
+		c.written.Add(j.len)
+		return nil
+	}
+	var want []bool
+	if opts.Delta {
+		want = make([]bool, len(j.spans))
+		any := false
+		buf := make([]byte, len(zeros))
+		for k, s := range j.spans {
+			n, err := t.ReadAt(buf[:s.n], s.off)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return fmt.Errorf("read target at %d: %w", s.off, err)
+			}
+			if n == s.n && r.ChunkID(buf[:s.n]) == s.id {
+				c.same.Add(1)
+				continue
+			}
+			want[k], any = true, true
+		}
+		if !any {
+			return nil
+		}
+	}
+	bufs, err := fetch(ctx, r, j.spans, want, c)
+	if err != nil {
+		return err
+	}
+	for k, s := range j.spans {
+		if bufs[k] == nil {
+			continue
+		}
+		if _, err := t.WriteAt(bufs[k], s.off); err != nil {
+			return fmt.Errorf("write target at %d: %w", s.off, err)
+		}
+		c.written.Add(int64(s.n))
+		c.chunksWritten.Add(1)
+	}
+	return nil
+}
