@@ -8,9 +8,12 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/sauve-backup/sauve/internal/repo"
 )
 
-const chunk = 64 << 10 // the default chunk size
+// chunk is the default chunk size, which these tests exercise.
+const chunk = repo.DefaultChunkSize
 
 func TestRoundTrips(t *testing.T) {
 	e := newEnv(t)
@@ -133,8 +136,8 @@ func TestIncremental(t *testing.T) {
 	writeFile(t, src, append(textBytes(5, 16<<20), randomBytes(16<<20)...))
 	v1 := fileHash(t, src, -1)
 	first := e.backup(src)
-	if first.ChunksNew != 512 {
-		t.Fatalf("first backup: %d new chunks, want 512", first.ChunksNew)
+	if first.ChunksNew != 32<<20/chunk {
+		t.Fatalf("first backup: %d new chunks, want %d", first.ChunksNew, 32<<20/chunk)
 	}
 	repoSize := dirSize(t, e.repo)
 
@@ -146,13 +149,13 @@ func TestIncremental(t *testing.T) {
 		t.Fatalf("unchanged backup grew the repository by %d bytes", grown)
 	}
 
-	// Change 1 MiB at an unaligned offset: at most 17 chunks of 64 KiB.
+	// Change 1 MiB at an unaligned offset: the chunks it touches, no more.
 	writeAt(t, src, 20<<20+1000, randomBytes(1<<20))
 	third := e.backup(src)
-	if third.ChunksNew < 16 || third.ChunksNew > 17 || third.BytesNew > 1<<20+chunk {
+	if third.ChunksNew != 1<<20/chunk+1 || third.BytesNew != 1<<20+chunk {
 		t.Fatalf("1 MiB change stored %d chunks, %d bytes", third.ChunksNew, third.BytesNew)
 	}
-	if third.ChunksReused != 512-third.ChunksNew {
+	if third.ChunksReused != 32<<20/chunk-third.ChunksNew {
 		t.Fatalf("reused %d chunks", third.ChunksReused)
 	}
 	// Both points in time restore.

@@ -58,7 +58,7 @@ func TestKill9DuringBackup(t *testing.T) {
 	}
 	packsBefore := len(packFiles(t, e.repo))
 	b := e.backup(src)
-	if packsBefore > 0 && b.ChunksNew == 2048 && killed == 8 {
+	if packsBefore > 0 && b.ChunksNew == 128<<20/chunk && killed == 8 {
 		t.Errorf("the backup after the kills stored every chunk again although %d packs were on disk", packsBefore)
 	}
 	e.ok("check", "--read-data")

@@ -20,7 +20,7 @@ const FormatVersion = 1
 // Defaults for new repositories (see docs/BENCHMARKS.md for how they were
 // chosen).
 const (
-	DefaultChunkSize = 64 << 10
+	DefaultChunkSize = 256 << 10
 	DefaultPackSize  = 32 << 20
 	MinChunkSize     = 4 << 10
 	MaxChunkSize     = 8 << 20
