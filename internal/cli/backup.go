@@ -75,6 +75,9 @@ snapshot, and the next backup reuses what it had uploaded.`,
 					bs.Map = m
 				}
 			}
+			if err := importImage(g, cmd, &bs, src); err != nil {
+				return err
+			}
 			prog := new(backup.Progress)
 			m := startMeter(g.stderr, g.showProgress(), meterSource{
 				label:   "backup " + name,
@@ -113,5 +116,6 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringVar(&stdinName, "stdin-name", "stdin", "name of the disk read from standard input")
 	f.StringVar(&host, "host", "", "host name recorded in the snapshot (default: this machine's)")
 	f.StringArrayVar(&tags, "tag", nil, "tag the snapshot (repeatable)")
+	addImportFlags(cmd)
 	return cmd
 }
