@@ -373,22 +373,22 @@ func (q *Reader) decompress(desc uint64, voff int64) ([]byte, error) {
 	var got int
 	var err error
 	if q.zstd {
+		// A stream decoder: the sectors read hold the frame and then
+		// whatever follows it, which DecodeAll would take for a frame.
 		q.mu.Lock()
 		if q.dec == nil {
 			q.dec, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(4*q.cluster)))
 		}
-		dec := q.dec
-		q.mu.Unlock()
 		if err == nil {
-			var b []byte
-			q.mu.Lock()
-			b, err = dec.DecodeAll(in, make([]byte, 0, q.cluster))
-			q.mu.Unlock()
-			if err == nil && len(b) > len(out) {
-				err = fmt.Errorf("%d bytes, more than a cluster", len(b))
-			}
-			got = copy(out, b)
+			err = q.dec.Reset(bytes.NewReader(in))
 		}
+		if err == nil {
+			got, err = io.ReadFull(q.dec, out)
+			if err == io.ErrUnexpectedEOF || err == io.EOF {
+				err = fmt.Errorf("%d bytes, less than a cluster", got)
+			}
+		}
+		q.mu.Unlock()
 	} else {
 		fr := flate.NewReader(bytes.NewReader(in))
 		got, err = io.ReadFull(fr, out)

@@ -23,7 +23,6 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
-	"sync"
 	"time"
 
 	"github.com/sauve-backup/sauve/internal/blockmap"
@@ -107,7 +106,6 @@ type Reader struct {
 	block    int64
 	bitmap   int64 // bytes of sector bitmap before each block
 	bat      []uint32
-	mu       sync.Mutex
 }
 
 // Open reads a VHD's footer, and for a dynamic disk its header and block

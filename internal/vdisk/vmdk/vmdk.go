@@ -122,16 +122,14 @@ type Reader struct {
 // extent.
 func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 	var b [sector]byte
+	r.ReadAt(b[:min(size, sector)], 0)
+	if IsDescriptor(b[:]) {
+		return nil, descriptorError(r, size, name)
+	}
 	if err := vdio.ReadFull(r, size, b[:], 0, name, format, "header"); err != nil {
-		if IsDescriptor(b[:]) {
-			return nil, descriptorError(r, size, name)
-		}
 		return nil, err
 	}
 	if vdio.LE.Uint32(b[:]) != magic {
-		if IsDescriptor(b[:]) {
-			return nil, descriptorError(r, size, name)
-		}
 		return nil, vdio.Errorf(name, format, 0, "no sparse extent magic")
 	}
 	h := parseHeader(b[:])

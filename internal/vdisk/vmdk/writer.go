@@ -210,15 +210,14 @@ type StreamWriter struct {
 	finished bool
 	data     int64
 
-	level  int
-	jobs   chan *grainJob
-	order  chan *grainJob
-	wg     sync.WaitGroup
-	done   chan struct{}
-	errMu  sync.Mutex
-	werr   error
-	bufs   chan []byte
-	closed bool
+	level int
+	jobs  chan *grainJob
+	order chan *grainJob
+	wg    sync.WaitGroup
+	done  chan struct{}
+	errMu sync.Mutex
+	werr  error
+	bufs  chan []byte
 }
 
 type grainJob struct {
