@@ -71,6 +71,10 @@ type Reader struct {
 	mu    sync.Mutex
 	cache map[uint64][]byte // L2 tables by file offset
 	dec   *zstd.Decoder
+	// The last compressed cluster, as sequential reads take it in
+	// pieces.
+	lastDesc uint64
+	lastData []byte
 }
 
 // maxCache bounds the memory of cached L2 tables.
@@ -354,6 +358,13 @@ func (q *Reader) ReadAt(p []byte, off int64) (int, error) {
 
 // decompress returns the cluster described by a compressed L2 entry.
 func (q *Reader) decompress(desc uint64, voff int64) ([]byte, error) {
+	q.mu.Lock()
+	if q.lastData != nil && q.lastDesc == desc {
+		d := q.lastData
+		q.mu.Unlock()
+		return d, nil
+	}
+	q.mu.Unlock()
 	x := 62 - (q.clusterBit - 8)
 	host := int64(desc & (uint64(1)<<x - 1))
 	sectors := int64(desc>>x) + 1
@@ -402,6 +413,9 @@ func (q *Reader) decompress(desc uint64, voff int64) ([]byte, error) {
 	if err != nil {
 		return nil, vdio.Wrap(q.name, format, host, err, "decompress cluster for virtual offset %d", voff)
 	}
+	q.mu.Lock()
+	q.lastDesc, q.lastData = desc, out
+	q.mu.Unlock()
 	return out, nil
 }
 

@@ -15,6 +15,7 @@ type Writer struct {
 	f        vdio.File
 	size     int64
 	cluster  int64
+	bits     uint
 	l2Per    int64
 	l1       []uint64
 	l1Off    int64
@@ -28,11 +29,14 @@ type Writer struct {
 
 // NewWriter starts a qcow2 image of the given virtual size in f, a new
 // empty file.
-func NewWriter(f vdio.File, size int64) (*Writer, error) {
+func NewWriter(f vdio.File, size int64) (*Writer, error) { return newWriter(f, size, ClusterBits) }
+
+// newWriter takes the cluster size too (tests make small images).
+func newWriter(f vdio.File, size int64, clusterBits uint) (*Writer, error) {
 	if size < 0 || size > MaxSize {
 		return nil, fmt.Errorf("qcow2: virtual size %d out of range (at most %d)", size, int64(MaxSize))
 	}
-	w := &Writer{f: f, size: size, cluster: 1 << ClusterBits, l2Index: -1}
+	w := &Writer{f: f, size: size, cluster: 1 << clusterBits, bits: clusterBits, l2Index: -1}
 	w.l2Per = w.cluster / 8
 	per := w.cluster * w.l2Per
 	w.l1 = make([]uint64, (size+per-1)/per)
@@ -138,7 +142,7 @@ func (w *Writer) Close() error {
 	h := make([]byte, w.cluster)
 	vdio.BE.PutUint32(h[0:], magic)
 	vdio.BE.PutUint32(h[4:], 3)
-	vdio.BE.PutUint32(h[20:], ClusterBits)
+	vdio.BE.PutUint32(h[20:], uint32(w.bits))
 	vdio.BE.PutUint64(h[24:], uint64(w.size))
 	vdio.BE.PutUint32(h[36:], uint32(len(w.l1)))
 	vdio.BE.PutUint64(h[40:], uint64(w.l1Off))

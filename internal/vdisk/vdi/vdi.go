@@ -197,6 +197,7 @@ type Writer struct {
 	f        vdio.File
 	size     int64
 	fixed    bool
+	block    int64
 	bmap     []uint32
 	bmapOff  int64
 	dataOff  int64
@@ -209,11 +210,17 @@ type Writer struct {
 // NewWriter starts a VDI of size bytes (a multiple of 512) in f, dynamic
 // or fixed.
 func NewWriter(f vdio.File, size int64, fixed bool) (*Writer, error) {
+	return newWriter(f, size, fixed, mib)
+}
+
+// newWriter takes the block size and alignment too (tests make small
+// images).
+func newWriter(f vdio.File, size int64, fixed bool, block int64) (*Writer, error) {
 	if size < 0 || size > MaxSize || size%512 != 0 {
 		return nil, fmt.Errorf("vdi: disk size %d must be a multiple of 512 up to 16 TiB", size)
 	}
-	w := &Writer{f: f, size: size, fixed: fixed}
-	n := (size + mib - 1) / mib
+	w := &Writer{f: f, size: size, fixed: fixed, block: block}
+	n := (size + block - 1) / block
 	w.bmap = make([]uint32, n)
 	for i := range w.bmap {
 		w.bmap[i] = free
@@ -221,20 +228,23 @@ func NewWriter(f vdio.File, size int64, fixed bool) (*Writer, error) {
 			w.bmap[i] = uint32(i)
 		}
 	}
-	w.bmapOff = mib
-	w.dataOff = w.bmapOff + max(mib, (n*4+mib-1)/mib*mib)
+	// Map and data 1 MiB aligned as VirtualBox lays them out (the block
+	// size, for the small blocks of tests).
+	align := min(block, mib)
+	w.bmapOff = max(512, align)
+	w.dataOff = w.bmapOff + max(align, (n*4+align-1)/align*align)
 	w.out = vdio.NewAppender(f, 4<<20)
-	w.units = vdio.NewUnits(mib, size, w.out, w.alloc)
+	w.units = vdio.NewUnits(block, size, w.out, w.alloc)
 	return w, nil
 }
 
 func (w *Writer) alloc(i int64) (int64, error) {
 	if w.fixed {
-		return w.dataOff + i*mib, nil
+		return w.dataOff + i*w.block, nil
 	}
 	w.bmap[i] = w.nextIdx
 	w.nextIdx++
-	return w.dataOff + int64(w.bmap[i])*mib, nil
+	return w.dataOff + int64(w.bmap[i])*w.block, nil
 }
 
 // WriteAt writes p at virtual offset off; offsets increase from call to
@@ -270,7 +280,7 @@ func (w *Writer) Close() error {
 	// Legacy geometry left zero (VirtualBox computes it); sector size.
 	vdio.LE.PutUint32(h[360:], 512)
 	vdio.LE.PutUint64(h[368:], uint64(w.size))
-	vdio.LE.PutUint32(h[376:], mib)
+	vdio.LE.PutUint32(h[376:], uint32(w.block))
 	vdio.LE.PutUint32(h[380:], 0)
 	vdio.LE.PutUint32(h[384:], uint32(len(w.bmap)))
 	vdio.LE.PutUint32(h[388:], allocated)
@@ -293,6 +303,6 @@ func (w *Writer) Close() error {
 	if err := w.out.Flush(); err != nil {
 		return err
 	}
-	end := w.dataOff + int64(allocated)*mib
+	end := w.dataOff + int64(allocated)*w.block
 	return w.f.Truncate(end)
 }

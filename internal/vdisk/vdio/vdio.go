@@ -173,12 +173,16 @@ func (a *Appender) Flush() error {
 // its first non-zero data arrives; aligned runs of ZeroGrain zeros inside
 // it are not written (they read as zeros from a new file's holes).
 type Units struct {
-	Unit    int64 // unit size, a multiple of ZeroGrain
+	Unit    int64 // unit size, a power of two
 	Virtual int64 // virtual size
 	// Alloc returns the file offset of unit i, allocating it. Units are
 	// allocated in increasing order.
 	Alloc func(i int64) (int64, error)
 	Out   *Appender
+
+	// Grain is the granularity of zero detection (ZeroGrain unless the
+	// unit is smaller).
+	Grain int64
 
 	next    int64 // lowest offset the next write may start at
 	cur     int64 // unit of curHost, or -1
@@ -189,7 +193,7 @@ type Units struct {
 
 // NewUnits returns Units for a disk of size bytes.
 func NewUnits(unit, size int64, out *Appender, alloc func(int64) (int64, error)) *Units {
-	return &Units{Unit: unit, Virtual: size, Alloc: alloc, Out: out, cur: -1}
+	return &Units{Unit: unit, Virtual: size, Alloc: alloc, Out: out, cur: -1, Grain: min(unit, ZeroGrain)}
 }
 
 // ErrOrder is returned for writes that go backwards.
@@ -208,13 +212,13 @@ func (u *Units) WriteAt(p []byte, off int64) (int, error) {
 	u.next = off + int64(n)
 	for len(p) > 0 {
 		// The next run: up to the end of the ZeroGrain block and unit.
-		end := min((off/ZeroGrain+1)*ZeroGrain, off+int64(len(p)))
+		end := min((off/u.Grain+1)*u.Grain, off+int64(len(p)))
 		piece := p[:end-off]
 		if !IsZero(piece) {
 			// Extend over following non-zero grains of the same unit.
 			unitEnd := min((off/u.Unit+1)*u.Unit, off+int64(len(p)))
 			for end < unitEnd {
-				e := min(end+ZeroGrain, unitEnd)
+				e := min(end+u.Grain, unitEnd)
 				if IsZero(p[end-off : e-off]) {
 					break
 				}

@@ -269,6 +269,7 @@ type Writer struct {
 	units     *vdio.Units
 	uid       []byte
 	bitmap    []byte
+	gap       int64 // room for a bitmap before a block's data
 	allocated bool
 	finished  bool
 }
@@ -276,10 +277,15 @@ type Writer struct {
 // NewWriter starts a VHD of size bytes (a multiple of 512) in f: fixed,
 // or dynamic with 2 MiB blocks.
 func NewWriter(f vdio.File, size int64, fixed bool) (*Writer, error) {
+	return newWriter(f, size, fixed, defaultBlock)
+}
+
+// newWriter takes the block size too (tests make small images).
+func newWriter(f vdio.File, size int64, fixed bool, block int64) (*Writer, error) {
 	if size < 0 || size > MaxSize || size%sector != 0 {
 		return nil, fmt.Errorf("vhd: disk size %d must be a multiple of 512 up to 2040 GiB (larger disks: use vhdx)", size)
 	}
-	w := &Writer{f: f, size: size, fixed: fixed, block: defaultBlock, uid: make([]byte, 16)}
+	w := &Writer{f: f, size: size, fixed: fixed, block: block, uid: make([]byte, 16)}
 	rand.Read(w.uid)
 	w.out = vdio.NewAppender(f, 4<<20)
 	if fixed {
@@ -296,8 +302,9 @@ func NewWriter(f vdio.File, size int64, fixed bool) (*Writer, error) {
 	// Each block is its 512-byte bitmap, then data that starts 4 KiB
 	// aligned, so runs of zeros left unwritten are whole file-system
 	// blocks (holes).
-	w.next = (w.batOff + batBytes + sector + 4095) / 4096 * 4096
-	w.bitmap = make([]byte, sector)
+	w.bitmap = make([]byte, ((block/sector+7)/8+sector-1)/sector*sector)
+	w.gap = (int64(len(w.bitmap)) + 4095) / 4096 * 4096
+	w.next = (w.batOff + batBytes + int64(len(w.bitmap)) + 4095) / 4096 * 4096
 	for i := range w.bitmap {
 		w.bitmap[i] = 0xff
 	}
@@ -306,7 +313,7 @@ func NewWriter(f vdio.File, size int64, fixed bool) (*Writer, error) {
 }
 
 func (w *Writer) alloc(i int64) (int64, error) {
-	bm := w.next - sector
+	bm := w.next - int64(len(w.bitmap))
 	if bm/sector > 0xfffffffe {
 		return 0, fmt.Errorf("vhd: file would exceed the table's 2 TiB reach")
 	}
@@ -316,8 +323,8 @@ func (w *Writer) alloc(i int64) (int64, error) {
 		return 0, err
 	}
 	host := w.next
-	// Next block: bitmap in the last sector of this block's final 4 KiB.
-	w.next += w.block + 4096
+	// The next block's bitmap ends where its 4 KiB-aligned data starts.
+	w.next += w.block + w.gap
 	return host, nil
 }
 
@@ -346,9 +353,9 @@ func (w *Writer) Close() error {
 	ft := makeFooter(w.size, typeDynamic, sector, w.uid)
 	// The footer follows the last block, or the table when no block was
 	// allocated.
-	end := w.next - sector
+	end := w.next - int64(len(w.bitmap))
 	if w.allocated {
-		end = w.next - 4096
+		end = w.next - w.gap
 	}
 	dh := make([]byte, 1024)
 	copy(dh, dynCookie)

@@ -156,10 +156,12 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 		}
 	}
 	v.h = h
-	if h.grain < 1 || h.grain > 1<<16 || h.grain&(h.grain-1) != 0 {
-		return nil, vdio.Errorf(name, format, 20, "grain size %d sectors is not a power of two up to 65536", h.grain)
+	// VMware and QEMU write 128-sector grains; a compressed grain is
+	// inflated into a buffer of this size, so it is bounded (1 MiB).
+	if h.grain < 1 || h.grain > 2048 || h.grain&(h.grain-1) != 0 {
+		return nil, vdio.Errorf(name, format, 20, "grain size %d sectors is not a power of two up to 2048", h.grain)
 	}
-	if h.gtes < 1 || h.gtes > 1<<16 {
+	if h.gtes < 1 || h.gtes > 4096 {
 		return nil, vdio.Errorf(name, format, 44, "%d entries per grain table out of range", h.gtes)
 	}
 	if h.capacity > vdio.MaxVirtualSize/sector {
@@ -259,7 +261,7 @@ func (v *Reader) gt(i int64) ([]byte, error) {
 		return nil, err
 	}
 	v.mu.Lock()
-	if len(v.cache) > 4096 {
+	if int64(len(v.cache)+1)*int64(v.h.gtes)*4 > 16<<20 {
 		clear(v.cache)
 	}
 	v.cache[s] = t

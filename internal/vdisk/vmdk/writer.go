@@ -89,10 +89,15 @@ type SparseWriter struct {
 // NewSparseWriter starts a monolithicSparse disk of size bytes (a
 // multiple of 512) in f.
 func NewSparseWriter(f vdio.File, size int64, o Options) (*SparseWriter, error) {
+	return newSparseWriter(f, size, o, GrainSectors)
+}
+
+// newSparseWriter takes the grain size too (tests make small images).
+func newSparseWriter(f vdio.File, size int64, o Options, grainSectors int64) (*SparseWriter, error) {
 	if size < 0 || size > MaxSize || size%sector != 0 {
 		return nil, fmt.Errorf("vmdk: virtual size %d must be a multiple of 512 up to %d", size, int64(MaxSize))
 	}
-	w := &SparseWriter{f: f, size: size, grain: GrainSectors * sector, gtIndex: -1}
+	w := &SparseWriter{f: f, size: size, grain: grainSectors * sector, gtIndex: -1}
 	perGT := int64(gtEntries) * w.grain
 	w.n = (size + perGT - 1) / perGT
 	gdSectors := (w.n*4 + sector - 1) / sector
@@ -101,12 +106,12 @@ func NewSparseWriter(f vdio.File, size int64, o Options) (*SparseWriter, error) 
 	w.rgtBase = w.rgdOff + gdSectors
 	w.gdOff = w.rgtBase + w.n*gtSectors
 	w.gtBase = w.gdOff + gdSectors
-	overhead := (w.gtBase + w.n*gtSectors + GrainSectors - 1) / GrainSectors * GrainSectors
+	overhead := (w.gtBase + w.n*gtSectors + grainSectors - 1) / grainSectors * grainSectors
 	w.next = overhead * sector
 	w.gd = make([]uint32, w.n)
 	w.gt = make([]byte, gtEntries*4)
 	w.hdr = header{
-		version: 1, flags: flagNL | flagRGD, capacity: uint64(size / sector), grain: GrainSectors,
+		version: 1, flags: flagNL | flagRGD, capacity: uint64(size / sector), grain: uint64(grainSectors),
 		descOff: 1, descSize: descSectors, gtes: gtEntries,
 		rgdOff: uint64(w.rgdOff), gdOff: uint64(w.gdOff), overhead: uint64(overhead),
 	}
@@ -230,22 +235,28 @@ type grainJob struct {
 // NewStreamWriter starts a streamOptimized disk of size bytes (a multiple
 // of 512) on w.
 func NewStreamWriter(w io.Writer, size int64, o Options) (*StreamWriter, error) {
+	return newStreamWriter(w, size, o, GrainSectors)
+}
+
+// newStreamWriter takes the grain size too (tests make small images).
+func newStreamWriter(w io.Writer, size int64, o Options, grainSectors int64) (*StreamWriter, error) {
 	if size < 0 || size > MaxSize || size%sector != 0 {
 		return nil, fmt.Errorf("vmdk: virtual size %d must be a multiple of 512 up to %d", size, int64(MaxSize))
 	}
-	s := &StreamWriter{w: w, size: size, grain: GrainSectors * sector, gtIndex: -1, curIdx: -1, level: zlib.DefaultCompression}
+	s := &StreamWriter{w: w, size: size, grain: grainSectors * sector, gtIndex: -1, curIdx: -1, level: zlib.DefaultCompression}
 	perGT := int64(gtEntries) * s.grain
 	s.gd = make([]uint32, (size+perGT-1)/perGT)
 	s.gt = make([]uint32, gtEntries)
 	s.hdr = header{
-		version: 3, flags: flagNL | flagComp | flagMarkers, capacity: uint64(size / sector), grain: GrainSectors,
-		descOff: 1, descSize: descSectors, gtes: gtEntries, gdOff: gdAtEnd, overhead: GrainSectors, compress: 1,
+		version: 3, flags: flagNL | flagComp | flagMarkers, capacity: uint64(size / sector), grain: uint64(grainSectors),
+		descOff: 1, descSize: descSectors, gtes: gtEntries, gdOff: gdAtEnd, compress: 1,
 	}
+	s.hdr.overhead = (1 + descSectors + uint64(grainSectors) - 1) / uint64(grainSectors) * uint64(grainSectors)
 	desc := descriptor("streamOptimized", size/sector, o)
 	if len(desc) > descSectors*sector {
 		return nil, errors.New("vmdk: descriptor too long (file name?)")
 	}
-	hd := make([]byte, GrainSectors*sector)
+	hd := make([]byte, s.hdr.overhead*sector)
 	s.hdr.put(hd)
 	copy(hd[sector:], desc)
 	if err := s.write(hd); err != nil {
@@ -322,7 +333,7 @@ func (s *StreamWriter) emitter() {
 			s.gtIndex = ti
 		}
 		s.gt[j.idx%gtEntries] = uint32(s.pos / sector)
-		binary.LittleEndian.PutUint64(m[:], uint64(j.idx*GrainSectors))
+		binary.LittleEndian.PutUint64(m[:], uint64(j.idx*s.grain/sector))
 		binary.LittleEndian.PutUint32(m[8:], uint32(j.out.Len()))
 		s.write(m[:])
 		s.write(j.out.Bytes())
