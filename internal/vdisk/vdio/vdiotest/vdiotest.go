@@ -143,8 +143,10 @@ func Disk(size int64, seed uint64) []byte {
 
 // WriteCorpus writes seeds as files of the Go fuzzing corpus format under
 // testdata/fuzz/<target>/ when SAUVE_WRITE_CORPUS is set (to refresh the
-// committed corpus); otherwise it does nothing.
-func WriteCorpus(t *testing.T, target string, seeds map[string][][]byte) {
+// committed corpus); otherwise it does nothing. Each seed's []byte
+// arguments are followed by the literal arguments in more (e.g.
+// "uint16(8)").
+func WriteCorpus(t *testing.T, target string, seeds map[string][][]byte, more ...string) {
 	if os.Getenv("SAUVE_WRITE_CORPUS") == "" {
 		return
 	}
@@ -157,6 +159,9 @@ func WriteCorpus(t *testing.T, target string, seeds map[string][][]byte) {
 		b.WriteString("go test fuzz v1\n")
 		for _, a := range args {
 			b.WriteString("[]byte(" + strconv.Quote(string(a)) + ")\n")
+		}
+		for _, m := range more {
+			b.WriteString(m + "\n")
 		}
 		if err := os.WriteFile(filepath.Join(dir, name), b.Bytes(), 0o644); err != nil {
 			t.Fatal(err)
