@@ -38,7 +38,10 @@ measure() {
   local before=0 after=0 t
   [ -n "$dir" ] && before=$(dsize "$dir" || echo 0)
   sync
-  t=$( { /usr/bin/time -f "%e %U %S %M" bash -c "$*" > /dev/null 2> "$WORK/err.txt"; } 2>&1 | tail -1 )
+  if ! /usr/bin/time -o "$WORK/time.txt" -f "%e %U %S %M" bash -c "$*" > /dev/null 2> "$WORK/err.txt"; then
+    echo "$label failed:" >&2; cat "$WORK/err.txt" >&2; exit 1
+  fi
+  t=$(tail -1 "$WORK/time.txt")
   [ -n "$dir" ] && after=$(dsize "$dir")
   read -r wall user sys rss <<< "$t"
   awk -v l="$label" -v w="$wall" -v u="$user" -v s="$sys" -v r="$rss" -v g=$((after - before)) -v sz="$IMG_SIZE" \
@@ -131,7 +134,8 @@ for cs in $CHUNK_SIZES; do
   export XDG_CONFIG_HOME=$WORK/cfg XDG_CACHE_HOME=$WORK/cache SAUVE_REPO=$R
   "$SAUVE" init --chunk-size "$cs" > /dev/null
   warm "$B/day1.img"
-  s=$( { /usr/bin/time -f "%e" "$SAUVE" backup "$B/day1.img" > /dev/null; } 2>&1 | tail -1)
+  /usr/bin/time -o "$WORK/time.txt" -f "%e" "$SAUVE" backup "$B/day1.img" > /dev/null
+  s=$(tail -1 "$WORK/time.txt")
   d1=$(dsize "$R")
   "$SAUVE" backup "$B/day2.img" > /dev/null
   d2=$(dsize "$R")
