@@ -76,6 +76,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 				}
 			}
 			prog := new(backup.Progress)
+			prog.Total.Store(src.Size)
 			m := startMeter(g.stderr, g.showProgress(), meterSource{
 				label:   "backup " + name,
 				total:   prog.Total.Load,
