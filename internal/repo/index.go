@@ -3,8 +3,8 @@ package repo
 import (
 	"bytes"
 	"encoding/binary"
-	"slices"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/sauve-backup/sauve/internal/crypto"
