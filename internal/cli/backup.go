@@ -95,8 +95,12 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			sn, st := res.Snapshot, res.Stats
 			d := sn.Disks[0]
 			if g.json {
+				tags := sn.Tags
+				if tags == nil {
+					tags = []string{}
+				}
 				return g.printJSON(map[string]any{
-					"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": sn.Tags,
+					"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": tags,
 					"disk": d.Name, "source": d.Source, "size": d.Size, "bytes_read": st.BytesRead,
 					"bytes_new": st.BytesNew, "bytes_new_compressed": st.BytesNewCoded, "bytes_stored": st.BytesStored,
 					"chunks_new": st.ChunksNew, "chunks_reused": st.ChunksReused, "chunks_zero": st.ChunksZero,
