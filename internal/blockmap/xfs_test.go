@@ -38,9 +38,7 @@ func mounted(t *testing.T, img string, fn func(dir string), opts ...string) {
 	if strings.Contains(t.Name(), "v4") {
 		return
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount (CI runs as root)")
-	}
+	requireRoot(t)
 	dir := t.TempDir()
 	run(t, "mount", append(append([]string{"-o", "loop"}, opts...), img, dir)...)
 	defer func() {
@@ -120,5 +118,12 @@ func TestXFSDirtyLogIsImagedInFull(t *testing.T) {
 	fs, _, _ = probeFile(t, copyPath)
 	if fs.m != nil || !strings.Contains(fs.Full, "log") {
 		t.Fatalf("XFS with a dirty log: %+v", fs)
+	}
+}
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount (CI runs as root)")
 	}
 }

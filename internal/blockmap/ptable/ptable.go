@@ -162,4 +162,3 @@ func readFull(r io.ReaderAt, b []byte, off int64) error {
 	}
 	return err
 }
-
