@@ -1,7 +1,5 @@
 package blockmap
 
-import "math/bits"
-
 // page is a piece of a filesystem's allocation bitmap: one bit per unit
 // (block or cluster), least significant bit first, set when the unit is
 // in use.
@@ -91,20 +89,6 @@ func (m *allocMap) Data(off, n int64) ([]Range, error) {
 		}
 	}
 	return out, nil
-}
-
-// usedBits counts the set bits of the first n bits of b.
-func usedBits(b []byte, n int64) int64 {
-	var c int64
-	for i := int64(0); i < n/8; i++ {
-		c += int64(bits.OnesCount8(b[i]))
-	}
-	for i := n &^ 7; i < n; i++ {
-		if b[i>>3]&(1<<(i&7)) != 0 {
-			c++
-		}
-	}
-	return c
 }
 
 func setBit(b []byte, i int64) { b[i>>3] |= 1 << (i & 7) }
