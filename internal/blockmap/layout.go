@@ -162,15 +162,13 @@ func article(s string) string {
 
 // addFS decides whether a partition's free space is skipped.
 func (l *Layout) addFS(p *Part, fs *Filesystem, opts LayoutOptions) {
-	switch {
-	case fs.Full != "":
-		p.Full = fs.Full
-	default:
-		for _, b := range opts.Busy {
-			if b.Start < p.Start+p.Size && p.Start < b.End {
-				p.Full = b.What + ": its free space changes while it is read"
-			}
+	for _, b := range opts.Busy {
+		if b.Start < p.Start+p.Size && p.Start < b.End {
+			p.Full = b.What + ": its free space changes while it is read"
 		}
+	}
+	if p.Full == "" {
+		p.Full = fs.Full
 	}
 	if p.Full != "" {
 		l.Warnings = append(l.Warnings, fmt.Sprintf("%s: %s: imaged in full", l.label(p), p.Full))
