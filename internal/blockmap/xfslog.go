@@ -44,8 +44,15 @@ func (l *xfsLog) cycle(i int64) (uint32, error) {
 	return be32(b, 0), nil
 }
 
+// xfsAssumeCleanLog lets the fuzz tests reach the free-space trees with
+// seeds too small to hold a log.
+var xfsAssumeCleanLog bool
+
 // logClean reports whether the internal log is clean, and if not why.
 func (x *xfsFS) logClean(sb []byte, agblklog byte) (bool, string, error) {
+	if xfsAssumeCleanLog {
+		return true, "", nil
+	}
 	const dirty = "its log holds changes not yet written in place (mounted, or not cleanly unmounted): the free-space trees on disk may be stale; mount and unmount it, or run xfs_repair"
 	start, blocks := be64(sb, 48), uint64(be32(sb, 96))
 	if start == 0 {

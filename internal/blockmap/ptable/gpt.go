@@ -107,6 +107,8 @@ func readGPT(r io.ReaderAt, size int64, ss int) (*Table, error) {
 				n = uint64(size)/uint64(ss) + 1 // checkLayout clips and reports it
 			}
 			p.Size = int64(n) * int64(ss)
+			// A header whose usable range runs past the disk (a copy onto a
+			// smaller disk) is reported by checkLayout as running past the end.
 			if first < h.firstUse || lastLBA > h.lastUse {
 				p.Problem = fmt.Sprintf("lies outside the usable sectors %d-%d the GPT header declares", h.firstUse, h.lastUse)
 			}
@@ -159,7 +161,7 @@ func readHeader(r io.ReaderAt, size int64, ss int, lba uint64) (*gptHeader, erro
 	}
 	n := uint64(size / int64(ss))
 	arr := (uint64(h.nEntries)*uint64(h.entrySize) + uint64(ss) - 1) / uint64(ss)
-	if h.entryLBA < 2 || h.entryLBA+arr > n || h.firstUse > h.lastUse || h.lastUse >= n {
+	if h.entryLBA < 2 || h.entryLBA+arr > n || h.firstUse > h.lastUse {
 		return nil, headerError("entry array or usable range outside the disk")
 	}
 	return h, nil
