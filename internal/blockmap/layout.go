@@ -203,8 +203,20 @@ func (l *Layout) label(p *Part) string {
 // Label names a partition for messages: "partition 2 (ext4, 20 GiB)".
 func (l *Layout) Label(p *Part) string { return l.label(p) }
 
+// maxNotes bounds the problems listed per partition: a badly damaged
+// filesystem could report one per block group.
+const maxNotes = 8
+
 func (l *Layout) lateWarn(i int) func(string) {
+	n := 0
 	return func(msg string) {
+		n++
+		switch {
+		case n > maxNotes+1:
+			return
+		case n == maxNotes+1:
+			msg = "more problems of this kind: further ones are not listed (those parts are imaged in full too)"
+		}
 		if i < len(l.Parts) {
 			p := l.Parts[i]
 			p.Notes = append(p.Notes, msg)
