@@ -376,7 +376,7 @@ func (n *ntfsFS) decodeRuns(a ntfsAttr) ([]ntfsRun, error) {
 			return nil, ntfsDamage("bad mapping pair")
 		}
 		length := int64(leUint(b[1 : 1+ls]))
-		if length <= 0 || len(out) >= ntfsMaxRuns {
+		if length <= 0 || length > n.clusters || vcn > n.clusters || len(out) >= ntfsMaxRuns {
 			return nil, ntfsDamage("bad run length")
 		}
 		r := ntfsRun{vcn: vcn, lcn: -1, n: length}

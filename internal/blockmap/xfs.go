@@ -35,7 +35,7 @@ type xfsFS struct {
 	agFull  bool
 	bits    []byte
 	pg      page
-	visited int
+	seen    map[uint64]bool
 }
 
 type xfsExtent struct{ start, n uint64 } // AG block numbers
@@ -187,7 +187,7 @@ func (x *xfsFS) loadAG(ag, agLen uint64) error {
 	if levels == 0 || levels > xfsMaxLevels || root == 0 || root >= agLen {
 		return bad("free-space tree root %d at level %d is invalid", root, levels)
 	}
-	x.visited = 0
+	x.seen = map[uint64]bool{}
 	if msg, err := x.walk(ag, agLen, root, int(levels)-1); err != nil {
 		return err
 	} else if msg != "" {
@@ -254,10 +254,12 @@ func (x *xfsFS) addFreeList(ag, agLen uint64, agOff int64, agf []byte) error {
 
 // walk collects the free extents under bnobt block agbno, in order.
 func (x *xfsFS) walk(ag, agLen, agbno uint64, level int) (string, error) {
-	x.visited++
-	if uint64(x.visited) > agLen {
+	// A tree never shares blocks: a block seen twice is a loop or a
+	// crafted fan-out, which must not keep the reader busy.
+	if x.seen[agbno] {
 		return "free-space tree loops", nil
 	}
+	x.seen[agbno] = true
 	off := int64(ag*x.agblocks+agbno) * x.bs
 	b, err := read(x.r, off, int(x.bs))
 	if err != nil {
