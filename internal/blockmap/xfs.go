@@ -30,12 +30,12 @@ type xfsFS struct {
 	v5       bool
 	uuid     []byte
 
-	ag      int64 // AG whose free extents are loaded, -1 none
-	free    []xfsExtent
-	agFull  bool
-	bits    []byte
-	pg      page
-	seen    map[uint64]bool
+	ag     int64 // AG whose free extents are loaded, -1 none
+	free   []xfsExtent
+	agFull bool
+	bits   []byte
+	pg     page
+	seen   map[uint64]bool
 }
 
 type xfsExtent struct{ start, n uint64 } // AG block numbers
