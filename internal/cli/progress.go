@@ -30,7 +30,9 @@ func startMeter(w io.Writer, enabled bool, src meterSource) *meter {
 		return nil
 	}
 	m := &meter{stop: make(chan struct{}), done: make(chan struct{})}
-	m.p = mpb.New(mpb.WithOutput(w), mpb.WithWidth(40), mpb.WithRefreshRate(200*time.Millisecond))
+	// Auto refresh even when w is not a terminal: enabled is already the
+	// caller's decision (--progress always draws into logs too).
+	m.p = mpb.New(mpb.WithOutput(w), mpb.WithWidth(40), mpb.WithRefreshRate(200*time.Millisecond), mpb.WithAutoRefresh())
 	total := src.total()
 	m.bar = m.p.New(max(total, 0), mpb.BarStyle().Lbound("[").Rbound("]"),
 		mpb.PrependDecorators(

@@ -341,26 +341,45 @@ func addImportFlags(cmd *cobra.Command) {
 	cmd.Flags().String("source-format", "auto", "auto: read a VM disk image (qcow2, vmdk, vhd, vhdx, vdi, recognised by its headers) as the disk it holds; raw: back up the file's bytes as they are")
 }
 
-// importImage makes a backup source of a VM disk image read as the
-// virtual disk it holds: the snapshot's size is the virtual size and only
-// allocated regions are read. Raw images and devices pass unchanged.
-func importImage(g *globals, cmd *cobra.Command, bs *backup.Source, src *disk.Source) error {
+// mapBackupSource maps what backup reads. A VM disk image (qcow2, vmdk,
+// vhd, vhdx, vdi) is read as the virtual disk it holds: its partitions and
+// filesystems are mapped inside the virtual disk, and only regions the
+// image allocates are read. Raw images, devices and streams are mapped by
+// mapSource; img is then nil.
+func (g *globals) mapBackupSource(cmd *cobra.Command, src *disk.Source, noSkip bool) (*sourceMap, *importedImage, error) {
 	format, _ := cmd.Flags().GetString("source-format")
-	if src.Kind == disk.Stream {
-		return nil
+	if src.Kind != disk.Stream {
+		img, err := openImage(src, format)
+		if err != nil {
+			return nil, nil, err
+		}
+		if img.Format != vdisk.Raw {
+			if !g.json {
+				g.printf("reading %s as a %s image (virtual size %s)\n", src.Path, strings.TrimSpace(img.Format+" "+img.Detail), bytesIEC(img.Size))
+			}
+			l, err := blockmap.NewLayout(img, img.Size, blockmap.LayoutOptions{NoSkip: noSkip, Under: img.Map})
+			if err != nil {
+				return nil, nil, fmt.Errorf("%s: %w", src.Path, err)
+			}
+			for _, w := range l.Warnings {
+				g.warnf("%s", w)
+			}
+			return &sourceMap{m: l, layout: l}, &importedImage{img}, nil
+		}
 	}
-	img, err := openImage(src, format)
-	if err != nil {
-		return err
+	sm, err := g.mapSource(src, noSkip)
+	return sm, nil, err
+}
+
+// importedImage is a VM disk image backed up as the disk it holds.
+type importedImage struct{ *vdisk.Image }
+
+// adapt makes bs read the virtual disk: its size is the virtual size.
+func (img *importedImage) adapt(bs *backup.Source) {
+	if img == nil {
+		return
 	}
-	if img.Format == vdisk.Raw {
-		return nil
-	}
-	bs.Reader, bs.Map, bs.Size = imageReader{img}, img.Map, img.Size
-	if !g.json {
-		g.printf("reading %s as a %s image (virtual size %s)\n", src.Path, strings.TrimSpace(img.Format+" "+img.Detail), bytesIEC(img.Size))
-	}
-	return nil
+	bs.Reader, bs.Size = imageReader{img.Image}, img.Size
 }
 
 // imageReader adapts an image to backup.Reader (sized sources are only

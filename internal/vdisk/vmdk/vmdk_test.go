@@ -68,7 +68,10 @@ func TestBadHeaders(t *testing.T) {
 		{"capacity", img, func(b []byte) []byte { vdio.LE.PutUint64(b[12:], 1<<60); return b }},
 		{"GD past end", img, func(b []byte) []byte { vdio.LE.PutUint64(b[56:], 1<<30); return b }},
 		{"compression", img, func(b []byte) []byte { vdio.LE.PutUint32(b[8:], flagComp); vdio.LE.PutUint16(b[77:], 7); return b }},
-		{"parent", img, func(b []byte) []byte { copy(b[512+bytes.Index(b[512:], []byte("parentCID=")):], "parentCID=12345678"); return b }},
+		{"parent", img, func(b []byte) []byte {
+			copy(b[512+bytes.Index(b[512:], []byte("parentCID=")):], "parentCID=12345678")
+			return b
+		}},
 		{"stream without footer", simg, func(b []byte) []byte { return b[:len(b)-1024] }},
 	} {
 		b := c.edit(bytes.Clone(c.img))
