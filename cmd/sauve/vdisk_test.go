@@ -621,6 +621,13 @@ func TestCorruptImages(t *testing.T) {
 	if len(snaps) != 0 {
 		t.Fatalf("%d snapshots written from damaged images", len(snaps))
 	}
+	// Failed conversions leave neither an output nor a temporary file.
+	ents, _ := os.ReadDir(e.dir)
+	for _, en := range ents {
+		if strings.HasPrefix(en.Name(), "x-") || strings.Contains(en.Name(), ".sauve-") {
+			t.Fatalf("a failed conversion left %s behind", en.Name())
+		}
+	}
 }
 
 // bootDisk writes a raw disk whose MBR holds a real-mode program: it reads
