@@ -9,9 +9,11 @@
 # The image is ../shared/bench/make-disk.sh's /tmp/bench/day1.img (4 GiB raw
 # disk: MBR, one ext4 partition, 1.6 GiB of files and about 1 GiB of deleted
 # but non-zero free space); this script builds it only if it is missing.
-# Every run starts with the image in the page cache, and both tools sync
-# their output (qemu-img flushes on close; sauve fsyncs before renaming), so
-# the figures compare the tools, not the disk. Outputs go to $WORK (default
+# Every run starts with the image in the page cache. sauve syncs its output
+# before renaming it into place (it starts writeback as it goes, so the
+# final sync finds little left); qemu-img's default cache mode for a
+# convert target is "unsafe" (nothing synced), so it is also timed with
+# -t writeback, which syncs, for a like-for-like figure. Outputs go to $WORK (default
 # /var/tmp/sauve-bench-vdisk). Each output is checked with `qemu-img compare`
 # (sauve's --skip-free output is checked with `qemu-img check` only: its free
 # space reads as zeros by design).
@@ -32,40 +34,43 @@ SAUVE=$WORK/sauve
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1048576 }'; }
 
-# run LABEL OUTPUT CMD... — times CMD (wall, CPU, peak RSS) ROUNDS times,
-# keeps the median wall time, and records the output's size.
-declare -A WALL CPU RSS SIZE ALLOC
-run() {
+# Each round runs every tool once, in turn, so that the load of a shared
+# machine drifting during the run weighs on all of them alike; the median
+# over the rounds is kept.
+declare -A WALLS CPU RSS SIZE ALLOC OUTF CMDS
+labels=()
+add() { # add LABEL OUTPUT CMD...
   local label=$1 out=$2; shift 2
-  local walls=() t
-  for _ in $(seq "$ROUNDS"); do
+  labels+=("$label"); OUTF[$label]=$out; CMDS[$label]=$(printf '%q ' "$@")
+}
+for fmt in qcow2 vmdk; do
+  add "qemu-img convert -O $fmt" "$WORK/qemu.$fmt" qemu-img convert -f raw -O "$fmt" "$IMG" "$WORK/qemu.$fmt"
+  add "qemu-img convert -t writeback -O $fmt" "$WORK/qemuwb.$fmt" qemu-img convert -t writeback -f raw -O "$fmt" "$IMG" "$WORK/qemuwb.$fmt"
+  add "sauve convert ($fmt)" "$WORK/sauve.$fmt" "$SAUVE" convert "$IMG" "$WORK/sauve.$fmt" --format "$fmt" --force
+  add "sauve convert --skip-free ($fmt)" "$WORK/free.$fmt" "$SAUVE" convert "$IMG" "$WORK/free.$fmt" --format "$fmt" --force --skip-free
+done
+for round in $(seq "$ROUNDS"); do
+  for label in "${labels[@]}"; do
+    out=${OUTF[$label]}
     rm -f "$out"
     cat "$IMG" > /dev/null
     sync
-    /usr/bin/time -o "$WORK/time.txt" -f "%e %U %S %M" "$@" > /dev/null 2> "$WORK/err.txt" || { echo "$label failed:" >&2; cat "$WORK/err.txt" >&2; exit 1; }
-    t=$(tail -1 "$WORK/time.txt")
-    read -r wall user sys rss <<< "$t"
-    walls+=("$wall")
-    CPU[$label]=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
+    /usr/bin/time -o "$WORK/time.txt" -f "%e %U %S %M" bash -c "${CMDS[$label]}" > /dev/null 2> "$WORK/err.txt" || { echo "$label failed:" >&2; cat "$WORK/err.txt" >&2; exit 1; }
+    read -r wall user sys rss <<< "$(tail -1 "$WORK/time.txt")"
+    WALLS[$label]="${WALLS[$label]:-} $wall"
+    CPU[$label]="${CPU[$label]:-} $(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')"
     RSS[$label]=$((rss / 1024))
+    SIZE[$label]=$(stat -c %s "$out")
+    ALLOC[$label]=$(( $(stat -c %b "$out") * 512 ))
+    echo "round $round: $label: $wall s" >&2
   done
-  WALL[$label]=$(printf '%s\n' "${walls[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
-  SIZE[$label]=$(stat -c %s "$out")
-  ALLOC[$label]=$(( $(stat -c %b "$out") * 512 ))
-  echo "$label: ${walls[*]} s" >&2
-}
-
-rows=()
+done
+median() { printf '%s\n' $1 | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 for fmt in qcow2 vmdk; do
-  q=$WORK/qemu.$fmt s=$WORK/sauve.$fmt f=$WORK/free.$fmt
-  run "qemu-img convert -O $fmt" "$q" qemu-img convert -f raw -O "$fmt" "$IMG" "$q"
-  run "sauve convert ($fmt)" "$s" "$SAUVE" convert "$IMG" "$s" --format "$fmt" --force
-  run "sauve convert --skip-free ($fmt)" "$f" "$SAUVE" convert "$IMG" "$f" --format "$fmt" --force --skip-free
-  qemu-img compare -f raw -F "$fmt" "$IMG" "$q" > /dev/null
-  qemu-img compare -f raw -F "$fmt" "$IMG" "$s" > /dev/null
-  qemu-img check -q -f "$fmt" "$s"
-  qemu-img check -q -f "$fmt" "$f"
-  rows+=("qemu-img convert -O $fmt" "sauve convert ($fmt)" "sauve convert --skip-free ($fmt)")
+  qemu-img compare -q -f raw -F "$fmt" "$IMG" "$WORK/qemu.$fmt"
+  qemu-img compare -q -f raw -F "$fmt" "$IMG" "$WORK/sauve.$fmt"
+  qemu-img check -q -f "$fmt" "$WORK/sauve.$fmt"
+  qemu-img check -q -f "$fmt" "$WORK/free.$fmt"
 done
 
 {
@@ -74,11 +79,11 @@ done
   echo "Command: \`bash bench/vdisk-convert.sh\` (ROUNDS=$ROUNDS, median wall time; $(qemu-img --version | head -1))."
   echo "Source: \`$IMG\`, $(mib "$(stat -c %s "$IMG")") MiB raw, $(mib $(( $(stat -c %b "$IMG") * 512 ))) MiB allocated."
   echo
-  echo "| tool | wall s | CPU s | peak RSS MiB | output MiB | on disk MiB |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-  for r in "${rows[@]}"; do
-    echo "| $r | ${WALL[$r]} | ${CPU[$r]} | ${RSS[$r]} | $(mib "${SIZE[$r]}") | $(mib "${ALLOC[$r]}") |"
+  echo "| tool | wall s (median) | wall s, each round | CPU s (median) | peak RSS MiB | output MiB | on disk MiB |"
+  echo "| --- | ---: | --- | ---: | ---: | ---: | ---: |"
+  for r in "${labels[@]}"; do
+    echo "| $r | $(median "${WALLS[$r]}") | ${WALLS[$r]# } | $(median "${CPU[$r]}") | ${RSS[$r]} | $(mib "${SIZE[$r]}") | $(mib "${ALLOC[$r]}") |"
   done
 } > "$REPORT"
 cat "$REPORT"
-rm -f "$WORK"/qemu.* "$WORK"/sauve.* "$WORK"/free.*
+rm -f "$WORK"/qemu.* "$WORK"/qemuwb.* "$WORK"/sauve.* "$WORK"/free.*

@@ -304,7 +304,7 @@ type raw struct {
 }
 
 func newRaw(f vdio.File, size int64) *raw {
-	w := &raw{f: f, size: size, out: vdio.NewAppender(f, 4<<20)}
+	w := &raw{f: f, size: size, out: vdio.NewAppender(f, vdio.AppendBuffer)}
 	w.units = vdio.NewUnits(1<<20, size, w.out, func(i int64) (int64, error) { return i << 20, nil })
 	return w
 }
@@ -359,8 +359,12 @@ type Progress struct {
 }
 
 // Copy reads the disk r of size bytes, only the ranges m says hold data
-// (all when m is nil), and writes them to w in order. Reading runs ahead
-// of writing in its own goroutine.
+// (all when m is nil), and writes them to w in order.
+//
+// Reading and writing take turns in one goroutine, on one buffer: data
+// read by one CPU and written out by another crosses between their
+// caches, and measured on the reference disk that cost more than the
+// overlap of reading and writing gained (see docs/BENCHMARKS.md).
 func Copy(ctx context.Context, w Writer, r io.ReaderAt, m blockmap.Map, size int64, prog *Progress) error {
 	if m == nil {
 		m = blockmap.Full{}
@@ -368,76 +372,32 @@ func Copy(ctx context.Context, w Writer, r io.ReaderAt, m blockmap.Map, size int
 	if prog == nil {
 		prog = new(Progress)
 	}
-	const window = 4 << 20
-	type piece struct {
-		off    int64
-		n      int64
-		buf    []byte
-		ranges []blockmap.Range
-	}
-	free := make(chan []byte, 4)
-	for range 4 {
-		free <- make([]byte, window)
-	}
-	pieces := make(chan piece, 3)
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errc := make(chan error, 1)
-	go func() {
-		defer close(pieces)
-		for off := int64(0); off < size; off += window {
-			n := min(int64(window), size-off)
-			ranges, err := m.Data(off, n)
-			if err != nil {
-				errc <- fmt.Errorf("map at offset %d: %w", off, err)
-				return
-			}
-			p := piece{off: off, n: n, ranges: ranges}
-			if len(ranges) > 0 {
-				select {
-				case p.buf = <-free:
-				case <-ctx.Done():
-					return
-				}
-				for _, rg := range ranges {
-					b := p.buf[rg.Start-off : rg.End-off]
-					k, err := r.ReadAt(b, rg.Start)
-					if k < len(b) {
-						if err == nil || errors.Is(err, io.EOF) {
-							err = io.ErrUnexpectedEOF
-						}
-						errc <- fmt.Errorf("read at offset %d: %w", rg.Start, err)
-						return
-					}
-					prog.Read.Add(int64(k))
-				}
-			}
-			select {
-			case pieces <- p:
-			case <-ctx.Done():
-				return
-			}
+	window := int64(vdio.IOSize)
+	buf := make([]byte, window)
+	for off := int64(0); off < size; off += window {
+		if err := ctx.Err(); err != nil {
+			return err
 		}
-	}()
-	for p := range pieces {
-		for _, rg := range p.ranges {
-			if _, err := w.WriteAt(p.buf[rg.Start-p.off:rg.End-p.off], rg.Start); err != nil {
-				cancel()
+		n := min(window, size-off)
+		ranges, err := m.Data(off, n)
+		if err != nil {
+			return fmt.Errorf("map at offset %d: %w", off, err)
+		}
+		for _, rg := range ranges {
+			b := buf[rg.Start-off : rg.End-off]
+			k, err := r.ReadAt(b, rg.Start)
+			prog.Read.Add(int64(k))
+			if k < len(b) {
+				if err == nil || errors.Is(err, io.EOF) {
+					err = io.ErrUnexpectedEOF
+				}
+				return fmt.Errorf("read at offset %d: %w", rg.Start, err)
+			}
+			if _, err := w.WriteAt(b, rg.Start); err != nil {
 				return err
 			}
 		}
-		if p.buf != nil {
-			free <- p.buf
-		}
-		prog.Done.Add(p.n)
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
+		prog.Done.Add(n)
 	}
-	select {
-	case err := <-errc:
-		return err
-	default:
-	}
-	return ctx.Err()
+	return nil
 }

@@ -44,7 +44,7 @@ func newWriter(f vdio.File, size int64, clusterBits uint) (*Writer, error) {
 	l1Clusters := max(1, (int64(len(w.l1))*8+w.cluster-1)/w.cluster)
 	w.next = w.l1Off + l1Clusters*w.cluster
 	w.l2 = make([]byte, w.cluster)
-	w.out = vdio.NewAppender(f, 4<<20)
+	w.out = vdio.NewAppender(f, vdio.AppendBuffer)
 	w.units = vdio.NewUnits(w.cluster, size, w.out, w.alloc)
 	return w, nil
 }

@@ -233,7 +233,7 @@ func newWriter(f vdio.File, size int64, fixed bool, block int64) (*Writer, error
 	align := min(block, mib)
 	w.bmapOff = max(512, align)
 	w.dataOff = w.bmapOff + max(align, (n*4+align-1)/align*align)
-	w.out = vdio.NewAppender(f, 4<<20)
+	w.out = vdio.NewAppender(f, vdio.AppendBuffer)
 	w.units = vdio.NewUnits(block, size, w.out, w.alloc)
 	return w, nil
 }

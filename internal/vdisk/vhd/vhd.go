@@ -287,7 +287,7 @@ func newWriter(f vdio.File, size int64, fixed bool, block int64) (*Writer, error
 	}
 	w := &Writer{f: f, size: size, fixed: fixed, block: block, uid: make([]byte, 16)}
 	rand.Read(w.uid)
-	w.out = vdio.NewAppender(f, 4<<20)
+	w.out = vdio.NewAppender(f, vdio.AppendBuffer)
 	if fixed {
 		w.units = vdio.NewUnits(1<<20, size, w.out, func(i int64) (int64, error) { return i << 20, nil })
 		return w, nil

@@ -435,7 +435,7 @@ func NewWriter(f vdio.File, size int64) (*Writer, error) {
 	w.batOff = 3 * mib
 	w.batLen = max(mib, (total*8+mib-1)/mib*mib)
 	w.next = w.batOff + w.batLen
-	w.out = vdio.NewAppender(f, 4<<20)
+	w.out = vdio.NewAppender(f, vdio.AppendBuffer)
 	w.units = vdio.NewUnits(w.block, size, w.out, w.alloc)
 	return w, nil
 }

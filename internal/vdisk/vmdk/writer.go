@@ -119,7 +119,7 @@ func newSparseWriter(f vdio.File, size int64, o Options, grainSectors int64) (*S
 	if len(w.desc) > descSectors*sector {
 		return nil, errors.New("vmdk: descriptor too long (file name?)")
 	}
-	w.out = vdio.NewAppender(f, 4<<20)
+	w.out = vdio.NewAppender(f, vdio.AppendBuffer)
 	w.units = vdio.NewUnits(w.grain, size, w.out, w.alloc)
 	return w, nil
 }
