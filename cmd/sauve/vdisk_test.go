@@ -496,6 +496,9 @@ func TestImportQemuImages(t *testing.T) {
 		{"vmdk-sparse", "vmdk", nil},
 		{"vmdk-stream", "vmdk", []string{"-o", "subformat=streamOptimized"}},
 		{"vmdk-zeroed-grain", "vmdk", []string{"-o", "zeroed_grain=on"}},
+		{"vmdk-split-sparse", "vmdk", []string{"-o", "subformat=twoGbMaxExtentSparse"}},
+		{"vmdk-flat", "vmdk", []string{"-o", "subformat=monolithicFlat"}},
+		{"vmdk-split-flat", "vmdk", []string{"-o", "subformat=twoGbMaxExtentFlat"}},
 		{"vhd-dynamic", "vpc", nil},
 		{"vhd-fixed", "vpc", []string{"-o", "subformat=fixed"}},
 		{"vhd-force-size", "vpc", []string{"-o", "force_size=on"}},
@@ -571,9 +574,20 @@ func TestImportRefusals(t *testing.T) {
 	sh(t, "qemu-img", "create", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay)
 	e.fail([]string{"overlay.qcow2", "qcow2", "backing file", "offset"}, "backup", overlay)
 	e.fail([]string{"overlay.qcow2", "backing file"}, "convert", overlay, e.path("x.raw"))
+	vbase := e.path("vbase.vmdk")
+	sh(t, "qemu-img", "create", "-f", "vmdk", vbase, "16M")
+	delta := e.path("delta.vmdk")
+	sh(t, "qemu-img", "create", "-f", "vmdk", "-b", vbase, "-F", "vmdk", delta)
+	e.fail([]string{"delta.vmdk", "vmdk", "parent", "qemu-img convert"}, "backup", delta)
+	// A descriptor whose extent lies outside its directory.
+	evil := e.path("evil.vmdk")
+	writeFile(t, evil, []byte("# Disk DescriptorFile\nversion=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 32768 FLAT \"../../etc/passwd\" 0\n"))
+	e.fail([]string{"evil.vmdk", "vmdk", "not a plain name beside the descriptor", "offset"}, "backup", evil)
+	// A split disk with an extent missing.
 	split := e.path("split.vmdk")
-	sh(t, "qemu-img", "create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", split, "16M")
-	e.fail([]string{"split.vmdk", "vmdk", "twoGbMaxExtentSparse", "qemu-img convert"}, "backup", split)
+	sh(t, "qemu-img", "create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", split, "3G")
+	os.Remove(e.path("split-s002.vmdk"))
+	e.fail([]string{"split.vmdk", "vmdk", "split-s002.vmdk", "no such file"}, "backup", split)
 	v1 := e.path("old.qcow")
 	sh(t, "qemu-img", "create", "-f", "qcow", v1, "16M")
 	e.fail([]string{"old.qcow", "qcow version 1"}, "backup", v1)

@@ -263,6 +263,7 @@ complete; an existing OUTPUT is refused unless --force.`,
 			if err != nil {
 				return err
 			}
+			defer img.Close()
 			opts, err := o.resolve(args[1], img.Size, cmd.Flags())
 			if err != nil {
 				return err

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -122,6 +123,16 @@ type Image struct {
 	io.ReaderAt
 	// Map tells which ranges are allocated (nil: all of them).
 	blockmap.Map
+	closer io.Closer // extent files a descriptor opened
+}
+
+// Close closes the files the image opened besides the one given to Open
+// (the extents of a VMDK descriptor).
+func (img *Image) Close() error {
+	if img.closer == nil {
+		return nil
+	}
+	return img.closer.Close()
 }
 
 // Detect names the format of the image in r (size bytes) from its headers,
@@ -168,6 +179,16 @@ func Open(r io.ReaderAt, size int64, name string, host blockmap.Map) (*Image, er
 		}
 		img.Size, img.ReaderAt, img.Map, img.Detail = q.Size(), q, q, fmt.Sprintf("version %d", q.Version())
 	case VMDK:
+		head := make([]byte, min(size, 512))
+		r.ReadAt(head, 0)
+		if vmdk.IsDescriptor(head) {
+			d, err := vmdk.OpenDescriptor(r, size, name, extentOpener(name))
+			if err != nil {
+				return nil, err
+			}
+			img.Size, img.ReaderAt, img.Map, img.Detail, img.closer = d.Size(), d, d, d.CreateType, d
+			break
+		}
 		v, err := vmdk.Open(r, size, name)
 		if err != nil {
 			return nil, err
@@ -197,6 +218,27 @@ func Open(r io.ReaderAt, size int64, name string, host blockmap.Map) (*Image, er
 		img.Size, img.ReaderAt, img.Map = v.Size(), v, v
 	}
 	return img, nil
+}
+
+// extentOpener opens the extent files a VMDK descriptor at path names,
+// from the descriptor's directory.
+func extentOpener(path string) vmdk.Opener {
+	dir := filepath.Dir(path)
+	return func(name string) (io.ReaderAt, int64, io.Closer, error) {
+		f, err := os.Open(filepath.Join(dir, name))
+		if err != nil {
+			return nil, 0, nil, err
+		}
+		fi, err := f.Stat()
+		if err != nil || !fi.Mode().IsRegular() {
+			f.Close()
+			if err == nil {
+				err = fmt.Errorf("%s is not a regular file", name)
+			}
+			return nil, 0, nil, err
+		}
+		return f, fi.Size(), f, nil
+	}
 }
 
 // clipped is a map limited to the first n bytes (a fixed VHD's data

@@ -14,8 +14,9 @@
 //
 // The reader handles both, with zeroed-grain entries and compressed
 // grains. Descriptor files that point to separate extent files
-// (monolithicFlat, twoGbMaxExtent*, vmfs) and delta disks with a parent
-// are refused with an error saying so.
+// (monolithicFlat, twoGbMaxExtent*, ESXi's vmfs) are read by
+// OpenDescriptor; delta disks with a parent, ESX sparse and SE sparse
+// extents are refused with an error saying so.
 //
 // Written from the specification: no maintained Go library writes these.
 package vmdk
@@ -236,7 +237,7 @@ func descriptorError(r io.ReaderAt, size int64, name string) error {
 			ct = strings.Trim(strings.TrimSpace(val), `"`)
 		}
 	}
-	return vdio.Unsupported(name, format, 0, "descriptor file (createType %s) with separate extent files: convert it to one file first ('qemu-img convert -O vmdk %s single.vmdk')", ct, name)
+	return vdio.Unsupported(name, format, 0, "descriptor file (createType %s) with separate extent files: open it with OpenDescriptor", ct)
 }
 
 // Size returns the virtual size.
