@@ -508,6 +508,28 @@ func TestImportQemuImages(t *testing.T) {
 		{"vdi", "vdi", nil},
 		{"vdi-static", "vdi", []string{"-o", "static=on"}},
 	}
+	// An overlay over a backing chain (libvirt external snapshots): the
+	// backup holds the disk the guest sees.
+	t.Run("backing-chain", func(t *testing.T) {
+		e := e.sub(t)
+		base := e.path("chain-base.vmdk")
+		sh(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", src, base)
+		mid := e.path("chain-mid.qcow2")
+		sh(t, "qemu-img", "create", "-f", "qcow2", "-b", "chain-base.vmdk", "-F", "vmdk", mid)
+		sh(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x44 1M 64k", mid)
+		top := e.path("chain-top.qcow2")
+		sh(t, "qemu-img", "create", "-f", "qcow2", "-b", mid, "-F", "qcow2", top, "16M")
+		sh(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x55 6M 1M", "-c", "write -z 0 4k", "-c", "write -P 0x66 15M 4k", top)
+		ref := e.path("chain.ref")
+		sh(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", top, ref)
+		b := e.backup(top)
+		if b.Size != 16<<20 {
+			t.Fatalf("snapshot of a 16 MiB overlay: %d bytes", b.Size)
+		}
+		out := e.path("chain.restored")
+		e.ok("restore", b.ShortID, out)
+		sameFile(t, ref, out)
+	})
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
@@ -568,12 +590,18 @@ func TestImportQemuImages(t *testing.T) {
 func TestImportRefusals(t *testing.T) {
 	requireTool(t, "qemu-img")
 	e := newEnv(t)
-	base := e.path("base.qcow2")
-	sh(t, "qemu-img", "create", "-f", "qcow2", base, "16M")
-	overlay := e.path("overlay.qcow2")
-	sh(t, "qemu-img", "create", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay)
-	e.fail([]string{"overlay.qcow2", "qcow2", "backing file", "offset"}, "backup", overlay)
-	e.fail([]string{"overlay.qcow2", "backing file"}, "convert", overlay, e.path("x.raw"))
+	// A chain of backing files that loops.
+	a, b := e.path("a.qcow2"), e.path("b.qcow2")
+	sh(t, "qemu-img", "create", "-f", "qcow2", a, "16M")
+	sh(t, "qemu-img", "create", "-f", "qcow2", "-b", a, "-F", "qcow2", b)
+	sh(t, "qemu-img", "rebase", "-u", "-b", b, "-F", "qcow2", a)
+	e.fail([]string{"qcow2", "backing file", "loops"}, "backup", b)
+	e.fail([]string{"qcow2", "loops"}, "convert", b, e.path("x.raw"))
+	// A backing file that is gone.
+	c := e.path("c.qcow2")
+	sh(t, "qemu-img", "create", "-f", "qcow2", "-b", e.path("gone.qcow2"), "-F", "qcow2", "-u", c, "16M")
+	e.fail([]string{"c.qcow2", "qcow2", "gone.qcow2", "no such file"}, "backup", c)
+	overlay := c
 	vbase := e.path("vbase.vmdk")
 	sh(t, "qemu-img", "create", "-f", "vmdk", vbase, "16M")
 	delta := e.path("delta.vmdk")
@@ -596,9 +624,9 @@ func TestImportRefusals(t *testing.T) {
 	e.fail([]string{"enc.qcow2", "encrypted"}, "backup", enc)
 	// The raw escape hatch: the container's bytes, not the disk.
 	st, _ := os.Stat(overlay)
-	b := e.backup(overlay, "--source-format", "raw")
-	if b.Size != st.Size() {
-		t.Fatalf("--source-format raw backed up %d bytes of a %d-byte file", b.Size, st.Size())
+	rb := e.backup(overlay, "--source-format", "raw")
+	if rb.Size != st.Size() {
+		t.Fatalf("--source-format raw backed up %d bytes of a %d-byte file", rb.Size, st.Size())
 	}
 	var snaps []json.RawMessage
 	e.okJSON(&snaps, "snapshots")

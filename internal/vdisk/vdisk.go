@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/sauve-backup/sauve/internal/blockmap"
 	"github.com/sauve-backup/sauve/internal/vdisk/ova"
@@ -123,11 +124,11 @@ type Image struct {
 	io.ReaderAt
 	// Map tells which ranges are allocated (nil: all of them).
 	blockmap.Map
-	closer io.Closer // extent files a descriptor opened
+	closer io.Closer // backing files and extents opened
 }
 
 // Close closes the files the image opened besides the one given to Open
-// (the extents of a VMDK descriptor).
+// (backing files, the extents of a VMDK descriptor).
 func (img *Image) Close() error {
 	if img.closer == nil {
 		return nil
@@ -166,18 +167,119 @@ func Detect(r io.ReaderAt, size int64) string {
 // Open opens the image in r (size bytes, called name in errors) as a
 // virtual disk, whatever its format. host, if not nil, maps the file's own
 // data (its holes), and is used where virtual and file offsets coincide.
+// name is also the path that the files an image refers to (a qcow2
+// backing file, VMDK extents) are found from; Close closes those.
 func Open(r io.ReaderAt, size int64, name string, host blockmap.Map) (*Image, error) {
+	c := &chain{seen: map[[2]uint64]bool{}}
+	if fi, err := os.Stat(name); err == nil {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			c.seen[[2]uint64{uint64(st.Dev), st.Ino}] = true
+		}
+	}
+	img, err := c.open(r, size, name, host)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	img.closer = c
+	return img, nil
+}
+
+// maxChain bounds a chain of backing files.
+const maxChain = 32
+
+// chain tracks the files opened for one image: backing files (loops and
+// depth are refused) and VMDK extents.
+type chain struct {
+	seen    map[[2]uint64]bool
+	depth   int
+	closers []io.Closer
+}
+
+func (c *chain) Close() error {
+	var first error
+	for _, x := range c.closers {
+		if err := x.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	c.closers = nil
+	return first
+}
+
+// backing opens the backing file of the qcow2 overlay at path.
+func (c *chain) backing(path string) qcow2.BackingOpener {
+	return func(file, format string) (qcow2.Backing, error) {
+		if strings.Contains(file, "://") || strings.HasPrefix(file, "json:") {
+			return nil, fmt.Errorf("backing file %q is not a local file: %w", file, vdio.ErrUnsupported)
+		}
+		if !filepath.IsAbs(file) {
+			file = filepath.Join(filepath.Dir(path), file)
+		}
+		if c.depth++; c.depth > maxChain {
+			return nil, fmt.Errorf("chain of more than %d backing files", maxChain)
+		}
+		f, err := os.Open(file)
+		if err != nil {
+			return nil, err
+		}
+		c.closers = append(c.closers, f)
+		fi, err := f.Stat()
+		if err != nil {
+			return nil, err
+		}
+		if !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("backing file %s is not a regular file", file)
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			k := [2]uint64{uint64(st.Dev), st.Ino}
+			if c.seen[k] {
+				return nil, fmt.Errorf("backing file %s appears twice in the chain: it loops", file)
+			}
+			c.seen[k] = true
+		}
+		var host blockmap.Map
+		if m := blockmap.NewSparse(f, fi.Size()); m != nil {
+			host = m
+		}
+		var img *Image
+		if format == "raw" {
+			img = &Image{Format: Raw, Size: fi.Size(), ReaderAt: f, Map: host}
+		} else {
+			if img, err = c.open(f, fi.Size(), file, host); err != nil {
+				return nil, err
+			}
+			if format != "" && QemuName(img.Format) != format {
+				return nil, fmt.Errorf("backing file %s is %s, the overlay says %s", file, img.Format, format)
+			}
+		}
+		if img.Map == nil {
+			img.Map = blockmap.Full{}
+		}
+		return backingImage{img}, nil
+	}
+}
+
+// backingImage gives an Image the Size method qcow2.Backing asks for.
+type backingImage struct{ *Image }
+
+func (b backingImage) Size() int64 { return b.Image.Size }
+
+func (c *chain) open(r io.ReaderAt, size int64, name string, host blockmap.Map) (*Image, error) {
 	f := Detect(r, size)
 	img := &Image{Format: f}
 	switch f {
 	case Raw:
 		img.Size, img.ReaderAt, img.Map = size, r, host
 	case QCOW2:
-		q, err := qcow2.Open(r, size, name)
+		q, err := qcow2.OpenWithBacking(r, size, name, c.backing(name))
 		if err != nil {
 			return nil, err
 		}
 		img.Size, img.ReaderAt, img.Map, img.Detail = q.Size(), q, q, fmt.Sprintf("version %d", q.Version())
+		if q.BackingFile != "" {
+			img.Detail += ", backing file " + q.BackingFile
+		}
 	case VMDK:
 		head := make([]byte, min(size, 512))
 		r.ReadAt(head, 0)
@@ -186,7 +288,8 @@ func Open(r io.ReaderAt, size int64, name string, host blockmap.Map) (*Image, er
 			if err != nil {
 				return nil, err
 			}
-			img.Size, img.ReaderAt, img.Map, img.Detail, img.closer = d.Size(), d, d, d.CreateType, d
+			c.closers = append(c.closers, d)
+			img.Size, img.ReaderAt, img.Map, img.Detail = d.Size(), d, d, d.CreateType
 			break
 		}
 		v, err := vmdk.Open(r, size, name)

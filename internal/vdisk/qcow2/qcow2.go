@@ -9,9 +9,10 @@
 // disk's size. Clusters of zeros are left unallocated.
 //
 // The reader handles versions 2 and 3: standard, zero, compressed
-// (deflate and zstd) clusters and extended L2 entries (subclusters). It
-// refuses, with an error saying so, backing files, external data files,
-// encryption and images marked corrupt. It reads the active L1 table and
+// (deflate and zstd) clusters, extended L2 entries (subclusters) and
+// backing files (OpenWithBacking; the caller opens the backing file). It
+// refuses, with an error saying so, external data files, encryption and
+// images marked corrupt. It reads the active L1 table and
 // ignores internal snapshots.
 //
 // No maintained Go library reads and writes qcow2 with the checks and the
@@ -67,6 +68,9 @@ type Reader struct {
 	entrySize  int64 // 8, or 16 with extended L2
 	l1         []uint64
 	zstd       bool
+	backing    Backing
+	// BackingFile is the backing file's name as the header records it.
+	BackingFile string
 
 	mu    sync.Mutex
 	cache map[uint64][]byte // L2 tables by file offset
@@ -80,9 +84,26 @@ type Reader struct {
 // maxCache bounds the memory of cached L2 tables.
 const maxCache = 32 << 20
 
+// Backing is the image an overlay's unallocated clusters come from.
+type Backing interface {
+	io.ReaderAt
+	Data(off, n int64) ([]blockmap.Range, error)
+	Size() int64
+}
+
+// BackingOpener opens an overlay's backing file, named as the overlay
+// names it, with the format its header records ("" when it records none).
+type BackingOpener func(file, format string) (Backing, error)
+
 // Open reads the header and L1 table of the qcow2 image in r (size bytes,
-// called name in errors).
+// called name in errors). An image with a backing file is refused.
 func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
+	return OpenWithBacking(r, size, name, nil)
+}
+
+// OpenWithBacking is Open for images that may have a backing file, which
+// open opens: the clusters the overlay does not allocate are read from it.
+func OpenWithBacking(r io.ReaderAt, size int64, name string, open BackingOpener) (*Reader, error) {
 	var h [112]byte
 	if size < 72 {
 		return nil, vdio.Errorf(name, format, 0, "file of %d bytes is too small for a header", size)
@@ -162,14 +183,24 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 		}
 	}
 	if backingOff != 0 || backingLen != 0 {
-		bname := ""
-		if backingLen > 0 && backingLen <= 1023 {
-			b := make([]byte, backingLen)
-			if vdio.ReadFull(r, size, b, int64(backingOff), name, format, "backing file name") == nil {
-				bname = fmt.Sprintf(" %q", b)
-			}
+		if backingLen == 0 || backingLen > 1023 {
+			return nil, vdio.Errorf(name, format, 16, "backing file name of %d bytes (1 to 1023)", backingLen)
 		}
-		return nil, vdio.Unsupported(name, format, 8, "image has a backing file%s: flatten it first ('qemu-img convert -O qcow2 %s flat.qcow2') or back up the backing file and the overlay as they are", bname, name)
+		b := make([]byte, backingLen)
+		if err := vdio.ReadFull(r, size, b, int64(backingOff), name, format, "backing file name"); err != nil {
+			return nil, err
+		}
+		q.BackingFile = string(b)
+		if open == nil {
+			return nil, vdio.Unsupported(name, format, 8, "image has a backing file %q: flatten it first ('qemu-img convert -O qcow2 %s flat.qcow2')", q.BackingFile, name)
+		}
+		bf, err := q.backingFormat(hdrLen)
+		if err != nil {
+			return nil, err
+		}
+		if q.backing, err = open(q.BackingFile, bf); err != nil {
+			return nil, vdio.Wrap(name, format, int64(backingOff), err, "backing file %q", q.BackingFile)
+		}
 	}
 	q.l2Entries = q.cluster / q.entrySize
 	per := q.cluster * q.l2Entries
@@ -199,6 +230,37 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 		q.l1[i] = e & offsetMask
 	}
 	return q, nil
+}
+
+// backingFormat returns the backing file's format from the header
+// extensions that follow the header in the first cluster.
+func (q *Reader) backingFormat(hdrLen int64) (string, error) {
+	if q.version < 3 {
+		hdrLen = 72
+	}
+	end := min(q.cluster, q.fileSize)
+	for off := hdrLen; off+8 <= end; {
+		var h [8]byte
+		if err := vdio.ReadFull(q.r, q.fileSize, h[:], off, q.name, format, "header extension"); err != nil {
+			return "", err
+		}
+		typ, n := vdio.BE.Uint32(h[:]), int64(vdio.BE.Uint32(h[4:]))
+		if typ == 0 {
+			break
+		}
+		if n > end-off-8 {
+			return "", vdio.Errorf(q.name, format, off, "header extension of %d bytes runs past the first cluster", n)
+		}
+		if typ == 0xe2792aca {
+			b := make([]byte, n)
+			if err := vdio.ReadFull(q.r, q.fileSize, b, off+8, q.name, format, "backing format"); err != nil {
+				return "", err
+			}
+			return string(b), nil
+		}
+		off += 8 + (n+7)/8*8
+	}
+	return "", nil
 }
 
 // Size returns the virtual size.
@@ -326,7 +388,11 @@ func (q *Reader) ReadAt(p []byte, off int64) (int, error) {
 		}
 		n := min(e.n, int64(len(p)))
 		switch e.kind {
-		case kUnalloc, kZero:
+		case kUnalloc:
+			if err := q.readBacking(p[:n], off); err != nil {
+				return done, err
+			}
+		case kZero:
 			clear(p[:n])
 		case kData:
 			// Extend the read over clusters that follow in the file.
@@ -354,6 +420,23 @@ func (q *Reader) ReadAt(p []byte, off int64) (int, error) {
 		return done, io.EOF
 	}
 	return done, nil
+}
+
+// readBacking reads what the overlay does not allocate: the backing
+// file's data, zeros past its end or without one.
+func (q *Reader) readBacking(p []byte, off int64) error {
+	clear(p)
+	if q.backing == nil || off >= q.backing.Size() {
+		return nil
+	}
+	n := min(int64(len(p)), q.backing.Size()-off)
+	if k, err := q.backing.ReadAt(p[:n], off); int64(k) < n {
+		if err == nil || err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return fmt.Errorf("%s: backing file %s at offset %d: %w", q.name, q.BackingFile, off, err)
+	}
+	return nil
 }
 
 // decompress returns the cluster described by a compressed L2 entry.
@@ -430,8 +513,17 @@ func (q *Reader) Data(off, n int64) ([]blockmap.Range, error) {
 			return nil, err
 		}
 		k := min(e.n, end-off)
-		if e.kind == kData || e.kind == kCompressed {
+		switch {
+		case e.kind == kData || e.kind == kCompressed:
 			out = vdio.AddRange(out, off, off+k)
+		case e.kind == kUnalloc && q.backing != nil && off < q.backing.Size():
+			rs, err := q.backing.Data(off, min(k, q.backing.Size()-off))
+			if err != nil {
+				return nil, err
+			}
+			for _, r := range rs {
+				out = vdio.AddRange(out, r.Start, r.End)
+			}
 		}
 		off += k
 	}

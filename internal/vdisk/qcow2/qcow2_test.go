@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/sauve-backup/sauve/internal/blockmap"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio/vdiotest"
 )
@@ -106,8 +107,11 @@ func FuzzOpen(f *testing.F) {
 	for _, s := range seeds(f) {
 		f.Add(s[0])
 	}
+	base := vdiotest.Disk(100000, 5)
 	f.Fuzz(func(t *testing.T, b []byte) {
-		q, err := Open(bytes.NewReader(b), int64(len(b)), "fuzz.qcow2")
+		q, err := OpenWithBacking(bytes.NewReader(b), int64(len(b)), "fuzz.qcow2", func(string, string) (Backing, error) {
+			return memBacking{bytes.NewReader(base), int64(len(base))}, nil
+		})
 		if err != nil {
 			return
 		}
@@ -140,4 +144,58 @@ func TestWriteCorpus(t *testing.T) {
 		s[name] = [][]byte{b}
 	}
 	vdiotest.WriteCorpus(t, "FuzzOpen", s)
+}
+
+type memBacking struct {
+	*bytes.Reader
+	size int64
+}
+
+func (m memBacking) Size() int64 { return m.size }
+func (m memBacking) Data(off, n int64) ([]blockmap.Range, error) {
+	return []blockmap.Range{{Start: off, End: off + n}}, nil
+}
+
+func TestBacking(t *testing.T) {
+	// An overlay with clusters at 0 and 128 KiB, over a backing disk
+	// shorter than it.
+	const size = 1 << 20
+	top := make([]byte, size)
+	copy(top, bytes.Repeat([]byte{0xaa}, 65536))
+	copy(top[131072:], bytes.Repeat([]byte{0xbb}, 65536))
+	var f vdiotest.MemFile
+	w, _ := NewWriter(&f, size)
+	vdiotest.Write(t, w, top, 1)
+	img := f.B
+	vdio.BE.PutUint32(img[112:], 0xe2792aca)
+	vdio.BE.PutUint32(img[116:], 3)
+	copy(img[120:], "raw")
+	vdio.BE.PutUint64(img[8:], 200)
+	vdio.BE.PutUint32(img[16:], 8)
+	copy(img[200:], "base.img")
+	base := vdiotest.Disk(700000, 3)
+	var gotName, gotFmt string
+	q, err := OpenWithBacking(bytes.NewReader(img), int64(len(img)), "top.qcow2", func(name, f string) (Backing, error) {
+		gotName, gotFmt = name, f
+		return memBacking{bytes.NewReader(base), int64(len(base))}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gotName != "base.img" || gotFmt != "raw" || q.BackingFile != "base.img" {
+		t.Fatalf("backing %q format %q", gotName, gotFmt)
+	}
+	want := make([]byte, size)
+	copy(want, base)
+	copy(want, top[:65536])
+	copy(want[131072:], top[131072:196608])
+	vdiotest.Check(t, q, want)
+	if _, err := Open(bytes.NewReader(img), int64(len(img)), "top.qcow2"); !errors.Is(err, vdio.ErrUnsupported) {
+		t.Fatalf("Open of an overlay: %v", err)
+	}
+	// A backing file name longer than the header allows.
+	vdio.BE.PutUint32(img[16:], 5000)
+	if _, err := OpenWithBacking(bytes.NewReader(img), int64(len(img)), "top.qcow2", nil); err == nil {
+		t.Fatal("backing file name of 5000 bytes accepted")
+	}
 }
