@@ -40,7 +40,7 @@ func (o *outFlags) add(cmd *cobra.Command) {
 	f.StringVar(&o.size, "size", "", "virtual size of the output, to grow the disk (e.g. 100G); never smaller than the source")
 	f.BoolVarP(&o.force, "force", "f", false, "replace OUTPUT if it exists")
 	f.IntVar(&o.cpus, "cpus", 1, "ova: number of virtual CPUs")
-	f.StringVar(&o.memory, "memory", "1G", "ova: memory of the virtual machine (e.g. 2048M, 4G)")
+	f.StringVar(&o.memory, "memory", "1G", "ova: memory of the virtual machine (e.g. 2048M, 4G; a bare number is MiB)")
 	f.StringVar(&o.controller, "controller", "ide", "ova: disk controller: ide, scsi (LSI Logic) or sata (AHCI)")
 	f.StringVar(&o.name, "name", "", "ova: virtual machine name (default: OUTPUT's base name)")
 }
