@@ -13,8 +13,11 @@
 # before renaming it into place (it starts writeback as it goes, so the
 # final sync finds little left); qemu-img's default cache mode for a
 # convert target is "unsafe" (nothing synced), so it is also timed with
-# -t writeback, which syncs, for a like-for-like figure. Outputs go to $WORK (default
-# /var/tmp/sauve-bench-vdisk). Each output is checked with `qemu-img compare`
+# -t writeback, which syncs, for a like-for-like figure. Outputs go to $WORK
+# (default /var/tmp/sauve-bench-vdisk). It also exports the disk from a
+# repository (backed up first with --no-fs-skip, so the output is identical
+# to the source) and times the pipeline export replaces: restore the raw
+# disk, then convert it with qemu-img. Each output is checked with `qemu-img compare`
 # (sauve's --skip-free output is checked with `qemu-img check` only: its free
 # space reads as zeros by design).
 set -euo pipefail
@@ -43,6 +46,14 @@ add() { # add LABEL OUTPUT CMD...
   local label=$1 out=$2; shift 2
   labels+=("$label"); OUTF[$label]=$out; CMDS[$label]=$(printf '%q ' "$@")
 }
+# Export from a repository: sauve export against the pipeline it replaces
+# (restore the raw disk, then qemu-img convert it).
+export SAUVE_REPO=$WORK/repo SAUVE_PASSPHRASE= XDG_CONFIG_HOME=$WORK/config XDG_CACHE_HOME=$WORK/cache
+rm -rf "$WORK/repo" "$WORK/config" "$WORK/cache"
+"$SAUVE" init > /dev/null
+"$SAUVE" backup "$IMG" --no-fs-skip > /dev/null
+add "sauve restore + qemu-img convert -O qcow2" "$WORK/rq.qcow2" sh -c "rm -f '$WORK/r.img' && '$SAUVE' restore latest '$WORK/r.img' && sync -f '$WORK/r.img' && qemu-img convert -f raw -O qcow2 '$WORK/r.img' '$WORK/rq.qcow2' && rm -f '$WORK/r.img'"
+add "sauve export (qcow2)" "$WORK/export.qcow2" "$SAUVE" export latest "$WORK/export.qcow2" --force
 for fmt in qcow2 vmdk; do
   add "qemu-img convert -O $fmt" "$WORK/qemu.$fmt" qemu-img convert -f raw -O "$fmt" "$IMG" "$WORK/qemu.$fmt"
   add "qemu-img convert -t writeback -O $fmt" "$WORK/qemuwb.$fmt" qemu-img convert -t writeback -f raw -O "$fmt" "$IMG" "$WORK/qemuwb.$fmt"
@@ -66,6 +77,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 median() { printf '%s\n' $1 | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+qemu-img compare -q -f raw -F qcow2 "$IMG" "$WORK/export.qcow2"
 for fmt in qcow2 vmdk; do
   qemu-img compare -q -f raw -F "$fmt" "$IMG" "$WORK/qemu.$fmt"
   qemu-img compare -q -f raw -F "$fmt" "$IMG" "$WORK/sauve.$fmt"
@@ -86,4 +98,4 @@ done
   done
 } > "$REPORT"
 cat "$REPORT"
-rm -f "$WORK"/qemu.* "$WORK"/qemuwb.* "$WORK"/sauve.* "$WORK"/free.*
+rm -rf "$WORK"/qemu.* "$WORK"/qemuwb.* "$WORK"/sauve.* "$WORK"/free.* "$WORK"/export.* "$WORK"/rq.* "$WORK/repo" "$WORK/cache" "$WORK/config"
