@@ -80,7 +80,7 @@ func (c *countWriter) Write(p []byte) (int, error) {
 // 512) in f, a new empty file.
 func NewWriter(f vdio.File, size int64, o Options) (*Writer, error) {
 	if o.Name == "" || strings.ContainsAny(o.Name, `/\"<>&'`) || len(o.Name) > 80 {
-		return nil, fmt.Errorf("ova: invalid virtual machine name %q", o.Name)
+		return nil, fmt.Errorf("ova: virtual machine name %q must be 1 to 80 characters without / \\ \" < > & ' (choose one with --name)", o.Name)
 	}
 	if o.CPUs < 1 || o.CPUs > 768 {
 		return nil, fmt.Errorf("ova: %d CPUs out of range 1..768", o.CPUs)
@@ -147,15 +147,25 @@ func (w *Writer) Close() error {
 	d = bytes.Replace(d, []byte("</Envelope>"), append(pad, "</Envelope>"...), 1)
 	ovfSum := sha256.Sum256(d)
 	mf := w.manifest(ovfSum[:], diskSum)
+	var hdrs [3][]byte
+	for i, m := range []struct {
+		name string
+		n    int64
+	}{{w.ovfName, int64(len(d))}, {w.mfName, int64(len(mf))}, {w.disk, diskLen}} {
+		var err error
+		if hdrs[i], err = tarHeader(m.name, m.n, w.mtime); err != nil {
+			return err
+		}
+	}
 	parts := []struct {
 		off  int64
 		data []byte
 	}{
-		{0, tarHeader(w.ovfName, int64(len(d)), w.mtime)},
+		{0, hdrs[0]},
 		{512, d},
-		{w.mfOff, tarHeader(w.mfName, int64(len(mf)), w.mtime)},
+		{w.mfOff, hdrs[1]},
 		{w.mfOff + 512, mf},
-		{w.diskHdr, tarHeader(w.disk, diskLen, w.mtime)},
+		{w.diskHdr, hdrs[2]},
 	}
 	for _, p := range parts {
 		if _, err := w.f.WriteAt(p.data, p.off); err != nil {
@@ -168,17 +178,21 @@ func (w *Writer) Close() error {
 // Abort stops the disk writer after a failure.
 func (w *Writer) Abort() { w.vm.Abort() }
 
-func tarHeader(name string, size int64, mtime time.Time) []byte {
+// tarHeader returns the one 512-byte header block of a member.
+func tarHeader(name string, size int64, mtime time.Time) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	h := &tar.Header{Typeflag: tar.TypeReg, Name: name, Size: size, Mode: 0o644, ModTime: mtime.Truncate(time.Second), Format: tar.FormatUSTAR}
 	if size >= 1<<33 {
 		h.Format = tar.FormatGNU
 	}
-	if err := tw.WriteHeader(h); err != nil || buf.Len() != 512 {
-		panic(fmt.Sprintf("ova: tar header for %q: %v (%d bytes)", name, err, buf.Len()))
+	if err := tw.WriteHeader(h); err != nil {
+		return nil, fmt.Errorf("ova: tar header for %s: %w", name, err)
 	}
-	return buf.Bytes()
+	if buf.Len() != 512 {
+		return nil, fmt.Errorf("ova: tar header for %s takes %d bytes, not one block", name, buf.Len())
+	}
+	return buf.Bytes(), nil
 }
 
 func (w *Writer) manifest(ovfSum, diskSum []byte) []byte {
