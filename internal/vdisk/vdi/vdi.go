@@ -141,55 +141,12 @@ func (v *Reader) lookup(off int64) (int64, int64) {
 
 // ReadAt reads the virtual disk.
 func (v *Reader) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("%s: negative offset", v.name)
-	}
-	if off >= v.size {
-		return 0, io.EOF
-	}
-	want := len(p)
-	if rest := v.size - off; int64(len(p)) > rest {
-		p = p[:rest]
-	}
-	done := 0
-	for len(p) > 0 {
-		host, n := v.lookup(off)
-		n = min(n, int64(len(p)))
-		if host < 0 {
-			clear(p[:n])
-		} else {
-			for n < int64(len(p)) {
-				h2, n2 := v.lookup(off + n)
-				if h2 != host+n {
-					break
-				}
-				n = min(n+n2, int64(len(p)))
-			}
-			if err := vdio.ReadFull(v.r, v.fileSize, p[:n], host, v.name, format, fmt.Sprintf("block for virtual offset %d", off)); err != nil {
-				return done, err
-			}
-		}
-		p, off, done = p[n:], off+n, done+int(n)
-	}
-	if done < want {
-		return done, io.EOF
-	}
-	return done, nil
+	return vdio.ReadMapped(v.r, v.fileSize, v.size, v.lookup, v.name, format, p, off)
 }
 
 // Data implements blockmap.Map.
 func (v *Reader) Data(off, n int64) ([]blockmap.Range, error) {
-	var out []blockmap.Range
-	end := min(off+n, v.size)
-	for off < end {
-		host, k := v.lookup(off)
-		k = min(k, end-off)
-		if host >= 0 {
-			out = vdio.AddRange(out, off, off+k)
-		}
-		off += k
-	}
-	return out, nil
+	return vdio.DataMapped(v.size, v.lookup, off, n)
 }
 
 // Writer writes a VDI from a disk that arrives in order.

@@ -355,3 +355,65 @@ func CHS(sectors int64) (c, h, s int) {
 	c = int(cth / int64(h))
 	return c, h, s
 }
+
+// Lookup maps a virtual offset to where its bytes are in the image file
+// (host < 0: unallocated, reads as zeros) and says for how many bytes from
+// off the mapping runs on.
+type Lookup func(off int64) (host, n int64)
+
+// ReadMapped implements io.ReaderAt for formats that map the virtual disk
+// onto the file block by block: unallocated blocks read as zeros, and
+// blocks that follow each other in the file are read with one call.
+// size is the virtual size, fileSize the image file's.
+func ReadMapped(r io.ReaderAt, fileSize, size int64, lookup Lookup, file, format string, p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("%s: negative offset", file)
+	}
+	if off >= size {
+		return 0, io.EOF
+	}
+	want := len(p)
+	if rest := size - off; int64(len(p)) > rest {
+		p = p[:rest]
+	}
+	done := 0
+	for len(p) > 0 {
+		host, n := lookup(off)
+		n = min(n, int64(len(p)))
+		if host < 0 {
+			clear(p[:n])
+		} else {
+			for n < int64(len(p)) {
+				h2, n2 := lookup(off + n)
+				if h2 != host+n {
+					break
+				}
+				n = min(n+n2, int64(len(p)))
+			}
+			if err := ReadFull(r, fileSize, p[:n], host, file, format, fmt.Sprintf("block for virtual offset %d", off)); err != nil {
+				return done, err
+			}
+		}
+		p, off, done = p[n:], off+n, done+int(n)
+	}
+	if done < want {
+		return done, io.EOF
+	}
+	return done, nil
+}
+
+// DataMapped implements blockmap.Map over a Lookup: the allocated ranges
+// of [off, off+n).
+func DataMapped(size int64, lookup Lookup, off, n int64) ([]blockmap.Range, error) {
+	var out []blockmap.Range
+	end := min(off+n, size)
+	for off < end {
+		host, k := lookup(off)
+		k = min(k, end-off)
+		if host >= 0 {
+			out = AddRange(out, off, off+k)
+		}
+		off += k
+	}
+	return out, nil
+}
