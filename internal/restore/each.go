@@ -2,8 +2,6 @@ package restore
 
 import (
 	"context"
-	"fmt"
-	"runtime"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -24,23 +22,10 @@ type EachFunc func(off, n int64, data []byte) error
 // waits for fn.
 func Each(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, fn EachFunc) (*Result, error) {
 	start := time.Now()
-	if d.ChunkSize != r.Config().ChunkSize {
-		return nil, fmt.Errorf("disk %s has chunk size %d, repository %d", d.Name, d.ChunkSize, r.Config().ChunkSize)
+	workers, prog, err := setup(r, d, &opts)
+	if err != nil {
+		return nil, err
 	}
-	if !r.CanDecrypt() && d.Stats.ChunksNew+d.Stats.ChunksReused > 0 {
-		if _, err := r.Keys().DataOpener(); err != nil {
-			return nil, err
-		}
-	}
-	workers := opts.Workers
-	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0) * 2
-	}
-	prog := opts.Progress
-	if prog == nil {
-		prog = new(Progress)
-	}
-	prog.Total.Store(d.Size)
 	var c counters
 
 	// Each job gets a one-slot promise, queued in plan order; the
@@ -131,9 +116,5 @@ func Each(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, f
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
-	return &Result{
-		Size: d.Size, BytesWritten: c.written.Load(), BytesFetched: c.fetched.Load(),
-		ChunksWritten: c.chunksWritten.Load(), ChunksZero: c.zero.Load(),
-		Seconds: time.Since(start).Seconds(),
-	}, nil
+	return c.result(d, start), nil
 }

@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"io"
 	"runtime"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -84,79 +83,22 @@ type counters struct {
 
 // ToTarget restores disk d of a snapshot onto t.
 func ToTarget(ctx context.Context, r *repo.Repository, d *repo.Disk, t Target, opts Options) (*Result, error) {
-	return run(ctx, r, d, t, nil, opts)
-}
-
-// ToStream writes disk d to w in order, zeros included.
-func ToStream(ctx context.Context, r *repo.Repository, d *repo.Disk, w io.Writer, opts Options) (*Result, error) {
-	opts.Delta, opts.Fresh = false, false
-	return run(ctx, r, d, nil, w, opts)
-}
-
-func run(ctx context.Context, r *repo.Repository, d *repo.Disk, t Target, w io.Writer, opts Options) (*Result, error) {
 	start := time.Now()
-	if d.ChunkSize != r.Config().ChunkSize {
-		return nil, fmt.Errorf("disk %s has chunk size %d, repository %d", d.Name, d.ChunkSize, r.Config().ChunkSize)
+	workers, prog, err := setup(r, d, &opts)
+	if err != nil {
+		return nil, err
 	}
-	if !r.CanDecrypt() && d.Stats.ChunksNew+d.Stats.ChunksReused > 0 {
-		// Fail before writing anything.
-		if _, err := r.Keys().DataOpener(); err != nil {
-			return nil, err
-		}
-	}
-	workers := opts.Workers
-	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0) * 2
-	}
-	prog := opts.Progress
-	if prog == nil {
-		prog = new(Progress)
-	}
-	prog.Total.Store(d.Size)
 	var c counters
-
 	g, gctx := errgroup.WithContext(ctx)
 	jobs := make(chan job, workers)
 	g.Go(func() error {
 		defer close(jobs)
 		return plan(gctx, r, d, opts, jobs)
 	})
-
-	// For a stream, finished jobs go to one writer that puts them in order.
-	type done struct {
-		seq  int64
-		data [][]byte
-		zero int64
-	}
-	var ordered chan done
-	if w != nil {
-		ordered = make(chan done, workers)
-	}
-	var wg sync.WaitGroup
 	for range workers {
-		wg.Add(1)
 		g.Go(func() error {
-			defer wg.Done()
 			zeros := make([]byte, d.ChunkSize)
 			for j := range jobs {
-				if w != nil {
-					out := done{seq: j.seq}
-					if j.zero {
-						out.zero = j.len
-					} else {
-						bufs, err := fetch(gctx, r, j.spans, nil, &c)
-						if err != nil {
-							return err
-						}
-						out.data = bufs
-					}
-					select {
-					case ordered <- out:
-					case <-gctx.Done():
-						return gctx.Err()
-					}
-					continue
-				}
 				if err := apply(gctx, r, t, j, opts, zeros, &c); err != nil {
 					return err
 				}
@@ -167,51 +109,62 @@ func run(ctx context.Context, r *repo.Repository, d *repo.Disk, t Target, w io.W
 			return nil
 		})
 	}
-	if w != nil {
-		go func() { wg.Wait(); close(ordered) }()
-		g.Go(func() error {
-			pending := map[int64]done{}
-			next := int64(0)
-			zeros := make([]byte, 1<<20)
-			for o := range ordered {
-				pending[o.seq] = o
-				for {
-					p, ok := pending[next]
-					if !ok {
-						break
-					}
-					delete(pending, next)
-					next++
-					for n := p.zero; n > 0; {
-						k := min(n, int64(len(zeros)))
-						if _, err := w.Write(zeros[:k]); err != nil {
-							return fmt.Errorf("write output: %w", err)
-						}
-						n -= k
-						c.written.Add(k)
-						prog.Done.Add(k)
-					}
-					for _, b := range p.data {
-						if _, err := w.Write(b); err != nil {
-							return fmt.Errorf("write output: %w", err)
-						}
-						c.written.Add(int64(len(b)))
-						prog.Done.Add(int64(len(b)))
-					}
-					prog.Written.Store(c.written.Load())
-				}
-			}
-			return nil
-		})
-	}
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
+	return c.result(d, start), nil
+}
+
+// ToStream writes disk d to w in order, zeros included.
+func ToStream(ctx context.Context, r *repo.Repository, d *repo.Disk, w io.Writer, opts Options) (*Result, error) {
+	opts.Delta, opts.Fresh = false, false
+	zeros := make([]byte, 1<<20)
+	return Each(ctx, r, d, opts, func(off, n int64, data []byte) error {
+		if data != nil {
+			if _, err := w.Write(data); err != nil {
+				return fmt.Errorf("write output: %w", err)
+			}
+			return nil
+		}
+		for n > 0 {
+			k := min(n, int64(len(zeros)))
+			if _, err := w.Write(zeros[:k]); err != nil {
+				return fmt.Errorf("write output: %w", err)
+			}
+			n -= k
+		}
+		return nil
+	})
+}
+
+// setup checks that d can be restored with r's key before anything is
+// written, and settles the worker count and progress counters.
+func setup(r *repo.Repository, d *repo.Disk, opts *Options) (int, *Progress, error) {
+	if d.ChunkSize != r.Config().ChunkSize {
+		return 0, nil, fmt.Errorf("disk %s has chunk size %d, repository %d", d.Name, d.ChunkSize, r.Config().ChunkSize)
+	}
+	if !r.CanDecrypt() && d.Stats.ChunksNew+d.Stats.ChunksReused > 0 {
+		if _, err := r.Keys().DataOpener(); err != nil {
+			return 0, nil, err
+		}
+	}
+	workers := opts.Workers
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0) * 2
+	}
+	if opts.Progress == nil {
+		opts.Progress = new(Progress)
+	}
+	opts.Progress.Total.Store(d.Size)
+	return workers, opts.Progress, nil
+}
+
+func (c *counters) result(d *repo.Disk, start time.Time) *Result {
 	return &Result{
 		Size: d.Size, BytesWritten: c.written.Load(), BytesFetched: c.fetched.Load(),
 		ChunksWritten: c.chunksWritten.Load(), ChunksSame: c.same.Load(), ChunksZero: c.zero.Load(),
 		Seconds: time.Since(start).Seconds(),
-	}, nil
+	}
 }
 
 func jobLen(j job) int64 {
