@@ -74,7 +74,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 				g.warnf("indexed %d packs left by an interrupted backup; their chunks are reused", n)
 			}
 			var parent *repo.ID
-			if all, err := r.Snapshots(ctx, func(id string, err error) { g.warnf("%v", err) }); err == nil {
+			if all, err := g.snapshots(ctx, r); err == nil {
 				if p, err := repo.FindSnapshot(all, "latest", repo.Filter{Host: host, Path: path}); err == nil {
 					parent = &p.ID
 				}

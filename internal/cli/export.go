@@ -6,7 +6,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/restore"
 	"github.com/sauve-backup/sauve/internal/vdisk"
 )
@@ -43,11 +42,7 @@ complete; an existing OUTPUT is refused unless --force.`,
 			if err != nil {
 				return err
 			}
-			all, err := r.Snapshots(ctx, func(id string, err error) { g.warnf("%v", err) })
-			if err != nil {
-				return err
-			}
-			sn, err := repo.FindSnapshot(all, args[0], ff.filter())
+			sn, err := g.findSnapshot(ctx, r, args[0], &ff)
 			if err != nil {
 				return err
 			}

@@ -54,11 +54,7 @@ A mounted device, or one smaller than the image, is refused.`,
 			if err != nil {
 				return err
 			}
-			all, err := r.Snapshots(ctx, func(id string, err error) { g.warnf("%v", err) })
-			if err != nil {
-				return err
-			}
-			sn, err := repo.FindSnapshot(all, args[0], ff.filter())
+			sn, err := g.findSnapshot(ctx, r, args[0], &ff)
 			if err != nil {
 				return err
 			}

@@ -5,8 +5,6 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
-
-	"github.com/sauve-backup/sauve/internal/repo"
 )
 
 func newShowCmd(g *globals) *cobra.Command {
@@ -29,11 +27,7 @@ read and stored (unknown or damaged filesystem, mounted read-write,
 			if err != nil {
 				return err
 			}
-			all, err := r.Snapshots(ctx, func(id string, err error) { g.warnf("%v", err) })
-			if err != nil {
-				return err
-			}
-			sn, err := repo.FindSnapshot(all, args[0], ff.filter())
+			sn, err := g.findSnapshot(ctx, r, args[0], &ff)
 			if err != nil {
 				return err
 			}

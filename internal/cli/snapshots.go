@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -22,6 +23,22 @@ func (f *filterFlags) add(cmd *cobra.Command) {
 }
 
 func (f *filterFlags) filter() repo.Filter { return repo.Filter{Host: f.host, Tags: f.tags} }
+
+// snapshots loads every snapshot; those failing verification are warned
+// about and left out.
+func (g *globals) snapshots(ctx context.Context, r *repo.Repository) ([]*repo.Snapshot, error) {
+	return r.Snapshots(ctx, func(id string, err error) { g.warnf("%v", err) })
+}
+
+// findSnapshot resolves a SNAPSHOT argument ('latest' or an ID prefix)
+// with the --host/--tag filters.
+func (g *globals) findSnapshot(ctx context.Context, r *repo.Repository, spec string, f *filterFlags) (*repo.Snapshot, error) {
+	all, err := g.snapshots(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	return repo.FindSnapshot(all, spec, f.filter())
+}
 
 type snapshotJSON struct {
 	ID     string     `json:"id"`
@@ -80,7 +97,7 @@ and left out.`,
 			if err != nil {
 				return err
 			}
-			all, err := r.Snapshots(ctx, func(id string, err error) { g.warnf("%v", err) })
+			all, err := g.snapshots(ctx, r)
 			if err != nil {
 				return err
 			}
