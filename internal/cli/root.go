@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -30,6 +31,9 @@ type globals struct {
 	cacheDir    string
 	connections int
 	progress    string
+	s3Endpoint  string
+	s3PathStyle bool
+	netTimeout  time.Duration
 
 	usingDefault bool // no --repo or SAUVE_REPO: the default repository
 
@@ -104,13 +108,16 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.SetErr(g.stderr)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
 	pf := root.PersistentFlags()
-	pf.StringVarP(&g.repo, "repo", "r", os.Getenv("SAUVE_REPO"), "repository location: a folder or file:// URL ($SAUVE_REPO; default ~/.local/share/sauve/repo)")
+	pf.StringVarP(&g.repo, "repo", "r", os.Getenv("SAUVE_REPO"), "repository: a folder, azure://ACCOUNT/CONTAINER, an Azure SAS URL, s3://BUCKET or sftp://USER@HOST/PATH ($SAUVE_REPO; default ~/.local/share/sauve/repo)")
 	pf.StringVar(&g.keyFile, "key", os.Getenv("SAUVE_KEY"), "key file ($SAUVE_KEY; default: the one 'sauve init' saved for this repository)")
 	pf.BoolVar(&g.json, "json", false, "print results as JSON on stdout")
 	pf.BoolVarP(&g.quiet, "quiet", "q", false, "print nothing but errors (and --json output)")
 	pf.StringVar(&g.cacheDir, "cache-dir", os.Getenv("SAUVE_CACHE_DIR"), "local cache of index and chunk lists ($SAUVE_CACHE_DIR; default $XDG_CACHE_HOME/sauve)")
 	pf.BoolVar(&g.noCache, "no-cache", false, "do not use the local cache")
-	pf.IntVar(&g.connections, "connections", 0, "concurrent requests to the repository (default: 2 for a folder)")
+	pf.IntVar(&g.connections, "connections", 0, "objects transferred at once (default: 2 for a folder, 4 for Azure, S3 and SFTP)")
+	pf.StringVar(&g.s3Endpoint, "s3-endpoint", "", "S3-compatible service URL, e.g. http://127.0.0.1:9000 (default $AWS_ENDPOINT_URL, else AWS)")
+	pf.BoolVar(&g.s3PathStyle, "s3-path-style", false, "address S3 buckets as ENDPOINT/BUCKET (implied for IP and localhost endpoints)")
+	pf.DurationVar(&g.netTimeout, "net-timeout", 0, "fail and retry a network transfer that makes no progress for this long (default 1m)")
 	pf.StringVar(&g.progress, "progress", "auto", "progress bar on stderr: auto (when stderr is a terminal), always, never")
 
 	// Hidden: profiles for docs/BENCHMARKS.md.
