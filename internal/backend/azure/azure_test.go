@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net/url"
 	"strings"
 	"testing"
@@ -170,4 +171,17 @@ func TestParseURL(t *testing.T) {
 			t.Errorf("ParseURL(%q) = %q, %v, %v; want %q, %v", c.in, loc, sas, err, c.loc, c.sas)
 		}
 	}
+}
+
+func TestConformanceUnderFaults(t *testing.T) {
+	az := testsrv.StartAzurite(t)
+	az.CreateContainer(t, "faulty")
+	u := az.SAS(t, "faulty", "", "racwdl", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	backendtest.RunUnderFaults(t, fmt.Sprintf("127.0.0.1:%d", az.Port), backendtest.Options{LargeSize: 6 << 20}, func(addr string) backend.Backend {
+		be, err := azure.Open(azure.Config{SASURL: strings.Replace(u, fmt.Sprintf("127.0.0.1:%d", az.Port), addr, 1), BlockSize: 1 << 20, IdleTimeout: 1500 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return be
+	})
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/bloberror"
 
 	"github.com/sauve-backup/sauve/internal/backend"
+	"github.com/sauve-backup/sauve/internal/backend/netx"
 )
 
 // op is the kind of request, for explaining refusals.
@@ -142,7 +143,7 @@ func (b *Backend) classify(err error, what string, o op, h backend.Handle) error
 	if !errors.As(err, &re) {
 		// Network trouble: transient. Messages of net/http errors hold
 		// the request URL, SAS included.
-		return fmt.Errorf("%s in %s: %w", what, b.location, scrubbed{err})
+		return fmt.Errorf("%s in %s: %w", what, b.location, scrubbed{netx.Cause(err)})
 	}
 	code := bloberror.Code(re.ErrorCode)
 	status := re.StatusCode

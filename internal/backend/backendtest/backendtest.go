@@ -17,8 +17,11 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/sauve-backup/sauve/internal/backend"
+	"github.com/sauve-backup/sauve/internal/backend/faultproxy"
+	"github.com/sauve-backup/sauve/internal/backend/retry"
 )
 
 // Options tune the suite for a backend.
@@ -28,8 +31,8 @@ type Options struct {
 	LargeSize int
 	// Secrets must not appear in Location().
 	Secrets []string
-	// Short skips the slower checks (used under fault injection).
-	Short bool
+	// Faults, for RunUnderFaults, replaces the default mix.
+	Faults *faultproxy.Faults
 }
 
 // Payload returns n random bytes and their hex SHA-256 (a
@@ -225,5 +228,43 @@ func checkRanges(t *testing.T, ctx context.Context, be backend.Backend, h backen
 	fi, err := be.Stat(ctx, h)
 	if err != nil || fi.Size != n {
 		t.Fatalf("Stat %s: %+v %v, want size %d", h, fi, err, n)
+	}
+}
+
+// Faults is the mix of network faults the suites run under: about one
+// connection in four is dropped, stalled past the idle timeout, or has its
+// response cut short.
+func Faults(seed uint64) faultproxy.Faults {
+	return faultproxy.Faults{Drop: 0.1, Stall: 0.05, Truncate: 0.1, StallFor: 3 * time.Second, Within: 2 << 20, Seed: seed, FaultFirst: true}
+}
+
+// RetryOptions is a retry policy with short pauses for tests.
+var RetryOptions = retry.Options{MaxAttempts: 30, InitialDelay: 10 * time.Millisecond, MaxDelay: 300 * time.Millisecond,
+	Warn: func(format string, args ...any) { fmt.Printf("retry: "+format+"\n", args...) }}
+
+// RunUnderFaults runs the suite on a backend that reaches its server at
+// target through a fault-injecting proxy; open must return the backend
+// for a proxy address (host:port), with an idle timeout shorter than the
+// stalls (a second or two). It fails unless faults were injected.
+func RunUnderFaults(t *testing.T, target string, o Options, open func(addr string) backend.Backend) {
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("fault seed %d", seed)
+	f := Faults(seed)
+	if o.Faults != nil {
+		f = *o.Faults
+		f.Seed = seed
+	}
+	p, err := faultproxy.Start(target, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	be := retry.New(open(p.Addr), RetryOptions)
+	t.Cleanup(func() { be.Close() })
+	Run(t, be, o)
+	st := p.Stats()
+	t.Logf("proxy: %d connections, %d faults struck, %d bytes up, %d down", st.Conns, st.Struck, st.Up, st.Down)
+	if st.Struck == 0 {
+		t.Errorf("no fault struck in %d connections", st.Conns)
 	}
 }

@@ -11,8 +11,10 @@ package netx
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/http"
+	"net/url"
 	"time"
 )
 
@@ -73,23 +75,37 @@ func (d Dialer) DialContext(ctx context.Context, network, addr string) (net.Conn
 // service, whose connections time out after idle of silence. It does not
 // retry: the backends' retry wrapper does.
 func HTTPClient(conns int, idle time.Duration) *http.Client {
+	tr := &http.Transport{Proxy: http.ProxyFromEnvironment, ForceAttemptHTTP2: true}
+	ConfigureTransport(tr, conns, idle)
+	return &http.Client{Transport: tr}
+}
+
+// ConfigureTransport sets up tr as HTTPClient does (for SDKs that build
+// their own transport).
+func ConfigureTransport(tr *http.Transport, conns int, idle time.Duration) {
 	if idle <= 0 {
 		idle = DefaultIdleTimeout
 	}
-	tr := &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           Dialer{Timeout: idle}.DialContext,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          conns * 2,
-		MaxIdleConnsPerHost:   conns * 2,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   min(idle, 30*time.Second),
-		ResponseHeaderTimeout: idle,
-		ExpectContinueTimeout: time.Second,
-		// Large buffers: packs are tens of MiB and the default 4 KiB
-		// costs a syscall per page.
-		WriteBufferSize: 256 << 10,
-		ReadBufferSize:  256 << 10,
+	tr.DialContext = Dialer{Timeout: idle}.DialContext
+	tr.MaxIdleConns = conns * 2
+	tr.MaxIdleConnsPerHost = conns * 2
+	tr.IdleConnTimeout = 90 * time.Second
+	tr.TLSHandshakeTimeout = min(idle, 30*time.Second)
+	tr.ResponseHeaderTimeout = idle
+	tr.ExpectContinueTimeout = time.Second
+	// Large buffers: packs are tens of MiB and the default 4 KiB costs a
+	// system call per page.
+	tr.WriteBufferSize = 256 << 10
+	tr.ReadBufferSize = 256 << 10
+}
+
+// Cause returns the network error inside the wrappers that net/http and
+// the SDKs put around it (their messages repeat the whole request URL),
+// or err itself.
+func Cause(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) && ue.Err != nil {
+		return ue.Err
 	}
-	return &http.Client{Transport: tr}
+	return err
 }

@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/sauve-backup/sauve/internal/backend"
@@ -88,7 +89,11 @@ func Do(ctx context.Context, o Options, what string, fn func() error) error {
 			return fmt.Errorf("%w (gave up after %d attempts)", err, attempt)
 		}
 		d := o.Delay(attempt)
-		o.Warn("%s: %v; retrying in %s (attempt %d of %d)", what, err, d.Round(10*time.Millisecond), attempt+1, o.MaxAttempts)
+		msg := err.Error()
+		if !strings.HasPrefix(msg, what) {
+			msg = what + ": " + msg
+		}
+		o.Warn("%s; retrying in %s (attempt %d of %d)", msg, d.Round(10*time.Millisecond), attempt+1, o.MaxAttempts)
 		if err := sleep(ctx, d); err != nil {
 			return err
 		}

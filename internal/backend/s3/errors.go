@@ -11,6 +11,7 @@ import (
 	"github.com/aws/smithy-go"
 
 	"github.com/sauve-backup/sauve/internal/backend"
+	"github.com/sauve-backup/sauve/internal/backend/netx"
 )
 
 type op int
@@ -118,7 +119,7 @@ func (b *Backend) classify(err error, what string, o op, h backend.Handle) error
 	case st >= 400:
 		return &backend.Permanent{Err: fmt.Errorf("%s in %s: %s", what, b.location, desc)}
 	}
-	return fmt.Errorf("%s in %s: %w", what, b.location, err)
+	return fmt.Errorf("%s in %s: %w", what, b.location, netx.Cause(err))
 }
 
 func isNoCredentials(err error) bool {

@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"strings"
@@ -37,6 +38,7 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	awsconfig "github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
@@ -108,7 +110,10 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		cfg.PartParallel = DefaultPartParallel
 	}
 	loadOpts := []func(*awsconfig.LoadOptions) error{
-		awsconfig.WithHTTPClient(netx.HTTPClient(cfg.Connections*cfg.PartParallel, cfg.IdleTimeout)),
+		// A BuildableClient, so that the SDK can still add AWS_CA_BUNDLE.
+		awsconfig.WithHTTPClient(awshttp.NewBuildableClient().WithTransportOptions(func(tr *http.Transport) {
+			netx.ConfigureTransport(tr, cfg.Connections*cfg.PartParallel, cfg.IdleTimeout)
+		})),
 		awsconfig.WithRetryer(func() aws.Retryer { return aws.NopRetryer{} }),
 	}
 	if cfg.Region != "" {
@@ -334,6 +339,16 @@ func (b *Backend) Stat(ctx context.Context, h backend.Handle) (backend.Info, err
 	key := b.key(h)
 	out, err := b.client.HeadObject(ctx, &s3.HeadObjectInput{Bucket: &b.bucket, Key: &key})
 	if err != nil {
+		if c := code(err); status(err) == http.StatusForbidden && (c == "" || c == "Forbidden") {
+			// A HEAD answer has no body, so no reason: a GET of one
+			// byte tells a bad key from a missing right.
+			g, gerr := b.client.GetObject(ctx, &s3.GetObjectInput{Bucket: &b.bucket, Key: &key, Range: aws.String("bytes=0-0")})
+			if gerr != nil {
+				err = gerr
+			} else {
+				g.Body.Close()
+			}
+		}
 		return backend.Info{}, b.classify(err, "stat "+h.String(), opRead, h)
 	}
 	return backend.Info{Name: h.Name, Size: aws.ToInt64(out.ContentLength)}, nil

@@ -123,6 +123,12 @@ func knownHosts(files []string) (ssh.HostKeyCallback, []string, error) {
 // dial connects and signs in. algos, when set, limits the host key
 // algorithms to those known_hosts has for the server.
 func (b *Backend) dial(ctx context.Context, algos []string) (*ssh.Client, error) {
+	return b.dialHost(ctx, algos, nil, nil)
+}
+
+// dialHost is dial; prev and prevKey are the refusal that made it retry
+// with algos, reported if the server has no key of those types.
+func (b *Backend) dialHost(ctx context.Context, algos []string, prev *knownhosts.KeyError, prevKey ssh.PublicKey) (*ssh.Client, error) {
 	var presented ssh.PublicKey
 	cfg := &ssh.ClientConfig{
 		User: b.cfg.User,
@@ -146,9 +152,12 @@ func (b *Backend) dial(ctx context.Context, algos []string) (*ssh.Client, error)
 			if len(ke.Want) > 0 && algos == nil && !sameType(ke.Want, presented) {
 				// known_hosts has a key of another type for this
 				// host: ask the server for that type instead.
-				return b.dial(ctx, wantAlgos(ke.Want))
+				return b.dialHost(ctx, wantAlgos(ke.Want), ke, presented)
 			}
 			return nil, b.hostKeyError(ke, presented)
+		}
+		if prev != nil && strings.Contains(err.Error(), "no common algorithm for host key") {
+			return nil, b.hostKeyError(prev, prevKey)
 		}
 		if strings.Contains(err.Error(), "unable to authenticate") {
 			return nil, fmt.Errorf("SSH server %s refused user %s with %s: add the public key to ~%s/.ssh/authorized_keys there: %w",
