@@ -80,6 +80,10 @@ type Config struct {
 	Container string // not used with SASURL
 	Prefix    string // not used with SASURL
 
+	// Retry, when set, retries each block of a large object on its own
+	// (retry.Do); nil tries once.
+	Retry func(ctx context.Context, what string, fn func() error) error
+
 	Connections   int           // objects in flight (sizes the connection pool)
 	BlockSize     int           // 0: DefaultBlockSize
 	BlockParallel int           // 0: DefaultBlockParallel
@@ -96,6 +100,7 @@ type Backend struct {
 	sas       *sasInfo
 	blockSize int
 	parallel  int
+	retry     func(ctx context.Context, what string, fn func() error) error
 }
 
 // Open checks cfg and returns a backend. It does not contact Azure.
@@ -114,7 +119,10 @@ func Open(cfg Config) (*Backend, error) {
 		Retry:     policy.RetryOptions{MaxRetries: -1},
 		Telemetry: policy.TelemetryOptions{Disabled: true},
 	}}
-	b := &Backend{blockSize: cfg.BlockSize, parallel: cfg.BlockParallel}
+	b := &Backend{blockSize: cfg.BlockSize, parallel: cfg.BlockParallel, retry: cfg.Retry}
+	if b.retry == nil {
+		b.retry = func(_ context.Context, _ string, fn func() error) error { return fn() }
+	}
 	var err error
 	switch {
 	case cfg.SASURL != "":
@@ -266,20 +274,40 @@ func (b *Backend) save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, 
 			if _, err := io.Copy(sum, sec); err != nil {
 				return &backend.Permanent{Err: fmt.Errorf("read %s to upload: %w", h, err)}
 			}
-			if _, err := sec.Seek(0, io.SeekStart); err != nil {
-				return err
-			}
-			_, err := bb.StageBlock(gctx, ids[i], nopCloser{sec}, &blockblob.StageBlockOptions{
-				TransactionalValidation: blob.TransferValidationTypeMD5(sum.Sum(nil)),
+			md := sum.Sum(nil)
+			// A failed block is retried alone, not the whole object:
+			// under a high fault rate whole objects might never make it.
+			return b.retry(gctx, fmt.Sprintf("save %s block %d", h, i), func() error {
+				if _, err := sec.Seek(0, io.SeekStart); err != nil {
+					return &backend.Permanent{Err: err}
+				}
+				_, err := bb.StageBlock(gctx, ids[i], nopCloser{sec}, &blockblob.StageBlockOptions{
+					TransactionalValidation: blob.TransferValidationTypeMD5(md),
+				})
+				return markPermanent(err)
 			})
-			return err
 		})
 	}
 	if err := g.Wait(); err != nil {
 		return err
 	}
-	_, err := bb.CommitBlockList(ctx, ids, &blockblob.CommitBlockListOptions{AccessConditions: createOnly})
-	return err
+	return b.retry(ctx, "commit "+h.String(), func() error {
+		_, err := bb.CommitBlockList(ctx, ids, &blockblob.CommitBlockListOptions{AccessConditions: createOnly})
+		return markPermanent(err)
+	})
+}
+
+// markPermanent marks an SDK error that no retry fixes (a 4xx other than
+// 408 and 429) as permanent, keeping it whole for classify.
+func markPermanent(err error) error {
+	var re *azcore.ResponseError
+	if err == nil || !errors.As(err, &re) {
+		return err // success, or a network error: transient
+	}
+	if re.StatusCode == http.StatusRequestTimeout || re.StatusCode == http.StatusTooManyRequests || re.StatusCode >= 500 {
+		return err
+	}
+	return &backend.Permanent{Err: err}
 }
 
 type nopCloser struct{ io.ReadSeeker }

@@ -178,7 +178,7 @@ func TestConformanceUnderFaults(t *testing.T) {
 	az.CreateContainer(t, "faulty")
 	u := az.SAS(t, "faulty", "", "racwdl", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
 	backendtest.RunUnderFaults(t, fmt.Sprintf("127.0.0.1:%d", az.Port), backendtest.Options{LargeSize: 6 << 20}, func(addr string) backend.Backend {
-		be, err := azure.Open(azure.Config{SASURL: strings.Replace(u, fmt.Sprintf("127.0.0.1:%d", az.Port), addr, 1), BlockSize: 1 << 20, IdleTimeout: 1500 * time.Millisecond})
+		be, err := azure.Open(azure.Config{SASURL: strings.Replace(u, fmt.Sprintf("127.0.0.1:%d", az.Port), addr, 1), BlockSize: 1 << 20, IdleTimeout: 1500 * time.Millisecond, Retry: backendtest.Retry})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -231,16 +231,21 @@ func checkRanges(t *testing.T, ctx context.Context, be backend.Backend, h backen
 	}
 }
 
-// Faults is the mix of network faults the suites run under: about one
-// connection in four is dropped, stalled past the idle timeout, or has its
-// response cut short.
+// Faults is the mix of network faults the suites run under: every 4 MiB
+// of traffic or so, a connection is reset, stalled past the idle timeout,
+// or has its response cut short.
 func Faults(seed uint64) faultproxy.Faults {
-	return faultproxy.Faults{Drop: 0.1, Stall: 0.05, Truncate: 0.1, StallFor: 3 * time.Second, Within: 2 << 20, Seed: seed, FaultFirst: true}
+	return faultproxy.Faults{Every: 4 << 20, Drop: 2, Stall: 1, Truncate: 2, StallFor: 3 * time.Second, Seed: seed}
 }
 
 // RetryOptions is a retry policy with short pauses for tests.
 var RetryOptions = retry.Options{MaxAttempts: 30, InitialDelay: 10 * time.Millisecond, MaxDelay: 300 * time.Millisecond,
 	Warn: func(format string, args ...any) { fmt.Printf("retry: "+format+"\n", args...) }}
+
+// Retry retries with RetryOptions, for the backends' per-block retries.
+func Retry(ctx context.Context, what string, fn func() error) error {
+	return retry.Do(ctx, RetryOptions, what, fn)
+}
 
 // RunUnderFaults runs the suite on a backend that reaches its server at
 // target through a fault-injecting proxy; open must return the backend

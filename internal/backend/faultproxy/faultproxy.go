@@ -1,12 +1,15 @@
 // Package faultproxy is a TCP proxy for tests and benchmarks that stands
 // between sauve and a storage server on the loopback interface. It counts
 // the bytes that cross it each way and, when told to, injects the faults a
-// real network has: connections dropped (reset) in the middle of a
-// transfer, transfers that stall, and responses cut short.
+// real network has: connections reset in the middle of a transfer,
+// transfers that stall, and responses cut short.
 //
-// Faults are drawn per connection from a seeded random source, so a
-// failing run can be replayed with its seed. A fault strikes after a random
-// number of bytes (up to Faults.Within) in a random direction.
+// Faults are scheduled by traffic, not per connection: after a random
+// number of bytes (on average Faults.Every) has crossed the proxy, the
+// connection carrying the next byte is struck. Clients that keep
+// connections alive for many requests are hit as often as clients that
+// open one per request, and a test that moves more than Every*3/2 bytes is
+// sure to meet a fault. The random source is seeded, for replays.
 package faultproxy
 
 import (
@@ -19,27 +22,32 @@ import (
 	"time"
 )
 
-// Faults says how often each fault strikes a new connection. The
-// probabilities add up to at most 1; the rest of the connections pass
-// untouched.
+// Fault kinds.
+const (
+	None = iota
+	Drop
+	Stall
+	Truncate
+)
+
+// Faults says how often faults strike and which. The weights need not add
+// up to anything; all zero means no faults.
 type Faults struct {
-	Drop     float64       // reset both sides after some bytes
-	Stall    float64       // stop forwarding for StallFor after some bytes
-	Truncate float64       // forward part of a response, then close
-	StallFor time.Duration // default 5s
-	Within   int64         // faults strike within this many bytes (default 4 MiB)
-	Seed     uint64
-	// FaultFirst makes the first connection always faulty (with one of
-	// the kinds above), so that a test over one long connection (SSH)
-	// meets at least one fault.
-	FaultFirst bool
+	// Every is the mean number of bytes between faults (gaps are drawn
+	// uniformly between half and one and a half of it).
+	Every int64
+	// Weights of the kinds: Drop resets the connection, Stall stops
+	// forwarding it for StallFor (default 5s) and then goes on, Truncate
+	// forwards part of a response and closes it.
+	Drop, Stall, Truncate float64
+	StallFor              time.Duration
+	Seed                  uint64
 }
 
 // Stats are the proxy's counters.
 type Stats struct {
 	Conns    int64
-	Faulted  int64 // connections drawn to fail
-	Struck   int64 // faults that happened (a connection may end first)
+	Struck   int64 // faults injected
 	Up, Down int64 // bytes client→server, server→client
 }
 
@@ -48,17 +56,17 @@ type Proxy struct {
 	Addr   string
 	target string
 	ln     net.Listener
+	quit   chan struct{}
+	wg     sync.WaitGroup
 
 	mu     sync.Mutex
 	faults Faults
 	rng    *rand.Rand
+	left   int64 // bytes until the next fault
 	conns  map[net.Conn]struct{}
 	closed bool
-	quit   chan struct{}
-	wg     sync.WaitGroup
 
-	nconns, faulted, struck, up, down atomic.Int64
-	drawn                             int
+	nconns, struck, up, down atomic.Int64
 }
 
 // Start listens on a free port of 127.0.0.1 and forwards to target.
@@ -67,37 +75,35 @@ func Start(target string, f Faults) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{Addr: ln.Addr().String(), target: target, ln: ln, conns: map[net.Conn]struct{}{}, quit: make(chan struct{})}
+	p := &Proxy{Addr: ln.Addr().String(), target: target, ln: ln, quit: make(chan struct{}), conns: map[net.Conn]struct{}{}}
 	p.SetFaults(f)
 	p.wg.Add(1)
 	go p.serve()
 	return p, nil
 }
 
-// SetFaults changes the faults for new connections.
+// SetFaults replaces the fault schedule (Faults{} turns faults off).
 func (p *Proxy) SetFaults(f Faults) {
 	if f.StallFor <= 0 {
 		f.StallFor = 5 * time.Second
 	}
-	if f.Within <= 0 {
-		f.Within = 4 << 20
-	}
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	p.faults = f
 	p.rng = rand.New(rand.NewPCG(f.Seed, 0x5a17e))
-	p.drawn = 0
-	p.mu.Unlock()
+	if f.Every > 0 {
+		p.left = p.rng.Int64N(f.Every) + 1
+	}
 }
 
 // Stats returns the counters.
 func (p *Proxy) Stats() Stats {
-	return Stats{Conns: p.nconns.Load(), Faulted: p.faulted.Load(), Struck: p.struck.Load(), Up: p.up.Load(), Down: p.down.Load()}
+	return Stats{Conns: p.nconns.Load(), Struck: p.struck.Load(), Up: p.up.Load(), Down: p.down.Load()}
 }
 
-// ResetStats zeroes the byte and connection counters.
+// ResetStats zeroes the counters.
 func (p *Proxy) ResetStats() {
 	p.nconns.Store(0)
-	p.faulted.Store(0)
 	p.struck.Store(0)
 	p.up.Store(0)
 	p.down.Store(0)
@@ -148,32 +154,34 @@ func (p *Proxy) serve() {
 	}
 }
 
-type plan struct {
-	kind  int // 0 none, 1 drop, 2 stall, 3 truncate
-	up    bool
-	after int64
-	stall time.Duration
-}
-
-func (p *Proxy) draw() plan {
+// take lets up to n bytes through; if a fault is due within them, it
+// returns how many bytes pass first and the fault's kind.
+func (p *Proxy) take(n int64, down bool) (int64, int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	f := p.faults
-	x := p.rng.Float64()
-	if total := f.Drop + f.Stall + f.Truncate; f.FaultFirst && p.drawn == 0 && total > 0 {
-		x *= total
+	total := f.Drop + f.Stall + f.Truncate
+	if f.Every <= 0 || total <= 0 {
+		return n, None
 	}
-	p.drawn++
-	pl := plan{after: p.rng.Int64N(f.Within) + 1, up: p.rng.IntN(2) == 0, stall: f.StallFor}
+	if n < p.left {
+		p.left -= n
+		return n, None
+	}
+	pass := p.left
+	p.left = f.Every/2 + p.rng.Int64N(f.Every+1)
+	x := p.rng.Float64() * total
+	kind := Truncate
 	switch {
 	case x < f.Drop:
-		pl.kind = 1
+		kind = Drop
 	case x < f.Drop+f.Stall:
-		pl.kind = 2
-	case x < f.Drop+f.Stall+f.Truncate:
-		pl.kind, pl.up = 3, false
+		kind = Stall
 	}
-	return pl
+	if kind == Truncate && !down {
+		kind = Drop // a request cut short is a dropped connection
+	}
+	return pass, kind
 }
 
 func (p *Proxy) handle(client net.Conn) {
@@ -190,10 +198,6 @@ func (p *Proxy) handle(client net.Conn) {
 	defer p.track(client, false)
 	defer p.track(server, false)
 	p.nconns.Add(1)
-	pl := p.draw()
-	if pl.kind != 0 {
-		p.faulted.Add(1)
-	}
 	var once sync.Once
 	kill := func(reset bool) {
 		once.Do(func() {
@@ -209,49 +213,42 @@ func (p *Proxy) handle(client net.Conn) {
 		})
 	}
 	done := make(chan struct{}, 2)
-	pipe := func(dst, src net.Conn, up bool, count *atomic.Int64) {
+	pipe := func(dst, src net.Conn, down bool, count *atomic.Int64) {
 		defer func() { done <- struct{}{} }()
-		var moved int64
 		buf := make([]byte, 64<<10)
-		armed := pl.kind != 0 && pl.up == up
 		for {
 			n, err := src.Read(buf)
-			if n > 0 {
-				chunk := buf[:n]
-				if armed && moved+int64(n) >= pl.after {
-					k := pl.after - moved
-					if _, werr := dst.Write(chunk[:k]); werr != nil {
+			for chunk := buf[:n]; len(chunk) > 0; {
+				pass, kind := p.take(int64(len(chunk)), down)
+				if pass > 0 {
+					if _, werr := dst.Write(chunk[:pass]); werr != nil {
 						kill(false)
 						return
 					}
-					count.Add(k)
-					moved += k
-					chunk = chunk[k:]
-					armed = false
-					p.struck.Add(1)
-					switch pl.kind {
-					case 1:
-						kill(true)
-						return
-					case 3:
-						kill(false)
-						return
-					case 2:
-						t := time.NewTimer(pl.stall)
-						select {
-						case <-t.C:
-						case <-p.quit:
-							t.Stop()
-						}
-					}
+					count.Add(pass)
 				}
-				if len(chunk) > 0 {
-					if _, werr := dst.Write(chunk); werr != nil {
-						kill(false)
-						return
+				chunk = chunk[pass:]
+				if kind == None {
+					continue
+				}
+				p.struck.Add(1)
+				switch kind {
+				case Drop:
+					kill(true)
+					return
+				case Truncate:
+					kill(false)
+					return
+				case Stall:
+					p.mu.Lock()
+					d := p.faults.StallFor
+					p.mu.Unlock()
+					t := time.NewTimer(d)
+					select {
+					case <-t.C:
+					case <-p.quit:
+						t.Stop()
 					}
-					count.Add(int64(len(chunk)))
-					moved += int64(len(chunk))
 				}
 			}
 			if err != nil {
@@ -267,8 +264,8 @@ func (p *Proxy) handle(client net.Conn) {
 			}
 		}
 	}
-	go pipe(server, client, true, &p.up)
-	go pipe(client, server, false, &p.down)
+	go pipe(server, client, false, &p.up)
+	go pipe(client, server, true, &p.down)
 	<-done
 	<-done
 	kill(false)

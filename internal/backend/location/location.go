@@ -187,6 +187,7 @@ func Open(ctx context.Context, s string, opts Options) (backend.Backend, Kind, e
 	if getenv == nil {
 		getenv = os.Getenv
 	}
+	retryFn := func(ctx context.Context, what string, fn func() error) error { return retry.Do(ctx, opts.Retry, what, fn) }
 	conns := opts.Connections
 	if conns <= 0 {
 		conns = DefaultConnections(p.Kind)
@@ -197,7 +198,7 @@ func Open(ctx context.Context, s string, opts Options) (backend.Backend, Kind, e
 		be, err = local.Open(p.Path)
 		return be, Local, err
 	case Azure:
-		be, err = openAzure(p, getenv, conns, opts.IdleTimeout)
+		be, err = openAzure(p, getenv, conns, opts.IdleTimeout, retryFn)
 	case S3:
 		endpoint := opts.S3Endpoint
 		if endpoint == "" {
@@ -208,7 +209,7 @@ func Open(ctx context.Context, s string, opts Options) (backend.Backend, Kind, e
 		}
 		be, err = s3.Open(ctx, s3.Config{
 			Bucket: p.Bucket, Prefix: p.Prefix, Endpoint: endpoint, PathStyle: opts.S3PathStyle,
-			Connections: conns, IdleTimeout: opts.IdleTimeout,
+			Connections: conns, IdleTimeout: opts.IdleTimeout, Retry: retryFn,
 		})
 	case SFTP:
 		cfg := sftp.Config{User: p.User, Host: p.Host, Port: p.Port, Path: p.Path, Connections: conns, IdleTimeout: opts.IdleTimeout}
@@ -226,8 +227,8 @@ func Open(ctx context.Context, s string, opts Options) (backend.Backend, Kind, e
 	return retry.New(be, opts.Retry), p.Kind, nil
 }
 
-func openAzure(p Parsed, getenv func(string) string, conns int, idle time.Duration) (backend.Backend, error) {
-	cfg := azure.Config{Connections: conns, IdleTimeout: idle, Container: p.Container, Prefix: p.Prefix, Account: p.Account, Endpoint: p.Endpoint}
+func openAzure(p Parsed, getenv func(string) string, conns int, idle time.Duration, retryFn func(context.Context, string, func() error) error) (backend.Backend, error) {
+	cfg := azure.Config{Connections: conns, IdleTimeout: idle, Container: p.Container, Prefix: p.Prefix, Account: p.Account, Endpoint: p.Endpoint, Retry: retryFn}
 	if p.SASURL != "" {
 		cfg.SASURL = p.SASURL
 		return azure.Open(cfg)

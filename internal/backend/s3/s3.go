@@ -78,6 +78,9 @@ type Config struct {
 	PartSize     int
 	PartParallel int
 	IdleTimeout  time.Duration
+	// Retry, when set, retries each part of a large object on its own
+	// (retry.Do); nil tries once.
+	Retry func(ctx context.Context, what string, fn func() error) error
 }
 
 // Backend is a repository in an S3 bucket.
@@ -89,6 +92,7 @@ type Backend struct {
 	region   string
 	partSize int
 	parallel int
+	retry    func(ctx context.Context, what string, fn func() error) error
 	// noConditional is set once the service refuses If-None-Match.
 	noConditional atomic.Bool
 }
@@ -160,7 +164,10 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 	}
 	b := &Backend{
 		client: client, bucket: cfg.Bucket, prefix: normPrefix(cfg.Prefix), region: ac.Region,
-		partSize: cfg.PartSize, parallel: cfg.PartParallel,
+		partSize: cfg.PartSize, parallel: cfg.PartParallel, retry: cfg.Retry,
+	}
+	if b.retry == nil {
+		b.retry = func(_ context.Context, _ string, fn func() error) error { return fn() }
 	}
 	b.location = strings.TrimSuffix(loc+"/"+b.prefix, "/")
 	return b, nil
@@ -274,7 +281,12 @@ func (b *Backend) save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, 
 // multipart uploads parts in parallel and completes the upload, or aborts
 // it on failure so that it leaves nothing behind.
 func (b *Backend) multipart(ctx context.Context, key string, ra io.ReaderAt, size int64) (err error) {
-	up, err := b.client.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{Bucket: &b.bucket, Key: &key})
+	var up *s3.CreateMultipartUploadOutput
+	err = b.retry(ctx, "start upload of "+key, func() error {
+		var err error
+		up, err = b.client.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{Bucket: &b.bucket, Key: &key})
+		return markPermanent(err)
+	})
 	if err != nil {
 		return err
 	}
@@ -295,26 +307,54 @@ func (b *Backend) multipart(ctx context.Context, key string, ra io.ReaderAt, siz
 		length := min(int64(b.partSize), size-off)
 		g.Go(func() error {
 			num := int32(i + 1)
-			res, err := b.client.UploadPart(gctx, &s3.UploadPartInput{
-				Bucket: &b.bucket, Key: &key, UploadId: up.UploadId, PartNumber: &num,
-				Body: io.NewSectionReader(ra, off, length), ContentLength: aws.Int64(length),
-			}, unsignedPayload)
-			if err != nil {
-				return err
-			}
-			parts[i] = types.CompletedPart{ETag: res.ETag, PartNumber: &num}
-			return nil
+			// A failed part is retried alone, not the whole object.
+			return b.retry(gctx, fmt.Sprintf("save %s part %d", key, num), func() error {
+				res, err := b.client.UploadPart(gctx, &s3.UploadPartInput{
+					Bucket: &b.bucket, Key: &key, UploadId: up.UploadId, PartNumber: &num,
+					Body: io.NewSectionReader(ra, off, length), ContentLength: aws.Int64(length),
+				}, unsignedPayload)
+				if err != nil {
+					return markPermanent(err)
+				}
+				parts[i] = types.CompletedPart{ETag: res.ETag, PartNumber: &num}
+				return nil
+			})
 		})
 	}
 	if err := g.Wait(); err != nil {
 		return err
 	}
-	_, err = b.client.CompleteMultipartUpload(ctx, &s3.CompleteMultipartUploadInput{
-		Bucket: &b.bucket, Key: &key, UploadId: up.UploadId,
-		MultipartUpload: &types.CompletedMultipartUpload{Parts: parts},
-		IfNoneMatch:     b.ifNoneMatch(),
+	tried := false
+	return b.retry(ctx, "complete upload of "+key, func() error {
+		_, err := b.client.CompleteMultipartUpload(ctx, &s3.CompleteMultipartUploadInput{
+			Bucket: &b.bucket, Key: &key, UploadId: up.UploadId,
+			MultipartUpload: &types.CompletedMultipartUpload{Parts: parts},
+			IfNoneMatch:     b.ifNoneMatch(),
+		})
+		if err != nil && tried && code(err) == "NoSuchUpload" {
+			// An earlier attempt completed the upload but its answer was
+			// lost: the object is there if it has the right size.
+			if out, herr := b.client.HeadObject(ctx, &s3.HeadObjectInput{Bucket: &b.bucket, Key: &key}); herr == nil && aws.ToInt64(out.ContentLength) == size {
+				return nil
+			}
+		}
+		tried = true
+		return markPermanent(err)
 	})
-	return err
+}
+
+// markPermanent marks an SDK error that no retry fixes (a 4xx other than
+// 408 and 429, or an error code that says so) as permanent, keeping it
+// whole for classify.
+func markPermanent(err error) error {
+	if err == nil {
+		return nil
+	}
+	st, c := status(err), code(err)
+	if st == 0 || st == http.StatusRequestTimeout || st == http.StatusTooManyRequests || st >= 500 || c == "SlowDown" || c == "RequestTimeout" {
+		return err
+	}
+	return &backend.Permanent{Err: err}
 }
 
 // Load implements backend.Backend.

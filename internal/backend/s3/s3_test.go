@@ -116,7 +116,7 @@ func TestConformanceUnderFaults(t *testing.T) {
 	backendtest.RunUnderFaults(t, strings.TrimPrefix(srv.Endpoint, "http://"), backendtest.Options{LargeSize: 12 << 20}, func(addr string) backend.Backend {
 		be, err := s3.Open(context.Background(), s3.Config{
 			Bucket: "faulty", Endpoint: "http://" + addr, Region: srv.Region, AccessKey: srv.AccessKey, SecretKey: srv.SecretKey,
-			PartSize: 5 << 20, IdleTimeout: 1500 * time.Millisecond,
+			PartSize: 5 << 20, IdleTimeout: 1500 * time.Millisecond, Retry: backendtest.Retry,
 		})
 		if err != nil {
 			t.Fatal(err)
