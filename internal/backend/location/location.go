@@ -187,7 +187,9 @@ func Open(ctx context.Context, s string, opts Options) (backend.Backend, Kind, e
 	if getenv == nil {
 		getenv = os.Getenv
 	}
-	retryFn := func(ctx context.Context, what string, fn func() error) error { return retry.Do(ctx, opts.Retry, what, fn) }
+	retryFn := func(ctx context.Context, what string, fn func() error) error {
+		return retry.Do(ctx, opts.Retry, what, fn)
+	}
 	conns := opts.Connections
 	if conns <= 0 {
 		conns = DefaultConnections(p.Kind)
