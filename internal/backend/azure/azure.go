@@ -439,6 +439,9 @@ func parseBlobURL(raw string) (*parsedURL, error) {
 	} else {
 		p.account, _, _ = strings.Cut(hostname, ".")
 	}
+	if p.account == "" || strings.Trim(p.account, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") != "" {
+		return nil, fmt.Errorf("azure: %s://%s: %q is not a storage account name", u.Scheme, u.Host, p.account)
+	}
 	if len(parts) == 0 {
 		return nil, fmt.Errorf("azure: %s: the URL names no container (https://ACCOUNT.blob.core.windows.net/CONTAINER?SAS)", (&parsedURL{scheme: p.scheme, host: p.host, pathStyle: p.pathStyle, account: p.account}).containerURL())
 	}
