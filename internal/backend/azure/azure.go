@@ -300,11 +300,7 @@ func (b *Backend) save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, 
 // markPermanent marks an SDK error that no retry fixes (a 4xx other than
 // 408 and 429) as permanent, keeping it whole for classify.
 func markPermanent(err error) error {
-	var re *azcore.ResponseError
-	if err == nil || !errors.As(err, &re) {
-		return err // success, or a network error: transient
-	}
-	if re.StatusCode == http.StatusRequestTimeout || re.StatusCode == http.StatusTooManyRequests || re.StatusCode >= 500 {
+	if err == nil || transient(err) {
 		return err
 	}
 	return &backend.Permanent{Err: err}

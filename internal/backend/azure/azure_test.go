@@ -185,3 +185,16 @@ func TestConformanceUnderFaults(t *testing.T) {
 		return be
 	})
 }
+
+func TestPartialUploadInvisible(t *testing.T) {
+	az := testsrv.StartAzurite(t)
+	az.CreateContainer(t, "partial")
+	u := az.SAS(t, "partial", "", "racwdl", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	backendtest.RunPartialUpload(t, fmt.Sprintf("127.0.0.1:%d", az.Port), backendtest.Options{LargeSize: 6 << 20}, func(addr string) backend.Backend {
+		be, err := azure.Open(azure.Config{SASURL: strings.Replace(u, fmt.Sprintf("127.0.0.1:%d", az.Port), addr, 1), BlockSize: 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return be
+	})
+}

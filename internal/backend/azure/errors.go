@@ -129,6 +129,20 @@ func (s *sasInfo) lacks(o op) string {
 	return ""
 }
 
+// transient says whether a retry may succeed: network errors, timeouts,
+// throttling, server errors, and a body that arrived damaged.
+func transient(err error) bool {
+	var re *azcore.ResponseError
+	if !errors.As(err, &re) {
+		return true
+	}
+	switch bloberror.Code(re.ErrorCode) {
+	case bloberror.MD5Mismatch, bloberror.CRC64Mismatch, bloberror.OperationTimedOut, bloberror.ServerBusy, bloberror.InternalError:
+		return true
+	}
+	return re.StatusCode == http.StatusRequestTimeout || re.StatusCode == http.StatusTooManyRequests || re.StatusCode >= 500
+}
+
 // classify turns an SDK error into one that says what happened without
 // secrets, marks it permanent when retrying cannot help, and wraps the
 // backend's sentinel errors.
@@ -164,8 +178,8 @@ func (b *Backend) classify(err error, what string, o op, h backend.Handle) error
 		return b.refused(what, o, h, code, desc)
 	case status == http.StatusRequestedRangeNotSatisfiable:
 		return &backend.Permanent{Err: fmt.Errorf("%s: the range is past the end of the object (%s)", what, desc)}
-	case status == http.StatusRequestTimeout || status == http.StatusTooManyRequests || status >= 500:
-		return fmt.Errorf("%s: %s", what, desc) // transient: retried
+	case transient(err):
+		return fmt.Errorf("%s: %s", what, desc) // retried
 	}
 	return &backend.Permanent{Err: fmt.Errorf("%s in %s: %s", what, b.location, desc)}
 }

@@ -273,3 +273,51 @@ func RunUnderFaults(t *testing.T, target string, o Options, open func(addr strin
 		t.Errorf("no fault struck in %d connections", st.Conns)
 	}
 }
+
+// RunPartialUpload checks that an upload cut off in the middle (the
+// request body ended early, no retry) leaves no visible object: neither Stat nor
+// List may find it, small object or large. open must return the backend
+// for a proxy address, without retries.
+func RunPartialUpload(t *testing.T, target string, o Options, open func(addr string) backend.Backend) {
+	ctx := context.Background()
+	p, err := faultproxy.Start(target, faultproxy.Faults{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	be := open(p.Addr)
+	t.Cleanup(func() { be.Close() })
+	if o.LargeSize == 0 {
+		o.LargeSize = 9 << 20
+	}
+	// Warm up: sessions, directories, buckets.
+	d0, n0 := Payload(1000)
+	if err := be.Save(ctx, backend.Handle{Type: backend.PackFile, Name: n0}, backend.NewByteReader(d0), 1000); err != nil {
+		t.Fatal(err)
+	}
+	for _, size := range []int{512 << 10, o.LargeSize} {
+		for _, cut := range []int64{int64(size) / 3, int64(size) * 9 / 10} {
+			data, name := Payload(size)
+			h := backend.Handle{Type: backend.PackFile, Name: name}
+			// Cut: the server sees a FIN mid-body, as when sauve is
+			// killed; Drop would reset the connection instead.
+			p.SetFaults(faultproxy.Faults{First: cut, Cut: 1})
+			err := be.Save(ctx, h, backend.NewByteReader(data), int64(size))
+			p.SetFaults(faultproxy.Faults{})
+			if err == nil {
+				t.Fatalf("save of %d bytes cut after %d: no error", size, cut)
+			}
+			if _, err := be.Stat(ctx, h); !errors.Is(err, backend.ErrNotExist) {
+				t.Fatalf("save of %d bytes cut after %d: the object is visible (Stat: %v)", size, cut, err)
+			}
+			if err := be.List(ctx, backend.PackFile, func(fi backend.Info) error {
+				if fi.Name == name {
+					return fmt.Errorf("save of %d bytes cut after %d: List shows the object (%d bytes)", size, cut, fi.Size)
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}

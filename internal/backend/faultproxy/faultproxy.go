@@ -28,6 +28,7 @@ const (
 	Drop
 	Stall
 	Truncate
+	Cut
 )
 
 // Faults says how often faults strike and which. The weights need not add
@@ -38,10 +39,15 @@ type Faults struct {
 	Every int64
 	// Weights of the kinds: Drop resets the connection, Stall stops
 	// forwarding it for StallFor (default 5s) and then goes on, Truncate
-	// forwards part of a response and closes it.
-	Drop, Stall, Truncate float64
+	// ends a response early (closes the connection; a request is dropped
+	// instead), Cut ends a request early with a FIN, as the kernel of a
+	// killed client does (a response is truncated instead).
+	Drop, Stall, Truncate, Cut float64
 	StallFor              time.Duration
 	Seed                  uint64
+	// First, when set, places the first fault exactly: after this many
+	// bytes.
+	First int64
 }
 
 // Stats are the proxy's counters.
@@ -93,6 +99,9 @@ func (p *Proxy) SetFaults(f Faults) {
 	p.rng = rand.New(rand.NewPCG(f.Seed, 0x5a17e))
 	if f.Every > 0 {
 		p.left = p.rng.Int64N(f.Every) + 1
+	}
+	if f.First > 0 {
+		p.left = f.First
 	}
 }
 
@@ -160,8 +169,8 @@ func (p *Proxy) take(n int64, down bool) (int64, int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	f := p.faults
-	total := f.Drop + f.Stall + f.Truncate
-	if f.Every <= 0 || total <= 0 {
+	total := f.Drop + f.Stall + f.Truncate + f.Cut
+	if (f.Every <= 0 && f.First <= 0) || total <= 0 || p.left <= 0 {
 		return n, None
 	}
 	if n < p.left {
@@ -169,17 +178,25 @@ func (p *Proxy) take(n int64, down bool) (int64, int) {
 		return n, None
 	}
 	pass := p.left
-	p.left = f.Every/2 + p.rng.Int64N(f.Every+1)
+	p.left = 0 // no more faults, unless Every schedules them
+	if f.Every > 0 {
+		p.left = f.Every/2 + p.rng.Int64N(f.Every+1)
+	}
 	x := p.rng.Float64() * total
-	kind := Truncate
+	kind := Cut
 	switch {
 	case x < f.Drop:
 		kind = Drop
 	case x < f.Drop+f.Stall:
 		kind = Stall
+	case x < f.Drop+f.Stall+f.Truncate:
+		kind = Truncate
 	}
-	if kind == Truncate && !down {
-		kind = Drop // a request cut short is a dropped connection
+	switch {
+	case kind == Truncate && !down:
+		kind = Drop
+	case kind == Cut && down:
+		kind = Truncate
 	}
 	return pass, kind
 }
@@ -237,6 +254,16 @@ func (p *Proxy) handle(client net.Conn) {
 					kill(true)
 					return
 				case Truncate:
+					kill(false)
+					return
+				case Cut:
+					// The server sees the end of the stream, not an
+					// error, and must notice the body is incomplete.
+					if tc, ok := dst.(*net.TCPConn); ok {
+						tc.CloseWrite()
+						io.Copy(io.Discard, src)
+						return
+					}
 					kill(false)
 					return
 				case Stall:

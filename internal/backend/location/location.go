@@ -214,7 +214,7 @@ func Open(ctx context.Context, s string, opts Options) (backend.Backend, Kind, e
 			Connections: conns, IdleTimeout: opts.IdleTimeout, Retry: retryFn,
 		})
 	case SFTP:
-		cfg := sftp.Config{User: p.User, Host: p.Host, Port: p.Port, Path: p.Path, Connections: conns, IdleTimeout: opts.IdleTimeout}
+		cfg := sftp.Config{User: p.User, Host: p.Host, Port: p.Port, Path: p.Path, Connections: conns, IdleTimeout: opts.IdleTimeout, Retry: retryFn}
 		if k := getenv("SAUVE_SSH_KEY"); k != "" {
 			cfg.KeyFiles = []string{k}
 		}

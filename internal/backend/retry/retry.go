@@ -86,7 +86,9 @@ func Do(ctx context.Context, o Options, what string, fn func() error) error {
 			return err
 		}
 		if attempt >= o.MaxAttempts {
-			return fmt.Errorf("%w (gave up after %d attempts)", err, attempt)
+			// Permanent now: a caller that retries a larger operation
+			// must not multiply the attempts.
+			return &backend.Permanent{Err: fmt.Errorf("%w (gave up after %d attempts)", err, attempt)}
 		}
 		d := o.Delay(attempt)
 		msg := err.Error()

@@ -87,6 +87,17 @@ func isNotImplemented(err error) bool {
 	return code(err) == "NotImplemented" || status(err) == http.StatusNotImplemented
 }
 
+// transient says whether a retry may succeed: network errors, timeouts,
+// throttling, server errors, and a body that arrived damaged or short.
+func transient(err error) bool {
+	st, c := status(err), code(err)
+	switch c {
+	case "SlowDown", "RequestTimeout", "InternalError", "IncompleteBody", "BadDigest", "XAmzContentSHA256Mismatch", "RequestTimeTooSkewed":
+		return true
+	}
+	return st == 0 || st == http.StatusRequestTimeout || st == http.StatusTooManyRequests || st >= 500
+}
+
 // classify explains err and marks it permanent when retrying cannot help.
 func (b *Backend) classify(err error, what string, o op, h backend.Handle) error {
 	if err == nil {
@@ -114,8 +125,8 @@ func (b *Backend) classify(err error, what string, o op, h backend.Handle) error
 		return &backend.Permanent{Err: fmt.Errorf("%s: the range is past the end of the object (%s)", what, desc)}
 	case c == "NoCredentialProviders" || isNoCredentials(err):
 		return fmt.Errorf("%s: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE: %w", what, backend.ErrPermission)
-	case st == http.StatusRequestTimeout || st == http.StatusTooManyRequests || st >= 500 || c == "SlowDown" || c == "RequestTimeout" || c == "InternalError":
-		return fmt.Errorf("%s: %s", what, desc) // transient
+	case st != 0 && transient(err):
+		return fmt.Errorf("%s: %s", what, desc) // retried
 	case st >= 400:
 		return &backend.Permanent{Err: fmt.Errorf("%s in %s: %s", what, b.location, desc)}
 	}

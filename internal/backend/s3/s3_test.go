@@ -124,3 +124,17 @@ func TestConformanceUnderFaults(t *testing.T) {
 		return be
 	})
 }
+
+func TestPartialUploadInvisible(t *testing.T) {
+	srv := testsrv.StartVersity(t)
+	srv.CreateBucket(t, "partial")
+	backendtest.RunPartialUpload(t, strings.TrimPrefix(srv.Endpoint, "http://"), backendtest.Options{LargeSize: 12 << 20}, func(addr string) backend.Backend {
+		be, err := s3.Open(context.Background(), s3.Config{
+			Bucket: "partial", Endpoint: "http://" + addr, Region: srv.Region, AccessKey: srv.AccessKey, SecretKey: srv.SecretKey, PartSize: 5 << 20,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return be
+	})
+}

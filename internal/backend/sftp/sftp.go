@@ -23,6 +23,7 @@
 package sftp
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -70,6 +71,9 @@ type Config struct {
 
 	Connections int
 	IdleTimeout time.Duration
+	// Retry, when set, retries each segment of an upload on its own,
+	// resuming where it broke (retry.Do); nil tries once.
+	Retry func(ctx context.Context, what string, fn func() error) error
 }
 
 // Backend is a repository on an SFTP server.
@@ -82,6 +86,7 @@ type Backend struct {
 	authDesc []string
 	hostKeys ssh.HostKeyCallback
 	khFiles  []string
+	retry    func(ctx context.Context, what string, fn func() error) error
 
 	mu     sync.Mutex
 	sc     *ssh.Client
@@ -110,7 +115,10 @@ func Open(cfg Config) (*Backend, error) {
 	if cfg.Path == "" {
 		return nil, errors.New("sftp: no repository path (sftp://USER@HOST/PATH)")
 	}
-	b := &Backend{cfg: cfg, addr: net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port)), root: strings.TrimSuffix(cfg.Path, "/")}
+	b := &Backend{cfg: cfg, addr: net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port)), root: strings.TrimSuffix(cfg.Path, "/"), retry: cfg.Retry}
+	if b.retry == nil {
+		b.retry = func(_ context.Context, _ string, fn func() error) error { return fn() }
+	}
 	if b.root == "" {
 		b.root = "/"
 	}
@@ -260,53 +268,132 @@ func contentAddressed(t backend.FileType) bool {
 	return t == backend.PackFile || t == backend.IndexFile || t == backend.SnapshotFile
 }
 
+// segment is how much of an object goes up between checkpoints: after a
+// broken connection the upload resumes at the last checkpoint on a new
+// connection instead of starting over, so that a 32 MiB pack makes
+// progress even where connections rarely live that long.
+const segment = 4 << 20
+
 // Save implements backend.Backend.
 func (b *Backend) Save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, size int64) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	client, err := b.conn(ctx)
-	if err != nil {
-		return err
+	ra, ok := rd.(io.ReaderAt)
+	if !ok {
+		buf := make([]byte, size)
+		if _, err := io.ReadFull(rd, buf); err != nil {
+			return &backend.Permanent{Err: fmt.Errorf("read %s to upload: %w", h, err)}
+		}
+		ra = bytes.NewReader(buf)
 	}
 	final := b.path(h)
 	dir := path.Dir(final)
-	if err := b.mkdirAll(client, dir); err != nil {
-		return b.wrap(client, err, "create directory "+dir)
-	}
 	var rnd [8]byte
 	_, _ = rand.Read(rnd[:])
 	tmp := path.Join(dir, tmpPrefix+hex.EncodeToString(rnd[:]))
-	f, err := client.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL)
-	if err != nil {
-		return b.wrap(client, err, "create "+tmp)
-	}
-	ok := false
-	defer func() {
-		if !ok {
+	var (
+		f      *sftp.File
+		client *sftp.Client
+		off    int64
+		done   bool
+	)
+	closeFile := func() {
+		if f != nil {
 			f.Close()
-			client.Remove(tmp)
+			f = nil
+		}
+	}
+	defer func() {
+		if !done {
+			closeFile()
+			if c, err := b.conn(ctx); err == nil {
+				c.Remove(tmp)
+			}
 		}
 	}()
-	n, err := f.ReadFrom(io.LimitReader(rd, size))
+	// open (re)opens the temporary file, on a new connection after a
+	// broken one.
+	open := func() error {
+		if f != nil {
+			return nil
+		}
+		c, err := b.conn(ctx)
+		if err != nil {
+			return err
+		}
+		client = c
+		if err := b.mkdirAll(client, dir); err != nil {
+			return b.wrap(client, err, "create directory "+dir)
+		}
+		f, err = client.OpenFile(tmp, os.O_WRONLY|os.O_CREATE)
+		return b.wrap(client, err, "create "+tmp)
+	}
+	for first := true; first || off < size; first = false {
+		n := min(segment, size-off)
+		err := b.retry(ctx, "save "+h.String(), func() error {
+			if err := open(); err != nil {
+				return err
+			}
+			if _, err := f.Seek(off, io.SeekStart); err != nil {
+				closeFile()
+				return b.wrap(client, err, "write "+h.String())
+			}
+			w, err := f.ReadFrom(io.NewSectionReader(ra, off, n))
+			if err == nil && w != n {
+				err = fmt.Errorf("wrote %d of %d bytes at %d", w, n, off)
+			}
+			if err != nil {
+				closeFile()
+				return b.wrap(client, err, "write "+h.String())
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		off += n
+	}
+	err := b.retry(ctx, "save "+h.String(), func() error {
+		if err := open(); err != nil {
+			return err
+		}
+		if err := f.Sync(); err != nil && !isUnsupported(err) {
+			closeFile()
+			return b.wrap(client, err, "sync "+h.String())
+		}
+		err := f.Close()
+		f = nil
+		if err != nil {
+			return b.wrap(client, err, "close "+h.String())
+		}
+		return nil
+	})
 	if err != nil {
-		return b.wrap(client, err, "write "+h.String())
-	}
-	if n != size {
-		return fmt.Errorf("write %s: wrote %d bytes, expected %d", h, n, size)
-	}
-	if err := f.Sync(); err != nil && !isUnsupported(err) {
-		return b.wrap(client, err, "sync "+h.String())
-	}
-	if err := f.Close(); err != nil {
-		return b.wrap(client, err, "close "+h.String())
-	}
-	ok = true
-	if err := b.rename(client, h, tmp, final); err != nil {
-		client.Remove(tmp)
 		return err
 	}
-	return nil
+	tried := false
+	err = b.retry(ctx, "save "+h.String(), func() error {
+		c, err := b.conn(ctx)
+		if err != nil {
+			return err
+		}
+		err = b.rename(c, h, tmp, final)
+		if err != nil && tried {
+			// An earlier rename may have gone through, its answer lost.
+			if _, terr := c.Stat(tmp); errors.Is(terr, fs.ErrNotExist) {
+				if _, ferr := c.Stat(final); ferr == nil {
+					return nil
+				}
+			}
+		}
+		tried = true
+		return err
+	})
+	if err == nil {
+		done = true
+	}
+	return err
 }
 
 func isUnsupported(err error) bool {

@@ -152,6 +152,23 @@ func TestConformanceUnderFaults(t *testing.T) {
 		// The proxy's address must be known with the server's key.
 		os.WriteFile(kh, []byte(fmt.Sprintf("[%s]:%d %s\n", host, p, strings.SplitN(srv.HostKeyLine, " ", 2)[1])), 0o600)
 		be, err := sftp.Open(sftp.Config{User: srv.User, Host: host, Port: p, Path: dir,
+			KeyFiles: []string{srv.Key}, KnownHosts: []string{kh}, NoAgent: true, IdleTimeout: 1500 * time.Millisecond, Retry: backendtest.Retry})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return be
+	})
+}
+
+func TestPartialUploadInvisible(t *testing.T) {
+	srv := testsrv.StartSSHD(t)
+	dir := filepath.Join(t.TempDir(), "repo")
+	kh := filepath.Join(t.TempDir(), "known_hosts")
+	backendtest.RunPartialUpload(t, fmt.Sprintf("127.0.0.1:%d", srv.Port), backendtest.Options{LargeSize: 6 << 20}, func(addr string) backend.Backend {
+		host, port, _ := net.SplitHostPort(addr)
+		p, _ := strconv.Atoi(port)
+		os.WriteFile(kh, []byte(fmt.Sprintf("[%s]:%d %s\n", host, p, strings.SplitN(srv.HostKeyLine, " ", 2)[1])), 0o600)
+		be, err := sftp.Open(sftp.Config{User: srv.User, Host: host, Port: p, Path: dir,
 			KeyFiles: []string{srv.Key}, KnownHosts: []string{kh}, NoAgent: true, IdleTimeout: 1500 * time.Millisecond})
 		if err != nil {
 			t.Fatal(err)

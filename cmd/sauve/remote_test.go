@@ -1,0 +1,306 @@
+package main
+
+// End-to-end tests against real storage servers (Azurite, versitygw,
+// OpenSSH), each reached through a proxy that counts the bytes on the wire
+// and can inject network faults.
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sauve-backup/sauve/internal/backend/faultproxy"
+	"github.com/sauve-backup/sauve/internal/backend/testsrv"
+)
+
+// remote is a repository on a real server.
+type remote struct {
+	kind    string
+	repo    string // location through the proxy
+	proxy   *faultproxy.Proxy
+	secrets []string // must never appear in sauve's output
+	setup   func(e *env)
+	// sas makes a SAS URL through the proxy with other permissions or
+	// times (Azure only).
+	sas func(perms string, start, expiry time.Time) string
+}
+
+func startProxy(t *testing.T, port int) *faultproxy.Proxy {
+	t.Helper()
+	p, err := faultproxy.Start(fmt.Sprintf("127.0.0.1:%d", port), faultproxy.Faults{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func azureRemote(t *testing.T) *remote {
+	az := testsrv.StartAzurite(t)
+	az.CreateContainer(t, "backups")
+	p := startProxy(t, az.Port)
+	r := &remote{kind: "azure", proxy: p, secrets: []string{testsrv.AzuriteKey}}
+	r.sas = func(perms string, start, expiry time.Time) string {
+		u := az.SAS(t, "backups", "hosts/web1", perms, start, expiry)
+		q, _ := url.Parse(u)
+		r.secrets = append(r.secrets, q.Query().Get("sig"))
+		return strings.Replace(u, fmt.Sprintf("127.0.0.1:%d", az.Port), p.Addr, 1)
+	}
+	r.repo = r.sas("racwdl", time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour))
+	r.setup = func(e *env) {}
+	return r
+}
+
+func s3Remote(t *testing.T) *remote {
+	srv := testsrv.StartVersity(t)
+	srv.CreateBucket(t, "backups")
+	port := strings.TrimPrefix(srv.Endpoint, "http://127.0.0.1:")
+	var n int
+	fmt.Sscan(port, &n)
+	p := startProxy(t, n)
+	return &remote{kind: "s3", proxy: p, repo: "s3://backups/hosts/web1", secrets: []string{srv.SecretKey}, setup: func(e *env) {
+		e.setenv("AWS_ACCESS_KEY_ID", srv.AccessKey)
+		e.setenv("AWS_SECRET_ACCESS_KEY", srv.SecretKey)
+		e.setenv("AWS_REGION", srv.Region)
+		e.setenv("AWS_ENDPOINT_URL", "http://"+p.Addr)
+		e.setenv("AWS_EC2_METADATA_DISABLED", "true")
+	}}
+}
+
+func sftpRemote(t *testing.T) *remote {
+	srv := testsrv.StartSSHD(t)
+	p := startProxy(t, srv.Port)
+	dir := filepath.Join(t.TempDir(), "repo")
+	host, port, _ := strings.Cut(p.Addr, ":")
+	key, err := os.ReadFile(srv.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &remote{kind: "sftp", proxy: p, repo: fmt.Sprintf("sftp://%s@%s:%s%s", srv.User, host, port, dir), setup: func(e *env) {
+		// The user's own ~/.ssh: key and known_hosts, as ssh uses them.
+		ssh := filepath.Join(e.dir, ".ssh")
+		os.MkdirAll(ssh, 0o700)
+		os.WriteFile(filepath.Join(ssh, "id_ed25519"), key, 0o600)
+		hostKey := strings.SplitN(srv.HostKeyLine, " ", 2)[1]
+		os.WriteFile(filepath.Join(ssh, "known_hosts"), []byte(fmt.Sprintf("[%s]:%s %s\n", host, port, hostKey)), 0o600)
+	}}
+}
+
+var remotes = []struct {
+	name  string
+	start func(t *testing.T) *remote
+}{{"azure", azureRemote}, {"s3", s3Remote}, {"sftp", sftpRemote}}
+
+// remoteEnv is an environment whose repository is r.
+func remoteEnv(t *testing.T, r *remote) *env {
+	e := newBareEnv(t)
+	e.setenv("SAUVE_REPO", r.repo)
+	r.setup(e)
+	return e
+}
+
+// noSecrets fails if sauve's output shows a secret.
+func (r *remote) noSecrets(t *testing.T, outputs ...string) {
+	t.Helper()
+	for _, o := range outputs {
+		for _, s := range r.secrets {
+			if s != "" && strings.Contains(o, s) {
+				t.Fatalf("sauve's output shows a secret:\n%s", o)
+			}
+		}
+	}
+}
+
+// testImage writes a disk image: random data (incompressible), text, a
+// hole, and more random data: about 28 MiB of data in 40 MiB.
+func testImage(t *testing.T, path string, seed uint64) {
+	writeFile(t, path, nil)
+	writeAt(t, path, 0, randomBytes(16<<20))
+	writeAt(t, path, 16<<20, textBytes(seed, 8<<20))
+	writeAt(t, path, 36<<20, randomBytes(4<<20))
+}
+
+func TestRemoteRoundTrip(t *testing.T) {
+	for _, rk := range remotes {
+		t.Run(rk.name, func(t *testing.T) {
+			r := rk.start(t)
+			e := remoteEnv(t, r)
+			init := e.run("init")
+			if init.code != 0 {
+				t.Fatalf("init: %s", init.stderr)
+			}
+			r.noSecrets(t, init.stdout, init.stderr)
+			if !strings.Contains(init.stdout, "created repository") {
+				t.Fatalf("init output: %s", init.stdout)
+			}
+			src := e.path("disk.img")
+			testImage(t, src, 1)
+			b1 := e.backup(src)
+			if b1.ChunksNew == 0 {
+				t.Fatalf("first backup stored nothing: %+v", b1)
+			}
+
+			// An unchanged second backup moves almost nothing: the index,
+			// snapshots and chunk lists come from the local cache.
+			r.proxy.ResetStats()
+			b2 := e.backup(src)
+			st := r.proxy.Stats()
+			if b2.ChunksNew != 0 || b2.ChunksReused != b1.ChunksNew+b1.ChunksReused {
+				t.Fatalf("second backup: %+v", b2)
+			}
+			if moved := st.Up + st.Down; moved*100 > b1.Size {
+				t.Fatalf("unchanged backup moved %d bytes (%d up, %d down) for a %d-byte disk: more than 1%%", moved, st.Up, st.Down, b1.Size)
+			} else {
+				t.Logf("unchanged backup of %d bytes moved %d bytes up, %d down", b1.Size, st.Up, st.Down)
+			}
+
+			// Restore into a new file and through stdout.
+			out := e.path("out.img")
+			r.noSecrets(t, e.ok("restore", "latest", out))
+			sameFile(t, src, out)
+			res := e.runIn(nil, "restore", b1.Snapshot, "-")
+			if res.code != 0 || fileHashBytes([]byte(res.stdout)) != fileHash(t, src, -1) {
+				t.Fatalf("restore to stdout: exit %d: %s", res.code, res.stderr)
+			}
+
+			chk := e.run("check", "--read-data")
+			if chk.code != 0 || !strings.Contains(chk.stdout, "no errors found") {
+				t.Fatalf("check --read-data: %s%s", chk.stdout, chk.stderr)
+			}
+			r.noSecrets(t, chk.stdout, chk.stderr)
+			snaps := e.ok("snapshots")
+			r.noSecrets(t, snaps)
+		})
+	}
+}
+
+// TestRemoteUnderFaults runs backup, restore and check through a proxy
+// that resets connections, stalls them past the idle timeout and cuts
+// responses short. Each command must succeed (retrying) or fail cleanly;
+// afterwards the repository must be whole and every snapshot restore a
+// version of the disk.
+func TestRemoteUnderFaults(t *testing.T) {
+	for _, rk := range remotes {
+		t.Run(rk.name, func(t *testing.T) {
+			r := rk.start(t)
+			e := remoteEnv(t, r)
+			e.ok("init")
+			src := e.path("disk.img")
+			testImage(t, src, 2)
+			seed := uint64(time.Now().UnixNano())
+			t.Logf("fault seed %d", seed)
+			r.proxy.SetFaults(faultproxy.Faults{Every: 6 << 20, Drop: 2, Stall: 1, Truncate: 2, StallFor: 3 * time.Second, Seed: seed})
+			versions := map[string]bool{}
+			ok := 0
+			for round := 0; round < 3; round++ {
+				writeAt(t, src, int64(round)*(4<<20), randomBytes(2<<20))
+				versions[fileHash(t, src, -1)] = true
+				res := e.run("backup", src, "--net-timeout", "1500ms")
+				r.noSecrets(t, res.stdout, res.stderr)
+				if res.code == 0 {
+					ok++
+					continue
+				}
+				// A clean failure: exit 1 and an error line, nothing else.
+				if res.code != 1 || !strings.Contains(res.stderr, "sauve: error:") {
+					t.Fatalf("round %d: backup under faults: exit %d\n%s", round, res.code, res.stderr)
+				}
+			}
+			if ok == 0 {
+				t.Fatal("no backup succeeded under faults")
+			}
+			restored := e.path("out.img")
+			res := e.run("restore", "latest", restored, "--net-timeout", "1500ms")
+			if res.code != 0 {
+				t.Fatalf("restore under faults: %s", res.stderr)
+			}
+			if !versions[fileHash(t, restored, -1)] {
+				t.Fatal("restore under faults gives none of the versions backed up")
+			}
+			res = e.run("check", "--read-data", "--net-timeout", "1500ms")
+			if res.code != 0 {
+				t.Fatalf("check --read-data under faults: %s%s", res.stdout, res.stderr)
+			}
+			st := r.proxy.Stats()
+			t.Logf("%d faults struck in %d connections", st.Struck, st.Conns)
+			if st.Struck == 0 {
+				t.Fatal("no fault struck")
+			}
+			// With the network healthy again: the repository is whole.
+			r.proxy.SetFaults(faultproxy.Faults{})
+			res = e.run("check", "--read-data")
+			if res.code != 0 || strings.Contains(res.stderr, "warning") && !strings.Contains(res.stderr, "in no index") {
+				t.Fatalf("check --read-data after faults: %s%s", res.stdout, res.stderr)
+			}
+		})
+	}
+}
+
+// TestRemoteKill9 kills backups in the middle of uploads; the next backup
+// completes, reuses what was uploaded, and the repository checks clean.
+func TestRemoteKill9(t *testing.T) {
+	for _, rk := range remotes {
+		t.Run(rk.name, func(t *testing.T) {
+			r := rk.start(t)
+			e := remoteEnv(t, r)
+			e.ok("init", "--pack-size", "2M")
+			src := e.path("disk.img")
+			writeFile(t, src, randomBytes(48<<20))
+			killed := 0
+			for round := 0; round < 3; round++ {
+				r.proxy.ResetStats()
+				c := e.cmd(nil, "backup", src)
+				if err := c.Start(); err != nil {
+					t.Fatal(err)
+				}
+				// Kill once some packs went up, well before the end.
+				deadline := time.Now().Add(20 * time.Second)
+				for r.proxy.Stats().Up < int64(6+round*4)<<20 && time.Now().Before(deadline) {
+					time.Sleep(5 * time.Millisecond)
+				}
+				c.Process.Signal(syscall.SIGKILL)
+				if err := c.Wait(); err != nil {
+					killed++
+				}
+				if res := e.run("check"); res.code != 0 {
+					t.Fatalf("round %d: check after kill -9: %s%s", round, res.stdout, res.stderr)
+				}
+			}
+			if killed == 0 {
+				t.Fatal("no backup was killed while running")
+			}
+			r.proxy.ResetStats()
+			res := e.runIn(nil, "backup", src, "--json")
+			if res.code != 0 {
+				t.Fatalf("backup after kills: %s", res.stderr)
+			}
+			var b backupOut
+			if err := jsonUnmarshal(res.stdout, &b); err != nil {
+				t.Fatal(err)
+			}
+			up := r.proxy.Stats().Up
+			t.Logf("after %d kills: %d chunks reused, %d new; %d MiB uploaded for a 48 MiB disk", killed, b.ChunksReused, b.ChunksNew, up>>20)
+			if b.ChunksReused == 0 || up >= 44<<20 {
+				t.Fatalf("the backup after the kills uploaded %d bytes and reused %d chunks: it did not reuse the packs already stored", up, b.ChunksReused)
+			}
+			if !strings.Contains(res.stderr, "left by an interrupted backup") {
+				t.Errorf("no word of adopted packs: %s", res.stderr)
+			}
+			chk := e.run("check", "--read-data")
+			if chk.code != 0 {
+				t.Fatalf("check --read-data: %s%s", chk.stdout, chk.stderr)
+			}
+			out := e.path("out.img")
+			e.ok("restore", "latest", out)
+			sameFile(t, src, out)
+		})
+	}
+}
+
+func fileHashBytes(b []byte) string { return fmt.Sprintf("%x", sha256.Sum256(b)) }
