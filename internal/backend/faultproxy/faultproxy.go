@@ -43,8 +43,8 @@ type Faults struct {
 	// instead), Cut ends a request early with a FIN, as the kernel of a
 	// killed client does (a response is truncated instead).
 	Drop, Stall, Truncate, Cut float64
-	StallFor              time.Duration
-	Seed                  uint64
+	StallFor                   time.Duration
+	Seed                       uint64
 	// First, when set, places the first fault exactly: after this many
 	// bytes.
 	First int64
