@@ -5,6 +5,7 @@ package main
 // and can inject network faults.
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"fmt"
 	"net/url"
@@ -201,7 +202,9 @@ func TestRemoteUnderFaults(t *testing.T) {
 			for round := 0; round < 3; round++ {
 				writeAt(t, src, int64(round)*(4<<20), randomBytes(2<<20))
 				versions[fileHash(t, src, -1)] = true
-				res := e.run("backup", src, "--net-timeout", "1500ms")
+				t0 := time.Now()
+				res := e.run("backup", src, "--net-timeout", "1500ms", "--retry-max-delay", "1s")
+				t.Logf("round %d: backup exit %d in %s after %d retries", round, res.code, time.Since(t0).Round(time.Millisecond), strings.Count(res.stderr, "retrying in")+strings.Count(res.stderr, "resuming in"))
 				r.noSecrets(t, res.stdout, res.stderr)
 				if res.code == 0 {
 					ok++
@@ -216,14 +219,14 @@ func TestRemoteUnderFaults(t *testing.T) {
 				t.Fatal("no backup succeeded under faults")
 			}
 			restored := e.path("out.img")
-			res := e.run("restore", "latest", restored, "--net-timeout", "1500ms")
+			res := e.run("restore", "latest", restored, "--net-timeout", "1500ms", "--retry-max-delay", "1s")
 			if res.code != 0 {
 				t.Fatalf("restore under faults: %s", res.stderr)
 			}
 			if !versions[fileHash(t, restored, -1)] {
 				t.Fatal("restore under faults gives none of the versions backed up")
 			}
-			res = e.run("check", "--read-data", "--net-timeout", "1500ms")
+			res = e.run("check", "--read-data", "--net-timeout", "1500ms", "--retry-max-delay", "1s")
 			if res.code != 0 {
 				t.Fatalf("check --read-data under faults: %s%s", res.stdout, res.stderr)
 			}
@@ -304,3 +307,103 @@ func TestRemoteKill9(t *testing.T) {
 }
 
 func fileHashBytes(b []byte) string { return fmt.Sprintf("%x", sha256.Sum256(b)) }
+
+// TestAzureSASPermissions: a host holding a SAS without delete permission
+// backs up; a SAS that lacks what a command needs, or has expired, fails
+// with one line saying what is missing, and exit status 1.
+func TestAzureSASPermissions(t *testing.T) {
+	r := azureRemote(t)
+	owner := remoteEnv(t, r)
+	owner.ok("init")
+	keyDir := filepath.Join(owner.dir, "config", "sauve", "keys")
+	keys, _ := filepath.Glob(filepath.Join(keyDir, "*.key"))
+	if len(keys) != 1 {
+		t.Fatalf("key files: %v", keys)
+	}
+	writer := e2eHost(t, r, keys[0], r.sas("racwl", time.Now().Add(-time.Hour), time.Now().Add(time.Hour)))
+	src := writer.path("disk.img")
+	testImage(t, src, 3)
+	res := writer.run("backup", src)
+	if res.code != 0 {
+		t.Fatalf("backup with sp=racwl: %s", res.stderr)
+	}
+	r.noSecrets(t, res.stdout, res.stderr)
+
+	noList := e2eHost(t, r, keys[0], r.sas("racw", time.Now().Add(-time.Hour), time.Now().Add(time.Hour)))
+	stderr := noList.fail([]string{"SAS token (sp=racw) lacks list (l) permission, needed to read the index", "sp=rwl"}, "backup", src)
+	r.noSecrets(t, stderr)
+	if n := strings.Count(strings.TrimSpace(stderr), "\n"); n != 0 {
+		t.Errorf("%d lines for one error:\n%s", n+1, stderr)
+	}
+
+	expiry := time.Now().Add(-2 * time.Hour).UTC().Truncate(time.Second)
+	expired := e2eHost(t, r, keys[0], r.sas("racwdl", time.Now().Add(-5*time.Hour), expiry))
+	stderr = expired.fail([]string{"SAS token expired at " + expiry.Format(time.RFC3339)}, "snapshots")
+	r.noSecrets(t, stderr)
+
+	// Reading needs r and l only.
+	reader := e2eHost(t, r, keys[0], r.sas("rl", time.Now().Add(-time.Hour), time.Now().Add(time.Hour)))
+	out := reader.path("out.img")
+	reader.ok("restore", "latest", out)
+	sameFile(t, src, out)
+	reader.ok("check")
+}
+
+// e2eHost is another machine: its own home and cache, the repository's
+// key, and repo as its repository.
+func e2eHost(t *testing.T, r *remote, key, repo string) *env {
+	e := newBareEnv(t)
+	r.setup(e)
+	e.setenv("SAUVE_REPO", repo)
+	e.setenv("SAUVE_KEY", key)
+	return e
+}
+
+// TestS3NoDeletePolicy: credentials whose bucket policy has no
+// s3:DeleteObject back up, restore and check.
+func TestS3NoDeletePolicy(t *testing.T) {
+	srv := testsrv.StartVersity(t)
+	srv.CreateBucket(t, "backups")
+	srv.CreateUser(t, "web1", "web1-secret-0123456789")
+	srv.SetPolicy(t, "backups", `{"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Principal": {"AWS": ["web1"]}, "Action": ["s3:ListBucket"], "Resource": ["arn:aws:s3:::backups"]},
+    {"Effect": "Allow", "Principal": {"AWS": ["web1"]}, "Action": ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"], "Resource": ["arn:aws:s3:::backups/*"]}]}`)
+	e := newBareEnv(t)
+	e.setenv("SAUVE_REPO", "s3://backups/web1")
+	e.setenv("AWS_ACCESS_KEY_ID", "web1")
+	e.setenv("AWS_SECRET_ACCESS_KEY", "web1-secret-0123456789")
+	e.setenv("AWS_REGION", srv.Region)
+	e.setenv("AWS_EC2_METADATA_DISABLED", "true")
+	e.ok("init", "--s3-endpoint", srv.Endpoint)
+	src := e.path("disk.img")
+	testImage(t, src, 4)
+	e.backup(src, "--s3-endpoint", srv.Endpoint)
+	e.backup(src, "--s3-endpoint", srv.Endpoint)
+	out := e.path("out.img")
+	e.ok("restore", "latest", out, "--s3-endpoint", srv.Endpoint)
+	sameFile(t, src, out)
+	e.ok("check", "--read-data", "--s3-endpoint", srv.Endpoint)
+}
+
+// TestStdinToCloud streams a disk through a pipe into an Azure SAS URL,
+// with a progress bar that shows an ETA when --stdin-size is given.
+func TestStdinToCloud(t *testing.T) {
+	r := azureRemote(t)
+	e := remoteEnv(t, r)
+	e.ok("init")
+	data := append(randomBytes(6<<20), textBytes(5, 10<<20)...)
+	res := e.runIn(bytes.NewReader(data), "backup", "-", "--stdin-name", "vda.img", "--stdin-size", "16M", "--progress", "always")
+	if res.code != 0 {
+		t.Fatalf("backup from stdin: %s", res.stderr)
+	}
+	if !strings.Contains(res.stderr, "ETA") || !strings.Contains(res.stderr, "backup vda.img") {
+		t.Errorf("no progress with ETA on stderr:\n%q", res.stderr)
+	}
+	r.noSecrets(t, res.stdout, res.stderr)
+	out := e.path("vda.img")
+	e.ok("restore", "latest", out)
+	got, _ := os.ReadFile(out)
+	if !bytes.Equal(got, data) {
+		t.Fatal("stdin round trip through Azure differs")
+	}
+}

@@ -44,7 +44,7 @@ func (g *globals) openBackend() (backend.Backend, error) {
 	}
 	be, kind, err := location.Open(context.Background(), loc, location.Options{
 		S3Endpoint: g.s3Endpoint, S3PathStyle: g.s3PathStyle, Connections: g.connections, IdleTimeout: g.netTimeout,
-		Retry: retry.Options{Warn: func(f string, a ...any) { g.warnf(f, a...) }},
+		Retry: retry.Options{MaxDelay: g.retryDelay, Warn: func(f string, a ...any) { g.warnf(f, a...) }},
 	})
 	if err != nil {
 		return nil, err

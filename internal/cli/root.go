@@ -34,6 +34,7 @@ type globals struct {
 	s3Endpoint  string
 	s3PathStyle bool
 	netTimeout  time.Duration
+	retryDelay  time.Duration
 
 	usingDefault bool // no --repo or SAUVE_REPO: the default repository
 
@@ -124,6 +125,9 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	var cpuProfile, memProfile string
 	pf.StringVar(&cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) to this file")
 	pf.StringVar(&memProfile, "mem-profile", "", "write a heap profile (pprof) at exit to this file")
+	// Hidden: tests that inject faults shorten the pauses between retries.
+	pf.DurationVar(&g.retryDelay, "retry-max-delay", 0, "longest pause between retries (default 30s)")
+	_ = pf.MarkHidden("retry-max-delay")
 	_ = pf.MarkHidden("cpu-profile")
 	_ = pf.MarkHidden("mem-profile")
 	var stopProfile func()

@@ -300,8 +300,11 @@ func (b *Backend) save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, 
 // markPermanent marks an SDK error that no retry fixes (a 4xx other than
 // 408 and 429) as permanent, keeping it whole for classify.
 func markPermanent(err error) error {
-	if err == nil || transient(err) {
-		return err
+	if err == nil {
+		return nil
+	}
+	if transient(err) {
+		return brief(err)
 	}
 	return &backend.Permanent{Err: err}
 }

@@ -143,6 +143,16 @@ func transient(err error) bool {
 	return re.StatusCode == http.StatusRequestTimeout || re.StatusCode == http.StatusTooManyRequests || re.StatusCode >= 500
 }
 
+// brief is a short message for a transient error (retry warnings): the
+// SDK's own holds the whole response.
+func brief(err error) error {
+	var re *azcore.ResponseError
+	if errors.As(err, &re) {
+		return fmt.Errorf("the service answered %d %s", re.StatusCode, re.ErrorCode)
+	}
+	return scrubbed{netx.Cause(err)}
+}
+
 // classify turns an SDK error into one that says what happened without
 // secrets, marks it permanent when retrying cannot help, and wraps the
 // backend's sentinel errors.
@@ -155,6 +165,10 @@ func (b *Backend) classify(err error, what string, o op, h backend.Handle) error
 	}
 	var re *azcore.ResponseError
 	if !errors.As(err, &re) {
+		var p *backend.Permanent
+		if errors.As(err, &p) {
+			return err // from retries that gave up, explained already
+		}
 		// Network trouble: transient. Messages of net/http errors hold
 		// the request URL, SAS included.
 		return fmt.Errorf("%s in %s: %w", what, b.location, scrubbed{netx.Cause(err)})

@@ -85,16 +85,16 @@ func Do(ctx context.Context, o Options, what string, fn func() error) error {
 		if backend.IsPermanent(err) || ctx.Err() != nil {
 			return err
 		}
-		if attempt >= o.MaxAttempts {
-			// Permanent now: a caller that retries a larger operation
-			// must not multiply the attempts.
-			return &backend.Permanent{Err: fmt.Errorf("%w (gave up after %d attempts)", err, attempt)}
-		}
-		d := o.Delay(attempt)
 		msg := err.Error()
 		if !strings.HasPrefix(msg, what) {
 			msg = what + ": " + msg
 		}
+		if attempt >= o.MaxAttempts {
+			// Permanent now: a caller that retries a larger operation
+			// must not multiply the attempts.
+			return &backend.Permanent{Err: fmt.Errorf("%s (gave up after %d attempts): %w", msg, attempt, err)}
+		}
+		d := o.Delay(attempt)
 		o.Warn("%s; retrying in %s (attempt %d of %d)", msg, d.Round(10*time.Millisecond), attempt+1, o.MaxAttempts)
 		if err := sleep(ctx, d); err != nil {
 			return err

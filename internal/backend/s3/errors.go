@@ -98,6 +98,15 @@ func transient(err error) bool {
 	return st == 0 || st == http.StatusRequestTimeout || st == http.StatusTooManyRequests || st >= 500
 }
 
+// brief is a short message for a transient error (retry warnings): the
+// SDK's own repeats the request URL and empty request IDs.
+func brief(err error) error {
+	if st := status(err); st != 0 {
+		return fmt.Errorf("S3 answered %d %s", st, code(err))
+	}
+	return netx.Cause(err)
+}
+
 // classify explains err and marks it permanent when retrying cannot help.
 func (b *Backend) classify(err error, what string, o op, h backend.Handle) error {
 	if err == nil {

@@ -27,6 +27,7 @@ package s3
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -222,6 +223,10 @@ func (b *Backend) Save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, 
 	if err == nil {
 		return nil
 	}
+	var p *backend.Permanent
+	if errors.As(err, &p) && !errors.Is(err, backend.ErrPermission) && !errors.Is(err, backend.ErrNotExist) && code(err) == "" && status(err) == 0 {
+		return err // from retries that gave up, explained already
+	}
 	if isPreconditionFailed(err) {
 		if contentAddressed(h.Type) {
 			return nil // the same content is stored already
@@ -347,7 +352,7 @@ func markPermanent(err error) error {
 		return nil
 	}
 	if transient(err) {
-		return err
+		return brief(err)
 	}
 	return &backend.Permanent{Err: err}
 }
