@@ -6,6 +6,8 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
@@ -19,7 +21,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/backend/faultproxy"
+	sftpbe "github.com/sauve-backup/sauve/internal/backend/sftp"
 	"github.com/sauve-backup/sauve/internal/backend/testsrv"
 )
 
@@ -478,4 +482,43 @@ func TestStdinMemoryIsFlat(t *testing.T) {
 	if large > small+small/4+24<<20 {
 		t.Fatalf("max RSS grows with the stream: %d MiB for 512 MiB, %d MiB for 4 GiB", small>>20, large>>20)
 	}
+}
+
+// TestSFTPAppendOnly: an SFTP server that refuses removal and replacing
+// renames (internal-sftp -P ..., as docs/PERMISSIONS.md shows) is enough
+// for backup, restore and check.
+func TestSFTPAppendOnly(t *testing.T) {
+	srv := testsrv.StartSSHD(t, "-P", "remove,rmdir,posix-rename,setstat,fsetstat,symlink,hardlink")
+	e := newBareEnv(t)
+	dir := filepath.Join(t.TempDir(), "repo")
+	e.setenv("SAUVE_REPO", srv.URL(dir))
+	e.setenv("SAUVE_SSH_KEY", srv.Key)
+	e.setenv("SAUVE_SSH_KNOWN_HOSTS", srv.KnownHosts)
+	e.ok("init")
+	src := e.path("disk.img")
+	testImage(t, src, 6)
+	e.backup(src)
+	writeAt(t, src, 0, randomBytes(1<<20))
+	e.backup(src)
+	out := e.path("out.img")
+	e.ok("restore", "latest", out)
+	sameFile(t, src, out)
+	e.ok("check", "--read-data")
+	// The server does refuse removal: the repository is append-only.
+	be, err := sftpbe.Open(sftpbe.Config{User: srv.User, Host: "127.0.0.1", Port: srv.Port, Path: dir,
+		KeyFiles: []string{srv.Key}, KnownHosts: []string{srv.KnownHosts}, NoAgent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.Close()
+	if err := be.Remove(context.Background(), backend.Handle{Type: backend.ConfigFile}); !errors.Is(err, backend.ErrPermission) {
+		t.Fatalf("remove on the append-only server: %v", err)
+	}
+	// No temporary file is left: the renames went through.
+	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err == nil && strings.HasPrefix(fi.Name(), ".tmp-") {
+			t.Errorf("temporary file left: %s", p)
+		}
+		return nil
+	})
 }

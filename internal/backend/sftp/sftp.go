@@ -37,6 +37,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pkg/sftp"
@@ -93,6 +94,8 @@ type Backend struct {
 	client *sftp.Client
 	stop   chan struct{}
 	dirs   sync.Map // directories known to exist
+
+	noPosixRename atomic.Bool
 }
 
 // Open prepares keys and known hosts; it connects on first use.
@@ -417,8 +420,18 @@ func (b *Backend) rename(client *sftp.Client, h backend.Handle, tmp, final strin
 		}
 		return nil
 	}
-	if _, ok := client.HasExtension("posix-rename@openssh.com"); ok {
-		return b.wrap(client, client.PosixRename(tmp, final), "rename "+h.String())
+	if _, ok := client.HasExtension("posix-rename@openssh.com"); ok && !b.noPosixRename.Load() {
+		err := client.PosixRename(tmp, final)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, fs.ErrPermission) && !isUnsupported(err) {
+			return b.wrap(client, err, "rename "+h.String())
+		}
+		// A server that refuses it (sftp-server -P posix-rename, for
+		// an append-only repository): plain rename, which never
+		// replaces, does as well here.
+		b.noPosixRename.Store(true)
 	}
 	if err := client.Rename(tmp, final); err != nil {
 		if _, serr := client.Stat(final); serr == nil {

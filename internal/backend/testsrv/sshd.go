@@ -27,7 +27,8 @@ type SSHD struct {
 
 // StartSSHD starts sshd on a free port of 127.0.0.1 with a fresh host key,
 // accepting a fresh ed25519 user key for the current user, and with SFTP.
-func StartSSHD(t testing.TB) *SSHD {
+// sftpArgs are passed to internal-sftp (for example "-P", "remove").
+func StartSSHD(t testing.TB, sftpArgs ...string) *SSHD {
 	t.Helper()
 	sshd, err := exec.LookPath("sshd")
 	if err != nil {
@@ -88,7 +89,7 @@ func StartSSHD(t testing.TB) *SSHD {
 		"AllowUsers " + u.Username,
 		"MaxStartups 100",
 		"MaxSessions 100",
-		"Subsystem sftp internal-sftp",
+		strings.TrimSpace("Subsystem sftp internal-sftp " + strings.Join(sftpArgs, " ")),
 		"LogLevel ERROR",
 		"",
 	}, "\n")
