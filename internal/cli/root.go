@@ -90,9 +90,24 @@ func newRoot(g *globals) *cobra.Command {
 encrypted repository. Every backup is a full restore point but stores only
 the chunks that changed.
 
-The repository is given with --repo or $SAUVE_REPO (a folder path or
-file:// URL); without either, it is ~/.local/share/sauve/repo
-($XDG_DATA_HOME/sauve/repo), which the first backup creates. Its key is found with --key, $SAUVE_KEY, or in
+The repository is given with --repo or $SAUVE_REPO; without either, it is
+~/.local/share/sauve/repo ($XDG_DATA_HOME/sauve/repo), which the first
+backup creates. It may be:
+
+  /srv/backup/sauve, file:///srv/backup/sauve      a folder
+  'https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX]?sp=...&sig=...'
+                            an Azure SAS URL, as the portal gives it
+  azure://ACCOUNT/CONTAINER[/PREFIX]     with $AZURE_STORAGE_KEY,
+                            $AZURE_STORAGE_CONNECTION_STRING or $AZURE_STORAGE_SAS_TOKEN
+  s3://BUCKET[/PREFIX]      with $AWS_ACCESS_KEY_ID, $AWS_SECRET_ACCESS_KEY,
+                            $AWS_REGION; --s3-endpoint or $AWS_ENDPOINT_URL
+                            for S3-compatible services
+  sftp://USER@HOST[:PORT]/PATH   with ssh-agent or ~/.ssh/id_* ($SAUVE_SSH_KEY)
+                            and ~/.ssh/known_hosts
+
+docs/PERMISSIONS.md lists the rights each command needs.
+
+The repository's key is found with --key, $SAUVE_KEY, or in
 $XDG_CONFIG_HOME/sauve/keys/<repository id>.key where 'sauve init' puts it.
 A passphrase-protected key reads its passphrase from $SAUVE_PASSPHRASE,
 $SAUVE_PASSPHRASE_FILE, or the terminal.`,
@@ -100,7 +115,8 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
   sauve init
   sauve backup /dev/vda --tag nightly
   sauve snapshots
-  sauve restore latest /dev/vdb`,
+  sauve restore latest /dev/vdb
+  sauve backup /dev/vda --repo 'https://acct.blob.core.windows.net/backups?sp=rcwl&se=2027-01-01&sig=...'`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Version:       Version,
