@@ -239,8 +239,7 @@ func Faults(seed uint64) faultproxy.Faults {
 }
 
 // RetryOptions is a retry policy with short pauses for tests.
-var RetryOptions = retry.Options{MaxAttempts: 30, InitialDelay: 10 * time.Millisecond, MaxDelay: 300 * time.Millisecond,
-	Warn: func(format string, args ...any) { fmt.Printf("retry: "+format+"\n", args...) }}
+var RetryOptions = retry.Options{MaxAttempts: 30, InitialDelay: 10 * time.Millisecond, MaxDelay: 300 * time.Millisecond}
 
 // Retry retries with RetryOptions, for the backends' per-block retries.
 func Retry(ctx context.Context, what string, fn func() error) error {
