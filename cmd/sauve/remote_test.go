@@ -263,9 +263,11 @@ func TestRemoteKill9(t *testing.T) {
 			src := e.path("disk.img")
 			writeFile(t, src, randomBytes(48<<20))
 			killed := 0
+			var stderrs bytes.Buffer
 			for round := 0; round < 3; round++ {
 				r.proxy.ResetStats()
 				c := e.cmd(nil, "backup", src)
+				c.Stderr = &stderrs
 				if err := c.Start(); err != nil {
 					t.Fatal(err)
 				}
@@ -293,6 +295,12 @@ func TestRemoteKill9(t *testing.T) {
 			var b backupOut
 			if err := jsonUnmarshal(res.stdout, &b); err != nil {
 				t.Fatal(err)
+			}
+			stderrs.WriteString(res.stderr)
+			// Packs of killed backups were found by their trailers and
+			// indexed by the next run.
+			if !strings.Contains(stderrs.String(), "left by an interrupted backup; their chunks are reused") {
+				t.Errorf("no backup adopted the packs of a killed one:\n%s", stderrs.String())
 			}
 			up := r.proxy.Stats().Up
 			t.Logf("after %d kills: %d chunks reused, %d new; %d MiB uploaded for a 48 MiB disk", killed, b.ChunksReused, b.ChunksNew, up>>20)
