@@ -527,3 +527,35 @@ func TestSFTPAppendOnly(t *testing.T) {
 		return nil
 	})
 }
+
+// TestAzureAccountCredentials: azure:// with a connection string (init
+// creates the container), and a container URL with AZURE_STORAGE_KEY.
+func TestAzureAccountCredentials(t *testing.T) {
+	az := testsrv.StartAzurite(t)
+	e := newBareEnv(t)
+	e.setenv("AZURE_STORAGE_CONNECTION_STRING", az.ConnectionString())
+	e.setenv("SAUVE_REPO", "azure://"+testsrv.AzuriteAccount+"/newcontainer/vm1")
+	out := e.ok("init")
+	if !strings.Contains(out, az.URL+"/newcontainer/vm1") || strings.Contains(out, testsrv.AzuriteKey) {
+		t.Fatalf("init output: %s", out)
+	}
+	src := e.path("disk.img")
+	testImage(t, src, 7)
+	e.backup(src)
+
+	other := newBareEnv(t)
+	other.setenv("AZURE_STORAGE_KEY", testsrv.AzuriteKey)
+	other.setenv("SAUVE_REPO", az.URL+"/newcontainer/vm1")
+	keys, _ := filepath.Glob(filepath.Join(e.dir, "config", "sauve", "keys", "*.key"))
+	other.setenv("SAUVE_KEY", keys[0])
+	dst := other.path("out.img")
+	other.ok("restore", "latest", dst)
+	sameFile(t, src, dst)
+
+	// Without credentials: one line that says which variables to set.
+	bare := newBareEnv(t)
+	bare.setenv("SAUVE_REPO", "azure://"+testsrv.AzuriteAccount+"/newcontainer/vm1")
+	bare.fail([]string{"no Azure credentials", "AZURE_STORAGE_KEY"}, "snapshots")
+	// A SAS URL cut at the first '&' by an unquoted shell.
+	bare.fail([]string{"cut at an '&'"}, "snapshots", "--repo", az.URL+"/newcontainer?sv=2022-11-02")
+}

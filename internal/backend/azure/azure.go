@@ -456,6 +456,8 @@ func parseBlobURL(raw string) (*parsedURL, error) {
 		}
 		if q.Get("sig") != "" {
 			p.sas = parseSAS(q)
+		} else if q.Get("sv") != "" || q.Get("sp") != "" || q.Get("se") != "" {
+			return nil, fmt.Errorf("azure: %s: the SAS token has no signature (no sig parameter): was the URL cut at an '&' by the shell? Put it in single quotes", p.String())
 		}
 	}
 	return p, nil

@@ -156,6 +156,7 @@ func TestParseURL(t *testing.T) {
 		{"http://127.0.0.1:10000/?sig=x", "", "names no storage account", false},
 		{"https://acct.blob.core.windows.net/Bad_Name?sig=x", "", "container name", false},
 		{"ftp://acct/c01", "", "want https", false},
+		{"https://acct.blob.core.windows.net/c01?sp=racwdl", "", "was the URL cut at an '&' by the shell", false},
 	} {
 		loc, sas, err := azure.ParseURL(c.in)
 		if c.err != "" {
