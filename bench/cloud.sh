@@ -6,10 +6,11 @@
 #   Azure Blob (Azurite):   sauve (SAS URL)   vs  dd | gzip | rclone rcat
 #   S3 (versitygw, posix):  sauve             vs  dd | gzip | rclone rcat  and  restic
 #
-# For each: full backup (time, rate, bytes sent), an unchanged second backup
-# (bytes on the wire both ways: what an incremental to the cloud costs) and
-# a restore to a file (time). Bytes are counted by a TCP proxy in front of
-# each server (bench/cloudtool), so every tool is measured the same way.
+# For each: full backup (time, rate, bytes stored), an unchanged second
+# backup (bytes on the wire both ways: what an incremental to the cloud
+# costs) and a restore to a file (time). Wire bytes are counted by a TCP
+# proxy in front of each server (bench/cloudtool), so every tool is
+# measured the same way.
 #
 #   sudo bash bench/cloud.sh          # one command; about 15 minutes
 #
@@ -64,75 +65,83 @@ proxy az "$AZ_PORT"; proxy s3 "$S3_PORT"
 AZX=$(cat "$W/az.addr") S3X=$(cat "$W/s3.addr")
 wire() { python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["Up"], s["Down"])' "$W/$1.stats"; }
 
-SAS=$("$W/cloudtool" sas -endpoint "http://$AZX/$AZ_ACCOUNT" -account "$AZ_ACCOUNT" -key "$AZ_KEY" -container sauve)
-PSAS=$("$W/cloudtool" sas -endpoint "http://$AZX/$AZ_ACCOUNT" -account "$AZ_ACCOUNT" -key "$AZ_KEY" -container pipeline)
-for b in sauve pipeline restic; do "$W/cloudtool" mkbucket -endpoint "http://$S3X" -access "$S3_ACCESS" -secret "$S3_SECRET" -bucket "$b"; done
+# Full backups and restores go straight to the server: a proxy copies
+# every byte once more and would slow the fastest tool most. Unchanged
+# backups go through the counting proxy: their bytes on the wire are the
+# measure. Stored bytes come from the growth of the server's folder.
+AZD=127.0.0.1:$AZ_PORT S3D=127.0.0.1:$S3_PORT
+sas() { "$W/cloudtool" sas -endpoint "http://$1/$AZ_ACCOUNT" -account "$AZ_ACCOUNT" -key "$AZ_KEY" -container "$2"; }
+SAS_D=$(sas "$AZD" sauve) SAS_X=$(sas "$AZX" sauve)
+PSAS_D=$(sas "$AZD" pipeline) PSAS_X=$(sas "$AZX" pipeline)
+for b in sauve pipeline restic; do "$W/cloudtool" mkbucket -endpoint "http://$S3D" -access "$S3_ACCESS" -secret "$S3_SECRET" -bucket "$b"; done
 export AWS_ACCESS_KEY_ID=$S3_ACCESS AWS_SECRET_ACCESS_KEY=$S3_SECRET AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 unset AWS_CA_BUNDLE
 # rclone 1.60 builds https://ACCOUNT.ENDPOINT from an account and key; a
 # SAS URL reaches the emulator's path-style address as given.
-RCLONE_AZ=(--azureblob-sas-url "'$PSAS'")
-RCLONE_S3=(--s3-provider Other --s3-access-key-id "$S3_ACCESS" --s3-secret-access-key "$S3_SECRET" --s3-endpoint "http://$S3X" --s3-force-path-style=true)
-export RESTIC_PASSWORD=bench RESTIC_REPOSITORY="s3:http://$S3X/restic/day1" RESTIC_CACHE_DIR=$W/home/.cache/restic
+rclone_az() { echo "--azureblob-sas-url '$1'"; }
+rclone_s3() { echo "--s3-provider Other --s3-access-key-id $S3_ACCESS --s3-secret-access-key $S3_SECRET --s3-endpoint http://$1 --s3-force-path-style=true"; }
+export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR=$W/home/.cache/restic
 
 SIZE=$(stat -c %s "$IMG")
 ROWS=()
-# run LABEL SERVER CMD...: time, max RSS and bytes on the wire of one step.
+stored() { du -sb "$W/$1" | cut -f1; }
+# run LABEL SERVER CMD...: time, max RSS, bytes on the wire (through the
+# proxy) and bytes the server stored, of one step.
 run() {
   local label=$1 srv=$2; shift 2
+  local dir=azurite; [ "$srv" = s3 ] && dir=s3
   read -r u0 d0 < <(wire "$srv")
+  local s0; s0=$(stored $dir)
   /usr/bin/time -f '%e %M' -o "$W/time" bash -c "$*" > "$W/out" 2> "$W/err" || { echo "FAILED: $label"; cat "$W/err"; exit 1; }
   sleep 0.3
   read -r u1 d1 < <(wire "$srv")
+  local s1; s1=$(stored $dir)
   read -r secs rss < "$W/time"
-  LAST="$secs $(( (u1-u0) )) $(( (d1-d0) )) $rss"
-  printf '%-48s %8.1fs  up %10d  down %10d  rss %7d KiB\n' "$label" "$secs" $((u1-u0)) $((d1-d0)) "$rss" >&2
+  LAST="$secs $(( (u1-u0) )) $(( (d1-d0) )) $rss $(( s1-s0 ))"
+  printf '%-40s %7.1fs  wire up %10d down %10d  stored %10d  rss %7d KiB\n' "$label" "$secs" $((u1-u0)) $((d1-d0)) $((s1-s0)) "$rss" >&2
 }
 row() { # tool target full unchanged restore
   local f=($3) u=($4) r=($5)
   local rate; rate=$(python3 -c "print(f'{$SIZE/2**20/${f[0]}:.0f}')")
   local moved=$(( u[1] + u[2] ))
   local pct; pct=$(python3 -c "print(f'{100*$moved/$SIZE:.3f}')")
-  ROWS+=("| $1 | $2 | ${f[0]} s ($rate MiB/s) | $(( f[1] >> 20 )) MiB | ${u[0]} s | $(( moved >> 10 )) KiB ($pct %) | ${r[0]} s | $(( f[3] >> 10 )) MiB |")
+  ROWS+=("| $1 | $2 | ${f[0]} s ($rate MiB/s) | $(( f[4] >> 20 )) MiB | ${u[0]} s | $(( moved >> 10 )) KiB ($pct %) | ${r[0]} s | $(( f[3] >> 10 )) MiB |")
   eval "T_${1//[^a-z]/}_${2//[^a-z0-9]/}=${f[0]}"
 }
 
 echo "== Azure Blob (Azurite 3.37 via SAS URL)" >&2
-S="$W/sauve --repo '$SAS' -q"
-run "sauve init" az "$S init"
-run "sauve backup (full)" az "$S backup $IMG"; F=$LAST
-run "sauve backup (unchanged)" az "$S backup $IMG"; U=$LAST
-run "sauve restore" az "$S restore latest $W/restore.img"; R=$LAST
+run "sauve init" az "$W/sauve -q --repo '$SAS_D' init"
+run "sauve backup (full)" az "$W/sauve -q --repo '$SAS_D' backup $IMG"; F=$LAST
+run "sauve backup (unchanged, via proxy)" az "$W/sauve -q --repo '$SAS_X' backup $IMG"; U=$LAST
+run "sauve restore" az "$W/sauve -q --repo '$SAS_D' restore latest $W/restore.img"; R=$LAST
 rm -f "$W/restore.img"
 row sauve azure "$F" "$U" "$R"
 
-P="dd if=$IMG bs=1M status=none | gzip | rclone rcat ${RCLONE_AZ[*]} :azureblob:pipeline/day1.img.gz"
-run "dd | gzip | rclone rcat (full)" az "$P"; F=$LAST
-run "dd | gzip | rclone rcat (again)" az "$P"; U=$LAST
-run "rclone cat | gunzip" az "rclone cat ${RCLONE_AZ[*]} :azureblob:pipeline/day1.img.gz | gunzip > $W/restore.img"; R=$LAST
+run "dd | gzip | rclone rcat (full)" az "dd if=$IMG bs=1M status=none | gzip | rclone rcat $(rclone_az "$PSAS_D") :azureblob:pipeline/day1.img.gz"; F=$LAST
+run "dd | gzip | rclone rcat (again, via proxy)" az "dd if=$IMG bs=1M status=none | gzip | rclone rcat $(rclone_az "$PSAS_X") :azureblob:pipeline/day2.img.gz"; U=$LAST
+run "rclone cat | gunzip" az "rclone cat $(rclone_az "$PSAS_D") :azureblob:pipeline/day1.img.gz | gunzip > $W/restore.img"; R=$LAST
 rm -f "$W/restore.img"
 row "dd, gzip, rclone" azure "$F" "$U" "$R"
 
 echo "== S3 (versitygw $(sed -n 's/^VERSITYGW_VERSION=//p' .ci/services), posix backend)" >&2
-S="$W/sauve --repo s3://sauve/day1 --s3-endpoint http://$S3X -q"
-run "sauve init" s3 "$S init"
-run "sauve backup (full)" s3 "$S backup $IMG"; F=$LAST
-run "sauve backup (unchanged)" s3 "$S backup $IMG"; U=$LAST
-run "sauve restore" s3 "$S restore latest $W/restore.img"; R=$LAST
+run "sauve init" s3 "$W/sauve -q --repo s3://sauve/day1 --s3-endpoint http://$S3D init"
+run "sauve backup (full)" s3 "$W/sauve -q --repo s3://sauve/day1 --s3-endpoint http://$S3D backup $IMG"; F=$LAST
+run "sauve backup (unchanged, via proxy)" s3 "$W/sauve -q --repo s3://sauve/day1 --s3-endpoint http://$S3X backup $IMG"; U=$LAST
+run "sauve restore" s3 "$W/sauve -q --repo s3://sauve/day1 --s3-endpoint http://$S3D restore latest $W/restore.img"; R=$LAST
 rm -f "$W/restore.img"
 row sauve s3 "$F" "$U" "$R"
 
-P="dd if=$IMG bs=1M status=none | gzip | rclone rcat ${RCLONE_S3[*]} :s3:pipeline/day1.img.gz"
-run "dd | gzip | rclone rcat (full)" s3 "$P"; F=$LAST
-run "dd | gzip | rclone rcat (again)" s3 "$P"; U=$LAST
-run "rclone cat | gunzip" s3 "rclone cat ${RCLONE_S3[*]} :s3:pipeline/day1.img.gz | gunzip > $W/restore.img"; R=$LAST
+run "dd | gzip | rclone rcat (full)" s3 "dd if=$IMG bs=1M status=none | gzip | rclone rcat $(rclone_s3 "$S3D") :s3:pipeline/day1.img.gz"; F=$LAST
+run "dd | gzip | rclone rcat (again, via proxy)" s3 "dd if=$IMG bs=1M status=none | gzip | rclone rcat $(rclone_s3 "$S3X") :s3:pipeline/day2.img.gz"; U=$LAST
+run "rclone cat | gunzip" s3 "rclone cat $(rclone_s3 "$S3D") :s3:pipeline/day1.img.gz | gunzip > $W/restore.img"; R=$LAST
 rm -f "$W/restore.img"
 row "dd, gzip, rclone" s3 "$F" "$U" "$R"
 
-run "restic init" s3 "restic init -q"
-run "restic backup (full)" s3 "restic backup -q $IMG"; F=$LAST
-run "restic backup (unchanged)" s3 "restic backup -q $IMG"; U=$LAST
-run "restic restore" s3 "restic restore -q latest --target $W/restic-restore"; R=$LAST
+RD="s3:http://$S3D/restic/day1" RX="s3:http://$S3X/restic/day1"
+run "restic init" s3 "restic -r $RD init -q"
+run "restic backup (full)" s3 "restic -r $RD backup -q $IMG"; F=$LAST
+run "restic backup (unchanged, via proxy)" s3 "restic -r $RX backup -q $IMG"; U=$LAST
+run "restic restore" s3 "restic -r $RD restore -q latest --target $W/restic-restore"; R=$LAST
 rm -rf "$W/restic-restore"
 row "restic $(restic version | cut -d' ' -f2)" s3 "$F" "$U" "$R"
 
@@ -140,7 +149,7 @@ OUT="$ROOT/bench/out/cloud-$(date -u +%Y%m%dT%H%M%SZ).md"
 {
   echo "Reference disk: $IMG, $((SIZE >> 20)) MiB ($(du -m "$IMG" | cut -f1) MiB allocated). $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
-  echo "| tool | server | full backup | sent | unchanged backup | on the wire | restore | max RSS |"
+  echo "| tool | server | full backup | stored | unchanged backup | on the wire | restore | max RSS (full) |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
   printf '%s\n' "${ROWS[@]}"
   echo

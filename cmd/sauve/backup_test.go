@@ -385,3 +385,28 @@ func mustRead(t *testing.T, p string) []byte {
 	}
 	return b
 }
+
+func TestProgressOnlyWhenAsked(t *testing.T) {
+	e := newEnv(t)
+	src := e.path("disk.img")
+	writeFile(t, src, textBytes(14, 64<<20))
+	// Piped (as here), sauve prints the result and no progress bar (a
+	// warning that the image holds no filesystem it can map is fine).
+	noBar := func(stderr string) bool {
+		return !strings.Contains(stderr, "backup disk.img") && !strings.Contains(stderr, "\x1b[")
+	}
+	r := e.run("backup", src)
+	if r.code != 0 || !noBar(r.stderr) || !strings.Contains(r.stdout, "snapshot ") {
+		t.Fatalf("piped backup: exit %d, stderr %q", r.code, r.stderr)
+	}
+	r = e.run("backup", src, "--json")
+	var b backupOut
+	if r.code != 0 || !noBar(r.stderr) || jsonUnmarshal(r.stdout, &b) != nil {
+		t.Fatalf("--json backup: exit %d, stderr %q, stdout %q", r.code, r.stderr, r.stdout)
+	}
+	// Asked for, the bar shows the disk, bytes done of total and the rate.
+	r = e.run("backup", src, "--progress", "always")
+	if r.code != 0 || !strings.Contains(r.stderr, "backup disk.img") || !strings.Contains(r.stderr, "/0.1 GiB") {
+		t.Fatalf("progress bar missing: %q", r.stderr)
+	}
+}

@@ -42,6 +42,10 @@ type Source struct {
 	// Map says which ranges hold data; nil means all of it. Ignored for
 	// streams.
 	Map blockmap.Map
+	// Describe, when set, is called once the source has been read and
+	// before the manifest is written, to add what reading it learned
+	// (partitions, used bytes) to the disk's entry.
+	Describe func(*repo.Disk)
 }
 
 // Options for a backup.
@@ -253,6 +257,9 @@ func Run(ctx context.Context, r *repo.Repository, src Source, opts Options) (*Re
 			Name: src.Name, Source: src.Path, Kind: src.Kind, Size: size, ChunkSize: cs,
 			ChunkLists: lists, ListEntries: repo.ListEntries, Stats: stats,
 		}},
+	}
+	if src.Describe != nil {
+		src.Describe(&sn.Disks[0])
 	}
 	if _, err := r.SaveSnapshot(ctx, sn); err != nil {
 		return nil, err

@@ -8,7 +8,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/sauve-backup/sauve/internal/backup"
-	"github.com/sauve-backup/sauve/internal/blockmap"
 	"github.com/sauve-backup/sauve/internal/disk"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
@@ -19,6 +18,7 @@ func newBackupCmd(g *globals) *cobra.Command {
 		stdinSize string
 		host      string
 		tags      []string
+		noFSSkip  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "backup SOURCE",
@@ -32,12 +32,22 @@ neither read nor stored, and chunks the repository holds already (from any
 earlier backup, of any host) are not stored again, so every snapshot is a
 full restore point that costs only what changed.
 
+Whole disks keep everything that makes them boot: the partition table (MBR
+with extended and logical partitions, or GPT with its backup), the boot code
+and the gap before the first partition are always imaged. Inside partitions,
+sauve reads the allocation maps of ext2/3/4, XFS, NTFS, FAT12/16/32 and swap
+and neither reads nor stores the blocks they mark free (they restore as
+zeros). A partition whose filesystem is unknown, damaged, not cleanly
+unmounted, or mounted read-write is imaged in full, and sauve says so.
+--no-fs-skip images everything.
+
 The snapshot manifest is written last: an interrupted backup leaves no
 snapshot, and the next backup reuses what it had uploaded.`,
 		Example: `  sauve backup /dev/vda --tag nightly
   sauve backup /var/lib/libvirt/images/web.img
+  sauve backup /dev/sda --no-fs-skip          # every byte, free space included
   dd if=/dev/sdb bs=1M | sauve backup - --stdin-name sdb.img --stdin-size 500G
-  sauve backup /dev/vda --repo 'https://acct.blob.core.windows.net/backups?sp=rwl&se=...&sig=...'
+  sauve backup /dev/vda --repo 'https://acct.blob.core.windows.net/backups?sp=rcwl&se=...&sig=...'
   AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... sauve backup /dev/vda --repo s3://bucket/vm1`,
 		Args: exactArgs(1, "one SOURCE (a device, an image file, or - for stdin)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -72,20 +82,23 @@ snapshot, and the next backup reuses what it had uploaded.`,
 					parent = &p.ID
 				}
 			}
-			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: src.Size, Reader: src}
+			sm, img, err := g.mapBackupSource(cmd, src, noFSSkip)
+			if err != nil {
+				return err
+			}
+			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: src.Size, Reader: src,
+				Map: sm.Map(), Describe: sm.describe}
+			img.adapt(&bs)
+			prog := new(backup.Progress)
+			prog.Total.Store(src.Size)
 			if stdinSize != "" {
 				n, err := parseSize(stdinSize)
 				if err != nil || n <= 0 {
 					return usageError{fmt.Errorf("--stdin-size %q: want a size such as 20G", stdinSize)}
 				}
-				bs.SizeHint = int64(n)
+				bs.SizeHint = n
+				prog.Total.Store(n)
 			}
-			if src.Kind == disk.File {
-				if m := blockmap.NewSparse(src.File(), src.Size); m != nil {
-					bs.Map = m
-				}
-			}
-			prog := new(backup.Progress)
 			m := startMeter(g.stderr, g.showProgress(), meterSource{
 				label: "backup " + name,
 				total: func() int64 {
@@ -107,20 +120,31 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			if err != nil {
 				return fmt.Errorf("backup of %s: %w", src.Path, err)
 			}
+			sm.warnLate(g)
 			sn, st := res.Snapshot, res.Stats
 			d := sn.Disks[0]
 			if g.json {
+				tags := sn.Tags
+				if tags == nil {
+					tags = []string{}
+				}
 				return g.printJSON(map[string]any{
-					"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": sn.Tags,
+					"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": tags,
 					"disk": d.Name, "source": d.Source, "size": d.Size, "bytes_read": st.BytesRead,
 					"bytes_new": st.BytesNew, "bytes_new_compressed": st.BytesNewCoded, "bytes_stored": st.BytesStored,
 					"chunks_new": st.ChunksNew, "chunks_reused": st.ChunksReused, "chunks_zero": st.ChunksZero,
 					"packs": res.Packs, "seconds": st.Seconds,
+					"partition_table": d.PartitionTable, "partitions": partitionsOf(&d),
+					"bytes_skipped": skippedOf(&d), "bytes_outside_partitions": d.BytesOutside,
 				})
 			}
 			g.printf("snapshot %s saved: %s, %s (%d chunks of %s)\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), d.Chunks(), bytesIEC(int64(d.ChunkSize)))
 			g.printf("  read %s, new %s (%s compressed), chunks %d new / %d reused / %d zero\n",
 				bytesIEC(st.BytesRead), bytesIEC(st.BytesNew), bytesIEC(st.BytesNewCoded), st.ChunksNew, st.ChunksReused, st.ChunksZero)
+			if len(d.Partitions) > 0 && !g.quiet {
+				printPartitions(g.stdout, &d, true)
+				g.printf("  outside partitions: read %s; skipped as free space: %s\n", bytesIEC(d.BytesOutside), bytesIEC(skippedOf(&d)))
+			}
 			g.printf("  took %s (%s)\n", seconds(st.Seconds), rate(d.Size, st.Seconds))
 			return nil
 		},
@@ -130,5 +154,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringVar(&stdinSize, "stdin-size", "", "expected size of standard input (e.g. 20G), for progress and ETA")
 	f.StringVar(&host, "host", "", "host name recorded in the snapshot (default: this machine's)")
 	f.StringArrayVar(&tags, "tag", nil, "tag the snapshot (repeatable)")
+	f.BoolVar(&noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
+	addImportFlags(cmd)
 	return cmd
 }

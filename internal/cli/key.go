@@ -22,6 +22,9 @@ A full key backs up, restores and certifies other keys. A write-only key
 any chunk: give it to the machines that only send backups, so that a stolen
 machine cannot read the repository. Its backups are signed and verified on
 restore like the owner's.`,
+		Example: `  sauve key show
+  sauve key export --write-only --name web1 /tmp/web1.key
+  SAUVE_NEW_PASSPHRASE='new words' sauve key passwd`,
 	}
 	cmd.AddCommand(newKeyExportCmd(g), newKeyShowCmd(g), newKeyPasswdCmd(g))
 	return cmd
@@ -163,6 +166,9 @@ terminal; empty removes protection). The file is replaced atomically.`,
 			if err := os.Rename(tmp, path); err != nil {
 				os.Remove(tmp)
 				return fmt.Errorf("replace key file: %w", err)
+			}
+			if g.json {
+				return g.printJSON(map[string]any{"file": path, "passphrase": len(pass) > 0})
 			}
 			g.printf("changed the passphrase of %s\n", path)
 			return nil

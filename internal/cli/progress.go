@@ -32,10 +32,10 @@ func startMeter(w io.Writer, enabled bool, src meterSource) *meter {
 		return nil
 	}
 	m := &meter{stop: make(chan struct{}), done: make(chan struct{})}
-	// WithAutoRefresh: on a non-terminal mpb draws nothing otherwise, and
-	// --progress always asks for a bar there too.
-	// On a non-terminal the width is that of the whole line, not of the
-	// bar: leave room for rate and ETA.
+	// Auto refresh even when w is not a terminal: enabled is already the
+	// caller's decision (--progress always draws into logs too). There the
+	// width is that of the whole line, not of the bar: leave room for the
+	// rate and ETA.
 	width := 40
 	if f, ok := w.(*os.File); !ok || !term.IsTerminal(int(f.Fd())) {
 		width = 150

@@ -70,6 +70,7 @@ A mounted device, or one smaller than the image, is refused.`,
 				return fmt.Errorf("restore of snapshot %s: %w", sn.ID.Short(), errWriteOnly(r))
 			}
 			prog := new(restore.Progress)
+			prog.Total.Store(d.Size)
 			m := startMeter(g.stderr, g.showProgress(), meterSource{
 				label: "restore " + d.Name, total: prog.Total.Load, current: prog.Done.Load,
 				extra: func() string { return "written " + bytesIEC(prog.Written.Load()) },

@@ -35,12 +35,16 @@ type snapshotJSON struct {
 }
 
 type diskJSON struct {
-	Name      string         `json:"name"`
-	Source    string         `json:"source"`
-	Kind      string         `json:"kind"`
-	Size      int64          `json:"size"`
-	ChunkSize int            `json:"chunk_size"`
-	Stats     repo.DiskStats `json:"stats"`
+	Name           string           `json:"name"`
+	Source         string           `json:"source"`
+	Kind           string           `json:"kind"`
+	Size           int64            `json:"size"`
+	ChunkSize      int              `json:"chunk_size"`
+	Stats          repo.DiskStats   `json:"stats"`
+	PartitionTable string           `json:"partition_table"`
+	DiskID         string           `json:"disk_id,omitempty"`
+	SectorSize     int              `json:"sector_size,omitempty"`
+	Partitions     []repo.Partition `json:"partitions"`
 }
 
 func toJSON(sn *repo.Snapshot) snapshotJSON {
@@ -52,7 +56,8 @@ func toJSON(sn *repo.Snapshot) snapshotJSON {
 		out.Parent = sn.Parent.String()
 	}
 	for _, d := range sn.Disks {
-		out.Disks = append(out.Disks, diskJSON{Name: d.Name, Source: d.Source, Kind: d.Kind, Size: d.Size, ChunkSize: d.ChunkSize, Stats: d.Stats})
+		out.Disks = append(out.Disks, diskJSON{Name: d.Name, Source: d.Source, Kind: d.Kind, Size: d.Size, ChunkSize: d.ChunkSize, Stats: d.Stats,
+			PartitionTable: d.PartitionTable, DiskID: d.DiskID, SectorSize: d.SectorSize, Partitions: partitionsOf(&d)})
 	}
 	return out
 }

@@ -309,3 +309,67 @@ func FuzzDecodeBlob(f *testing.F) {
 		}
 	})
 }
+
+func TestIndexBulkAndFresh(t *testing.T) {
+	x := NewIndex()
+	mk := func(n int) PackInfo {
+		p := PackInfo{ID: randID()}
+		for i := 0; i < n; i++ {
+			p.Blobs = append(p.Blobs, PackBlob{Type: DataBlob, ID: randID(), Offset: uint32(packHeaderSize + i), Length: 1})
+		}
+		return p
+	}
+	a, b := mk(1000), mk(1000)
+	x.addBulk(a)
+	x.addBulk(b)
+	x.addBulk(a) // the same pack in two index objects
+	x.finishBulk()
+	if n, packs := x.Len(); n != 2000 || packs != 2 {
+		t.Fatalf("after bulk load: %d blobs, %d packs", n, packs)
+	}
+	// Fresh blobs, enough to force compactions, and a duplicate of a
+	// sorted one, which must keep its first location.
+	var fresh []PackInfo
+	for i := 0; i < 80; i++ {
+		p := mk(1000)
+		fresh = append(fresh, p)
+		x.Add(p)
+	}
+	dup := PackInfo{ID: randID(), Blobs: []PackBlob{{Type: DataBlob, ID: a.Blobs[5].ID, Offset: 999, Length: 9}}}
+	x.Add(dup)
+	for _, p := range append(fresh, a, b) {
+		for _, bl := range p.Blobs {
+			loc, ok := x.Lookup(bl.ID)
+			if !ok || loc.Pack != p.ID || loc.Offset != bl.Offset {
+				t.Fatalf("blob %s: %+v %v", bl.ID.Short(), loc, ok)
+			}
+		}
+	}
+	if n, _ := x.Len(); n != 82000 {
+		t.Fatalf("%d blobs, want 82000", n)
+	}
+	seen := 0
+	x.Each(func(ID, Location) { seen++ })
+	if seen != 82000 {
+		t.Fatalf("Each saw %d blobs", seen)
+	}
+}
+
+// BenchmarkEncodeChunk measures the work SaveBlob does per new chunk before
+// it reaches a pack: compression (or the attempt, for random data).
+func BenchmarkEncodeChunk(b *testing.B) {
+	const size = DefaultChunkSize
+	c := newCompressor(size)
+	random := make([]byte, size)
+	rand.Read(random)
+	text := []byte(strings.Repeat("sauve backs up disks, block by block. ", size/30))[:size]
+	for name, in := range map[string][]byte{"random": random, "text": text} {
+		b.Run(name, func(b *testing.B) {
+			b.SetBytes(size)
+			dst := make([]byte, 0, 2*size)
+			for b.Loop() {
+				dst = c.encode(dst[:0], in)
+			}
+		})
+	}
+}

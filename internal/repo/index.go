@@ -1,8 +1,10 @@
 package repo
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/sauve-backup/sauve/internal/crypto"
@@ -18,6 +20,7 @@ type Location struct {
 }
 
 type indexEntry struct {
+	id     ID
 	pack   uint32
 	offset uint32
 	length uint32
@@ -29,24 +32,57 @@ type packRecord struct {
 	eph [32]byte
 }
 
-// Index maps blob IDs to their place in packs. It is held in memory: about
-// 64 bytes per blob (docs/BENCHMARKS.md has the per-TiB figures).
+// Index maps blob IDs to their place in packs. It is held in memory as a
+// sorted array of 48-byte entries with a table of where each 16-bit ID
+// prefix starts (a Go map costs over twice as much per blob; figures in
+// docs/BENCHMARKS.md), plus a small map of the blobs added since the array
+// was last rebuilt.
 type Index struct {
 	mu      sync.RWMutex
 	packs   []packRecord
 	packNum map[ID]uint32
-	blobs   map[ID]indexEntry
+	sorted  []indexEntry
+	buckets []uint32 // buckets[p] is the first entry in sorted whose ID starts with prefix p
+	fresh   map[ID]indexEntry
+	bulk    bool // sorted is being filled unsorted by a bulk load
 }
+
+const bucketBits = 16
 
 // NewIndex returns an empty index.
 func NewIndex() *Index {
-	return &Index{packNum: map[ID]uint32{}, blobs: map[ID]indexEntry{}}
+	return &Index{packNum: map[ID]uint32{}, fresh: map[ID]indexEntry{}}
+}
+
+func prefix(id ID) int { return int(id[0])<<8 | int(id[1]) }
+
+func (x *Index) find(id ID) (indexEntry, bool) {
+	if e, ok := x.fresh[id]; ok {
+		return e, true
+	}
+	if len(x.sorted) == 0 || x.bulk {
+		return indexEntry{}, false
+	}
+	p := prefix(id)
+	lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if bytes.Compare(x.sorted[m].id[:], id[:]) < 0 {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	if lo < len(x.sorted) && x.sorted[lo].id == id {
+		return x.sorted[lo], true
+	}
+	return indexEntry{}, false
 }
 
 // Has reports whether a blob of type t with this ID is stored.
 func (x *Index) Has(t BlobType, id ID) bool {
 	x.mu.RLock()
-	e, ok := x.blobs[id]
+	e, ok := x.find(id)
 	x.mu.RUnlock()
 	return ok && e.typ == t
 }
@@ -55,12 +91,16 @@ func (x *Index) Has(t BlobType, id ID) bool {
 func (x *Index) Lookup(id ID) (Location, bool) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	e, ok := x.blobs[id]
+	e, ok := x.find(id)
 	if !ok {
 		return Location{}, false
 	}
+	return x.location(e), true
+}
+
+func (x *Index) location(e indexEntry) Location {
 	p := x.packs[e.pack]
-	return Location{Pack: p.id, Ephemeral: p.eph, Type: e.typ, Offset: e.offset, Length: e.length}, true
+	return Location{Pack: p.id, Ephemeral: p.eph, Type: e.typ, Offset: e.offset, Length: e.length}
 }
 
 // HasPack reports whether the pack is indexed.
@@ -71,29 +111,86 @@ func (x *Index) HasPack(id ID) bool {
 	return ok
 }
 
+func (x *Index) packNumber(id ID, eph [32]byte) uint32 {
+	n, ok := x.packNum[id]
+	if !ok {
+		n = uint32(len(x.packs))
+		x.packs = append(x.packs, packRecord{id: id, eph: eph})
+		x.packNum[id] = n
+	}
+	return n
+}
+
 // Add records a pack and its blobs. Adding a pack twice is harmless.
 func (x *Index) Add(p PackInfo) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	n, ok := x.packNum[p.ID]
-	if !ok {
-		n = uint32(len(x.packs))
-		x.packs = append(x.packs, packRecord{id: p.ID, eph: p.Ephemeral})
-		x.packNum[p.ID] = n
-	}
+	n := x.packNumber(p.ID, p.Ephemeral)
 	for _, b := range p.Blobs {
-		if _, dup := x.blobs[b.ID]; dup {
+		if _, dup := x.find(b.ID); dup {
 			continue // the first copy wins; the others are garbage for prune
 		}
-		x.blobs[b.ID] = indexEntry{pack: n, offset: b.Offset, length: b.Length, typ: b.Type}
+		x.fresh[b.ID] = indexEntry{id: b.ID, pack: n, offset: b.Offset, length: b.Length, typ: b.Type}
 	}
+	if len(x.fresh) > max(1<<16, len(x.sorted)/8) {
+		x.compact()
+	}
+}
+
+// reserve makes room for n more blobs.
+func (x *Index) reserve(n int) {
+	x.mu.Lock()
+	x.sorted = slices.Grow(x.sorted, n)
+	x.mu.Unlock()
+}
+
+// addBulk appends a pack's blobs without lookups; finishBulk must follow
+// before the index is used.
+func (x *Index) addBulk(p PackInfo) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.bulk = true
+	n := x.packNumber(p.ID, p.Ephemeral)
+	for _, b := range p.Blobs {
+		x.sorted = append(x.sorted, indexEntry{id: b.ID, pack: n, offset: b.Offset, length: b.Length, typ: b.Type})
+	}
+}
+
+// finishBulk sorts what addBulk added and folds in fresh entries.
+func (x *Index) finishBulk() {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.bulk = false
+	x.compact()
+}
+
+// compact merges fresh into sorted, drops duplicate IDs and rebuilds the
+// prefix table.
+func (x *Index) compact() {
+	for _, e := range x.fresh {
+		x.sorted = append(x.sorted, e)
+	}
+	clear(x.fresh)
+	slices.SortStableFunc(x.sorted, func(a, b indexEntry) int { return bytes.Compare(a.id[:], b.id[:]) })
+	x.sorted = slices.CompactFunc(x.sorted, func(a, b indexEntry) bool { return a.id == b.id })
+	if x.buckets == nil {
+		x.buckets = make([]uint32, 1<<bucketBits+1)
+	}
+	i := 0
+	for p := 0; p < 1<<bucketBits; p++ {
+		x.buckets[p] = uint32(i)
+		for i < len(x.sorted) && prefix(x.sorted[i].id) == p {
+			i++
+		}
+	}
+	x.buckets[1<<bucketBits] = uint32(len(x.sorted))
 }
 
 // Len returns the number of blobs and packs.
 func (x *Index) Len() (blobs, packs int) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	return len(x.blobs), len(x.packs)
+	return len(x.sorted) + len(x.fresh), len(x.packs)
 }
 
 // Packs returns the IDs of all indexed packs.
@@ -111,9 +208,11 @@ func (x *Index) Packs() []ID {
 func (x *Index) Each(fn func(id ID, loc Location)) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	for id, e := range x.blobs {
-		p := x.packs[e.pack]
-		fn(id, Location{Pack: p.id, Ephemeral: p.eph, Type: e.typ, Offset: e.offset, Length: e.length})
+	for _, e := range x.sorted {
+		fn(e.id, x.location(e))
+	}
+	for _, e := range x.fresh {
+		fn(e.id, x.location(e))
 	}
 }
 

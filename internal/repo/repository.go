@@ -145,13 +145,18 @@ func (r *Repository) LoadIndex(ctx context.Context) error { return r.loadIndex(c
 // not nil, and fails the call otherwise.
 func (r *Repository) loadIndex(ctx context.Context, bad func(name string, err error)) error {
 	var names []string
+	var total int64
 	err := r.be.List(ctx, backend.IndexFile, func(fi backend.Info) error {
 		names = append(names, fi.Name)
+		total += fi.Size
 		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("list index: %w", err)
 	}
+	// Size the in-memory index once from the objects' sizes (each blob
+	// takes indexBlobEntry bytes there) instead of growing it by copies.
+	r.idx.reserve(int(total / indexBlobEntry))
 	listed := make(map[string]bool, len(names))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(r.opts.Connections * 2)
@@ -167,12 +172,14 @@ func (r *Repository) loadIndex(ctx context.Context, bad func(name string, err er
 				return err
 			}
 			for _, p := range packs {
-				r.idx.Add(p)
+				r.idx.addBulk(p)
 			}
 			return nil
 		})
 	}
-	if err := g.Wait(); err != nil {
+	err = g.Wait()
+	r.idx.finishBulk()
+	if err != nil {
 		return err
 	}
 	for _, name := range r.cache.List(cacheIndex) {

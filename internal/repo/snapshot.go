@@ -43,6 +43,16 @@ type Disk struct {
 	ChunkLists  []ID      `json:"chunk_lists"`
 	ListEntries int       `json:"list_entries"`
 	Stats       DiskStats `json:"stats"`
+	// PartitionTable is "mbr", "gpt" or empty (none); DiskID is the MBR
+	// signature or GPT disk GUID; SectorSize the sector size its LBAs
+	// count in. Partitions are in table order, logical ones last.
+	PartitionTable string      `json:"partition_table,omitempty"`
+	DiskID         string      `json:"disk_id,omitempty"`
+	SectorSize     int         `json:"sector_size,omitempty"`
+	Partitions     []Partition `json:"partitions,omitempty"`
+	// BytesOutside counts bytes read outside every partition (boot
+	// code, gaps, partition tables, the disk's tail).
+	BytesOutside int64 `json:"bytes_outside_partitions,omitempty"`
 }
 
 // Chunks returns the number of chunks of the disk.

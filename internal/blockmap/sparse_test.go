@@ -1,0 +1,81 @@
+package blockmap
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+)
+
+func TestSparse(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "sparse.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	const size = 64 << 20
+	// Data at 4 MiB (8 KiB), 10 MiB..12 MiB, and the last byte.
+	f.WriteAt(bytes.Repeat([]byte{1}, 8192), 4<<20)
+	f.WriteAt(bytes.Repeat([]byte{2}, 2<<20), 10<<20)
+	f.WriteAt([]byte{3}, size-1)
+	m := NewSparse(f, size)
+	if m == nil {
+		t.Skip("file system reports no holes")
+	}
+	const win = 1 << 20
+	var got []Range
+	for off := int64(0); off < size; off += win {
+		rs, err := m.Data(off, win)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rs {
+			if r.Start < off || r.End > off+win || r.Len() <= 0 {
+				t.Fatalf("window %d: range %+v outside it", off, r)
+			}
+			if n := len(got); n > 0 && got[n-1].End == r.Start {
+				got[n-1].End = r.End
+				continue
+			}
+			got = append(got, r)
+		}
+	}
+	// File systems allocate in blocks, so extents are block-aligned
+	// supersets of what was written.
+	want := []Range{{4 << 20, 4<<20 + 8192}, {10 << 20, 12 << 20}, {size - 4096, size}}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("data ranges %v, want %v", got, want)
+	}
+}
+
+func TestReadRanges(t *testing.T) {
+	src := bytes.NewReader([]byte("0123456789abcdefghij"))
+	for _, tc := range []struct {
+		off    int64
+		n      int
+		ranges []Range
+		want   string
+	}{
+		{0, 10, []Range{{0, 10}}, "0123456789"},
+		{0, 10, nil, "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"},
+		{5, 10, []Range{{6, 8}, {12, 15}}, "\x0067\x00\x00\x00\x00cde"},
+		{10, 10, []Range{{10, 11}}, "a\x00\x00\x00\x00\x00\x00\x00\x00\x00"},
+	} {
+		buf := bytes.Repeat([]byte{0xff}, tc.n) // stale content must be cleared
+		n, err := ReadRanges(src, buf, tc.off, tc.ranges)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(buf) != tc.want {
+			t.Errorf("off %d ranges %v: %q, want %q", tc.off, tc.ranges, buf, tc.want)
+		}
+		var wantN int64
+		for _, r := range tc.ranges {
+			wantN += r.Len()
+		}
+		if n != wantN {
+			t.Errorf("read %d bytes, want %d", n, wantN)
+		}
+	}
+}

@@ -1,0 +1,69 @@
+package cli
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sauve-backup/sauve/internal/repo"
+)
+
+func newShowCmd(g *globals) *cobra.Command {
+	var ff filterFlags
+	cmd := &cobra.Command{
+		Use:   "show SNAPSHOT",
+		Short: "Show a snapshot's disks, partitions and filesystems",
+		Long: `Show what SNAPSHOT (an ID prefix, or 'latest' with optional --host and --tag
+filters) holds: its disks and, for each, the partition table and every
+partition with its start, size, type, filesystem, label and the bytes the
+filesystem used. "imaged in full" says why a partition's free space was
+read and stored (unknown or damaged filesystem, mounted read-write,
+--no-fs-skip).`,
+		Example: `  sauve show latest
+  sauve show 1a2b3c4d --json | jq '.disks[0].partitions[] | {number, filesystem, used_bytes}'`,
+		Args: exactArgs(1, "one SNAPSHOT (an ID prefix or 'latest')"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := g.openRepo(ctx, false)
+			if err != nil {
+				return err
+			}
+			all, err := r.Snapshots(ctx, func(id string, err error) { g.warnf("%v", err) })
+			if err != nil {
+				return err
+			}
+			sn, err := repo.FindSnapshot(all, args[0], ff.filter())
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.printJSON(toJSON(sn))
+			}
+			if g.quiet {
+				return nil
+			}
+			w := g.stdout
+			fmt.Fprintf(w, "snapshot %s\n", sn.ID)
+			fmt.Fprintf(w, "  time %s, host %s", sn.Time.Local().Format("2006-01-02 15:04:05"), sn.Host)
+			if len(sn.Tags) > 0 {
+				fmt.Fprintf(w, ", tags %s", strings.Join(sn.Tags, ","))
+			}
+			fmt.Fprintf(w, "\n  signed by %s, written by %s\n", sn.Signer, sn.Program)
+			for _, d := range sn.Disks {
+				fmt.Fprintf(w, "\ndisk %s: %s (%d bytes), %s %s\n", d.Name, bytesIEC(d.Size), d.Size, d.Kind, d.Source)
+				st := d.Stats
+				fmt.Fprintf(w, "  read %s, new %s (%s compressed); chunks %d new, %d reused, %d zero\n",
+					bytesIEC(st.BytesRead), bytesIEC(st.BytesNew), bytesIEC(st.BytesNewCoded), st.ChunksNew, st.ChunksReused, st.ChunksZero)
+				if len(d.Partitions) == 0 {
+					fmt.Fprintln(w, "  no partition table or filesystem recorded")
+					continue
+				}
+				printPartitions(w, &d, false)
+			}
+			return nil
+		},
+	}
+	ff.add(cmd)
+	return cmd
+}

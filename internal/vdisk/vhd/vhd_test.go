@@ -1,0 +1,126 @@
+package vhd
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"testing"
+
+	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
+	"github.com/sauve-backup/sauve/internal/vdisk/vdio/vdiotest"
+)
+
+func write(t testing.TB, size int64, fixed bool, block int64, seed uint64) ([]byte, []byte) {
+	disk := vdiotest.Disk(size, seed)
+	var f vdiotest.MemFile
+	w, err := newWriter(&f, size, fixed, block)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vdiotest.Write(t, w, disk, seed)
+	return disk, f.B
+}
+
+func TestRoundTrip(t *testing.T) {
+	for _, fixed := range []bool{false, true} {
+		for _, c := range []struct{ size, block int64 }{{0, defaultBlock}, {512, defaultBlock}, {5<<20 + 1536, defaultBlock}, {70000 / 512 * 512, 4096}, {1 << 20, 512}} {
+			disk, img := write(t, c.size, fixed, c.block, uint64(c.size))
+			v, err := Open(bytes.NewReader(img), int64(len(img)), "t.vhd")
+			if err != nil {
+				t.Fatalf("fixed %v size %d: %v", fixed, c.size, err)
+			}
+			if v.Size() != c.size || v.Fixed() != fixed {
+				t.Fatalf("size %d read as %d", c.size, v.Size())
+			}
+			vdiotest.Check(t, v, disk)
+		}
+	}
+}
+
+func TestCHS(t *testing.T) {
+	// Values of the specification's algorithm (also QEMU's).
+	for _, c := range []struct {
+		sectors int64
+		c, h, s int
+	}{{20480, 301, 4, 17}, {2097152, 2080, 16, 63}, {65535 * 16 * 255 * 2, 65535, 16, 255}} {
+		cc, hh, ss := vdio.CHS(c.sectors)
+		if cc != c.c || hh != c.h || ss != c.s {
+			t.Errorf("CHS(%d) = %d/%d/%d, want %d/%d/%d", c.sectors, cc, hh, ss, c.c, c.h, c.s)
+		}
+	}
+}
+
+func TestBadHeaders(t *testing.T) {
+	_, img := write(t, 4<<20, false, defaultBlock, 1)
+	n := len(img)
+	for _, c := range []struct {
+		name string
+		edit func(b []byte) []byte
+	}{
+		{"tiny", func(b []byte) []byte { return b[:100] }},
+		{"footer checksum", func(b []byte) []byte { b[70]++; return b }},
+		{"differencing", func(b []byte) []byte {
+			vdio.BE.PutUint32(b[60:], typeDiff)
+			vdio.BE.PutUint32(b[64:], checksum(b[:512], 64))
+			return b
+		}},
+		{"header checksum", func(b []byte) []byte { b[512+40]++; return b }},
+		{"BAT past end", func(b []byte) []byte {
+			vdio.BE.PutUint64(b[512+16:], 1<<40)
+			vdio.BE.PutUint32(b[512+36:], checksum(b[512:1536], 36))
+			return b
+		}},
+		{"block size", func(b []byte) []byte {
+			vdio.BE.PutUint32(b[512+32:], 3000)
+			vdio.BE.PutUint32(b[512+36:], checksum(b[512:1536], 36))
+			return b
+		}},
+		{"absurd size", func(b []byte) []byte {
+			vdio.BE.PutUint64(b[48:], 1<<62)
+			vdio.BE.PutUint32(b[64:], checksum(b[:512], 64))
+			return b
+		}},
+		{"fixed too small", func(b []byte) []byte {
+			f := bytes.Clone(b[n-512:])
+			vdio.BE.PutUint32(f[60:], typeFixed)
+			vdio.BE.PutUint32(f[64:], checksum(f, 64))
+			return append(make([]byte, 1024), f...)
+		}},
+	} {
+		b := c.edit(bytes.Clone(img))
+		_, err := Open(bytes.NewReader(b), int64(len(b)), "bad.vhd")
+		var fe *vdio.FormatError
+		if !errors.As(err, &fe) || fe.File != "bad.vhd" || fe.Format != "vhd" {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+	}
+}
+
+func seeds(t testing.TB) map[string][][]byte {
+	_, a := write(t, 20480, false, 4096, 1)
+	_, b := write(t, 8192, true, 4096, 2)
+	_, c := write(t, 0, false, 4096, 3)
+	return map[string][][]byte{"sauve-dynamic": {a}, "sauve-fixed": {b}, "sauve-empty": {c}}
+}
+
+func FuzzOpen(f *testing.F) {
+	for _, s := range seeds(f) {
+		f.Add(s[0])
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		v, err := Open(bytes.NewReader(b), int64(len(b)), "fuzz.vhd")
+		if err != nil {
+			return
+		}
+		vdiotest.Exercise(v, v.Size())
+	})
+}
+
+// TestWriteCorpus refreshes testdata/fuzz/FuzzOpen when
+// SAUVE_WRITE_CORPUS is set.
+func TestWriteCorpus(t *testing.T) {
+	if os.Getenv("SAUVE_WRITE_CORPUS") == "" {
+		t.Skip("set SAUVE_WRITE_CORPUS=1 to rewrite the seed corpus")
+	}
+	vdiotest.WriteCorpus(t, "FuzzOpen", seeds(t))
+}
