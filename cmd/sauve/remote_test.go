@@ -203,20 +203,25 @@ func TestRemoteUnderFaults(t *testing.T) {
 			testImage(t, src, 2)
 			seed := uint64(time.Now().UnixNano())
 			t.Logf("fault seed %d", seed)
-			r.proxy.SetFaults(faultproxy.Faults{Every: 6 << 20, Drop: 2, Stall: 1, Truncate: 2, StallFor: 3 * time.Second, Seed: seed})
+			// Stalls outlast the idle timeout, which is long enough not to
+			// fire on a machine busy with other tests; retries pause up
+			// to 2s, so that ten attempts span more than a stall or two.
+			r.proxy.SetFaults(faultproxy.Faults{Every: 8 << 20, Drop: 2, Stall: 1, Truncate: 2, StallFor: 4 * time.Second, Seed: seed})
+			faulty := []string{"--net-timeout", "3s", "--retry-max-delay", "2s"}
 			versions := map[string]bool{}
 			ok := 0
 			for round := 0; round < 3; round++ {
 				writeAt(t, src, int64(round)*(4<<20), randomBytes(2<<20))
 				versions[fileHash(t, src, -1)] = true
 				t0 := time.Now()
-				res := e.run("backup", src, "--net-timeout", "1500ms", "--retry-max-delay", "1s")
+				res := e.run(append([]string{"backup", src}, faulty...)...)
 				t.Logf("round %d: backup exit %d in %s after %d retries", round, res.code, time.Since(t0).Round(time.Millisecond), strings.Count(res.stderr, "retrying in")+strings.Count(res.stderr, "resuming in"))
 				r.noSecrets(t, res.stdout, res.stderr)
 				if res.code == 0 {
 					ok++
 					continue
 				}
+				t.Logf("round %d: %s", round, lastLines(res.stderr, 3))
 				// A clean failure: exit 1 and an error line, nothing else.
 				if res.code != 1 || !strings.Contains(res.stderr, "sauve: error:") {
 					t.Fatalf("round %d: backup under faults: exit %d\n%s", round, res.code, res.stderr)
@@ -226,15 +231,18 @@ func TestRemoteUnderFaults(t *testing.T) {
 				t.Fatal("no backup succeeded under faults")
 			}
 			restored := e.path("out.img")
-			res := e.run("restore", "latest", restored, "--net-timeout", "1500ms", "--retry-max-delay", "1s")
+			res := e.run(append([]string{"restore", "latest", restored}, faulty...)...)
 			if res.code != 0 {
 				t.Fatalf("restore under faults: %s", res.stderr)
 			}
 			if !versions[fileHash(t, restored, -1)] {
 				t.Fatal("restore under faults gives none of the versions backed up")
 			}
-			res = e.run("check", "--read-data", "--net-timeout", "1500ms", "--retry-max-delay", "1s")
+			res = e.run(append([]string{"check", "--read-data"}, faulty...)...)
 			if res.code != 0 {
+				r.proxy.SetFaults(faultproxy.Faults{})
+				healthy := e.run("check", "--read-data")
+				t.Logf("check --read-data on a healthy network: exit %d\n%s%s", healthy.code, healthy.stdout, healthy.stderr)
 				t.Fatalf("check --read-data under faults: %s%s", res.stdout, res.stderr)
 			}
 			st := r.proxy.Stats()
@@ -558,4 +566,10 @@ func TestAzureAccountCredentials(t *testing.T) {
 	bare.fail([]string{"no Azure credentials", "AZURE_STORAGE_KEY"}, "snapshots")
 	// A SAS URL cut at the first '&' by an unquoted shell.
 	bare.fail([]string{"cut at an '&'"}, "snapshots", "--repo", az.URL+"/newcontainer?sv=2022-11-02")
+}
+
+// lastLines returns the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }

@@ -217,14 +217,17 @@ func (r *resumer) Read(p []byte) (int, error) {
 		switch {
 		case err == nil:
 			return n, nil
-		case errors.Is(err, io.EOF) && (r.length == 0 || r.done >= r.length):
+		// Only the io.EOF sentinel ends a stream: transports wrap io.EOF
+		// in their own errors when a connection drops ("failed to send
+		// packet: EOF"), which is a break to resume, not an end.
+		case err == io.EOF && (r.length == 0 || r.done >= r.length):
 			return n, io.EOF
-		case errors.Is(err, io.EOF) && r.fresh && n == 0:
+		case err == io.EOF && r.fresh && n == 0:
 			// The remainder, asked for anew, is empty: the object is
 			// shorter than the range, which no retry changes.
 			return 0, &backend.Permanent{Err: fmt.Errorf("read %s: object ends at %d, before the %d bytes asked for at %d: %w",
 				r.h, r.off+r.done, r.length, r.off, io.ErrUnexpectedEOF)}
-		case errors.Is(err, io.EOF):
+		case err == io.EOF:
 			err = fmt.Errorf("stream ended after %d of %d bytes: %w", r.done, r.length, io.ErrUnexpectedEOF)
 		}
 		if backend.IsPermanent(err) || r.ctx.Err() != nil {

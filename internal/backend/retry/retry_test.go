@@ -25,8 +25,10 @@ type flaky struct {
 	// fail[op] is how many of the next calls of op fail.
 	fail map[string]int
 	err  error
-	// cut makes readers stop with ErrUnexpectedEOF after this many bytes.
-	cut   int64
+	// cut makes readers stop with cutErr (ErrUnexpectedEOF when nil)
+	// after this many bytes.
+	cut    int64
+	cutErr error
 	calls map[string]int
 	// afterSave, when set, makes the next Save succeed but report err
 	// (the answer lost on the way back).
@@ -71,11 +73,12 @@ func (f *flaky) Save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, si
 type cutReader struct {
 	r    io.ReadCloser
 	left int64
+	err  error
 }
 
 func (c *cutReader) Read(p []byte) (int, error) {
 	if c.left <= 0 {
-		return 0, io.ErrUnexpectedEOF
+		return 0, c.err
 	}
 	if int64(len(p)) > c.left {
 		p = p[:c.left]
@@ -95,7 +98,11 @@ func (f *flaky) Load(ctx context.Context, h backend.Handle, off, length int64) (
 	if err != nil || f.cut == 0 {
 		return rc, err
 	}
-	return &cutReader{r: rc, left: f.cut}, nil
+	cerr := f.cutErr
+	if cerr == nil {
+		cerr = io.ErrUnexpectedEOF
+	}
+	return &cutReader{r: rc, left: f.cut, err: cerr}, nil
 }
 
 func (f *flaky) List(ctx context.Context, t backend.FileType, fn func(backend.Info) error) error {
@@ -190,6 +197,13 @@ func TestLoadResumes(t *testing.T) {
 	}
 	if warned < 10 {
 		t.Fatalf("%d resumptions reported", warned)
+	}
+	// Transports wrap io.EOF when a connection drops (pkg/sftp: "failed
+	// to send packet: EOF"): a break to resume, not the end of the data.
+	f.cutErr = fmt.Errorf("failed to send packet: %w", io.EOF)
+	got, err = backend.ReadAll(context.Background(), be, h)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("whole read broken by a wrapped EOF: %d of %d bytes, %v", len(got), len(data), err)
 	}
 	// A range past the end fails (once the remainder comes back empty)
 	// instead of retrying for ever.

@@ -468,16 +468,29 @@ func (b *Backend) Load(ctx context.Context, h backend.Handle, off, length int64)
 			return nil, b.wrap(client, err, "seek "+h.String())
 		}
 	}
-	var r io.Reader = f
-	if length > 0 {
-		r = io.LimitReader(f, length)
+	// pkg/sftp's concurrent reads can end in io.EOF when the connection
+	// drops mid-file, so the reader counts bytes against the size the
+	// server gave when the file was opened: a short object is an error
+	// (which the retry wrapper resumes), never a silently short read.
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, b.wrap(client, err, "stat "+h.String())
 	}
-	return fileReader{&errReader{r: r, b: b, client: client, what: "read " + h.String()}, f}, nil
+	want := fi.Size() - off
+	if length > 0 && length < want {
+		want = length
+	}
+	if want < 0 {
+		want = 0
+	}
+	return fileReader{&errReader{r: io.LimitReader(f, want), left: want, b: b, client: client, what: "read " + h.String()}, f}, nil
 }
 
 // errReader classifies read errors (and drops a dead connection).
 type errReader struct {
 	r      io.Reader
+	left   int64
 	b      *Backend
 	client *sftp.Client
 	what   string
@@ -485,6 +498,10 @@ type errReader struct {
 
 func (e *errReader) Read(p []byte) (int, error) {
 	n, err := e.r.Read(p)
+	e.left -= int64(n)
+	if err == io.EOF && e.left > 0 {
+		err = fmt.Errorf("%d bytes short: %w", e.left, io.ErrUnexpectedEOF)
+	}
 	if err != nil && err != io.EOF {
 		err = e.b.wrap(e.client, err, e.what)
 	}

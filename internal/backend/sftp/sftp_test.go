@@ -146,7 +146,7 @@ func TestConformanceUnderFaults(t *testing.T) {
 	srv := testsrv.StartSSHD(t)
 	dir := filepath.Join(t.TempDir(), "repo")
 	kh := filepath.Join(t.TempDir(), "known_hosts")
-	backendtest.RunUnderFaults(t, fmt.Sprintf("127.0.0.1:%d", srv.Port), backendtest.Options{LargeSize: 3 << 20, Faults: &faultproxy.Faults{Every: 5 << 20, Drop: 2, Stall: 1, Truncate: 2, StallFor: 3 * time.Second}}, func(addr string) backend.Backend {
+	backendtest.RunUnderFaults(t, fmt.Sprintf("127.0.0.1:%d", srv.Port), backendtest.Options{LargeSize: 13 << 20, Faults: &faultproxy.Faults{Every: 5 << 20, Drop: 2, Stall: 1, Truncate: 2, StallFor: 3 * time.Second}}, func(addr string) backend.Backend {
 		host, port, _ := net.SplitHostPort(addr)
 		p, _ := strconv.Atoi(port)
 		// The proxy's address must be known with the server's key.
