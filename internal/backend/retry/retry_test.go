@@ -29,7 +29,7 @@ type flaky struct {
 	// after this many bytes.
 	cut    int64
 	cutErr error
-	calls map[string]int
+	calls  map[string]int
 	// afterSave, when set, makes the next Save succeed but report err
 	// (the answer lost on the way back).
 	afterSave bool
