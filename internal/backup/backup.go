@@ -37,6 +37,8 @@ type Source struct {
 	Kind   string // file, device, stdin
 	Size   int64  // -1 for a stream of unknown length
 	Reader Reader
+	// SizeHint is the expected length of a stream, for progress only.
+	SizeHint int64
 	// Map says which ranges hold data; nil means all of it. Ignored for
 	// streams.
 	Map blockmap.Map
@@ -115,6 +117,9 @@ func Run(ctx context.Context, r *repo.Repository, src Source, opts Options) (*Re
 		prog = new(Progress)
 	}
 	prog.Total.Store(src.Size)
+	if src.Size < 0 && src.SizeHint > 0 {
+		prog.Total.Store(src.SizeHint)
+	}
 	defer prog.Finished.Store(true)
 
 	// A fixed pool of buffers bounds memory: the reader waits for a free

@@ -15,6 +15,7 @@ import (
 func newBackupCmd(g *globals) *cobra.Command {
 	var (
 		stdinName string
+		stdinSize string
 		host      string
 		tags      []string
 		noFSSkip  bool
@@ -45,7 +46,9 @@ snapshot, and the next backup reuses what it had uploaded.`,
 		Example: `  sauve backup /dev/vda --tag nightly
   sauve backup /var/lib/libvirt/images/web.img
   sauve backup /dev/sda --no-fs-skip          # every byte, free space included
-  dd if=/dev/sdb bs=1M | sauve backup - --stdin-name sdb.img`,
+  dd if=/dev/sdb bs=1M | sauve backup - --stdin-name sdb.img --stdin-size 500G
+  sauve backup /dev/vda --repo 'https://acct.blob.core.windows.net/backups?sp=rcwl&se=...&sig=...'
+  AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... sauve backup /dev/vda --repo s3://bucket/vm1`,
 		Args: exactArgs(1, "one SOURCE (a device, an image file, or - for stdin)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
@@ -88,9 +91,23 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			img.adapt(&bs)
 			prog := new(backup.Progress)
 			prog.Total.Store(src.Size)
+			if stdinSize != "" {
+				n, err := parseSize(stdinSize)
+				if err != nil || n <= 0 {
+					return usageError{fmt.Errorf("--stdin-size %q: want a size such as 20G", stdinSize)}
+				}
+				bs.SizeHint = n
+				prog.Total.Store(n)
+			}
 			m := startMeter(g.stderr, g.showProgress(), meterSource{
-				label:   "backup " + name,
-				total:   prog.Total.Load,
+				label: "backup " + name,
+				total: func() int64 {
+					// A stream longer than --stdin-size said grows the bar.
+					if t := prog.Total.Load(); t >= 0 && prog.Done.Load() > t {
+						return prog.Done.Load()
+					}
+					return prog.Total.Load()
+				},
 				current: prog.Done.Load,
 				extra: func() string {
 					return fmt.Sprintf("new %s, dedup %s, zero %s", bytesIEC(prog.New.Load()), bytesIEC(prog.Reused.Load()), bytesIEC(prog.Zero.Load()))
@@ -134,6 +151,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&stdinName, "stdin-name", "stdin", "name of the disk read from standard input")
+	f.StringVar(&stdinSize, "stdin-size", "", "expected size of standard input (e.g. 20G), for progress and ETA")
 	f.StringVar(&host, "host", "", "host name recorded in the snapshot (default: this machine's)")
 	f.StringArrayVar(&tags, "tag", nil, "tag the snapshot (repeatable)")
 	f.BoolVar(&noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")

@@ -12,7 +12,8 @@ import (
 	"golang.org/x/term"
 
 	"github.com/sauve-backup/sauve/internal/backend"
-	"github.com/sauve-backup/sauve/internal/backend/local"
+	"github.com/sauve-backup/sauve/internal/backend/location"
+	"github.com/sauve-backup/sauve/internal/backend/retry"
 	"github.com/sauve-backup/sauve/internal/crypto"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
@@ -30,7 +31,8 @@ func defaultRepo() (string, error) {
 	return filepath.Join(home, ".local", "share", "sauve", "repo"), nil
 }
 
-// openBackend turns a repository location into a backend.
+// openBackend turns a repository location into a backend (package
+// location parses it; remote backends come wrapped in retries).
 func (g *globals) openBackend() (backend.Backend, error) {
 	loc := g.repo
 	if loc == "" {
@@ -40,10 +42,17 @@ func (g *globals) openBackend() (backend.Backend, error) {
 		}
 		loc, g.repo, g.usingDefault = d, d, true
 	}
-	if i := strings.Index(loc, "://"); i > 0 && !strings.HasPrefix(loc, "file://") {
-		return nil, fmt.Errorf("repository %q: scheme %q is not supported (use a folder path or file://)", loc, loc[:i])
+	be, kind, err := location.Open(context.Background(), loc, location.Options{
+		S3Endpoint: g.s3Endpoint, S3PathStyle: g.s3PathStyle, Connections: g.connections, IdleTimeout: g.netTimeout,
+		Retry: retry.Options{MaxDelay: g.retryDelay, Warn: func(f string, a ...any) { g.warnf(f, a...) }},
+	})
+	if err != nil {
+		return nil, err
 	}
-	return local.Open(loc)
+	if g.connections <= 0 {
+		g.connections = location.DefaultConnections(kind)
+	}
+	return be, nil
 }
 
 // configDir is where key files live by default.

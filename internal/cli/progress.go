@@ -3,10 +3,12 @@ package cli
 import (
 	"fmt"
 	"io"
+	"os"
 	"time"
 
 	"github.com/vbauerster/mpb/v8"
 	"github.com/vbauerster/mpb/v8/decor"
+	"golang.org/x/term"
 )
 
 // meter draws one progress bar on stderr, fed by polling counters that the
@@ -31,8 +33,14 @@ func startMeter(w io.Writer, enabled bool, src meterSource) *meter {
 	}
 	m := &meter{stop: make(chan struct{}), done: make(chan struct{})}
 	// Auto refresh even when w is not a terminal: enabled is already the
-	// caller's decision (--progress always draws into logs too).
-	m.p = mpb.New(mpb.WithOutput(w), mpb.WithWidth(40), mpb.WithRefreshRate(200*time.Millisecond), mpb.WithAutoRefresh())
+	// caller's decision (--progress always draws into logs too). There the
+	// width is that of the whole line, not of the bar: leave room for the
+	// rate and ETA.
+	width := 40
+	if f, ok := w.(*os.File); !ok || !term.IsTerminal(int(f.Fd())) {
+		width = 150
+	}
+	m.p = mpb.New(mpb.WithOutput(w), mpb.WithWidth(width), mpb.WithRefreshRate(200*time.Millisecond), mpb.WithAutoRefresh())
 	total := src.total()
 	m.bar = m.p.New(max(total, 0), mpb.BarStyle().Lbound("[").Rbound("]"),
 		mpb.PrependDecorators(

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -30,6 +31,10 @@ type globals struct {
 	cacheDir    string
 	connections int
 	progress    string
+	s3Endpoint  string
+	s3PathStyle bool
+	netTimeout  time.Duration
+	retryDelay  time.Duration
 
 	usingDefault bool // no --repo or SAUVE_REPO: the default repository
 
@@ -85,9 +90,24 @@ func newRoot(g *globals) *cobra.Command {
 encrypted repository. Every backup is a full restore point but stores only
 the chunks that changed.
 
-The repository is given with --repo or $SAUVE_REPO (a folder path or
-file:// URL); without either, it is ~/.local/share/sauve/repo
-($XDG_DATA_HOME/sauve/repo), which the first backup creates. Its key is found with --key, $SAUVE_KEY, or in
+The repository is given with --repo or $SAUVE_REPO; without either, it is
+~/.local/share/sauve/repo ($XDG_DATA_HOME/sauve/repo), which the first
+backup creates. It may be:
+
+  /srv/backup/sauve, file:///srv/backup/sauve      a folder
+  'https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX]?sp=...&sig=...'
+                            an Azure SAS URL, as the portal gives it
+  azure://ACCOUNT/CONTAINER[/PREFIX]     with $AZURE_STORAGE_KEY,
+                            $AZURE_STORAGE_CONNECTION_STRING or $AZURE_STORAGE_SAS_TOKEN
+  s3://BUCKET[/PREFIX]      with $AWS_ACCESS_KEY_ID, $AWS_SECRET_ACCESS_KEY,
+                            $AWS_REGION; --s3-endpoint or $AWS_ENDPOINT_URL
+                            for S3-compatible services
+  sftp://USER@HOST[:PORT]/PATH   with ssh-agent or ~/.ssh/id_* ($SAUVE_SSH_KEY)
+                            and ~/.ssh/known_hosts
+
+docs/PERMISSIONS.md lists the rights each command needs.
+
+The repository's key is found with --key, $SAUVE_KEY, or in
 $XDG_CONFIG_HOME/sauve/keys/<repository id>.key where 'sauve init' puts it.
 A passphrase-protected key reads its passphrase from $SAUVE_PASSPHRASE,
 $SAUVE_PASSPHRASE_FILE, or the terminal.`,
@@ -95,7 +115,8 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
   sauve init
   sauve backup /dev/vda --tag nightly
   sauve snapshots
-  sauve restore latest /dev/vdb`,
+  sauve restore latest /dev/vdb
+  sauve backup /dev/vda --repo 'https://acct.blob.core.windows.net/backups?sp=rcwl&se=2027-01-01&sig=...'`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Version:       Version,
@@ -104,19 +125,25 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.SetErr(g.stderr)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
 	pf := root.PersistentFlags()
-	pf.StringVarP(&g.repo, "repo", "r", os.Getenv("SAUVE_REPO"), "repository location: a folder or file:// URL ($SAUVE_REPO; default ~/.local/share/sauve/repo)")
+	pf.StringVarP(&g.repo, "repo", "r", os.Getenv("SAUVE_REPO"), "repository: a folder, azure://ACCOUNT/CONTAINER, an Azure SAS URL, s3://BUCKET or sftp://USER@HOST/PATH ($SAUVE_REPO; default ~/.local/share/sauve/repo)")
 	pf.StringVar(&g.keyFile, "key", os.Getenv("SAUVE_KEY"), "key file ($SAUVE_KEY; default: the one 'sauve init' saved for this repository)")
 	pf.BoolVar(&g.json, "json", false, "print results as JSON on stdout")
 	pf.BoolVarP(&g.quiet, "quiet", "q", false, "print nothing but errors (and --json output)")
 	pf.StringVar(&g.cacheDir, "cache-dir", os.Getenv("SAUVE_CACHE_DIR"), "local cache of index and chunk lists ($SAUVE_CACHE_DIR; default $XDG_CACHE_HOME/sauve)")
 	pf.BoolVar(&g.noCache, "no-cache", false, "do not use the local cache")
-	pf.IntVar(&g.connections, "connections", 0, "concurrent requests to the repository (default: 2 for a folder)")
+	pf.IntVar(&g.connections, "connections", 0, "objects transferred at once (default: 2 for a folder, 4 for Azure, S3 and SFTP)")
+	pf.StringVar(&g.s3Endpoint, "s3-endpoint", "", "S3-compatible service URL, e.g. http://127.0.0.1:9000 (default $AWS_ENDPOINT_URL, else AWS)")
+	pf.BoolVar(&g.s3PathStyle, "s3-path-style", false, "address S3 buckets as ENDPOINT/BUCKET (implied for IP and localhost endpoints)")
+	pf.DurationVar(&g.netTimeout, "net-timeout", 0, "fail and retry a network transfer that makes no progress for this long (default 1m)")
 	pf.StringVar(&g.progress, "progress", "auto", "progress bar on stderr: auto (when stderr is a terminal), always, never")
 
 	// Hidden: profiles for docs/BENCHMARKS.md.
 	var cpuProfile, memProfile string
 	pf.StringVar(&cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) to this file")
 	pf.StringVar(&memProfile, "mem-profile", "", "write a heap profile (pprof) at exit to this file")
+	// Hidden: tests that inject faults shorten the pauses between retries.
+	pf.DurationVar(&g.retryDelay, "retry-max-delay", 0, "longest pause between retries (default 30s)")
+	_ = pf.MarkHidden("retry-max-delay")
 	_ = pf.MarkHidden("cpu-profile")
 	_ = pf.MarkHidden("mem-profile")
 	var stopProfile func()
