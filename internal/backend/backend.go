@@ -31,6 +31,20 @@ const (
 // AllTypes lists the kinds that hold many objects (everything but config).
 var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LockFile}
 
+// ListPurpose says what listing objects of kind t is needed for, in the
+// words of an error that names a missing list permission.
+func ListPurpose(t FileType) string {
+	switch t {
+	case IndexFile:
+		return "to read the index"
+	case SnapshotFile:
+		return "to list snapshots"
+	case PackFile:
+		return "to find the packs of an interrupted backup"
+	}
+	return "to list " + string(t)
+}
+
 // Handle names one object.
 type Handle struct {
 	Type FileType
@@ -128,16 +142,25 @@ func ReadAll(ctx context.Context, be Backend, h Handle) ([]byte, error) {
 
 // ReadRange loads length bytes at off and fails unless all arrive.
 func ReadRange(ctx context.Context, be Backend, h Handle, off, length int64) ([]byte, error) {
-	rd, err := be.Load(ctx, h, off, length)
-	if err != nil {
+	buf := make([]byte, length)
+	if err := ReadRangeInto(ctx, be, h, off, buf); err != nil {
 		return nil, err
 	}
-	defer rd.Close()
-	buf := make([]byte, length)
-	if _, err := io.ReadFull(rd, buf); err != nil {
-		return nil, fmt.Errorf("read %d bytes at %d of %s: %w", length, off, h, err)
-	}
 	return buf, nil
+}
+
+// ReadRangeInto fills dst with the bytes at off and fails unless all
+// arrive.
+func ReadRangeInto(ctx context.Context, be Backend, h Handle, off int64, dst []byte) error {
+	rd, err := be.Load(ctx, h, off, int64(len(dst)))
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	if _, err := io.ReadFull(rd, dst); err != nil {
+		return fmt.Errorf("read %d bytes at %d of %s: %w", len(dst), off, h, err)
+	}
+	return nil
 }
 
 // ByteReader is a bytes.Reader that also hands out its slice, so that a

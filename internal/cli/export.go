@@ -38,20 +38,9 @@ complete; an existing OUTPUT is refused unless --force.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			start := time.Now()
-			r, err := g.openRepo(ctx, true)
+			r, sn, d, err := g.openDisk(ctx, "export", args[0], &ff, diskName)
 			if err != nil {
 				return err
-			}
-			sn, err := g.findSnapshot(ctx, r, args[0], &ff)
-			if err != nil {
-				return err
-			}
-			d, err := pickDisk(sn, diskName)
-			if err != nil {
-				return err
-			}
-			if !r.CanDecrypt() {
-				return fmt.Errorf("export of snapshot %s: %w", sn.ID.Short(), errWriteOnly(r))
 			}
 			opts, err := o.resolve(args[1], d.Size, cmd.Flags())
 			if err != nil {

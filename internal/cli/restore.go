@@ -50,20 +50,9 @@ A mounted device, or one smaller than the image, is refused.`,
 					return usageError{errors.New("refusing to write a disk image to a terminal: redirect stdout")}
 				}
 			}
-			r, err := g.openRepo(ctx, true)
+			r, sn, d, err := g.openDisk(ctx, "restore", args[0], &ff, diskName)
 			if err != nil {
 				return err
-			}
-			sn, err := g.findSnapshot(ctx, r, args[0], &ff)
-			if err != nil {
-				return err
-			}
-			d, err := pickDisk(sn, diskName)
-			if err != nil {
-				return err
-			}
-			if !r.CanDecrypt() {
-				return fmt.Errorf("restore of snapshot %s: %w", sn.ID.Short(), errWriteOnly(r))
 			}
 			prog := new(restore.Progress)
 			prog.Total.Store(d.Size)
@@ -109,6 +98,28 @@ A mounted device, or one smaller than the image, is refused.`,
 	cmd.Flags().BoolVar(&delta, "delta", false, "read the target and write only the chunks that differ")
 	cmd.Flags().StringVar(&diskName, "disk", "", "which disk of a multi-disk snapshot")
 	return cmd
+}
+
+// openDisk opens the repository for reading chunk data (what: "restore",
+// "export"), finds the snapshot that spec names and the disk of it that
+// name picks.
+func (g *globals) openDisk(ctx context.Context, what, spec string, ff *filterFlags, name string) (*repo.Repository, *repo.Snapshot, *repo.Disk, error) {
+	r, err := g.openRepo(ctx, true)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	sn, err := g.findSnapshot(ctx, r, spec, ff)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	d, err := pickDisk(sn, name)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if !r.CanDecrypt() {
+		return nil, nil, nil, fmt.Errorf("%s of snapshot %s: %w", what, sn.ID.Short(), errWriteOnly(r))
+	}
+	return r, sn, d, nil
 }
 
 func errWriteOnly(r *repo.Repository) error {

@@ -124,6 +124,16 @@ func (o *DataOpener) session(ephemeral [32]byte) (cipher.AEAD, error) {
 // Open decrypts a blob sealed by the session whose ephemeral public key is
 // given.
 func (o *DataOpener) Open(dst []byte, ephemeral [32]byte, sealed, additional []byte) ([]byte, error) {
+	return o.open(dst, false, ephemeral, sealed, additional)
+}
+
+// OpenInPlace is Open that decrypts over sealed's own storage (which it
+// overwrites, also when it fails) instead of allocating the plaintext.
+func (o *DataOpener) OpenInPlace(ephemeral [32]byte, sealed, additional []byte) ([]byte, error) {
+	return o.open(nil, true, ephemeral, sealed, additional)
+}
+
+func (o *DataOpener) open(dst []byte, inPlace bool, ephemeral [32]byte, sealed, additional []byte) ([]byte, error) {
 	if o == nil {
 		return nil, ErrWriteOnly
 	}
@@ -133,6 +143,9 @@ func (o *DataOpener) Open(dst []byte, ephemeral [32]byte, sealed, additional []b
 	}
 	if len(sealed) < a.NonceSize()+a.Overhead() {
 		return nil, fmt.Errorf("sealed blob too short (%d bytes)", len(sealed))
+	}
+	if inPlace {
+		dst = sealed[a.NonceSize():a.NonceSize()]
 	}
 	out, err := a.Open(dst, sealed[:a.NonceSize()], sealed[a.NonceSize():], additional)
 	if err != nil {

@@ -31,10 +31,6 @@ func Each(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, f
 	// Each job gets a one-slot promise, queued in plan order; the
 	// consumer waits on the promises in that order. The queue's capacity
 	// bounds how far fetching runs ahead of fn.
-	type fetched struct {
-		bufs [][]byte
-		err  error
-	}
 	type task struct {
 		j    job
 		done chan fetched
@@ -69,11 +65,13 @@ func Each(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, f
 		}
 		return nil
 	})
+	b := newBuffers(d.ChunkSize)
 	for range workers {
 		g.Go(func() error {
 			for t := range work {
-				bufs, err := fetch(gctx, r, t.j.spans, nil, &c)
-				t.done <- fetched{bufs, err}
+				f, err := fetch(gctx, r, t.j.spans, nil, &c, b)
+				f.err = err
+				t.done <- f
 				if err != nil {
 					return err
 				}
@@ -102,12 +100,14 @@ func Each(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, f
 			}
 			for k, s := range t.j.spans {
 				if err := fn(s.off, int64(s.n), f.bufs[k]); err != nil {
+					f.release()
 					return err
 				}
 				c.written.Add(int64(s.n))
 				c.chunksWritten.Add(1)
 				prog.Done.Add(int64(s.n))
 			}
+			f.release()
 			prog.Written.Store(c.written.Load())
 			prog.Fetched.Store(c.fetched.Load())
 		}

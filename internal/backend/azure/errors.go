@@ -84,15 +84,7 @@ func ago(d time.Duration) string {
 func purpose(o op, h backend.Handle) string {
 	switch o {
 	case opList:
-		switch h.Type {
-		case backend.IndexFile:
-			return "to read the index"
-		case backend.SnapshotFile:
-			return "to list snapshots"
-		case backend.PackFile:
-			return "to find the packs of an interrupted backup"
-		}
-		return "to list " + string(h.Type)
+		return backend.ListPurpose(h.Type)
 	case opWrite:
 		return "to store " + h.String()
 	case opDelete:
