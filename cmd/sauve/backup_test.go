@@ -347,6 +347,9 @@ func TestDefaultRepository(t *testing.T) {
 	if r.code != 0 || !strings.Contains(r.stderr, "created the default repository "+def) {
 		t.Fatalf("first backup to the default repository: exit %d\n%s", r.code, r.stderr)
 	}
+	if !strings.Contains(r.stderr, "the key has no passphrase") {
+		t.Errorf("the first backup does not say its new key has no passphrase:\n%s", r.stderr)
+	}
 	if _, err := os.Stat(filepath.Join(def, "config")); err != nil {
 		t.Fatal(err)
 	}

@@ -26,7 +26,14 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	sauveBin = filepath.Join(dir, "sauve")
-	out, err := exec.Command("go", "build", "-o", sauveBin, ".").CombinedOutput()
+	// SAUVE_TEST_RACE=1 builds the binary under test with the race
+	// detector: the pipelines are concurrent, and only the end-to-end
+	// tests drive them whole.
+	args := []string{"build", "-o", sauveBin}
+	if os.Getenv("SAUVE_TEST_RACE") != "" {
+		args = append(args, "-race")
+	}
+	out, err := exec.Command("go", append(args, ".")...).CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build sauve: %v\n%s", err, out)
 		os.Exit(1)

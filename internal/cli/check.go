@@ -2,6 +2,7 @@ package cli
 
 import (
 	"fmt"
+	"sync/atomic"
 
 	"github.com/spf13/cobra"
 
@@ -33,13 +34,21 @@ the exit status is 1. check never modifies the repository.`,
 				return err
 			}
 			var m *meter
-			var done, total int
+			var done, total atomic.Int64
 			if readData {
 				m = startMeter(g.stderr, g.showProgress(), meterSource{
-					label: "read packs", total: func() int64 { return int64(total) }, current: func() int64 { return int64(done) },
+					label: "read packs", total: total.Load, current: done.Load,
 				})
 			}
-			rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Progress: func(d, t int) { done, total = d, t }})
+			rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Progress: func(d, t int) {
+				total.Store(int64(t))
+				for { // calls come from several goroutines, not in order
+					cur := done.Load()
+					if int64(d) <= cur || done.CompareAndSwap(cur, int64(d)) {
+						break
+					}
+				}
+			}})
 			m.Stop()
 			if err != nil {
 				return err

@@ -190,6 +190,9 @@ func (g *globals) openRepo(ctx context.Context, loadIndex bool, create ...bool) 
 		}
 		if !g.quiet {
 			fmt.Fprintf(g.stderr, "sauve: created the default repository %s (key %s)\n", be.Location(), info.keyPath)
+			if len(info.passphrase) == 0 {
+				fmt.Fprintf(g.stderr, "sauve: the key has no passphrase (set SAUVE_PASSPHRASE before the first backup for one; 'sauve key passwd' adds one later); keep a copy of it elsewhere\n")
+			}
 		}
 		cfg, err = repo.ReadConfig(ctx, be)
 	}

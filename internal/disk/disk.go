@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -116,6 +117,9 @@ type Target struct {
 	Created bool
 	f       *os.File
 	direct  *os.File // the same file opened with O_DIRECT, or nil
+	// noDirect is set when the file system refused an O_DIRECT write;
+	// direct stays open (other goroutines may be writing) until Close.
+	noDirect atomic.Bool
 }
 
 // directAlign is the alignment O_DIRECT needs of offsets, lengths and
@@ -273,15 +277,14 @@ func partitionsOf(major, minor uint32) map[[2]uint32]bool {
 
 // WriteAt writes to a file or device target.
 func (t *Target) WriteAt(p []byte, off int64) (int, error) {
-	if t.direct != nil && aligned(p, off) {
+	if t.direct != nil && !t.noDirect.Load() && aligned(p, off) {
 		n, err := t.direct.WriteAt(p, off)
 		if err == nil || n != 0 || !errors.Is(err, syscall.EINVAL) {
 			return n, err
 		}
 		// EINVAL before anything was written: this file system or device
 		// wants another alignment; stay buffered from now on.
-		t.direct.Close()
-		t.direct = nil
+		t.noDirect.Store(true)
 	}
 	return t.f.WriteAt(p, off)
 }

@@ -17,7 +17,8 @@ import (
 type CheckOptions struct {
 	// ReadData downloads every pack and verifies every blob in it.
 	ReadData bool
-	// Progress is called with packs done and total while reading data.
+	// Progress is called with packs done and total while reading data,
+	// from several goroutines at once.
 	Progress func(done, total int)
 }
 

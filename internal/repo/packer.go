@@ -141,16 +141,19 @@ func (p *packer) add(t BlobType, id ID, coded []byte) (int, error) {
 	case MetaBlob:
 		pb.buf = p.r.meta.Seal(pb.buf, coded, id[:])
 	}
-	pb.blobs = append(pb.blobs, PackBlob{Type: t, ID: id, Offset: uint32(start), Length: uint32(len(pb.buf) - start)})
+	n := len(pb.buf) - start
+	pb.blobs = append(pb.blobs, PackBlob{Type: t, ID: id, Offset: uint32(start), Length: uint32(n)})
 	var full *packBuilder
 	if len(pb.buf)+len(pb.blobs)*trailerEntry >= p.r.cfg.PackSize {
 		full, p.cur = pb, nil
 	}
 	p.mu.Unlock()
+	// pb is another writer's once p.mu is released: only n, taken under
+	// the lock, is ours.
 	if full != nil {
-		return len(pb.buf) - start, p.send(full)
+		return n, p.send(full)
 	}
-	return len(pb.buf) - start, nil
+	return n, nil
 }
 
 func (p *packer) send(pb *packBuilder) error {
