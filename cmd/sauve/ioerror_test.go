@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -72,7 +74,7 @@ func (f *faultyFile) Read(ctx context.Context, fh fs.FileHandle, dest []byte, of
 		return nil, syscall.EIO
 	}
 	n, err := f.backing.ReadAt(dest, off)
-	if err != nil && n == 0 && !strings.Contains(err.Error(), "EOF") {
+	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, fs.ToErrno(err)
 	}
 	return fuse.ReadResultData(dest[:n]), 0

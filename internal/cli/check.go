@@ -41,13 +41,8 @@ the exit status is 1. check never modifies the repository.`,
 				})
 			}
 			rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Progress: func(d, t int) {
+				done.Store(int64(d)) // read by the meter's goroutine
 				total.Store(int64(t))
-				for { // calls come from several goroutines, not in order
-					cur := done.Load()
-					if int64(d) <= cur || done.CompareAndSwap(cur, int64(d)) {
-						break
-					}
-				}
 			}})
 			m.Stop()
 			if err != nil {

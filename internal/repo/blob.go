@@ -91,14 +91,15 @@ func (c *compressor) encode(dst, plain []byte) []byte {
 
 var errCoding = errors.New("unknown blob coding")
 
-// decode appends the plaintext of coded to dst; the result never exceeds
-// maxSize bytes, whatever the input claims.
 // DecodeSlack is the room beyond the largest plaintext that decoding
 // wants in its output buffer: with less, the zstd decoder takes its slower
 // bounds-checked path for the last block of every chunk (a fifth of a
 // restore's decompression time).
 const DecodeSlack = 64
 
+// decode appends the plaintext of coded to dst; the result never exceeds
+// maxSize bytes, whatever the input claims. dst with maxSize+DecodeSlack
+// bytes of spare capacity is decoded into in place.
 func (c *compressor) decode(dst, coded []byte, maxSize int) ([]byte, error) {
 	if len(coded) == 0 {
 		return nil, errCoding

@@ -18,7 +18,7 @@ type CheckOptions struct {
 	// ReadData downloads every pack and verifies every blob in it.
 	ReadData bool
 	// Progress is called with packs done and total while reading data,
-	// from several goroutines at once.
+	// one call at a time and in order; it must be quick.
 	Progress func(done, total int)
 }
 
@@ -266,11 +266,10 @@ func (c *checker) readData(ctx context.Context, stored map[ID]int64, missing map
 			done++
 			c.report.PacksRead++
 			c.report.BytesRead += stored[p]
-			d := done
-			c.mu.Unlock()
 			if progress != nil {
-				progress(d, len(packs))
+				progress(done, len(packs)) // under c.mu: calls arrive in order
 			}
+			c.mu.Unlock()
 			return err
 		})
 	}

@@ -257,7 +257,9 @@ type buffers struct {
 
 func newBuffers(chunkSize int) *buffers { return &buffers{chunk: chunkSize} }
 
-func get(p *sync.Pool, n, atLeast int) *[]byte {
+// pooled returns a buffer of length n from p, or a new one with room for
+// atLeast bytes.
+func pooled(p *sync.Pool, n, atLeast int) *[]byte {
 	if b, ok := p.Get().(*[]byte); ok && cap(*b) >= n {
 		*b = (*b)[:n]
 		return b
@@ -302,7 +304,7 @@ func fetch(ctx context.Context, r *repo.Repository, spans []span, want []bool, c
 	first, last := spans[0].loc, spans[len(spans)-1].loc
 	h := backend.Handle{Type: backend.PackFile, Name: first.Pack.String()}
 	length := int64(last.Offset+last.Length) - int64(first.Offset)
-	rawp := get(&b.raws, int(length), maxRun)
+	rawp := pooled(&b.raws, int(length), maxRun)
 	defer b.raws.Put(rawp)
 	raw := *rawp
 	if err := backend.ReadRangeInto(ctx, r.Backend(), h, int64(first.Offset), raw); err != nil {
@@ -314,8 +316,8 @@ func fetch(ctx context.Context, r *repo.Repository, spans []span, want []bool, c
 	// Decoding wants chunk+DecodeSlack of room at each start, which the
 	// buffer's tail provides for the last chunk and the next slot (not yet
 	// decoded) for the others.
-	total := (len(spans)-1)*b.chunk + b.chunk + repo.DecodeSlack
-	out := fetched{bufs: make([][]byte, len(spans)), b: b, plain: get(&b.plains, total, maxPlainRun+repo.DecodeSlack)}
+	total := len(spans)*b.chunk + repo.DecodeSlack
+	out := fetched{bufs: make([][]byte, len(spans)), b: b, plain: pooled(&b.plains, total, maxPlainRun+repo.DecodeSlack)}
 	buf := *out.plain
 	for k, s := range spans {
 		if want != nil && !want[k] {
@@ -333,7 +335,9 @@ func fetch(ctx context.Context, r *repo.Repository, spans []span, want []bool, c
 			return fetched{}, fmt.Errorf("chunk %s at disk offset %d: %d bytes, expected %d", s.id.Short(), s.off, len(plain), s.n)
 		}
 		if &plain[0] != &buf[pos] {
-			copy(buf[pos:], plain) // decoded elsewhere; not expected
+			// decode had room, so it decoded in place; were that ever to
+			// change, copying keeps the run contiguous.
+			copy(buf[pos:], plain)
 		}
 		out.bufs[k] = buf[pos : pos+s.n : pos+s.n]
 	}
