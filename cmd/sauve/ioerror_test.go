@@ -169,7 +169,7 @@ func TestReadErrorFailsCleanly(t *testing.T) {
 		t.Errorf("backup after the read error stored %d new bytes: the failed run's packs were not reused", second.BytesNew)
 	}
 	out2 := e.path("second.img")
-	e.ok("restore", "latest", out2)
+	e.ok("restore", "latest", out2, "--source", src)
 	sameFile(t, backing, out2)
 	e.ok("check", "--read-data")
 }

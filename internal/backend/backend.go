@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 )
 
 // FileType is the kind of object, which decides its place in the layout.
@@ -25,11 +26,19 @@ const (
 	PackFile     FileType = "data"
 	IndexFile    FileType = "index"
 	SnapshotFile FileType = "snapshots"
+	LedgerFile   FileType = "ledger"
 	LockFile     FileType = "locks"
 )
 
 // AllTypes lists the kinds that hold many objects (everything but config).
-var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LockFile}
+var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LedgerFile, LockFile}
+
+// ContentAddressed reports whether objects of kind t are named by the hash
+// of their bytes: saving one that exists stores the same bytes again, so a
+// backend may treat it as done.
+func ContentAddressed(t FileType) bool {
+	return t == PackFile || t == IndexFile || t == SnapshotFile || t == LedgerFile
+}
 
 // ListPurpose says what listing objects of kind t is needed for, in the
 // words of an error that names a missing list permission.
@@ -39,6 +48,8 @@ func ListPurpose(t FileType) string {
 		return "to read the index"
 	case SnapshotFile:
 		return "to list snapshots"
+	case LedgerFile:
+		return "to read the owner's records (damage found, revoked writers)"
 	case PackFile:
 		return "to find the packs of an interrupted backup"
 	}
@@ -176,3 +187,41 @@ func NewByteReader(b []byte) *ByteReader { return &ByteReader{bytes.NewReader(b)
 
 // Bytes returns the whole slice.
 func (r *ByteReader) Bytes() []byte { return r.buf }
+
+// Stray is a file among a repository's objects that is not one: the
+// temporary file of a write that was interrupted (kill -9, a crash).
+type Stray struct {
+	Path    string // relative to the repository root, with slashes
+	Size    int64
+	ModTime time.Time
+}
+
+// StrayLister is implemented by backends whose writes go through
+// temporary files beside the objects (a folder, SFTP). Object stores make
+// uploads visible whole or not at all, and hold none.
+type StrayLister interface {
+	// ListStray calls fn for every temporary file.
+	ListStray(ctx context.Context, fn func(Stray) error) error
+	// RemoveStray deletes one, by the Path ListStray gave.
+	RemoveStray(ctx context.Context, path string) error
+}
+
+// StrayListerOf returns the StrayLister of be or of a backend it wraps.
+func StrayListerOf(be Backend) (StrayLister, bool) {
+	for be != nil {
+		if s, ok := be.(StrayLister); ok {
+			return s, true
+		}
+		u, ok := be.(interface{ Unwrap() Backend })
+		if !ok {
+			return nil, false
+		}
+		be = u.Unwrap()
+	}
+	return nil, false
+}
+
+// StrayDirs are the folders, relative to the root, that may hold stray
+// files: the root (config) and every object kind's folder (for packs,
+// also its fan-out folders, which ListStray implementations walk).
+var StrayDirs = []string{".", string(PackFile), string(IndexFile), string(SnapshotFile), string(LedgerFile), string(LockFile)}

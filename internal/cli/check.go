@@ -10,22 +10,34 @@ import (
 )
 
 func newCheckCmd(g *globals) *cobra.Command {
-	var readData bool
+	var readData, noRecord bool
 	cmd := &cobra.Command{
 		Use:   "check",
 		Short: "Verify the repository's structure, and with --read-data all its data",
 		Long: `Verify that the repository is whole: every index object readable, every pack
 the index names present and long enough, every snapshot's signature valid,
-and every chunk of every snapshot indexed in a pack that exists.
+and for every chunk of every snapshot at least one copy in a pack that
+exists. A chunk stored twice (by two backups at once) is damaged only when
+every copy is.
 
-With --read-data, also download every pack, check it against its name, and
-decrypt and verify every chunk in it (a write-only key can verify packs and
-chunk lists but not decrypt chunks).
+With --read-data, also download every pack, check it against its name and
+its writer's signature, and decrypt and verify every chunk in it (a
+write-only key can verify packs and chunk lists but not decrypt chunks).
 
-Damage is reported with the snapshots, disks and byte ranges it affects, and
-the exit status is 1. check never modifies the repository.`,
+Damage is named exactly: the damaged packs and index objects, and the
+snapshots, disks and byte ranges they cost; the exit status is then 1, and
+the report is the same on every run. A damaged index object does not hide
+intact packs: they are read from their own trailers.
+
+With the owner's key, check --read-data records what it found in the
+repository's ledger (unless --no-record): later backups store again the
+chunks of packs found damaged instead of reusing them, and packs written by
+write-only keys that verified are endorsed, so that every writer may reuse
+their chunks. It only adds objects; check without --read-data writes
+nothing. 'sauve repair index' rebuilds damaged index objects.`,
 		Example: `  sauve check
-  sauve check --read-data --json`,
+  sauve check --read-data --json
+  sauve check --read-data && sauve repair index`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
@@ -40,7 +52,7 @@ the exit status is 1. check never modifies the repository.`,
 					label: "read packs", total: total.Load, current: done.Load,
 				})
 			}
-			rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Progress: func(d, t int) {
+			rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Record: !noRecord, Progress: func(d, t int) {
 				done.Store(int64(d)) // read by the meter's goroutine
 				total.Store(int64(t))
 			}})
@@ -62,6 +74,7 @@ the exit status is 1. check never modifies the repository.`,
 		},
 	}
 	cmd.Flags().BoolVar(&readData, "read-data", false, "download and verify every pack and chunk")
+	cmd.Flags().BoolVar(&noRecord, "no-record", false, "with --read-data: do not record the findings in the repository's ledger")
 	return cmd
 }
 
@@ -89,10 +102,21 @@ func printCheck(g *globals, rep *repo.CheckReport, readData bool) {
 		if rep.DataSkipped {
 			g.printf("the key is write-only: chunk data was checked against pack names, not decrypted\n")
 		}
+		if rep.Recorded {
+			g.printf("findings recorded in the repository's ledger\n")
+		}
 	}
 	if rep.OK() {
 		g.printf("no errors found\n")
-	} else {
-		fmt.Fprintf(g.stderr, "sauve: check found %d errors; %d snapshots are damaged\n", len(rep.Errors), len(rep.Damaged))
+		return
+	}
+	snaps := map[repo.ID]bool{}
+	for _, d := range rep.Damaged {
+		snaps[d.Snapshot] = true
+	}
+	fmt.Fprintf(g.stderr, "sauve: check found %d errors: %d damaged packs, %d damaged index objects; %d snapshots cannot be restored whole\n",
+		len(rep.Errors), len(rep.DamagedPacks), len(rep.DamagedIndex), len(snaps))
+	if len(rep.DamagedIndex) > 0 || rep.Unindexed > 0 {
+		fmt.Fprintf(g.stderr, "sauve: 'sauve repair index' rewrites the index from the packs' trailers\n")
 	}
 }

@@ -50,7 +50,7 @@ complete; an existing OUTPUT is refused unless --force.`,
 			var res *restore.Result
 			data, err := g.writeImage(ctx, args[1], o.force, opts, "export "+d.Name, prog.Done.Load, func(w vdisk.Writer) error {
 				var err error
-				res, err = restore.Each(ctx, r, d, restore.Options{Progress: prog}, func(off, n int64, data []byte) error {
+				res, err = restore.Each(ctx, r, d, restore.Options{Progress: prog, Warn: g.warnf}, func(off, n int64, data []byte) error {
 					if data == nil {
 						return nil
 					}

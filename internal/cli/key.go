@@ -24,9 +24,12 @@ machine cannot read the repository. Its backups are signed and verified on
 restore like the owner's.`,
 		Example: `  sauve key show
   sauve key export --write-only --name web1 /tmp/web1.key
+  sauve key export --write-only --name vmhost --host 'vm-*' /tmp/vmhost.key
+  sauve key list
+  sauve key revoke web1
   SAUVE_NEW_PASSPHRASE='new words' sauve key passwd`,
 	}
-	cmd.AddCommand(newKeyExportCmd(g), newKeyShowCmd(g), newKeyPasswdCmd(g))
+	cmd.AddCommand(newKeyExportCmd(g), newKeyShowCmd(g), newKeyPasswdCmd(g), newKeyListCmd(g), newKeyRevokeCmd(g))
 	return cmd
 }
 
@@ -46,6 +49,7 @@ func (g *globals) keyForRepo(cmd *cobra.Command) (*crypto.Keys, string, error) {
 func newKeyExportCmd(g *globals) *cobra.Command {
 	var writeOnly bool
 	var name string
+	var hosts []string
 	cmd := &cobra.Command{
 		Use:   "export FILE",
 		Short: "Write a copy of the key, or a write-only key, to FILE",
@@ -53,9 +57,17 @@ func newKeyExportCmd(g *globals) *cobra.Command {
 
 With --write-only the new key can back up but not restore; it gets its own
 signing key, certified by the owner's, and --name labels it (default: this
-host). Without it, FILE is a copy of the full key. The new file is protected
-by the passphrase from $SAUVE_NEW_PASSPHRASE, or one asked on the terminal.`,
+host; "owner" is reserved). Its certificate names the hosts it may back up
+(--host, repeatable, with shell-style patterns such as 'vm-*'; default: its
+name): a snapshot it signs for another host is marked, never taken as
+'latest', so a stolen key cannot plant the disk that another machine's
+restore would pick. Without --write-only, FILE is a copy of the full key.
+The new file is protected by the passphrase from $SAUVE_NEW_PASSPHRASE, or
+one asked on the terminal.
+
+What a write-only key can and cannot do is in docs/SECURITY.md.`,
 		Example: `  sauve key export --write-only --name web1 /tmp/web1.key
+  sauve key export --write-only --name hv1 --host 'vm-*' --host hv1 /tmp/hv1.key
   sauve key export /media/usb/sauve-full.key`,
 		Args: exactArgs(1, "the FILE to write"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -68,9 +80,11 @@ by the passphrase from $SAUVE_NEW_PASSPHRASE, or one asked on the terminal.`,
 				if name == "" {
 					name, _ = os.Hostname()
 				}
-				if out, err = keys.DeriveWriteOnly(name); err != nil {
-					return err
+				if out, err = keys.DeriveWriteOnly(name, hosts...); err != nil {
+					return usageError{err}
 				}
+			} else if len(hosts) > 0 {
+				return usageError{errors.New("--host applies to --write-only keys")}
 			} else if keys.Kind != crypto.Full {
 				return errors.New("this key is write-only: it cannot export a full key")
 			}
@@ -94,6 +108,7 @@ by the passphrase from $SAUVE_NEW_PASSPHRASE, or one asked on the terminal.`,
 	}
 	cmd.Flags().BoolVar(&writeOnly, "write-only", false, "make a key that can back up but not restore")
 	cmd.Flags().StringVar(&name, "name", "", "name of the writer in its certificate (default: host name)")
+	cmd.Flags().StringArrayVar(&hosts, "host", nil, "host (or pattern, e.g. 'vm-*') the write-only key may back up (repeatable; default: its name)")
 	return cmd
 }
 

@@ -210,6 +210,7 @@ func (g *globals) openRepo(ctx context.Context, loadIndex bool, create ...bool) 
 		CacheDir:    g.cacheBase(),
 		Connections: g.connections,
 		Warn:        func(f string, a ...any) { g.warnf(f, a...) },
+		Program:     "sauve " + Version,
 	})
 	if err != nil {
 		return nil, err

@@ -23,8 +23,8 @@ func newRestoreCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "restore SNAPSHOT TARGET",
 		Short: "Restore a disk from a snapshot to a file, a device or stdout",
-		Long: `Restore a disk of SNAPSHOT (an ID prefix, or 'latest' with optional --host
-and --tag filters) to TARGET:
+		Long: `Restore a disk of SNAPSHOT (an ID prefix, or 'latest' with optional --host,
+--source and --tag filters) to TARGET:
 
   a new file     written sparse: zero chunks stay holes
   an existing    every byte made equal to the snapshot (zeros written or
@@ -34,7 +34,15 @@ and --tag filters) to TARGET:
 With --delta, the target is read and hashed first and only the chunks that
 differ are fetched and written: a fast rollback, or the last pass of a
 migration. Every chunk is verified against its ID before it is written.
-A mounted device, or one smaller than the image, is refused.`,
+A mounted device, or one smaller than the image, is refused.
+
+'latest' is the newest snapshot of one machine's disk: when the snapshots
+that match are of several hosts or sources, restore lists them and asks for
+--host and --source, so that one machine's disk is never written with
+another's. It skips snapshots marked in 'sauve snapshots' (a host outside
+its writer's certificate, a date in the future, a revoked writer).
+Every chunk is read from the copy its snapshot's writer stored, else from
+any other copy that verifies.`,
 		Example: `  sauve restore latest /var/tmp/vda.img
   sauve restore 1a2b3c4d /dev/vdb
   sauve restore latest --host web1 /dev/vda --delta
@@ -62,9 +70,9 @@ A mounted device, or one smaller than the image, is refused.`,
 			})
 			var res *restore.Result
 			if args[1] == "-" {
-				res, err = restore.ToStream(ctx, r, d, os.Stdout, restore.Options{Progress: prog})
+				res, err = restore.ToStream(ctx, r, d, os.Stdout, restore.Options{Progress: prog, Warn: g.warnf})
 			} else {
-				res, err = restoreToTarget(ctx, r, d, args[1], delta, prog)
+				res, err = restoreToTarget(ctx, r, d, args[1], delta, prog, g.warnf)
 			}
 			m.Stop()
 			if err != nil {
@@ -84,7 +92,7 @@ A mounted device, or one smaller than the image, is refused.`,
 				}
 				return nil
 			}
-			g.printf("restored snapshot %s (%s, %s) to %s\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), args[1])
+			g.printf("restored snapshot %s (%s, %s, host %s, signed by %s) to %s\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), sn.Host, sn.Signer, args[1])
 			if delta {
 				g.printf("  delta: %d chunks unchanged, %d written, %s written in all\n", res.ChunksSame, res.ChunksWritten, bytesIEC(res.BytesWritten))
 			} else {
@@ -142,7 +150,7 @@ func pickDisk(sn *repo.Snapshot, name string) (*repo.Disk, error) {
 	return nil, fmt.Errorf("snapshot %s has no disk %q", sn.ID.Short(), name)
 }
 
-func restoreToTarget(ctx context.Context, r *repo.Repository, d *repo.Disk, path string, delta bool, prog *restore.Progress) (*restore.Result, error) {
+func restoreToTarget(ctx context.Context, r *repo.Repository, d *repo.Disk, path string, delta bool, prog *restore.Progress, warn func(string, ...any)) (*restore.Result, error) {
 	t, err := disk.OpenTarget(path, disk.TargetOptions{ImageSize: d.Size})
 	if err != nil {
 		return nil, err
@@ -150,7 +158,7 @@ func restoreToTarget(ctx context.Context, r *repo.Repository, d *repo.Disk, path
 	if delta && t.Created {
 		delta = false // nothing to compare against
 	}
-	res, err := restore.ToTarget(ctx, r, d, t, restore.Options{Delta: delta, Fresh: t.Created, Progress: prog})
+	res, err := restore.ToTarget(ctx, r, d, t, restore.Options{Delta: delta, Fresh: t.Created, Progress: prog, Warn: warn})
 	if err == nil {
 		err = t.Finish(d.Size)
 	}

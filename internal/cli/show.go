@@ -43,7 +43,10 @@ read and stored (unknown or damaged filesystem, mounted read-write,
 			if len(sn.Tags) > 0 {
 				fmt.Fprintf(w, ", tags %s", strings.Join(sn.Tags, ","))
 			}
-			fmt.Fprintf(w, "\n  signed by %s, written by %s\n", sn.Signer, sn.Program)
+			fmt.Fprintf(w, "\n  signed by %s (%s key %x), written by %s\n", sn.Signer, signerKind(sn), sn.SignerKey[:8], sn.Program)
+			for _, m := range sn.Marks {
+				fmt.Fprintf(w, "  ! %s\n", m)
+			}
 			for _, d := range sn.Disks {
 				fmt.Fprintf(w, "\ndisk %s: %s (%d bytes), %s %s\n", d.Name, bytesIEC(d.Size), d.Size, d.Kind, d.Source)
 				st := d.Stats

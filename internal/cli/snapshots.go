@@ -13,16 +13,20 @@ import (
 )
 
 type filterFlags struct {
-	host string
-	tags []string
+	host   string
+	tags   []string
+	source string
 }
 
 func (f *filterFlags) add(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.host, "host", "", "only snapshots of this host")
 	cmd.Flags().StringArrayVar(&f.tags, "tag", nil, "only snapshots with this tag (repeatable: all must match)")
+	cmd.Flags().StringVar(&f.source, "source", "", "only snapshots of this source (its path as backed up, e.g. /dev/vda, or the disk's name)")
 }
 
-func (f *filterFlags) filter() repo.Filter { return repo.Filter{Host: f.host, Tags: f.tags} }
+func (f *filterFlags) filter() repo.Filter {
+	return repo.Filter{Host: f.host, Tags: f.tags, Path: f.source}
+}
 
 // snapshots loads every snapshot; those failing verification are warned
 // about and left out.
@@ -31,24 +35,45 @@ func (g *globals) snapshots(ctx context.Context, r *repo.Repository) ([]*repo.Sn
 }
 
 // findSnapshot resolves a SNAPSHOT argument ('latest' or an ID prefix)
-// with the --host/--tag filters.
+// with the --host/--tag/--source filters, and warns when the one named is
+// marked (see repo.Snapshot.Marks): 'latest' never picks one.
 func (g *globals) findSnapshot(ctx context.Context, r *repo.Repository, spec string, f *filterFlags) (*repo.Snapshot, error) {
 	all, err := g.snapshots(ctx, r)
 	if err != nil {
 		return nil, err
 	}
-	return repo.FindSnapshot(all, spec, f.filter())
+	sn, err := repo.FindSnapshot(all, spec, f.filter())
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range sn.Marks {
+		g.warnf("snapshot %s (signed by %s) %s", sn.ID.Short(), sn.Signer, m)
+	}
+	return sn, nil
+}
+
+// signerKind says whether a snapshot was signed by the owner or a writer.
+func signerKind(sn *repo.Snapshot) string {
+	if sn.Writer == repo.OwnerWriter {
+		return "owner"
+	}
+	return "writer"
 }
 
 type snapshotJSON struct {
-	ID     string     `json:"id"`
-	Short  string     `json:"short_id"`
-	Time   time.Time  `json:"time"`
-	Host   string     `json:"host"`
-	Tags   []string   `json:"tags"`
-	Parent string     `json:"parent,omitempty"`
-	Signer string     `json:"signer"`
-	Disks  []diskJSON `json:"disks"`
+	ID     string    `json:"id"`
+	Short  string    `json:"short_id"`
+	Time   time.Time `json:"time"`
+	Host   string    `json:"host"`
+	Tags   []string  `json:"tags"`
+	Parent string    `json:"parent,omitempty"`
+	Signer string    `json:"signer"`
+	// SignerKind is "owner" or "writer"; SignerKey the signing key's
+	// first 8 bytes in hex; Marks why 'latest' skips the snapshot.
+	SignerKind string     `json:"signer_kind"`
+	SignerKey  string     `json:"signer_key"`
+	Marks      []string   `json:"marks"`
+	Disks      []diskJSON `json:"disks"`
 }
 
 type diskJSON struct {
@@ -65,9 +90,13 @@ type diskJSON struct {
 }
 
 func toJSON(sn *repo.Snapshot) snapshotJSON {
-	out := snapshotJSON{ID: sn.ID.String(), Short: sn.ID.Short(), Time: sn.Time, Host: sn.Host, Tags: sn.Tags, Signer: sn.Signer}
+	out := snapshotJSON{ID: sn.ID.String(), Short: sn.ID.Short(), Time: sn.Time, Host: sn.Host, Tags: sn.Tags, Signer: sn.Signer,
+		SignerKind: signerKind(sn), SignerKey: fmt.Sprintf("%x", sn.SignerKey[:8]), Marks: sn.Marks}
 	if out.Tags == nil {
 		out.Tags = []string{}
+	}
+	if out.Marks == nil {
+		out.Marks = []string{}
 	}
 	if sn.Parent != nil {
 		out.Parent = sn.Parent.String()
@@ -85,8 +114,14 @@ func newSnapshotsCmd(g *globals) *cobra.Command {
 		Use:   "snapshots",
 		Short: "List snapshots",
 		Long: `List the snapshots in the repository, oldest first, with the disks each
-holds. Every manifest's signature is verified; one that fails is reported
-and left out.`,
+holds and who signed each: the owner, or the writer key (by its name) that
+backed it up. Every manifest's signature is verified; one that fails is
+reported and left out.
+
+A snapshot marked with ! is one 'latest' never picks, for the reason given
+below the table: its host is not one its writer's certificate allows, it is
+dated in the future, its writer was revoked ('sauve key revoke'), or data
+it holds was lost for good. Name it by its ID to restore it anyway.`,
 		Example: `  sauve snapshots
   sauve snapshots --host web1 --tag nightly
   sauve snapshots --json | jq -r '.[-1].id'`,
@@ -119,18 +154,29 @@ and left out.`,
 				return nil
 			}
 			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tTime\tHost\tTags\tDisk\tSize\tSource")
+			fmt.Fprintln(tw, "ID\tTime\tHost\tTags\tSigned by\tDisk\tSize\tSource")
+			var marked []*repo.Snapshot
 			for _, sn := range list {
+				id := sn.ID.Short()
+				if len(sn.Marks) > 0 {
+					id += " !"
+					marked = append(marked, sn)
+				}
 				for i, d := range sn.Disks {
-					id, t, h, tags := sn.ID.Short(), sn.Time.Local().Format("2006-01-02 15:04:05"), sn.Host, strings.Join(sn.Tags, ",")
+					id, t, h, tags, who := id, sn.Time.Local().Format("2006-01-02 15:04:05"), sn.Host, strings.Join(sn.Tags, ","), sn.Signer
 					if i > 0 {
-						id, t, h, tags = "", "", "", ""
+						id, t, h, tags, who = "", "", "", "", ""
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, t, h, tags, d.Name, bytesIEC(d.Size), d.Source)
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, t, h, tags, who, d.Name, bytesIEC(d.Size), d.Source)
 				}
 			}
 			tw.Flush()
 			fmt.Fprintf(g.stdout, "%d snapshots\n", len(list))
+			for _, sn := range marked {
+				for _, m := range sn.Marks {
+					fmt.Fprintf(g.stdout, "! %s %s\n", sn.ID.Short(), m)
+				}
+			}
 			return nil
 		},
 	}

@@ -5,8 +5,10 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"path"
 	"time"
 )
 
@@ -38,23 +40,61 @@ type Keys struct {
 	Cert   *Cert // nil when Signer is the owner key
 }
 
-// Cert is the owner's statement that a writer key may sign manifests.
+// Cert is the owner's statement that a writer key may sign manifests,
+// index objects and packs, and for which hosts.
 type Cert struct {
+	// Version is 2 for certificates that list Hosts, absent (1) before.
+	Version   int       `json:"version,omitempty"`
 	Repo      string    `json:"repository"`
 	Signer    []byte    `json:"signer"`
 	Name      string    `json:"name"`
+	Hosts     []string  `json:"hosts,omitempty"`
 	Created   time.Time `json:"created"`
 	Signature []byte    `json:"signature"`
 }
 
+// maxCertBytes bounds an encoded certificate (it is read from storage).
+const maxCertBytes = 8 << 10
+
 func (c *Cert) signedBytes() []byte {
-	b := []byte("sauve writer certificate v1\x00")
+	v := "1"
+	if c.Version >= 2 {
+		v = "2"
+	}
+	b := []byte("sauve writer certificate v" + v + "\x00")
 	b = append(b, c.Repo...)
 	b = append(b, 0)
 	b = append(b, c.Signer...)
 	b = append(b, c.Name...)
 	b = append(b, 0)
-	return binary.BigEndian.AppendUint64(b, uint64(c.Created.UnixNano()))
+	b = binary.BigEndian.AppendUint64(b, uint64(c.Created.UnixNano()))
+	if c.Version >= 2 {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(c.Hosts)))
+		for _, h := range c.Hosts {
+			b = append(b, h...)
+			b = append(b, 0)
+		}
+	}
+	return b
+}
+
+func (c *Cert) encode() []byte {
+	b, _ := json.Marshal(c)
+	return b
+}
+
+func decodeCert(b []byte) (*Cert, error) {
+	if len(b) > maxCertBytes {
+		return nil, fmt.Errorf("%d bytes is too long for a certificate", len(b))
+	}
+	var c Cert
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, err
+	}
+	if c.Version > 2 {
+		return nil, fmt.Errorf("certificate version %d is not supported", c.Version)
+	}
+	return &c, nil
 }
 
 func random32() (k [32]byte) {
@@ -86,16 +126,28 @@ func Generate(repoID string) (*Keys, error) {
 func (k *Keys) CanDecrypt() bool { return k.DataPrivate != nil }
 
 // DeriveWriteOnly makes a write-only key with a new signing key certified by
-// this (full) key. name labels the writer (a host, say) in the certificate.
-func (k *Keys) DeriveWriteOnly(name string) (*Keys, error) {
+// this (full) key. name labels the writer in the certificate; hosts are
+// the host-name patterns its manifests may name (default: name).
+func (k *Keys) DeriveWriteOnly(name string, hosts ...string) (*Keys, error) {
 	if k.Kind != Full || k.Cert != nil {
 		return nil, errors.New("only a full key can create a write-only key")
+	}
+	if err := ValidWriterName(name); err != nil {
+		return nil, err
+	}
+	if len(hosts) == 0 {
+		hosts = []string{name}
+	}
+	for _, h := range hosts {
+		if _, err := path.Match(h, ""); err != nil || h == "" {
+			return nil, fmt.Errorf("host pattern %q is not a valid pattern", h)
+		}
 	}
 	pub, sk, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		return nil, err
 	}
-	c := &Cert{Repo: k.RepoID, Signer: pub, Name: name, Created: time.Now().UTC()}
+	c := &Cert{Version: 2, Repo: k.RepoID, Signer: pub, Name: name, Hosts: hosts, Created: time.Now().UTC()}
 	c.Signature = ed25519.Sign(k.Signer, c.signedBytes())
 	return &Keys{
 		RepoID: k.RepoID, Kind: WriteOnly, MetaKey: k.MetaKey, IDKey: k.IDKey,
@@ -137,14 +189,11 @@ func (k *Keys) Verify(msg []byte, s Signature) error {
 	}
 	signer := ed25519.PublicKey(s.Signer)
 	if !signer.Equal(k.OwnerPublic) {
-		c := s.Cert
-		if c == nil {
+		if s.Cert == nil || !ed25519.PublicKey(s.Cert.Signer).Equal(signer) {
 			return ErrUntrustedSigner
 		}
-		if c.Repo != k.RepoID || !ed25519.PublicKey(c.Signer).Equal(signer) ||
-			len(c.Signature) != ed25519.SignatureSize ||
-			!ed25519.Verify(k.OwnerPublic, c.signedBytes(), c.Signature) {
-			return ErrUntrustedSigner
+		if err := k.VerifyCert(s.Cert); err != nil {
+			return err
 		}
 	}
 	if !ed25519.Verify(signer, manifestMessage(msg), s.Signature) {
@@ -154,11 +203,20 @@ func (k *Keys) Verify(msg []byte, s Signature) error {
 }
 
 // SignerName describes who signed: "owner" or the certified writer's name.
-func (s Signature) SignerName() string {
-	if s.Cert == nil {
-		return "owner"
+func (s Signature) SignerName() string { return DisplayName(s.Cert) }
+
+// DisplayName is how a signer is shown: "owner" for the owner (no
+// certificate), else the writer's name, marked as a writer when it could
+// be mistaken for the owner (a certificate issued before the name was
+// reserved).
+func DisplayName(c *Cert) string {
+	if c == nil {
+		return OwnerName
 	}
-	return s.Cert.Name
+	if ValidWriterName(c.Name) != nil {
+		return fmt.Sprintf("writer %q", c.Name)
+	}
+	return c.Name
 }
 
 // DataSealer starts a data-sealing session to the repository's public key.

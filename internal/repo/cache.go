@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 )
 
 // Cache keeps copies of a repository's index objects, manifests and chunk
@@ -17,6 +18,7 @@ import (
 // costs a download, never a wrong result.
 type Cache struct {
 	dir string
+	mu  sync.Mutex // the own-packs journal
 }
 
 // Cache kinds.
@@ -28,6 +30,9 @@ const (
 
 // OpenCache returns the cache for repository id under base.
 func OpenCache(base, id string) (*Cache, error) {
+	if err := ValidRepoID(id); err != nil {
+		return nil, err
+	}
 	dir := filepath.Join(base, id)
 	for _, k := range []string{cacheIndex, cacheSnapshots, cacheBlobs} {
 		if err := os.MkdirAll(filepath.Join(dir, k), 0o700); err != nil {
@@ -98,4 +103,48 @@ func (c *Cache) List(kind string) []string {
 		}
 	}
 	return names
+}
+
+// ownPacksFile journals the packs this machine uploaded, one hex name a
+// line, each written before its upload starts: after a kill -9 the next
+// backup knows which unindexed packs hold exactly what it wrote.
+const ownPacksFile = "own-packs"
+
+// RecordOwnPack notes a pack about to be uploaded. It reports failure: a
+// pack it cannot record is still uploaded, but not adopted after a crash.
+func (c *Cache) RecordOwnPack(id ID) error {
+	if c == nil {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f, err := os.OpenFile(filepath.Join(c.dir, ownPacksFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(id.String() + "\n")
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// OwnPacks returns the packs RecordOwnPack noted.
+func (c *Cache) OwnPacks() map[ID]bool {
+	out := map[ID]bool{}
+	if c == nil {
+		return out
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b, err := os.ReadFile(filepath.Join(c.dir, ownPacksFile))
+	if err != nil {
+		return out
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if id, err := ParseID(strings.TrimSpace(line)); err == nil {
+			out[id] = true
+		}
+	}
+	return out
 }

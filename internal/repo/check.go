@@ -1,11 +1,14 @@
 package repo
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 
@@ -20,6 +23,11 @@ type CheckOptions struct {
 	// Progress is called with packs done and total while reading data,
 	// one call at a time and in order; it must be quick.
 	Progress func(done, total int)
+	// Record, with ReadData and the owner's key, writes what was found
+	// to the ledger (damaged packs, packs that verify again) and endorses
+	// the writers' packs that verified, so that every writer may reuse
+	// their chunks. It only adds objects.
+	Record bool
 }
 
 // Damage is a stretch of a disk in a snapshot that cannot be restored.
@@ -36,135 +44,137 @@ type Span struct {
 	Length int64 `json:"length"`
 }
 
-// CheckReport is the outcome of Check.
+// PackProblem is a pack that cannot be used, or not wholly.
+type PackProblem struct {
+	Pack ID     `json:"pack"`
+	Why  string `json:"why"`
+}
+
+// CheckReport is the outcome of Check. Its lists are sorted, so the same
+// repository gives the same report on every run.
 type CheckReport struct {
-	Snapshots int      `json:"snapshots"`
-	Indexes   int      `json:"indexes"`
-	Packs     int      `json:"packs"`
-	Blobs     int      `json:"blobs"`
-	PacksRead int      `json:"packs_read"`
-	BytesRead int64    `json:"bytes_read"`
-	Errors    []string `json:"errors"`
-	Warnings  []string `json:"warnings"`
-	Damaged   []Damage `json:"damaged"`
+	Snapshots int   `json:"snapshots"`
+	Indexes   int   `json:"indexes"`
+	Packs     int   `json:"packs"`
+	Blobs     int   `json:"blobs"`
+	PacksRead int   `json:"packs_read"`
+	BytesRead int64 `json:"bytes_read"`
+	// Errors and Warnings are messages; the other lists say exactly what
+	// is damaged: packs, index objects, and the snapshots and byte ranges
+	// that cannot be restored.
+	Errors       []string      `json:"errors"`
+	Warnings     []string      `json:"warnings"`
+	Damaged      []Damage      `json:"damaged"`
+	DamagedPacks []PackProblem `json:"damaged_packs"`
+	DamagedIndex []string      `json:"damaged_index_objects"`
+	// Unindexed counts packs no usable index object names.
+	Unindexed int `json:"unindexed_packs"`
+	// TempFiles counts files left by interrupted writes.
+	TempFiles int   `json:"temp_files"`
+	TempBytes int64 `json:"temp_bytes"`
 	// DataSkipped is set when ReadData could not open chunk data because
 	// the key is write-only: packs were checked against their names only.
 	DataSkipped bool `json:"data_skipped,omitempty"`
+	// Recorded is set when findings were written to the ledger.
+	Recorded bool `json:"recorded,omitempty"`
 }
 
 // OK reports whether the repository is sound.
 func (c *CheckReport) OK() bool { return len(c.Errors) == 0 && len(c.Damaged) == 0 }
 
-type checker struct {
-	r      *Repository
-	mu     sync.Mutex
-	report CheckReport
-	bad    map[ID]string // blob → why it cannot be read
+// copyKey names one copy of a blob.
+type copyKey struct {
+	pack   ID
+	offset uint32
+	id     ID
 }
+
+type checker struct {
+	r     *Repository
+	idx   *Index
+	st    *loadState
+	mu    sync.Mutex
+	rep   CheckReport
+	bad   map[copyKey]string // copies that failed verification
+	packs map[ID]string      // packs found damaged → why
+	ok    map[ID]packTrailer // packs that verified entirely (ReadData)
+	// lists memoizes the damage found in each chunk list blob, so that
+	// snapshots sharing lists (and a list repeated many times in one
+	// manifest) cost one walk each.
+	lists      map[listKey]listResult
+	chunkNotes int
+	// readData is set once every pack was read: copies are then judged
+	// by what reading them found.
+	readData bool
+}
+
+// listKey names a chunk list blob walked where it must hold n entries.
+type listKey struct {
+	id ID
+	n  int64
+}
+
+// listResult is what walking one chunk list blob found: the damaged
+// entries as runs of list positions, or the error that made the whole
+// list unreadable.
+type listResult struct {
+	runs []run
+	err  error
+}
+
+type run struct{ start, n int64 }
+
+// maxChunkNotes bounds how many damaged chunks are named one by one.
+const maxChunkNotes = 100
 
 func (c *checker) errorf(format string, args ...any) {
 	c.mu.Lock()
-	c.report.Errors = append(c.report.Errors, fmt.Sprintf(format, args...))
+	c.rep.Errors = append(c.rep.Errors, fmt.Sprintf(format, args...))
 	c.mu.Unlock()
 }
 
-func (c *checker) markBad(id ID, why string) {
+func (c *checker) warnf(format string, args ...any) {
 	c.mu.Lock()
-	if _, ok := c.bad[id]; !ok {
-		c.bad[id] = why
-	}
+	c.rep.Warnings = append(c.rep.Warnings, fmt.Sprintf(format, args...))
 	c.mu.Unlock()
 }
 
-// Check verifies the repository: every index object readable, every
-// indexed pack present and big enough, every snapshot's signature, every
-// chunk every snapshot refers to indexed in a pack that exists; with
-// ReadData, every pack's content against its name and every blob against
-// its ID. Damage is reported with the snapshots and byte ranges it affects.
-// It uses a fresh in-memory index and never writes to the repository.
+// Check verifies the repository: every index object readable, every pack
+// the index names stored and long enough, every snapshot's signature, and
+// for every chunk of every snapshot at least one usable copy; with
+// ReadData, every pack's content against its name and signer and every
+// blob against its ID. It names exactly what is damaged (packs, index
+// objects) and which snapshots and byte ranges that costs. It works on a
+// view of its own, never on the local cache, and writes only with
+// Record.
 func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport, error) {
-	c := &checker{r: r, bad: map[ID]string{}}
-	// Check judges the repository, not the local copies of it.
-	cache := r.cache
-	r.cache = nil
-	defer func() { r.cache = cache }()
-	c.report.Errors, c.report.Warnings, c.report.Damaged = []string{}, []string{}, []Damage{}
-	r.idx = NewIndex()
-	var nidx int
-	err := r.loadIndex(ctx, func(name string, err error) {
-		c.errorf("index %s: %v", name, err)
-	})
+	c := &checker{r: r, idx: r.newIndex(), bad: map[copyKey]string{}, packs: map[ID]string{}, ok: map[ID]packTrailer{}, lists: map[listKey]listResult{}}
+	c.rep.Errors, c.rep.Warnings, c.rep.Damaged = []string{}, []string{}, []Damage{}
+	c.rep.DamagedPacks, c.rep.DamagedIndex = []PackProblem{}, []string{}
+	st, err := r.loadInto(ctx, c.idx, nil, -1)
 	if err != nil {
 		return nil, err
 	}
-	if err := r.be.List(ctx, backend.IndexFile, func(backend.Info) error { nidx++; return nil }); err != nil {
+	c.st = st
+	c.rep.Indexes = st.indexObjects
+	c.reportLoad()
+	if err := c.reportTemp(ctx); err != nil {
 		return nil, err
 	}
-	c.report.Indexes = nidx
-
-	stored := map[ID]int64{}
-	if err := r.be.List(ctx, backend.PackFile, func(fi backend.Info) error {
-		id, err := ParseID(fi.Name)
-		if err != nil {
-			c.report.Warnings = append(c.report.Warnings, fmt.Sprintf("data/%s: not a pack name, ignored", fi.Name))
-			return nil
-		}
-		stored[id] = fi.Size
-		return nil
-	}); err != nil {
-		return nil, fmt.Errorf("list packs: %w", err)
-	}
-
-	// Packs the index names must exist and hold their blobs.
-	extent := map[ID]int64{}
-	r.idx.Each(func(id ID, loc Location) {
-		if e := int64(loc.Offset) + int64(loc.Length); e > extent[loc.Pack] {
-			extent[loc.Pack] = e
-		}
-	})
-	indexed := r.idx.Packs()
-	missing := map[ID]bool{}
-	for _, p := range indexed {
-		size, ok := stored[p]
-		switch {
-		case !ok:
-			c.errorf("pack %s is in the index but missing from the repository", p)
-			missing[p] = true
-		case size < extent[p]+packFooterSize:
-			c.errorf("pack %s is %d bytes, too short for the blobs the index places in it (truncated)", p, size)
-			missing[p] = true
-		}
-	}
-	unindexed := 0
-	for p := range stored {
-		if !r.idx.HasPack(p) {
-			unindexed++
-		}
-	}
-	if unindexed > 0 {
-		c.report.Warnings = append(c.report.Warnings, fmt.Sprintf("%d packs are in no index (left by an interrupted or running backup; the next backup adopts them)", unindexed))
-	}
-	r.idx.Each(func(id ID, loc Location) {
-		if missing[loc.Pack] {
-			c.markBad(id, fmt.Sprintf("pack %s is missing or truncated", loc.Pack.Short()))
-		}
-	})
-	blobs, packs := r.idx.Len()
-	c.report.Blobs, c.report.Packs = blobs, packs
-
+	c.rep.Blobs, c.rep.Packs = c.idx.Len()
 	if opts.ReadData {
-		if err := c.readData(ctx, stored, missing, opts.Progress); err != nil {
+		if err := c.readAll(ctx, opts.Progress); err != nil {
 			return nil, err
 		}
+		c.readData = true
 	}
-
-	snaps, err := r.Snapshots(ctx, func(name string, err error) {
-		c.errorf("snapshot %s: %v", name, err)
+	snaps, err := r.snapshots(ctx, nil, func(name string, err error) {
+		c.errorf("snapshot %s: %v", shortName(name), err)
 	})
 	if err != nil {
 		return nil, err
 	}
-	c.report.Snapshots = len(snaps)
+	c.rep.Snapshots = len(snaps)
 	for _, sn := range snaps {
 		for di := range sn.Disks {
 			if err := c.walkDisk(ctx, sn, &sn.Disks[di]); err != nil {
@@ -172,100 +182,199 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 			}
 		}
 	}
-	return &c.report, nil
+	c.finish()
+	if opts.Record && opts.ReadData {
+		if err := c.record(ctx); err != nil {
+			c.rep.Warnings = append(c.rep.Warnings, fmt.Sprintf("could not record the findings in the ledger: %v", err))
+		}
+	}
+	return &c.rep, nil
 }
 
-// walkDisk checks every chunk of a disk and records the ranges that are
-// damaged.
-func (c *checker) walkDisk(ctx context.Context, sn *Snapshot, d *Disk) error {
-	dmg := Damage{Snapshot: sn.ID, Disk: d.Name}
-	addRange := func(off, n int64) {
-		dmg.Chunks++
-		if k := len(dmg.Ranges); k > 0 && dmg.Ranges[k-1].Offset+dmg.Ranges[k-1].Length == off {
-			dmg.Ranges[k-1].Length += n
-			return
-		}
-		dmg.Ranges = append(dmg.Ranges, Span{off, n})
+// reportLoad reports what loading the index found.
+func (c *checker) reportLoad() {
+	for name, err := range c.st.damagedIndex {
+		c.rep.DamagedIndex = append(c.rep.DamagedIndex, name)
+		c.errorf("index object %s: %v (its packs were read from their trailers)", name, err)
 	}
-	reported := map[ID]bool{}
-	cs := int64(d.ChunkSize)
-	list := c.r.ChunkList(d)
-	for i := int64(0); i < list.Len(); i++ {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		off := i * cs
-		n := min(cs, d.Size-off)
-		id, err := list.At(ctx, i)
-		if err != nil {
-			// The rest of this list blob is unreadable.
-			li := i / int64(d.ListEntries)
-			end := min((li+1)*int64(d.ListEntries), list.Len())
-			c.errorf("snapshot %s disk %s: %v", sn.ID.Short(), d.Name, err)
-			for ; i < end; i++ {
-				addRange(i*cs, min(cs, d.Size-i*cs))
-			}
-			i--
-			continue
-		}
-		if id.IsZero() {
-			continue
-		}
-		loc, ok := c.r.idx.Lookup(id)
-		why := ""
+	for _, ps := range c.idx.PackStates() {
 		switch {
-		case !ok:
-			why = "not in any index"
-		case loc.Type != DataBlob:
-			why = "indexed as " + loc.Type.String() + ", not data"
-		default:
-			c.mu.Lock()
-			why = c.bad[id]
-			c.mu.Unlock()
+		case ps.Size < 0:
+			c.packProblem(ps.ID, fmt.Sprintf("missing from the repository (the index places %d blobs in it)", ps.Entries))
+		case ps.Beyond > 0:
+			c.packProblem(ps.ID, fmt.Sprintf("%d bytes, too short for %d of the blobs the index places in it (truncated)", ps.Size, ps.Beyond))
+		case ps.Damaged != "":
+			c.packProblem(ps.ID, ps.Damaged)
 		}
-		if why == "" {
-			continue
-		}
-		if !reported[id] {
-			reported[id] = true
-			if !ok {
-				c.errorf("chunk %s (snapshot %s, disk %s, offset %d): %s", id.Short(), sn.ID.Short(), d.Name, off, why)
-			}
-		}
-		addRange(off, n)
 	}
-	if dmg.Chunks > 0 {
-		c.report.Damaged = append(c.report.Damaged, dmg)
+	for p, err := range c.st.orphanErrs {
+		c.packProblem(p, fmt.Sprintf("in no index, and its trailer cannot be read: %v", err))
+	}
+	if n := len(c.st.orphans); n > 0 {
+		c.rep.Unindexed = n
+		c.warnf("%d packs are in no index (left by an interrupted or running backup, or named by a damaged index object): their chunks were found from their trailers; 'sauve repair index' indexes them", n)
+	}
+}
+
+func (c *checker) packProblem(p ID, why string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.packs[p]; !ok {
+		c.packs[p] = why
+		c.rep.Errors = append(c.rep.Errors, fmt.Sprintf("pack %s: %s", p, why))
+	}
+}
+
+// reportTemp reports files left by interrupted writes.
+func (c *checker) reportTemp(ctx context.Context) error {
+	sl, ok := backend.StrayListerOf(c.r.be)
+	if !ok {
+		return nil
+	}
+	var oldest time.Time
+	err := sl.ListStray(ctx, func(s backend.Stray) error {
+		c.rep.TempFiles++
+		c.rep.TempBytes += s.Size
+		if oldest.IsZero() || s.ModTime.Before(oldest) {
+			oldest = s.ModTime
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("list temporary files: %w", err)
+	}
+	if c.rep.TempFiles > 0 {
+		c.warnf("%d temporary files (%d bytes) were left by interrupted writes, the oldest from %s: 'sauve repair index' removes those older than %s",
+			c.rep.TempFiles, c.rep.TempBytes, oldest.Local().Format("2006-01-02 15:04"), StrayAge)
 	}
 	return nil
 }
 
-// readData downloads and verifies every pack.
-func (c *checker) readData(ctx context.Context, stored map[ID]int64, missing map[ID]bool, progress func(int, int)) error {
-	byPack := map[ID][]ID{}
-	c.r.idx.Each(func(id ID, loc Location) { byPack[loc.Pack] = append(byPack[loc.Pack], id) })
+// usable says why no copy of a data chunk can be read, or "" if one can.
+func (c *checker) usable(id ID, prefer WriterNum) string {
+	copies := c.idx.Copies(id, prefer)
+	why := "not in any index"
+	for _, cp := range copies {
+		switch {
+		case cp.Type != DataBlob:
+			why = "indexed as " + cp.Type.String() + ", not data"
+		case cp.Missing, cp.Damaged != "" && !c.readData:
+			// Without reading the pack, a pack recorded as damaged is
+			// taken as damaged whole.
+			why = cp.Damaged
+		default:
+			c.mu.Lock()
+			bad := c.bad[copyKey{cp.Pack, cp.Offset, id}]
+			c.mu.Unlock()
+			if bad == "" {
+				return ""
+			}
+			why = bad
+		}
+	}
+	if len(copies) > 1 {
+		return fmt.Sprintf("none of its %d copies is usable (last: %s)", len(copies), why)
+	}
+	return why
+}
+
+// walkDisk records the byte ranges of a disk that cannot be restored.
+func (c *checker) walkDisk(ctx context.Context, sn *Snapshot, d *Disk) error {
+	dmg := Damage{Snapshot: sn.ID, Disk: d.Name}
+	cs := int64(d.ChunkSize)
+	list := c.r.chunkList(c.idx, nil, d)
+	per := int64(d.ListEntries)
+	for li := range d.ChunkLists {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		first := int64(li) * per
+		n := min(per, list.Len()-first)
+		res := c.walkList(ctx, sn, d, list, li, n)
+		if res.err != nil {
+			res.runs = []run{{0, n}}
+		}
+		for _, rn := range res.runs {
+			off := (first + rn.start) * cs
+			end := min((first+rn.start+rn.n)*cs, d.Size)
+			dmg.Chunks += rn.n
+			if k := len(dmg.Ranges); k > 0 && dmg.Ranges[k-1].Offset+dmg.Ranges[k-1].Length == off {
+				dmg.Ranges[k-1].Length = end - dmg.Ranges[k-1].Offset
+				continue
+			}
+			dmg.Ranges = append(dmg.Ranges, Span{off, end - off})
+		}
+	}
+	if dmg.Chunks > 0 {
+		c.rep.Damaged = append(c.rep.Damaged, dmg)
+	}
+	return nil
+}
+
+// walkList finds the damaged entries of list blob li (memoized by the
+// list's ID and the reader's preferred writer, which decide the answer).
+func (c *checker) walkList(ctx context.Context, sn *Snapshot, d *Disk, list *ChunkList, li int, n int64) listResult {
+	key := listKey{d.ChunkLists[li], n}
+	if res, ok := c.lists[key]; ok {
+		return res
+	}
+	ids, err := list.readList(ctx, li)
+	if err != nil {
+		c.errorf("snapshot %s disk %s: %v", sn.ID.Short(), d.Name, err)
+		res := listResult{err: err}
+		c.lists[key] = res
+		return res
+	}
+	var res listResult
+	for i, id := range ids[:n] {
+		if id.IsZero() {
+			continue
+		}
+		why := c.usable(id, d.writer)
+		if why == "" {
+			continue
+		}
+		if c.chunkNotes < maxChunkNotes {
+			c.errorf("chunk %s (snapshot %s, disk %s, offset %d): %s", id.Short(), sn.ID.Short(), d.Name, (int64(li)*int64(d.ListEntries)+int64(i))*int64(d.ChunkSize), why)
+		}
+		c.chunkNotes++
+		if k := len(res.runs); k > 0 && res.runs[k-1].start+res.runs[k-1].n == int64(i) {
+			res.runs[k-1].n++
+			continue
+		}
+		res.runs = append(res.runs, run{int64(i), 1})
+	}
+	c.lists[key] = res
+	return res
+}
+
+// readAll downloads and verifies every stored pack.
+func (c *checker) readAll(ctx context.Context, progress func(int, int)) error {
+	byPack := map[ID][]Copy{}
+	ids := map[ID][]ID{}
+	c.idx.Each(func(id ID, cp Copy) {
+		byPack[cp.Pack] = append(byPack[cp.Pack], cp)
+		ids[cp.Pack] = append(ids[cp.Pack], id)
+	})
 	var packs []ID
-	for p := range stored {
+	for p := range c.st.stored {
 		packs = append(packs, p)
 	}
-	sort.Slice(packs, func(i, j int) bool { return packs[i].String() < packs[j].String() })
+	slices.SortFunc(packs, func(a, b ID) int { return bytes.Compare(a[:], b[:]) })
 	canData := c.r.CanDecrypt()
 	if !canData {
-		c.report.DataSkipped = true
+		c.rep.DataSkipped = true
 	}
 	var done int
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(c.r.opts.Connections)
 	for _, p := range packs {
-		if missing[p] {
-			continue
-		}
 		g.Go(func() error {
-			err := c.readPack(gctx, p, byPack[p], canData)
+			err := c.readPack(gctx, p, byPack[p], ids[p], canData)
 			c.mu.Lock()
 			done++
-			c.report.PacksRead++
-			c.report.BytesRead += stored[p]
+			c.rep.PacksRead++
+			c.rep.BytesRead += c.st.stored[p]
 			if progress != nil {
 				progress(done, len(packs)) // under c.mu: calls arrive in order
 			}
@@ -276,55 +385,184 @@ func (c *checker) readData(ctx context.Context, stored map[ID]int64, missing map
 	return g.Wait()
 }
 
-func (c *checker) readPack(ctx context.Context, p ID, ids []ID, canData bool) error {
+// readPack verifies one pack: its bytes against its name, its trailer
+// against its signer and content, every copy the index places in it
+// against the trailer and its blob ID.
+func (c *checker) readPack(ctx context.Context, p ID, copies []Copy, ids []ID, canData bool) error {
 	h := backend.Handle{Type: backend.PackFile, Name: p.String()}
 	data, err := backend.ReadAll(ctx, c.r.be, h)
 	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		c.errorf("pack %s: %v", p, err)
-		for _, id := range ids {
-			c.markBad(id, "pack unreadable")
-		}
+		c.packProblem(p, fmt.Sprintf("cannot be read: %v", err))
+		c.markCopies(p, copies, ids, "pack unreadable")
 		return nil
 	}
-	if Hash(data) != p {
-		c.errorf("pack %s: content does not match its name (damaged)", p)
+	whole := Hash(data) == p
+	if !whole {
+		c.packProblem(p, "content does not match its name (damaged)")
 	}
-	info, err := parsePack(c.r.meta, data)
-	if err != nil {
-		c.errorf("pack %s: %v", p, err)
-	} else if len(ids) > 0 {
-		inPack := make(map[ID]PackBlob, len(info.Blobs))
-		for _, b := range info.Blobs {
-			inPack[b.ID] = b
+	tr := trailerReader{meta: c.r.meta, keys: c.r.keys}
+	t, terr := tr.parsePack(p, data)
+	if terr != nil {
+		c.packProblem(p, terr.Error())
+	}
+	inTrailer := make(map[copyKey]PackBlob, len(t.Blobs))
+	for _, b := range t.Blobs {
+		inTrailer[copyKey{p, b.Offset, b.ID}] = b
+	}
+	allOK := whole && terr == nil
+	for i, cp := range copies {
+		id := ids[i]
+		why := c.verifyCopy(data, id, cp, canData)
+		if why == "" && terr == nil {
+			if b, ok := inTrailer[copyKey{p, cp.Offset, id}]; !ok || b.Length != cp.Length || b.Type != cp.Type {
+				why = "the pack's trailer does not hold it where the index says (false index entry)"
+			}
 		}
-		for _, id := range ids {
-			loc, _ := c.r.idx.Lookup(id)
-			b, ok := inPack[id]
-			if !ok || b.Offset != loc.Offset || b.Length != loc.Length || b.Type != loc.Type {
-				c.errorf("pack %s: its trailer disagrees with the index about blob %s", p, id.Short())
+		if why != "" {
+			allOK = false
+			c.mu.Lock()
+			c.bad[copyKey{p, cp.Offset, id}] = why
+			c.mu.Unlock()
+			if whole {
+				c.errorf("pack %s: blob %s at offset %d: %s", p.Short(), id.Short(), cp.Offset, why)
 			}
 		}
 	}
-	for _, id := range ids {
-		loc, _ := c.r.idx.Lookup(id)
-		end := int64(loc.Offset) + int64(loc.Length)
-		if end > int64(len(data)) {
-			c.markBad(id, "beyond the end of its pack")
-			continue
-		}
-		if loc.Type == DataBlob && !canData {
-			continue
-		}
-		if _, err := c.r.OpenBlob(nil, id, loc, data[loc.Offset:end]); err != nil {
-			if errors.Is(err, crypto.ErrWriteOnly) {
-				continue
+	if allOK {
+		for _, b := range t.Blobs {
+			loc := Location{Pack: p, Ephemeral: t.Ephemeral, Type: b.Type, Offset: b.Offset, Length: b.Length}
+			if c.verifyCopy(data, b.ID, Copy{Location: loc}, canData) != "" {
+				allOK = false
+				c.packProblem(p, fmt.Sprintf("blob %s at offset %d, in its trailer, does not verify", b.ID.Short(), b.Offset))
+				break
 			}
-			c.errorf("%v", err)
-			c.markBad(id, err.Error())
 		}
+	}
+	if allOK && canData {
+		c.mu.Lock()
+		c.ok[p] = t
+		c.mu.Unlock()
 	}
 	return nil
+}
+
+// verifyCopy checks one copy in a pack held in memory.
+func (c *checker) verifyCopy(data []byte, id ID, cp Copy, canData bool) string {
+	end := int64(cp.Offset) + int64(cp.Length)
+	if end > int64(len(data)) {
+		return "beyond the end of its pack"
+	}
+	if cp.Type == DataBlob && !canData {
+		return ""
+	}
+	if _, err := c.r.OpenBlob(nil, id, cp.Location, data[cp.Offset:end]); err != nil {
+		if errors.Is(err, crypto.ErrWriteOnly) {
+			return ""
+		}
+		var be *BlobError
+		if errors.As(err, &be) {
+			return be.Err.Error()
+		}
+		return err.Error()
+	}
+	return ""
+}
+
+func (c *checker) markCopies(p ID, copies []Copy, ids []ID, why string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i, cp := range copies {
+		c.bad[copyKey{p, cp.Offset, ids[i]}] = why
+	}
+}
+
+// finish sorts the report so that it reads the same on every run.
+func (c *checker) finish() {
+	sort.Strings(c.rep.Errors)
+	sort.Strings(c.rep.Warnings)
+	sort.Strings(c.rep.DamagedIndex)
+	for p, why := range c.packs {
+		c.rep.DamagedPacks = append(c.rep.DamagedPacks, PackProblem{Pack: p, Why: why})
+	}
+	slices.SortFunc(c.rep.DamagedPacks, func(a, b PackProblem) int { return bytes.Compare(a.Pack[:], b.Pack[:]) })
+	if c.chunkNotes > maxChunkNotes {
+		c.rep.Errors = append(c.rep.Errors, fmt.Sprintf("… and %d more damaged chunks (see the damaged ranges)", c.chunkNotes-maxChunkNotes))
+	}
+}
+
+// record writes the findings of a full read to the ledger and endorses
+// the packs that verified entirely but are not yet vouched for by the
+// owner, so that every writer may deduplicate against them.
+func (c *checker) record(ctx context.Context) error {
+	r := c.r
+	if !r.keys.IsOwner() || r.ReadOnly() {
+		return nil
+	}
+	var events []LedgerEvent
+	for _, pp := range c.rep.DamagedPacks {
+		p := pp.Pack
+		kind := EventPackDamaged
+		if _, stored := c.st.stored[p]; !stored {
+			kind = EventPackMissing
+		}
+		if kind == EventPackDamaged && c.st.ledger.Damaged(p) != "" {
+			continue // recorded already
+		}
+		events = append(events, LedgerEvent{Kind: kind, Pack: &p, Reason: pp.Why})
+	}
+	var endorse []indexRecord
+	certs := map[[32]byte]*crypto.Cert{}
+	owner := [32]byte(r.keys.OwnerPublic)
+	for _, p := range sortedIDs(c.ok) {
+		t := c.ok[p]
+		if c.st.ledger.Damaged(p) != "" {
+			events = append(events, LedgerEvent{Kind: EventPackOK, Pack: &p})
+		}
+		if t.Version != 2 || c.idx.ownerVouches(t.PackInfo) {
+			continue
+		}
+		rec := indexRecord{PackInfo: t.PackInfo, Writer: t.Signer.Key}
+		if t.Signer.Key != owner {
+			rec.Flags = recEndorsed
+			certs[t.Signer.Key] = t.Signer.Cert
+		}
+		endorse = append(endorse, rec)
+	}
+	for start := 0; start < len(endorse); start += indexBatch {
+		batch := endorse[start:min(start+indexBatch, len(endorse))]
+		if err := r.saveIndex(ctx, batch, certsFor(batch, certs)); err != nil {
+			return err
+		}
+	}
+	if err := r.SaveLedger(ctx, events); err != nil {
+		return err
+	}
+	c.rep.Recorded = len(events) > 0 || len(endorse) > 0
+	return nil
+}
+
+func sortedIDs[V any](m map[ID]V) []ID {
+	out := make([]ID, 0, len(m))
+	for id := range m {
+		out = append(out, id)
+	}
+	slices.SortFunc(out, func(a, b ID) int { return bytes.Compare(a[:], b[:]) })
+	return out
+}
+
+// certsFor returns the certificates of the writers records are attributed
+// to.
+func certsFor(records []indexRecord, certs map[[32]byte]*crypto.Cert) []*crypto.Cert {
+	var out []*crypto.Cert
+	seen := map[[32]byte]bool{}
+	for _, rec := range records {
+		if c := certs[rec.Writer]; c != nil && !seen[rec.Writer] {
+			seen[rec.Writer] = true
+			out = append(out, c)
+		}
+	}
+	return out
 }

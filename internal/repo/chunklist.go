@@ -90,6 +90,8 @@ func (w *ChunkListWriter) Close(ctx context.Context) ([]ID, error) {
 // ChunkList reads a disk's chunk IDs by position, one list blob at a time.
 type ChunkList struct {
 	r      *Repository
+	idx    *Index
+	cache  *Cache
 	d      *Disk
 	n      int64
 	loaded int // list blob in cur, or -1
@@ -98,8 +100,37 @@ type ChunkList struct {
 
 // ChunkList returns a reader for d's chunk list.
 func (r *Repository) ChunkList(d *Disk) *ChunkList {
-	return &ChunkList{r: r, d: d, n: d.Chunks(), loaded: -1}
+	return r.chunkList(r.idx, r.cache, d)
 }
+
+func (r *Repository) chunkList(idx *Index, cache *Cache, d *Disk) *ChunkList {
+	return &ChunkList{r: r, idx: idx, cache: cache, d: d, n: d.Chunks(), loaded: -1}
+}
+
+// readList reads and checks list blob li of the disk.
+func (c *ChunkList) readList(ctx context.Context, li int) ([]ID, error) {
+	lid := c.d.ChunkLists[li]
+	plain, err := c.r.readBlob(ctx, c.idx, c.cache, MetaBlob, lid, nil, c.d.writer)
+	if err != nil {
+		return nil, fmt.Errorf("chunk list %d of disk %s: %w", li, c.d.Name, err)
+	}
+	ids, err := decodeChunkList(plain)
+	if err != nil {
+		return nil, fmt.Errorf("chunk list %s: %w", lid.Short(), err)
+	}
+	want := int64(c.d.ListEntries)
+	if rest := c.n - int64(li)*want; rest < want {
+		want = rest
+	}
+	if int64(len(ids)) != want {
+		return nil, fmt.Errorf("chunk list %s holds %d entries, disk needs %d", lid.Short(), len(ids), want)
+	}
+	return ids, nil
+}
+
+// Writer is the snapshot's signer, whose copies of blobs a reader tries
+// first.
+func (d *Disk) Writer() WriterNum { return d.writer }
 
 // Len is the number of chunks.
 func (c *ChunkList) Len() int64 { return c.n }
@@ -111,21 +142,9 @@ func (c *ChunkList) At(ctx context.Context, i int64) (ID, error) {
 	}
 	li := int(i / int64(c.d.ListEntries))
 	if li != c.loaded {
-		lid := c.d.ChunkLists[li]
-		plain, err := c.r.ReadBlob(ctx, MetaBlob, lid, nil)
+		ids, err := c.readList(ctx, li)
 		if err != nil {
-			return ID{}, fmt.Errorf("chunk list %d of disk %s: %w", li, c.d.Name, err)
-		}
-		ids, err := decodeChunkList(plain)
-		if err != nil {
-			return ID{}, fmt.Errorf("chunk list %s: %w", lid.Short(), err)
-		}
-		want := int64(c.d.ListEntries)
-		if rest := c.n - int64(li)*want; rest < want {
-			want = rest
-		}
-		if int64(len(ids)) != want {
-			return ID{}, fmt.Errorf("chunk list %s holds %d entries, disk needs %d", lid.Short(), len(ids), want)
+			return ID{}, err
 		}
 		c.cur, c.loaded = ids, li
 	}

@@ -14,8 +14,10 @@ import (
 	"github.com/sauve-backup/sauve/internal/backend"
 )
 
-// FormatVersion is the repository format this code reads and writes.
-const FormatVersion = 1
+// FormatVersion is the repository format this code writes. It reads
+// every version from 1 on: version 1 (unsigned index objects and pack
+// trailers) only for reading.
+const FormatVersion = 2
 
 // Defaults for new repositories (see docs/BENCHMARKS.md for how they were
 // chosen).
@@ -84,15 +86,15 @@ func ParseConfig(data []byte) (Config, error) {
 	if err := json.Unmarshal(data, &probe); err != nil {
 		return Config{}, fmt.Errorf("repository config is not valid JSON: %w", err)
 	}
-	if probe.Version != FormatVersion {
-		return Config{}, fmt.Errorf("repository format version %d is not supported by this sauve (it reads version %d)", probe.Version, FormatVersion)
+	if probe.Version < 1 || probe.Version > FormatVersion {
+		return Config{}, fmt.Errorf("repository format version %d is not supported by this sauve (it reads versions 1 to %d)", probe.Version, FormatVersion)
 	}
 	var c Config
 	if err := json.Unmarshal(data, &c); err != nil {
 		return Config{}, fmt.Errorf("repository config: %w", err)
 	}
-	if len(c.ID) != 32 {
-		return Config{}, fmt.Errorf("repository config: bad ID %q", c.ID)
+	if err := ValidRepoID(c.ID); err != nil {
+		return Config{}, fmt.Errorf("repository config: %w", err)
 	}
 	if c.ChunkSize < MinChunkSize || c.ChunkSize > MaxChunkSize || c.ChunkSize&(c.ChunkSize-1) != 0 {
 		return Config{}, fmt.Errorf("repository config: bad chunk size %d", c.ChunkSize)
@@ -116,4 +118,20 @@ func ReadConfig(ctx context.Context, be backend.Backend) (Config, error) {
 		return Config{}, fmt.Errorf("read repository config: %w", err)
 	}
 	return ParseConfig(data)
+}
+
+// ValidRepoID checks a repository ID: 32 lowercase hex digits. The ID
+// names the key file and the cache folder, so it is checked before either
+// is touched: a config planted with "../../tmp/x" as its ID must not make
+// sauve load another key or write elsewhere.
+func ValidRepoID(id string) error {
+	if len(id) != 32 {
+		return fmt.Errorf("repository ID %q is not 32 hex digits", id)
+	}
+	for _, c := range id {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return fmt.Errorf("repository ID %q is not 32 hex digits", id)
+		}
+	}
+	return nil
 }

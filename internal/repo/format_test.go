@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sauve-backup/sauve/internal/crypto"
 )
@@ -25,6 +26,8 @@ func randID() (id ID) {
 
 func TestPackRoundTrip(t *testing.T) {
 	meta := testMeta()
+	keys := testKeys(t)
+	tr := trailerReader{meta: meta, keys: keys}
 	var eph [32]byte
 	rand.Read(eph[:])
 	pb := newPackBuilder(nil, eph)
@@ -39,13 +42,19 @@ func TestPackRoundTrip(t *testing.T) {
 		}
 		pb.add(typ, randID(), b)
 	}
-	data := pb.finish(meta)
-	info, err := parsePack(meta, data)
+	data, id := pb.finish(meta, keys)
+	if id != Hash(data) {
+		t.Fatal("pack ID is not the hash of its bytes")
+	}
+	info, err := tr.parsePack(id, data)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Ephemeral != eph || len(info.Blobs) != len(want) {
-		t.Fatalf("got %d blobs, ephemeral %x", len(info.Blobs), info.Ephemeral[:4])
+	if info.Ephemeral != eph || len(info.Blobs) != len(want) || info.Version != 2 {
+		t.Fatalf("got %d blobs, ephemeral %x, version %d", len(info.Blobs), info.Ephemeral[:4], info.Version)
+	}
+	if info.Signer.Key != keys.SignerPublic() || info.Signer.Cert != nil {
+		t.Fatal("trailer signer is not the owner")
 	}
 	for i, b := range info.Blobs {
 		if b != pb.blobs[i] {
@@ -57,56 +66,97 @@ func TestPackRoundTrip(t *testing.T) {
 	}
 	// Every truncation is refused, never misparsed.
 	for _, n := range []int{0, 10, packHeaderSize, len(data) / 2, len(data) - 1} {
-		if _, err := parsePack(meta, data[:n]); err == nil {
+		if _, err := tr.parsePack(id, data[:n]); err == nil {
 			t.Errorf("truncated to %d bytes: no error", n)
 		}
 	}
 	// A flipped bit in the trailer fails authentication.
 	bad := bytes.Clone(data)
 	bad[len(bad)-packFooterSize-5] ^= 1
-	if _, err := parsePack(meta, bad); err == nil {
+	if _, err := tr.parsePack(id, bad); err == nil {
 		t.Error("flipped trailer bit: no error")
+	}
+	// A flipped bit in a blob is not what the signer signed.
+	bad = bytes.Clone(data)
+	bad[packHeaderSize+3] ^= 1
+	if _, err := tr.parsePack(id, bad); err == nil || !strings.Contains(err.Error(), "signer signed") {
+		t.Errorf("flipped blob bit: %v", err)
+	}
+	// The trailer of another key's pack does not verify for this repository.
+	other := testKeys(t)
+	if _, err := (trailerReader{meta: meta, keys: other}).parsePack(id, data); err == nil {
+		t.Error("trailer signed by another repository's owner accepted")
 	}
 }
 
 func TestIndexRoundTrip(t *testing.T) {
 	meta := testMeta()
-	var packs []PackInfo
+	owner := testKeys(t)
+	w1, _ := owner.DeriveWriteOnly("web1")
+	var recs []indexRecord
 	for i := 0; i < 5; i++ {
-		p := PackInfo{ID: randID(), Ephemeral: [32]byte(randID())}
+		r := indexRecord{PackInfo: PackInfo{ID: randID(), Ephemeral: [32]byte(randID())}, Writer: w1.SignerPublic()}
 		for j := 0; j < i*3; j++ {
-			p.Blobs = append(p.Blobs, PackBlob{Type: DataBlob, ID: randID(), Offset: uint32(packHeaderSize + j*10), Length: 10})
+			r.Blobs = append(r.Blobs, PackBlob{Type: DataBlob, ID: randID(), Offset: uint32(packHeaderSize + j*100), Length: 100})
 		}
-		packs = append(packs, p)
+		recs = append(recs, r)
 	}
-	got, err := decodeIndex(meta, encodeIndex(meta, packs))
+	o, err := decodeIndex(meta, owner, 2, encodeIndex(meta, w1, recs, nil))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != len(packs) {
-		t.Fatalf("%d packs, want %d", len(got), len(packs))
+	if o.signer.Key != w1.SignerPublic() || o.signer.Cert == nil || o.signer.Cert.Name != "web1" {
+		t.Fatal("signer lost")
 	}
-	for i := range packs {
-		if got[i].ID != packs[i].ID || got[i].Ephemeral != packs[i].Ephemeral || len(got[i].Blobs) != len(packs[i].Blobs) {
+	if len(o.records) != len(recs) {
+		t.Fatalf("%d packs, want %d", len(o.records), len(recs))
+	}
+	for i := range recs {
+		if o.records[i].ID != recs[i].ID || o.records[i].Ephemeral != recs[i].Ephemeral || !sameBlobs(o.records[i].Blobs, recs[i].Blobs) {
 			t.Fatalf("pack %d differs", i)
-		}
-		for j := range packs[i].Blobs {
-			if got[i].Blobs[j] != packs[i].Blobs[j] {
-				t.Errorf("pack %d blob %d differs", i, j)
-			}
 		}
 	}
 	x := NewIndex()
-	for _, p := range got {
-		x.Add(p)
+	for i := range o.records {
+		w, tr := o.entriesOf(&o.records[i], x.Writers, [32]byte(owner.OwnerPublic))
+		if tr != TrustSigned {
+			t.Fatalf("a writer's entries have trust %v", tr)
+		}
+		x.Add(o.records[i].PackInfo, w, tr)
 	}
-	b := packs[4].Blobs[2]
+	b := recs[4].Blobs[2]
 	loc, ok := x.Lookup(b.ID)
-	if !ok || loc.Pack != packs[4].ID || loc.Offset != b.Offset || loc.Ephemeral != packs[4].Ephemeral {
+	if !ok || loc.Pack != recs[4].ID || loc.Offset != b.Offset || loc.Ephemeral != recs[4].Ephemeral {
 		t.Errorf("lookup: %+v %v", loc, ok)
 	}
 	if !x.Has(DataBlob, b.ID) || x.Has(MetaBlob, b.ID) {
 		t.Error("Has ignores the blob type")
+	}
+
+	// What each signer may state.
+	w2, _ := owner.DeriveWriteOnly("web2")
+	foreign := []indexRecord{{PackInfo: recs[1].PackInfo, Writer: w1.SignerPublic()}}
+	if _, err := decodeIndex(meta, owner, 2, encodeIndex(meta, w2, foreign, nil)); err == nil {
+		t.Error("a writer attributed packs to another writer")
+	}
+	endorsed := []indexRecord{{PackInfo: recs[1].PackInfo, Writer: w2.SignerPublic(), Flags: recEndorsed}}
+	if _, err := decodeIndex(meta, owner, 2, encodeIndex(meta, w2, endorsed, nil)); err == nil {
+		t.Error("a writer endorsed its own pack")
+	}
+	if _, err := decodeIndex(meta, owner, 2, encodeIndex(meta, owner, endorsed, nil)); err == nil {
+		t.Error("the owner attributed a pack to a writer without its certificate")
+	}
+	o, err = decodeIndex(meta, owner, 2, encodeIndex(meta, owner, endorsed, []*crypto.Cert{w2.Cert}))
+	if err != nil {
+		t.Fatalf("owner's endorsement: %v", err)
+	}
+	if _, tr := o.entriesOf(&o.records[0], x.Writers, [32]byte(owner.OwnerPublic)); tr&TrustOwner == 0 {
+		t.Error("an endorsement is not vouched for by the owner")
+	}
+	// A key of another repository signs nothing here.
+	stranger := testKeys(t)
+	if _, err := decodeIndex(meta, owner, 2, encodeIndex(meta, stranger, recs, nil)); err == nil {
+		t.Error("an index object signed by another repository's owner was accepted")
 	}
 }
 
@@ -169,54 +219,100 @@ func TestConfigVersion(t *testing.T) {
 }
 
 func TestFindSnapshot(t *testing.T) {
-	mk := func(host string, tags ...string) *Snapshot {
-		return &Snapshot{ID: randID(), Host: host, Tags: tags}
+	t0 := time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+	n := 0
+	mk := func(host, src string, tags ...string) *Snapshot {
+		n++
+		return &Snapshot{ID: randID(), Host: host, Tags: tags, Time: t0.Add(time.Duration(n) * time.Hour), Disks: []Disk{{Name: "vda", Source: src}}}
 	}
-	a, b, c := mk("web", "daily"), mk("db"), mk("web")
-	all := []*Snapshot{a, b, c}
+	a, b, c := mk("web", "/dev/vda", "daily"), mk("db", "/dev/vda"), mk("web", "/dev/vda")
+	d := mk("web", "/dev/vdb")
+	planted := mk("web", "/dev/vda")
+	planted.Marks = []string{"names host web, outside what writer evil may back up"}
 	for _, tc := range []struct {
+		name string
+		all  []*Snapshot
 		spec string
 		f    Filter
 		want *Snapshot
+		err  string
 	}{
-		{"latest", Filter{}, c},
-		{"latest", Filter{Host: "db"}, b},
-		{"latest", Filter{Tags: []string{"daily"}}, a},
-		{a.ID.String()[:10], Filter{}, a},
-		{strings.ToUpper(b.ID.String()[:8]), Filter{}, b},
+		{"one host", []*Snapshot{a, c}, "latest", Filter{}, c, ""},
+		{"two hosts", []*Snapshot{a, b, c}, "latest", Filter{}, nil, "ambiguous"},
+		{"host chosen", []*Snapshot{a, b, c}, "latest", Filter{Host: "db"}, b, ""},
+		{"two sources", []*Snapshot{a, c, d}, "latest", Filter{Host: "web"}, nil, "--source /dev/vdb"},
+		{"source chosen", []*Snapshot{a, c, d}, "latest", Filter{Host: "web", Path: "/dev/vda"}, c, ""},
+		{"source by disk name", []*Snapshot{a}, "latest", Filter{Path: "vda"}, a, ""},
+		{"tag", []*Snapshot{a, b, c}, "latest", Filter{Tags: []string{"daily"}}, a, ""},
+		{"marked skipped", []*Snapshot{a, c, planted}, "latest", Filter{}, c, ""},
+		{"only marked", []*Snapshot{planted}, "latest", Filter{}, nil, "marked"},
+		{"marked by ID", []*Snapshot{a, planted}, planted.ID.String()[:10], Filter{}, planted, ""},
+		{"prefix", []*Snapshot{a, b, c}, a.ID.String()[:10], Filter{}, a, ""},
+		{"prefix upper case", []*Snapshot{a, b, c}, strings.ToUpper(b.ID.String()[:8]), Filter{}, b, ""},
+		{"too short", []*Snapshot{a}, "ab", Filter{}, nil, "too short"},
+		{"unknown", []*Snapshot{a}, "ffffffffff", Filter{}, nil, "no snapshot"},
+		{"no match", []*Snapshot{a}, "latest", Filter{Host: "nobody"}, nil, "no snapshot matches"},
 	} {
-		got, err := FindSnapshot(all, tc.spec, tc.f)
+		got, err := FindSnapshot(tc.all, tc.spec, tc.f)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%s: got %v, %v; want an error with %q", tc.name, got, err, tc.err)
+			}
+			continue
+		}
 		if err != nil || got != tc.want {
-			t.Errorf("%q %+v: got %v, %v", tc.spec, tc.f, got, err)
-		}
-	}
-	for _, spec := range []string{"ab", "ffffffffff", "latest"} {
-		f := Filter{}
-		if spec == "latest" {
-			f.Host = "nobody"
-		}
-		if _, err := FindSnapshot(all, spec, f); err == nil {
-			t.Errorf("%q: no error", spec)
+			t.Errorf("%s: got %v, %v", tc.name, got, err)
 		}
 	}
 }
 
 func FuzzDecodeIndex(f *testing.F) {
-	var p PackInfo
-	p.ID = randID()
-	p.Blobs = []PackBlob{{Type: DataBlob, ID: randID(), Offset: 40, Length: 99}}
-	plain, _ := testMeta().Open(nil, encodeIndex(testMeta(), []PackInfo{p}), indexAD)
-	f.Add(plain)
-	f.Add([]byte(indexMagic + "\xff\xff\xff\xff"))
+	var r indexRecord
+	r.ID = randID()
+	r.Blobs = []PackBlob{{Type: DataBlob, ID: randID(), Offset: 40, Length: 99}, {Type: MetaBlob, ID: randID(), Offset: 139, Length: 45}}
+	keys := testKeysF(f)
+	plain, _ := testMeta().Open(nil, encodeIndex(testMeta(), keys, []indexRecord{r}, nil), indexAD)
+	f.Add(plain[8:])
+	f.Add([]byte("\x00\x00\xff\xff\xff\xff"))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		packs, err := decodeIndexPlain(b)
+		// What a signed object holds is the body; what decodes must
+		// encode back to the same bytes.
+		body := b
+		if len(b) >= 4 {
+			if msg, _, err := keys.OpenSigned(b, crypto.DomainIndex); err == nil {
+				body = msg
+			}
+		}
+		o, err := decodeIndexBody(body)
 		if err != nil {
 			return
 		}
-		// What decodes must encode back to the same bytes.
-		re, _ := testMeta().Open(nil, encodeIndex(testMeta(), packs), indexAD)
-		if !bytes.Equal(re, b) {
-			t.Fatal("index does not round-trip")
+		for _, rec := range o.records {
+			next := uint32(packHeaderSize)
+			for _, bl := range rec.Blobs {
+				if bl.Offset < next || bl.Length < minSealedBlob {
+					t.Fatalf("accepted overlapping or tiny blob %+v", bl)
+				}
+				next = bl.Offset + bl.Length
+			}
+		}
+	})
+}
+
+func FuzzDecodeIndexV1(f *testing.F) {
+	f.Add([]byte(indexMagicV1 + "\x01\x00\x00\x00" + strings.Repeat("\x00", 68)))
+	f.Add([]byte(indexMagicV1 + "\xff\xff\xff\xff"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		packs, err := decodeIndexV1(b)
+		if err != nil {
+			return
+		}
+		for _, p := range packs {
+			for _, bl := range p.Blobs {
+				if bl.Offset < packHeaderSize {
+					t.Fatal("accepted a blob inside the header")
+				}
+			}
 		}
 	})
 }
@@ -225,8 +321,7 @@ func FuzzDecodeTrailer(f *testing.F) {
 	pb := newPackBuilder(nil, [32]byte{})
 	pb.add(DataBlob, randID(), make([]byte, 77))
 	pb.add(MetaBlob, randID(), make([]byte, 5))
-	plain := []byte(trailerMagic)
-	plain = binary.LittleEndian.AppendUint32(plain, 2)
+	plain := binary.LittleEndian.AppendUint32(nil, 2)
 	for _, b := range pb.blobs {
 		plain = append(plain, byte(b.Type))
 		plain = append(plain, b.ID[:]...)
@@ -234,7 +329,7 @@ func FuzzDecodeTrailer(f *testing.F) {
 	}
 	f.Add(plain, int64(packHeaderSize+82))
 	f.Fuzz(func(t *testing.T, b []byte, end int64) {
-		blobs, err := decodeTrailer(b, end)
+		blobs, err := decodeTrailerEntries(b, end)
 		if err != nil {
 			return
 		}
@@ -321,24 +416,24 @@ func TestIndexBulkAndFresh(t *testing.T) {
 		return p
 	}
 	a, b := mk(1000), mk(1000)
-	x.addBulk(a)
-	x.addBulk(b)
-	x.addBulk(a) // the same pack in two index objects
+	x.addBulk(a, 1, TrustSigned)
+	x.addBulk(b, 1, TrustSigned)
+	x.addBulk(a, 1, TrustSigned) // the same pack in two index objects
 	x.finishBulk()
 	if n, packs := x.Len(); n != 2000 || packs != 2 {
 		t.Fatalf("after bulk load: %d blobs, %d packs", n, packs)
 	}
-	// Fresh blobs, enough to force compactions, and a duplicate of a
-	// sorted one, which must keep its first location.
+	// Fresh blobs, enough to force compactions, and a second copy of a
+	// sorted one, which must not hide the first.
 	var fresh []PackInfo
 	for i := 0; i < 80; i++ {
 		p := mk(1000)
 		fresh = append(fresh, p)
-		x.Add(p)
+		x.Add(p, 1, TrustSigned)
 	}
 	dup := PackInfo{ID: randID(), Blobs: []PackBlob{{Type: DataBlob, ID: a.Blobs[5].ID, Offset: 999, Length: 9}}}
-	x.Add(dup)
-	for _, p := range append(fresh, a, b) {
+	x.Add(dup, 2, TrustSigned)
+	for _, p := range append(fresh, b) {
 		for _, bl := range p.Blobs {
 			loc, ok := x.Lookup(bl.ID)
 			if !ok || loc.Pack != p.ID || loc.Offset != bl.Offset {
@@ -346,13 +441,16 @@ func TestIndexBulkAndFresh(t *testing.T) {
 			}
 		}
 	}
-	if n, _ := x.Len(); n != 82000 {
-		t.Fatalf("%d blobs, want 82000", n)
+	if cs := x.Copies(a.Blobs[5].ID, NoWriter); len(cs) != 2 {
+		t.Fatalf("%d copies of a blob stored twice", len(cs))
+	}
+	if n, _ := x.Len(); n != 82001 {
+		t.Fatalf("%d entries, want 82001", n)
 	}
 	seen := 0
-	x.Each(func(ID, Location) { seen++ })
-	if seen != 82000 {
-		t.Fatalf("Each saw %d blobs", seen)
+	x.Each(func(ID, Copy) { seen++ })
+	if seen != 82001 {
+		t.Fatalf("Each saw %d entries", seen)
 	}
 }
 

@@ -2,12 +2,9 @@ package repo
 
 import (
 	"bytes"
-	"encoding/binary"
-	"fmt"
+	"cmp"
 	"slices"
 	"sync"
-
-	"github.com/sauve-backup/sauve/internal/crypto"
 )
 
 // Location is where a blob is stored.
@@ -19,49 +16,98 @@ type Location struct {
 	Length    uint32
 }
 
+// Copy is one stored copy of a blob, with what is known of who stored it
+// and whether it can be used.
+type Copy struct {
+	Location
+	// Writer is the writer the copy is attributed to (see Writers).
+	Writer WriterNum
+	// Trust says what vouches for the copy.
+	Trust Trust
+	// Damaged is why the pack is known to be unusable: missing, too short
+	// for the copy, or recorded as damaged. Empty for a usable copy.
+	Damaged string
+	// Missing is set when the copy cannot even be read (its pack is not
+	// stored, or ends before it). A copy in a pack recorded as damaged
+	// may still be intact: a restore tries it last.
+	Missing bool
+}
+
+// Trust is what vouches for an index entry.
+type Trust uint8
+
+const (
+	// TrustOwner: the owner wrote the pack, or verified the blob in it.
+	TrustOwner Trust = 1 << iota
+	// TrustSigned: the writer the entry is attributed to signed this very
+	// claim (its own index object), so the entry is that writer's word.
+	TrustSigned
+	// TrustLegacy: a version-1 index object, which nobody signed.
+	TrustLegacy
+)
+
 type indexEntry struct {
 	id     ID
 	pack   uint32
 	offset uint32
 	length uint32
 	typ    BlobType
+	trust  Trust
+	writer WriterNum
 }
 
 type packRecord struct {
 	id  ID
 	eph [32]byte
+	// size is the pack's size as listed, or -1 when the pack was not in
+	// the listing (or no listing was made: unknown).
+	size int64
+	// damaged is why the pack must not be used: empty when it may be.
+	damaged string
+	// indexed is set once an index object (or trailer) described it.
+	indexed bool
 }
 
-// Index maps blob IDs to their place in packs. It is held in memory as a
-// sorted array of 48-byte entries with a table of where each 16-bit ID
-// prefix starts (a Go map costs over twice as much per blob; figures in
-// docs/BENCHMARKS.md), plus a small map of the blobs added since the array
-// was last rebuilt.
+// Index maps blob IDs to every copy of them in packs. It is held in memory
+// as a sorted array of 48-byte entries with a table of where each 16-bit
+// ID prefix starts (a Go map costs over twice as much per blob; figures in
+// docs/BENCHMARKS.md), plus a small map of the entries added since the
+// array was last rebuilt. A blob may have several entries: copies in
+// several packs (concurrent backups), or claims by several writers about
+// one place; none hides another, and which one a reader uses is decided
+// per query, by trust and then by pack ID, so the answer never depends on
+// the order index objects were loaded in.
 type Index struct {
 	mu      sync.RWMutex
 	packs   []packRecord
 	packNum map[ID]uint32
 	sorted  []indexEntry
 	buckets []uint32 // buckets[p] is the first entry in sorted whose ID starts with prefix p
-	fresh   map[ID]indexEntry
+	fresh   map[ID][]indexEntry
 	bulk    bool // sorted is being filled unsorted by a bulk load
+
+	// listed is set once pack sizes come from a listing: a pack that was
+	// not listed is then missing, and its entries unusable.
+	listed bool
+
+	// Writers attributes entries; shared with the repository.
+	Writers *Writers
 }
 
 const bucketBits = 16
 
 // NewIndex returns an empty index.
 func NewIndex() *Index {
-	return &Index{packNum: map[ID]uint32{}, fresh: map[ID]indexEntry{}}
+	return &Index{packNum: map[ID]uint32{}, fresh: map[ID][]indexEntry{}, Writers: NewWriters()}
 }
 
 func prefix(id ID) int { return int(id[0])<<8 | int(id[1]) }
 
-func (x *Index) find(id ID) (indexEntry, bool) {
-	if e, ok := x.fresh[id]; ok {
-		return e, true
-	}
+// entries appends every entry of id to dst.
+func (x *Index) entries(dst []indexEntry, id ID) []indexEntry {
+	dst = append(dst, x.fresh[id]...)
 	if len(x.sorted) == 0 || x.bulk {
-		return indexEntry{}, false
+		return dst
 	}
 	p := prefix(id)
 	lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
@@ -73,68 +119,235 @@ func (x *Index) find(id ID) (indexEntry, bool) {
 			hi = m
 		}
 	}
-	if lo < len(x.sorted) && x.sorted[lo].id == id {
-		return x.sorted[lo], true
+	for ; lo < len(x.sorted) && x.sorted[lo].id == id; lo++ {
+		dst = append(dst, x.sorted[lo])
 	}
-	return indexEntry{}, false
+	return dst
 }
 
-// Has reports whether a blob of type t with this ID is stored.
-func (x *Index) Has(t BlobType, id ID) bool {
-	x.mu.RLock()
-	e, ok := x.find(id)
-	x.mu.RUnlock()
-	return ok && e.typ == t
-}
-
-// Lookup returns a blob's location.
-func (x *Index) Lookup(id ID) (Location, bool) {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	e, ok := x.find(id)
-	if !ok {
-		return Location{}, false
+// unusable says why the entry's pack cannot be used, or "" if it can, and
+// whether the copy cannot be read at all.
+func (x *Index) unusable(e indexEntry) (string, bool) {
+	p := &x.packs[e.pack]
+	if x.listed && p.size < 0 {
+		return "pack " + p.id.Short() + " is missing", true
 	}
-	return x.location(e), true
+	if p.size >= 0 && int64(e.offset)+int64(e.length)+packFooterSize > p.size {
+		return "pack " + p.id.Short() + " is too short for it (truncated)", true
+	}
+	if p.damaged != "" {
+		return "pack " + p.id.Short() + ": " + p.damaged, false
+	}
+	return "", false
 }
 
-func (x *Index) location(e indexEntry) Location {
+func (x *Index) copyOf(e indexEntry) Copy {
 	p := x.packs[e.pack]
-	return Location{Pack: p.id, Ephemeral: p.eph, Type: e.typ, Offset: e.offset, Length: e.length}
+	why, missing := x.unusable(e)
+	return Copy{
+		Location: Location{Pack: p.id, Ephemeral: p.eph, Type: e.typ, Offset: e.offset, Length: e.length},
+		Writer:   e.writer, Trust: e.trust, Damaged: why, Missing: missing,
+	}
+}
+
+// rank orders copies for a reader that prefers the copies of writer
+// prefer (the signer of the snapshot being read): its own signed word
+// first, then what the owner vouches for, then other signed entries, then
+// unsigned ones; known-damaged copies last.
+func rank(c Copy, prefer WriterNum) int {
+	switch {
+	case c.Missing:
+		return 6
+	case c.Damaged != "":
+		return 5
+	case prefer != NoWriter && c.Writer == prefer && c.Trust&TrustSigned != 0:
+		return 0
+	case c.Trust&TrustOwner != 0:
+		return 1
+	case c.Trust&TrustSigned != 0:
+		return 2
+	case c.Trust&TrustLegacy != 0:
+		return 3
+	}
+	return 4
+}
+
+// Copies returns every copy of blob id, best first for a reader that
+// prefers writer prefer (NoWriter for none), the same on every run.
+func (x *Index) Copies(id ID, prefer WriterNum) []Copy {
+	x.mu.RLock()
+	es := x.entries(nil, id)
+	out := make([]Copy, len(es))
+	for i, e := range es {
+		out[i] = x.copyOf(e)
+	}
+	x.mu.RUnlock()
+	slices.SortFunc(out, func(a, b Copy) int {
+		if c := cmp.Compare(rank(a, prefer), rank(b, prefer)); c != 0 {
+			return c
+		}
+		if c := bytes.Compare(a.Pack[:], b.Pack[:]); c != 0 {
+			return c
+		}
+		return cmp.Or(cmp.Compare(a.Offset, b.Offset), cmp.Compare(a.Length, b.Length), cmp.Compare(a.Writer, b.Writer))
+	})
+	return out
+}
+
+// Lookup returns the best usable copy of a blob (for a reader with no
+// preferred writer).
+func (x *Index) Lookup(id ID) (Location, bool) {
+	for _, c := range x.Copies(id, NoWriter) {
+		if c.Damaged == "" {
+			return c.Location, true
+		}
+	}
+	return Location{}, false
+}
+
+// Has reports whether a usable copy of a blob of type t is indexed,
+// whoever stored it.
+func (x *Index) Has(t BlobType, id ID) bool {
+	for _, c := range x.Copies(id, NoWriter) {
+		if c.Damaged == "" && c.Type == t {
+			return true
+		}
+	}
+	return false
+}
+
+// Reusable returns a copy of blob id that writer self may deduplicate
+// against, and whether there is one: a usable copy the owner vouches for,
+// or one that self signed itself. Entries of other writers are never
+// trusted for this, so a writer cannot make another one skip storing data
+// by claiming it is stored; nor are those of revoked writers.
+func (x *Index) Reusable(t BlobType, id ID, self WriterNum) (Copy, bool) {
+	for _, c := range x.Copies(id, self) {
+		if c.Damaged != "" || c.Type != t {
+			continue
+		}
+		if c.Trust&TrustOwner != 0 {
+			return c, true
+		}
+		if c.Trust&TrustSigned != 0 && c.Writer == self && !x.Writers.Revoked(self) {
+			return c, true
+		}
+	}
+	return Copy{}, false
 }
 
 // HasPack reports whether the pack is indexed.
 func (x *Index) HasPack(id ID) bool {
 	x.mu.RLock()
-	_, ok := x.packNum[id]
-	x.mu.RUnlock()
-	return ok
+	defer x.mu.RUnlock()
+	n, ok := x.packNum[id]
+	return ok && x.packs[n].indexed
 }
 
 func (x *Index) packNumber(id ID, eph [32]byte) uint32 {
 	n, ok := x.packNum[id]
 	if !ok {
 		n = uint32(len(x.packs))
-		x.packs = append(x.packs, packRecord{id: id, eph: eph})
+		x.packs = append(x.packs, packRecord{id: id, eph: eph, size: -1})
 		x.packNum[id] = n
 	}
 	return n
 }
 
-// Add records a pack and its blobs. Adding a pack twice is harmless.
-func (x *Index) Add(p PackInfo) {
+// SetListing records the stored packs and their sizes. From then on, a
+// pack that was not listed is missing.
+func (x *Index) SetListing(sizes map[ID]int64) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	x.listed = true
+	for id, size := range sizes {
+		n := x.packNumber(id, [32]byte{})
+		x.packs[n].size = size
+	}
+}
+
+// SetPackSize records the size of a pack written while the index is in
+// use (by this process).
+func (x *Index) SetPackSize(id ID, size int64) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	n := x.packNumber(id, [32]byte{})
+	x.packs[n].size = size
+}
+
+// MarkDamaged records that a pack must not be used, and why.
+func (x *Index) MarkDamaged(id ID, why string) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	n := x.packNumber(id, [32]byte{})
+	if x.packs[n].damaged == "" {
+		x.packs[n].damaged = why
+	}
+}
+
+// ClearDamaged forgets that a pack was damaged (it verified since).
+func (x *Index) ClearDamaged(id ID) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if n, ok := x.packNum[id]; ok {
+		x.packs[n].damaged = ""
+	}
+}
+
+// accept returns the pack number for p's entries.
+func (x *Index) accept(p *PackInfo) uint32 {
 	n := x.packNumber(p.ID, p.Ephemeral)
+	x.packs[n].eph = p.Ephemeral
+	x.packs[n].indexed = true
+	return n
+}
+
+// Add records a pack's blobs as stated by one index object (or trailer),
+// attributed to writer w with trust t. Adding the same statement twice is
+// harmless.
+func (x *Index) Add(p PackInfo, w WriterNum, t Trust) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	n := x.accept(&p)
 	for _, b := range p.Blobs {
-		if _, dup := x.find(b.ID); dup {
-			continue // the first copy wins; the others are garbage for prune
+		e := indexEntry{id: b.ID, pack: n, offset: b.Offset, length: b.Length, typ: b.Type, trust: t, writer: w}
+		if x.merge(e) {
+			continue
 		}
-		x.fresh[b.ID] = indexEntry{id: b.ID, pack: n, offset: b.Offset, length: b.Length, typ: b.Type}
+		x.fresh[b.ID] = append(x.fresh[b.ID], e)
 	}
 	if len(x.fresh) > max(1<<16, len(x.sorted)/8) {
 		x.compact()
 	}
+}
+
+// merge folds e into an existing entry for the same place and writer.
+func (x *Index) merge(e indexEntry) bool {
+	if fs := x.fresh[e.id]; fs != nil {
+		for i := range fs {
+			if samePlace(fs[i], e) {
+				fs[i].trust |= e.trust
+				return true
+			}
+		}
+	}
+	if len(x.sorted) == 0 || x.bulk {
+		return false
+	}
+	p := prefix(e.id)
+	lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
+	i, _ := slices.BinarySearchFunc(x.sorted[lo:hi], e.id, func(a indexEntry, id ID) int { return bytes.Compare(a.id[:], id[:]) })
+	for i += lo; i < len(x.sorted) && x.sorted[i].id == e.id; i++ {
+		if samePlace(x.sorted[i], e) {
+			x.sorted[i].trust |= e.trust
+			return true
+		}
+	}
+	return false
+}
+
+func samePlace(a, b indexEntry) bool {
+	return a.id == b.id && a.pack == b.pack && a.offset == b.offset && a.length == b.length && a.typ == b.typ && a.writer == b.writer
 }
 
 // reserve makes room for n more blobs.
@@ -146,13 +359,13 @@ func (x *Index) reserve(n int) {
 
 // addBulk appends a pack's blobs without lookups; finishBulk must follow
 // before the index is used.
-func (x *Index) addBulk(p PackInfo) {
+func (x *Index) addBulk(p PackInfo, w WriterNum, t Trust) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	x.bulk = true
-	n := x.packNumber(p.ID, p.Ephemeral)
+	n := x.accept(&p)
 	for _, b := range p.Blobs {
-		x.sorted = append(x.sorted, indexEntry{id: b.ID, pack: n, offset: b.Offset, length: b.Length, typ: b.Type})
+		x.sorted = append(x.sorted, indexEntry{id: b.ID, pack: n, offset: b.Offset, length: b.Length, typ: b.Type, trust: t, writer: w})
 	}
 }
 
@@ -164,15 +377,30 @@ func (x *Index) finishBulk() {
 	x.compact()
 }
 
-// compact merges fresh into sorted, drops duplicate IDs and rebuilds the
-// prefix table.
+// compact merges fresh into sorted, folds entries that state the same
+// place for the same writer into one, and rebuilds the prefix table.
 func (x *Index) compact() {
-	for _, e := range x.fresh {
-		x.sorted = append(x.sorted, e)
+	for _, es := range x.fresh {
+		x.sorted = append(x.sorted, es...)
 	}
 	clear(x.fresh)
-	slices.SortStableFunc(x.sorted, func(a, b indexEntry) int { return bytes.Compare(a.id[:], b.id[:]) })
-	x.sorted = slices.CompactFunc(x.sorted, func(a, b indexEntry) bool { return a.id == b.id })
+	slices.SortFunc(x.sorted, func(a, b indexEntry) int {
+		if c := bytes.Compare(a.id[:], b.id[:]); c != 0 {
+			return c
+		}
+		return cmp.Or(cmp.Compare(a.pack, b.pack), cmp.Compare(a.offset, b.offset), cmp.Compare(a.length, b.length),
+			cmp.Compare(a.typ, b.typ), cmp.Compare(a.writer, b.writer))
+	})
+	out := x.sorted[:0]
+	for _, e := range x.sorted {
+		if k := len(out); k > 0 && samePlace(out[k-1], e) {
+			out[k-1].trust |= e.trust
+			continue
+		}
+		out = append(out, e)
+	}
+	clear(x.sorted[len(out):])
+	x.sorted = out
 	if x.buckets == nil {
 		x.buckets = make([]uint32, 1<<bucketBits+1)
 	}
@@ -186,121 +414,117 @@ func (x *Index) compact() {
 	x.buckets[1<<bucketBits] = uint32(len(x.sorted))
 }
 
-// Len returns the number of blobs and packs.
+// Len returns the number of entries and of indexed packs.
 func (x *Index) Len() (blobs, packs int) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	return len(x.sorted) + len(x.fresh), len(x.packs)
+	n := len(x.sorted)
+	for _, es := range x.fresh {
+		n += len(es)
+	}
+	for _, p := range x.packs {
+		if p.indexed {
+			packs++
+		}
+	}
+	return n, packs
 }
 
-// Packs returns the IDs of all indexed packs.
+// Packs returns the IDs of the indexed packs, sorted.
 func (x *Index) Packs() []ID {
 	x.mu.RLock()
-	defer x.mu.RUnlock()
-	ids := make([]ID, len(x.packs))
-	for i, p := range x.packs {
-		ids[i] = p.id
+	var ids []ID
+	for _, p := range x.packs {
+		if p.indexed {
+			ids = append(ids, p.id)
+		}
 	}
+	x.mu.RUnlock()
+	slices.SortFunc(ids, func(a, b ID) int { return bytes.Compare(a[:], b[:]) })
 	return ids
 }
 
-// Each calls fn for every blob.
-func (x *Index) Each(fn func(id ID, loc Location)) {
+// PackState is what the index knows of a pack.
+type PackState struct {
+	ID ID
+	// Size is the listed size, -1 when the pack is not stored (or no
+	// listing was made).
+	Size int64
+	// Entries counts the index entries that place blobs in the pack;
+	// Beyond those of them that run past its end.
+	Entries, Beyond int
+	// Damaged is why the pack is known to be unusable.
+	Damaged string
+}
+
+// PackStates describes every indexed pack, in pack ID order.
+func (x *Index) PackStates() []PackState {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	states := make([]PackState, len(x.packs))
+	count := func(e indexEntry) {
+		st := &states[e.pack]
+		st.Entries++
+		if sz := x.packs[e.pack].size; sz >= 0 && int64(e.offset)+int64(e.length)+packFooterSize > sz {
+			st.Beyond++
+		}
+	}
+	for _, e := range x.sorted {
+		count(e)
+	}
+	for _, es := range x.fresh {
+		for _, e := range es {
+			count(e)
+		}
+	}
+	var out []PackState
+	for i, p := range x.packs {
+		if p.indexed {
+			st := states[i]
+			st.ID, st.Size, st.Damaged = p.id, p.size, p.damaged
+			out = append(out, st)
+		}
+	}
+	slices.SortFunc(out, func(a, b PackState) int { return bytes.Compare(a.ID[:], b.ID[:]) })
+	return out
+}
+
+// Each calls fn for every entry, in ID order (fresh entries last).
+func (x *Index) Each(fn func(id ID, c Copy)) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
 	for _, e := range x.sorted {
-		fn(e.id, x.location(e))
+		fn(e.id, x.copyOf(e))
 	}
-	for _, e := range x.fresh {
-		fn(e.id, x.location(e))
+	for _, es := range x.fresh {
+		for _, e := range es {
+			fn(e.id, x.copyOf(e))
+		}
 	}
 }
 
-// Index objects (docs/FORMAT.md), sealed with the metadata key:
-//
-//	"SVIDX001" | u32 npacks | npacks × (pack id 32 | ephemeral 32 | u32 nblobs |
-//	                                    nblobs × (type u8 | id 32 | offset u32 | length u32))
-const (
-	indexMagic     = "SVIDX001"
-	indexBlobEntry = 1 + 32 + 4 + 4
-	indexPackHead  = 32 + 32 + 4
-)
-
-var indexAD = []byte("sauve index v1")
-
-func encodeIndex(meta *crypto.MetaSealer, packs []PackInfo) []byte {
-	n := 12
-	for _, p := range packs {
-		n += indexPackHead + len(p.Blobs)*indexBlobEntry
+// ownerVouches reports whether the owner vouches for every blob of p where
+// p places it.
+func (x *Index) ownerVouches(p PackInfo) bool {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	n, ok := x.packNum[p.ID]
+	if !ok {
+		return false
 	}
-	b := make([]byte, 0, n)
-	b = append(b, indexMagic...)
-	b = binary.LittleEndian.AppendUint32(b, uint32(len(packs)))
-	for _, p := range packs {
-		b = append(b, p.ID[:]...)
-		b = append(b, p.Ephemeral[:]...)
-		b = binary.LittleEndian.AppendUint32(b, uint32(len(p.Blobs)))
-		for _, bl := range p.Blobs {
-			b = append(b, byte(bl.Type))
-			b = append(b, bl.ID[:]...)
-			b = binary.LittleEndian.AppendUint32(b, bl.Offset)
-			b = binary.LittleEndian.AppendUint32(b, bl.Length)
-		}
-	}
-	return meta.Seal(nil, b, indexAD)
-}
-
-// decodeIndexPlain parses an index object's plaintext.
-func decodeIndexPlain(b []byte) ([]PackInfo, error) {
-	if len(b) < 12 || string(b[:8]) != indexMagic {
-		return nil, fmt.Errorf("index: bad header")
-	}
-	np := binary.LittleEndian.Uint32(b[8:12])
-	b = b[12:]
-	if uint64(np)*indexPackHead > uint64(len(b)) {
-		return nil, fmt.Errorf("index: %d packs cannot fit in %d bytes", np, len(b))
-	}
-	packs := make([]PackInfo, 0, np)
-	for i := uint32(0); i < np; i++ {
-		if len(b) < indexPackHead {
-			return nil, fmt.Errorf("index: pack %d truncated", i)
-		}
-		var p PackInfo
-		copy(p.ID[:], b[:32])
-		copy(p.Ephemeral[:], b[32:64])
-		nb := binary.LittleEndian.Uint32(b[64:68])
-		b = b[indexPackHead:]
-		if uint64(nb)*indexBlobEntry > uint64(len(b)) {
-			return nil, fmt.Errorf("index: pack %d claims %d blobs, only %d bytes left", i, nb, len(b))
-		}
-		p.Blobs = make([]PackBlob, nb)
-		for j := range p.Blobs {
-			e := b[j*indexBlobEntry:]
-			bl := &p.Blobs[j]
-			bl.Type = BlobType(e[0])
-			if bl.Type != DataBlob && bl.Type != MetaBlob {
-				return nil, fmt.Errorf("index: pack %d blob %d has unknown type %d", i, j, e[0])
-			}
-			copy(bl.ID[:], e[1:33])
-			bl.Offset = binary.LittleEndian.Uint32(e[33:37])
-			bl.Length = binary.LittleEndian.Uint32(e[37:41])
-			if bl.Offset < packHeaderSize {
-				return nil, fmt.Errorf("index: pack %d blob %d offset %d inside the pack header", i, j, bl.Offset)
+	var buf []indexEntry
+	for _, b := range p.Blobs {
+		found := false
+		buf = x.entries(buf[:0], b.ID)
+		for _, e := range buf {
+			if e.pack == n && e.offset == b.Offset && e.trust&TrustOwner != 0 {
+				found = true
+				break
 			}
 		}
-		b = b[int(nb)*indexBlobEntry:]
-		packs = append(packs, p)
+		if !found {
+			return false
+		}
 	}
-	if len(b) != 0 {
-		return nil, fmt.Errorf("index: %d trailing bytes", len(b))
-	}
-	return packs, nil
-}
-
-func decodeIndex(meta *crypto.MetaSealer, sealed []byte) ([]PackInfo, error) {
-	plain, err := meta.Open(nil, sealed, indexAD)
-	if err != nil {
-		return nil, fmt.Errorf("index: %w", err)
-	}
-	return decodeIndexPlain(plain)
+	return true
 }

@@ -20,7 +20,7 @@ func TestIndexMemoryPerBlob(t *testing.T) {
 	for i := 0; i < n; i++ {
 		p.Blobs = append(p.Blobs, PackBlob{Type: DataBlob, ID: randID(), Offset: uint32(i), Length: 1})
 		if len(p.Blobs) == 128 {
-			x.addBulk(p)
+			x.addBulk(p, 1, TrustSigned)
 			p = PackInfo{ID: randID()}
 		}
 	}

@@ -1,36 +1,52 @@
 package repo
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 
+	"github.com/zeebo/blake3"
+
 	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/crypto"
 )
 
-// Pack layout (docs/FORMAT.md):
+// Pack layout (docs/FORMAT.md), version 2:
 //
-//	header  "SVPACK01" | ephemeral X25519 public key (32)
+//	header  "SVPACK02" | ephemeral X25519 public key (32)
 //	blobs   sealed blobs, back to back
-//	trailer sealed with the metadata key: "SVPTRL01" | u32 n | n × (type u8 | id 32 | length u32)
+//	trailer sealed with the metadata key: "SVPTRL02" | signed object of
+//	        (content hash 32 | u32 n | n × (type u8 | id 32 | length u32))
 //	footer  u32 trailer length | "SVPKEND1"
 //
 // The trailer makes a pack self-describing, so an index can be rebuilt from
-// packs alone (after an interrupted backup, or by a repair).
+// packs alone (after an interrupted backup, or by a repair). Its writer
+// signs it together with the BLAKE3 of the header and blobs, so a reader
+// that holds the whole pack knows who wrote exactly these bytes; a reader
+// that holds only the trailer knows only who claims to have.
+//
+// Version 1 packs ("SVPACK01") have an unsigned trailer ("SVPTRL01",
+// associated data "sauve pack trailer v1") without the content hash.
 const (
-	packMagic      = "SVPACK01"
+	packMagicV1    = "SVPACK01"
+	packMagic      = "SVPACK02"
 	packEndMagic   = "SVPKEND1"
-	trailerMagic   = "SVPTRL01"
+	trailerMagicV1 = "SVPTRL01"
+	trailerMagic   = "SVPTRL02"
 	packHeaderSize = 8 + 32
 	packFooterSize = 4 + 8
 	trailerEntry   = 1 + 32 + 4
 	maxPackBlobs   = 1 << 20
+	// maxTrailer bounds the sealed trailer: its entries, the signature
+	// and a certificate.
+	maxTrailer = maxPackBlobs*trailerEntry + 16<<10
 )
 
-var trailerAD = []byte("sauve pack trailer v1")
+var (
+	trailerADV1 = []byte("sauve pack trailer v1")
+	trailerAD   = []byte("sauve pack trailer v2")
+)
 
 // PackBlob is a blob's place in a pack.
 type PackBlob struct {
@@ -45,6 +61,16 @@ type PackInfo struct {
 	ID        ID
 	Ephemeral [32]byte
 	Blobs     []PackBlob
+}
+
+// packTrailer is what a pack's trailer states.
+type packTrailer struct {
+	PackInfo
+	Version int // 1 or 2
+	// Content is the BLAKE3 of the header and blobs that the signer
+	// signed (version 2).
+	Content ID
+	Signer  crypto.SignerBlock
 }
 
 // packBuilder accumulates one pack in memory.
@@ -65,76 +91,133 @@ func (p *packBuilder) add(t BlobType, id ID, sealed []byte) {
 	p.buf = append(p.buf, sealed...)
 }
 
-// finish appends trailer and footer and returns the pack's bytes.
-func (p *packBuilder) finish(meta *crypto.MetaSealer) []byte {
-	plain := make([]byte, 0, 12+len(p.blobs)*trailerEntry)
-	plain = append(plain, trailerMagic...)
-	plain = binary.LittleEndian.AppendUint32(plain, uint32(len(p.blobs)))
+// finish appends the signed trailer and the footer and returns the pack's
+// bytes and ID. The content hash and the pack's name come from one pass
+// of BLAKE3 over the pack.
+func (p *packBuilder) finish(meta *crypto.MetaSealer, keys *crypto.Keys) ([]byte, ID) {
+	h := blake3.New()
+	_, _ = h.Write(p.buf)
+	var content ID
+	h.Sum(content[:0])
+	body := make([]byte, 0, 32+4+len(p.blobs)*trailerEntry)
+	body = append(body, content[:]...)
+	body = binary.LittleEndian.AppendUint32(body, uint32(len(p.blobs)))
 	for _, b := range p.blobs {
-		plain = append(plain, byte(b.Type))
-		plain = append(plain, b.ID[:]...)
-		plain = binary.LittleEndian.AppendUint32(plain, b.Length)
+		body = append(body, byte(b.Type))
+		body = append(body, b.ID[:]...)
+		body = binary.LittleEndian.AppendUint32(body, b.Length)
 	}
+	plain := append([]byte(trailerMagic), keys.SignObject(body, crypto.DomainTrailer)...)
 	start := len(p.buf)
 	p.buf = meta.Seal(p.buf, plain, trailerAD)
 	p.buf = binary.LittleEndian.AppendUint32(p.buf, uint32(len(p.buf)-start))
 	p.buf = append(p.buf, packEndMagic...)
-	return p.buf
+	_, _ = h.Write(p.buf[start:])
+	var id ID
+	h.Sum(id[:0])
+	return p.buf, id
 }
 
 // ErrPackFormat marks a pack whose structure is damaged.
 var ErrPackFormat = errors.New("damaged pack")
 
-// parsePackTail decodes a pack's trailer. tail is the last bytes of the pack
+// packVersion reads a pack header's version.
+func packVersion(head []byte) (int, error) {
+	if len(head) < packHeaderSize {
+		return 0, fmt.Errorf("%w: header truncated", ErrPackFormat)
+	}
+	switch string(head[:8]) {
+	case packMagic:
+		return 2, nil
+	case packMagicV1:
+		return 1, nil
+	}
+	return 0, fmt.Errorf("%w: header missing", ErrPackFormat)
+}
+
+// trailerReader decodes trailers: the metadata key opens them, the keys
+// check their signatures.
+type trailerReader struct {
+	meta *crypto.MetaSealer
+	keys *crypto.Keys
+}
+
+// parseTail decodes a pack's trailer. tail is the last bytes of the pack
 // (at least the footer), size the pack's total size. If tail is too short
 // to hold the trailer, need reports how many tail bytes are required.
-func parsePackTail(meta *crypto.MetaSealer, tail []byte, size int64) (blobs []PackBlob, need int, err error) {
+func (tr trailerReader) parseTail(version int, tail []byte, size int64) (t packTrailer, need int, err error) {
+	t.Version = version
 	if size < packHeaderSize+packFooterSize || len(tail) < packFooterSize {
-		return nil, 0, fmt.Errorf("%w: %d bytes is too short", ErrPackFormat, size)
+		return t, 0, fmt.Errorf("%w: %d bytes is too short", ErrPackFormat, size)
 	}
 	foot := tail[len(tail)-packFooterSize:]
 	if string(foot[4:]) != packEndMagic {
-		return nil, 0, fmt.Errorf("%w: end marker missing (truncated?)", ErrPackFormat)
+		return t, 0, fmt.Errorf("%w: end marker missing (truncated?)", ErrPackFormat)
 	}
 	tlen := int64(binary.LittleEndian.Uint32(foot[:4]))
-	if tlen > size-packHeaderSize-packFooterSize || tlen > maxPackBlobs*trailerEntry+1024 {
-		return nil, 0, fmt.Errorf("%w: trailer length %d out of range", ErrPackFormat, tlen)
+	if tlen > size-packHeaderSize-packFooterSize || tlen > maxTrailer {
+		return t, 0, fmt.Errorf("%w: trailer length %d out of range", ErrPackFormat, tlen)
 	}
 	if int64(len(tail)) < tlen+packFooterSize {
-		return nil, int(tlen + packFooterSize), nil
+		return t, int(tlen + packFooterSize), nil
 	}
 	sealed := tail[int64(len(tail))-packFooterSize-tlen : len(tail)-packFooterSize]
-	plain, err := meta.Open(nil, sealed, trailerAD)
-	if err != nil {
-		return nil, 0, fmt.Errorf("%w: trailer: %v", ErrPackFormat, err)
+	end := size - packFooterSize - tlen
+	if version == 1 {
+		plain, err := tr.meta.Open(nil, sealed, trailerADV1)
+		if err != nil {
+			return t, 0, fmt.Errorf("%w: trailer: %v", ErrPackFormat, err)
+		}
+		if len(plain) < 8 || string(plain[:8]) != trailerMagicV1 {
+			return t, 0, fmt.Errorf("%w: trailer header", ErrPackFormat)
+		}
+		t.Blobs, err = decodeTrailerEntries(plain[8:], end)
+		return t, 0, err
 	}
-	blobs, err = decodeTrailer(plain, size-packFooterSize-tlen)
-	return blobs, 0, err
+	plain, err := tr.meta.Open(nil, sealed, trailerAD)
+	if err != nil {
+		return t, 0, fmt.Errorf("%w: trailer: %v", ErrPackFormat, err)
+	}
+	if len(plain) < 8 || string(plain[:8]) != trailerMagic {
+		return t, 0, fmt.Errorf("%w: trailer header", ErrPackFormat)
+	}
+	body, who, err := tr.keys.OpenSigned(plain[8:], crypto.DomainTrailer)
+	if err != nil {
+		return t, 0, fmt.Errorf("%w: trailer: %v", ErrPackFormat, err)
+	}
+	if len(body) < 32 {
+		return t, 0, fmt.Errorf("%w: trailer too short", ErrPackFormat)
+	}
+	t.Signer = who
+	copy(t.Content[:], body[:32])
+	t.Blobs, err = decodeTrailerEntries(body[32:], end)
+	return t, 0, err
 }
 
-// decodeTrailer parses a trailer's plaintext; blobs must exactly fill the
-// pack from the header to end, where the trailer starts.
-func decodeTrailer(plain []byte, end int64) ([]PackBlob, error) {
-	if len(plain) < 12 || string(plain[:8]) != trailerMagic {
+// decodeTrailerEntries parses "u32 n | n × (type | id | length)"; the
+// blobs must exactly fill the pack from the header to end, where the
+// trailer starts.
+func decodeTrailerEntries(b []byte, end int64) ([]PackBlob, error) {
+	if len(b) < 4 {
 		return nil, fmt.Errorf("%w: trailer header", ErrPackFormat)
 	}
-	n := int(binary.LittleEndian.Uint32(plain[8:12]))
-	if n > maxPackBlobs || len(plain) != 12+n*trailerEntry {
-		return nil, fmt.Errorf("%w: trailer holds %d bytes for %d entries", ErrPackFormat, len(plain), n)
+	n := int(binary.LittleEndian.Uint32(b))
+	if n > maxPackBlobs || len(b) != 4+n*trailerEntry {
+		return nil, fmt.Errorf("%w: trailer holds %d bytes for %d entries", ErrPackFormat, len(b), n)
 	}
 	blobs := make([]PackBlob, n)
 	off := int64(packHeaderSize)
 	for i := range blobs {
-		e := plain[12+i*trailerEntry:]
-		b := &blobs[i]
-		b.Type = BlobType(e[0])
-		copy(b.ID[:], e[1:33])
-		b.Length = binary.LittleEndian.Uint32(e[33:37])
-		b.Offset = uint32(off)
-		if b.Type != DataBlob && b.Type != MetaBlob {
+		e := b[4+i*trailerEntry:]
+		bl := &blobs[i]
+		bl.Type = BlobType(e[0])
+		copy(bl.ID[:], e[1:33])
+		bl.Length = binary.LittleEndian.Uint32(e[33:37])
+		bl.Offset = uint32(off)
+		if bl.Type != DataBlob && bl.Type != MetaBlob {
 			return nil, fmt.Errorf("%w: entry %d has unknown type %d", ErrPackFormat, i, e[0])
 		}
-		off += int64(b.Length)
+		off += int64(bl.Length)
 		if off > end {
 			return nil, fmt.Errorf("%w: entry %d runs past the blob area", ErrPackFormat, i)
 		}
@@ -145,56 +228,79 @@ func decodeTrailer(plain []byte, end int64) ([]PackBlob, error) {
 	return blobs, nil
 }
 
-// parsePack decodes a whole pack held in memory.
-func parsePack(meta *crypto.MetaSealer, data []byte) (PackInfo, error) {
-	var info PackInfo
-	if len(data) < packHeaderSize+packFooterSize || !bytes.Equal(data[:8], []byte(packMagic)) {
-		return info, fmt.Errorf("%w: header missing", ErrPackFormat)
-	}
-	copy(info.Ephemeral[:], data[8:packHeaderSize])
-	blobs, _, err := parsePackTail(meta, data, int64(len(data)))
+// parsePack decodes pack id, held whole in memory, and, for version 2,
+// checks that its content is what the trailer's signer signed.
+func (tr trailerReader) parsePack(id ID, data []byte) (packTrailer, error) {
+	v, err := packVersion(data)
 	if err != nil {
-		return info, err
+		return packTrailer{}, err
 	}
-	info.Blobs = blobs
-	return info, nil
+	t, _, err := tr.parseTail(v, data, int64(len(data)))
+	if err != nil {
+		return t, err
+	}
+	t.ID = id
+	copy(t.Ephemeral[:], data[8:packHeaderSize])
+	if v == 2 {
+		end := packHeaderSize
+		if k := len(t.Blobs); k > 0 {
+			end = int(t.Blobs[k-1].Offset) + int(t.Blobs[k-1].Length)
+		}
+		if blake3.Sum256(data[:end]) != t.Content {
+			return t, fmt.Errorf("%w: content differs from what its trailer's signer signed", ErrPackFormat)
+		}
+	}
+	return t, nil
 }
 
-// readPackInfo reads a stored pack's header and trailer with ranged reads.
-func readPackInfo(ctx context.Context, be backend.Backend, meta *crypto.MetaSealer, id ID, size int64) (PackInfo, error) {
+// readPackTrailer reads a stored pack's header and trailer with ranged
+// reads. It cannot check the content hash (that needs the whole pack).
+func (tr trailerReader) readPackTrailer(ctx context.Context, be backend.Backend, id ID, size int64) (packTrailer, error) {
 	h := backend.Handle{Type: backend.PackFile, Name: id.String()}
-	info := PackInfo{ID: id}
+	t := packTrailer{PackInfo: PackInfo{ID: id}}
 	if size < packHeaderSize+packFooterSize {
-		return info, fmt.Errorf("%w: %d bytes is too short", ErrPackFormat, size)
+		return t, fmt.Errorf("%w: %d bytes is too short", ErrPackFormat, size)
 	}
 	head, err := backend.ReadRange(ctx, be, h, 0, packHeaderSize)
 	if err != nil {
-		return info, err
+		return t, err
 	}
-	if string(head[:8]) != packMagic {
-		return info, fmt.Errorf("%w: header missing", ErrPackFormat)
+	v, err := packVersion(head)
+	if err != nil {
+		return t, err
 	}
-	copy(info.Ephemeral[:], head[8:])
 	want := int64(64 << 10)
 	for {
-		if want > size {
-			want = size
-		}
+		want = min(want, size)
 		tail, err := backend.ReadRange(ctx, be, h, size-want, want)
 		if err != nil {
-			return info, err
+			return t, err
 		}
-		blobs, need, err := parsePackTail(meta, tail, size)
+		got, need, err := tr.parseTail(v, tail, size)
 		if err != nil {
-			return info, err
+			return t, err
 		}
 		if need == 0 {
-			info.Blobs = blobs
-			return info, nil
+			got.ID = id
+			copy(got.Ephemeral[:], head[8:])
+			return got, nil
 		}
 		if int64(need) <= want {
-			return info, fmt.Errorf("%w: trailer does not fit", ErrPackFormat)
+			return t, fmt.Errorf("%w: trailer does not fit", ErrPackFormat)
 		}
 		want = int64(need)
 	}
+}
+
+// sameBlobs reports whether two statements of a pack's blobs agree.
+func sameBlobs(a, b []PackBlob) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
 }

@@ -41,7 +41,7 @@ type packer struct {
 
 	resMu    sync.Mutex
 	err      error
-	unsaved  []PackInfo
+	unsaved  []indexRecord
 	packs    int
 	packSize int64
 }
@@ -51,6 +51,9 @@ func (r *Repository) packer(ctx context.Context) (*packer, error) {
 	defer r.pkMu.Unlock()
 	if r.pk != nil {
 		return r.pk, nil
+	}
+	if r.ReadOnly() {
+		return nil, r.errReadOnly()
 	}
 	sealer, err := r.keys.DataSealer()
 	if err != nil {
@@ -96,11 +99,15 @@ func (p *packer) buffer() ([]byte, error) {
 	}
 }
 
-// claim reserves id for the caller, unless it is stored or being stored.
+// claim reserves id for the caller, unless it is being stored or stored
+// where this writer may reuse it (Index.Reusable).
 func (p *packer) claim(t BlobType, id ID) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if _, ok := p.pending[id]; ok || p.r.idx.Has(t, id) {
+	if _, ok := p.pending[id]; ok {
+		return false
+	}
+	if _, ok := p.r.idx.Reusable(t, id, p.r.self); ok {
 		return false
 	}
 	p.pending[id] = struct{}{}
@@ -172,9 +179,11 @@ func (p *packer) upload() {
 			p.free <- pb.buf[:0]
 			continue // drain
 		}
-		data := pb.finish(p.r.meta)
-		id := Hash(data)
+		data, id := pb.finish(p.r.meta, p.r.keys)
 		h := backend.Handle{Type: backend.PackFile, Name: id.String()}
+		if err := p.r.cache.RecordOwnPack(id); err != nil {
+			p.r.opts.Warn("cannot note pack %s in the cache (it will not be reused if this backup is interrupted): %v", id.Short(), err)
+		}
 		if err := p.r.be.Save(p.ctx, h, backend.NewByteReader(data), int64(len(data))); err != nil {
 			p.free <- pb.buf[:0]
 			p.fail(fmt.Errorf("save pack %s: %w", id.Short(), err))
@@ -186,7 +195,8 @@ func (p *packer) upload() {
 				p.r.cache.Put(cacheBlobs, b.ID.String(), data[b.Offset:b.Offset+b.Length])
 			}
 		}
-		p.r.idx.Add(info)
+		p.r.idx.SetPackSize(id, int64(len(data)))
+		p.r.idx.Add(info, p.r.self, p.r.selfTrust())
 		// Return the buffer before taking p.mu: add may hold p.mu while
 		// it waits for a buffer.
 		p.free <- data[:0]
@@ -199,13 +209,13 @@ func (p *packer) upload() {
 		p.resMu.Lock()
 		p.packs++
 		p.packSize += int64(len(data))
-		p.unsaved = append(p.unsaved, info)
-		var batch []PackInfo
+		p.unsaved = append(p.unsaved, indexRecord{PackInfo: info, Writer: p.r.keys.SignerPublic()})
+		var batch []indexRecord
 		if len(p.unsaved) >= indexBatch {
 			batch, p.unsaved = p.unsaved, nil
 		}
 		p.resMu.Unlock()
-		if err := p.r.saveIndex(p.ctx, batch); err != nil {
+		if err := p.r.saveIndex(p.ctx, batch, nil); err != nil {
 			p.fail(err)
 		}
 	}
@@ -241,6 +251,9 @@ func (r *Repository) SaveBlob(ctx context.Context, t BlobType, id ID, plain []by
 	}
 	if t == MetaBlob && len(plain) > maxMetaBlob {
 		return SaveResult{}, fmt.Errorf("meta blob of %d bytes exceeds %d", len(plain), maxMetaBlob)
+	}
+	if t == MetaBlob && r.storedMetaOK(ctx, id) {
+		return SaveResult{}, nil
 	}
 	if !p.claim(t, id) {
 		return SaveResult{}, nil
@@ -300,7 +313,7 @@ func (r *Repository) Flush(ctx context.Context) (FlushStats, error) {
 	if err := ctx.Err(); err != nil {
 		return stats, err
 	}
-	if err := r.saveIndex(ctx, p.unsaved); err != nil {
+	if err := r.saveIndex(ctx, p.unsaved, nil); err != nil {
 		return stats, err
 	}
 	return stats, nil
@@ -321,4 +334,31 @@ func (r *Repository) Abort() {
 	p.mu.Lock()
 	p.cur = nil
 	p.mu.Unlock()
+}
+
+// storedMetaOK reports whether a chunk list blob is stored where this
+// writer may reuse it, reading the stored copy back to make sure: a chunk
+// list costs one ranged read per 8 GiB of disk, and a damaged one would
+// spoil every later snapshot that reused it. A copy that fails is marked
+// damaged (for this process) and the next one is tried.
+func (r *Repository) storedMetaOK(ctx context.Context, id ID) bool {
+	if _, ok := r.metaOK.Load(id); ok {
+		return true
+	}
+	for {
+		c, ok := r.idx.Reusable(MetaBlob, id, r.self)
+		if !ok {
+			return false
+		}
+		if _, err := r.ReadCopy(ctx, id, c.Location, nil); err != nil {
+			if ctx.Err() != nil {
+				return false
+			}
+			r.opts.Warn("chunk list %s in pack %s cannot be read back (%v): storing it again", id.Short(), c.Pack.Short(), err)
+			r.idx.MarkDamaged(c.Pack, "a chunk list in it failed to read back: "+err.Error())
+			continue
+		}
+		r.metaOK.Store(id, true)
+		return true
+	}
 }

@@ -1,7 +1,15 @@
 // Package repo implements sauve's repository format (docs/FORMAT.md): the
-// config, packs of sealed blobs, index objects, chunk lists and signed
-// snapshot manifests, the local cache, and check. It knows nothing of disks
-// or files: callers hand it chunks and get chunks back.
+// config, packs of sealed blobs, signed index objects, chunk lists, signed
+// snapshot manifests, the owner's ledger, the local cache, check and
+// repair. It knows nothing of disks or files: callers hand it chunks and
+// get chunks back.
+//
+// Nothing read from storage is trusted: every object is checked against
+// its name, every blob against its ID, every index object, pack trailer,
+// manifest and ledger record against its signer, and a writer's word
+// counts only for itself (see Index.Reusable). Damage costs only what is
+// damaged: a bad index object is skipped and its packs read from their
+// trailers, and every copy of a blob is tried before a read fails.
 package repo
 
 import (
@@ -11,8 +19,6 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-
-	"golang.org/x/sync/errgroup"
 
 	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/crypto"
@@ -27,6 +33,11 @@ type Options struct {
 	Connections int
 	// Warn receives non-fatal problems; nil discards them.
 	Warn func(format string, args ...any)
+	// Program is recorded in ledger records.
+	Program string
+	// MaxOrphanReads bounds how many packs in no index LoadIndex reads
+	// the trailers of (0: 1000; -1: all).
+	MaxOrphanReads int
 }
 
 // Repository is an open repository, safe for concurrent use.
@@ -41,6 +52,11 @@ type Repository struct {
 	idx     *Index
 	cache   *Cache
 	opts    Options
+	// writers numbers every signer seen; every index view of the
+	// repository shares it, so a writer has one number throughout.
+	writers *Writers
+	// self is this key's writer number.
+	self WriterNum
 
 	openerOnce sync.Once
 	opener     *crypto.DataOpener
@@ -48,6 +64,14 @@ type Repository struct {
 
 	pkMu sync.Mutex
 	pk   *packer
+
+	ledgerMu sync.Mutex
+	ledger   *Ledger
+
+	// load is what the last LoadIndex found.
+	load *loadState
+	// metaOK remembers chunk lists whose stored copy a backup verified.
+	metaOK sync.Map
 
 	codedBufs sync.Pool // *[]byte for compressed blobs
 }
@@ -92,14 +116,20 @@ func Open(ctx context.Context, be backend.Backend, keys *crypto.Keys, opts Optio
 	if opts.Warn == nil {
 		opts.Warn = func(string, ...any) {}
 	}
+	if opts.MaxOrphanReads == 0 {
+		opts.MaxOrphanReads = 1000
+	}
 	r := &Repository{
 		be: be, cfg: cfg, keys: keys, opts: opts,
 		ids:     crypto.NewHasher(keys.IDKey),
 		metaIDs: crypto.NewHasher(crypto.NewHasher(keys.IDKey).Sum([]byte("sauve meta blob ids"))),
 		meta:    crypto.NewMetaSealer(keys.MetaKey),
 		comp:    newCompressor(max(cfg.ChunkSize, maxMetaBlob)),
-		idx:     NewIndex(),
 	}
+	r.writers = NewWriters()
+	r.writers.SetOwner([32]byte(keys.OwnerPublic))
+	r.idx = r.newIndex()
+	r.self = r.writers.Number(keys.SignerPublic(), keys.Cert)
 	r.codedBufs.New = func() any {
 		b := make([]byte, 0, cfg.ChunkSize+cfg.ChunkSize/16+64)
 		return &b
@@ -115,6 +145,16 @@ func Open(ctx context.Context, be backend.Backend, keys *crypto.Keys, opts Optio
 	return r, nil
 }
 
+// newIndex returns an empty index that shares the repository's writers.
+func (r *Repository) newIndex() *Index {
+	x := NewIndex()
+	x.Writers = r.writers
+	return x
+}
+
+// Writers returns the table of signers the repository has seen.
+func (r *Repository) Writers() *Writers { return r.writers }
+
 // Config returns the repository's config.
 func (r *Repository) Config() Config { return r.cfg }
 
@@ -127,6 +167,17 @@ func (r *Repository) Backend() backend.Backend { return r.be }
 // Index returns the in-memory index (filled by LoadIndex).
 func (r *Repository) Index() *Index { return r.idx }
 
+// Self is the writer number of the key the repository was opened with.
+func (r *Repository) Self() WriterNum { return r.self }
+
+// ReadOnly reports whether this sauve only reads the repository: one of
+// format version 1, whose objects nobody signed.
+func (r *Repository) ReadOnly() bool { return r.cfg.Version < FormatVersion }
+
+func (r *Repository) errReadOnly() error {
+	return fmt.Errorf("repository %s has format version %d, which this sauve reads but does not write to (its index objects are unsigned): restore from it, and back up into a new repository", r.be.Location(), r.cfg.Version)
+}
+
 // ChunkID returns the ID of a data chunk.
 func (r *Repository) ChunkID(data []byte) ID { return r.ids.Sum(data) }
 
@@ -135,153 +186,6 @@ func (r *Repository) blobID(t BlobType, data []byte) ID {
 		return r.metaIDs.Sum(data)
 	}
 	return r.ids.Sum(data)
-}
-
-// LoadIndex reads every index object (from the cache where it can) into
-// the in-memory index.
-func (r *Repository) LoadIndex(ctx context.Context) error { return r.loadIndex(ctx, nil) }
-
-// loadIndex is LoadIndex; a damaged index object goes to bad when bad is
-// not nil, and fails the call otherwise.
-func (r *Repository) loadIndex(ctx context.Context, bad func(name string, err error)) error {
-	var names []string
-	var total int64
-	err := r.be.List(ctx, backend.IndexFile, func(fi backend.Info) error {
-		names = append(names, fi.Name)
-		total += fi.Size
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("list index: %w", err)
-	}
-	// Size the in-memory index once from the objects' sizes (each blob
-	// takes indexBlobEntry bytes there) instead of growing it by copies.
-	r.idx.reserve(int(total / indexBlobEntry))
-	listed := make(map[string]bool, len(names))
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(r.opts.Connections * 2)
-	for _, name := range names {
-		listed[name] = true
-		g.Go(func() error {
-			packs, err := r.loadIndexObject(gctx, name)
-			if err != nil {
-				if bad != nil && gctx.Err() == nil {
-					bad(name, err)
-					return nil
-				}
-				return err
-			}
-			for _, p := range packs {
-				r.idx.addBulk(p)
-			}
-			return nil
-		})
-	}
-	err = g.Wait()
-	r.idx.finishBulk()
-	if err != nil {
-		return err
-	}
-	for _, name := range r.cache.List(cacheIndex) {
-		if !listed[name] {
-			r.cache.Remove(cacheIndex, name)
-		}
-	}
-	return nil
-}
-
-func (r *Repository) loadIndexObject(ctx context.Context, name string) ([]PackInfo, error) {
-	id, err := ParseID(name)
-	if err != nil {
-		return nil, fmt.Errorf("index object %q: bad name", name)
-	}
-	data, ok := r.cache.Get(cacheIndex, name)
-	if !ok || Hash(data) != id {
-		data, err = backend.ReadAll(ctx, r.be, backend.Handle{Type: backend.IndexFile, Name: name})
-		if err != nil {
-			return nil, fmt.Errorf("load index %s: %w", id.Short(), err)
-		}
-		if Hash(data) != id {
-			return nil, fmt.Errorf("index %s: content does not match its name (damaged)", name)
-		}
-		r.cache.Put(cacheIndex, name, data)
-	}
-	packs, err := decodeIndex(r.meta, data)
-	if err != nil {
-		return nil, fmt.Errorf("index %s: %w", name, err)
-	}
-	return packs, nil
-}
-
-// saveIndex writes an index object for packs.
-func (r *Repository) saveIndex(ctx context.Context, packs []PackInfo) error {
-	if len(packs) == 0 {
-		return nil
-	}
-	data := encodeIndex(r.meta, packs)
-	id := Hash(data)
-	h := backend.Handle{Type: backend.IndexFile, Name: id.String()}
-	if err := r.be.Save(ctx, h, bytes.NewReader(data), int64(len(data))); err != nil {
-		return fmt.Errorf("save index: %w", err)
-	}
-	r.cache.Put(cacheIndex, id.String(), data)
-	return nil
-}
-
-// AdoptOrphanPacks indexes packs that are stored but in no index: the work
-// of an interrupted (or still running) backup. Reading their trailers lets
-// the next backup reuse them instead of uploading the same data again.
-func (r *Repository) AdoptOrphanPacks(ctx context.Context) (int, error) {
-	var orphans []backend.Info
-	err := r.be.List(ctx, backend.PackFile, func(fi backend.Info) error {
-		id, err := ParseID(fi.Name)
-		if err != nil {
-			return nil // not ours
-		}
-		if !r.idx.HasPack(id) {
-			orphans = append(orphans, fi)
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, fmt.Errorf("list packs: %w", err)
-	}
-	var (
-		mu    sync.Mutex
-		infos []PackInfo
-	)
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(r.opts.Connections * 2)
-	for _, fi := range orphans {
-		g.Go(func() error {
-			id, _ := ParseID(fi.Name)
-			info, err := readPackInfo(gctx, r.be, r.meta, id, fi.Size)
-			if err != nil {
-				if gctx.Err() != nil {
-					return gctx.Err()
-				}
-				r.opts.Warn("unindexed pack %s is unreadable, ignoring it: %v", id.Short(), err)
-				return nil
-			}
-			mu.Lock()
-			infos = append(infos, info)
-			mu.Unlock()
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return 0, err
-	}
-	for start := 0; start < len(infos); start += indexBatch {
-		batch := infos[start:min(start+indexBatch, len(infos))]
-		if err := r.saveIndex(ctx, batch); err != nil {
-			return 0, err
-		}
-		for _, p := range batch {
-			r.idx.Add(p)
-		}
-	}
-	return len(infos), nil
 }
 
 func (r *Repository) dataOpener() (*crypto.DataOpener, error) {
@@ -358,32 +262,79 @@ func (r *Repository) openBlob(dst []byte, id ID, loc Location, sealed []byte, in
 	return plain, nil
 }
 
-// ReadBlob reads one blob (chunk lists come from the cache when present).
+// ReadBlob reads one blob (chunk lists come from the cache when present),
+// trying every copy of it, best first, until one verifies.
 func (r *Repository) ReadBlob(ctx context.Context, t BlobType, id ID, dst []byte) ([]byte, error) {
-	loc, ok := r.idx.Lookup(id)
-	if !ok || loc.Type != t {
-		return nil, fmt.Errorf("%s blob %s: %w", t, id.Short(), ErrBlobMissing)
-	}
+	return r.readBlob(ctx, r.idx, r.cache, t, id, dst, NoWriter)
+}
+
+// ReadBlobFor is ReadBlob for a reader of a snapshot signed by writer
+// prefer, whose own copies are tried first.
+func (r *Repository) ReadBlobFor(ctx context.Context, t BlobType, id ID, dst []byte, prefer WriterNum) ([]byte, error) {
+	return r.readBlob(ctx, r.idx, r.cache, t, id, dst, prefer)
+}
+
+func (r *Repository) readBlob(ctx context.Context, idx *Index, cache *Cache, t BlobType, id ID, dst []byte, prefer WriterNum) ([]byte, error) {
 	if t == MetaBlob {
-		if sealed, ok := r.cache.Get(cacheBlobs, id.String()); ok {
-			if plain, err := r.OpenBlob(dst, id, loc, sealed); err == nil {
+		if sealed, ok := cache.Get(cacheBlobs, id.String()); ok {
+			if plain, err := r.OpenBlob(dst, id, Location{Type: MetaBlob}, sealed); err == nil {
 				return plain, nil
 			}
-			r.cache.Remove(cacheBlobs, id.String())
+			cache.Remove(cacheBlobs, id.String())
 		}
 	}
-	sealed, err := backend.ReadRange(ctx, r.be, backend.Handle{Type: backend.PackFile, Name: loc.Pack.String()}, int64(loc.Offset), int64(loc.Length))
+	copies := idx.Copies(id, prefer)
+	var errs []error
+	for _, c := range copies {
+		if c.Type != t {
+			continue
+		}
+		if c.Missing {
+			errs = append(errs, fmt.Errorf("%s blob %s: %s", t, id.Short(), c.Damaged))
+			continue
+		}
+		plain, sealed, err := r.readCopy(ctx, id, c.Location, dst)
+		if err == nil {
+			if t == MetaBlob {
+				cache.Put(cacheBlobs, id.String(), sealed)
+			}
+			return plain, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		errs = append(errs, err)
+	}
+	if len(errs) == 0 {
+		return nil, fmt.Errorf("%s blob %s: %w", t, id.Short(), ErrBlobMissing)
+	}
+	if len(errs) == 1 {
+		return nil, errs[0]
+	}
+	return nil, fmt.Errorf("%s blob %s: all %d copies failed: %w", t, id.Short(), len(errs), errors.Join(errs...))
+}
+
+// ReadCopy reads and verifies one copy of a blob.
+func (r *Repository) ReadCopy(ctx context.Context, id ID, loc Location, dst []byte) ([]byte, error) {
+	plain, _, err := r.readCopy(ctx, id, loc, dst)
+	return plain, err
+}
+
+// readCopy is ReadCopy that also returns the sealed bytes (intact for a
+// meta blob, whose opening does not decrypt in place).
+func (r *Repository) readCopy(ctx context.Context, id ID, loc Location, dst []byte) (plain, sealed []byte, err error) {
+	sealed, err = backend.ReadRange(ctx, r.be, backend.Handle{Type: backend.PackFile, Name: loc.Pack.String()}, int64(loc.Offset), int64(loc.Length))
 	if err != nil {
-		return nil, &BlobError{ID: id, Pack: loc.Pack, Offset: loc.Offset, Err: err}
+		return nil, nil, &BlobError{ID: id, Pack: loc.Pack, Offset: loc.Offset, Err: err}
 	}
-	plain, err := r.OpenBlob(dst, id, loc, sealed)
-	if err != nil {
-		return nil, err
-	}
-	if t == MetaBlob {
-		r.cache.Put(cacheBlobs, id.String(), sealed)
-	}
-	return plain, nil
+	plain, err = r.OpenBlobInPlace(dst, id, loc, sealed)
+	return plain, sealed, err
+}
+
+// ReadPackRange reads length bytes at off of a pack: the sealed blobs of
+// a run, which the caller opens with OpenBlob.
+func (r *Repository) ReadPackRange(ctx context.Context, pack ID, off int64, dst []byte) error {
+	return backend.ReadRangeInto(ctx, r.be, backend.Handle{Type: backend.PackFile, Name: pack.String()}, off, dst)
 }
 
 // ErrBlobMissing is returned for a blob that no index knows.

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -27,9 +28,29 @@ type Snapshot struct {
 	Disks   []Disk    `json:"disks"`
 
 	// Filled in when loaded, not stored in the manifest.
-	ID     ID     `json:"-"`
-	Signer string `json:"-"`
+	ID ID `json:"-"`
+	// Signer is how the signer is shown ("owner", or the writer's name);
+	// SignerKey its signing key, Writer its number in the index's table.
+	Signer    string    `json:"-"`
+	SignerKey [32]byte  `json:"-"`
+	Writer    WriterNum `json:"-"`
+	// Marks say why the snapshot is not to be trusted as the latest of its
+	// host: a host outside its writer's certificate, a time in the future,
+	// a revoked writer, data lost for good. Empty for a sound snapshot.
+	Marks []string `json:"-"`
 }
+
+// MaxClockSkew is how far in the future a snapshot may be dated before it
+// is marked: a writer's clock may run a little fast, but a manifest dated
+// next year must not stay "latest" forever.
+const MaxClockSkew = time.Hour
+
+// maxDiskSize bounds a disk in a manifest (64 PiB): no count derived from
+// a manifest may be larger than what such a disk implies.
+const maxDiskSize = 1 << 56
+
+// maxDisks bounds the disks of one snapshot.
+const maxDisks = 1024
 
 // Disk is one disk of a snapshot.
 type Disk struct {
@@ -43,6 +64,9 @@ type Disk struct {
 	ChunkLists  []ID      `json:"chunk_lists"`
 	ListEntries int       `json:"list_entries"`
 	Stats       DiskStats `json:"stats"`
+	// writer is the snapshot's signer, whose copies of blobs are read
+	// first (not stored).
+	writer WriterNum
 	// PartitionTable is "mbr", "gpt" or empty (none); DiskID is the MBR
 	// signature or GPT disk GUID; SectorSize the sector size its LBAs
 	// count in. Partitions are in table order, logical ones last.
@@ -84,9 +108,12 @@ var snapshotAD = []byte("sauve snapshot v1")
 // SaveSnapshot signs, seals and stores a manifest and returns its ID. It is
 // the last write of a backup: blobs it names must be flushed first.
 func (r *Repository) SaveSnapshot(ctx context.Context, sn *Snapshot) (ID, error) {
+	if r.ReadOnly() {
+		return ID{}, r.errReadOnly()
+	}
 	for _, d := range sn.Disks {
 		for _, id := range d.ChunkLists {
-			if !r.idx.Has(MetaBlob, id) {
+			if _, ok := r.idx.Reusable(MetaBlob, id, r.self); !ok {
 				return ID{}, fmt.Errorf("snapshot would refer to chunk list %s that is not stored", id.Short())
 			}
 		}
@@ -107,7 +134,10 @@ func (r *Repository) SaveSnapshot(ctx context.Context, sn *Snapshot) (ID, error)
 	}
 	r.cache.Put(cacheSnapshots, id.String(), data)
 	sn.ID = id
-	sn.Signer = r.keys.Sign(nil).SignerName()
+	sn.Signer, sn.SignerKey, sn.Writer = r.keys.Sign(nil).SignerName(), r.keys.SignerPublic(), r.self
+	for i := range sn.Disks {
+		sn.Disks[i].writer = r.self
+	}
 	return id, nil
 }
 
@@ -136,7 +166,28 @@ func (r *Repository) decodeSnapshot(id ID, data []byte) (*Snapshot, error) {
 	}
 	sn.ID = id
 	sn.Signer = env.Signature.SignerName()
+	sn.SignerKey = [32]byte(env.Signature.Signer)
+	sn.Writer = r.idx.Writers.Number(sn.SignerKey, env.Signature.Cert)
+	for i := range sn.Disks {
+		sn.Disks[i].writer = sn.Writer
+	}
+	if c := env.Signature.Cert; c != nil && !c.Allows(sn.Host) {
+		sn.Marks = append(sn.Marks, fmt.Sprintf("names host %q, outside what writer %s may back up (%s)", sn.Host, sn.Signer, strings.Join(c.Scope(), ", ")))
+	}
 	return sn, nil
+}
+
+// mark adds the marks that depend on the time and the ledger.
+func (r *Repository) mark(sn *Snapshot, led *Ledger, now time.Time) {
+	if sn.Time.After(now.Add(MaxClockSkew)) {
+		sn.Marks = append(sn.Marks, fmt.Sprintf("dated %s, in the future", sn.Time.Format(time.RFC3339)))
+	}
+	if r.idx.Writers.Revoked(sn.Writer) {
+		sn.Marks = append(sn.Marks, fmt.Sprintf("signed by writer %s, which the owner revoked", sn.Signer))
+	}
+	if dmg := led.SnapshotDamage[sn.ID]; len(dmg) > 0 {
+		sn.Marks = append(sn.Marks, fmt.Sprintf("damaged: %d byte ranges of disk %s were lost for good (recorded by the owner)", len(dmg[0].Ranges), dmg[0].Disk))
+	}
 }
 
 // parseManifest decodes and sanity-checks manifest JSON.
@@ -145,8 +196,12 @@ func parseManifest(b []byte) (*Snapshot, error) {
 	if err := json.Unmarshal(b, &sn); err != nil {
 		return nil, fmt.Errorf("manifest: %w", err)
 	}
+	if len(sn.Disks) == 0 || len(sn.Disks) > maxDisks {
+		return nil, fmt.Errorf("manifest: %d disks", len(sn.Disks))
+	}
 	for i, d := range sn.Disks {
-		if d.Size < 0 || d.ChunkSize < MinChunkSize || d.ChunkSize > MaxChunkSize || d.ListEntries <= 0 {
+		if d.Size < 0 || d.Size > maxDiskSize || d.ChunkSize < MinChunkSize || d.ChunkSize > MaxChunkSize ||
+			d.ChunkSize&(d.ChunkSize-1) != 0 || d.ListEntries <= 0 || d.ListEntries > ListEntries {
 			return nil, fmt.Errorf("manifest: disk %d has bad geometry (size %d, chunk %d, list %d)", i, d.Size, d.ChunkSize, d.ListEntries)
 		}
 		want := (d.Chunks() + int64(d.ListEntries) - 1) / int64(d.ListEntries)
@@ -159,7 +214,11 @@ func parseManifest(b []byte) (*Snapshot, error) {
 
 // LoadSnapshot loads and verifies one snapshot.
 func (r *Repository) LoadSnapshot(ctx context.Context, id ID) (*Snapshot, error) {
-	data, ok := r.cache.Get(cacheSnapshots, id.String())
+	return r.loadSnapshot(ctx, r.cache, id)
+}
+
+func (r *Repository) loadSnapshot(ctx context.Context, cache *Cache, id ID) (*Snapshot, error) {
+	data, ok := cache.Get(cacheSnapshots, id.String())
 	if !ok || Hash(data) != id {
 		var err error
 		data, err = backend.ReadAll(ctx, r.be, backend.Handle{Type: backend.SnapshotFile, Name: id.String()})
@@ -167,22 +226,34 @@ func (r *Repository) LoadSnapshot(ctx context.Context, id ID) (*Snapshot, error)
 			return nil, fmt.Errorf("load snapshot %s: %w", id.Short(), err)
 		}
 		if Hash(data) == id {
-			r.cache.Put(cacheSnapshots, id.String(), data)
+			cache.Put(cacheSnapshots, id.String(), data)
 		}
 	}
 	return r.decodeSnapshot(id, data)
 }
 
-// Snapshots loads every snapshot, oldest first. A snapshot that fails
-// verification is reported through bad (and left out) when bad is not
-// nil, and fails the call otherwise.
+// Snapshots loads every snapshot, oldest first, and marks those not to be
+// trusted as the latest of their host (see Snapshot.Marks). A snapshot
+// that fails verification is reported through bad (and left out) when bad
+// is not nil, and fails the call otherwise. A snapshot this machine saw
+// before (it is in the cache) that is no longer stored is reported through
+// the Warn option, unless the owner's ledger records that it was removed.
 func (r *Repository) Snapshots(ctx context.Context, bad func(id string, err error)) ([]*Snapshot, error) {
+	return r.snapshots(ctx, r.cache, bad)
+}
+
+// snapshots is Snapshots through cache (nil: straight from storage).
+func (r *Repository) snapshots(ctx context.Context, cache *Cache, bad func(id string, err error)) ([]*Snapshot, error) {
 	var names []string
 	if err := r.be.List(ctx, backend.SnapshotFile, func(fi backend.Info) error {
 		names = append(names, fi.Name)
 		return nil
 	}); err != nil {
 		return nil, fmt.Errorf("list snapshots: %w", err)
+	}
+	led, err := r.Ledger(ctx)
+	if err != nil {
+		return nil, err
 	}
 	var (
 		mu  sync.Mutex
@@ -198,7 +269,7 @@ func (r *Repository) Snapshots(ctx context.Context, bad func(id string, err erro
 			if err != nil {
 				return nil
 			}
-			sn, err := r.LoadSnapshot(gctx, id)
+			sn, err := r.loadSnapshot(gctx, cache, id)
 			if err != nil {
 				if bad != nil && !errors.Is(err, context.Canceled) {
 					bad(name, err)
@@ -215,10 +286,10 @@ func (r *Repository) Snapshots(ctx context.Context, bad func(id string, err erro
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
-	for _, name := range r.cache.List(cacheSnapshots) {
-		if !listed[name] {
-			r.cache.Remove(cacheSnapshots, name)
-		}
+	r.reportVanished(cache, listed, led)
+	now := time.Now()
+	for _, sn := range out {
+		r.mark(sn, led, now)
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if !out[i].Time.Equal(out[j].Time) {
@@ -229,10 +300,32 @@ func (r *Repository) Snapshots(ctx context.Context, bad func(id string, err erro
 	return out, nil
 }
 
+// reportVanished warns about cached snapshots that are no longer listed
+// and drops them from the cache.
+func (r *Repository) reportVanished(cache *Cache, listed map[string]bool, led *Ledger) {
+	for _, name := range cache.List(cacheSnapshots) {
+		if listed[name] {
+			continue
+		}
+		id, err := ParseID(name)
+		if err == nil && !led.Forgotten[id] {
+			what := "snapshot " + id.Short()
+			if data, ok := cache.Get(cacheSnapshots, name); ok {
+				if sn, err := r.decodeSnapshot(id, data); err == nil {
+					what = fmt.Sprintf("snapshot %s (host %s, %s)", id.Short(), sn.Host, sn.Time.Local().Format("2006-01-02 15:04:05"))
+				}
+			}
+			r.opts.Warn("%s is no longer in the repository: it was deleted or lost since this machine last saw it", what)
+		}
+		cache.Remove(cacheSnapshots, name)
+	}
+}
+
 // Filter selects snapshots.
 type Filter struct {
 	Host string
 	Tags []string // all must be present
+	// Path is a disk's source path or name.
 	Path string
 }
 
@@ -242,20 +335,14 @@ func (f Filter) Match(sn *Snapshot) bool {
 		return false
 	}
 	for _, t := range f.Tags {
-		found := false
-		for _, st := range sn.Tags {
-			if st == t {
-				found = true
-			}
-		}
-		if !found {
+		if !slices.Contains(sn.Tags, t) {
 			return false
 		}
 	}
 	if f.Path != "" {
 		found := false
 		for _, d := range sn.Disks {
-			if d.Source == f.Path {
+			if d.Source == f.Path || d.Name == f.Path {
 				found = true
 			}
 		}
@@ -266,7 +353,20 @@ func (f Filter) Match(sn *Snapshot) bool {
 	return true
 }
 
-// FindSnapshot resolves "latest" or an ID prefix among snapshots that pass f.
+// Sources is what a snapshot is of: its host and its disks' sources.
+func (sn *Snapshot) Sources() string {
+	var src []string
+	for _, d := range sn.Disks {
+		src = append(src, d.Source)
+	}
+	return sn.Host + " " + strings.Join(src, ",")
+}
+
+// FindSnapshot resolves "latest" or an ID prefix among snapshots that pass
+// f. "latest" is the newest snapshot without marks, and only when the
+// snapshots that match are all of one host and source: a restore that
+// names no host must not write another machine's disk. An ID prefix may
+// name a marked snapshot (the caller says so).
 func FindSnapshot(all []*Snapshot, spec string, f Filter) (*Snapshot, error) {
 	var match []*Snapshot
 	for _, sn := range all {
@@ -275,10 +375,7 @@ func FindSnapshot(all []*Snapshot, spec string, f Filter) (*Snapshot, error) {
 		}
 	}
 	if spec == "latest" {
-		if len(match) == 0 {
-			return nil, errors.New("no snapshot matches (host/tag filters?)")
-		}
-		return match[len(match)-1], nil
+		return findLatest(match)
 	}
 	spec = strings.ToLower(spec)
 	if len(spec) < 4 {
@@ -297,6 +394,48 @@ func FindSnapshot(all []*Snapshot, spec string, f Filter) (*Snapshot, error) {
 		return found[0], nil
 	}
 	return nil, fmt.Errorf("snapshot ID %q is ambiguous (%d snapshots match): give more digits", spec, len(found))
+}
+
+func findLatest(match []*Snapshot) (*Snapshot, error) {
+	var sound []*Snapshot
+	marked := 0
+	for _, sn := range match {
+		if len(sn.Marks) == 0 {
+			sound = append(sound, sn)
+		} else {
+			marked++
+		}
+	}
+	if len(sound) == 0 {
+		if marked > 0 {
+			return nil, fmt.Errorf("no snapshot matches but %d marked ones ('sauve snapshots' says why): name one by its ID to use it anyway", marked)
+		}
+		return nil, errors.New("no snapshot matches (host/tag filters?)")
+	}
+	latest := map[string]*Snapshot{}
+	var order []string
+	for _, sn := range sound {
+		k := sn.Sources()
+		if _, ok := latest[k]; !ok {
+			order = append(order, k)
+		}
+		latest[k] = sn
+	}
+	if len(order) == 1 {
+		return sound[len(sound)-1], nil
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "'latest' is ambiguous: the snapshots that match are of %d different hosts or disks:", len(order))
+	for _, k := range order {
+		sn := latest[k]
+		src := ""
+		if len(sn.Disks) > 0 {
+			src = sn.Disks[0].Source
+		}
+		fmt.Fprintf(&b, "\n  --host %s --source %s   (latest: %s of %s)", sn.Host, src, sn.ID.Short(), sn.Time.Local().Format("2006-01-02 15:04"))
+	}
+	b.WriteString("\nadd --host and --source to choose one")
+	return nil, errors.New(b.String())
 }
 
 func jsonIndent(v any) ([]byte, error) { return json.MarshalIndent(v, "", "  ") }

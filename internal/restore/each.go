@@ -69,7 +69,7 @@ func Each(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, f
 	for range workers {
 		g.Go(func() error {
 			for t := range work {
-				f, err := fetch(gctx, r, t.j.spans, nil, &c, b)
+				f, err := fetch(gctx, r, d, t.j.spans, nil, &c, b, opts.warn())
 				f.err = err
 				t.done <- f
 				if err != nil {

@@ -18,7 +18,6 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
-	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -40,6 +39,9 @@ type Options struct {
 	Workers int
 	// Progress, when set, is updated as the restore runs.
 	Progress *Progress
+	// Warn, when set, hears of copies of chunks that failed and were
+	// read from another copy.
+	Warn func(format string, args ...any)
 }
 
 // Progress is read by the caller while the restore runs.
@@ -104,7 +106,7 @@ func ToTarget(ctx context.Context, r *repo.Repository, d *repo.Disk, t Target, o
 		g.Go(func() error {
 			zeros := make([]byte, d.ChunkSize)
 			for j := range jobs {
-				if err := apply(gctx, r, t, j, opts, zeros, &c, b); err != nil {
+				if err := apply(gctx, r, d, t, j, opts, zeros, &c, b); err != nil {
 					return err
 				}
 				prog.Done.Add(jobLen(j))
@@ -224,9 +226,9 @@ func plan(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, j
 			cur = job{zero: true, off: off, len: n}
 			continue
 		}
-		loc, ok := r.Index().Lookup(id)
-		if !ok || loc.Type != repo.DataBlob {
-			return fmt.Errorf("chunk %s at offset %d of disk %s: %w", id.Short(), off, d.Name, repo.ErrBlobMissing)
+		loc, err := firstCopy(r.Index().Copies(id, d.Writer()))
+		if err != nil {
+			return fmt.Errorf("chunk %s at offset %d of disk %s: %w", id.Short(), off, d.Name, err)
 		}
 		if !cur.zero && len(cur.spans) > 0 {
 			last := cur.spans[len(cur.spans)-1].loc
@@ -244,6 +246,29 @@ func plan(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, j
 		sealedRun = int64(loc.Length)
 	}
 	return flush()
+}
+
+// firstCopy returns the best copy of a data chunk: copies come best
+// first, and one in a pack recorded as damaged is still worth a try (only
+// some of its blobs may be), one that cannot be read is not.
+func firstCopy(copies []repo.Copy) (repo.Location, error) {
+	why := ""
+	for _, c := range copies {
+		if c.Type != repo.DataBlob {
+			continue
+		}
+		if !c.Missing {
+			return c.Location, nil
+		}
+		why = c.Damaged
+	}
+	if why == "" {
+		return repo.Location{}, repo.ErrBlobMissing
+	}
+	if len(copies) == 1 {
+		return repo.Location{}, fmt.Errorf("its only copy cannot be used: %s", why)
+	}
+	return repo.Location{}, fmt.Errorf("none of its %d copies can be used (last: %s)", len(copies), why)
 }
 
 // buffers recycles the memory of fetched runs: without it a restore
@@ -299,18 +324,24 @@ func (f *fetched) contiguous() ([]byte, bool) {
 }
 
 // fetch reads the run of blobs with one request and returns each chunk's
-// verified plaintext. want, if not nil, says which spans are needed.
-func fetch(ctx context.Context, r *repo.Repository, spans []span, want []bool, c *counters, b *buffers) (fetched, error) {
+// verified plaintext. want, if not nil, says which spans are needed. A
+// chunk whose copy in the run fails (or all of them, when the request
+// does) is read from its other copies.
+func fetch(ctx context.Context, r *repo.Repository, d *repo.Disk, spans []span, want []bool, c *counters, b *buffers, warn func(string, ...any)) (fetched, error) {
 	first, last := spans[0].loc, spans[len(spans)-1].loc
-	h := backend.Handle{Type: backend.PackFile, Name: first.Pack.String()}
 	length := int64(last.Offset+last.Length) - int64(first.Offset)
 	rawp := pooled(&b.raws, int(length), maxRun)
 	defer b.raws.Put(rawp)
 	raw := *rawp
-	if err := backend.ReadRangeInto(ctx, r.Backend(), h, int64(first.Offset), raw); err != nil {
-		return fetched{}, fmt.Errorf("chunk %s at disk offset %d: %w", spans[0].id.Short(), spans[0].off, err)
+	runErr := r.ReadPackRange(ctx, first.Pack, int64(first.Offset), raw)
+	if runErr != nil {
+		if ctx.Err() != nil {
+			return fetched{}, ctx.Err()
+		}
+		warn("chunks at disk offset %d: %v; trying other copies", spans[0].off, runErr)
+	} else {
+		c.fetched.Add(length)
 	}
-	c.fetched.Add(length)
 	// Chunk k decodes into [k*chunk, k*chunk+n) of one buffer; only the
 	// disk's last chunk, always last in its run, is shorter than a chunk.
 	// Decoding wants chunk+DecodeSlack of room at each start, which the
@@ -325,7 +356,17 @@ func fetch(ctx context.Context, r *repo.Repository, spans []span, want []bool, c
 		}
 		pos := k * b.chunk
 		rel := s.loc.Offset - first.Offset
-		plain, err := r.OpenBlobInPlace(buf[pos:pos:total], s.id, s.loc, raw[rel:rel+s.loc.Length])
+		var plain []byte
+		err := runErr
+		if err == nil {
+			plain, err = r.OpenBlobInPlace(buf[pos:pos:total], s.id, s.loc, raw[rel:rel+s.loc.Length])
+			if err != nil {
+				warn("disk offset %d: %v; trying other copies", s.off, err)
+			}
+		}
+		if err != nil {
+			plain, err = r.ReadBlobFor(ctx, repo.DataBlob, s.id, buf[pos:pos:total], d.Writer())
+		}
 		if err != nil {
 			out.release()
 			return fetched{}, fmt.Errorf("disk offset %d: %w", s.off, err)
@@ -344,7 +385,14 @@ func fetch(ctx context.Context, r *repo.Repository, spans []span, want []bool, c
 	return out, nil
 }
 
-func apply(ctx context.Context, r *repo.Repository, t Target, j job, opts Options, zeros []byte, c *counters, b *buffers) error {
+func (o Options) warn() func(string, ...any) {
+	if o.Warn == nil {
+		return func(string, ...any) {}
+	}
+	return o.Warn
+}
+
+func apply(ctx context.Context, r *repo.Repository, d *repo.Disk, t Target, j job, opts Options, zeros []byte, c *counters, b *buffers) error {
 	if j.zero {
 		c.zero.Add((j.len + int64(len(zeros)) - 1) / int64(len(zeros)))
 		if opts.Fresh {
@@ -394,7 +442,7 @@ func apply(ctx context.Context, r *repo.Repository, t Target, j job, opts Option
 			return nil
 		}
 	}
-	f, err := fetch(ctx, r, j.spans, want, c, b)
+	f, err := fetch(ctx, r, d, j.spans, want, c, b, opts.warn())
 	if err != nil {
 		return err
 	}

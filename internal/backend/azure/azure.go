@@ -210,9 +210,7 @@ func (b *Backend) name(h backend.Handle) string { return b.prefix + h.Path() }
 
 // contentAddressed says whether an object's name is the hash of its
 // content, so that an existing object of that name is the same object.
-func contentAddressed(t backend.FileType) bool {
-	return t == backend.PackFile || t == backend.IndexFile || t == backend.SnapshotFile
-}
+func contentAddressed(t backend.FileType) bool { return backend.ContentAddressed(t) }
 
 // Save implements backend.Backend.
 func (b *Backend) Save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, size int64) error {

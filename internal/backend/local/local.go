@@ -15,6 +15,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	pathpkg "path"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -225,3 +226,48 @@ func (l *Local) Remove(ctx context.Context, h backend.Handle) error {
 
 // Close implements backend.Backend.
 func (l *Local) Close() error { return nil }
+
+// ListStray implements backend.StrayLister.
+func (l *Local) ListStray(ctx context.Context, fn func(backend.Stray) error) error {
+	dirs := append([]string(nil), backend.StrayDirs...)
+	if ents, err := os.ReadDir(filepath.Join(l.root, string(backend.PackFile))); err == nil {
+		for _, e := range ents {
+			if e.IsDir() {
+				dirs = append(dirs, string(backend.PackFile)+"/"+e.Name())
+			}
+		}
+	}
+	for _, d := range dirs {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		ents, err := os.ReadDir(filepath.Join(l.root, filepath.FromSlash(d)))
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			return wrapErr(err, "list "+d)
+		}
+		for _, e := range ents {
+			if e.IsDir() || !strings.HasPrefix(e.Name(), tmpPrefix) {
+				continue
+			}
+			fi, err := e.Info()
+			if err != nil {
+				continue // removed meanwhile
+			}
+			if err := fn(backend.Stray{Path: pathpkg.Join(d, e.Name()), Size: fi.Size(), ModTime: fi.ModTime()}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// RemoveStray implements backend.StrayLister.
+func (l *Local) RemoveStray(ctx context.Context, p string) error {
+	if !strings.HasPrefix(pathpkg.Base(p), tmpPrefix) || strings.Contains(p, "..") {
+		return fmt.Errorf("%q is not a temporary file of the repository", p)
+	}
+	return wrapErr(os.Remove(filepath.Join(l.root, filepath.FromSlash(p))), "remove "+p)
+}

@@ -203,9 +203,7 @@ func (b *Backend) Location() string { return b.location }
 
 func (b *Backend) key(h backend.Handle) string { return b.prefix + h.Path() }
 
-func contentAddressed(t backend.FileType) bool {
-	return t == backend.PackFile || t == backend.IndexFile || t == backend.SnapshotFile
-}
+func contentAddressed(t backend.FileType) bool { return backend.ContentAddressed(t) }
 
 // Save implements backend.Backend.
 func (b *Backend) Save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, size int64) error {

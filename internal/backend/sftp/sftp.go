@@ -267,9 +267,7 @@ func (b *Backend) mkdirAll(client *sftp.Client, dir string) error {
 	return nil
 }
 
-func contentAddressed(t backend.FileType) bool {
-	return t == backend.PackFile || t == backend.IndexFile || t == backend.SnapshotFile
-}
+func contentAddressed(t backend.FileType) bool { return backend.ContentAddressed(t) }
 
 // segment is how much of an object goes up between checkpoints: after a
 // broken connection the upload resumes at the last checkpoint on a new
@@ -599,4 +597,50 @@ func (b *Backend) Close() error {
 	b.sc.Close()
 	b.client, b.sc = nil, nil
 	return err
+}
+
+// ListStray implements backend.StrayLister.
+func (b *Backend) ListStray(ctx context.Context, fn func(backend.Stray) error) error {
+	client, err := b.conn(ctx)
+	if err != nil {
+		return err
+	}
+	dirs := append([]string(nil), backend.StrayDirs...)
+	if ents, err := client.ReadDirContext(ctx, path.Join(b.root, string(backend.PackFile))); err == nil {
+		for _, e := range ents {
+			if e.IsDir() {
+				dirs = append(dirs, string(backend.PackFile)+"/"+e.Name())
+			}
+		}
+	}
+	for _, d := range dirs {
+		ents, err := client.ReadDirContext(ctx, path.Join(b.root, d))
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			return b.wrap(client, err, "list "+d)
+		}
+		for _, e := range ents {
+			if e.IsDir() || !strings.HasPrefix(e.Name(), tmpPrefix) {
+				continue
+			}
+			if err := fn(backend.Stray{Path: path.Join(d, e.Name()), Size: e.Size(), ModTime: e.ModTime()}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// RemoveStray implements backend.StrayLister.
+func (b *Backend) RemoveStray(ctx context.Context, p string) error {
+	if !strings.HasPrefix(path.Base(p), tmpPrefix) || strings.Contains(p, "..") {
+		return fmt.Errorf("%q is not a temporary file of the repository", p)
+	}
+	client, err := b.conn(ctx)
+	if err != nil {
+		return err
+	}
+	return b.wrap(client, client.Remove(path.Join(b.root, p)), "remove "+p)
 }

@@ -1,0 +1,243 @@
+package repo
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/sauve-backup/sauve/internal/backend"
+	"github.com/sauve-backup/sauve/internal/crypto"
+)
+
+// The ledger holds what the owner found and decided, as immutable records
+// signed by the owner key (docs/FORMAT.md, "Ledger"): packs found damaged
+// or missing, packs verified since, writers revoked, snapshots whose lost
+// chunks could not be recovered. Every command reads it; records signed by
+// anyone else are ignored, so a writer cannot mark the owner's packs as
+// damaged or lift a revocation.
+
+// Ledger event kinds.
+const (
+	EventPackDamaged     = "pack-damaged"
+	EventPackMissing     = "pack-missing"
+	EventPackOK          = "pack-ok"
+	EventWriterRevoked   = "writer-revoked"
+	EventSnapshotDamaged = "snapshot-damaged"
+	// EventSnapshotForgotten records a snapshot the owner removed, so
+	// that its disappearance is not reported as a loss.
+	EventSnapshotForgotten = "snapshot-forgotten"
+)
+
+// LedgerEvent is one finding or decision.
+type LedgerEvent struct {
+	Kind   string `json:"kind"`
+	Pack   *ID    `json:"pack,omitempty"`
+	Reason string `json:"reason,omitempty"`
+	// Signer and Name identify a revoked writer.
+	Signer []byte `json:"signer,omitempty"`
+	Name   string `json:"name,omitempty"`
+	// Snapshot, Disk and Ranges locate what a snapshot lost for good.
+	Snapshot *ID    `json:"snapshot,omitempty"`
+	Disk     string `json:"disk,omitempty"`
+	Ranges   []Span `json:"ranges,omitempty"`
+}
+
+// LedgerRecord is one stored ledger object.
+type LedgerRecord struct {
+	Time    time.Time     `json:"time"`
+	Program string        `json:"program,omitempty"`
+	Events  []LedgerEvent `json:"events"`
+	ID      ID            `json:"-"`
+}
+
+var ledgerAD = []byte("sauve ledger v2")
+
+const (
+	ledgerMagic     = "SVLDG001"
+	maxLedgerObject = 64 << 20
+)
+
+// Ledger is the owner's records, as read.
+type Ledger struct {
+	// Packs is the latest finding about each pack.
+	Packs map[ID]LedgerEvent
+	// Revoked lists revoked writers by signing key, with the time.
+	Revoked map[[32]byte]time.Time
+	// SnapshotDamage lists what each snapshot lost for good.
+	SnapshotDamage map[ID][]LedgerEvent
+	// Forgotten lists the snapshots the owner removed.
+	Forgotten map[ID]bool
+	Records   int
+}
+
+// Damaged reports why a pack is recorded as unusable, or "".
+func (l *Ledger) Damaged(pack ID) string {
+	if l == nil {
+		return ""
+	}
+	// A pack recorded as missing that is stored again is judged by its
+	// name like any other: only damage found in its bytes sticks.
+	e, ok := l.Packs[pack]
+	if !ok || e.Kind != EventPackDamaged {
+		return ""
+	}
+	return "recorded as damaged by the owner: " + e.Reason
+}
+
+// SaveLedger signs and stores a ledger record (owner key only).
+func (r *Repository) SaveLedger(ctx context.Context, events []LedgerEvent) error {
+	if !r.keys.IsOwner() {
+		return errors.New("only the owner's key can write ledger records")
+	}
+	if len(events) == 0 {
+		return nil
+	}
+	if r.ReadOnly() {
+		return r.errReadOnly()
+	}
+	rec := LedgerRecord{Time: time.Now().UTC(), Program: r.opts.Program, Events: events}
+	js, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	plain := append([]byte(ledgerMagic), r.keys.SignObject(js, crypto.DomainLedger)...)
+	data := r.meta.Seal(nil, plain, ledgerAD)
+	id := Hash(data)
+	h := backend.Handle{Type: backend.LedgerFile, Name: id.String()}
+	if err := r.be.Save(ctx, h, bytes.NewReader(data), int64(len(data))); err != nil {
+		return fmt.Errorf("save ledger record: %w", err)
+	}
+	r.ledgerMu.Lock()
+	r.ledger = nil // read again, with this record
+	r.ledgerMu.Unlock()
+	return nil
+}
+
+// decodeLedger opens and verifies one ledger object.
+func (r *Repository) decodeLedger(id ID, data []byte) (*LedgerRecord, error) {
+	if Hash(data) != id {
+		return nil, errors.New("content does not match its name (damaged)")
+	}
+	plain, err := r.meta.Open(nil, data, ledgerAD)
+	if err != nil {
+		return nil, err
+	}
+	if len(plain) < 8 || string(plain[:8]) != ledgerMagic {
+		return nil, errors.New("bad header")
+	}
+	js, who, err := r.keys.OpenSigned(plain[8:], crypto.DomainLedger)
+	if err != nil {
+		return nil, err
+	}
+	if who.Cert != nil {
+		return nil, fmt.Errorf("signed by writer %s, not by the owner", crypto.DisplayName(who.Cert))
+	}
+	var rec LedgerRecord
+	if err := json.Unmarshal(js, &rec); err != nil {
+		return nil, fmt.Errorf("record: %w", err)
+	}
+	rec.ID = id
+	return &rec, nil
+}
+
+// Ledger reads the owner's records (once; SaveLedger makes it read again).
+// A record that fails verification is reported through Warn and ignored.
+func (r *Repository) Ledger(ctx context.Context) (*Ledger, error) {
+	r.ledgerMu.Lock()
+	defer r.ledgerMu.Unlock()
+	if r.ledger != nil {
+		return r.ledger, nil
+	}
+	var infos []backend.Info
+	if err := r.be.List(ctx, backend.LedgerFile, func(fi backend.Info) error {
+		infos = append(infos, fi)
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("list ledger: %w", err)
+	}
+	var (
+		mu   sync.Mutex
+		recs []*LedgerRecord
+	)
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(r.opts.Connections * 2)
+	for _, fi := range infos {
+		g.Go(func() error {
+			id, err := ParseID(fi.Name)
+			if err != nil {
+				return nil
+			}
+			if fi.Size > maxLedgerObject {
+				r.opts.Warn("ledger record %s is %d bytes, too large: ignored", id.Short(), fi.Size)
+				return nil
+			}
+			data, err := backend.ReadAll(gctx, r.be, backend.Handle{Type: backend.LedgerFile, Name: fi.Name})
+			if err != nil {
+				if gctx.Err() != nil {
+					return gctx.Err()
+				}
+				r.opts.Warn("ledger record %s cannot be read: %v", id.Short(), err)
+				return nil
+			}
+			rec, err := r.decodeLedger(id, data)
+			if err != nil {
+				r.opts.Warn("ledger record %s ignored: %v", id.Short(), err)
+				return nil
+			}
+			mu.Lock()
+			recs = append(recs, rec)
+			mu.Unlock()
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	r.ledger = buildLedger(recs)
+	return r.ledger, nil
+}
+
+// buildLedger folds records, oldest first (ties by ID), into the current
+// state: for each pack the latest finding counts.
+func buildLedger(recs []*LedgerRecord) *Ledger {
+	slices.SortFunc(recs, func(a, b *LedgerRecord) int {
+		if c := a.Time.Compare(b.Time); c != 0 {
+			return c
+		}
+		return bytes.Compare(a.ID[:], b.ID[:])
+	})
+	l := &Ledger{Packs: map[ID]LedgerEvent{}, Revoked: map[[32]byte]time.Time{}, SnapshotDamage: map[ID][]LedgerEvent{}, Forgotten: map[ID]bool{}, Records: len(recs)}
+	for _, rec := range recs {
+		for _, e := range rec.Events {
+			switch e.Kind {
+			case EventPackDamaged, EventPackMissing, EventPackOK:
+				if e.Pack != nil {
+					l.Packs[*e.Pack] = e
+				}
+			case EventWriterRevoked:
+				if len(e.Signer) == 32 {
+					k := [32]byte(e.Signer)
+					if t, ok := l.Revoked[k]; !ok || rec.Time.Before(t) {
+						l.Revoked[k] = rec.Time
+					}
+				}
+			case EventSnapshotDamaged:
+				if e.Snapshot != nil {
+					l.SnapshotDamage[*e.Snapshot] = append(l.SnapshotDamage[*e.Snapshot], e)
+				}
+			case EventSnapshotForgotten:
+				if e.Snapshot != nil {
+					l.Forgotten[*e.Snapshot] = true
+				}
+			}
+		}
+	}
+	return l
+}

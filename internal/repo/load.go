@@ -1,0 +1,315 @@
+package repo
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"sync"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/sauve-backup/sauve/internal/backend"
+	"github.com/sauve-backup/sauve/internal/crypto"
+)
+
+// errUnreadable marks an object that could not be read (perhaps for a
+// while), as opposed to one read and found damaged.
+var errUnreadable = errors.New("cannot be read")
+
+// loadState is what loading the index found besides the index itself.
+type loadState struct {
+	// stored is the listing of packs: name → size.
+	stored map[ID]int64
+	// indexObjects counts the index objects listed.
+	indexObjects int
+	// damagedIndex maps the index objects that could not be used to why.
+	damagedIndex map[string]error
+	// orphans are the trailers of packs that no usable index object
+	// names, read so their blobs can be used (not deduplicated against).
+	orphans []packTrailer
+	// orphanErrs are orphan packs whose trailer could not be read.
+	orphanErrs map[ID]error
+	// orphansUnread counts orphans not read (over the bound).
+	orphansUnread int
+	ledger        *Ledger
+}
+
+// LoadIndex builds the in-memory index: it lists the index objects and
+// the packs, reads the owner's ledger, loads every index object (from the
+// cache where it can) keeping only entries of packs that are stored, skips
+// (with a warning) index objects that are damaged, and reads the trailers
+// of stored packs that no usable index object names, so that their blobs
+// can still be read.
+func (r *Repository) LoadIndex(ctx context.Context) error {
+	st, err := r.loadInto(ctx, r.idx, r.cache, r.opts.MaxOrphanReads)
+	if err != nil {
+		return err
+	}
+	r.load = st
+	names := make([]string, 0, len(st.damagedIndex))
+	for name := range st.damagedIndex {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		r.opts.Warn("index object %s skipped: %v; the packs it named are read from their trailers ('sauve repair index' rewrites it)", shortName(name), st.damagedIndex[name])
+	}
+	for id, err := range st.orphanErrs {
+		r.opts.Warn("pack %s is in no index and its trailer cannot be read: %v", id.Short(), err)
+	}
+	if st.orphansUnread > 0 {
+		r.opts.Warn("%d packs are in no index and were not read (at most %d are): run 'sauve repair index'", st.orphansUnread, r.opts.MaxOrphanReads)
+	}
+	return nil
+}
+
+func shortName(name string) string {
+	if id, err := ParseID(name); err == nil {
+		return id.Short()
+	}
+	return fmt.Sprintf("%q", name)
+}
+
+// loadInto fills idx; cache may be nil (check never uses it).
+func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, maxOrphans int) (*loadState, error) {
+	st := &loadState{damagedIndex: map[string]error{}, orphanErrs: map[ID]error{}}
+	// Index objects are listed before packs: an honest index object names
+	// packs stored before it was, so they are in the pack listing.
+	var objs []backend.Info
+	var total int64
+	if err := r.be.List(ctx, backend.IndexFile, func(fi backend.Info) error {
+		objs = append(objs, fi)
+		total += fi.Size
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("list index: %w", err)
+	}
+	st.indexObjects = len(objs)
+	stored, err := r.listPacks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st.stored = stored
+	idx.SetListing(stored)
+	led, err := r.Ledger(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st.ledger = led
+	r.applyLedger(idx, led)
+
+	idx.reserve(int(total / indexBlobEntry))
+	if err := r.loadObjects(ctx, idx, cache, objs, st); err != nil {
+		return nil, err
+	}
+	if err := r.readOrphans(ctx, idx, st, maxOrphans); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// listPacks lists the stored packs and their sizes.
+func (r *Repository) listPacks(ctx context.Context) (map[ID]int64, error) {
+	stored := map[ID]int64{}
+	err := r.be.List(ctx, backend.PackFile, func(fi backend.Info) error {
+		if id, err := ParseID(fi.Name); err == nil {
+			stored[id] = fi.Size
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list packs: %w", err)
+	}
+	return stored, nil
+}
+
+// applyLedger marks the packs the owner recorded as damaged and the
+// writers it revoked.
+func (r *Repository) applyLedger(idx *Index, led *Ledger) {
+	for id := range led.Packs {
+		if why := led.Damaged(id); why != "" {
+			idx.MarkDamaged(id, why)
+		}
+	}
+	for key, t := range led.Revoked {
+		idx.Writers.Revoke(key, t)
+	}
+}
+
+func (r *Repository) loadObjects(ctx context.Context, idx *Index, cache *Cache, objs []backend.Info, st *loadState) error {
+	var mu sync.Mutex
+	listed := make(map[string]bool, len(objs))
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(r.opts.Connections * 2)
+	for _, fi := range objs {
+		listed[fi.Name] = true
+		g.Go(func() error {
+			o, err := r.loadIndexObject(gctx, cache, fi)
+			if err != nil {
+				if gctx.Err() != nil {
+					return gctx.Err()
+				}
+				mu.Lock()
+				st.damagedIndex[fi.Name] = err
+				mu.Unlock()
+				return nil
+			}
+			owner := [32]byte(r.keys.OwnerPublic)
+			for i := range o.records {
+				rec := &o.records[i]
+				w, t := o.entriesOf(rec, idx.Writers, owner)
+				idx.addBulk(rec.PackInfo, w, t)
+			}
+			return nil
+		})
+	}
+	err := g.Wait()
+	idx.finishBulk()
+	if err != nil {
+		return err
+	}
+	for _, name := range cache.List(cacheIndex) {
+		if !listed[name] {
+			cache.Remove(cacheIndex, name)
+		}
+	}
+	return nil
+}
+
+func (r *Repository) loadIndexObject(ctx context.Context, cache *Cache, fi backend.Info) (*indexObject, error) {
+	id, err := ParseID(fi.Name)
+	if err != nil {
+		return nil, errors.New("not an index object name")
+	}
+	if fi.Size > maxIndexObject {
+		return nil, fmt.Errorf("%d bytes is larger than any index object sauve writes", fi.Size)
+	}
+	data, ok := cache.Get(cacheIndex, fi.Name)
+	if !ok || Hash(data) != id {
+		data, err = backend.ReadAll(ctx, r.be, backend.Handle{Type: backend.IndexFile, Name: fi.Name})
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", errUnreadable, err)
+		}
+		if Hash(data) != id {
+			return nil, errors.New("content does not match its name (damaged)")
+		}
+		cache.Put(cacheIndex, fi.Name, data)
+	}
+	return decodeIndex(r.meta, r.keys, r.cfg.Version, data)
+}
+
+// readOrphans reads the trailers of stored packs that no usable index
+// object names, in pack ID order, at most max of them (-1: all).
+func (r *Repository) readOrphans(ctx context.Context, idx *Index, st *loadState, max int) error {
+	var orphans []ID
+	for id := range st.stored {
+		if !idx.HasPack(id) {
+			orphans = append(orphans, id)
+		}
+	}
+	slices.SortFunc(orphans, func(a, b ID) int { return bytes.Compare(a[:], b[:]) })
+	if max >= 0 && len(orphans) > max {
+		st.orphansUnread = len(orphans) - max
+		orphans = orphans[:max]
+	}
+	var mu sync.Mutex
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(r.opts.Connections * 2)
+	tr := trailerReader{meta: r.meta, keys: r.keys}
+	for _, id := range orphans {
+		g.Go(func() error {
+			t, err := tr.readPackTrailer(gctx, r.be, id, st.stored[id])
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				if gctx.Err() != nil {
+					return gctx.Err()
+				}
+				st.orphanErrs[id] = err
+				return nil
+			}
+			st.orphans = append(st.orphans, t)
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	slices.SortFunc(st.orphans, func(a, b packTrailer) int { return bytes.Compare(a.ID[:], b.ID[:]) })
+	for _, t := range st.orphans {
+		w, trust := r.claimedBy(idx, t)
+		idx.Add(t.PackInfo, w, trust)
+	}
+	return nil
+}
+
+// claimedBy attributes the blobs of a trailer read without the pack: to
+// its signer, but vouched for by nobody (anyone can copy a signed trailer
+// onto other bytes).
+func (r *Repository) claimedBy(idx *Index, t packTrailer) (WriterNum, Trust) {
+	if t.Version == 1 {
+		return NoWriter, TrustLegacy
+	}
+	return idx.Writers.Number(t.Signer.Key, t.Signer.Cert), 0
+}
+
+// AdoptOrphanPacks indexes the packs that this key wrote but that are in no
+// index: the work of its own interrupted backups, which the next backup
+// then reuses instead of uploading again. A pack counts as its own only
+// when the local cache recorded its name before the upload and its
+// trailer is signed by this key: a pack is named by the hash of its
+// bytes, so it holds exactly what this key wrote. Packs of other writers
+// are left alone (their blobs are readable, not deduplicated against).
+func (r *Repository) AdoptOrphanPacks(ctx context.Context) (int, error) {
+	if r.load == nil {
+		return 0, errors.New("internal error: AdoptOrphanPacks before LoadIndex")
+	}
+	if r.ReadOnly() {
+		return 0, nil
+	}
+	own := r.cache.OwnPacks()
+	self := r.keys.SignerPublic()
+	var adopt []indexRecord
+	for _, t := range r.load.orphans {
+		if t.Version == 2 && own[t.ID] && t.Signer.Key == self {
+			adopt = append(adopt, indexRecord{PackInfo: t.PackInfo, Writer: self})
+		}
+	}
+	for start := 0; start < len(adopt); start += indexBatch {
+		batch := adopt[start:min(start+indexBatch, len(adopt))]
+		if err := r.saveIndex(ctx, batch, nil); err != nil {
+			return 0, err
+		}
+		for _, rec := range batch {
+			r.idx.Add(rec.PackInfo, r.self, r.selfTrust())
+		}
+	}
+	return len(adopt), nil
+}
+
+// selfTrust is the trust of entries this key writes about its own packs.
+func (r *Repository) selfTrust() Trust {
+	if r.keys.IsOwner() {
+		return TrustOwner | TrustSigned
+	}
+	return TrustSigned
+}
+
+// saveIndex writes an index object for the packs of records, signed by
+// this key. Records of other writers' packs need certs (owner only).
+func (r *Repository) saveIndex(ctx context.Context, records []indexRecord, certs []*crypto.Cert) error {
+	if len(records) == 0 {
+		return nil
+	}
+	data := encodeIndex(r.meta, r.keys, records, certs)
+	id := Hash(data)
+	h := backend.Handle{Type: backend.IndexFile, Name: id.String()}
+	if err := r.be.Save(ctx, h, bytes.NewReader(data), int64(len(data))); err != nil {
+		return fmt.Errorf("save index: %w", err)
+	}
+	r.cache.Put(cacheIndex, id.String(), data)
+	return nil
+}
