@@ -23,4 +23,3 @@ func testKeys(t testing.TB) *crypto.Keys {
 func testKeysF(f *testing.F) *crypto.Keys { return testKeys(f) }
 
 var testMetaKey = []byte("0123456789abcdef0123456789abcdef")
-
