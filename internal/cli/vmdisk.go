@@ -386,9 +386,9 @@ func openImage(src *disk.Source, f importFlags) (*vdisk.Image, error) {
 }
 
 // mapBackupSource maps what backup reads. A VM disk image (qcow2, vmdk,
-// vhd, vhdx, vdi, the disk of an ova) is read as the virtual disk it holds: its partitions and
-// filesystems are mapped inside the virtual disk, and only regions the
-// image allocates are read. Raw images, devices and streams are mapped by
+// vhd, vhdx, vdi, the disk of an ova) is read as the virtual disk it
+// holds: its partitions and filesystems are mapped inside the virtual
+// disk, and only regions the image allocates are read. Raw images, devices and streams are mapped by
 // mapSource; img is then nil.
 func (g *globals) mapBackupSource(cmd *cobra.Command, src *disk.Source, noSkip bool) (*sourceMap, *importedImage, error) {
 	if src.Kind == disk.Stream {
