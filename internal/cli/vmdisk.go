@@ -210,7 +210,6 @@ func (g *globals) writeResult(from string, fields map[string]any, opts vdisk.Opt
 func newConvertCmd(g *globals) *cobra.Command {
 	var (
 		o        outFlags
-		srcFmt   string
 		skipFree bool
 	)
 	cmd := &cobra.Command{
@@ -219,8 +218,11 @@ func newConvertCmd(g *globals) *cobra.Command {
 		Long: `Convert SOURCE to OUTPUT in one pass, sparse.
 
 SOURCE is a block device (P2V: /dev/sda), a raw disk image, or an image in
-any format sauve reads (qcow2, vmdk, vhd, vhdx, vdi: V2V), recognised by its
-headers whatever its name; only the regions it holds data for are read.
+any format sauve reads (qcow2, vmdk, vhd, vhdx, vdi, or the disk of an ova:
+V2V), recognised by its headers whatever its name; only the regions it holds
+data for are read. Formats sauve does not read (parallels, dmg, qed, gzip,
+ntfsclone, ...) are refused, saying what to do; --source-format raw reads
+the bytes as they are.
 OUTPUT's format is --format, or guessed from its extension (.img .qcow2
 .vmdk .vhd .vhdx .vdi .ova). Zeros stay unallocated in the output, and
 --size makes the virtual disk larger than the source.
@@ -259,7 +261,7 @@ complete; an existing OUTPUT is refused unless --force.`,
 			if src.Kind == disk.Stream {
 				return usageError{fmt.Errorf("convert needs a file or block device, not a stream: %s", args[0])}
 			}
-			img, err := openImage(src, srcFmt)
+			img, err := openImage(src, getImportFlags(cmd))
 			if err != nil {
 				return err
 			}
@@ -304,7 +306,7 @@ complete; an existing OUTPUT is refused unless --force.`,
 		},
 	}
 	o.add(cmd)
-	cmd.Flags().StringVar(&srcFmt, "source-format", "auto", "SOURCE's format: auto (from its headers) or raw (read the bytes as they are)")
+	addImportFlags(cmd)
 	cmd.Flags().BoolVar(&skipFree, "skip-free", false, "leave the free space of ext2/3/4, XFS, NTFS, FAT and swap unallocated (it reads as zeros): a smaller output, made faster")
 	return cmd
 }
@@ -346,40 +348,54 @@ func (g *globals) writeImage(ctx context.Context, path string, force bool, opts 
 	return w.DataBytes(), nil
 }
 
+// importFlags are the flags of backup and convert that say how a source
+// is read.
+type importFlags struct {
+	format       string // --source-format: auto or raw
+	allowOutside bool   // --allow-backing-outside
+}
+
+// addImportFlags adds backup's and convert's --source-format and
+// --allow-backing-outside flags.
+func addImportFlags(cmd *cobra.Command) {
+	cmd.Flags().String("source-format", "auto", "auto: read a VM disk image (qcow2, vmdk, vhd, vhdx, vdi, or the disk of an ova, recognised by its headers) as the disk it holds, and refuse formats sauve does not read (parallels, dmg, gzip, ...); raw: read the file's bytes as they are")
+	cmd.Flags().Bool("allow-backing-outside", false, "follow qcow2 backing files and VMDK extents that lie outside the image's folder (by default an image may refer only to files in its folder or below)")
+}
+
+func getImportFlags(cmd *cobra.Command) importFlags {
+	format, _ := cmd.Flags().GetString("source-format")
+	allow, _ := cmd.Flags().GetBool("allow-backing-outside")
+	return importFlags{format: format, allowOutside: allow}
+}
+
 // openImage reads a source as the virtual disk it holds.
-func openImage(src *disk.Source, format string) (*vdisk.Image, error) {
+func openImage(src *disk.Source, f importFlags) (*vdisk.Image, error) {
 	var host blockmap.Map
 	if src.Kind == disk.File {
 		if m := blockmap.NewSparse(src.File(), src.Size); m != nil {
 			host = m
 		}
 	}
-	switch format {
+	switch f.format {
 	case "", "auto":
-		return vdisk.Open(src, src.Size, src.Path, host)
+		return vdisk.OpenWith(src, src.Size, src.Path, host, vdisk.OpenOptions{AllowOutside: f.allowOutside})
 	case "raw":
 		return &vdisk.Image{Format: vdisk.Raw, Size: src.Size, ReaderAt: src, Map: host}, nil
 	}
-	return nil, usageError{fmt.Errorf("--source-format %q: choose auto or raw", format)}
-}
-
-// addImportFlags adds backup's --source-format flag.
-func addImportFlags(cmd *cobra.Command) {
-	cmd.Flags().String("source-format", "auto", "auto: read a VM disk image (qcow2, vmdk, vhd, vhdx, vdi, recognised by its headers) as the disk it holds; raw: back up the file's bytes as they are")
+	return nil, usageError{fmt.Errorf("--source-format %q: choose auto or raw", f.format)}
 }
 
 // mapBackupSource maps what backup reads. A VM disk image (qcow2, vmdk,
-// vhd, vhdx, vdi) is read as the virtual disk it holds: its partitions and
-// filesystems are mapped inside the virtual disk, and only regions the
-// image allocates are read. Raw images, devices and streams are mapped by
+// vhd, vhdx, vdi, the disk of an ova) is read as the virtual disk it
+// holds: its partitions and filesystems are mapped inside the virtual
+// disk, and only regions the image allocates are read. Raw images, devices and streams are mapped by
 // mapSource; img is then nil.
 func (g *globals) mapBackupSource(cmd *cobra.Command, src *disk.Source, noSkip bool) (*sourceMap, *importedImage, error) {
-	format, _ := cmd.Flags().GetString("source-format")
 	if src.Kind == disk.Stream {
 		sm, err := g.mapSource(src, noSkip)
 		return sm, nil, err
 	}
-	img, err := openImage(src, format)
+	img, err := openImage(src, getImportFlags(cmd))
 	if err != nil {
 		return nil, nil, err
 	}

@@ -7,6 +7,61 @@
 //
 // Each format lives in its own package, whose documentation cites the
 // specification it follows: qcow2, vmdk, vhd, vhdx, vdi and ova.
+//
+// # Detection never guesses
+//
+// A format is recognised by its signature, never by the file's name, and
+// only by signatures that no raw disk holds by chance: magics at fixed
+// offsets that are long or backed by fields with fixed values. A file
+// that matches none is a raw disk: a disk with an MBR or GPT, a bare file
+// system, a LUKS volume, an ISO image. Read, as the disk they hold:
+//
+//   - qcow2 ("QFI\xfb" at 0; version 1 is refused by the qcow2 reader),
+//     VMDK ("KDMV" at 0, or a text descriptor), VHDX ("vhdxfile" at 0), VDI
+//     (its pre-header signature at 64);
+//   - VHD: a footer copy at 0 (dynamic), or a footer in the last sector
+//     that the file matches (a fixed disk of exactly the footer's size plus
+//     the footer; see package vhd): a raw disk that merely ends in a stray
+//     footer stays raw;
+//   - OVA: a tar archive (ustar magic at 257, valid header checksum) whose
+//     first member is an .ovf descriptor; its one disk is read in place.
+//
+// Refused, with an error naming the format and what to do (convert or
+// extract it first, or --source-format raw to keep the bytes as they
+// are), because reading their bytes as a disk would store the container
+// instead of the disk it holds:
+//
+//   - Parallels: "WithoutFreeSpace" or "WithouFreSpacExt" at 0 and version
+//     2 (little-endian) at 16;
+//   - Bochs: "Bochs Virtual HD Image\0" at 0;
+//   - cloop: the shell-script header "#!/bin/sh\n#Vx.y Format\n" naming
+//     cloop in its first 128 bytes;
+//   - QED: "QED\0" at 0, a cluster size that is a power of two from 4 KiB
+//     to 64 MiB and a table size of 1 to 16;
+//   - DMG: a UDIF trailer in the last 512 bytes ("koly", version 4, header
+//     size 512);
+//   - User Mode Linux COW: "OOOM" and version 1 to 3 (big-endian);
+//   - VMware ESX sparse extents: "COWD" and version 1;
+//   - compressed streams: gzip (1f 8b, method 8, no reserved flags), bzip2
+//     ("BZh", a level, then a block or end-of-stream magic), xz
+//     ("\xfd7zXZ\0" and valid stream flags), zstd (28 b5 2f fd, reserved
+//     bit clear), lz4 (04 22 4d 18, version 1); zip ("PK\3\4" and a
+//     version to extract up to 6.3) and 7z archives;
+//   - file system images of imaging tools: ntfsclone ("\0ntfsclone-image")
+//     and partclone ("partclone-image\0");
+//   - tar archives that are not OVAs.
+//
+// # Files an image refers to
+//
+// A qcow2 image names its backing file, a VMDK descriptor its extents. An
+// image is data, possibly crafted, so these must lie in the folder of the
+// image opened or below it, every symlink followed (a qcow2 image may name
+// any absolute path, /etc/shadow included): the same rule for both, the
+// one the VMDK descriptor's names already followed. The folder is the
+// unit a user hands over, a VM's directory; chains kept elsewhere
+// (OpenStack's _base, Proxmox linked clones in a sibling folder) need
+// OpenOptions.AllowOutside. A disk inside an OVA refers only to members
+// of the archive.
 package vdisk
 
 import (
@@ -14,11 +69,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
-	"syscall"
 
 	"github.com/sauve-backup/sauve/internal/blockmap"
 	"github.com/sauve-backup/sauve/internal/vdisk/ova"
@@ -134,214 +187,6 @@ func (img *Image) Close() error {
 		return nil
 	}
 	return img.closer.Close()
-}
-
-// Detect names the format of the image in r (size bytes) from its headers,
-// or returns Raw.
-func Detect(r io.ReaderAt, size int64) string {
-	b := make([]byte, 512)
-	n, _ := r.ReadAt(b[:min(int64(len(b)), size)], 0)
-	b = b[:n]
-	switch {
-	case qcow2.Magic(b):
-		return QCOW2
-	case vmdk.Magic(b), vmdk.IsDescriptor(b):
-		return VMDK
-	case vhdx.Magic(b):
-		return VHDX
-	case vdi.Magic(b):
-		return VDI
-	case vhd.IsFooter(b):
-		return VHD
-	}
-	if size >= 1024 {
-		// A fixed VHD: the raw disk, then the footer.
-		var f [512]byte
-		if _, err := r.ReadAt(f[:], size-512); err == nil && vhd.IsFooter(f[:]) {
-			return VHD
-		}
-	}
-	return Raw
-}
-
-// Open opens the image in r (size bytes, called name in errors) as a
-// virtual disk, whatever its format. host, if not nil, maps the file's own
-// data (its holes), and is used where virtual and file offsets coincide.
-// name is also the path that the files an image refers to (a qcow2
-// backing file, VMDK extents) are found from; Close closes those.
-func Open(r io.ReaderAt, size int64, name string, host blockmap.Map) (*Image, error) {
-	c := &chain{seen: map[[2]uint64]bool{}}
-	if fi, err := os.Stat(name); err == nil {
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			c.seen[[2]uint64{uint64(st.Dev), st.Ino}] = true
-		}
-	}
-	img, err := c.open(r, size, name, host)
-	if err != nil {
-		c.Close()
-		return nil, err
-	}
-	img.closer = c
-	return img, nil
-}
-
-// maxChain bounds a chain of backing files.
-const maxChain = 32
-
-// chain tracks the files opened for one image: backing files (loops and
-// depth are refused) and VMDK extents.
-type chain struct {
-	seen    map[[2]uint64]bool
-	depth   int
-	closers []io.Closer
-}
-
-func (c *chain) Close() error {
-	var first error
-	for _, x := range c.closers {
-		if err := x.Close(); err != nil && first == nil {
-			first = err
-		}
-	}
-	c.closers = nil
-	return first
-}
-
-// backing opens the backing file of the qcow2 overlay at path.
-func (c *chain) backing(path string) qcow2.BackingOpener {
-	return func(file, format string) (qcow2.Backing, error) {
-		if strings.Contains(file, "://") || strings.HasPrefix(file, "json:") {
-			return nil, fmt.Errorf("backing file %q is not a local file: %w", file, vdio.ErrUnsupported)
-		}
-		if !filepath.IsAbs(file) {
-			file = filepath.Join(filepath.Dir(path), file)
-		}
-		if c.depth++; c.depth > maxChain {
-			return nil, fmt.Errorf("chain of more than %d backing files", maxChain)
-		}
-		f, err := os.Open(file)
-		if err != nil {
-			return nil, err
-		}
-		c.closers = append(c.closers, f)
-		fi, err := f.Stat()
-		if err != nil {
-			return nil, err
-		}
-		if !fi.Mode().IsRegular() {
-			return nil, fmt.Errorf("backing file %s is not a regular file", file)
-		}
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			k := [2]uint64{uint64(st.Dev), st.Ino}
-			if c.seen[k] {
-				return nil, fmt.Errorf("backing file %s appears twice in the chain: it loops", file)
-			}
-			c.seen[k] = true
-		}
-		var host blockmap.Map
-		if m := blockmap.NewSparse(f, fi.Size()); m != nil {
-			host = m
-		}
-		var img *Image
-		if format == "raw" {
-			img = &Image{Format: Raw, Size: fi.Size(), ReaderAt: f, Map: host}
-		} else {
-			if img, err = c.open(f, fi.Size(), file, host); err != nil {
-				return nil, err
-			}
-			if format != "" && QemuName(img.Format) != format {
-				return nil, fmt.Errorf("backing file %s is %s, the overlay says %s", file, img.Format, format)
-			}
-		}
-		if img.Map == nil {
-			img.Map = blockmap.Full{}
-		}
-		return backingImage{img}, nil
-	}
-}
-
-// backingImage gives an Image the Size method qcow2.Backing asks for.
-type backingImage struct{ *Image }
-
-func (b backingImage) Size() int64 { return b.Image.Size }
-
-func (c *chain) open(r io.ReaderAt, size int64, name string, host blockmap.Map) (*Image, error) {
-	f := Detect(r, size)
-	img := &Image{Format: f}
-	switch f {
-	case Raw:
-		img.Size, img.ReaderAt, img.Map = size, r, host
-	case QCOW2:
-		q, err := qcow2.OpenWithBacking(r, size, name, c.backing(name))
-		if err != nil {
-			return nil, err
-		}
-		img.Size, img.ReaderAt, img.Map, img.Detail = q.Size(), q, q, fmt.Sprintf("version %d", q.Version())
-		if q.BackingFile != "" {
-			img.Detail += ", backing file " + q.BackingFile
-		}
-	case VMDK:
-		head := make([]byte, min(size, 512))
-		r.ReadAt(head, 0)
-		if vmdk.IsDescriptor(head) {
-			d, err := vmdk.OpenDescriptor(r, size, name, extentOpener(name))
-			if err != nil {
-				return nil, err
-			}
-			c.closers = append(c.closers, d)
-			img.Size, img.ReaderAt, img.Map, img.Detail = d.Size(), d, d, d.CreateType
-			break
-		}
-		v, err := vmdk.Open(r, size, name)
-		if err != nil {
-			return nil, err
-		}
-		img.Size, img.ReaderAt, img.Map, img.Detail = v.Size(), v, v, v.CreateType
-	case VHD:
-		v, err := vhd.Open(r, size, name)
-		if err != nil {
-			return nil, err
-		}
-		img.Size, img.ReaderAt, img.Map, img.Detail = v.Size(), v, v, "dynamic"
-		if v.Fixed() {
-			img.Detail = "fixed"
-			img.Map = clipped{host, v.Size()}
-		}
-	case VHDX:
-		v, err := vhdx.Open(r, size, name)
-		if err != nil {
-			return nil, err
-		}
-		img.Size, img.ReaderAt, img.Map = v.Size(), v, v
-	case VDI:
-		v, err := vdi.Open(r, size, name)
-		if err != nil {
-			return nil, err
-		}
-		img.Size, img.ReaderAt, img.Map = v.Size(), v, v
-	}
-	return img, nil
-}
-
-// extentOpener opens the extent files a VMDK descriptor at path names,
-// from the descriptor's directory.
-func extentOpener(path string) vmdk.Opener {
-	dir := filepath.Dir(path)
-	return func(name string) (io.ReaderAt, int64, io.Closer, error) {
-		f, err := os.Open(filepath.Join(dir, name))
-		if err != nil {
-			return nil, 0, nil, err
-		}
-		fi, err := f.Stat()
-		if err != nil || !fi.Mode().IsRegular() {
-			f.Close()
-			if err == nil {
-				err = fmt.Errorf("%s is not a regular file", name)
-			}
-			return nil, 0, nil, err
-		}
-		return f, fi.Size(), f, nil
-	}
 }
 
 // clipped is a map limited to the first n bytes (a fixed VHD's data

@@ -1,6 +1,6 @@
-// Package ova writes OVF packages in their single-file form, OVA, as
-// DMTF DSP0243 ("Open Virtualization Format Specification", 1.1 and
-// later) defines it: a tar archive (POSIX ustar; GNU base-256 sizes for a
+// Package ova writes and reads OVF packages in their single-file form,
+// OVA, as DMTF DSP0243 ("Open Virtualization Format Specification", 1.1
+// and later) defines it: a tar archive (POSIX ustar; GNU base-256 sizes for a
 // disk of 8 GiB or more) holding, in this order, the OVF descriptor, the
 // manifest of SHA-256 digests, and the disk as a streamOptimized VMDK.
 // The descriptor is an OVF 1.0 envelope with one virtual system: CPU,
@@ -13,6 +13,10 @@
 // contents but for a few digits, which whitespace between elements
 // absorbs), the VMDK streams into its place while its digest is computed,
 // and the three headers and the two small files are written last.
+//
+// Read lists an OVA's members (tar headers only; PAX, GNU and ustar
+// archives) and the disks its descriptor names, so that a disk is read in
+// place at its offset in the archive, never extracted (see reader.go).
 package ova
 
 import (

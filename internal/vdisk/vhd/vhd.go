@@ -12,9 +12,50 @@
 // still computed by the specification's algorithm. Blocks of zeros stay
 // unallocated in a dynamic disk and holes in a fixed one.
 //
-// The reader takes the size from the footer and, like QEMU, reads an
-// allocated block's data without consulting its sector bitmap (writers
-// set every bit). Differencing disks are refused.
+// # Recognising a VHD
+//
+// A dynamic (or differencing) disk starts with a copy of its footer, which
+// is what Probe looks for first. A fixed disk has its footer only in its
+// last sector, and any raw disk may happen to end in a sector that looks
+// like one (a VHD copied onto a larger disk, a file system block holding a
+// VHD's tail): such a footer counts only when the file is exactly what the
+// specification says a fixed disk is, the disk the footer describes (its
+// current size) followed by the footer. A footer at the end that describes
+// a dynamic disk counts only when its dynamic disk header is where it
+// says, with its cookie and a valid checksum. Anything else is a raw disk
+// that ends in a stray footer, and is read as raw (QEMU, which looks for
+// the footer at offset 0 only, reads it as raw too).
+//
+// # Which size: the footer's or the geometry's
+//
+// The footer records the disk's size twice: as "current size" in bytes,
+// and as a CHS geometry. They differ because the geometry cannot express
+// most sizes: the specification's algorithm rounds down, and says that
+// where the disk is attached as an ATA disk, the CHS values are what the
+// controller reports, so "the size of the hard disk image in the virtual
+// machine is smaller than that created by the user". That is Virtual PC
+// (creator application "vpc "): its guests saw C*H*S sectors and never a
+// byte past them. Old QEMU (creator "qemu") also sized its disks by the
+// geometry (and recorded C*H*S*512 as the current size). For these two
+// creators the reader takes the geometry's size, as QEMU does (a Virtual
+// PC disk of 127 GiB is then 2 MiB smaller than its footer says). It
+// matters: a guest's partition table, a GPT backup header, Windows' dynamic
+// disk database and MD RAID superblocks are placed relative to the end of
+// the disk the guest saw, and a disk grown by the rounding would move that
+// end. The exception, as in QEMU, is the largest geometry (65535/16/255),
+// which says only that the disk is at least that large: the current size
+// is taken then.
+//
+// Every other creator (Hyper-V "win ", Disk2vhd "d2v ", QEMU's "qem2",
+// XenServer "tap\0", XenConverter "CTXS", Azure "wa\0\0", Virtual Server
+// "vs  ", VirtualBox "vbox" and unknown ones) gets the current size, which
+// is what those hypervisors attach and what QEMU 10 does for all but "vpc "
+// and "qemu": it is never smaller than the geometry's size, so no sector a
+// guest could have written is dropped.
+//
+// The reader, like QEMU, reads an allocated block's data without
+// consulting its sector bitmap (writers set every bit). Differencing
+// disks are refused.
 //
 // Written from the specification: no maintained Go library writes VHD.
 package vhd
@@ -63,6 +104,8 @@ type footer struct {
 	dataOffset  uint64
 	currentSize uint64
 	diskType    uint32
+	creator     string // creator application
+	c, h, s     int    // disk geometry
 }
 
 func parseFooter(b []byte, name string, off int64) (footer, error) {
@@ -72,7 +115,63 @@ func parseFooter(b []byte, name string, off int64) (footer, error) {
 	if got, want := vdio.BE.Uint32(b[64:]), checksum(b[:sector], 64); got != want {
 		return footer{}, vdio.Errorf(name, format, off+64, "footer checksum %#x, computed %#x", got, want)
 	}
-	return footer{dataOffset: vdio.BE.Uint64(b[16:]), currentSize: vdio.BE.Uint64(b[48:]), diskType: vdio.BE.Uint32(b[60:])}, nil
+	return footer{
+		dataOffset: vdio.BE.Uint64(b[16:]), currentSize: vdio.BE.Uint64(b[48:]), diskType: vdio.BE.Uint32(b[60:]),
+		creator: string(b[28:32]), c: int(vdio.BE.Uint16(b[56:])), h: int(b[58]), s: int(b[59]),
+	}, nil
+}
+
+// maxGeometry is the largest CHS geometry a footer holds: a disk at least
+// that large.
+const maxGeometry = 65535 * 16 * 255
+
+// diskSize returns the size of the disk the footer describes: C*H*S
+// sectors for the creators whose guests saw the geometry (Virtual PC, old
+// QEMU), unless the geometry is the largest, else the current size. See
+// the package documentation.
+func (f footer) diskSize() uint64 {
+	switch f.creator {
+	case "vpc ", "qemu":
+		if chs := uint64(f.c) * uint64(f.h) * uint64(f.s); chs != maxGeometry {
+			return chs * sector
+		}
+	}
+	return f.currentSize
+}
+
+// Probe reports whether the file in r (size bytes) is a VHD: it starts
+// with a footer copy (a dynamic or differencing disk), or it ends in a
+// footer that the file matches, a fixed disk of exactly the footer's
+// current size plus the footer, or a dynamic disk whose header is found
+// where the footer says (a dynamic disk whose first sector is damaged).
+// A file that merely ends in a stray footer is not a VHD.
+func Probe(r io.ReaderAt, size int64) bool {
+	if size < sector {
+		return false
+	}
+	var b [sector]byte
+	if n, _ := r.ReadAt(b[:], 0); n == sector && IsFooter(b[:]) && vdio.BE.Uint32(b[60:]) != typeFixed {
+		return true
+	}
+	if n, _ := r.ReadAt(b[:], size-sector); n != sector || !IsFooter(b[:]) {
+		return false
+	}
+	switch vdio.BE.Uint32(b[60:]) {
+	case typeFixed:
+		cur := vdio.BE.Uint64(b[48:])
+		return cur <= vdio.MaxVirtualSize && int64(cur) == size-sector
+	case typeDynamic, typeDiff:
+		f, err := parseFooter(b[:], "", 0)
+		if err != nil || f.dataOffset > uint64(size-sector) || f.dataOffset < sector {
+			return false
+		}
+		var h [1024]byte
+		if n, _ := r.ReadAt(h[:], int64(f.dataOffset)); n != len(h) {
+			return false
+		}
+		return string(h[:8]) == dynCookie && vdio.BE.Uint32(h[36:]) == checksum(h[:], 36)
+	}
+	return false
 }
 
 func makeFooter(size int64, diskType uint32, dataOffset uint64, uid []byte) []byte {
@@ -106,6 +205,8 @@ type Reader struct {
 	block    int64
 	bitmap   int64 // bytes of sector bitmap before each block
 	bat      []uint32
+	creator  string
+	chs      bool // size from the geometry
 }
 
 // Open reads a VHD's footer, and for a dynamic disk its header and block
@@ -116,13 +217,14 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 	}
 	b := make([]byte, 1024)
 	// A dynamic disk starts with a copy of the footer; a fixed one has it
-	// only at the end.
+	// only at the end (its first sector is the disk's, and may happen to
+	// look like a footer).
 	if err := vdio.ReadFull(r, size, b[:sector], 0, name, format, "footer copy"); err != nil {
 		return nil, err
 	}
 	var f footer
 	var err error
-	if IsFooter(b) {
+	if IsFooter(b) && vdio.BE.Uint32(b[60:]) != typeFixed {
 		f, err = parseFooter(b, name, 0)
 	} else {
 		fo := size - sector
@@ -138,12 +240,18 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 	if f.currentSize > vdio.MaxVirtualSize || f.currentSize%sector != 0 {
 		return nil, vdio.Errorf(name, format, 48, "disk size %d is absurd or not a multiple of 512", f.currentSize)
 	}
-	v.size = int64(f.currentSize)
+	v.size = int64(f.diskSize())
+	v.creator, v.chs = f.creator, v.size != int64(f.currentSize)
 	switch f.diskType {
 	case typeFixed:
 		v.fixed = true
-		if v.size > size-sector {
-			return nil, vdio.Errorf(name, format, 48, "fixed disk of %d bytes in a file of %d bytes (truncated?)", v.size, size)
+		// A fixed disk is its data, then the footer: nothing more, nothing
+		// less.
+		if int64(f.currentSize) != size-sector {
+			return nil, vdio.Errorf(name, format, size-sector+48, "fixed disk of %d bytes and its footer in a file of %d bytes, not %d (truncated, or not a VHD?)", f.currentSize, size, f.currentSize+sector)
+		}
+		if v.size > int64(f.currentSize) {
+			return nil, vdio.Errorf(name, format, size-sector+56, "geometry %d/%d/%d holds %d bytes, more than the fixed disk's %d", f.c, f.h, f.s, v.size, f.currentSize)
 		}
 		return v, nil
 	case typeDynamic:
@@ -195,6 +303,11 @@ func (v *Reader) Size() int64 { return v.size }
 
 // Fixed reports a fixed disk.
 func (v *Reader) Fixed() bool { return v.fixed }
+
+// SizedByGeometry reports a disk whose size was taken from its CHS
+// geometry rather than from its footer's current size (Virtual PC, old
+// QEMU), and names its creator application.
+func (v *Reader) SizedByGeometry() (string, bool) { return v.creator, v.chs }
 
 // lookup returns the file offset of off's data (or -1) and the bytes to
 // the end of its block.

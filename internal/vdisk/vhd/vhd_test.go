@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
@@ -123,4 +124,124 @@ func TestWriteCorpus(t *testing.T) {
 		t.Skip("set SAUVE_WRITE_CORPUS=1 to rewrite the seed corpus")
 	}
 	vdiotest.WriteCorpus(t, "FuzzOpen", seeds(t))
+}
+
+// reFooter rewrites the footer at b[off:off+512] with edit applied and a
+// fresh checksum.
+func reFooter(b []byte, off int, edit func(f []byte)) {
+	f := b[off : off+sector]
+	edit(f)
+	vdio.BE.PutUint32(f[64:], checksum(f, 64))
+}
+
+// TestProbe: a footer counts only where the file is what it describes.
+func TestProbe(t *testing.T) {
+	_, fixed := write(t, 1<<20, true, defaultBlock, 1)
+	_, dyn := write(t, 1<<20, false, 4096, 2)
+	_, empty := write(t, 0, true, defaultBlock, 3)
+	stray := func(grow int) []byte {
+		// A raw disk whose last sector is a fixed VHD's footer.
+		b := make([]byte, len(fixed)+grow)
+		copy(b[len(b)-sector:], fixed[len(fixed)-sector:])
+		b[0] = 0xfa
+		return b
+	}
+	for _, c := range []struct {
+		name string
+		b    []byte
+		want bool
+	}{
+		{"fixed", fixed, true},
+		{"fixed of an empty disk", empty, true},
+		{"dynamic", dyn, true},
+		{"stray footer, larger file", stray(1 << 20), false},
+		{"stray footer, one sector more", stray(sector), false},
+		{"stray footer, one sector less", stray(-sector), false},
+		{"dynamic, first sector damaged", func() []byte {
+			b := bytes.Clone(dyn)
+			clear(b[:sector])
+			return b
+		}(), true},
+		{"stray dynamic footer", func() []byte {
+			b := make([]byte, 4<<20)
+			copy(b[len(b)-sector:], dyn[len(dyn)-sector:])
+			return b
+		}(), false},
+		{"fixed footer copy at 0, nothing at the end", func() []byte {
+			b := make([]byte, 4<<20)
+			copy(b, fixed[len(fixed)-sector:])
+			return b
+		}(), false},
+		{"zeros", make([]byte, 4096), false},
+		{"tiny", []byte("conectix"), false},
+	} {
+		if got := Probe(bytes.NewReader(c.b), int64(len(c.b))); got != c.want {
+			t.Errorf("%s: Probe = %v, want %v", c.name, got, c.want)
+		}
+	}
+	// Open agrees: a fixed disk is exactly its data and the footer.
+	b := stray(1 << 20)
+	if _, err := Open(bytes.NewReader(b), int64(len(b)), "stray.img"); err == nil || !strings.Contains(err.Error(), "fixed disk of 1048576 bytes") {
+		t.Fatalf("a stray footer opened: %v", err)
+	}
+}
+
+// TestGeometrySize: Virtual PC and old QEMU disks are as large as their
+// geometry, other creators' as their footer's current size (see the
+// package documentation).
+func TestGeometrySize(t *testing.T) {
+	const size = 2 << 20 // C/H/S 60/4/17: 16 sectors less
+	chs := int64(60 * 4 * 17 * sector)
+	for _, fixed := range []bool{false, true} {
+		disk, img := write(t, size, fixed, defaultBlock, 4)
+		for _, c := range []struct {
+			creator string
+			geom    [3]int // C, H, S; zero: as written
+			want    int64
+		}{
+			{"win ", [3]int{}, size},
+			{"vpc ", [3]int{}, chs},
+			{"qemu", [3]int{}, chs},
+			{"vs  ", [3]int{}, size},
+			{"d2v ", [3]int{}, size},
+			{"qem2", [3]int{}, size},
+			{"vbox", [3]int{}, size},
+			{"vpc ", [3]int{65535, 16, 255}, size},
+		} {
+			b := bytes.Clone(img)
+			edit := func(f []byte) {
+				copy(f[28:32], c.creator)
+				if c.geom[0] != 0 {
+					vdio.BE.PutUint16(f[56:], uint16(c.geom[0]))
+					f[58], f[59] = byte(c.geom[1]), byte(c.geom[2])
+				}
+			}
+			reFooter(b, len(b)-sector, edit)
+			if !fixed {
+				reFooter(b, 0, edit)
+			}
+			v, err := Open(bytes.NewReader(b), int64(len(b)), "vpc.vhd")
+			if err != nil {
+				t.Fatalf("fixed %v, creator %q: %v", fixed, c.creator, err)
+			}
+			if v.Size() != c.want {
+				t.Errorf("fixed %v, creator %q, geometry %v: size %d, want %d", fixed, c.creator, c.geom, v.Size(), c.want)
+			}
+			if _, byGeom := v.SizedByGeometry(); byGeom != (c.want != size) {
+				t.Errorf("fixed %v, creator %q: SizedByGeometry %v", fixed, c.creator, byGeom)
+			}
+			vdiotest.Check(t, v, disk[:c.want])
+		}
+	}
+	// A geometry larger than a fixed disk's data is refused, not read
+	// into the footer.
+	_, img := write(t, 1<<20, true, defaultBlock, 5)
+	reFooter(img, len(img)-sector, func(f []byte) {
+		copy(f[28:32], "vpc ")
+		vdio.BE.PutUint16(f[56:], 1000)
+		f[58], f[59] = 16, 63
+	})
+	if _, err := Open(bytes.NewReader(img), int64(len(img)), "big.vhd"); err == nil || !strings.Contains(err.Error(), "geometry") {
+		t.Fatalf("geometry past the data: %v", err)
+	}
 }
