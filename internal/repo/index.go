@@ -220,20 +220,44 @@ func (x *Index) Has(t BlobType, id ID) bool {
 // against, and whether there is one: a usable copy the owner vouches for,
 // or one that self signed itself. Entries of other writers are never
 // trusted for this, so a writer cannot make another one skip storing data
-// by claiming it is stored; nor are those of revoked writers.
+// by claiming it is stored; nor are those of revoked writers. Of several,
+// the one in the lowest pack ID is returned. It is on the backup's hot
+// path: it walks the entries in place, without allocating.
 func (x *Index) Reusable(t BlobType, id ID, self WriterNum) (Copy, bool) {
-	for _, c := range x.Copies(id, self) {
-		if c.Damaged != "" || c.Type != t {
-			continue
+	selfOK := !x.Writers.Revoked(self)
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	var best indexEntry
+	found := false
+	consider := func(e indexEntry) {
+		if e.typ != t {
+			return
 		}
-		if c.Trust&TrustOwner != 0 {
-			return c, true
+		if e.trust&TrustOwner == 0 && (e.trust&TrustSigned == 0 || e.writer != self || !selfOK) {
+			return
 		}
-		if c.Trust&TrustSigned != 0 && c.Writer == self && !x.Writers.Revoked(self) {
-			return c, true
+		if why, _ := x.unusable(e); why != "" {
+			return
+		}
+		if !found || bytes.Compare(x.packs[e.pack].id[:], x.packs[best.pack].id[:]) < 0 {
+			best, found = e, true
 		}
 	}
-	return Copy{}, false
+	for _, e := range x.fresh[id] {
+		consider(e)
+	}
+	if len(x.sorted) > 0 && !x.bulk {
+		p := prefix(id)
+		lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
+		i, _ := slices.BinarySearchFunc(x.sorted[lo:hi], id, func(a indexEntry, id ID) int { return bytes.Compare(a.id[:], id[:]) })
+		for i += lo; i < len(x.sorted) && x.sorted[i].id == id; i++ {
+			consider(x.sorted[i])
+		}
+	}
+	if !found {
+		return Copy{}, false
+	}
+	return x.copyOf(best), true
 }
 
 // HasPack reports whether the pack is indexed.
