@@ -14,11 +14,12 @@ import (
 
 func newBackupCmd(g *globals) *cobra.Command {
 	var (
-		stdinName string
-		stdinSize string
-		host      string
-		tags      []string
-		noFSSkip  bool
+		stdinName  string
+		stdinSize  string
+		host       string
+		tags       []string
+		noFSSkip   bool
+		allowEmpty bool
 	)
 	cmd := &cobra.Command{
 		Use:   "backup SOURCE",
@@ -41,22 +42,32 @@ zeros). A partition whose filesystem is unknown, damaged, not cleanly
 unmounted, or mounted read-write is imaged in full, and sauve says so.
 --no-fs-skip images everything.
 
+An empty source (a file or device of 0 bytes, or a stream that ends
+before its first byte, as when the command piping into sauve failed) is
+refused and nothing is stored, unless --allow-empty. A FIFO with no writer
+yet is waited for; Ctrl-C or SIGTERM ends the wait, or a stalled stream,
+at any time (exit status 130).
+
 The snapshot manifest is written last: an interrupted backup leaves no
 snapshot, and the next backup reuses what it had uploaded.`,
 		Example: `  sauve backup /dev/vda --tag nightly
   sauve backup /var/lib/libvirt/images/web.img
   sauve backup /dev/sda --no-fs-skip          # every byte, free space included
   dd if=/dev/sdb bs=1M | sauve backup - --stdin-name sdb.img --stdin-size 500G
+  sauve backup /srv/empty.img --allow-empty    # a 0-byte file: store it anyway
   sauve backup /dev/vda --repo 'https://acct.blob.core.windows.net/backups?sp=rcwl&se=...&sig=...'
   AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... sauve backup /dev/vda --repo s3://bucket/vm1`,
 		Args: exactArgs(1, "one SOURCE (a device, an image file, or - for stdin)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			src, err := disk.OpenSource(args[0])
+			src, err := disk.OpenSource(ctx, args[0])
 			if err != nil {
 				return err
 			}
 			defer src.Close()
+			if err := refuseEmpty(src, allowEmpty, "store an empty snapshot", "stores one"); err != nil {
+				return err
+			}
 			if host == "" {
 				host, _ = os.Hostname()
 			}
@@ -89,6 +100,9 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: src.Size, Reader: src,
 				Map: sm.Map(), Describe: sm.describe}
 			img.adapt(&bs)
+			if bs.Size == 0 && !allowEmpty {
+				return fmt.Errorf("source %s holds a disk of 0 bytes: refusing to store an empty snapshot (--allow-empty stores one)", src.Path)
+			}
 			prog := new(backup.Progress)
 			prog.Total.Store(src.Size)
 			if stdinSize != "" {
@@ -155,6 +169,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringVar(&host, "host", "", "host name recorded in the snapshot (default: this machine's)")
 	f.StringArrayVar(&tags, "tag", nil, "tag the snapshot (repeatable)")
 	f.BoolVar(&noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
+	f.BoolVar(&allowEmpty, "allow-empty", false, "store a snapshot of an empty source (0 bytes) instead of refusing it")
 	addImportFlags(cmd)
 	return cmd
 }

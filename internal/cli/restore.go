@@ -9,7 +9,6 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/sauve-backup/sauve/internal/disk"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/restore"
 )
@@ -18,6 +17,7 @@ func newRestoreCmd(g *globals) *cobra.Command {
 	var (
 		ff       filterFlags
 		delta    bool
+		force    bool
 		diskName string
 	)
 	cmd := &cobra.Command{
@@ -26,15 +26,29 @@ func newRestoreCmd(g *globals) *cobra.Command {
 		Long: `Restore a disk of SNAPSHOT (an ID prefix, or 'latest' with optional --host,
 --source and --tag filters) to TARGET:
 
-  a new file     written sparse: zero chunks stay holes
-  an existing    every byte made equal to the snapshot (zeros written or
-  file/device    punched where needed); a file is cut to the image's size
+  a new file     written sparse (zero chunks stay holes) under a temporary
+                 name beside TARGET, renamed into place once complete: a
+                 failed or interrupted restore leaves nothing under TARGET
+  an existing    written in place, every byte made equal to the snapshot
+  file/device    (zeros written or punched where needed); a file is cut to
+                 the image's size
   -              the raw image on standard output, zeros included
 
 With --delta, the target is read and hashed first and only the chunks that
 differ are fetched and written: a fast rollback, or the last pass of a
 migration. Every chunk is verified against its ID before it is written.
-A mounted device, or one smaller than the image, is refused.
+
+Refused, with nothing written: a device smaller than the image, and a
+target that a mounted filesystem uses (mounted itself, a partition of it
+mounted, or the backing file or device of a mounted loop device, through
+any chain of loop devices and partitions).
+
+An existing target that holds a partition table or filesystem other than
+the snapshot's own (another disk ID, MBR signature or filesystem UUID than
+the snapshot recorded) is another disk's data: on a terminal sauve asks
+before overwriting it, otherwise it needs --force. Rolling a disk back
+onto itself, and a target holding nothing sauve recognises (zeros, random
+bytes), need neither.
 
 'latest' is the newest snapshot of one machine's disk: when the snapshots
 that match are of several hosts or sources, restore lists them and asks for
@@ -46,6 +60,7 @@ any other copy that verifies.`,
 		Example: `  sauve restore latest /var/tmp/vda.img
   sauve restore 1a2b3c4d /dev/vdb
   sauve restore latest --host web1 /dev/vda --delta
+  sauve restore latest /dev/sdb --force       # /dev/sdb holds another disk: overwrite it
   sauve restore latest - | qemu-img convert -f raw -O qcow2 /dev/stdin web.qcow2`,
 		Args: exactArgs(2, "SNAPSHOT and TARGET"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -62,6 +77,13 @@ any other copy that verifies.`,
 			if err != nil {
 				return err
 			}
+			var t *restoreTarget
+			if args[1] != "-" {
+				// Before the progress bar starts: this may ask the user.
+				if t, err = openRestoreTarget(args[1], d, overwriteCheck{force: force, confirm: g.terminalConfirm(ctx)}); err != nil {
+					return fmt.Errorf("restore of snapshot %s to %s: %w", sn.ID.Short(), args[1], err)
+				}
+			}
 			prog := new(restore.Progress)
 			prog.Total.Store(d.Size)
 			m := startMeter(g.stderr, g.showProgress(), meterSource{
@@ -72,7 +94,7 @@ any other copy that verifies.`,
 			if args[1] == "-" {
 				res, err = restore.ToStream(ctx, r, d, os.Stdout, restore.Options{Progress: prog, Warn: g.warnf})
 			} else {
-				res, err = restoreToTarget(ctx, r, d, args[1], delta, prog, g.warnf)
+				res, err = restoreToTarget(ctx, r, d, t, delta, prog, g.warnf)
 			}
 			m.Stop()
 			if err != nil {
@@ -104,6 +126,7 @@ any other copy that verifies.`,
 	}
 	ff.add(cmd)
 	cmd.Flags().BoolVar(&delta, "delta", false, "read the target and write only the chunks that differ")
+	cmd.Flags().BoolVarP(&force, "force", "f", false, "overwrite a target that holds another disk's partition table or filesystem")
 	cmd.Flags().StringVar(&diskName, "disk", "", "which disk of a multi-disk snapshot")
 	return cmd
 }
@@ -150,25 +173,18 @@ func pickDisk(sn *repo.Snapshot, name string) (*repo.Disk, error) {
 	return nil, fmt.Errorf("snapshot %s has no disk %q", sn.ID.Short(), name)
 }
 
-func restoreToTarget(ctx context.Context, r *repo.Repository, d *repo.Disk, path string, delta bool, prog *restore.Progress, warn func(string, ...any)) (*restore.Result, error) {
-	t, err := disk.OpenTarget(path, disk.TargetOptions{ImageSize: d.Size})
-	if err != nil {
-		return nil, err
-	}
+// restoreToTarget restores d onto t (see openRestoreTarget) and
+// completes it, or, on failure, leaves no new file behind.
+func restoreToTarget(ctx context.Context, r *repo.Repository, d *repo.Disk, t *restoreTarget, delta bool, prog *restore.Progress, warn func(string, ...any)) (*restore.Result, error) {
 	if delta && t.Created {
 		delta = false // nothing to compare against
 	}
-	res, err := restore.ToTarget(ctx, r, d, t, restore.Options{Delta: delta, Fresh: t.Created, Progress: prog, Warn: warn})
-	if err == nil {
-		err = t.Finish(d.Size)
-	}
-	if cerr := t.Close(); err == nil && cerr != nil {
-		err = fmt.Errorf("close %s: %w", path, cerr)
-	}
+	res, err := restore.ToTarget(ctx, r, d, t.Target, restore.Options{Delta: delta, Fresh: t.Created, Progress: prog, Warn: warn})
 	if err != nil {
-		// A half-written new file is worse than none; an existing target
-		// is left as it is, and a rerun (with --delta) completes it.
-		t.Remove()
+		t.abort()
+		return nil, err
+	}
+	if err := t.finish(d.Size); err != nil {
 		return nil, err
 	}
 	return res, nil

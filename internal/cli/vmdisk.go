@@ -102,6 +102,7 @@ type outputFile struct {
 	tmp   string
 	f     *os.File
 	force bool
+	mode  os.FileMode // given to the file when it is put in place
 }
 
 func createOutput(path string, force bool) (*outputFile, error) {
@@ -122,7 +123,7 @@ func createOutput(path string, force bool) (*outputFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create output: %w", err)
 	}
-	return &outputFile{path: path, tmp: f.Name(), f: f, force: force}, nil
+	return &outputFile{path: path, tmp: f.Name(), f: f, force: force, mode: 0o644}, nil
 }
 
 // commit syncs the file and puts it in place.
@@ -131,7 +132,7 @@ func (o *outputFile) commit() error {
 		o.abort()
 		return fmt.Errorf("sync %s: %w", o.path, err)
 	}
-	if err := o.f.Chmod(0o644); err != nil {
+	if err := o.f.Chmod(o.mode); err != nil {
 		o.abort()
 		return fmt.Errorf("chmod %s: %w", o.path, err)
 	}
@@ -209,8 +210,9 @@ func (g *globals) writeResult(from string, fields map[string]any, opts vdisk.Opt
 
 func newConvertCmd(g *globals) *cobra.Command {
 	var (
-		o        outFlags
-		skipFree bool
+		o          outFlags
+		skipFree   bool
+		allowEmpty bool
 	)
 	cmd := &cobra.Command{
 		Use:   "convert SOURCE OUTPUT",
@@ -244,7 +246,8 @@ neither read nor written: the output holds the same files, and free space
 reads as zeros.
 
 OUTPUT is written under a temporary name and renamed into place when
-complete; an existing OUTPUT is refused unless --force.`,
+complete; an existing OUTPUT is refused unless --force. An empty SOURCE
+(0 bytes) is refused unless --allow-empty, as 'sauve backup' refuses one.`,
 		Example: `  sauve convert /dev/sda /srv/vm/web.vmdk --skip-free
   sauve convert web.qcow2 web.vhdx
   sauve convert disk.img web.vhd --subformat fixed --size 64G
@@ -253,7 +256,7 @@ complete; an existing OUTPUT is refused unless --force.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			start := time.Now()
-			src, err := disk.OpenSource(args[0])
+			src, err := disk.OpenSource(ctx, args[0])
 			if err != nil {
 				return err
 			}
@@ -261,11 +264,17 @@ complete; an existing OUTPUT is refused unless --force.`,
 			if src.Kind == disk.Stream {
 				return usageError{fmt.Errorf("convert needs a file or block device, not a stream: %s", args[0])}
 			}
+			if err := refuseEmpty(src, allowEmpty, "write an empty disk image", "writes one"); err != nil {
+				return err
+			}
 			img, err := openImage(src, getImportFlags(cmd))
 			if err != nil {
 				return err
 			}
 			defer img.Close()
+			if img.Size == 0 && !allowEmpty {
+				return fmt.Errorf("source %s holds a disk of 0 bytes: refusing to write an empty disk image (--allow-empty writes one)", args[0])
+			}
 			opts, err := o.resolve(args[1], img.Size, cmd.Flags())
 			if err != nil {
 				return err
@@ -307,6 +316,7 @@ complete; an existing OUTPUT is refused unless --force.`,
 	}
 	o.add(cmd)
 	addImportFlags(cmd)
+	cmd.Flags().BoolVar(&allowEmpty, "allow-empty", false, "convert an empty source (0 bytes) into an empty disk image instead of refusing it")
 	cmd.Flags().BoolVar(&skipFree, "skip-free", false, "leave the free space of ext2/3/4, XFS, NTFS, FAT and swap unallocated (it reads as zeros): a smaller output, made faster")
 	return cmd
 }

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"crypto/hmac"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 )
 
@@ -161,5 +163,64 @@ func BenchmarkChunkID(b *testing.B) {
 				m.Sum(nil)
 			}
 		})
+	}
+}
+
+// TestKeyFileKDFLimits checks that a key file asking for more Argon2 work
+// than sauve ever configures is refused at once, with the parameter named,
+// before a passphrase is asked for or memory allocated.
+func TestKeyFileKDFLimits(t *testing.T) {
+	k, err := Generate("0123456789abcdef0123456789abcdef")
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := EncodeKeyFile(k, []byte("pass"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	edit := func(field string, v any) []byte {
+		var f map[string]any
+		if err := json.Unmarshal(data, &f); err != nil {
+			t.Fatal(err)
+		}
+		f["kdf"].(map[string]any)[field] = v
+		b, err := json.Marshal(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	cases := []struct {
+		field string
+		value any
+		want  string
+	}{
+		{"memory_kib", 4 << 20, "key file asks for 4096 MiB of Argon2 memory; sauve accepts at most 256 MiB"},
+		{"memory_kib", 512 << 10, "key file asks for 512 MiB of Argon2 memory; sauve accepts at most 256 MiB"},
+		{"memory_kib", 300001, "key file asks for 300001 KiB of Argon2 memory"},
+		{"time", 100, "key file asks for 100 Argon2 passes; sauve accepts at most 16"},
+		{"time", 17, "key file asks for 17 Argon2 passes"},
+		{"threads", 255, "key file asks for 255 Argon2 threads; sauve accepts at most 16"},
+		{"time", 0, "0 passes"}, // the Argon2 package panics on these
+		{"threads", 0, "0 threads"},
+		{"memory_kib", 8, "8 KiB of memory for 4 threads"},
+	}
+	for _, tc := range cases {
+		asked := false
+		_, err := DecodeKeyFile(edit(tc.field, tc.value), func() ([]byte, error) { asked = true; return []byte("pass"), nil })
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s %v: got %v, want an error with %q", tc.field, tc.value, err, tc.want)
+		}
+		if asked {
+			t.Errorf("%s %v: the passphrase was asked for before the parameters were checked", tc.field, tc.value)
+		}
+	}
+	// Parameters a later sauve might choose, within the limits, still work.
+	data, err = encodeKeyFile(k, []byte("pass"), kdfParams{Time: 4, Memory: 96 << 10, Threads: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := DecodeKeyFile(data, func() ([]byte, error) { return []byte("pass"), nil }); err != nil {
+		t.Fatalf("key file with time 4, 96 MiB, 8 threads: %v", err)
 	}
 }

@@ -23,6 +23,20 @@ const (
 	argonThreads = 4
 )
 
+// Limits on the Argon2id parameters a key file may ask for. A key file is
+// untrusted input: a planted, corrupted or hand-edited file must not make
+// sauve allocate gigabytes or spin for minutes before it can even say
+// "wrong passphrase". sauve writes time 3, 64 MiB and 4 threads; the limits
+// leave room to raise those defaults (4x the memory, 5x the passes, 4x the
+// lanes) while bounding the worst case to 256 MiB and about 21 times the
+// default's work (seconds, not minutes). Zero passes or threads would make
+// the Argon2 package panic.
+const (
+	maxArgonTime    = 16
+	maxArgonMemory  = 256 * 1024 // KiB
+	maxArgonThreads = 16
+)
+
 type kdfParams struct {
 	Algorithm string `json:"algorithm"`
 	Salt      []byte `json:"salt"`
@@ -70,8 +84,39 @@ func passKey(pass []byte, p *kdfParams) []byte {
 	return argon2.IDKey(pass, p.Salt, p.Time, p.Memory, p.Threads, chacha20poly1305.KeySize)
 }
 
+// check refuses parameters outside the limits above before anything is
+// allocated (and before a passphrase is asked for).
+func (p *kdfParams) check() error {
+	switch {
+	case p.Memory > maxArgonMemory:
+		return fmt.Errorf("key file asks for %s of Argon2 memory; sauve accepts at most %s", kib(p.Memory), kib(maxArgonMemory))
+	case p.Time > maxArgonTime:
+		return fmt.Errorf("key file asks for %d Argon2 passes; sauve accepts at most %d", p.Time, maxArgonTime)
+	case p.Threads > maxArgonThreads:
+		return fmt.Errorf("key file asks for %d Argon2 threads; sauve accepts at most %d", p.Threads, maxArgonThreads)
+	case p.Time == 0 || p.Threads == 0:
+		return fmt.Errorf("key file has invalid Argon2 parameters: %d passes, %d threads (each must be at least 1)", p.Time, p.Threads)
+	case p.Memory < 8*uint32(p.Threads):
+		return fmt.Errorf("key file has invalid Argon2 parameters: %s of memory for %d threads (at least 8 KiB per thread)", kib(p.Memory), p.Threads)
+	}
+	return nil
+}
+
+// kib formats an Argon2 memory size, given in KiB.
+func kib(n uint32) string {
+	if n%1024 == 0 {
+		return fmt.Sprintf("%d MiB", n/1024)
+	}
+	return fmt.Sprintf("%d KiB", n)
+}
+
 // EncodeKeyFile serialises k, sealed under passphrase unless it is empty.
 func EncodeKeyFile(k *Keys, passphrase []byte) ([]byte, error) {
+	return encodeKeyFile(k, passphrase, kdfParams{Time: argonTime, Memory: argonMemory, Threads: argonThreads})
+}
+
+// encodeKeyFile is EncodeKeyFile with the Argon2id cost parameters of kdf.
+func encodeKeyFile(k *Keys, passphrase []byte, kdf kdfParams) ([]byte, error) {
 	p := &keyPayload{
 		MetaKey: k.MetaKey[:], IDKey: k.IDKey[:], DataPublic: k.DataPublic[:],
 		OwnerPublic: k.OwnerPublic, Signer: k.Signer.Seed(), Cert: k.Cert,
@@ -88,7 +133,8 @@ func EncodeKeyFile(k *Keys, passphrase []byte) ([]byte, error) {
 	if _, err := rand.Read(salt); err != nil {
 		return nil, err
 	}
-	f.KDF = &kdfParams{Algorithm: "argon2id", Salt: salt, Time: argonTime, Memory: argonMemory, Threads: argonThreads}
+	kdf.Algorithm, kdf.Salt = "argon2id", salt
+	f.KDF = &kdf
 	plain, err := json.Marshal(p)
 	if err != nil {
 		return nil, err
@@ -140,8 +186,8 @@ func DecodeKeyFile(data []byte, passphrase func() ([]byte, error)) (*Keys, error
 		if f.KDF.Algorithm != "argon2id" {
 			return nil, fmt.Errorf("key file uses unknown KDF %q", f.KDF.Algorithm)
 		}
-		if f.KDF.Memory > 4<<20 || f.KDF.Time > 100 || f.KDF.Threads == 0 {
-			return nil, errors.New("key file has implausible KDF parameters")
+		if err := f.KDF.check(); err != nil {
+			return nil, err
 		}
 		if passphrase == nil {
 			return nil, ErrNeedPassphrase

@@ -6,12 +6,10 @@ package disk
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
-	"path/filepath"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -37,15 +35,27 @@ type Source struct {
 	// Size is the size in bytes, -1 for a stream of unknown length.
 	Size int64
 	f    *os.File
-	r    io.Reader // set for streams
+	r    *bufio.Reader // set for streams
+	st   *stream       // set for streams
 }
 
-// OpenSource opens path for reading; "-" is standard input.
-func OpenSource(path string) (*Source, error) {
+// OpenSource opens path for reading; "-" is standard input. A stream (a
+// pipe, FIFO or character device) is read so that ctx ends a read that
+// waits for data, and a FIFO is opened without waiting for a writer: its
+// first read waits, until ctx is done.
+func OpenSource(ctx context.Context, path string) (*Source, error) {
 	if path == "-" {
-		return &Source{Path: "-", Kind: Stream, Size: -1, f: os.Stdin, r: bufio.NewReaderSize(os.Stdin, 1<<20)}, nil
+		return openStdin(ctx), nil
 	}
-	f, err := os.Open(path)
+	flag := os.O_RDONLY
+	fifo := false
+	if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeNamedPipe != 0 {
+		// open(2) of a FIFO waits for a writer, and no signal ends that
+		// wait: open it non-blocking, and let the first read wait.
+		flag |= syscall.O_NONBLOCK
+		fifo = true
+	}
+	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open source: %w", err)
 	}
@@ -65,7 +75,8 @@ func OpenSource(path string) (*Source, error) {
 			return nil, fmt.Errorf("size of device %s: %w", path, err)
 		}
 	case fi.Mode()&(os.ModeNamedPipe|os.ModeCharDevice) != 0:
-		s.Kind, s.Size, s.r = Stream, -1, bufio.NewReaderSize(f, 1<<20)
+		s.Kind, s.Size = Stream, -1
+		s.setStream(newStream(ctx, f, fifo && fi.Mode()&os.ModeNamedPipe != 0))
 	default:
 		f.Close()
 		return nil, fmt.Errorf("source %s is a %s, not a disk image, block device or stream", path, fi.Mode().Type())
@@ -90,6 +101,9 @@ func (s *Source) Read(p []byte) (int, error) {
 
 // Close closes the source.
 func (s *Source) Close() error {
+	if s.st != nil {
+		s.st.close()
+	}
 	if s.f == os.Stdin {
 		return nil
 	}
@@ -116,7 +130,9 @@ type Target struct {
 	// are known zeros.
 	Created bool
 	f       *os.File
-	direct  *os.File // the same file opened with O_DIRECT, or nil
+	// borrowed: f belongs to the caller (NewFileTarget).
+	borrowed bool
+	direct   *os.File // the same file opened with O_DIRECT, or nil
 	// noDirect is set when the file system refused an O_DIRECT write;
 	// direct stays open (other goroutines may be writing) until Close.
 	noDirect atomic.Bool
@@ -154,125 +170,112 @@ type TargetOptions struct {
 	ReadOnly bool
 }
 
-// OpenTarget opens path for a restore of opts.ImageSize bytes. "-" is
-// standard output. It refuses a mounted device and a device smaller than
-// the image.
+// OpenTarget opens the existing file or device at path for a restore of
+// opts.ImageSize bytes. "-" is standard output. It refuses a device
+// smaller than the image, and a file or device that a mounted filesystem
+// uses: mounted itself, a partition of it mounted, or a loop device (or a
+// chain of them) built on it and mounted. A new file is made with
+// NewFileTarget.
 func OpenTarget(path string, opts TargetOptions) (*Target, error) {
 	if path == "-" {
 		return &Target{Path: "-", Kind: Stdout, f: os.Stdout}, nil
 	}
 	fi, err := os.Stat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-		if err != nil {
-			return nil, fmt.Errorf("create target: %w", err)
-		}
-		t := &Target{Path: path, Kind: File, Created: true, f: f}
-		t.openDirect()
-		return t, nil
-	}
 	if err != nil {
 		return nil, fmt.Errorf("target: %w", err)
 	}
-	switch {
-	case fi.Mode().IsRegular():
-		flag := os.O_RDWR
-		if opts.ReadOnly {
-			flag = os.O_RDONLY
-		}
-		f, err := os.OpenFile(path, flag, 0)
-		if err != nil {
-			return nil, fmt.Errorf("open target: %w", err)
-		}
-		t := &Target{Path: path, Kind: File, Size: fi.Size(), f: f}
-		if !opts.ReadOnly {
-			t.openDirect()
-		}
-		return t, nil
-	case fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0:
-		if where := mountedAt(path); where != "" {
-			return nil, fmt.Errorf("target %s is mounted at %s: unmount it first", path, where)
-		}
-		flag := os.O_RDWR | syscall.O_EXCL
-		if opts.ReadOnly {
-			flag = os.O_RDONLY
-		}
-		f, err := os.OpenFile(path, flag, 0)
-		if err != nil {
-			if errors.Is(err, syscall.EBUSY) {
-				return nil, fmt.Errorf("target %s is in use (mounted, or held by another program): refusing to write to it", path)
-			}
-			return nil, fmt.Errorf("open target: %w", err)
-		}
-		size, err := deviceSize(f)
-		if err != nil {
-			f.Close()
-			return nil, fmt.Errorf("size of device %s: %w", path, err)
-		}
-		if size < opts.ImageSize {
-			f.Close()
-			return nil, fmt.Errorf("target %s holds %d bytes, the image needs %d: refusing a restore that would not fit", path, size, opts.ImageSize)
-		}
-		t := &Target{Path: path, Kind: Device, Size: size, f: f}
-		if !opts.ReadOnly {
-			t.openDirect()
-		}
-		return t, nil
+	isDevice := fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0
+	if !fi.Mode().IsRegular() && !isDevice {
+		return nil, fmt.Errorf("target %s is a %s, not a file or block device", path, fi.Mode().Type())
 	}
-	return nil, fmt.Errorf("target %s is a %s, not a file or block device", path, fi.Mode().Type())
+	size := fi.Size()
+	if isDevice {
+		size = 0 // Mounts reads it from sysfs
+	}
+	if ms := Mounts(path, size); len(ms) > 0 {
+		return nil, mountedError(path, ms)
+	}
+	if fi.Mode().IsRegular() {
+		return openFileTarget(path, fi.Size(), opts)
+	}
+	return openDeviceTarget(path, opts)
 }
 
-// mountedAt returns where the device path, or a partition on it, is
-// mounted, or "".
-func mountedAt(path string) string {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return ""
+// mountedError refuses a target that the mounts ms use.
+func mountedError(path string, ms []Mount) error {
+	m := ms[0]
+	more := ""
+	switch len(ms) {
+	case 1:
+	case 2:
+		more = " (and 1 more mount)"
+	default:
+		more = fmt.Sprintf(" (and %d more mounts)", len(ms)-1)
 	}
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return ""
+	if len(m.Via) == 0 && m.Within == "" {
+		return fmt.Errorf("target %s is mounted at %s%s: unmount it first", path, m.Point, more)
 	}
-	defer f.Close()
-	major, minor := unix.Major(st.Rdev), unix.Minor(st.Rdev)
-	parts := partitionsOf(major, minor)
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		var ma, mi uint32
-		if _, err := fmt.Sscanf(fields[2], "%d:%d", &ma, &mi); err != nil {
-			continue
-		}
-		if (ma == major && mi == minor) || parts[[2]uint32{ma, mi}] {
-			return fields[4]
-		}
-	}
-	return ""
+	return fmt.Errorf("target %s backs a mounted filesystem through %s, mounted at %s%s: unmount it first", path, m.Chain(), m.Point, more)
 }
 
-// partitionsOf lists the device numbers of the partitions of a disk, from
-// sysfs.
-func partitionsOf(major, minor uint32) map[[2]uint32]bool {
-	out := map[[2]uint32]bool{}
-	dir := fmt.Sprintf("/sys/dev/block/%d:%d", major, minor)
-	ents, err := os.ReadDir(dir)
+func openFileTarget(path string, size int64, opts TargetOptions) (*Target, error) {
+	flag := os.O_RDWR
+	if opts.ReadOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
-		return out
+		return nil, fmt.Errorf("open target: %w", err)
 	}
-	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join(dir, e.Name(), "dev"))
-		if err != nil {
-			continue
-		}
-		var ma, mi uint32
-		if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d:%d", &ma, &mi); err == nil {
-			out[[2]uint32{ma, mi}] = true
-		}
+	t := &Target{Path: path, Kind: File, Size: size, f: f}
+	if !opts.ReadOnly {
+		t.openDirect()
 	}
-	return out
+	return t, nil
+}
+
+func openDeviceTarget(path string, opts TargetOptions) (*Target, error) {
+	flag := os.O_RDWR | syscall.O_EXCL
+	if opts.ReadOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		if errors.Is(err, syscall.EBUSY) {
+			return nil, fmt.Errorf("target %s is in use (mounted, or held by another program): refusing to write to it", path)
+		}
+		return nil, fmt.Errorf("open target: %w", err)
+	}
+	size, err := deviceSize(f)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("size of device %s: %w", path, err)
+	}
+	if size < opts.ImageSize {
+		f.Close()
+		return nil, fmt.Errorf("target %s holds %d bytes, the image needs %d: refusing a restore that would not fit", path, size, opts.ImageSize)
+	}
+	t := &Target{Path: path, Kind: Device, Size: size, f: f}
+	if !opts.ReadOnly {
+		t.openDirect()
+	}
+	return t, nil
+}
+
+// NewFileTarget makes a target of f, a new, empty file the caller created
+// (and keeps: Close leaves f open): its holes are known zeros.
+func NewFileTarget(f *os.File) *Target {
+	t := &Target{Path: f.Name(), Kind: File, Created: true, f: f, borrowed: true}
+	t.openDirect()
+	return t
+}
+
+// SectorSize returns a device target's logical sector size, 0 for files.
+func (t *Target) SectorSize() int {
+	if t.Kind != Device {
+		return 0
+	}
+	return sectorSize(t.f)
 }
 
 // WriteAt writes to a file or device target.
@@ -338,20 +341,13 @@ func (t *Target) Finish(size int64) error {
 	return nil
 }
 
-// Close closes the target.
+// Close closes the target (but not a file given to NewFileTarget).
 func (t *Target) Close() error {
-	if t.f == os.Stdout {
-		return nil
-	}
 	if t.direct != nil {
 		t.direct.Close()
 	}
-	return t.f.Close()
-}
-
-// Remove deletes a target the restore created (after a failure).
-func (t *Target) Remove() {
-	if t.Created {
-		os.Remove(t.Path)
+	if t.f == os.Stdout || t.borrowed {
+		return nil
 	}
+	return t.f.Close()
 }

@@ -5,23 +5,49 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
 )
 
-// Mount is a range of a source that is mounted.
+// Mount is a range of a file or device that a mounted filesystem uses,
+// directly or through a chain of partitions, loop devices (each backed by
+// the previous link, at its offset) and stacked devices (device-mapper,
+// md).
 type Mount struct {
-	Start, End int64 // bytes of the source
+	Start, End int64 // bytes of the file or device asked about
 	Device     string
 	Point      string
 	ReadWrite  bool
+	// Within is set when the mount was found through the disk that holds
+	// the partition asked about (a loop device over the whole disk, an
+	// extended partition's logical ones): that disk's path.
+	Within string
+	// Via lists the devices from the file or device asked about to
+	// Device, Device last; empty when that device is itself mounted.
+	Via []string
 }
 
-// Mounts lists the mounts that use a part of the source at path: the
-// device itself and its partitions, or, for an image file, the loop
-// devices backed by it and their partitions.
+// Chain names the devices through which the mount uses what was asked
+// about, for messages: "/dev/loop0 → /dev/loop1p1", or "its disk
+// /dev/loop0 → /dev/loop2" when found through the disk holding it.
+func (m Mount) Chain() string {
+	s := strings.Join(m.Via, " → ")
+	if m.Within != "" {
+		s = "its disk " + m.Within + " → " + s
+	}
+	return s
+}
+
+// Mounts lists the mounts that use a part of the file or device at path
+// (size bytes; 0: its size is read from sysfs): the device itself and its
+// partitions, loop devices backed by the file or device and, recursively,
+// whatever uses those (partitions of a loop device, a loop device over
+// another loop device, a device-mapper or md device stacked on one). For a
+// partition, mounts that use the disk holding it are included where they
+// overlap the partition.
 func Mounts(path string, size int64) []Mount {
 	mounted := readMountinfo()
 	if len(mounted) == 0 {
@@ -31,37 +57,187 @@ func Mounts(path string, size int64) []Mount {
 	if err := unix.Stat(path, &st); err != nil {
 		return nil
 	}
-	var out []Mount
+	w := &mountWalk{mounted: mounted, loops: readLoops(), seen: map[string]bool{}}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFBLK:
-		out = devMounts(unix.Major(st.Rdev), unix.Minor(st.Rdev), 0, size, mounted)
+		key := devKey(st.Rdev)
+		if size <= 0 {
+			size = sysInt("/sys/dev/block/"+key+"/size") * 512
+		}
+		w.device(key, 0, size, nil)
+		w.parentDisk(key, size)
 	case unix.S_IFREG:
-		abs, err := filepath.EvalSymlinks(path)
+		w.backedBy(fileID{dev: st.Dev, ino: st.Ino}, 0, size, []string{})
+	}
+	return w.out
+}
+
+func devKey(rdev uint64) string { return fmt.Sprintf("%d:%d", unix.Major(rdev), unix.Minor(rdev)) }
+
+// fileID identifies what backs a loop device: a file by its inode, a
+// block device by its device number (rdev set, dev and ino zero).
+type fileID struct {
+	dev, ino uint64
+	rdev     string
+}
+
+// loopDev is a bound loop device.
+type loopDev struct {
+	key           string // major:minor
+	backing       fileID
+	offset, limit int64
+}
+
+// readLoops lists the bound loop devices and what backs them, from sysfs.
+func readLoops() []loopDev {
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	var out []loopDev
+	for _, bf := range files {
+		b, err := os.ReadFile(bf)
 		if err != nil {
-			return nil
+			continue
 		}
-		abs, _ = filepath.Abs(abs)
-		loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-		for _, bf := range loops {
-			b, err := os.ReadFile(bf)
-			if err != nil || strings.TrimSpace(string(b)) != abs {
-				continue
-			}
-			dir := filepath.Dir(filepath.Dir(bf))
-			off := sysInt(filepath.Join(dir, "loop", "offset"))
-			limit := sysInt(filepath.Join(dir, "loop", "sizelimit"))
-			end := size
-			if limit > 0 {
-				end = min(size, off+limit)
-			}
-			var ma, mi uint32
-			if b, err := os.ReadFile(filepath.Join(dir, "dev")); err == nil {
-				fmt.Sscanf(strings.TrimSpace(string(b)), "%d:%d", &ma, &mi)
-			}
-			out = append(out, devMounts(ma, mi, off, end, mounted)...)
+		var st unix.Stat_t
+		if err := unix.Stat(strings.TrimSpace(string(b)), &st); err != nil {
+			continue // deleted, or outside this mount namespace
 		}
+		id := fileID{dev: st.Dev, ino: st.Ino}
+		if st.Mode&unix.S_IFMT == unix.S_IFBLK {
+			id = fileID{rdev: devKey(st.Rdev)}
+		}
+		dir := filepath.Dir(filepath.Dir(bf))
+		k, err := os.ReadFile(filepath.Join(dir, "dev"))
+		if err != nil {
+			continue
+		}
+		out = append(out, loopDev{key: strings.TrimSpace(string(k)), backing: id,
+			offset: sysInt(filepath.Join(dir, "loop", "offset")), limit: sysInt(filepath.Join(dir, "loop", "sizelimit"))})
 	}
 	return out
+}
+
+// mountWalk follows the devices built on a file or device.
+type mountWalk struct {
+	mounted map[string][]mountEntry
+	loops   []loopDev
+	seen    map[string]bool
+	within  string
+	out     []Mount
+}
+
+// maxDepth bounds the chains followed (loops cannot form cycles, but a
+// racing losetup could make sysfs look odd).
+const maxDepth = 16
+
+// backedBy follows the loop devices backed by id, which covers [start,
+// end) of what was asked about.
+func (w *mountWalk) backedBy(id fileID, start, end int64, via []string) {
+	for _, l := range w.loops {
+		if l.backing != id {
+			continue
+		}
+		s, e := start+l.offset, end
+		if l.limit > 0 {
+			e = min(e, s+l.limit)
+		}
+		w.device(l.key, s, max(s, e), via)
+	}
+}
+
+// device records the mounts of device key (covering [start, end)) and
+// follows its partitions, the loop devices it backs and its holders. via
+// is the chain that led to it, nil for the device asked about.
+func (w *mountWalk) device(key string, start, end int64, via []string) {
+	if w.seen[key] || len(via) > maxDepth {
+		return
+	}
+	w.seen[key] = true
+	dir := "/sys/dev/block/" + key
+	dev := key
+	if target, err := os.Readlink(dir); err == nil {
+		dev = "/dev/" + filepath.Base(target)
+	}
+	if via != nil {
+		via = append(slices.Clip(via), dev)
+	}
+	for _, m := range w.mounted[key] {
+		w.out = append(w.out, Mount{Start: start, End: end, Device: dev, Point: m.point, ReadWrite: m.rw, Within: w.within, Via: via})
+	}
+	if via == nil {
+		// The device asked about (via nil): what is built on it starts
+		// the chain.
+		via = []string{}
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		pdir := filepath.Join(dir, e.Name())
+		if _, err := os.Stat(filepath.Join(pdir, "partition")); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(pdir, "dev"))
+		if err != nil {
+			continue
+		}
+		ps := start + sysInt(filepath.Join(pdir, "start"))*512
+		pe := min(ps+sysInt(filepath.Join(pdir, "size"))*512, end)
+		w.device(strings.TrimSpace(string(b)), ps, max(ps, pe), via)
+	}
+	w.backedBy(fileID{rdev: key}, start, end, via)
+	holders, _ := os.ReadDir(filepath.Join(dir, "holders"))
+	for _, h := range holders {
+		if b, err := os.ReadFile(filepath.Join(dir, "holders", h.Name(), "dev")); err == nil {
+			w.device(strings.TrimSpace(string(b)), start, end, via) // its mapping is not known: all of it
+		}
+	}
+}
+
+// parentDisk adds, for a partition key of size bytes, the mounts that use
+// the disk holding it and overlap the partition: a loop device over the
+// whole disk, logical partitions inside an extended one.
+func (w *mountWalk) parentDisk(key string, size int64) {
+	dir, err := filepath.EvalSymlinks("/sys/dev/block/" + key)
+	if err != nil {
+		return
+	}
+	if _, err := os.Stat(filepath.Join(dir, "partition")); err != nil {
+		return
+	}
+	parent := filepath.Dir(dir)
+	b, err := os.ReadFile(filepath.Join(parent, "dev"))
+	if err != nil {
+		return
+	}
+	pkey := strings.TrimSpace(string(b))
+	ps := sysInt(filepath.Join(dir, "start")) * 512
+	w.within = "/dev/" + filepath.Base(parent)
+	own := len(w.out)
+	// The disk itself cannot be mounted while a partition of it is; what
+	// uses it is found in its coordinates: its other partitions and the
+	// loop devices it backs.
+	w.seen[pkey] = true
+	ents, _ := os.ReadDir(parent)
+	for _, e := range ents {
+		pdir := filepath.Join(parent, e.Name())
+		if _, err := os.Stat(filepath.Join(pdir, "partition")); err != nil {
+			continue
+		}
+		if b, err := os.ReadFile(filepath.Join(pdir, "dev")); err == nil {
+			s := sysInt(filepath.Join(pdir, "start")) * 512
+			w.device(strings.TrimSpace(string(b)), s, s+sysInt(filepath.Join(pdir, "size"))*512, []string{})
+		}
+	}
+	w.backedBy(fileID{rdev: pkey}, 0, sysInt(filepath.Join(parent, "size"))*512, []string{})
+	// Keep what overlaps the partition, in its coordinates.
+	kept := w.out[:own]
+	for _, m := range w.out[own:] {
+		s, e := max(m.Start, ps)-ps, min(m.End, ps+size)-ps
+		if s < e {
+			m.Start, m.End = s, e
+			kept = append(kept, m)
+		}
+	}
+	w.out = kept
+	w.within = ""
 }
 
 type mountEntry struct {
@@ -114,39 +290,6 @@ func unescapeMount(s string) string {
 	return b.String()
 }
 
-// devMounts returns the mounts of device ma:mi (which covers [start, end)
-// of the source) and of its partitions.
-func devMounts(ma, mi uint32, start, end int64, mounted map[string][]mountEntry) []Mount {
-	var out []Mount
-	key := fmt.Sprintf("%d:%d", ma, mi)
-	dir := "/sys/dev/block/" + key
-	name := key
-	if target, err := os.Readlink(dir); err == nil {
-		name = filepath.Base(target)
-	}
-	for _, m := range mounted[key] {
-		out = append(out, Mount{Start: start, End: end, Device: "/dev/" + name, Point: m.point, ReadWrite: m.rw})
-	}
-	ents, _ := os.ReadDir(dir)
-	for _, e := range ents {
-		pdir := filepath.Join(dir, e.Name())
-		if _, err := os.Stat(filepath.Join(pdir, "partition")); err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(pdir, "dev"))
-		if err != nil {
-			continue
-		}
-		pkey := strings.TrimSpace(string(b))
-		ps := start + sysInt(filepath.Join(pdir, "start"))*512
-		pe := min(ps+sysInt(filepath.Join(pdir, "size"))*512, end)
-		for _, m := range mounted[pkey] {
-			out = append(out, Mount{Start: ps, End: pe, Device: "/dev/" + e.Name(), Point: m.point, ReadWrite: m.rw})
-		}
-	}
-	return out
-}
-
 func sysInt(p string) int64 {
 	b, err := os.ReadFile(p)
 	if err != nil {
@@ -162,7 +305,13 @@ func (s *Source) SectorSize() int {
 	if s.Kind != Device {
 		return 0
 	}
-	n, err := unix.IoctlGetInt(int(s.f.Fd()), unix.BLKSSZGET)
+	return sectorSize(s.f)
+}
+
+// sectorSize asks the kernel for a block device's logical sector size
+// (BLKSSZGET); 0 when it cannot tell.
+func sectorSize(f *os.File) int {
+	n, err := unix.IoctlGetInt(int(f.Fd()), unix.BLKSSZGET)
 	if err != nil {
 		return 0
 	}
