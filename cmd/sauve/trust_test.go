@@ -597,3 +597,54 @@ func TestVanishedSnapshotAndLeftovers(t *testing.T) {
 		t.Fatal("repair did not remove an old temporary file")
 	}
 }
+
+// A repository of format version 1 (made by the last sauve that wrote it)
+// restores and checks as before; this sauve refuses to write to it.
+func TestVersion1Repository(t *testing.T) {
+	e := newBareEnv(t)
+	fix := filepath.Join("testdata", "v1repo")
+	if err := os.CopyFS(e.repo, os.DirFS(filepath.Join(fix, "repo"))); err != nil {
+		t.Fatal(err)
+	}
+	abs, _ := filepath.Abs(filepath.Join(fix, "owner.key"))
+	e.setenv("SAUVE_KEY", abs)
+	want := map[string]string{
+		"24fa2d85": "73c56d6a9f171cda185728319a8251dfdaadb3bc422b3fa895068b4a786f07d9",
+		"49546b12": "882ab00fe168e53d1167c16b549c8bbcf423db85c10d267dcd950d707df15ddb",
+		"b593b6f0": "226672bf8f8433a2a00fa17f54451769d8f17972141aa36149e54038420c10a1",
+	}
+	var sn []struct{ ID, Signer, Host string }
+	e.okJSON(&sn, "snapshots")
+	if len(sn) != 3 || sn[2].Signer != "web1" || sn[0].Signer != "owner" {
+		t.Fatalf("snapshots of the version-1 repository: %+v", sn)
+	}
+	for id, sum := range want {
+		out := e.path(id + ".img")
+		e.ok("restore", id, out)
+		if got := fileHash(t, out, -1); got != sum {
+			t.Errorf("snapshot %s restores to %s, want %s", id, got, sum)
+		}
+	}
+	e.ok("restore", "latest", e.path("l.img"), "--host", "fixture", "--source", "/tmp/fix/a2.img")
+	if got := fileHash(t, e.path("l.img"), -1); got != want["49546b12"] {
+		t.Error("latest of host fixture and source a2.img is not its snapshot")
+	}
+	e.ok("check", "--read-data")
+	e.ok("export", "b593b6f0", e.path("w.qcow2"))
+	src := e.path("new.img")
+	writeFile(t, src, randomBytes(1000))
+	e.fail([]string{"format version 1", "new repository"}, "backup", src)
+	// With a damaged index object, the packs are read from their
+	// (version-1) trailers.
+	idx, _ := filepath.Glob(filepath.Join(e.repo, "index", "*"))
+	for _, p := range idx {
+		d := mustRead(t, p)
+		d[len(d)/2] ^= 1
+		os.Chmod(p, 0o600)
+		writeFile(t, p, d)
+	}
+	e.ok("restore", "24fa2d85", e.path("again.img"), "--no-cache")
+	if got := fileHash(t, e.path("again.img"), -1); got != want["24fa2d85"] {
+		t.Error("restore through trailers differs")
+	}
+}
