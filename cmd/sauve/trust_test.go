@@ -648,3 +648,59 @@ func TestVersion1Repository(t *testing.T) {
 		t.Error("restore through trailers differs")
 	}
 }
+
+// repair snapshots stores lost chunks again from the disk, an image or
+// another repository (taking only bytes that hash to the lost IDs), and
+// marks the snapshots it cannot make whole.
+func TestRepairSnapshots(t *testing.T) {
+	e := newEnv(t, "--pack-size", "1M")
+	src := e.path("disk.img")
+	writeFile(t, src, append(randomBytes(3<<20), textBytes(3, 1<<20)...))
+	b := e.backup(src, "--host", "h")
+	s := e.store()
+	_, dataPack := s.packsOf(b.Snapshot)
+	s.remove(pack(dataPack))
+
+	e.fail([]string{"still damaged", b.ShortID}, "repair", "snapshots", "--dry-run")
+	if list := e.ok("snapshots"); strings.Contains(list, " !") {
+		t.Fatalf("--dry-run marked a snapshot:\n%s", list)
+	}
+	// Another repository with its own key holds the same disk.
+	o := newEnv(t)
+	o.backup(src, "--host", "h")
+	oKey, _ := filepath.Glob(filepath.Join(o.dir, "config", "sauve", "keys", "*.key"))
+	var rep struct {
+		Lost      int            `json:"lost_chunks"`
+		Recovered int            `json:"recovered_chunks"`
+		From      map[string]int `json:"recovered_from"`
+	}
+	e.okJSON(&rep, "repair", "snapshots", "--from-repo", o.repo, "--from-key", oKey[0])
+	if rep.Lost == 0 || rep.Recovered != rep.Lost {
+		t.Fatalf("repair from another repository: %+v", rep)
+	}
+	e.ok("check")
+	e.restored(b.Snapshot, src)
+
+	// Lost again; the disk changed meanwhile where some lost chunks were:
+	// those cannot come back, and the snapshot is marked.
+	_, dataPack = s.packsOf(b.Snapshot)
+	s.remove(pack(dataPack))
+	changed := e.path("changed.img")
+	writeFile(t, changed, mustRead(t, src))
+	writeAt(t, changed, 0, randomBytes(8<<20/8))
+	r := e.run("repair", "snapshots", "--from", changed, "--json")
+	if r.code == 0 || !strings.Contains(r.stdout, `"still_damaged"`) {
+		t.Fatalf("repair from a changed disk: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	list := e.ok("snapshots")
+	if !strings.Contains(list, b.ShortID+" !") || !strings.Contains(list, "lost for good") {
+		t.Fatalf("a snapshot still damaged is not marked:\n%s", list)
+	}
+	e.fail([]string{"marked"}, "restore", "latest", e.path("x.img"))
+	// The unchanged disk gives the rest back; the mark goes.
+	e.ok("repair", "snapshots", "--from", src)
+	if list := e.ok("snapshots"); strings.Contains(list, " !") {
+		t.Fatalf("a repaired snapshot is still marked:\n%s", list)
+	}
+	e.restored("latest", src)
+}

@@ -1,10 +1,16 @@
 package cli
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
 	"sync/atomic"
 
 	"github.com/spf13/cobra"
 
+	"github.com/sauve-backup/sauve/internal/disk"
+	"github.com/sauve-backup/sauve/internal/repair"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -17,9 +23,10 @@ the owner's key, reports what it did (or with --dry-run what it would do),
 and never removes anything that still holds data.`,
 		Example: `  sauve check --read-data
   sauve repair index --dry-run
-  sauve repair index --read-data`,
+  sauve repair index --read-data
+  sauve repair snapshots --from /dev/vda --dry-run`,
 	}
-	cmd.AddCommand(newRepairIndexCmd(g))
+	cmd.AddCommand(newRepairIndexCmd(g), newRepairSnapshotsCmd(g))
 	return cmd
 }
 
@@ -91,4 +98,174 @@ func printRepairIndex(g *globals, rep *repo.RepairReport) {
 	if len(rep.Unreadable) > 0 {
 		g.printf("%d packs could not be indexed: 'sauve check' names the snapshots they affect\n", len(rep.Unreadable))
 	}
+}
+
+func newRepairSnapshotsCmd(g *globals) *cobra.Command {
+	var (
+		dry, readData bool
+		from          []string
+		fromRepo      string
+		fromKey       string
+	)
+	cmd := &cobra.Command{
+		Use:   "snapshots",
+		Short: "Store again lost chunks from a healthy source, and mark what cannot be recovered",
+		Long: `Find every chunk that no usable copy in the repository holds any more (as
+'sauve check' does; with --read-data, reading every pack), and store it
+again from a healthy source:
+
+  --from PATH        the disk itself, or an image of it (a device, a raw or
+                     VM disk image), read at the offsets the snapshots had
+                     the lost chunks (repeatable)
+  --from-repo REPO   another repository holding snapshots of the same disks
+                     (a copy, or another backup of the same machine), with
+                     --from-key for its key
+
+A chunk is taken from a source only if its content hashes to the lost
+chunk's ID: a source can fill a hole, never change a byte, so any source
+is safe to offer. Snapshots that still lose data afterwards are recorded
+in the repository's ledger (signed by the owner) and marked in 'sauve
+snapshots', so that 'latest' no longer picks them; a snapshot repaired
+later is unmarked. Chunk lists that are lost cannot be rebuilt (which
+chunks they held is unknown): their stretches stay marked. Needs the
+owner's key.`,
+		Example: `  sauve repair snapshots --dry-run
+  sauve repair snapshots --from /dev/vda
+  sauve repair snapshots --from /var/lib/libvirt/images/web1.qcow2 --read-data
+  sauve repair snapshots --from-repo s3://offsite/web1 --from-key /root/offsite.key`,
+		Args: exactArgs(0, "no arguments (the sources are --from and --from-repo)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := g.openRepo(ctx, true)
+			if err != nil {
+				return err
+			}
+			if !r.Keys().IsOwner() {
+				return errors.New("repair needs the repository owner's key")
+			}
+			sources, closeAll, err := g.repairSources(ctx, cmd, from, fromRepo, fromKey)
+			defer closeAll()
+			if err != nil {
+				return err
+			}
+			var done, total atomic.Int64
+			m := startMeter(g.stderr, g.showProgress(), meterSource{label: "recover chunks", total: total.Load, current: done.Load})
+			rep, err := repair.Snapshots(ctx, r, repair.Options{DryRun: dry, ReadData: readData, Sources: sources, Progress: func(d, t int) {
+				done.Store(int64(d))
+				total.Store(int64(t))
+			}})
+			m.Stop()
+			if err != nil {
+				return err
+			}
+			if g.json {
+				if err := g.printJSON(rep); err != nil {
+					return err
+				}
+			} else {
+				printRepairSnapshots(g, rep)
+			}
+			if len(rep.Damaged) > 0 {
+				return &ExitError{Code: 1}
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVarP(&dry, "dry-run", "n", false, "find what could be recovered, store and record nothing")
+	f.BoolVar(&readData, "read-data", false, "read every pack to find lost chunks (also those damaged in place)")
+	f.StringArrayVar(&from, "from", nil, "a device or image of a backed-up disk to read lost chunks from (repeatable)")
+	f.StringVar(&fromRepo, "from-repo", "", "another repository to read lost chunks from")
+	f.StringVar(&fromKey, "from-key", "", "key file of --from-repo (default: the one saved for its repository ID)")
+	addImportFlags(cmd)
+	return cmd
+}
+
+// repairSources opens the sources of repair snapshots.
+func (g *globals) repairSources(ctx context.Context, cmd *cobra.Command, from []string, fromRepo, fromKey string) ([]repair.Source, func(), error) {
+	var closers []func()
+	closeAll := func() {
+		for _, c := range closers {
+			c()
+		}
+	}
+	var out []repair.Source
+	for _, p := range from {
+		src, err := disk.OpenSource(ctx, p)
+		if err != nil {
+			return nil, closeAll, err
+		}
+		closers = append(closers, func() { src.Close() })
+		if src.Kind == disk.Stream {
+			return nil, closeAll, usageError{fmt.Errorf("--from %s: a source to repair from must be a file or device, not a stream", p)}
+		}
+		img, err := openImage(src, getImportFlags(cmd))
+		if err != nil {
+			return nil, closeAll, fmt.Errorf("--from %s: %w", p, err)
+		}
+		closers = append(closers, func() { img.Close() })
+		out = append(out, repair.Source{Name: p, R: img, Size: img.Size})
+	}
+	if fromRepo == "" {
+		return out, closeAll, nil
+	}
+	other := *g
+	other.repo, other.keyFile, other.usingDefault = fromRepo, fromKey, false
+	or, err := other.openRepo(ctx, true)
+	if err != nil {
+		return nil, closeAll, fmt.Errorf("--from-repo %s: %w", fromRepo, err)
+	}
+	if !or.CanDecrypt() {
+		return nil, closeAll, fmt.Errorf("--from-repo %s: %w", fromRepo, errWriteOnly(or))
+	}
+	snaps, err := other.snapshots(ctx, or)
+	if err != nil {
+		return nil, closeAll, err
+	}
+	// Newest first: the likeliest to hold a chunk that was lost lately.
+	for i := len(snaps) - 1; i >= 0; i-- {
+		sn := snaps[i]
+		for di := range sn.Disks {
+			d := &sn.Disks[di]
+			out = append(out, repair.Source{Name: fmt.Sprintf("%s snapshot %s", fromRepo, sn.ID.Short()), R: or.NewDiskReader(ctx, d), Size: d.Size, Disk: d.Name, Path: d.Source})
+		}
+	}
+	return out, closeAll, nil
+}
+
+func printRepairSnapshots(g *globals, rep *repair.Report) {
+	would := ""
+	if rep.DryRun {
+		would = "could be "
+	}
+	g.printf("%d chunks lost, %d %sstored again\n", rep.Lost, rep.Recovered, would)
+	names := make([]string, 0, len(rep.From))
+	for n := range rep.From {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		g.printf("  %d from %s\n", rep.From[n], n)
+	}
+	for _, d := range rep.Damaged {
+		var n int64
+		for _, s := range d.Ranges {
+			n += s.Length
+		}
+		fmt.Fprintf(g.stderr, "sauve: still damaged: snapshot %s disk %s: %s in %d ranges\n", d.Snapshot.Short(), d.Disk, bytesIEC(n), len(d.Ranges))
+	}
+	for _, id := range rep.Whole {
+		g.printf("snapshot %s is whole again\n", id.Short())
+	}
+	if len(rep.Damaged) > 0 && !rep.DryRun {
+		g.printf("%d snapshots recorded as damaged: 'sauve snapshots' marks them, 'latest' skips them\n", countSnapshots(rep.Damaged))
+	}
+}
+
+func countSnapshots(ds []repo.Damage) int {
+	seen := map[repo.ID]bool{}
+	for _, d := range ds {
+		seen[d.Snapshot] = true
+	}
+	return len(seen)
 }

@@ -106,6 +106,12 @@ type checker struct {
 	// readData is set once every pack was read: copies are then judged
 	// by what reading them found.
 	readData bool
+	// collect asks for the lost chunks one by one (LostChunks).
+	collect    bool
+	lostChunks []LostChunk
+	lostLists  []LostList
+	// missing are the packs the index names that are not stored.
+	missing []ID
 }
 
 // listKey names a chunk list blob walked where it must hold n entries.
@@ -119,8 +125,36 @@ type listKey struct {
 // list unreadable.
 type listResult struct {
 	runs []run
+	lost []lostAt // the damaged entries, for LostChunks
 	err  error
 }
+
+type lostAt struct {
+	pos int64
+	id  ID
+}
+
+// LostChunk is one place of a snapshot's disk whose chunk has no usable
+// copy.
+type LostChunk struct {
+	ID       ID
+	Snapshot ID
+	Disk     string
+	Source   string // the disk's source path, as backed up
+	Offset   int64
+	Length   int
+}
+
+// LostList is a stretch of a snapshot's disk whose chunk list is lost:
+// which chunks it held is not known any more.
+type LostList struct {
+	Snapshot ID
+	Disk     string
+	Span     Span
+}
+
+// maxLost bounds the lost chunks LostChunks reports one by one.
+const maxLost = 1 << 22
 
 type run struct{ start, n int64 }
 
@@ -148,23 +182,35 @@ func (c *checker) warnf(format string, args ...any) {
 // view of its own, never on the local cache, and writes only with
 // Record.
 func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport, error) {
-	c := &checker{r: r, idx: r.newIndex(), bad: map[copyKey]string{}, packs: map[ID]string{}, ok: map[ID]packTrailer{}, lists: map[listKey]listResult{}}
+	rep, _, _, err := r.check(ctx, opts, false)
+	return rep, err
+}
+
+// LostChunks checks the repository as Check does and also returns every
+// place of every snapshot whose chunk has no usable copy (up to a bound),
+// and the stretches whose chunk lists are lost.
+func (r *Repository) LostChunks(ctx context.Context, opts CheckOptions) (*CheckReport, []LostChunk, []LostList, error) {
+	return r.check(ctx, opts, true)
+}
+
+func (r *Repository) check(ctx context.Context, opts CheckOptions, collect bool) (*CheckReport, []LostChunk, []LostList, error) {
+	c := &checker{r: r, idx: r.newIndex(), bad: map[copyKey]string{}, packs: map[ID]string{}, ok: map[ID]packTrailer{}, lists: map[listKey]listResult{}, collect: collect}
 	c.rep.Errors, c.rep.Warnings, c.rep.Damaged = []string{}, []string{}, []Damage{}
 	c.rep.DamagedPacks, c.rep.DamagedIndex = []PackProblem{}, []string{}
 	st, err := r.loadInto(ctx, c.idx, nil, -1)
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	c.st = st
 	c.rep.Indexes = st.indexObjects
 	c.reportLoad()
 	if err := c.reportTemp(ctx); err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	c.rep.Blobs, c.rep.Packs = c.idx.Len()
 	if opts.ReadData {
 		if err := c.readAll(ctx, opts.Progress); err != nil {
-			return nil, err
+			return nil, nil, nil, err
 		}
 		c.readData = true
 	}
@@ -172,13 +218,13 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 		c.errorf("snapshot %s: %v", shortName(name), err)
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	c.rep.Snapshots = len(snaps)
 	for _, sn := range snaps {
 		for di := range sn.Disks {
 			if err := c.walkDisk(ctx, sn, &sn.Disks[di]); err != nil {
-				return nil, err
+				return nil, nil, nil, err
 			}
 		}
 	}
@@ -188,7 +234,7 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 			c.rep.Warnings = append(c.rep.Warnings, fmt.Sprintf("could not record the findings in the ledger: %v", err))
 		}
 	}
-	return &c.rep, nil
+	return &c.rep, c.lostChunks, c.lostLists, nil
 }
 
 // reportLoad reports what loading the index found.
@@ -201,6 +247,7 @@ func (c *checker) reportLoad() {
 		switch {
 		case ps.Size < 0:
 			c.packProblem(ps.ID, fmt.Sprintf("missing from the repository (the index places %d blobs in it)", ps.Entries))
+			c.missing = append(c.missing, ps.ID)
 		case ps.Beyond > 0:
 			c.packProblem(ps.ID, fmt.Sprintf("%d bytes, too short for %d of the blobs the index places in it (truncated)", ps.Size, ps.Beyond))
 		case ps.Damaged != "":
@@ -293,6 +340,19 @@ func (c *checker) walkDisk(ctx context.Context, sn *Snapshot, d *Disk) error {
 		res := c.walkList(ctx, sn, d, list, li, n)
 		if res.err != nil {
 			res.runs = []run{{0, n}}
+			if c.collect {
+				off := first * cs
+				c.lostLists = append(c.lostLists, LostList{Snapshot: sn.ID, Disk: d.Name, Span: Span{off, min((first+n)*cs, d.Size) - off}})
+			}
+		}
+		if c.collect {
+			for _, l := range res.lost {
+				if len(c.lostChunks) >= maxLost {
+					break
+				}
+				off := (first + l.pos) * cs
+				c.lostChunks = append(c.lostChunks, LostChunk{ID: l.id, Snapshot: sn.ID, Disk: d.Name, Source: d.Source, Offset: off, Length: int(min(cs, d.Size-off))})
+			}
 		}
 		for _, rn := range res.runs {
 			off := (first + rn.start) * cs
@@ -338,6 +398,7 @@ func (c *checker) walkList(ctx context.Context, sn *Snapshot, d *Disk, list *Chu
 			c.errorf("chunk %s (snapshot %s, disk %s, offset %d): %s", id.Short(), sn.ID.Short(), d.Name, (int64(li)*int64(d.ListEntries)+int64(i))*int64(d.ChunkSize), why)
 		}
 		c.chunkNotes++
+		res.lost = append(res.lost, lostAt{int64(i), id})
 		if k := len(res.runs); k > 0 && res.runs[k-1].start+res.runs[k-1].n == int64(i) {
 			res.runs[k-1].n++
 			continue
@@ -481,6 +542,17 @@ func (c *checker) markCopies(p ID, copies []Copy, ids []ID, why string) {
 
 // finish sorts the report so that it reads the same on every run.
 func (c *checker) finish() {
+	if len(c.rep.Damaged) == 0 && len(c.missing) > 0 {
+		// Every snapshot restores: what the lost packs held is stored
+		// elsewhere (a later backup or a repair stored it again). The
+		// loss is still worth knowing, not an error.
+		gone := map[string]bool{}
+		for _, p := range c.missing {
+			gone[fmt.Sprintf("pack %s: %s", p, c.packs[p])] = true
+			c.rep.Warnings = append(c.rep.Warnings, fmt.Sprintf("pack %s is missing from the repository, but no snapshot needs it: its chunks are stored elsewhere", p))
+		}
+		c.rep.Errors = slices.DeleteFunc(c.rep.Errors, func(e string) bool { return gone[e] })
+	}
 	sort.Strings(c.rep.Errors)
 	sort.Strings(c.rep.Warnings)
 	sort.Strings(c.rep.DamagedIndex)

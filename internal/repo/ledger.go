@@ -30,6 +30,9 @@ const (
 	EventPackOK          = "pack-ok"
 	EventWriterRevoked   = "writer-revoked"
 	EventSnapshotDamaged = "snapshot-damaged"
+	// EventSnapshotOK records that a snapshot marked damaged is whole
+	// again (its lost chunks were stored again).
+	EventSnapshotOK = "snapshot-ok"
 	// EventSnapshotForgotten records a snapshot the owner removed, so
 	// that its disappearance is not reported as a loss.
 	EventSnapshotForgotten = "snapshot-forgotten"
@@ -215,6 +218,8 @@ func buildLedger(recs []*LedgerRecord) *Ledger {
 	})
 	l := &Ledger{Packs: map[ID]LedgerEvent{}, Revoked: map[[32]byte]time.Time{}, SnapshotDamage: map[ID][]LedgerEvent{}, Forgotten: map[ID]bool{}, Records: len(recs)}
 	for _, rec := range recs {
+		// A record's findings about a snapshot replace older ones.
+		fresh := map[ID]bool{}
 		for _, e := range rec.Events {
 			switch e.Kind {
 			case EventPackDamaged, EventPackMissing, EventPackOK:
@@ -230,7 +235,15 @@ func buildLedger(recs []*LedgerRecord) *Ledger {
 				}
 			case EventSnapshotDamaged:
 				if e.Snapshot != nil {
+					if !fresh[*e.Snapshot] {
+						delete(l.SnapshotDamage, *e.Snapshot)
+						fresh[*e.Snapshot] = true
+					}
 					l.SnapshotDamage[*e.Snapshot] = append(l.SnapshotDamage[*e.Snapshot], e)
+				}
+			case EventSnapshotOK:
+				if e.Snapshot != nil {
+					delete(l.SnapshotDamage, *e.Snapshot)
 				}
 			case EventSnapshotForgotten:
 				if e.Snapshot != nil {

@@ -185,8 +185,12 @@ func (r *Repository) mark(sn *Snapshot, led *Ledger, now time.Time) {
 	if r.idx.Writers.Revoked(sn.Writer) {
 		sn.Marks = append(sn.Marks, fmt.Sprintf("signed by writer %s, which the owner revoked", sn.Signer))
 	}
-	if dmg := led.SnapshotDamage[sn.ID]; len(dmg) > 0 {
-		sn.Marks = append(sn.Marks, fmt.Sprintf("damaged: %d byte ranges of disk %s were lost for good (recorded by the owner)", len(dmg[0].Ranges), dmg[0].Disk))
+	for _, dmg := range led.SnapshotDamage[sn.ID] {
+		var n int64
+		for _, r := range dmg.Ranges {
+			n += r.Length
+		}
+		sn.Marks = append(sn.Marks, fmt.Sprintf("damaged: %d bytes in %d ranges of disk %s are lost for good (recorded by 'sauve repair snapshots')", n, len(dmg.Ranges), dmg.Disk))
 	}
 }
 
