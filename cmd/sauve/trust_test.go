@@ -704,3 +704,103 @@ func TestRepairSnapshots(t *testing.T) {
 	}
 	e.restored("latest", src)
 }
+
+// An isolated writer has a namespace of its own: it and the other writers
+// cannot read each other's manifests, chunk lists or index, nor confirm
+// each other's chunks; the owner reads, restores and checks everything.
+func TestIsolatedWriter(t *testing.T) {
+	where(t, true, nil, func(t *testing.T, e *env) {
+		owned, shared := e.path("owned.img"), e.path("shared.img")
+		writeFile(t, owned, randomBytes(1<<20))
+		writeFile(t, shared, append(randomBytes(1<<20), textBytes(4, 1<<20)...))
+		e.backup(owned, "--host", "files")
+		isoKey, webKey := e.path("iso.key"), e.path("web1.key")
+		e.ok("key", "export", "--write-only", "--isolated", "--name", "payroll", isoKey)
+		e.ok("key", "export", "--write-only", "--name", "web1", webKey)
+		as := func(key string) *env {
+			w := newBareEnv(t)
+			w.vars = append([]string(nil), e.vars...)
+			w.dir = t.TempDir()
+			w.setenv("XDG_CACHE_HOME", filepath.Join(w.dir, "cache"))
+			w.setenv("SAUVE_KEY", key)
+			return w
+		}
+		iso, web := as(isoKey), as(webKey)
+		ib := iso.backup(shared, "--host", "payroll")
+		wb := web.backup(shared, "--host", "web1")
+		if ib.ChunksNew != 8 || wb.ChunksNew != 8 {
+			t.Fatalf("isolated and shared writers deduplicated with each other: %d and %d new chunks of 8", ib.ChunksNew, wb.ChunksNew)
+		}
+		if again := iso.backup(shared, "--host", "payroll"); again.ChunksNew != 0 {
+			t.Fatalf("the isolated writer does not deduplicate against itself: %d new", again.ChunksNew)
+		}
+		var sn []struct{ ID, Host, Signer string }
+		web.okJSON(&sn, "snapshots")
+		for _, s := range sn {
+			if s.Host == "payroll" {
+				t.Fatal("a shared writer lists the isolated writer's snapshots")
+			}
+		}
+		iso.okJSON(&sn, "snapshots")
+		if len(sn) != 2 || sn[0].Host != "payroll" {
+			t.Fatalf("the isolated writer sees: %+v", sn)
+		}
+		iso.ok("check")
+		web.ok("check")
+		// The shared metadata key opens nothing of the namespace.
+		s := e.store()
+		wk := s.keys(webKey)
+		ik := s.keys(isoKey)
+		sub, err := location.Sub(getenv(e, "SAUVE_REPO"), "isolated/"+ik.Namespace)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sube := &env{t: t, dir: e.dir, repo: sub, vars: append([]string(nil), e.vars...)}
+		sube.setenv("SAUVE_REPO", sub)
+		ss := sube.store()
+		names := ss.names(backend.SnapshotFile)
+		if len(names) != 2 {
+			t.Fatalf("%d snapshots in the namespace", len(names))
+		}
+		obj := ss.get(backend.Handle{Type: backend.SnapshotFile, Name: names[0]})
+		if _, err := crypto.NewMetaSealer(wk.MetaKey).Open(nil, obj, []byte("sauve snapshot v1")); err == nil {
+			t.Fatal("the shared metadata key opens an isolated manifest")
+		}
+		if _, err := crypto.NewMetaSealer(ik.MetaKey).Open(nil, obj, []byte("sauve snapshot v1")); err != nil {
+			t.Fatalf("the isolated writer's own key does not open its manifest: %v", err)
+		}
+		// The owner sees and restores all, and checks every namespace.
+		var all []struct{ ID, Host string }
+		e.okJSON(&all, "snapshots")
+		if len(all) != 4 {
+			t.Fatalf("the owner sees %d snapshots, want 4", len(all))
+		}
+		e.restored(ib.Snapshot, shared)
+		e.restored("latest", shared, "--host", "payroll")
+		e.restored(wb.Snapshot, shared)
+		e.ok("check", "--read-data")
+		list := e.ok("key", "list")
+		if !strings.Contains(list, "payroll") || !strings.Contains(list, "web1") {
+			t.Fatalf("key list:\n%s", list)
+		}
+		e.ok("key", "revoke", "payroll")
+		iso.ok("snapshots")
+		var marked []struct {
+			ID    string
+			Marks []string
+		}
+		e.okJSON(&marked, "snapshots", "--host", "payroll")
+		if len(marked) != 2 || len(marked[0].Marks) == 0 {
+			t.Fatalf("the revoked isolated writer's snapshots are not marked: %+v", marked)
+		}
+	})
+}
+
+func getenv(e *env, k string) string {
+	for _, kv := range e.vars {
+		if v, ok := strings.CutPrefix(kv, k+"="); ok {
+			return v
+		}
+	}
+	return ""
+}

@@ -41,33 +41,52 @@ nothing. 'sauve repair index' rebuilds damaged index objects.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, err := g.openRepo(ctx, false)
+			set, err := g.openSet(ctx, false)
 			if err != nil {
 				return err
 			}
-			var m *meter
-			var done, total atomic.Int64
-			if readData {
-				m = startMeter(g.stderr, g.showProgress(), meterSource{
-					label: "read packs", total: total.Load, current: done.Load,
-				})
+			var reports []*repo.CheckReport
+			for i, r := range set.all {
+				var m *meter
+				var done, total atomic.Int64
+				if readData {
+					m = startMeter(g.stderr, g.showProgress(), meterSource{
+						label: "read packs", total: total.Load, current: done.Load,
+					})
+				}
+				rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Record: !noRecord, Progress: func(d, t int) {
+					done.Store(int64(d)) // read by the meter's goroutine
+					total.Store(int64(t))
+				}})
+				m.Stop()
+				if err != nil {
+					return namespaceErr(r, err)
+				}
+				reports = append(reports, rep)
+				if !g.json {
+					if i > 0 {
+						g.printf("\nisolated namespace %s:\n", r.Keys().Namespace)
+					}
+					printCheck(g, rep, readData)
+				}
 			}
-			rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Record: !noRecord, Progress: func(d, t int) {
-				done.Store(int64(d)) // read by the meter's goroutine
-				total.Store(int64(t))
-			}})
-			m.Stop()
-			if err != nil {
-				return err
+			ok := true
+			for _, rep := range reports {
+				ok = ok && rep.OK()
 			}
 			if g.json {
-				if err := g.printJSON(rep); err != nil {
+				out := checkJSON{CheckReport: reports[0]}
+				if len(reports) > 1 {
+					out.Namespaces = map[string]*repo.CheckReport{}
+					for i, r := range set.all[1:] {
+						out.Namespaces[r.Keys().Namespace] = reports[i+1]
+					}
+				}
+				if err := g.printJSON(out); err != nil {
 					return err
 				}
-			} else {
-				printCheck(g, rep, readData)
 			}
-			if !rep.OK() {
+			if !ok {
 				return &ExitError{Code: 1}
 			}
 			return nil
@@ -119,4 +138,19 @@ func printCheck(g *globals, rep *repo.CheckReport, readData bool) {
 	if len(rep.DamagedIndex) > 0 || rep.Unindexed > 0 {
 		fmt.Fprintf(g.stderr, "sauve: 'sauve repair index' rewrites the index from the packs' trailers\n")
 	}
+}
+
+// checkJSON is check's --json output: the repository's report, and those
+// of its isolated namespaces.
+type checkJSON struct {
+	*repo.CheckReport
+	Namespaces map[string]*repo.CheckReport `json:"namespaces,omitempty"`
+}
+
+// namespaceErr names the namespace an error happened in.
+func namespaceErr(r *repo.Repository, err error) error {
+	if ns := r.Keys().Namespace; ns != "" {
+		return fmt.Errorf("isolated namespace %s: %w", ns, err)
+	}
+	return err
 }

@@ -1,6 +1,9 @@
 package cli
 
 import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -47,7 +50,7 @@ func (g *globals) keyForRepo(cmd *cobra.Command) (*crypto.Keys, string, error) {
 }
 
 func newKeyExportCmd(g *globals) *cobra.Command {
-	var writeOnly bool
+	var writeOnly, isolated bool
 	var name string
 	var hosts []string
 	cmd := &cobra.Command{
@@ -65,9 +68,19 @@ restore would pick. Without --write-only, FILE is a copy of the full key.
 The new file is protected by the passphrase from $SAUVE_NEW_PASSPHRASE, or
 one asked on the terminal.
 
+A write-only key reads the metadata of every host's backups (host names,
+partitions, which chunks are equal, zero or changed) and can confirm a
+guess of a chunk's content. With --isolated it gets a namespace of its own
+instead: a repository inside this one, under isolated/<namespace>, with
+metadata and ID keys that only the owner can derive. It then learns nothing
+of the other hosts' backups nor they of its, at the cost of deduplication
+with them (docs/BENCHMARKS.md measures it). The owner's key reads every
+namespace: snapshots, restore, check and repair span them all.
+
 What a write-only key can and cannot do is in docs/SECURITY.md.`,
 		Example: `  sauve key export --write-only --name web1 /tmp/web1.key
   sauve key export --write-only --name hv1 --host 'vm-*' --host hv1 /tmp/hv1.key
+  sauve key export --write-only --isolated --name payroll /tmp/payroll.key
   sauve key export /media/usb/sauve-full.key`,
 		Args: exactArgs(1, "the FILE to write"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -76,11 +89,23 @@ What a write-only key can and cannot do is in docs/SECURITY.md.`,
 				return err
 			}
 			out := keys
+			if isolated && !writeOnly {
+				return usageError{errors.New("--isolated applies to --write-only keys")}
+			}
 			if writeOnly {
 				if name == "" {
 					name, _ = os.Hostname()
 				}
-				if out, err = keys.DeriveWriteOnly(name, hosts...); err != nil {
+				if err := crypto.ValidWriterName(name); err != nil {
+					return usageError{err}
+				}
+				from := keys
+				if isolated {
+					if from, err = g.createNamespace(cmd.Context(), keys); err != nil {
+						return err
+					}
+				}
+				if out, err = from.DeriveWriteOnly(name, hosts...); err != nil {
 					return usageError{err}
 				}
 			} else if len(hosts) > 0 {
@@ -108,6 +133,7 @@ What a write-only key can and cannot do is in docs/SECURITY.md.`,
 	}
 	cmd.Flags().BoolVar(&writeOnly, "write-only", false, "make a key that can back up but not restore")
 	cmd.Flags().StringVar(&name, "name", "", "name of the writer in its certificate (default: host name)")
+	cmd.Flags().BoolVar(&isolated, "isolated", false, "give the write-only key a namespace of its own: it and the other writers learn nothing of each other's backups (no deduplication between them)")
 	cmd.Flags().StringArrayVar(&hosts, "host", nil, "host (or pattern, e.g. 'vm-*') the write-only key may back up (repeatable; default: its name)")
 	return cmd
 }
@@ -189,4 +215,36 @@ terminal; empty removes protection). The file is replaced atomically.`,
 			return nil
 		},
 	}
+}
+
+// createNamespace makes an isolated namespace in the repository and
+// records it in the owner's ledger; it returns the owner's keys for it.
+func (g *globals) createNamespace(ctx context.Context, owner *crypto.Keys) (*crypto.Keys, error) {
+	if !owner.IsOwner() {
+		return nil, errors.New("only the owner's key can create an isolated namespace")
+	}
+	r, err := g.openRepo(ctx, false)
+	if err != nil {
+		return nil, err
+	}
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return nil, err
+	}
+	ns := hex.EncodeToString(b[:])
+	sub, err := owner.Isolated(ns)
+	if err != nil {
+		return nil, err
+	}
+	be, err := g.namespaceBackend(ns)
+	if err != nil {
+		return nil, err
+	}
+	if err := repo.Init(ctx, be, sub, repo.NamespaceConfig(r.Config(), sub.RepoID)); err != nil {
+		return nil, fmt.Errorf("create isolated namespace %s: %w", ns, err)
+	}
+	if err := r.SaveLedger(ctx, []repo.LedgerEvent{{Kind: repo.EventNamespace, Namespace: ns}}); err != nil {
+		return nil, fmt.Errorf("record isolated namespace %s: %w", ns, err)
+	}
+	return sub, nil
 }

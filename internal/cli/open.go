@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 
 	"golang.org/x/term"
@@ -159,7 +160,7 @@ func (g *globals) loadKeys(repoID string) (*crypto.Keys, string, error) {
 	if err != nil {
 		return nil, path, fmt.Errorf("key file %s: %w", path, err)
 	}
-	if info.Repository != repoID {
+	if info.Repository != repoID && info.Parent != repoID {
 		return nil, path, fmt.Errorf("key file %s belongs to repository %s, not to this repository (%s)", path, info.Repository, repoID)
 	}
 	keys, err := crypto.DecodeKeyFile(data, func() ([]byte, error) {
@@ -206,6 +207,17 @@ func (g *globals) openRepo(ctx context.Context, loadIndex bool, create ...bool) 
 	if err != nil {
 		return nil, err
 	}
+	if keys.Namespace != "" {
+		// An isolated writer's key: its repository is its namespace.
+		if be, err = g.namespaceBackend(keys.Namespace); err != nil {
+			return nil, err
+		}
+	}
+	return g.openWith(ctx, be, keys, loadIndex)
+}
+
+// openWith opens the repository in be with keys.
+func (g *globals) openWith(ctx context.Context, be backend.Backend, keys *crypto.Keys, loadIndex bool) (*repo.Repository, error) {
 	r, err := repo.Open(ctx, be, keys, repo.Options{
 		CacheDir:    g.cacheBase(),
 		Connections: g.connections,
@@ -221,6 +233,90 @@ func (g *globals) openRepo(ctx context.Context, loadIndex bool, create ...bool) 
 		}
 	}
 	return r, nil
+}
+
+// namespaceBackend opens the backend of isolated namespace ns of the
+// repository at --repo.
+func (g *globals) namespaceBackend(ns string) (backend.Backend, error) {
+	if err := crypto.ValidNamespace(ns); err != nil {
+		return nil, err
+	}
+	loc, err := location.Sub(g.repo, "isolated/"+ns)
+	if err != nil {
+		return nil, err
+	}
+	sub := *g
+	sub.repo = loc
+	return sub.openBackend()
+}
+
+// repoSet is a repository and, for its owner, its isolated namespaces:
+// every command that reads snapshots reads them all.
+type repoSet struct {
+	main *repo.Repository
+	all  []*repo.Repository // main first
+}
+
+// openSet opens the repository and, with the owner's key, every isolated
+// namespace the owner's ledger records.
+func (g *globals) openSet(ctx context.Context, loadIndex bool) (*repoSet, error) {
+	r, err := g.openRepo(ctx, loadIndex)
+	if err != nil {
+		return nil, err
+	}
+	set := &repoSet{main: r, all: []*repo.Repository{r}}
+	if !r.Keys().IsOwner() || r.Keys().Namespace != "" {
+		return set, nil
+	}
+	led, err := r.Ledger(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, ns := range led.Namespaces {
+		nr, err := g.openNamespace(ctx, r.Keys(), ns, loadIndex)
+		if err != nil {
+			return nil, fmt.Errorf("isolated namespace %s: %w", ns, err)
+		}
+		set.all = append(set.all, nr)
+	}
+	return set, nil
+}
+
+// openNamespace opens namespace ns with the owner's keys derived for it.
+func (g *globals) openNamespace(ctx context.Context, owner *crypto.Keys, ns string, loadIndex bool) (*repo.Repository, error) {
+	keys, err := owner.Isolated(ns)
+	if err != nil {
+		return nil, err
+	}
+	be, err := g.namespaceBackend(ns)
+	if err != nil {
+		return nil, err
+	}
+	return g.openWith(ctx, be, keys, loadIndex)
+}
+
+// snapshots loads the snapshots of every repository of the set, oldest
+// first, and says which repository each is in.
+func (g *globals) setSnapshots(ctx context.Context, set *repoSet) ([]*repo.Snapshot, map[*repo.Snapshot]*repo.Repository, error) {
+	var all []*repo.Snapshot
+	in := map[*repo.Snapshot]*repo.Repository{}
+	for _, r := range set.all {
+		snaps, err := g.snapshots(ctx, r)
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, sn := range snaps {
+			in[sn] = r
+		}
+		all = append(all, snaps...)
+	}
+	sort.SliceStable(all, func(i, j int) bool {
+		if !all[i].Time.Equal(all[j].Time) {
+			return all[i].Time.Before(all[j].Time)
+		}
+		return all[i].ID.String() < all[j].ID.String()
+	})
+	return all, in, nil
 }
 
 // writeKeyFile writes a key file with mode 0600, refusing to overwrite.

@@ -52,24 +52,33 @@ its chunks may be reused by every writer again.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, err := g.openRepo(ctx, false)
+			set, err := g.openSet(ctx, false)
 			if err != nil {
 				return err
 			}
-			var done, total atomic.Int64
-			m := startMeter(g.stderr, g.showProgress() && readData, meterSource{label: "verify packs", total: total.Load, current: done.Load})
-			rep, err := r.RepairIndex(ctx, repo.RepairOptions{DryRun: dry, ReadData: readData, Progress: func(d, t int) {
-				done.Store(int64(d))
-				total.Store(int64(t))
-			}})
-			m.Stop()
-			if err != nil {
-				return err
+			var reports []any
+			for i, r := range set.all {
+				var done, total atomic.Int64
+				m := startMeter(g.stderr, g.showProgress() && readData, meterSource{label: "verify packs", total: total.Load, current: done.Load})
+				rep, err := r.RepairIndex(ctx, repo.RepairOptions{DryRun: dry, ReadData: readData, Progress: func(d, t int) {
+					done.Store(int64(d))
+					total.Store(int64(t))
+				}})
+				m.Stop()
+				if err != nil {
+					return namespaceErr(r, err)
+				}
+				reports = append(reports, rep)
+				if !g.json {
+					if i > 0 {
+						g.printf("\nisolated namespace %s:\n", r.Keys().Namespace)
+					}
+					printRepairIndex(g, rep)
+				}
 			}
 			if g.json {
-				return g.printJSON(rep)
+				return g.printSetJSON(set, reports)
 			}
-			printRepairIndex(g, rep)
 			return nil
 		},
 	}
@@ -136,11 +145,11 @@ owner's key.`,
 		Args: exactArgs(0, "no arguments (the sources are --from and --from-repo)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, err := g.openRepo(ctx, true)
+			set, err := g.openSet(ctx, true)
 			if err != nil {
 				return err
 			}
-			if !r.Keys().IsOwner() {
+			if !set.main.Keys().IsOwner() {
 				return errors.New("repair needs the repository owner's key")
 			}
 			sources, closeAll, err := g.repairSources(ctx, cmd, from, fromRepo, fromKey)
@@ -148,24 +157,34 @@ owner's key.`,
 			if err != nil {
 				return err
 			}
-			var done, total atomic.Int64
-			m := startMeter(g.stderr, g.showProgress(), meterSource{label: "recover chunks", total: total.Load, current: done.Load})
-			rep, err := repair.Snapshots(ctx, r, repair.Options{DryRun: dry, ReadData: readData, Sources: sources, Progress: func(d, t int) {
-				done.Store(int64(d))
-				total.Store(int64(t))
-			}})
-			m.Stop()
-			if err != nil {
-				return err
+			var reports []any
+			damaged := false
+			for i, r := range set.all {
+				var done, total atomic.Int64
+				m := startMeter(g.stderr, g.showProgress(), meterSource{label: "recover chunks", total: total.Load, current: done.Load})
+				rep, err := repair.Snapshots(ctx, r, repair.Options{DryRun: dry, ReadData: readData, Sources: sources, Progress: func(d, t int) {
+					done.Store(int64(d))
+					total.Store(int64(t))
+				}})
+				m.Stop()
+				if err != nil {
+					return namespaceErr(r, err)
+				}
+				reports = append(reports, rep)
+				damaged = damaged || len(rep.Damaged) > 0
+				if !g.json {
+					if i > 0 {
+						g.printf("\nisolated namespace %s:\n", r.Keys().Namespace)
+					}
+					printRepairSnapshots(g, rep)
+				}
 			}
 			if g.json {
-				if err := g.printJSON(rep); err != nil {
+				if err := g.printSetJSON(set, reports); err != nil {
 					return err
 				}
-			} else {
-				printRepairSnapshots(g, rep)
 			}
-			if len(rep.Damaged) > 0 {
+			if damaged {
 				return &ExitError{Code: 1}
 			}
 			return nil
@@ -268,4 +287,17 @@ func countSnapshots(ds []repo.Damage) int {
 		seen[d.Snapshot] = true
 	}
 	return len(seen)
+}
+
+// printSetJSON prints the report of the repository, with those of its
+// isolated namespaces under "namespaces" when it has any.
+func (g *globals) printSetJSON(set *repoSet, reports []any) error {
+	if len(reports) == 1 {
+		return g.printJSON(reports[0])
+	}
+	ns := map[string]any{}
+	for i, r := range set.all[1:] {
+		ns[r.Keys().Namespace] = reports[i+1]
+	}
+	return g.printJSON(map[string]any{"repository": reports[0], "namespaces": ns})
 }

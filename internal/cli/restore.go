@@ -135,11 +135,11 @@ any other copy that verifies.`,
 // "export"), finds the snapshot that spec names and the disk of it that
 // name picks.
 func (g *globals) openDisk(ctx context.Context, what, spec string, ff *filterFlags, name string) (*repo.Repository, *repo.Snapshot, *repo.Disk, error) {
-	r, err := g.openRepo(ctx, true)
+	set, err := g.openSet(ctx, true)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	sn, err := g.findSnapshot(ctx, r, spec, ff)
+	r, sn, err := g.findSnapshot(ctx, set, spec, ff)
 	if err != nil {
 		return nil, nil, nil, err
 	}

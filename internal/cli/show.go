@@ -23,11 +23,11 @@ read and stored (unknown or damaged filesystem, mounted read-write,
 		Args: exactArgs(1, "one SNAPSHOT (an ID prefix or 'latest')"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, err := g.openRepo(ctx, false)
+			set, err := g.openSet(ctx, false)
 			if err != nil {
 				return err
 			}
-			sn, err := g.findSnapshot(ctx, r, args[0], &ff)
+			_, sn, err := g.findSnapshot(ctx, set, args[0], &ff)
 			if err != nil {
 				return err
 			}

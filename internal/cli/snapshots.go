@@ -35,21 +35,23 @@ func (g *globals) snapshots(ctx context.Context, r *repo.Repository) ([]*repo.Sn
 }
 
 // findSnapshot resolves a SNAPSHOT argument ('latest' or an ID prefix)
-// with the --host/--tag/--source filters, and warns when the one named is
-// marked (see repo.Snapshot.Marks): 'latest' never picks one.
-func (g *globals) findSnapshot(ctx context.Context, r *repo.Repository, spec string, f *filterFlags) (*repo.Snapshot, error) {
-	all, err := g.snapshots(ctx, r)
+// with the --host/--tag/--source filters among the snapshots of the set
+// (the repository and its isolated namespaces), returns it with the
+// repository that holds it, and warns when it is marked (see
+// repo.Snapshot.Marks): 'latest' never picks one.
+func (g *globals) findSnapshot(ctx context.Context, set *repoSet, spec string, f *filterFlags) (*repo.Repository, *repo.Snapshot, error) {
+	all, in, err := g.setSnapshots(ctx, set)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	sn, err := repo.FindSnapshot(all, spec, f.filter())
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	for _, m := range sn.Marks {
 		g.warnf("snapshot %s (signed by %s) %s", sn.ID.Short(), sn.Signer, m)
 	}
-	return sn, nil
+	return in[sn], sn, nil
 }
 
 // signerKind says whether a snapshot was signed by the owner or a writer.
@@ -128,11 +130,11 @@ it holds was lost for good. Name it by its ID to restore it anyway.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, err := g.openRepo(ctx, false)
+			set, err := g.openSet(ctx, false)
 			if err != nil {
 				return err
 			}
-			all, err := g.snapshots(ctx, r)
+			all, _, err := g.setSnapshots(ctx, set)
 			if err != nil {
 				return err
 			}

@@ -17,47 +17,53 @@ import (
 
 // writerSeen is a signer found in the repository.
 type writerSeen struct {
+	repo      *repo.Repository // the repository (or namespace) it wrote to
 	num       repo.WriterNum
 	w         repo.Writer
 	snapshots int
 	last      time.Time
 }
 
-// writersSeen loads the index and snapshots and returns every writer key
-// (not the owner) that signed something in the repository.
-func (g *globals) writersSeen(ctx context.Context) (*repo.Repository, []writerSeen, error) {
-	r, err := g.openRepo(ctx, true)
+// writersSeen loads the index and snapshots of the repository and its
+// isolated namespaces and returns every writer key (not the owner) that
+// signed something in them.
+func (g *globals) writersSeen(ctx context.Context) (*repoSet, []writerSeen, error) {
+	set, err := g.openSet(ctx, true)
 	if err != nil {
 		return nil, nil, err
-	}
-	snaps, err := g.snapshots(ctx, r)
-	if err != nil {
-		return nil, nil, err
-	}
-	byNum := map[repo.WriterNum]*writerSeen{}
-	for n := repo.WriterNum(1); n < repo.NoWriter; n++ {
-		w, ok := r.Writers().Get(n)
-		if !ok {
-			break
-		}
-		byNum[n] = &writerSeen{num: n, w: w}
-	}
-	for _, sn := range snaps {
-		if ws := byNum[sn.Writer]; ws != nil {
-			ws.snapshots++
-			if sn.Time.After(ws.last) {
-				ws.last = sn.Time
-			}
-		}
 	}
 	var out []writerSeen
-	for _, ws := range byNum {
-		out = append(out, *ws)
+	for _, r := range set.all {
+		snaps, err := g.snapshots(ctx, r)
+		if err != nil {
+			return nil, nil, err
+		}
+		byNum := map[repo.WriterNum]*writerSeen{}
+		for n := repo.WriterNum(1); n < repo.NoWriter; n++ {
+			w, ok := r.Writers().Get(n)
+			if !ok {
+				break
+			}
+			if n != r.Self() || !r.Keys().IsOwner() {
+				byNum[n] = &writerSeen{repo: r, num: n, w: w}
+			}
+		}
+		for _, sn := range snaps {
+			if ws := byNum[sn.Writer]; ws != nil {
+				ws.snapshots++
+				if sn.Time.After(ws.last) {
+					ws.last = sn.Time
+				}
+			}
+		}
+		for _, ws := range byNum {
+			out = append(out, *ws)
+		}
 	}
 	slices.SortFunc(out, func(a, b writerSeen) int {
 		return strings.Compare(a.w.Name()+hex.EncodeToString(a.w.Key[:]), b.w.Name()+hex.EncodeToString(b.w.Key[:]))
 	})
-	return r, out, nil
+	return set, out, nil
 }
 
 func newKeyListCmd(g *globals) *cobra.Command {
@@ -110,6 +116,9 @@ func scopeOf(w repo.Writer) []string {
 
 func writerJSON(w writerSeen) map[string]any {
 	m := map[string]any{"name": w.w.Name(), "key": hex.EncodeToString(w.w.Key[:]), "hosts": scopeOf(w.w), "snapshots": w.snapshots, "revoked": !w.w.RevokedAt.IsZero()}
+	if ns := w.repo.Keys().Namespace; ns != "" {
+		m["namespace"] = ns
+	}
 	if !w.last.IsZero() {
 		m["last_snapshot"] = w.last
 	}
@@ -138,24 +147,23 @@ objects, only from being believed.`,
 		Args: exactArgs(1, "the NAME or KEY fingerprint of the writer to revoke"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, ws, err := g.writersSeen(ctx)
+			set, ws, err := g.writersSeen(ctx)
 			if err != nil {
 				return err
 			}
-			if !r.Keys().IsOwner() {
+			if !set.main.Keys().IsOwner() {
 				return errors.New("only the owner's key can revoke a writer")
 			}
 			match := matchWriters(ws, args[0])
 			if len(match) == 0 {
 				return fmt.Errorf("no writer named or with a key starting %q has signed anything in this repository ('sauve key list' shows those that have)", args[0])
 			}
-			var events []repo.LedgerEvent
-			for _, w := range match {
-				events = append(events, repo.LedgerEvent{Kind: repo.EventWriterRevoked, Signer: w.w.Key[:], Name: w.w.Name()})
-			}
 			if !dry {
-				if err := r.SaveLedger(ctx, events); err != nil {
-					return err
+				for _, w := range match {
+					ev := []repo.LedgerEvent{{Kind: repo.EventWriterRevoked, Signer: w.w.Key[:], Name: w.w.Name()}}
+					if err := w.repo.SaveLedger(ctx, ev); err != nil {
+						return namespaceErr(w.repo, err)
+					}
 				}
 			}
 			if g.json {

@@ -224,3 +224,44 @@ func TestKeyFileKDFLimits(t *testing.T) {
 		t.Fatalf("key file with time 4, 96 MiB, 8 threads: %v", err)
 	}
 }
+
+func TestIsolated(t *testing.T) {
+	owner, err := Generate("0123456789abcdef0123456789abcdef")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := owner.Isolated("00112233445566ff")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := owner.Isolated("00112233445566ff")
+	c, _ := owner.Isolated("0011223344556600")
+	if a.MetaKey != b.MetaKey || a.IDKey != b.IDKey || a.RepoID != b.RepoID {
+		t.Fatal("a namespace's keys are not derived the same twice")
+	}
+	if a.MetaKey == owner.MetaKey || a.IDKey == owner.IDKey || a.MetaKey == c.MetaKey || a.IDKey == c.IDKey || a.RepoID == c.RepoID {
+		t.Fatal("namespaces share keys")
+	}
+	if a.Parent != owner.RepoID || a.Namespace != "00112233445566ff" || !a.IsOwner() {
+		t.Fatalf("namespace keys: parent %q, namespace %q, owner %v", a.Parent, a.Namespace, a.IsOwner())
+	}
+	w, _ := owner.DeriveWriteOnly("web1")
+	if _, err := w.Isolated("00112233445566ff"); err == nil {
+		t.Fatal("a write-only key derived a namespace's keys")
+	}
+	if _, err := a.Isolated("00112233445566ff"); err == nil {
+		t.Fatal("namespaces nest")
+	}
+	if _, err := owner.Isolated("../x"); err == nil {
+		t.Fatal("bad namespace name accepted")
+	}
+	iw, _ := a.DeriveWriteOnly("payroll")
+	data, err := EncodeKeyFile(iw, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := DecodeKeyFile(data, nil)
+	if err != nil || back.Namespace != a.Namespace || back.Parent != owner.RepoID || back.MetaKey != a.MetaKey {
+		t.Fatalf("isolated writer key file: %+v, %v", back, err)
+	}
+}

@@ -56,8 +56,12 @@ type keyPayload struct {
 }
 
 type keyFile struct {
-	Version    int         `json:"sauve_key"`
-	Repository string      `json:"repository"`
+	Version    int    `json:"sauve_key"`
+	Repository string `json:"repository"`
+	// Parent and Namespace are set in the key of an isolated writer:
+	// Repository is then the namespace's repository inside Parent.
+	Parent     string      `json:"parent,omitempty"`
+	Namespace  string      `json:"namespace,omitempty"`
 	Kind       Kind        `json:"kind"`
 	Created    time.Time   `json:"created"`
 	KDF        *kdfParams  `json:"kdf,omitempty"`
@@ -68,7 +72,9 @@ type keyFile struct {
 // KeyFileInfo is what a key file tells without its passphrase.
 type KeyFileInfo struct {
 	Repository string
-	Kind       Kind
+	// Parent and Namespace are set for an isolated writer's key.
+	Parent, Namespace string
+	Kind              Kind
 	Encrypted  bool
 	Created    time.Time
 }
@@ -124,7 +130,7 @@ func encodeKeyFile(k *Keys, passphrase []byte, kdf kdfParams) ([]byte, error) {
 	if k.DataPrivate != nil {
 		p.DataPrivate = k.DataPrivate[:]
 	}
-	f := keyFile{Version: keyFileVersion, Repository: k.RepoID, Kind: k.Kind, Created: time.Now().UTC()}
+	f := keyFile{Version: keyFileVersion, Repository: k.RepoID, Parent: k.Parent, Namespace: k.Namespace, Kind: k.Kind, Created: time.Now().UTC()}
 	if len(passphrase) == 0 {
 		f.Payload = p
 		return json.MarshalIndent(f, "", "  ")
@@ -171,7 +177,7 @@ func InspectKeyFile(data []byte) (KeyFileInfo, error) {
 	if err != nil {
 		return KeyFileInfo{}, err
 	}
-	return KeyFileInfo{Repository: f.Repository, Kind: f.Kind, Encrypted: f.KDF != nil, Created: f.Created}, nil
+	return KeyFileInfo{Repository: f.Repository, Parent: f.Parent, Namespace: f.Namespace, Kind: f.Kind, Encrypted: f.KDF != nil, Created: f.Created}, nil
 }
 
 // DecodeKeyFile parses a key file. passphrase is called only if the file is
@@ -215,7 +221,7 @@ func DecodeKeyFile(data []byte, passphrase func() ([]byte, error)) (*Keys, error
 	if p == nil {
 		return nil, errors.New("key file holds no key")
 	}
-	k := &Keys{RepoID: f.Repository, Kind: f.Kind, Cert: p.Cert}
+	k := &Keys{RepoID: f.Repository, Parent: f.Parent, Namespace: f.Namespace, Kind: f.Kind, Cert: p.Cert}
 	if len(p.MetaKey) != KeySize || len(p.IDKey) != KeySize || len(p.DataPublic) != 32 ||
 		len(p.OwnerPublic) != ed25519.PublicKeySize || len(p.Signer) != ed25519.SeedSize {
 		return nil, errors.New("key file: a key has the wrong length")

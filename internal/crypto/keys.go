@@ -25,7 +25,11 @@ const (
 
 // Keys is everything one key file holds.
 type Keys struct {
-	RepoID      string
+	RepoID string
+	// Parent and Namespace are set for the keys of an isolated
+	// namespace (see Isolated): RepoID is then the namespace's own
+	// repository, kept inside the repository Parent.
+	Parent, Namespace string
 	Kind        Kind
 	MetaKey     [KeySize]byte
 	IDKey       [KeySize]byte
@@ -150,7 +154,7 @@ func (k *Keys) DeriveWriteOnly(name string, hosts ...string) (*Keys, error) {
 	c := &Cert{Version: 2, Repo: k.RepoID, Signer: pub, Name: name, Hosts: hosts, Created: time.Now().UTC()}
 	c.Signature = ed25519.Sign(k.Signer, c.signedBytes())
 	return &Keys{
-		RepoID: k.RepoID, Kind: WriteOnly, MetaKey: k.MetaKey, IDKey: k.IDKey,
+		RepoID: k.RepoID, Parent: k.Parent, Namespace: k.Namespace, Kind: WriteOnly, MetaKey: k.MetaKey, IDKey: k.IDKey,
 		DataPublic: k.DataPublic, OwnerPublic: k.OwnerPublic, Signer: sk, Cert: c,
 	}, nil
 }

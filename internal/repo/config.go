@@ -135,3 +135,13 @@ func ValidRepoID(id string) error {
 	}
 	return nil
 }
+
+// NamespaceConfig returns the config of an isolated namespace of the
+// repository whose config is parent: the same geometry, its own ID.
+func NamespaceConfig(parent Config, id string) Config {
+	c := parent
+	c.ID, c.MAC = id, nil
+	c.Version = FormatVersion
+	c.Created = time.Now().UTC().Truncate(time.Second)
+	return c
+}

@@ -36,6 +36,9 @@ const (
 	// EventSnapshotForgotten records a snapshot the owner removed, so
 	// that its disappearance is not reported as a loss.
 	EventSnapshotForgotten = "snapshot-forgotten"
+	// EventNamespace records an isolated namespace the owner created
+	// (docs/FORMAT.md, "Isolated namespaces").
+	EventNamespace = "namespace"
 )
 
 // LedgerEvent is one finding or decision.
@@ -46,6 +49,8 @@ type LedgerEvent struct {
 	// Signer and Name identify a revoked writer.
 	Signer []byte `json:"signer,omitempty"`
 	Name   string `json:"name,omitempty"`
+	// Namespace names an isolated namespace.
+	Namespace string `json:"namespace,omitempty"`
 	// Snapshot, Disk and Ranges locate what a snapshot lost for good.
 	Snapshot *ID    `json:"snapshot,omitempty"`
 	Disk     string `json:"disk,omitempty"`
@@ -77,7 +82,9 @@ type Ledger struct {
 	SnapshotDamage map[ID][]LedgerEvent
 	// Forgotten lists the snapshots the owner removed.
 	Forgotten map[ID]bool
-	Records   int
+	// Namespaces lists the isolated namespaces, in the order created.
+	Namespaces []string
+	Records    int
 }
 
 // Damaged reports why a pack is recorded as unusable, or "".
@@ -204,6 +211,9 @@ func (r *Repository) Ledger(ctx context.Context) (*Ledger, error) {
 		return nil, err
 	}
 	r.ledger = buildLedger(recs)
+	for key, t := range r.ledger.Revoked {
+		r.writers.Revoke(key, t)
+	}
 	return r.ledger, nil
 }
 
@@ -244,6 +254,10 @@ func buildLedger(recs []*LedgerRecord) *Ledger {
 			case EventSnapshotOK:
 				if e.Snapshot != nil {
 					delete(l.SnapshotDamage, *e.Snapshot)
+				}
+			case EventNamespace:
+				if crypto.ValidNamespace(e.Namespace) == nil && !slices.Contains(l.Namespaces, e.Namespace) {
+					l.Namespaces = append(l.Namespaces, e.Namespace)
 				}
 			case EventSnapshotForgotten:
 				if e.Snapshot != nil {

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -267,4 +268,29 @@ func connField(cs, name string) string {
 		}
 	}
 	return ""
+}
+
+// Sub returns the location of the folder (or prefix) seg inside location
+// s, in the same form: an isolated namespace lives there, reached with the
+// same credentials.
+func Sub(s, seg string) (string, error) {
+	p, err := Parse(s)
+	if err != nil {
+		return "", err
+	}
+	if seg == "" || strings.ContainsAny(seg, "?#\\") || strings.Contains(seg, "..") {
+		return "", fmt.Errorf("bad sub-location %q", seg)
+	}
+	if p.Kind == Local {
+		if rest, ok := strings.CutPrefix(s, "file://"); ok {
+			return "file://" + filepath.Join(rest, seg), nil
+		}
+		return filepath.Join(s, seg), nil
+	}
+	base, query, hasQuery := strings.Cut(s, "?")
+	out := strings.TrimRight(base, "/") + "/" + seg
+	if hasQuery {
+		out += "?" + query
+	}
+	return out, nil
 }
