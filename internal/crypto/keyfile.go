@@ -60,13 +60,13 @@ type keyFile struct {
 	Repository string `json:"repository"`
 	// Parent and Namespace are set in the key of an isolated writer:
 	// Repository is then the namespace's repository inside Parent.
-	Parent     string      `json:"parent,omitempty"`
-	Namespace  string      `json:"namespace,omitempty"`
-	Kind       Kind        `json:"kind"`
-	Created    time.Time   `json:"created"`
-	KDF        *kdfParams  `json:"kdf,omitempty"`
-	Sealed     []byte      `json:"sealed,omitempty"`
-	Payload    *keyPayload `json:"payload,omitempty"`
+	Parent    string      `json:"parent,omitempty"`
+	Namespace string      `json:"namespace,omitempty"`
+	Kind      Kind        `json:"kind"`
+	Created   time.Time   `json:"created"`
+	KDF       *kdfParams  `json:"kdf,omitempty"`
+	Sealed    []byte      `json:"sealed,omitempty"`
+	Payload   *keyPayload `json:"payload,omitempty"`
 }
 
 // KeyFileInfo is what a key file tells without its passphrase.
@@ -75,8 +75,8 @@ type KeyFileInfo struct {
 	// Parent and Namespace are set for an isolated writer's key.
 	Parent, Namespace string
 	Kind              Kind
-	Encrypted  bool
-	Created    time.Time
+	Encrypted         bool
+	Created           time.Time
 }
 
 // ErrPassphrase is returned for a wrong passphrase.

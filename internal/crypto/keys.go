@@ -30,11 +30,11 @@ type Keys struct {
 	// namespace (see Isolated): RepoID is then the namespace's own
 	// repository, kept inside the repository Parent.
 	Parent, Namespace string
-	Kind        Kind
-	MetaKey     [KeySize]byte
-	IDKey       [KeySize]byte
-	DataPublic  [32]byte
-	DataPrivate *[32]byte // nil in a write-only key
+	Kind              Kind
+	MetaKey           [KeySize]byte
+	IDKey             [KeySize]byte
+	DataPublic        [32]byte
+	DataPrivate       *[32]byte // nil in a write-only key
 	// OwnerPublic is the repository owner's signing key: every manifest
 	// must be signed by it or by a writer it certified.
 	OwnerPublic ed25519.PublicKey
