@@ -10,6 +10,8 @@
 #     entry); now it stores its own copy until the owner's
 #     check --read-data endorses the first writer's packs. Measured: the
 #     bytes each backup adds, and the same after the endorsement.
+#     An isolated writer (key export --isolated) shares nothing: it stores
+#     the whole disk whatever the others hold.
 #  2. Time: full backup, day-2 backup and restore with this sauve (and
 #     $OLD, interleaved, when given), wall and CPU seconds, peak RSS.
 set -euo pipefail
@@ -48,6 +50,7 @@ fresh storage
 "$NEW" init > /dev/null
 "$NEW" key export --write-only --name web1 "$WORK/storage/web1.key" > /dev/null
 "$NEW" key export --write-only --name web2 "$WORK/storage/web2.key" > /dev/null
+"$NEW" key export --write-only --isolated --name iso "$WORK/storage/iso.key" > /dev/null
 step() { # step LABEL CMD...
   local label=$1; shift
   local before after
@@ -62,6 +65,8 @@ step "owner: check --read-data (endorses both writers' packs)" "$NEW" check --re
 step "web2: the same disk again, after the endorsement" env SAUVE_KEY="$WORK/storage/web2.key" XDG_CACHE_HOME="$WORK/storage/c2" "$NEW" backup "$B/day1.img" --host web2
 step "web1: day 2" env SAUVE_KEY="$WORK/storage/web1.key" XDG_CACHE_HOME="$WORK/storage/c1" "$NEW" backup "$B/day2.img" --host web1
 step "web2: day 2 (web1's day-2 chunks not yet endorsed)" env SAUVE_KEY="$WORK/storage/web2.key" XDG_CACHE_HOME="$WORK/storage/c2" "$NEW" backup "$B/day2.img" --host web2
+step "iso (isolated namespace): day 1, after all of the above" env SAUVE_KEY="$WORK/storage/iso.key" XDG_CACHE_HOME="$WORK/storage/c3" "$NEW" backup "$B/day1.img" --host iso
+step "iso: day 2" env SAUVE_KEY="$WORK/storage/iso.key" XDG_CACHE_HOME="$WORK/storage/c3" "$NEW" backup "$B/day2.img" --host iso
 unset SAUVE_KEY
 
 {

@@ -491,3 +491,26 @@ func BenchmarkObjectHash(b *testing.B) {
 		}
 	})
 }
+
+func FuzzLedgerRecord(f *testing.F) {
+	p := randID()
+	rec := LedgerRecord{Time: time.Now(), Events: []LedgerEvent{{Kind: EventPackDamaged, Pack: &p, Reason: "x"}, {Kind: EventWriterRevoked, Signer: make([]byte, 32)},
+		{Kind: EventSnapshotDamaged, Snapshot: &p, Ranges: []Span{{0, 10}}}, {Kind: EventNamespace, Namespace: "0011223344556677"}}}
+	b, _ := json.Marshal(rec)
+	f.Add(b)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var r LedgerRecord
+		if json.Unmarshal(b, &r) != nil {
+			return
+		}
+		l := buildLedger([]*LedgerRecord{&r, &r})
+		for id := range l.Packs {
+			_ = l.Damaged(id)
+		}
+		for _, ns := range l.Namespaces {
+			if len(ns) != 16 {
+				t.Fatalf("namespace %q accepted", ns)
+			}
+		}
+	})
+}
