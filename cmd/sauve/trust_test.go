@@ -374,11 +374,7 @@ func TestHostileWriterSpoilsOnlyItsOwn(t *testing.T) {
 		s.put(backend.Handle{Type: backend.IndexFile, Name: repo.Hash(obj).String()}, obj)
 
 		// web1 backs up the claimed disk: it stores every chunk.
-		w := newBareEnv(t)
-		w.vars = append([]string(nil), e.vars...)
-		w.dir = t.TempDir()
-		w.setenv("XDG_CACHE_HOME", filepath.Join(w.dir, "cache"))
-		w.setenv("SAUVE_KEY", webKey)
+		w := e.as(webKey)
 		wb := w.backup(future, "--host", "web1")
 		if wb.ChunksNew != 12 {
 			t.Fatalf("web1 stored %d of 12 chunks: it trusted the hostile writer's index", wb.ChunksNew)
@@ -424,16 +420,8 @@ func TestPlantedSnapshotIsNotLatest(t *testing.T) {
 		vmKey, evilKey := e.path("vm.key"), e.path("evil.key")
 		e.ok("key", "export", "--write-only", "--name", "vm", vmKey)
 		e.ok("key", "export", "--write-only", "--name", "evil", evilKey)
-		as := func(key string) *env {
-			w := newBareEnv(t)
-			w.vars = append([]string(nil), e.vars...)
-			w.dir = t.TempDir()
-			w.setenv("XDG_CACHE_HOME", filepath.Join(w.dir, "cache"))
-			w.setenv("SAUVE_KEY", key)
-			return w
-		}
-		vb := as(vmKey).backup(real, "--host", "vm")
-		eb := as(evilKey).backup(evil, "--host", "vm")
+		vb := e.as(vmKey).backup(real, "--host", "vm")
+		eb := e.as(evilKey).backup(evil, "--host", "vm")
 		// The same key, within its scope but a year ahead.
 		s := e.store()
 		ek := s.keys(evilKey)
@@ -447,7 +435,7 @@ func TestPlantedSnapshotIsNotLatest(t *testing.T) {
 		if _, err := er.SaveSnapshot(context.Background(), fut); err != nil {
 			t.Fatal(err)
 		}
-		older := as(evilKey).backup(real, "--host", "evil")
+		older := e.as(evilKey).backup(real, "--host", "evil")
 
 		out := e.ok("restore", "latest", e.path("r.img"), "--host", "vm")
 		sameFile(t, real, e.path("r.img"))
@@ -717,15 +705,7 @@ func TestIsolatedWriter(t *testing.T) {
 		isoKey, webKey := e.path("iso.key"), e.path("web1.key")
 		e.ok("key", "export", "--write-only", "--isolated", "--name", "payroll", isoKey)
 		e.ok("key", "export", "--write-only", "--name", "web1", webKey)
-		as := func(key string) *env {
-			w := newBareEnv(t)
-			w.vars = append([]string(nil), e.vars...)
-			w.dir = t.TempDir()
-			w.setenv("XDG_CACHE_HOME", filepath.Join(w.dir, "cache"))
-			w.setenv("SAUVE_KEY", key)
-			return w
-		}
-		iso, web := as(isoKey), as(webKey)
+		iso, web := e.as(isoKey), e.as(webKey)
 		ib := iso.backup(shared, "--host", "payroll")
 		wb := web.backup(shared, "--host", "web1")
 		if ib.ChunksNew != 8 || wb.ChunksNew != 8 {
@@ -803,4 +783,15 @@ func getenv(e *env, k string) string {
 		}
 	}
 	return ""
+}
+
+// as returns an environment on e's repository that uses another key file
+// and a cache of its own: another host.
+func (e *env) as(key string) *env {
+	w := newBareEnv(e.t)
+	w.vars = append([]string(nil), e.vars...)
+	w.dir = e.t.TempDir()
+	w.setenv("XDG_CACHE_HOME", filepath.Join(w.dir, "cache"))
+	w.setenv("SAUVE_KEY", key)
+	return w
 }

@@ -2,7 +2,6 @@ package cli
 
 import (
 	"fmt"
-	"sync/atomic"
 
 	"github.com/spf13/cobra"
 
@@ -46,29 +45,21 @@ nothing. 'sauve repair index' rebuilds damaged index objects.`,
 				return err
 			}
 			var reports []*repo.CheckReport
-			for i, r := range set.all {
-				var m *meter
-				var done, total atomic.Int64
-				if readData {
-					m = startMeter(g.stderr, g.showProgress(), meterSource{
-						label: "read packs", total: total.Load, current: done.Load,
-					})
-				}
-				rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Record: !noRecord, Progress: func(d, t int) {
-					done.Store(int64(d)) // read by the meter's goroutine
-					total.Store(int64(t))
-				}})
-				m.Stop()
+			err = g.eachRepo(set, func(r *repo.Repository) error {
+				progress, stop := g.countMeter("read packs", readData)
+				rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Record: !noRecord, Progress: progress})
+				stop()
 				if err != nil {
-					return namespaceErr(r, err)
+					return err
 				}
 				reports = append(reports, rep)
 				if !g.json {
-					if i > 0 {
-						g.printf("\nisolated namespace %s:\n", r.Keys().Namespace)
-					}
 					printCheck(g, rep, readData)
 				}
+				return nil
+			})
+			if err != nil {
+				return err
 			}
 			ok := true
 			for _, rep := range reports {
@@ -145,12 +136,4 @@ func printCheck(g *globals, rep *repo.CheckReport, readData bool) {
 type checkJSON struct {
 	*repo.CheckReport
 	Namespaces map[string]*repo.CheckReport `json:"namespaces,omitempty"`
-}
-
-// namespaceErr names the namespace an error happened in.
-func namespaceErr(r *repo.Repository, err error) error {
-	if ns := r.Keys().Namespace; ns != "" {
-		return fmt.Errorf("isolated namespace %s: %w", ns, err)
-	}
-	return err
 }

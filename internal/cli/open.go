@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync/atomic"
 
 	"golang.org/x/term"
 
@@ -345,4 +346,37 @@ func writeKeyFile(path string, data []byte) error {
 		return fmt.Errorf("write key file %s: %w", path, err)
 	}
 	return f.Close()
+}
+
+// eachRepo runs fn on the repository and then on each of its isolated
+// namespaces, heading the human output of each namespace with its name.
+func (g *globals) eachRepo(set *repoSet, fn func(r *repo.Repository) error) error {
+	for i, r := range set.all {
+		if i > 0 {
+			g.printf("\nisolated namespace %s:\n", r.Keys().Namespace)
+		}
+		if err := fn(r); err != nil {
+			return namespaceErr(r, err)
+		}
+	}
+	return nil
+}
+
+// namespaceErr names the namespace an error happened in.
+func namespaceErr(r *repo.Repository, err error) error {
+	if ns := r.Keys().Namespace; ns != "" {
+		return fmt.Errorf("isolated namespace %s: %w", ns, err)
+	}
+	return err
+}
+
+// countMeter starts a progress bar fed by a (done, total) callback, as
+// check, repair and verification report progress; stop it when done.
+func (g *globals) countMeter(label string, enabled bool) (progress func(done, total int), stop func()) {
+	var done, total atomic.Int64
+	m := startMeter(g.stderr, enabled && g.showProgress(), meterSource{label: label, total: total.Load, current: done.Load})
+	return func(d, t int) {
+		done.Store(int64(d)) // read by the meter's goroutine
+		total.Store(int64(t))
+	}, m.Stop
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"sync/atomic"
 
 	"github.com/spf13/cobra"
 
@@ -57,24 +56,21 @@ its chunks may be reused by every writer again.`,
 				return err
 			}
 			var reports []any
-			for i, r := range set.all {
-				var done, total atomic.Int64
-				m := startMeter(g.stderr, g.showProgress() && readData, meterSource{label: "verify packs", total: total.Load, current: done.Load})
-				rep, err := r.RepairIndex(ctx, repo.RepairOptions{DryRun: dry, ReadData: readData, Progress: func(d, t int) {
-					done.Store(int64(d))
-					total.Store(int64(t))
-				}})
-				m.Stop()
+			err = g.eachRepo(set, func(r *repo.Repository) error {
+				progress, stop := g.countMeter("verify packs", readData)
+				rep, err := r.RepairIndex(ctx, repo.RepairOptions{DryRun: dry, ReadData: readData, Progress: progress})
+				stop()
 				if err != nil {
-					return namespaceErr(r, err)
+					return err
 				}
 				reports = append(reports, rep)
 				if !g.json {
-					if i > 0 {
-						g.printf("\nisolated namespace %s:\n", r.Keys().Namespace)
-					}
 					printRepairIndex(g, rep)
 				}
+				return nil
+			})
+			if err != nil {
+				return err
 			}
 			if g.json {
 				return g.printSetJSON(set, reports)
@@ -159,25 +155,22 @@ owner's key.`,
 			}
 			var reports []any
 			damaged := false
-			for i, r := range set.all {
-				var done, total atomic.Int64
-				m := startMeter(g.stderr, g.showProgress(), meterSource{label: "recover chunks", total: total.Load, current: done.Load})
-				rep, err := repair.Snapshots(ctx, r, repair.Options{DryRun: dry, ReadData: readData, Sources: sources, Progress: func(d, t int) {
-					done.Store(int64(d))
-					total.Store(int64(t))
-				}})
-				m.Stop()
+			err = g.eachRepo(set, func(r *repo.Repository) error {
+				progress, stop := g.countMeter("recover chunks", true)
+				rep, err := repair.Snapshots(ctx, r, repair.Options{DryRun: dry, ReadData: readData, Sources: sources, Progress: progress})
+				stop()
 				if err != nil {
-					return namespaceErr(r, err)
+					return err
 				}
 				reports = append(reports, rep)
 				damaged = damaged || len(rep.Damaged) > 0
 				if !g.json {
-					if i > 0 {
-						g.printf("\nisolated namespace %s:\n", r.Keys().Namespace)
-					}
 					printRepairSnapshots(g, rep)
 				}
+				return nil
+			})
+			if err != nil {
+				return err
 			}
 			if g.json {
 				if err := g.printSetJSON(set, reports); err != nil {

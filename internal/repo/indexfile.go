@@ -244,15 +244,11 @@ func decodeBlobEntries(b []byte, nb uint32, i int) ([]PackBlob, error) {
 	blobs := make([]PackBlob, nb)
 	next := uint64(packHeaderSize)
 	for j := range blobs {
-		e := b[j*indexBlobEntry:]
 		bl := &blobs[j]
-		bl.Type = BlobType(e[0])
-		if bl.Type != DataBlob && bl.Type != MetaBlob {
-			return nil, fmt.Errorf("index: pack %d blob %d has unknown type %d", i, j, e[0])
+		var err error
+		if *bl, err = parseBlobEntry(b[j*indexBlobEntry:], i, j); err != nil {
+			return nil, err
 		}
-		copy(bl.ID[:], e[1:33])
-		bl.Offset = binary.LittleEndian.Uint32(e[33:37])
-		bl.Length = binary.LittleEndian.Uint32(e[37:41])
 		if uint64(bl.Offset) < next {
 			return nil, fmt.Errorf("index: pack %d blob %d at offset %d overlaps the header or the blob before it", i, j, bl.Offset)
 		}
@@ -262,6 +258,19 @@ func decodeBlobEntries(b []byte, nb uint32, i int) ([]PackBlob, error) {
 		next = uint64(bl.Offset) + uint64(bl.Length)
 	}
 	return blobs, nil
+}
+
+// parseBlobEntry parses "type u8 | id 32 | offset u32 | length u32", blob
+// j of pack i.
+func parseBlobEntry(e []byte, i, j int) (PackBlob, error) {
+	bl := PackBlob{Type: BlobType(e[0])}
+	if bl.Type != DataBlob && bl.Type != MetaBlob {
+		return bl, fmt.Errorf("index: pack %d blob %d has unknown type %d", i, j, e[0])
+	}
+	copy(bl.ID[:], e[1:33])
+	bl.Offset = binary.LittleEndian.Uint32(e[33:37])
+	bl.Length = binary.LittleEndian.Uint32(e[37:41])
+	return bl, nil
 }
 
 // decodeIndexV1 parses a version-1 index object's plaintext.
@@ -289,15 +298,11 @@ func decodeIndexV1(b []byte) ([]PackInfo, error) {
 		}
 		p.Blobs = make([]PackBlob, nb)
 		for j := range p.Blobs {
-			e := b[j*indexBlobEntry:]
 			bl := &p.Blobs[j]
-			bl.Type = BlobType(e[0])
-			if bl.Type != DataBlob && bl.Type != MetaBlob {
-				return nil, fmt.Errorf("index: pack %d blob %d has unknown type %d", i, j, e[0])
+			var err error
+			if *bl, err = parseBlobEntry(b[j*indexBlobEntry:], int(i), j); err != nil {
+				return nil, err
 			}
-			copy(bl.ID[:], e[1:33])
-			bl.Offset = binary.LittleEndian.Uint32(e[33:37])
-			bl.Length = binary.LittleEndian.Uint32(e[37:41])
 			if bl.Offset < packHeaderSize {
 				return nil, fmt.Errorf("index: pack %d blob %d offset %d inside the pack header", i, j, bl.Offset)
 			}
