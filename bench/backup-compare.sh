@@ -84,11 +84,15 @@ run_sauve() { # run_sauve CHUNK LABEL [BACKUP FLAGS]
   mkdir -p "$R"
   "$SAUVE" init --chunk-size "$cs" > /dev/null
   header "$label"
+  # One disk path, day 1 then day 2, as a host's /dev/vda would be
+  # ('restore latest' then means that disk).
+  ln -sfn "$B/day1.img" "$WORK/disk.img"
   warm "$B/day1.img"
-  measure "full backup, day 1" "$R" "$SAUVE backup $flags $B/day1.img"
-  measure "backup day 1 again (unchanged)" "$R" "$SAUVE backup $flags $B/day1.img"
+  measure "full backup, day 1" "$R" "$SAUVE backup $flags $WORK/disk.img"
+  measure "backup day 1 again (unchanged)" "$R" "$SAUVE backup $flags $WORK/disk.img"
+  ln -sfn "$B/day2.img" "$WORK/disk.img"
   warm "$B/day2.img"
-  measure "backup day 2" "$R" "$SAUVE backup $flags $B/day2.img"
+  measure "backup day 2" "$R" "$SAUVE backup $flags $WORK/disk.img"
   measure "restore day 2 (new sparse file, synced)" "" "$SAUVE restore latest $WORK/restore.img"
   if [ -n "$flags" ]; then
     cmp "$B/day2.img" "$WORK/restore.img" || { echo "sauve restore differs" >&2; exit 1; }

@@ -91,10 +91,13 @@ for round in $(seq "$ROUNDS"); do
   for bin in "${bins[@]}"; do
     fresh "time-$(basename "$bin")"
     "$bin" init > /dev/null
+    # One disk path, day 1 then day 2, as a host's /dev/vda would be.
+    ln -sfn "$B/day1.img" "$WORK/disk.img"
     cat "$B/day1.img" > /dev/null
-    measure "$bin" "full backup, day 1" "$bin" backup "$B/day1.img"
+    measure "$bin" "full backup, day 1" "$bin" backup "$WORK/disk.img"
+    ln -sfn "$B/day2.img" "$WORK/disk.img"
     cat "$B/day2.img" > /dev/null
-    measure "$bin" "backup day 2" "$bin" backup "$B/day2.img"
+    measure "$bin" "backup day 2" "$bin" backup "$WORK/disk.img"
     rm -f "$WORK/restore.img"
     measure "$bin" "restore day 2" "$bin" restore latest "$WORK/restore.img"
     rm -f "$WORK/restore.img"

@@ -182,16 +182,62 @@ func (x *Index) Copies(id ID, prefer WriterNum) []Copy {
 		out[i] = x.copyOf(e)
 	}
 	x.mu.RUnlock()
-	slices.SortFunc(out, func(a, b Copy) int {
-		if c := cmp.Compare(rank(a, prefer), rank(b, prefer)); c != 0 {
-			return c
-		}
-		if c := bytes.Compare(a.Pack[:], b.Pack[:]); c != 0 {
-			return c
-		}
-		return cmp.Or(cmp.Compare(a.Offset, b.Offset), cmp.Compare(a.Length, b.Length), cmp.Compare(a.Writer, b.Writer))
-	})
+	slices.SortFunc(out, func(a, b Copy) int { return compareCopies(a, b, prefer) })
 	return out
+}
+
+// Best returns the copy of blob id a reader preferring writer prefer
+// tries first (the first of Copies), of type t, and how many copies of
+// that type there are; it walks the entries in place, for the restore's
+// hot path.
+func (x *Index) Best(t BlobType, id ID, prefer WriterNum) (Copy, int) {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	var best Copy
+	n := 0
+	consider := func(e indexEntry) {
+		if e.typ != t {
+			return
+		}
+		c := x.copyOf(e)
+		if n == 0 || copyLess(c, best, prefer) {
+			best = c
+		}
+		n++
+	}
+	x.each(id, consider)
+	return best, n
+}
+
+// each calls fn for every entry of id; x.mu is held.
+func (x *Index) each(id ID, fn func(indexEntry)) {
+	for _, e := range x.fresh[id] {
+		fn(e)
+	}
+	if len(x.sorted) == 0 || x.bulk {
+		return
+	}
+	p := prefix(id)
+	lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
+	i, _ := slices.BinarySearchFunc(x.sorted[lo:hi], id, func(a indexEntry, id ID) int { return bytes.Compare(a.id[:], id[:]) })
+	for i += lo; i < len(x.sorted) && x.sorted[i].id == id; i++ {
+		fn(x.sorted[i])
+	}
+}
+
+// copyLess orders copies as Copies does.
+func copyLess(a, b Copy, prefer WriterNum) bool {
+	return compareCopies(a, b, prefer) < 0
+}
+
+func compareCopies(a, b Copy, prefer WriterNum) int {
+	if c := cmp.Compare(rank(a, prefer), rank(b, prefer)); c != 0 {
+		return c
+	}
+	if c := bytes.Compare(a.Pack[:], b.Pack[:]); c != 0 {
+		return c
+	}
+	return cmp.Or(cmp.Compare(a.Offset, b.Offset), cmp.Compare(a.Length, b.Length), cmp.Compare(a.Writer, b.Writer))
 }
 
 // Lookup returns the best usable copy of a blob (for a reader with no
@@ -243,17 +289,7 @@ func (x *Index) Reusable(t BlobType, id ID, self WriterNum) (Copy, bool) {
 			best, found = e, true
 		}
 	}
-	for _, e := range x.fresh[id] {
-		consider(e)
-	}
-	if len(x.sorted) > 0 && !x.bulk {
-		p := prefix(id)
-		lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
-		i, _ := slices.BinarySearchFunc(x.sorted[lo:hi], id, func(a indexEntry, id ID) int { return bytes.Compare(a.id[:], id[:]) })
-		for i += lo; i < len(x.sorted) && x.sorted[i].id == id; i++ {
-			consider(x.sorted[i])
-		}
-	}
+	x.each(id, consider)
 	if !found {
 		return Copy{}, false
 	}

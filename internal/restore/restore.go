@@ -226,7 +226,7 @@ func plan(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, j
 			cur = job{zero: true, off: off, len: n}
 			continue
 		}
-		loc, err := firstCopy(r.Index().Copies(id, d.Writer()))
+		loc, err := bestCopy(r.Index(), id, d.Writer())
 		if err != nil {
 			return fmt.Errorf("chunk %s at offset %d of disk %s: %w", id.Short(), off, d.Name, err)
 		}
@@ -246,6 +246,15 @@ func plan(ctx context.Context, r *repo.Repository, d *repo.Disk, opts Options, j
 		sealedRun = int64(loc.Length)
 	}
 	return flush()
+}
+
+// bestCopy returns the copy of a data chunk to fetch first: the best
+// ranked, when it can be read at all (without sorting every copy).
+func bestCopy(x *repo.Index, id repo.ID, prefer repo.WriterNum) (repo.Location, error) {
+	if c, n := x.Best(repo.DataBlob, id, prefer); n > 0 && !c.Missing {
+		return c.Location, nil
+	}
+	return firstCopy(x.Copies(id, prefer))
 }
 
 // firstCopy returns the best copy of a data chunk: copies come best
