@@ -245,7 +245,9 @@ func (e *extFS) descBlock(i uint64) uint64 {
 
 // loadGroups reads and checks every group descriptor.
 func (e *extFS) loadGroups() (string, error) {
-	e.groups = make([]extGroup, 0, e.ngroups)
+	// The count comes from the superblock: memory grows with the
+	// descriptors actually read, not with what a damaged one claims.
+	e.groups = make([]extGroup, 0, min(e.ngroups, 1024))
 	blk := make([]byte, e.bs)
 	var le [4]byte
 	for i := uint64(0); i < e.descBlocks; i++ {

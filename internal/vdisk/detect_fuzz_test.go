@@ -5,8 +5,12 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/sauve-backup/sauve/internal/fuzzimg"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
+
+// TestMain bounds the fuzzer's minimizing (see package fuzzimg).
+func TestMain(m *testing.M) { fuzzimg.Main(m) }
 
 // fuzzSeeds are small files of every kind detection tells apart.
 func fuzzSeeds(t testing.TB) [][]byte {

@@ -107,22 +107,25 @@ func Read(r io.ReaderAt, size int64, sectorSize int) (*Table, error) {
 // whose headers are both invalid): the whole disk must then be imaged.
 func (t *Table) Damaged() bool { return t.Kind == GPT && t.ID == "" }
 
-// checkLayout marks entries that run past the disk or overlap others.
-// Logical partitions are allowed inside their extended container.
+// checkLayout marks entries that run past the disk or overlap others,
+// and clips every entry to the disk, those already marked with a
+// problem too. Logical partitions are allowed inside their extended
+// container.
 func checkLayout(parts []Partition, size int64) {
 	for i := range parts {
 		p := &parts[i]
-		if p.Problem != "" {
-			continue
-		}
+		problem := ""
 		switch {
 		case p.Start >= size:
-			p.Problem = "starts past the end of the disk"
+			problem = "starts past the end of the disk"
 			p.Size = 0
 			p.Start = size
 		case p.Size > size-p.Start:
-			p.Problem = "runs past the end of the disk"
+			problem = "runs past the end of the disk"
 			p.Size = size - p.Start
+		}
+		if p.Problem == "" {
+			p.Problem = problem
 		}
 	}
 	for i := range parts {

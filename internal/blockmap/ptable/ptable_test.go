@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
 
 // disk makes an image of size bytes partitioned by sfdisk with script.
@@ -114,6 +116,40 @@ func TestMBRWithLogicalPartitions(t *testing.T) {
 	}
 }
 
+// TestProblemEntriesClipped: an entry already found wrong (a logical
+// partition outside its extended one, a GPT entry outside the usable
+// sectors) that also runs past the disk is clipped to the disk like any
+// other. Found by FuzzRead (testdata/fuzz/FuzzRead/321ff8a100d2bde9: a
+// logical partition at 385 GiB of a 3 MiB disk).
+func TestProblemEntriesClipped(t *testing.T) {
+	b := disk(t, 16<<20, mbrScript)
+	ebr := 6144 * 512
+	copy(b[ebr+446+8:], []byte{0, 0, 0, 0x40}) // first logical partition 512 GiB into its extended one
+	tb, err := Read(bytes.NewReader(b), int64(len(b)), 0)
+	if err != nil || tb == nil {
+		t.Fatalf("%v %v", tb, err)
+	}
+	p := tb.Partitions[2]
+	if p.Number != 5 || p.Problem != "lies outside its extended partition" || p.Start != int64(len(b)) || p.Size != 0 {
+		t.Fatalf("logical partition past the disk: %+v", p)
+	}
+	parts := []Partition{
+		{Number: 1, Start: 1 << 20, Size: 1 << 40, Problem: "lies outside the usable sectors 34-100 the GPT header declares"},
+		{Number: 2, Start: 1 << 40, Size: 1 << 20, Problem: "lies outside its extended partition"},
+		{Number: 3, Start: 2 << 20, Size: 1 << 40},
+	}
+	checkLayout(parts, 4<<20)
+	for i, want := range []Partition{
+		{Number: 1, Start: 1 << 20, Size: 3 << 20, Problem: parts[0].Problem},
+		{Number: 2, Start: 4 << 20, Size: 0, Problem: parts[1].Problem},
+		{Number: 3, Start: 2 << 20, Size: 2 << 20, Problem: "runs past the end of the disk"},
+	} {
+		if parts[i] != want {
+			t.Errorf("entry %d: %+v, want %+v", i+1, parts[i], want)
+		}
+	}
+}
+
 func TestNotATable(t *testing.T) {
 	for name, b := range map[string][]byte{
 		"zeros":  make([]byte, 1<<20),
@@ -126,36 +162,72 @@ func TestNotATable(t *testing.T) {
 	}
 }
 
-// FuzzRead reads a partition table from arbitrary disk bytes: it must not
-// panic, and every partition it reports lies within the disk.
+// TestMain bounds the fuzzer's minimizing (see package fuzzimg).
+func TestMain(m *testing.M) { fuzzimg.Main(m) }
+
+// FuzzRead reads a partition table from a disk image in the encoding of
+// package fuzzimg (seeds hold only the sectors a table lives in, so they
+// stay small however large the disk they describe): it must not panic,
+// every partition it reports lies within the disk, and those it trusts
+// (no Problem) do not overlap, except logical partitions inside their
+// extended one. Reads past 1 MiB fail, so that entry arrays that a header
+// claims large stay cheap.
 func FuzzRead(f *testing.F) {
-	f.Fuzz(func(t *testing.T, b []byte) {
+	f.Fuzz(func(t *testing.T, in []byte) {
 		for _, ss := range []int{0, 512, 4096} {
-			tb, err := Read(bytes.NewReader(b), int64(len(b)), ss)
+			img := fuzzimg.Decode(in, 1<<32-1, 1<<20)
+			size := img.Size()
+			tb, err := Read(img, size, ss)
 			if err != nil || tb == nil {
 				continue
 			}
-			for _, p := range tb.Partitions {
-				if p.Start < 0 || p.Size < 0 || p.Start+p.Size > int64(len(b)) {
-					t.Fatalf("partition %d [%d, +%d) outside a disk of %d bytes", p.Number, p.Start, p.Size, len(b))
+			numbers := map[int]bool{}
+			for i, p := range tb.Partitions {
+				if p.Start < 0 || p.Size < 0 || p.Start+p.Size > size {
+					t.Fatalf("partition %d [%d, +%d) outside a disk of %d bytes", p.Number, p.Start, p.Size, size)
+				}
+				if numbers[p.Number] {
+					t.Fatalf("two partitions numbered %d", p.Number)
+				}
+				numbers[p.Number] = true
+				for _, q := range tb.Partitions[i+1:] {
+					if p.Problem == "" && q.Problem == "" && p.Size > 0 && q.Size > 0 && p.Start < q.End() && q.Start < p.End() &&
+						(p.Container == q.Container || !contains(&p, &q)) {
+						t.Fatalf("partitions %d [%d, +%d) and %d [%d, +%d) overlap", p.Number, p.Start, p.Size, q.Number, q.Start, q.Size)
+					}
 				}
 			}
 		}
 	})
 }
 
-// TestSeedImages keeps the fuzz seeds (small whole-disk images) current:
-// SAUVE_UPDATE_SEEDS=1 go test -run TestSeedImages rewrites them.
+// seedDisks are the disks the fuzz seeds are made from.
+var seedDisks = []struct {
+	name   string
+	size   int64
+	script string
+	parts  int
+}{
+	{"gpt", 8 << 20, "label: gpt\nfirst-lba: 34\nstart=40, size=8, name=\"a\"\nstart=48, size=12\nstart=2048, type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F\n", 3},
+	{"mbr", 8 << 20, "label: dos\nstart=1, size=8, type=83, bootable\nstart=9, size=40, type=5\nstart=10, size=8, type=7\nstart=20, size=8, type=82\nstart=2048, type=c\n", 5},
+}
+
+// TestSeedImages keeps the fuzz seeds current: SAUVE_UPDATE_SEEDS=1 go
+// test -run TestSeedImages rewrites them from disks made by sfdisk,
+// keeping only what reading their tables reads.
 func TestSeedImages(t *testing.T) {
-	for name, script := range map[string]string{
-		"gpt": "label: gpt\nstart=40, size=8, name=\"a\"\nstart=48, size=12\n",
-		"mbr": "label: dos\nstart=1, size=8, type=83\nstart=9, size=40, type=5\nstart=10, size=8, type=7\nstart=20, size=8, type=82\n",
-	} {
-		p := filepath.Join("testdata", "fuzz", "FuzzRead", name)
+	for _, d := range seedDisks {
+		p := filepath.Join("testdata", "fuzz", "FuzzRead", d.name)
 		if os.Getenv("SAUVE_UPDATE_SEEDS") != "" {
-			b := disk(t, 96*512, script)
+			b := disk(t, d.size, d.script)
+			tr := &fuzzimg.Trace{R: bytes.NewReader(b)}
+			for _, ss := range []int{0, 512, 4096} {
+				if _, err := Read(tr, int64(len(b)), ss); err != nil {
+					t.Fatal(err)
+				}
+			}
 			os.MkdirAll(filepath.Dir(p), 0o755)
-			os.WriteFile(p, []byte(fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)), 0o644)
+			os.WriteFile(p, []byte(fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", fuzzimg.Encode(tr.Keep(b)))), 0o644)
 		}
 		raw, err := os.ReadFile(p)
 		if err != nil {
@@ -169,9 +241,11 @@ func TestSeedImages(t *testing.T) {
 		if _, err := fmt.Sscanf(strings.TrimSuffix(strings.TrimPrefix(lines[1], "[]byte("), ")"), "%q", &b); err != nil {
 			t.Fatalf("%s: %v", p, err)
 		}
-		tb, err := Read(strings.NewReader(b), int64(len(b)), 0)
-		if err != nil || tb == nil || len(tb.Partitions) < 2 {
-			t.Fatalf("seed %s: %+v %v", name, tb, err)
+		img := fuzzimg.Decode([]byte(b), 1<<32-1, 1<<20)
+		tb, err := Read(img, img.Size(), 0)
+		if err != nil || tb == nil || len(tb.Partitions) != d.parts || len(tb.Warnings) > 0 || img.Size() != d.size {
+			t.Fatalf("seed %s (%d bytes): %+v %v", d.name, len(b), tb, err)
 		}
+		t.Logf("seed %s: %d bytes", d.name, len(b))
 	}
 }

@@ -4,7 +4,14 @@ import (
 	"archive/tar"
 	"bytes"
 	"testing"
+
+	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
+
+// TestMain bounds the fuzzer's minimizing (see package fuzzimg): tar
+// inputs are kilobytes long, and minimizing one for a minute stalls the
+// run.
+func TestMain(m *testing.M) { fuzzimg.Main(m) }
 
 // FuzzRead: any bytes give an error or a package whose members lie in
 // the file, without a panic, a hang or a large allocation.

@@ -3,12 +3,14 @@ package qcow2
 import (
 	"bytes"
 	"errors"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
 
 	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/fuzzimg"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio/vdiotest"
 )
@@ -91,59 +93,67 @@ func TestBadHeaders(t *testing.T) {
 	}
 }
 
-func seeds(t testing.TB) map[string][][]byte {
-	s := map[string][][]byte{}
+// seeds are images of this writer, small and with 512-byte clusters, of
+// disks that are mostly zeros, so that their fuzz inputs are small.
+func seeds(t testing.TB) map[string][]byte {
+	s := map[string][]byte{}
 	for i, c := range []struct {
 		size int64
 		bits uint
 	}{{4096, 9}, {20000, 9}, {0, 9}} {
-		_, img := write(t, c.size, c.bits, uint64(i))
-		s["sauve-"+string(rune('a'+i))] = [][]byte{img}
+		var f vdiotest.MemFile
+		w, err := newWriter(&f, c.size, c.bits)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vdiotest.Write(t, w, vdiotest.SeedDisk(c.size, uint64(i)), uint64(i))
+		s["sauve-"+string(rune('a'+i))] = f.B
 	}
 	return s
 }
 
-func FuzzOpen(f *testing.F) {
-	for _, s := range seeds(f) {
-		f.Add(s[0])
-	}
-	base := vdiotest.Disk(100000, 5)
-	f.Fuzz(func(t *testing.T, b []byte) {
-		q, err := OpenWithBacking(bytes.NewReader(b), int64(len(b)), "fuzz.qcow2", func(string, string) (Backing, error) {
-			return memBacking{bytes.NewReader(base), int64(len(base))}, nil
-		})
-		if err != nil {
-			return
-		}
-		vdiotest.Exercise(q, q.Size())
+// fuzzBase is the backing disk of the images FuzzOpen opens.
+var fuzzBase = vdiotest.Disk(100000, 5)
+
+func fuzzOpen(r io.ReaderAt, size int64) (vdiotest.Image, int64, error) {
+	q, err := OpenWithBacking(r, size, "fuzz.qcow2", func(string, string) (Backing, error) {
+		return memBacking{bytes.NewReader(fuzzBase), int64(len(fuzzBase))}, nil
 	})
+	if err != nil {
+		return nil, 0, err
+	}
+	return q, q.Size(), nil
 }
 
-// TestWriteCorpus refreshes testdata/fuzz/FuzzOpen when
-// SAUVE_WRITE_CORPUS is set: images of this writer, and small ones of
-// qemu-img (deflate and zstd compressed, version 2).
+// TestMain bounds the fuzzer's minimizing (see package fuzzimg).
+func TestMain(m *testing.M) { fuzzimg.Main(m) }
+
+func FuzzOpen(f *testing.F) { vdiotest.Fuzz(f, fuzzOpen) }
+
+// TestWriteCorpus checks that the seeds of testdata/fuzz/FuzzOpen open,
+// and refreshes them first when SAUVE_WRITE_CORPUS is set: images of
+// this writer, and small ones of qemu-img (deflate and zstd compressed,
+// version 2, extended L2 entries).
 func TestWriteCorpus(t *testing.T) {
-	if os.Getenv("SAUVE_WRITE_CORPUS") == "" {
-		t.Skip("set SAUVE_WRITE_CORPUS=1 to rewrite the seed corpus")
-	}
-	s := seeds(t)
-	dir := t.TempDir()
-	raw := filepath.Join(dir, "src.raw")
-	os.WriteFile(raw, vdiotest.Disk(40000, 7), 0o644)
-	for name, opts := range map[string][]string{
-		"qemu-deflate":  {"-c", "-o", "cluster_size=512"},
-		"qemu-zstd":     {"-c", "-o", "cluster_size=512,compression_type=zstd"},
-		"qemu-v2":       {"-o", "cluster_size=512,compat=0.10"},
-		"qemu-extended": {"-o", "cluster_size=16384,extended_l2=on"}, // from 8000 bytes below,
-	} {
-		out := filepath.Join(dir, name)
-		if o, err := exec.Command("qemu-img", append(append([]string{"convert", "-f", "raw", "-O", "qcow2"}, opts...), raw, out)...).CombinedOutput(); err != nil {
-			t.Fatalf("qemu-img: %v\n%s", err, o)
+	vdiotest.FuzzCorpus(t, fuzzOpen, func() map[string][]byte {
+		s := seeds(t)
+		dir := t.TempDir()
+		raw := filepath.Join(dir, "src.raw")
+		os.WriteFile(raw, vdiotest.SeedDisk(40000, 7), 0o644)
+		for name, opts := range map[string][]string{
+			"qemu-deflate":  {"-c", "-o", "cluster_size=512"},
+			"qemu-zstd":     {"-c", "-o", "cluster_size=512,compression_type=zstd"},
+			"qemu-v2":       {"-o", "cluster_size=512,compat=0.10"},
+			"qemu-extended": {"-o", "cluster_size=16384,extended_l2=on"},
+		} {
+			out := filepath.Join(dir, name)
+			if o, err := exec.Command("qemu-img", append(append([]string{"convert", "-f", "raw", "-O", "qcow2"}, opts...), raw, out)...).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img: %v\n%s", err, o)
+			}
+			s[name], _ = os.ReadFile(out)
 		}
-		b, _ := os.ReadFile(out)
-		s[name] = [][]byte{b}
-	}
-	vdiotest.WriteCorpus(t, "FuzzOpen", s)
+		return s
+	})
 }
 
 type memBacking struct {

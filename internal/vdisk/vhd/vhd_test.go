@@ -3,23 +3,29 @@ package vhd
 import (
 	"bytes"
 	"errors"
-	"os"
+	"io"
 	"strings"
 	"testing"
 
+	"github.com/sauve-backup/sauve/internal/fuzzimg"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio/vdiotest"
 )
 
 func write(t testing.TB, size int64, fixed bool, block int64, seed uint64) ([]byte, []byte) {
 	disk := vdiotest.Disk(size, seed)
+	return disk, writeDisk(t, disk, fixed, block, seed)
+}
+
+func writeDisk(t testing.TB, disk []byte, fixed bool, block int64, seed uint64) []byte {
+	size := int64(len(disk))
 	var f vdiotest.MemFile
 	w, err := newWriter(&f, size, fixed, block)
 	if err != nil {
 		t.Fatal(err)
 	}
 	vdiotest.Write(t, w, disk, seed)
-	return disk, f.B
+	return f.B
 }
 
 func TestRoundTrip(t *testing.T) {
@@ -97,33 +103,33 @@ func TestBadHeaders(t *testing.T) {
 	}
 }
 
-func seeds(t testing.TB) map[string][][]byte {
-	_, a := write(t, 20480, false, 4096, 1)
-	_, b := write(t, 8192, true, 4096, 2)
-	_, c := write(t, 0, false, 4096, 3)
-	return map[string][][]byte{"sauve-dynamic": {a}, "sauve-fixed": {b}, "sauve-empty": {c}}
-}
-
-func FuzzOpen(f *testing.F) {
-	for _, s := range seeds(f) {
-		f.Add(s[0])
+// seeds are small images of disks that are mostly zeros, with 4 KiB
+// blocks, so that their fuzz inputs are small.
+func seeds(t testing.TB) map[string][]byte {
+	return map[string][]byte{
+		"sauve-dynamic": writeDisk(t, vdiotest.SeedDisk(20480, 1), false, 4096, 1),
+		"sauve-fixed":   writeDisk(t, vdiotest.SeedDisk(8192, 2), true, 4096, 2),
+		"sauve-empty":   writeDisk(t, nil, false, 4096, 3),
 	}
-	f.Fuzz(func(t *testing.T, b []byte) {
-		v, err := Open(bytes.NewReader(b), int64(len(b)), "fuzz.vhd")
-		if err != nil {
-			return
-		}
-		vdiotest.Exercise(v, v.Size())
-	})
 }
 
-// TestWriteCorpus refreshes testdata/fuzz/FuzzOpen when
-// SAUVE_WRITE_CORPUS is set.
+func fuzzOpen(r io.ReaderAt, size int64) (vdiotest.Image, int64, error) {
+	v, err := Open(r, size, "fuzz.vhd")
+	if err != nil {
+		return nil, 0, err
+	}
+	return v, v.Size(), nil
+}
+
+// TestMain bounds the fuzzer's minimizing (see package fuzzimg).
+func TestMain(m *testing.M) { fuzzimg.Main(m) }
+
+func FuzzOpen(f *testing.F) { vdiotest.Fuzz(f, fuzzOpen) }
+
+// TestWriteCorpus checks that the seeds of testdata/fuzz/FuzzOpen open,
+// and refreshes them first when SAUVE_WRITE_CORPUS is set.
 func TestWriteCorpus(t *testing.T) {
-	if os.Getenv("SAUVE_WRITE_CORPUS") == "" {
-		t.Skip("set SAUVE_WRITE_CORPUS=1 to rewrite the seed corpus")
-	}
-	vdiotest.WriteCorpus(t, "FuzzOpen", seeds(t))
+	vdiotest.FuzzCorpus(t, fuzzOpen, func() map[string][]byte { return seeds(t) })
 }
 
 // reFooter rewrites the footer at b[off:off+512] with edit applied and a

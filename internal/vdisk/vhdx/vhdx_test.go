@@ -3,9 +3,9 @@ package vhdx
 import (
 	"bytes"
 	"errors"
-	"os"
 	"testing"
 
+	"github.com/sauve-backup/sauve/internal/fuzzimg"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio/vdiotest"
 )
@@ -114,11 +114,13 @@ func TestAssemble(t *testing.T) {
 	vdiotest.Check(t, v, disk)
 }
 
+// TestMain bounds the fuzzer's minimizing (see package fuzzimg).
+func TestMain(m *testing.M) { fuzzimg.Main(m) }
+
+// FuzzOpen opens a VHDX assembled from its parts (see assemble) and reads
+// part of its disk (vdiotest.Exercise); at places what is read.
 func FuzzOpen(f *testing.F) {
-	for _, s := range seeds(f) {
-		f.Add(s[0], s[1], s[2], s[3], s[4], s[5], uint16(8))
-	}
-	f.Fuzz(func(t *testing.T, hdr, rt, mtab, mitems, bat, data []byte, extra uint16) {
+	f.Fuzz(func(t *testing.T, hdr, rt, mtab, mitems, bat, data []byte, extra uint16, at uint64) {
 		if len(hdr) > 4*kib || len(rt) > 64*kib || len(mtab) > 64*kib || len(mitems) > mib-64*kib || len(bat) > mib {
 			return
 		}
@@ -127,21 +129,37 @@ func FuzzOpen(f *testing.F) {
 		if err != nil {
 			return
 		}
-		vdiotest.Exercise(v, v.Size())
+		vdiotest.Exercise(t, v, v.Size(), at)
 	})
 }
 
+// seeds are the parts of small images of disks that are mostly zeros:
+// the data part (the blocks, zeros at its end trimmed) holds a few bytes.
 func seeds(t testing.TB) map[string][][]byte {
-	_, a := write(t, 20000/512*512, 1)
+	disk := make([]byte, 20000/512*512)
+	copy(disk[512:], "sauve seed sector 1")
+	var f vdiotest.MemFile
+	w, err := NewWriter(&f, int64(len(disk)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	vdiotest.Write(t, w, disk, 1)
 	_, b := write(t, 0, 2)
-	return map[string][][]byte{"sauve-dynamic": parts(a), "sauve-empty": parts(b)}
+	return map[string][][]byte{"sauve-dynamic": parts(f.B), "sauve-empty": parts(b)}
 }
 
-// TestWriteCorpus refreshes testdata/fuzz/FuzzOpen when
-// SAUVE_WRITE_CORPUS is set.
+// TestWriteCorpus checks that the seeds of testdata/fuzz/FuzzOpen open,
+// and refreshes them first when SAUVE_WRITE_CORPUS is set.
 func TestWriteCorpus(t *testing.T) {
-	if os.Getenv("SAUVE_WRITE_CORPUS") == "" {
-		t.Skip("set SAUVE_WRITE_CORPUS=1 to rewrite the seed corpus")
+	vdiotest.WriteCorpus(t, "FuzzOpen", seeds(t), "uint16(8)", "uint64(5000)")
+	for _, name := range []string{"sauve-dynamic", "sauve-empty"} {
+		p := vdiotest.Corpus(t, "FuzzOpen")[name]
+		if len(p) != 6 {
+			t.Fatalf("seed %s has %d parts", name, len(p))
+		}
+		s := assemble(p[0], p[1], p[2], p[3], p[4], p[5], 8)
+		if _, err := Open(s, s.Size, "seed.vhdx"); err != nil {
+			t.Errorf("seed %s: %v", name, err)
+		}
 	}
-	vdiotest.WriteCorpus(t, "FuzzOpen", seeds(t), "uint16(8)")
 }

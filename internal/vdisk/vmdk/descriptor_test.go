@@ -91,18 +91,18 @@ func descriptorSeeds(t testing.TB) map[string][][]byte {
 	}
 }
 
+// FuzzDescriptor opens a descriptor file (the input, as text) whose
+// extents are two files in memory, and reads part of the disk
+// (vdiotest.Exercise); at places what is read.
 func FuzzDescriptor(f *testing.F) {
 	_, simg := write(f, 20480, false, 8, 4)
 	files := map[string][]byte{"f.vmdk": vdiotest.Disk(16384, 5), "s.vmdk": simg}
-	for _, s := range descriptorSeeds(f) {
-		f.Add(s[0])
-	}
-	f.Fuzz(func(t *testing.T, b []byte) {
+	f.Fuzz(func(t *testing.T, b []byte, at uint64) {
 		d, err := OpenDescriptor(bytes.NewReader(b), int64(len(b)), "fuzz.vmdk", memFiles(files))
 		if err != nil {
 			return
 		}
-		vdiotest.Exercise(d, d.Size())
+		vdiotest.Exercise(t, d, d.Size(), at)
 		d.Close()
 	})
 }
@@ -113,5 +113,5 @@ func TestWriteDescriptorCorpus(t *testing.T) {
 	if os.Getenv("SAUVE_WRITE_CORPUS") == "" {
 		t.Skip("set SAUVE_WRITE_CORPUS=1 to rewrite the seed corpus")
 	}
-	vdiotest.WriteCorpus(t, "FuzzDescriptor", descriptorSeeds(t))
+	vdiotest.WriteCorpus(t, "FuzzDescriptor", descriptorSeeds(t), "uint64(5000)")
 }

@@ -3,15 +3,21 @@ package vmdk
 import (
 	"bytes"
 	"errors"
-	"os"
+	"io"
 	"testing"
 
+	"github.com/sauve-backup/sauve/internal/fuzzimg"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio/vdiotest"
 )
 
 func write(t testing.TB, size int64, stream bool, grain int64, seed uint64) ([]byte, []byte) {
 	disk := vdiotest.Disk(size, seed)
+	return disk, writeDisk(t, disk, stream, grain, seed)
+}
+
+func writeDisk(t testing.TB, disk []byte, stream bool, grain int64, seed uint64) []byte {
+	size := int64(len(disk))
 	var f vdiotest.MemFile
 	if stream {
 		var buf bytes.Buffer
@@ -20,14 +26,14 @@ func write(t testing.TB, size int64, stream bool, grain int64, seed uint64) ([]b
 			t.Fatal(err)
 		}
 		vdiotest.Write(t, w, disk, seed)
-		return disk, buf.Bytes()
+		return buf.Bytes()
 	}
 	w, err := newSparseWriter(&f, size, Options{FileName: "t.vmdk"}, grain)
 	if err != nil {
 		t.Fatal(err)
 	}
 	vdiotest.Write(t, w, disk, seed)
-	return disk, f.B
+	return f.B
 }
 
 func TestRoundTrip(t *testing.T) {
@@ -94,33 +100,31 @@ func TestBadHeaders(t *testing.T) {
 	}
 }
 
-func seeds(t testing.TB) map[string][][]byte {
-	s := map[string][][]byte{}
-	_, a := write(t, 20480, false, 8, 1)
-	_, b := write(t, 20480, true, 8, 2)
-	_, c := write(t, 0, false, 8, 3)
-	s["sauve-sparse"], s["sauve-stream"], s["sauve-empty"] = [][]byte{a}, [][]byte{b}, [][]byte{c}
-	return s
-}
-
-func FuzzOpen(f *testing.F) {
-	for _, s := range seeds(f) {
-		f.Add(s[0])
+// seeds are small images of disks that are mostly zeros, with 4 KiB
+// grains, so that their fuzz inputs are small.
+func seeds(t testing.TB) map[string][]byte {
+	return map[string][]byte{
+		"sauve-sparse": writeDisk(t, vdiotest.SeedDisk(20480, 1), false, 8, 1),
+		"sauve-stream": writeDisk(t, vdiotest.SeedDisk(20480, 2), true, 8, 2),
+		"sauve-empty":  writeDisk(t, nil, false, 8, 3),
 	}
-	f.Fuzz(func(t *testing.T, b []byte) {
-		v, err := Open(bytes.NewReader(b), int64(len(b)), "fuzz.vmdk")
-		if err != nil {
-			return
-		}
-		vdiotest.Exercise(v, v.Size())
-	})
 }
 
-// TestWriteCorpus refreshes testdata/fuzz/FuzzOpen when
-// SAUVE_WRITE_CORPUS is set.
+func fuzzOpen(r io.ReaderAt, size int64) (vdiotest.Image, int64, error) {
+	v, err := Open(r, size, "fuzz.vmdk")
+	if err != nil {
+		return nil, 0, err
+	}
+	return v, v.Size(), nil
+}
+
+// TestMain bounds the fuzzer's minimizing (see package fuzzimg).
+func TestMain(m *testing.M) { fuzzimg.Main(m) }
+
+func FuzzOpen(f *testing.F) { vdiotest.Fuzz(f, fuzzOpen) }
+
+// TestWriteCorpus checks that the seeds of testdata/fuzz/FuzzOpen open,
+// and refreshes them first when SAUVE_WRITE_CORPUS is set.
 func TestWriteCorpus(t *testing.T) {
-	if os.Getenv("SAUVE_WRITE_CORPUS") == "" {
-		t.Skip("set SAUVE_WRITE_CORPUS=1 to rewrite the seed corpus")
-	}
-	vdiotest.WriteCorpus(t, "FuzzOpen", seeds(t))
+	vdiotest.FuzzCorpus(t, fuzzOpen, func() map[string][]byte { return seeds(t) })
 }

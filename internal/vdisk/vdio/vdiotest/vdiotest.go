@@ -1,7 +1,8 @@
 // Package vdiotest helps test the VM disk format packages: an in-memory
 // output file, a sparse in-memory input, disks with patterns that exercise
-// allocation and zero detection, a bounded walk of everything a reader
-// maps (for fuzzing), and a writer of seed corpora.
+// allocation and zero detection, the encoding of fuzz inputs, a bounded
+// walk of what a reader maps that checks it (for fuzzing), and a writer
+// of seed corpora.
 package vdiotest
 
 import (
@@ -11,11 +12,14 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
 
 // MemFile is an in-memory output file.
@@ -80,42 +84,216 @@ type Image interface {
 	Data(off, n int64) ([]blockmap.Range, error)
 }
 
-// Exercise walks what img maps and reads it, within fixed bounds of work
-// and memory, ignoring errors: a fuzz target calls it to find panics,
-// hangs and huge allocations.
-func Exercise(img Image, size int64) {
-	const window = 64 << 20
-	buf := make([]byte, 64<<10)
-	budget := int64(8 << 20)
-	windows := []int64{}
-	for off := int64(0); off < size && len(windows) < 16; off += window {
-		windows = append(windows, off)
+// Fuzz inputs that are image files are sparse files in the encoding of
+// package fuzzimg (seeds hold only the bytes a reader reads, not the
+// zeros of tables and padding, so they stay small, which keeps the
+// fuzzer's minimizer fast), of at most FuzzMaxFile bytes, whose reads
+// fail past FuzzReadBudget bytes: one execution stays cheap whatever
+// sizes the input claims.
+const (
+	FuzzMaxFile    = 4 << 20
+	FuzzReadBudget = 4 << 20
+)
+
+// FuzzFile decodes a fuzz input into the image file it describes.
+func FuzzFile(in []byte) *fuzzimg.Image { return fuzzimg.Decode(in, FuzzMaxFile, FuzzReadBudget) }
+
+// Opener opens an image file of size bytes in r: the disk and its size.
+type Opener func(r io.ReaderAt, size int64) (Image, int64, error)
+
+// Fuzz is the fuzz target of a reader of image files: it opens an input
+// (FuzzFile) with open and reads part of it (Exercise), at placing what
+// is read.
+func Fuzz(f *testing.F, open Opener) {
+	f.Fuzz(func(t *testing.T, in []byte, at uint64) {
+		img := FuzzFile(in)
+		d, size, err := open(img, img.Size())
+		if err != nil {
+			return
+		}
+		Exercise(t, d, size, at)
+	})
+}
+
+// FuzzCorpus checks that every seed of the committed corpus of Fuzz,
+// testdata/fuzz/FuzzOpen, opens (inputs the fuzzer found, named by a
+// hash, are left out: they need not open); when SAUVE_WRITE_CORPUS is
+// set, it first rewrites the seeds from the image files seeds returns.
+func FuzzCorpus(t *testing.T, open Opener, seeds func() map[string][]byte) {
+	if os.Getenv("SAUVE_WRITE_CORPUS") != "" {
+		in := map[string][][]byte{}
+		for name, img := range seeds() {
+			in[name] = [][]byte{FuzzSeed(t, img, open)}
+		}
+		WriteCorpus(t, "FuzzOpen", in, "uint64(5000)")
 	}
-	if size > window {
-		windows = append(windows, (size-1)/window*window)
+	for name, args := range Corpus(t, "FuzzOpen") {
+		if found.MatchString(name) {
+			continue
+		}
+		img := FuzzFile(args[0])
+		if _, _, err := open(img, img.Size()); err != nil {
+			t.Errorf("seed %s (%d bytes): %v", name, len(args[0]), err)
+		}
 	}
-	for _, off := range windows {
-		ranges, err := img.Data(off, min(window, size-off))
+}
+
+// found matches the names the fuzzer gives the inputs it adds.
+var found = regexp.MustCompile(`^[0-9a-f]{16}$`)
+
+// FuzzSeed returns the fuzz input of image file img: the bytes that open
+// and a whole read of the disk (ReadAt and Data over all of it) read.
+// The input must read back as img does.
+func FuzzSeed(t testing.TB, img []byte, open Opener) []byte {
+	t.Helper()
+	read := func(r io.ReaderAt, size int64) ([]byte, []blockmap.Range) {
+		d, n, err := open(r, size)
+		if err != nil {
+			t.Fatalf("seed: %v", err)
+		}
+		disk := make([]byte, n)
+		if k, err := d.ReadAt(disk, 0); k != len(disk) || (err != nil && err != io.EOF) {
+			t.Fatalf("seed: read %d of %d bytes: %v", k, n, err)
+		}
+		m, err := d.Data(0, n)
+		if err != nil {
+			t.Fatalf("seed: map: %v", err)
+		}
+		return disk, m
+	}
+	tr := &fuzzimg.Trace{R: bytes.NewReader(img)}
+	disk, m := read(tr, int64(len(img)))
+	in := fuzzimg.Encode(tr.Keep(img))
+	f := fuzzimg.Decode(in, 1<<32-1, 1<<40)
+	if disk2, m2 := read(f, f.Size()); !bytes.Equal(disk2, disk) || fmt.Sprint(m2) != fmt.Sprint(m) {
+		t.Fatal("seed: the fuzz input does not read as the image it was made from")
+	}
+	return in
+}
+
+// Exercise reads part of what img (of size bytes) maps, within fixed
+// bounds of work and memory whatever size it claims, and fails t where
+// what a backup relies on breaks: a window's ranges are in order, not
+// empty and inside it; bytes outside every range read as zeros; a read
+// cut in two returns what one read does; a short read returns an error,
+// io.EOF at the end of the disk. at (a fuzz argument) places one of the
+// windows and the cut. Errors of a damaged image are ignored.
+func Exercise(t testing.TB, img Image, size int64, at uint64) {
+	t.Helper()
+	const (
+		window = 256 << 10        // mapped
+		read   = int64(len(zero)) // of it read and checked
+		cut    = 2 << 10          // read again in two pieces
+	)
+	if size <= 0 {
+		return
+	}
+	var offs []int64
+	for _, o := range []int64{0, int64(at % uint64(size)), size / 2, size - window} {
+		offs = append(offs, max(o, 0)&^511)
+	}
+	sort.Slice(offs, func(i, j int) bool { return offs[i] < offs[j] })
+	buf, piece := make([]byte, read), make([]byte, cut)
+	next := int64(0)
+	for _, off := range offs {
+		off = max(off, next)
+		if off >= size {
+			break
+		}
+		n := min(window, size-off)
+		next = off + n
+		ranges, err := img.Data(off, n)
 		if err != nil {
 			continue
 		}
+		last := off
 		for _, r := range ranges {
-			if r.Start < off || r.End > off+window || r.Start >= r.End {
-				panic(fmt.Sprintf("map returned %v for window %d", r, off))
+			if r.Start < last || r.End <= r.Start || r.End > off+n {
+				t.Fatalf("map of window [%d, %d) returned %v: out of order or outside the window", off, off+n, ranges)
 			}
-			for o := r.Start; o < r.End && budget > 0; {
-				n := min(int64(len(buf)), r.End-o)
-				img.ReadAt(buf[:n], o)
-				o += n
-				budget -= n
+			last = r.End
+		}
+		b := buf[:min(read, n)]
+		if k, err := img.ReadAt(b, off); !readOK(t, k, err, len(b), off, size) {
+			continue
+		}
+		end := off + int64(len(b))
+		zeros := func(a, z int64) {
+			if a >= z {
+				return
+			}
+			if p := b[a-off : z-off]; !bytes.Equal(p, zero[:len(p)]) {
+				i := a + int64(bytes.IndexFunc(p, func(r rune) bool { return r != 0 }))
+				t.Fatalf("byte %d reads as %#x but lies outside the map %v", i, b[i-off], ranges)
 			}
 		}
-	}
-	for _, o := range []int64{0, size / 2, size - 1, size - 100} {
-		if o >= 0 {
-			img.ReadAt(buf[:100], o)
+		pos := off
+		for _, r := range ranges {
+			zeros(pos, min(r.Start, end))
+			pos = max(pos, r.End)
+		}
+		zeros(pos, end)
+		// The same bytes, read in two pieces cut at a place at picks.
+		p := piece[:min(cut, len(b))]
+		c := int(at>>9) % (len(p) + 1)
+		if k, err := img.ReadAt(p[:c], off); !readOK(t, k, err, c, off, size) {
+			continue
+		}
+		if k, err := img.ReadAt(p[c:], off+int64(c)); !readOK(t, k, err, len(p)-c, off+int64(c), size) {
+			continue
+		}
+		if !bytes.Equal(p, b[:len(p)]) {
+			t.Fatalf("%d bytes at %d read in pieces of %d and %d differ from one read", len(p), off, c, len(p)-c)
 		}
 	}
+	// Reads at and across the end.
+	p := piece[:100]
+	if k, err := img.ReadAt(p, size); k != 0 || err != io.EOF {
+		t.Fatalf("read at the end of the disk: %d bytes, %v", k, err)
+	}
+	if size >= 50 {
+		if k, err := img.ReadAt(p, size-50); err == nil || (err == io.EOF && k != 50) {
+			t.Fatalf("read across the end of the disk: %d bytes, %v", k, err)
+		}
+	}
+}
+
+// zero is as long as Exercise's reads, which are compared with it.
+var zero [16 << 10]byte
+
+// readOK reports whether a read of want bytes at off (of a disk of size
+// bytes) returned them all, failing t if it broke io.ReaderAt's
+// contract: fewer bytes need an error, io.EOF only at the end.
+func readOK(t testing.TB, k int, err error, want int, off, size int64) bool {
+	t.Helper()
+	switch {
+	case k < 0 || k > want:
+		t.Fatalf("read of %d bytes at %d returned %d", want, off, k)
+	case k < want && err == nil:
+		t.Fatalf("read of %d bytes at %d returned %d and no error", want, off, k)
+	case err == io.EOF && off+int64(want) < size:
+		t.Fatalf("read of %d bytes at %d returned io.EOF inside a disk of %d bytes", want, off, size)
+	}
+	return k == want && (err == nil || err == io.EOF)
+}
+
+// SeedDisk returns a disk of size bytes for fuzz seeds: of each 4 KiB,
+// about half are zeros and the others hold a short text in one sector,
+// so that images of it have allocated, unallocated and compressed units
+// in few bytes.
+func SeedDisk(size int64, seed uint64) []byte {
+	r := mrand.New(mrand.NewPCG(seed, 4))
+	b := make([]byte, size)
+	for off := int64(0); off < size; off += 4096 {
+		if r.IntN(2) == 0 {
+			continue
+		}
+		at := off + int64(r.IntN(8))*512
+		if at < size {
+			copy(b[at:min(at+512, size)], fmt.Sprintf("sauve seed sector %d", at/512))
+		}
+	}
+	return b
 }
 
 // Disk returns a disk of size bytes: random and text data, runs of zeros
@@ -167,6 +345,41 @@ func WriteCorpus(t *testing.T, target string, seeds map[string][][]byte, more ..
 			t.Fatal(err)
 		}
 	}
+}
+
+// Corpus returns the []byte arguments of each file of the committed
+// corpus testdata/fuzz/<target>/, by file name.
+func Corpus(t testing.TB, target string) map[string][][]byte {
+	t.Helper()
+	dir := filepath.Join("testdata", "fuzz", target)
+	files, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string][][]byte{}
+	for _, f := range files {
+		raw, err := os.ReadFile(filepath.Join(dir, f.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(string(raw), "\n")
+		if lines[0] != "go test fuzz v1" {
+			t.Fatalf("%s: not a fuzz corpus file", f.Name())
+		}
+		for _, l := range lines[1:] {
+			if q, ok := strings.CutPrefix(l, "[]byte("); ok {
+				b, err := strconv.Unquote(strings.TrimSuffix(q, ")"))
+				if err != nil {
+					t.Fatalf("%s: %v", f.Name(), err)
+				}
+				out[f.Name()] = append(out[f.Name()], []byte(b))
+			}
+		}
+	}
+	if len(out) == 0 {
+		t.Fatalf("no seeds in %s", dir)
+	}
+	return out
 }
 
 // Writer is what the format writers implement.
