@@ -19,9 +19,12 @@ and for every chunk of every snapshot at least one copy in a pack that
 exists. A chunk stored twice (by two backups at once) is damaged only when
 every copy is.
 
-With --read-data, also download every pack, check it against its name and
-its writer's signature, and decrypt and verify every chunk in it (a
-write-only key can verify packs and chunk lists but not decrypt chunks).
+Without --read-data, check trusts that a stored copy holds what the index
+says it holds. With --read-data, it also downloads every pack, checks it
+against its name and its writer's signature, and decrypts and verifies
+every chunk in it (a write-only key can verify packs and chunk lists but
+not decrypt chunks): only that finds a pack damaged in place, or garbage a
+hostile writer stored under other writers' chunk IDs.
 
 Damage is named exactly: the damaged packs and index objects, and the
 snapshots, disks and byte ranges they cost; the exit status is then 1, and
