@@ -49,6 +49,9 @@ type RepairReport struct {
 	KeptIndex   []string `json:"unreadable_index_objects"`
 	TempRemoved int      `json:"temp_files_removed"`
 	TempBytes   int64    `json:"temp_bytes_removed"`
+	// damaged are the unreadable packs found damaged (not merely
+	// unreadable for now): recorded in the ledger.
+	damaged []PackProblem
 }
 
 // RepairIndex rebuilds the index from the packs: every stored pack that no
@@ -71,6 +74,9 @@ func (r *Repository) RepairIndex(ctx context.Context, opts RepairOptions) (*Repa
 	}
 	for id, err := range st.orphanErrs {
 		rep.Unreadable = append(rep.Unreadable, PackProblem{Pack: id, Why: err.Error()})
+		if errors.Is(err, ErrPackFormat) {
+			rep.damaged = append(rep.damaged, PackProblem{Pack: id, Why: err.Error()})
+		}
 	}
 	records, certs, err := r.repairRecords(ctx, st, opts, rep)
 	if err != nil {
@@ -86,6 +92,11 @@ func (r *Repository) RepairIndex(ctx context.Context, opts RepairOptions) (*Repa
 	}
 	if err := r.removeDamagedIndex(ctx, st, opts.DryRun, rep); err != nil {
 		return nil, err
+	}
+	if !opts.DryRun {
+		if err := r.recordUnreadable(ctx, st, rep); err != nil {
+			return nil, err
+		}
 	}
 	if err := r.removeStray(ctx, opts.DryRun, rep); err != nil {
 		return nil, err
@@ -120,6 +131,9 @@ func (r *Repository) repairRecords(ctx context.Context, st *loadState, opts Repa
 					return gctx.Err()
 				}
 				rep.Unreadable = append(rep.Unreadable, PackProblem{Pack: t.ID, Why: err.Error()})
+				if !errors.Is(err, errUnreadable) {
+					rep.damaged = append(rep.damaged, PackProblem{Pack: t.ID, Why: err.Error()})
+				}
 				return nil
 			}
 			if t.Signer.Cert != nil {
@@ -152,7 +166,7 @@ func (r *Repository) repairRecord(ctx context.Context, t packTrailer, size int64
 	}
 	data, err := backend.ReadAll(ctx, r.be, backend.Handle{Type: backend.PackFile, Name: t.ID.String()})
 	if err != nil {
-		return rec, false, fmt.Errorf("cannot be read: %w", err)
+		return rec, false, fmt.Errorf("%w: %w", errUnreadable, err)
 	}
 	if Hash(data) != t.ID {
 		return rec, false, errors.New("content does not match its name (damaged)")
@@ -224,4 +238,19 @@ func (r *Repository) removeStray(ctx context.Context, dry bool, rep *RepairRepor
 		rep.TempBytes += s.Size
 	}
 	return nil
+}
+
+// recordUnreadable records in the ledger the packs found damaged (not
+// those that merely could not be read now), so that no backup reuses
+// their chunks.
+func (r *Repository) recordUnreadable(ctx context.Context, st *loadState, rep *RepairReport) error {
+	var events []LedgerEvent
+	for _, p := range rep.damaged {
+		if st.ledger.Damaged(p.Pack) != "" {
+			continue
+		}
+		id := p.Pack
+		events = append(events, LedgerEvent{Kind: EventPackDamaged, Pack: &id, Reason: p.Why})
+	}
+	return r.SaveLedger(ctx, events)
 }

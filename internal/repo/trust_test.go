@@ -304,11 +304,26 @@ func TestForgedOrphanPackIsNotAdopted(t *testing.T) {
 	}
 	w.mustRestore(vsn.ID, data, "web1's first snapshot")
 	// With --read-data, repair tells the fake from the real pack.
+	// (This one finds nothing left to index: the plain repair indexed
+	// both packs as claimed. A fresh repository state shows it.)
+	for _, name := range w.be.Names(backend.IndexFile) {
+		w.be.Remove(context.Background(), backend.Handle{Type: backend.IndexFile, Name: name})
+	}
 	rep, err := w.open(w.owner).RepairIndex(context.Background(), repo.RepairOptions{ReadData: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = rep
+	found := false
+	for _, p := range rep.Unreadable {
+		found = found || p.Pack == fakeID
+	}
+	if !found || rep.Endorsed == 0 {
+		t.Fatalf("repair --read-data: %+v", rep)
+	}
+	led, err := w.open(w.owner).Ledger(context.Background())
+	if err != nil || led.Damaged(fakeID) == "" {
+		t.Fatalf("the fake pack is not recorded as damaged: %v", err)
+	}
 }
 
 // The hostile writer stores garbage under the ID of a chunk list it can
