@@ -101,11 +101,12 @@ for round in $(seq "$ROUNDS"); do
     rm -f "$WORK/restore.img"
     measure "$bin" "restore day 2" "$bin" restore latest "$WORK/restore.img"
     rm -f "$WORK/restore.img"
+    measure "$bin" "check --read-data" "$bin" check --read-data
   done
 done
 median() { tr ';' '\n' | grep -v '^$' | awk -v f="$1" '{print $f}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 for bin in "${bins[@]}"; do
-  for label in "full backup, day 1" "backup day 2" "restore day 2"; do
+  for label in "full backup, day 1" "backup day 2" "restore day 2" "check --read-data"; do
     s=${samples["$bin|$label"]}
     printf '| %s | %s | %s | %s | %.0f |\n' "$(basename "$bin")" "$label" "$(echo "$s" | median 1)" "$(echo "$s" | median 2)" "$(echo "$s" | median 3 | awk '{print $1/1024}')" >> "$REPORT"
   done

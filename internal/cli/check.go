@@ -47,7 +47,8 @@ nothing. 'sauve repair index' rebuilds damaged index objects.`,
 			if err != nil {
 				return err
 			}
-			var reports []*repo.CheckReport
+			var reports []any
+			ok := true
 			err = g.eachRepo(set, func(r *repo.Repository) error {
 				progress, stop := g.countMeter("read packs", readData)
 				rep, err := r.Check(ctx, repo.CheckOptions{ReadData: readData, Record: !noRecord, Progress: progress})
@@ -56,6 +57,7 @@ nothing. 'sauve repair index' rebuilds damaged index objects.`,
 					return err
 				}
 				reports = append(reports, rep)
+				ok = ok && rep.OK()
 				if !g.json {
 					printCheck(g, rep, readData)
 				}
@@ -64,19 +66,8 @@ nothing. 'sauve repair index' rebuilds damaged index objects.`,
 			if err != nil {
 				return err
 			}
-			ok := true
-			for _, rep := range reports {
-				ok = ok && rep.OK()
-			}
 			if g.json {
-				out := checkJSON{CheckReport: reports[0]}
-				if len(reports) > 1 {
-					out.Namespaces = map[string]*repo.CheckReport{}
-					for i, r := range set.all[1:] {
-						out.Namespaces[r.Keys().Namespace] = reports[i+1]
-					}
-				}
-				if err := g.printJSON(out); err != nil {
+				if err := g.printSetJSON(set, reports); err != nil {
 					return err
 				}
 			}
@@ -132,11 +123,4 @@ func printCheck(g *globals, rep *repo.CheckReport, readData bool) {
 	if len(rep.DamagedIndex) > 0 || rep.Unindexed > 0 {
 		fmt.Fprintf(g.stderr, "sauve: 'sauve repair index' rewrites the index from the packs' trailers\n")
 	}
-}
-
-// checkJSON is check's --json output: the repository's report, and those
-// of its isolated namespaces.
-type checkJSON struct {
-	*repo.CheckReport
-	Namespaces map[string]*repo.CheckReport `json:"namespaces,omitempty"`
 }

@@ -348,6 +348,19 @@ func writeKeyFile(path string, data []byte) error {
 	return f.Close()
 }
 
+// printSetJSON prints the report of the repository, with those of its
+// isolated namespaces under "namespaces" when it has any.
+func (g *globals) printSetJSON(set *repoSet, reports []any) error {
+	if len(reports) == 1 {
+		return g.printJSON(reports[0])
+	}
+	ns := map[string]any{}
+	for i, r := range set.all[1:] {
+		ns[r.Keys().Namespace] = reports[i+1]
+	}
+	return g.printJSON(map[string]any{"repository": reports[0], "namespaces": ns})
+}
+
 // eachRepo runs fn on the repository and then on each of its isolated
 // namespaces, heading the human output of each namespace with its name.
 func (g *globals) eachRepo(set *repoSet, fn func(r *repo.Repository) error) error {

@@ -281,16 +281,3 @@ func countSnapshots(ds []repo.Damage) int {
 	}
 	return len(seen)
 }
-
-// printSetJSON prints the report of the repository, with those of its
-// isolated namespaces under "namespaces" when it has any.
-func (g *globals) printSetJSON(set *repoSet, reports []any) error {
-	if len(reports) == 1 {
-		return g.printJSON(reports[0])
-	}
-	ns := map[string]any{}
-	for i, r := range set.all[1:] {
-		ns[r.Keys().Namespace] = reports[i+1]
-	}
-	return g.printJSON(map[string]any{"repository": reports[0], "namespaces": ns})
-}

@@ -82,12 +82,15 @@ type CheckReport struct {
 // OK reports whether the repository is sound.
 func (c *CheckReport) OK() bool { return len(c.Errors) == 0 && len(c.Damaged) == 0 }
 
-// copyKey names one copy of a blob.
+// copyKey names one copy of a blob, as an index entry states it.
 type copyKey struct {
 	pack   ID
 	offset uint32
 	id     ID
+	eph    [32]byte
 }
+
+func keyOf(id ID, c Copy) copyKey { return copyKey{c.Pack, c.Offset, id, c.Ephemeral} }
 
 type checker struct {
 	r     *Repository
@@ -311,7 +314,7 @@ func (c *checker) usable(id ID, prefer WriterNum) string {
 			why = cp.Damaged
 		default:
 			c.mu.Lock()
-			bad := c.bad[copyKey{cp.Pack, cp.Offset, id}]
+			bad := c.bad[keyOf(id, cp)]
 			c.mu.Unlock()
 			if bad == "" {
 				return ""
@@ -447,8 +450,10 @@ func (c *checker) readAll(ctx context.Context, progress func(int, int)) error {
 }
 
 // readPack verifies one pack: its bytes against its name, its trailer
-// against its signer and content, every copy the index places in it
-// against the trailer and its blob ID.
+// against its signer and content, every blob the trailer states against
+// its ID (once each), and every copy the index places in the pack against
+// the trailer. A false index entry (another place, length or session key
+// than the trailer's) is an error of that entry, not of the pack.
 func (c *checker) readPack(ctx context.Context, p ID, copies []Copy, ids []ID, canData bool) error {
 	h := backend.Handle{Type: backend.PackFile, Name: p.String()}
 	data, err := backend.ReadAll(ctx, c.r.be, h)
@@ -457,49 +462,46 @@ func (c *checker) readPack(ctx context.Context, p ID, copies []Copy, ids []ID, c
 			return ctx.Err()
 		}
 		c.packProblem(p, fmt.Sprintf("cannot be read: %v", err))
-		c.markCopies(p, copies, ids, "pack unreadable")
+		c.markCopies(copies, ids, "pack unreadable")
 		return nil
 	}
-	whole := Hash(data) == p
+	tr := trailerReader{meta: c.r.meta, keys: c.r.keys}
+	t, whole, terr := tr.parseStoredPack(p, data)
 	if !whole {
 		c.packProblem(p, "content does not match its name (damaged)")
 	}
-	tr := trailerReader{meta: c.r.meta, keys: c.r.keys}
-	t, terr := tr.parsePack(p, data)
 	if terr != nil {
 		c.packProblem(p, terr.Error())
 	}
-	inTrailer := make(map[copyKey]PackBlob, len(t.Blobs))
-	for _, b := range t.Blobs {
-		inTrailer[copyKey{p, b.Offset, b.ID}] = b
-	}
+	// What the trailer states, verified once per blob.
+	stated := make(map[copyKey]string, len(t.Blobs))
 	allOK := whole && terr == nil
+	for _, b := range t.Blobs {
+		loc := Location{Pack: p, Ephemeral: t.Ephemeral, Type: b.Type, Offset: b.Offset, Length: b.Length}
+		why := c.verifyCopy(data, b.ID, Copy{Location: loc}, canData)
+		stated[keyOf(b.ID, Copy{Location: loc})] = why
+		if why != "" && allOK {
+			allOK = false
+			c.packProblem(p, fmt.Sprintf("blob %s at offset %d, in its trailer, does not verify", b.ID.Short(), b.Offset))
+		}
+	}
 	for i, cp := range copies {
 		id := ids[i]
-		why := c.verifyCopy(data, id, cp, canData)
-		if why == "" && terr == nil {
-			if b, ok := inTrailer[copyKey{p, cp.Offset, id}]; !ok || b.Length != cp.Length || b.Type != cp.Type {
-				why = "the pack's trailer does not hold it where the index says (false index entry)"
-			}
+		why, ok := stated[keyOf(id, cp)]
+		switch {
+		case terr != nil:
+			why = c.verifyCopy(data, id, cp, canData)
+		case !ok:
+			why = "the pack's trailer does not hold it where (or as) the index says: a false index entry"
 		}
-		if why != "" {
-			allOK = false
-			c.mu.Lock()
-			c.bad[copyKey{p, cp.Offset, id}] = why
-			c.mu.Unlock()
-			if whole {
-				c.errorf("pack %s: blob %s at offset %d: %s", p.Short(), id.Short(), cp.Offset, why)
-			}
+		if why == "" {
+			continue
 		}
-	}
-	if allOK {
-		for _, b := range t.Blobs {
-			loc := Location{Pack: p, Ephemeral: t.Ephemeral, Type: b.Type, Offset: b.Offset, Length: b.Length}
-			if c.verifyCopy(data, b.ID, Copy{Location: loc}, canData) != "" {
-				allOK = false
-				c.packProblem(p, fmt.Sprintf("blob %s at offset %d, in its trailer, does not verify", b.ID.Short(), b.Offset))
-				break
-			}
+		c.mu.Lock()
+		c.bad[keyOf(id, cp)] = why
+		c.mu.Unlock()
+		if whole {
+			c.errorf("pack %s: blob %s at offset %d: %s", p.Short(), id.Short(), cp.Offset, why)
 		}
 	}
 	if allOK && canData {
@@ -532,11 +534,11 @@ func (c *checker) verifyCopy(data []byte, id ID, cp Copy, canData bool) string {
 	return ""
 }
 
-func (c *checker) markCopies(p ID, copies []Copy, ids []ID, why string) {
+func (c *checker) markCopies(copies []Copy, ids []ID, why string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for i, cp := range copies {
-		c.bad[copyKey{p, cp.Offset, ids[i]}] = why
+		c.bad[keyOf(ids[i], cp)] = why
 	}
 }
 

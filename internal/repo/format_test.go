@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -46,9 +47,9 @@ func TestPackRoundTrip(t *testing.T) {
 	if id != Hash(data) {
 		t.Fatal("pack ID is not the hash of its bytes")
 	}
-	info, err := tr.parsePack(id, data)
-	if err != nil {
-		t.Fatal(err)
+	info, whole, err := tr.parseStoredPack(id, data)
+	if err != nil || !whole {
+		t.Fatal(err, whole)
 	}
 	if info.Ephemeral != eph || len(info.Blobs) != len(want) || info.Version != 2 {
 		t.Fatalf("got %d blobs, ephemeral %x, version %d", len(info.Blobs), info.Ephemeral[:4], info.Version)
@@ -66,27 +67,32 @@ func TestPackRoundTrip(t *testing.T) {
 	}
 	// Every truncation is refused, never misparsed.
 	for _, n := range []int{0, 10, packHeaderSize, len(data) / 2, len(data) - 1} {
-		if _, err := tr.parsePack(id, data[:n]); err == nil {
+		if _, err := parse(tr, id, data[:n]); err == nil {
 			t.Errorf("truncated to %d bytes: no error", n)
 		}
 	}
 	// A flipped bit in the trailer fails authentication.
 	bad := bytes.Clone(data)
 	bad[len(bad)-packFooterSize-5] ^= 1
-	if _, err := tr.parsePack(id, bad); err == nil {
+	if _, err := parse(tr, id, bad); err == nil {
 		t.Error("flipped trailer bit: no error")
 	}
 	// A flipped bit in a blob is not what the signer signed.
 	bad = bytes.Clone(data)
 	bad[packHeaderSize+3] ^= 1
-	if _, err := tr.parsePack(id, bad); err == nil || !strings.Contains(err.Error(), "signer signed") {
+	if _, err := parse(tr, id, bad); err == nil || !strings.Contains(err.Error(), "signer signed") {
 		t.Errorf("flipped blob bit: %v", err)
 	}
 	// The trailer of another key's pack does not verify for this repository.
 	other := testKeys(t)
-	if _, err := (trailerReader{meta: meta, keys: other}).parsePack(id, data); err == nil {
+	if _, err := parse(trailerReader{meta: meta, keys: other}, id, data); err == nil {
 		t.Error("trailer signed by another repository's owner accepted")
 	}
+}
+
+func parse(tr trailerReader, id ID, data []byte) (packTrailer, error) {
+	t, _, err := tr.parseStoredPack(id, data)
+	return t, err
 }
 
 func TestIndexRoundTrip(t *testing.T) {
@@ -112,7 +118,7 @@ func TestIndexRoundTrip(t *testing.T) {
 		t.Fatalf("%d packs, want %d", len(o.records), len(recs))
 	}
 	for i := range recs {
-		if o.records[i].ID != recs[i].ID || o.records[i].Ephemeral != recs[i].Ephemeral || !sameBlobs(o.records[i].Blobs, recs[i].Blobs) {
+		if o.records[i].ID != recs[i].ID || o.records[i].Ephemeral != recs[i].Ephemeral || !slices.Equal(o.records[i].Blobs, recs[i].Blobs) {
 			t.Fatalf("pack %d differs", i)
 		}
 	}

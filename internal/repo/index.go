@@ -47,7 +47,9 @@ const (
 )
 
 type indexEntry struct {
-	id     ID
+	id ID
+	// pack numbers a pack with the ephemeral key its statement gave
+	// (see packKey), not the pack alone.
 	pack   uint32
 	offset uint32
 	length uint32
@@ -57,8 +59,7 @@ type indexEntry struct {
 }
 
 type packRecord struct {
-	id  ID
-	eph [32]byte
+	id ID
 	// size is the pack's size as listed, or -1 when the pack was not in
 	// the listing (or no listing was made: unknown).
 	size int64
@@ -81,6 +82,12 @@ type Index struct {
 	mu      sync.RWMutex
 	packs   []packRecord
 	packNum map[ID]uint32
+	// keys number the (pack, ephemeral key) pairs entries name: the key
+	// is part of a statement about a pack, so one index object cannot
+	// give another's entries a wrong key (a forged key makes only the
+	// forger's entries unreadable).
+	keys    []packKey
+	keyNum  map[packKey]uint32
 	sorted  []indexEntry
 	buckets []uint32 // buckets[p] is the first entry in sorted whose ID starts with prefix p
 	fresh   map[ID][]indexEntry
@@ -98,8 +105,17 @@ const bucketBits = 16
 
 // NewIndex returns an empty index.
 func NewIndex() *Index {
-	return &Index{packNum: map[ID]uint32{}, fresh: map[ID][]indexEntry{}, Writers: NewWriters()}
+	return &Index{packNum: map[ID]uint32{}, keyNum: map[packKey]uint32{}, fresh: map[ID][]indexEntry{}, Writers: NewWriters()}
 }
+
+// packKey is a pack with the ephemeral key an entry opens its blobs with.
+type packKey struct {
+	pack uint32 // in packs
+	eph  [32]byte
+}
+
+// packOf returns the pack record of an entry.
+func (x *Index) packOf(e indexEntry) *packRecord { return &x.packs[x.keys[e.pack].pack] }
 
 func prefix(id ID) int { return int(id[0])<<8 | int(id[1]) }
 
@@ -128,7 +144,7 @@ func (x *Index) entries(dst []indexEntry, id ID) []indexEntry {
 // unusable says why the entry's pack cannot be used, or "" if it can, and
 // whether the copy cannot be read at all.
 func (x *Index) unusable(e indexEntry) (string, bool) {
-	p := &x.packs[e.pack]
+	p := x.packOf(e)
 	if x.listed && p.size < 0 {
 		return "pack " + p.id.Short() + " is missing", true
 	}
@@ -142,10 +158,10 @@ func (x *Index) unusable(e indexEntry) (string, bool) {
 }
 
 func (x *Index) copyOf(e indexEntry) Copy {
-	p := x.packs[e.pack]
+	k := x.keys[e.pack]
 	why, missing := x.unusable(e)
 	return Copy{
-		Location: Location{Pack: p.id, Ephemeral: p.eph, Type: e.typ, Offset: e.offset, Length: e.length},
+		Location: Location{Pack: x.packs[k.pack].id, Ephemeral: k.eph, Type: e.typ, Offset: e.offset, Length: e.length},
 		Writer:   e.writer, Trust: e.trust, Damaged: why, Missing: missing,
 	}
 }
@@ -285,7 +301,7 @@ func (x *Index) Reusable(t BlobType, id ID, self WriterNum) (Copy, bool) {
 		if why, _ := x.unusable(e); why != "" {
 			return
 		}
-		if !found || bytes.Compare(x.packs[e.pack].id[:], x.packs[best.pack].id[:]) < 0 {
+		if !found || bytes.Compare(x.packOf(e).id[:], x.packOf(best).id[:]) < 0 {
 			best, found = e, true
 		}
 	}
@@ -304,11 +320,11 @@ func (x *Index) HasPack(id ID) bool {
 	return ok && x.packs[n].indexed
 }
 
-func (x *Index) packNumber(id ID, eph [32]byte) uint32 {
+func (x *Index) packNumber(id ID) uint32 {
 	n, ok := x.packNum[id]
 	if !ok {
 		n = uint32(len(x.packs))
-		x.packs = append(x.packs, packRecord{id: id, eph: eph, size: -1})
+		x.packs = append(x.packs, packRecord{id: id, size: -1})
 		x.packNum[id] = n
 	}
 	return n
@@ -321,7 +337,7 @@ func (x *Index) SetListing(sizes map[ID]int64) {
 	defer x.mu.Unlock()
 	x.listed = true
 	for id, size := range sizes {
-		n := x.packNumber(id, [32]byte{})
+		n := x.packNumber(id)
 		x.packs[n].size = size
 	}
 }
@@ -331,7 +347,7 @@ func (x *Index) SetListing(sizes map[ID]int64) {
 func (x *Index) SetPackSize(id ID, size int64) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	n := x.packNumber(id, [32]byte{})
+	n := x.packNumber(id)
 	x.packs[n].size = size
 }
 
@@ -339,27 +355,24 @@ func (x *Index) SetPackSize(id ID, size int64) {
 func (x *Index) MarkDamaged(id ID, why string) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	n := x.packNumber(id, [32]byte{})
+	n := x.packNumber(id)
 	if x.packs[n].damaged == "" {
 		x.packs[n].damaged = why
 	}
 }
 
-// ClearDamaged forgets that a pack was damaged (it verified since).
-func (x *Index) ClearDamaged(id ID) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	if n, ok := x.packNum[id]; ok {
-		x.packs[n].damaged = ""
-	}
-}
-
-// accept returns the pack number for p's entries.
+// accept returns the number entries of p name their pack and key by.
 func (x *Index) accept(p *PackInfo) uint32 {
-	n := x.packNumber(p.ID, p.Ephemeral)
-	x.packs[n].eph = p.Ephemeral
+	n := x.packNumber(p.ID)
 	x.packs[n].indexed = true
-	return n
+	k := packKey{pack: n, eph: p.Ephemeral}
+	kn, ok := x.keyNum[k]
+	if !ok {
+		kn = uint32(len(x.keys))
+		x.keys = append(x.keys, k)
+		x.keyNum[k] = kn
+	}
+	return kn
 }
 
 // Add records a pack's blobs as stated by one index object (or trailer),
@@ -523,9 +536,9 @@ func (x *Index) PackStates() []PackState {
 	defer x.mu.RUnlock()
 	states := make([]PackState, len(x.packs))
 	count := func(e indexEntry) {
-		st := &states[e.pack]
+		st := &states[x.keys[e.pack].pack]
 		st.Entries++
-		if sz := x.packs[e.pack].size; sz >= 0 && int64(e.offset)+int64(e.length)+packFooterSize > sz {
+		if sz := x.packOf(e).size; sz >= 0 && int64(e.offset)+int64(e.length)+packFooterSize > sz {
 			st.Beyond++
 		}
 	}
@@ -577,7 +590,7 @@ func (x *Index) ownerVouches(p PackInfo) bool {
 		found := false
 		buf = x.entries(buf[:0], b.ID)
 		for _, e := range buf {
-			if e.pack == n && e.offset == b.Offset && e.trust&TrustOwner != 0 {
+			if x.keys[e.pack] == (packKey{n, p.Ephemeral}) && e.offset == b.Offset && e.trust&TrustOwner != 0 {
 				found = true
 				break
 			}

@@ -317,8 +317,7 @@ func decodeIndexV1(b []byte) ([]PackInfo, error) {
 }
 
 // entriesOf says how the index holds the blobs of record r of o: which
-// writer they are attributed to and what vouches for them. ok is false for
-// a record that must be dropped.
+// writer they are attributed to and what vouches for them.
 func (o *indexObject) entriesOf(r *indexRecord, w *Writers, owner [32]byte) (WriterNum, Trust) {
 	if o.version == 1 {
 		return NoWriter, TrustLegacy

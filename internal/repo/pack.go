@@ -228,29 +228,36 @@ func decodeTrailerEntries(b []byte, end int64) ([]PackBlob, error) {
 	return blobs, nil
 }
 
-// parsePack decodes pack id, held whole in memory, and, for version 2,
-// checks that its content is what the trailer's signer signed.
-func (tr trailerReader) parsePack(id ID, data []byte) (packTrailer, error) {
+// parseStoredPack decodes pack id, held whole in memory, checks for
+// version 2 that its content is what the trailer's signer signed, and
+// says whether the bytes match the pack's name: the content hash and the
+// name come from one pass of BLAKE3, as when the pack was written.
+func (tr trailerReader) parseStoredPack(id ID, data []byte) (t packTrailer, whole bool, err error) {
 	v, err := packVersion(data)
 	if err != nil {
-		return packTrailer{}, err
+		return t, Hash(data) == id, err
 	}
-	t, _, err := tr.parseTail(v, data, int64(len(data)))
+	t, _, err = tr.parseTail(v, data, int64(len(data)))
 	if err != nil {
-		return t, err
+		return t, Hash(data) == id, err
 	}
 	t.ID = id
 	copy(t.Ephemeral[:], data[8:packHeaderSize])
-	if v == 2 {
-		end := packHeaderSize
-		if k := len(t.Blobs); k > 0 {
-			end = int(t.Blobs[k-1].Offset) + int(t.Blobs[k-1].Length)
-		}
-		if blake3.Sum256(data[:end]) != t.Content {
-			return t, fmt.Errorf("%w: content differs from what its trailer's signer signed", ErrPackFormat)
-		}
+	end := packHeaderSize
+	if k := len(t.Blobs); k > 0 {
+		end = int(t.Blobs[k-1].Offset) + int(t.Blobs[k-1].Length)
 	}
-	return t, nil
+	h := blake3.New()
+	_, _ = h.Write(data[:end])
+	var content, name ID
+	h.Sum(content[:0])
+	_, _ = h.Write(data[end:])
+	h.Sum(name[:0])
+	whole = name == id
+	if v == 2 && content != t.Content {
+		return t, whole, fmt.Errorf("%w: content differs from what its trailer's signer signed", ErrPackFormat)
+	}
+	return t, whole, nil
 }
 
 // readPackTrailer reads a stored pack's header and trailer with ranged
@@ -290,17 +297,4 @@ func (tr trailerReader) readPackTrailer(ctx context.Context, be backend.Backend,
 		}
 		want = int64(need)
 	}
-}
-
-// sameBlobs reports whether two statements of a pack's blobs agree.
-func sameBlobs(a, b []PackBlob) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

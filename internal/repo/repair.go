@@ -168,11 +168,12 @@ func (r *Repository) repairRecord(ctx context.Context, t packTrailer, size int64
 	if err != nil {
 		return rec, false, fmt.Errorf("%w: %w", errUnreadable, err)
 	}
-	if Hash(data) != t.ID {
-		return rec, false, errors.New("content does not match its name (damaged)")
-	}
 	tr := trailerReader{meta: r.meta, keys: r.keys}
-	if _, err := tr.parsePack(t.ID, data); err != nil {
+	_, whole, err := tr.parseStoredPack(t.ID, data)
+	if !whole {
+		return rec, false, fmt.Errorf("%w: content does not match its name", ErrPackFormat)
+	}
+	if err != nil {
 		return rec, false, err
 	}
 	for _, b := range t.Blobs {

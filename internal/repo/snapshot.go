@@ -167,7 +167,7 @@ func (r *Repository) decodeSnapshot(id ID, data []byte) (*Snapshot, error) {
 	sn.ID = id
 	sn.Signer = env.Signature.SignerName()
 	sn.SignerKey = [32]byte(env.Signature.Signer)
-	sn.Writer = r.idx.Writers.Number(sn.SignerKey, env.Signature.Cert)
+	sn.Writer = r.writers.Number(sn.SignerKey, env.Signature.Cert)
 	for i := range sn.Disks {
 		sn.Disks[i].writer = sn.Writer
 	}
@@ -182,7 +182,7 @@ func (r *Repository) mark(sn *Snapshot, led *Ledger, now time.Time) {
 	if sn.Time.After(now.Add(MaxClockSkew)) {
 		sn.Marks = append(sn.Marks, fmt.Sprintf("dated %s, in the future", sn.Time.Format(time.RFC3339)))
 	}
-	if r.idx.Writers.Revoked(sn.Writer) {
+	if r.writers.Revoked(sn.Writer) {
 		sn.Marks = append(sn.Marks, fmt.Sprintf("signed by writer %s, which the owner revoked", sn.Signer))
 	}
 	for _, dmg := range led.SnapshotDamage[sn.ID] {

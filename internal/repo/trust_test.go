@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"fmt"
 	mrand "math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -247,6 +248,26 @@ func TestHostileIndexEntries(t *testing.T) {
 	er := w.open(w.evil)
 	// Shadow the owner's chunks and claim the future disk's chunks.
 	forged := w.forge(w.evil, repo.DataBlob, append(chunkIDs(er, old), chunkIDs(er, future)...))
+
+	// Restate the owner's own packs with a wrong session key: that must
+	// not make the owner's copies unreadable.
+	var restated []repo.PackInfo
+	for _, ps := range er.Index().PackStates() {
+		info := repo.PackInfo{ID: ps.ID, Ephemeral: [32]byte{1, 2, 3}}
+		for _, id := range chunkIDs(er, old) {
+			if c, n := er.Index().Best(repo.DataBlob, id, repo.NoWriter); n > 0 && c.Pack == ps.ID {
+				info.Blobs = append(info.Blobs, repo.PackBlob{Type: repo.DataBlob, ID: id, Offset: c.Offset, Length: c.Length})
+			}
+		}
+		slices.SortFunc(info.Blobs, func(a, b repo.PackBlob) int { return int(a.Offset) - int(b.Offset) })
+		if len(info.Blobs) > 0 {
+			restated = append(restated, info)
+		}
+	}
+	if len(restated) == 0 {
+		t.Fatal("nothing to restate")
+	}
+	w.putIndex(repo.BuildIndex(w.evil, restated))
 
 	vsn, st := w.backup(w.web1, "web1", future)
 	if st.ChunksNew != 40 {

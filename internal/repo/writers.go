@@ -87,14 +87,6 @@ func (w *Writers) Number(key [32]byte, cert *crypto.Cert) WriterNum {
 	return n
 }
 
-// Lookup returns the number of a known signer.
-func (w *Writers) Lookup(key [32]byte) (WriterNum, bool) {
-	w.mu.RLock()
-	defer w.mu.RUnlock()
-	n, ok := w.num[key]
-	return n, ok
-}
-
 // Get returns writer n.
 func (w *Writers) Get(n WriterNum) (Writer, bool) {
 	w.mu.RLock()
