@@ -307,7 +307,7 @@ func TestSecondCopyIsUsed(t *testing.T) {
 		s := e.store()
 		packs := s.names(backend.PackFile)
 		if len(packs) < 2 {
-			t.Skipf("the two backups did not both store the disk (%d packs)", len(packs))
+			t.Fatalf("the two backups did not both store the disk (%d packs)", len(packs))
 		}
 		s.remove(pack(packs[0]))
 		var first string
