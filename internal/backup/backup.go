@@ -19,7 +19,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -41,7 +41,7 @@ type Source struct {
 	SizeHint int64
 	// Map says which ranges hold data; nil means all of it. Ignored for
 	// streams.
-	Map blockmap.Map
+	Map extent.Map
 	// Describe, when set, is called once the source has been read and
 	// before the manifest is written, to add what reading it learned
 	// (partitions, used bytes) to the disk's entry.
@@ -311,7 +311,7 @@ func readChunks(ctx context.Context, src Source, cs int, free chan []byte, jobs 
 	}
 	m := src.Map
 	if m == nil {
-		m = blockmap.Full{}
+		m = extent.Full{}
 	}
 	for i, off := int64(0), int64(0); off < src.Size; i, off = i+1, off+int64(cs) {
 		n := int64(cs)
@@ -332,7 +332,7 @@ func readChunks(ctx context.Context, src Source, cs int, free chan []byte, jobs 
 		if err != nil {
 			return err
 		}
-		got, err := blockmap.ReadRanges(src.Reader, buf[:n], off, ranges)
+		got, err := extent.ReadRanges(src.Reader, buf[:n], off, ranges)
 		read.Add(got)
 		prog.Read.Add(got)
 		if err != nil {

@@ -1,5 +1,7 @@
 package blockmap
 
+import "github.com/sauve-backup/sauve/internal/extent"
+
 // page is a piece of a filesystem's allocation bitmap: one bit per unit
 // (block or cluster), least significant bit first, set when the unit is
 // in use.
@@ -30,13 +32,13 @@ type allocMap struct {
 
 // Data implements Map. Units past the end of the filesystem are not
 // asked for: the caller clips windows to the filesystem's size.
-func (m *allocMap) Data(off, n int64) ([]Range, error) {
-	var out []Range
+func (m *allocMap) Data(off, n int64) ([]extent.Range, error) {
+	var out []extent.Range
 	end := off + n
 	u := off / m.unit
 	uEnd := min((end+m.unit-1)/m.unit, m.units)
 	add := func(a, b int64) { // units [a, b) are used
-		r := Range{max(a*m.unit, off), min(b*m.unit, end)}
+		r := extent.Range{Start: max(a*m.unit, off), End: min(b*m.unit, end)}
 		if r.Start >= r.End {
 			return
 		}

@@ -7,6 +7,8 @@ import (
 	"hash/crc32"
 	"io"
 	"strings"
+
+	"github.com/sauve-backup/sauve/internal/extent"
 )
 
 // Filesystem is a filesystem found at the start of a region of a disk.
@@ -23,7 +25,7 @@ type Filesystem struct {
 	Full string
 	// m maps the used blocks, with offsets relative to the filesystem's
 	// start. It is nil when Full is set.
-	m Map
+	m extent.Map
 }
 
 // probe is one filesystem reader. It returns nil and no error when the

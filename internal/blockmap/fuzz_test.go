@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
 
@@ -36,15 +37,15 @@ func fuzzDisk(in []byte) *fuzzimg.Image { return fuzzimg.Decode(in, fuzzMaxDisk,
 // start to the end (a small filesystem is read whole, a large one
 // sampled over its whole length), of a size w picks from 512 bytes to 1 MiB, often not a multiple of the
 // block size, so ranges are clipped at varied places.
-func windows(size int64, w uint16) []Range {
+func windows(size int64, w uint16) []extent.Range {
 	win := (int64(w)%2048 + 1) * 512
 	stride := max(win, (size+fuzzWindows-1)/fuzzWindows)
-	var out []Range
+	var out []extent.Range
 	for off := int64(0); off < size; off += stride {
-		out = append(out, Range{off, min(off+win, size)})
+		out = append(out, extent.Range{Start: off, End: min(off+win, size)})
 	}
 	if k := len(out); k > 0 && out[k-1].End < size {
-		out = append(out, Range{max(size-win, out[k-1].End), size})
+		out = append(out, extent.Range{Start: max(size-win, out[k-1].End), End: size})
 	}
 	return out
 }
@@ -55,9 +56,9 @@ func windows(size int64, w uint16) []Range {
 // empty and inside the window, and the same when the window is read
 // again in two halves: a map does not depend on how the disk is cut
 // into windows (calls that go back are slower, never wrong).
-func walk(t testing.TB, m Map, ws []Range) (all []Range, ok bool) {
+func walk(t testing.TB, m extent.Map, ws []extent.Range) (all []extent.Range, ok bool) {
 	t.Helper()
-	data := func(w Range) ([]Range, bool) {
+	data := func(w extent.Range) ([]extent.Range, bool) {
 		rs, err := m.Data(w.Start, w.Len())
 		if err != nil {
 			return nil, false
@@ -77,8 +78,8 @@ func walk(t testing.TB, m Map, ws []Range) (all []Range, ok bool) {
 			return nil, false
 		}
 		if h := w.Start + w.Len()/2; h > w.Start {
-			a, ok1 := data(Range{w.Start, h})
-			b, ok2 := data(Range{h, w.End})
+			a, ok1 := data(extent.Range{Start: w.Start, End: h})
+			b, ok2 := data(extent.Range{Start: h, End: w.End})
 			if ok1 && ok2 && !slices.Equal(merge(nil, rs), merge(merge(nil, a), b)) {
 				t.Fatalf("window [%d, %d) maps as %v, its halves as %v and %v", w.Start, w.End, rs, a, b)
 			}
@@ -89,7 +90,7 @@ func walk(t testing.TB, m Map, ws []Range) (all []Range, ok bool) {
 }
 
 // merge appends rs to all, merging adjacent ranges.
-func merge(all, rs []Range) []Range {
+func merge(all, rs []extent.Range) []extent.Range {
 	for _, r := range rs {
 		if k := len(all); k > 0 && all[k-1].End == r.Start {
 			all[k-1].End = r.End
@@ -101,18 +102,18 @@ func merge(all, rs []Range) []Range {
 }
 
 // mapFunc is a Map made of a function.
-type mapFunc func(off, n int64) []Range
+type mapFunc func(off, n int64) []extent.Range
 
-func (f mapFunc) Data(off, n int64) ([]Range, error) { return f(off, n), nil }
+func (f mapFunc) Data(off, n int64) ([]extent.Range, error) { return f(off, n), nil }
 
 // TestWalk: walk passes a sound map and catches broken ones.
 func TestWalk(t *testing.T) {
 	ws := windows(10<<20, 700)
-	sound := mapFunc(func(off, n int64) []Range { // every other MiB
-		var out []Range
+	sound := mapFunc(func(off, n int64) []extent.Range { // every other MiB
+		var out []extent.Range
 		for m := off >> 20; m<<20 < off+n; m++ {
 			if m%2 == 0 {
-				out = append(out, Range{max(m<<20, off), min((m+1)<<20, off+n)})
+				out = append(out, extent.Range{Start: max(m<<20, off), End: min((m+1)<<20, off+n)})
 			}
 		}
 		return out
@@ -124,10 +125,12 @@ func TestWalk(t *testing.T) {
 		name, want string
 		m          mapFunc
 	}{
-		{"past the window", "outside the window", func(off, n int64) []Range { return []Range{{off, off + n + 512}} }},
-		{"empty range", "outside the window", func(off, n int64) []Range { return []Range{{off + 1, off + 1}} }},
-		{"out of order", "out of order", func(off, n int64) []Range { return []Range{{off + 2, off + 3}, {off, off + 1}} }},
-		{"depends on the windows", "its halves", func(off, n int64) []Range { return []Range{{off, off + 1}} }},
+		{"past the window", "outside the window", func(off, n int64) []extent.Range { return []extent.Range{{Start: off, End: off + n + 512}} }},
+		{"empty range", "outside the window", func(off, n int64) []extent.Range { return []extent.Range{{Start: off + 1, End: off + 1}} }},
+		{"out of order", "out of order", func(off, n int64) []extent.Range {
+			return []extent.Range{{Start: off + 2, End: off + 3}, {Start: off, End: off + 1}}
+		}},
+		{"depends on the windows", "its halves", func(off, n int64) []extent.Range { return []extent.Range{{Start: off, End: off + 1}} }},
 	} {
 		r := &recorder{TB: t}
 		func() {
@@ -277,11 +280,11 @@ func mkfsImage(t *testing.T, name string, size int64, mk []string) []byte {
 }
 
 // fullMap reads a map whole, in 256 KiB windows.
-func fullMap(t *testing.T, m Map, size int64) []Range {
+func fullMap(t *testing.T, m extent.Map, size int64) []extent.Range {
 	t.Helper()
-	var ws []Range
+	var ws []extent.Range
 	for off := int64(0); off < size; off += 256 << 10 {
-		ws = append(ws, Range{off, min(off+256<<10, size)})
+		ws = append(ws, extent.Range{Start: off, End: min(off+256<<10, size)})
 	}
 	rs, ok := walk(t, m, ws)
 	if !ok {
@@ -293,7 +296,7 @@ func fullMap(t *testing.T, m Map, size int64) []Range {
 // traceSeed runs read (which reads a disk whole, as a backup does, and
 // returns its map) on b, keeps only the bytes it read, and checks that
 // what is left maps as b does.
-func traceSeed(t *testing.T, b []byte, read func(r io.ReaderAt, size int64) []Range) []byte {
+func traceSeed(t *testing.T, b []byte, read func(r io.ReaderAt, size int64) []extent.Range) []byte {
 	t.Helper()
 	tr := &fuzzimg.Trace{R: bytes.NewReader(b)}
 	want := read(tr, int64(len(b)))
@@ -321,7 +324,7 @@ func TestFuzzSeeds(t *testing.T) {
 		p := seedProbes[s.fuzz]
 		if *updateSeeds {
 			b := mkfsImage(t, s.name, s.size, s.mk)
-			enc := traceSeed(t, b, func(r io.ReaderAt, size int64) []Range {
+			enc := traceSeed(t, b, func(r io.ReaderAt, size int64) []extent.Range {
 				fs, err := p(r, size, func(string) {})
 				if err != nil || fs == nil || fs.m == nil {
 					t.Fatalf("%s made by %s is not mapped: %+v %v", s.name, s.mk[0], fs, err)
@@ -342,7 +345,7 @@ func TestFuzzSeeds(t *testing.T) {
 	for _, s := range layoutSeeds {
 		path := filepath.Join("testdata", "fuzz", "FuzzLayout", s.name)
 		if *updateSeeds {
-			enc := traceSeed(t, s.make(t), func(r io.ReaderAt, size int64) []Range {
+			enc := traceSeed(t, s.make(t), func(r io.ReaderAt, size int64) []extent.Range {
 				l, err := NewLayout(r, size, LayoutOptions{})
 				if err != nil {
 					t.Fatal(err)
@@ -417,16 +420,16 @@ func partitioned(t *testing.T, size int64, script string, mk ...[]string) []byte
 
 // partitionsOf returns the data partitions of a disk (extended ones left
 // out), in table order.
-func partitionsOf(t *testing.T, disk []byte) []Range {
+func partitionsOf(t *testing.T, disk []byte) []extent.Range {
 	t.Helper()
 	l, err := NewLayout(bytes.NewReader(disk), int64(len(disk)), LayoutOptions{})
 	if err != nil || l.Table == nil {
 		t.Fatalf("no partition table: %v", err)
 	}
-	var out []Range
+	var out []extent.Range
 	for _, p := range l.Table.Partitions {
 		if !p.Container {
-			out = append(out, Range{p.Start, p.End()})
+			out = append(out, extent.Range{Start: p.Start, End: p.End()})
 		}
 	}
 	return out

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/sauve-backup/sauve/internal/blockmap/ptable"
+	"github.com/sauve-backup/sauve/internal/extent"
 )
 
 // LayoutOptions say how to map a disk.
@@ -22,7 +23,7 @@ type LayoutOptions struct {
 	Busy []Busy
 	// Under, when set, is intersected with the layout's map: bytes it
 	// calls holes are not read either (a sparse image file).
-	Under Map
+	Under extent.Map
 }
 
 // Busy is a range of the disk that something writes to while it is read.
@@ -65,7 +66,7 @@ type Layout struct {
 	OutsideRead int64
 
 	size  int64
-	under Map
+	under extent.Map
 	segs  []segment
 	cur   int
 }
@@ -75,7 +76,7 @@ type Layout struct {
 type segment struct {
 	start, end int64
 	owner      int
-	m          Map // nil: all data
+	m          extent.Map // nil: all data
 	skip       bool
 }
 
@@ -263,9 +264,9 @@ func (l *Layout) build() {
 }
 
 // Data implements Map.
-func (l *Layout) Data(off, n int64) ([]Range, error) {
+func (l *Layout) Data(off, n int64) ([]extent.Range, error) {
 	end := off + n
-	var under []Range
+	var under []extent.Range
 	if l.under != nil {
 		var err error
 		if under, err = l.under.Data(off, n); err != nil {
@@ -278,11 +279,11 @@ func (l *Layout) Data(off, n int64) ([]Range, error) {
 	for l.cur < len(l.segs) && l.segs[l.cur].end <= off {
 		l.cur++
 	}
-	var out []Range
+	var out []extent.Range
 	for i := l.cur; i < len(l.segs) && l.segs[i].start < end; i++ {
 		s := &l.segs[i]
 		a, z := max(off, s.start), min(end, s.end)
-		rs := []Range{{a, z}}
+		rs := []extent.Range{{Start: a, End: z}}
 		var p *Part
 		if s.owner >= 0 {
 			p = l.Parts[s.owner]
@@ -327,12 +328,12 @@ func (l *Layout) Data(off, n int64) ([]Range, error) {
 }
 
 // intersect returns the ranges in both a and b (each sorted, disjoint).
-func intersect(a, b []Range) []Range {
-	var out []Range
+func intersect(a, b []extent.Range) []extent.Range {
+	var out []extent.Range
 	for i, j := 0, 0; i < len(a) && j < len(b); {
 		s, e := max(a[i].Start, b[j].Start), min(a[i].End, b[j].End)
 		if s < e {
-			out = append(out, Range{s, e})
+			out = append(out, extent.Range{Start: s, End: e})
 		}
 		if a[i].End < b[j].End {
 			i++

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"github.com/sauve-backup/sauve/internal/extent"
 )
 
 // Linux swap holds nothing worth keeping across a restore except its
@@ -54,11 +56,11 @@ func probeSwap(r io.ReaderAt, size int64, warn func(string)) (*Filesystem, error
 // swapMap maps only the header page.
 type swapMap int64
 
-func (s swapMap) Data(off, n int64) ([]Range, error) {
+func (s swapMap) Data(off, n int64) ([]extent.Range, error) {
 	if off >= int64(s) {
 		return nil, nil
 	}
-	return []Range{{off, min(off+n, int64(s))}}, nil
+	return []extent.Range{{Start: off, End: min(off+n, int64(s))}}, nil
 }
 
 // others are signatures of formats sauve has no free-space map for:

@@ -8,6 +8,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/blockmap"
 	"github.com/sauve-backup/sauve/internal/disk"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -15,7 +16,7 @@ import (
 // filesystems (free space not read), intersected with the holes of a
 // sparse image file.
 type sourceMap struct {
-	m      blockmap.Map
+	m      extent.Map
 	layout *blockmap.Layout
 }
 
@@ -26,9 +27,9 @@ func (g *globals) mapSource(src *disk.Source, noSkip bool) (*sourceMap, error) {
 	if src.Kind == disk.Stream {
 		return sm, nil
 	}
-	var under blockmap.Map
+	var under extent.Map
 	if src.Kind == disk.File {
-		if s := blockmap.NewSparse(src.File(), src.Size); s != nil {
+		if s := extent.NewSparse(src.File(), src.Size); s != nil {
 			under = s
 		}
 	}
@@ -51,7 +52,7 @@ func (g *globals) mapSource(src *disk.Source, noSkip bool) (*sourceMap, error) {
 }
 
 // Map returns the map to back up with (nil: everything).
-func (sm *sourceMap) Map() blockmap.Map {
+func (sm *sourceMap) Map() extent.Map {
 	if sm.m == nil {
 		return nil
 	}

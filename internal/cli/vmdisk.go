@@ -17,6 +17,7 @@ import (
 	"github.com/sauve-backup/sauve/internal/backup"
 	"github.com/sauve-backup/sauve/internal/blockmap"
 	"github.com/sauve-backup/sauve/internal/disk"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk"
 	"github.com/sauve-backup/sauve/internal/vdisk/ova"
 )
@@ -279,7 +280,7 @@ complete; an existing OUTPUT is refused unless --force. An empty SOURCE
 			if err != nil {
 				return err
 			}
-			var m blockmap.Map = img.Map
+			var m extent.Map = img.Map
 			var sm *sourceMap
 			if skipFree {
 				if sm, err = g.mapDisk(src, img, false); err != nil {
@@ -380,9 +381,9 @@ func getImportFlags(cmd *cobra.Command) importFlags {
 
 // openImage reads a source as the virtual disk it holds.
 func openImage(src *disk.Source, f importFlags) (*vdisk.Image, error) {
-	var host blockmap.Map
+	var host extent.Map
 	if src.Kind == disk.File {
-		if m := blockmap.NewSparse(src.File(), src.Size); m != nil {
+		if m := extent.NewSparse(src.File(), src.Size); m != nil {
 			host = m
 		}
 	}

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk/ova"
 	"github.com/sauve-backup/sauve/internal/vdisk/qcow2"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdi"
@@ -41,12 +41,12 @@ type OpenOptions struct {
 // An OVA is opened as the one disk it holds, read in place inside the
 // archive. Formats that sauve recognises but does not read (see Detect)
 // are refused with an error saying what the file is and what to do.
-func Open(r io.ReaderAt, size int64, name string, host blockmap.Map) (*Image, error) {
+func Open(r io.ReaderAt, size int64, name string, host extent.Map) (*Image, error) {
 	return OpenWith(r, size, name, host, OpenOptions{})
 }
 
 // OpenWith is Open with options.
-func OpenWith(r io.ReaderAt, size int64, name string, host blockmap.Map, o OpenOptions) (*Image, error) {
+func OpenWith(r io.ReaderAt, size int64, name string, host extent.Map, o OpenOptions) (*Image, error) {
 	c := &chain{seen: map[[2]uint64]bool{}, root: folder(name), allowOutside: o.AllowOutside}
 	if fi, err := os.Stat(name); err == nil {
 		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
@@ -180,8 +180,8 @@ func (c *chain) backing(path string) qcow2.BackingOpener {
 			}
 			c.seen[k] = true
 		}
-		var host blockmap.Map
-		if m := blockmap.NewSparse(f, fi.Size()); m != nil {
+		var host extent.Map
+		if m := extent.NewSparse(f, fi.Size()); m != nil {
 			host = m
 		}
 		var img *Image
@@ -196,7 +196,7 @@ func (c *chain) backing(path string) qcow2.BackingOpener {
 			}
 		}
 		if img.Map == nil {
-			img.Map = blockmap.Full{}
+			img.Map = extent.Full{}
 		}
 		return backingImage{img}, nil
 	}
@@ -207,7 +207,7 @@ type backingImage struct{ *Image }
 
 func (b backingImage) Size() int64 { return b.Image.Size }
 
-func (c *chain) open(r io.ReaderAt, size int64, name string, host blockmap.Map, rf refs) (*Image, error) {
+func (c *chain) open(r io.ReaderAt, size int64, name string, host extent.Map, rf refs) (*Image, error) {
 	f, fo := detect(r, size)
 	if fo != nil {
 		var off int64
@@ -305,7 +305,7 @@ func (c *chain) extentOpener(path string) vmdk.Opener {
 
 // openOVA opens the one disk of the OVA in r, in place: its member is
 // read through a section of r.
-func (c *chain) openOVA(r io.ReaderAt, size int64, name string, host blockmap.Map) (*Image, error) {
+func (c *chain) openOVA(r io.ReaderAt, size int64, name string, host extent.Map) (*Image, error) {
 	if c.inOVA {
 		return nil, vdio.Unsupported(name, OVA, 0, "an OVA inside an OVA: extract the inner one first")
 	}
@@ -338,7 +338,7 @@ func (c *chain) openOVA(r io.ReaderAt, size int64, name string, host blockmap.Ma
 	case strings.Contains(strings.ToLower(d.Format), "vmdk") && f != VMDK:
 		return nil, vdio.Errorf(name, OVA, m.Offset, "disk %s, member %s, is a VMDK by the descriptor (%s), but it has no VMDK header (damaged?)", d.ID, m.Name, trimURI(d.Format))
 	}
-	var sub blockmap.Map
+	var sub extent.Map
 	if host != nil {
 		sub = shifted{host, m.Offset, m.Size}
 	}
@@ -387,19 +387,19 @@ func (noClose) Close() error { return nil }
 // shifted is the map of a member of an OVA: the file's map from base,
 // for n bytes.
 type shifted struct {
-	m       blockmap.Map
+	m       extent.Map
 	base, n int64
 }
 
-func (s shifted) Data(off, n int64) ([]blockmap.Range, error) {
+func (s shifted) Data(off, n int64) ([]extent.Range, error) {
 	n = min(n, s.n-off)
 	if n <= 0 {
 		return nil, nil
 	}
 	rs, err := s.m.Data(off+s.base, n)
-	out := make([]blockmap.Range, len(rs))
+	out := make([]extent.Range, len(rs))
 	for i, r := range rs {
-		out[i] = blockmap.Range{Start: r.Start - s.base, End: r.End - s.base}
+		out[i] = extent.Range{Start: r.Start - s.base, End: r.End - s.base}
 	}
 	return out, err
 }

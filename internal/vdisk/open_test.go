@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio/vdiotest"
 )
@@ -108,7 +108,7 @@ func TestOpenOVA(t *testing.T) {
 			t.Errorf("%s: %s %q, %d bytes", c.name, img.Format, img.Detail, img.Size)
 		}
 		if img.Map == nil {
-			img.Map = blockmap.Full{}
+			img.Map = extent.Full{}
 		}
 		vdiotest.Check(t, struct{ *Image }{img}, disk)
 		img.Close()

@@ -1,7 +1,7 @@
 // Package vdisk turns disks into the files hypervisors use and back:
 // raw images, qcow2, VMDK, VHD, VHDX, VDI and OVA. It detects a format
 // from a file's headers, opens any supported image as a virtual disk (an
-// io.ReaderAt plus a blockmap.Map of its allocated ranges, so unallocated
+// io.ReaderAt plus a extent.Map of its allocated ranges, so unallocated
 // regions read as zeros and cost nothing), and writes any format from a
 // disk that arrives in order, leaving zeros unallocated.
 //
@@ -73,7 +73,7 @@ import (
 	"strings"
 	"sync/atomic"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk/ova"
 	"github.com/sauve-backup/sauve/internal/vdisk/qcow2"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdi"
@@ -176,7 +176,7 @@ type Image struct {
 	// ReaderAt reads the virtual disk; unallocated regions read as zeros.
 	io.ReaderAt
 	// Map tells which ranges are allocated (nil: all of them).
-	blockmap.Map
+	extent.Map
 	closer io.Closer // backing files and extents opened
 }
 
@@ -192,17 +192,17 @@ func (img *Image) Close() error {
 // clipped is a map limited to the first n bytes (a fixed VHD's data
 // without its footer); a nil map means all data.
 type clipped struct {
-	m blockmap.Map
+	m extent.Map
 	n int64
 }
 
-func (c clipped) Data(off, n int64) ([]blockmap.Range, error) {
+func (c clipped) Data(off, n int64) ([]extent.Range, error) {
 	n = min(n, c.n-off)
 	if n <= 0 {
 		return nil, nil
 	}
 	if c.m == nil {
-		return []blockmap.Range{{Start: off, End: off + n}}, nil
+		return []extent.Range{{Start: off, End: off + n}}, nil
 	}
 	return c.m.Data(off, n)
 }
@@ -355,9 +355,9 @@ type Progress struct {
 // read by one CPU and written out by another crosses between their
 // caches, and measured on the reference disk that cost more than the
 // overlap of reading and writing gained (see docs/BENCHMARKS.md).
-func Copy(ctx context.Context, w Writer, r io.ReaderAt, m blockmap.Map, size int64, prog *Progress) error {
+func Copy(ctx context.Context, w Writer, r io.ReaderAt, m extent.Map, size int64, prog *Progress) error {
 	if m == nil {
-		m = blockmap.Full{}
+		m = extent.Full{}
 	}
 	if prog == nil {
 		prog = new(Progress)

@@ -5,7 +5,7 @@ import (
 	"context"
 	"testing"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio/vdiotest"
 )
 
@@ -67,7 +67,7 @@ func TestEveryFormat(t *testing.T) {
 			t.Fatalf("%s %s detected as %s %q, size %d", c.f, c.sub, img.Format, img.Detail, img.Size)
 		}
 		if img.Map == nil {
-			img.Map = blockmap.Full{}
+			img.Map = extent.Full{}
 		}
 		vdiotest.Check(t, struct {
 			*Image

@@ -28,7 +28,7 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
 
@@ -87,7 +87,7 @@ const maxCache = 32 << 20
 // Backing is the image an overlay's unallocated clusters come from.
 type Backing interface {
 	io.ReaderAt
-	Data(off, n int64) ([]blockmap.Range, error)
+	Data(off, n int64) ([]extent.Range, error)
 	Size() int64
 }
 
@@ -302,9 +302,9 @@ const (
 	kCompressed
 )
 
-// extent describes the run of the disk at a virtual offset within one
+// mapping describes the run of the disk at a virtual offset within one
 // cluster (or subcluster).
-type extent struct {
+type mapping struct {
 	kind int
 	host int64 // data: file offset of the first byte; compressed: descriptor
 	n    int64 // bytes from the offset to the end of the run
@@ -312,37 +312,37 @@ type extent struct {
 }
 
 // lookup maps virtual offset off (< size).
-func (q *Reader) lookup(off int64) (extent, error) {
+func (q *Reader) lookup(off int64) (mapping, error) {
 	ci := off >> q.clusterBit
 	l1i, l2i := ci/q.l2Entries, ci%q.l2Entries
 	inCluster := off & (q.cluster - 1)
 	clusterRest := q.cluster - inCluster
 	t, err := q.l2(l1i)
 	if err != nil {
-		return extent{}, err
+		return mapping{}, err
 	}
 	if t == nil {
 		// The whole L2 range is unallocated.
 		rest := (l1i+1)*q.l2Entries*q.cluster - off
-		return extent{kind: kUnalloc, n: rest}, nil
+		return mapping{kind: kUnalloc, n: rest}, nil
 	}
 	e := vdio.BE.Uint64(t[l2i*q.entrySize:])
 	entryOff := int64(q.l1[l1i]) + l2i*q.entrySize
 	if e&flagCompressed != 0 {
 		if q.entrySize == 16 && vdio.BE.Uint64(t[l2i*q.entrySize+8:]) != 0 {
-			return extent{}, vdio.Errorf(q.name, format, entryOff, "compressed cluster with a non-zero subcluster bitmap")
+			return mapping{}, vdio.Errorf(q.name, format, entryOff, "compressed cluster with a non-zero subcluster bitmap")
 		}
-		return extent{kind: kCompressed, desc: e &^ (flagCompressed | flagCopied), n: clusterRest}, nil
+		return mapping{kind: kCompressed, desc: e &^ (flagCompressed | flagCopied), n: clusterRest}, nil
 	}
 	host := int64(e & offsetMask)
 	if host != 0 && host%q.cluster != 0 {
-		return extent{}, vdio.Errorf(q.name, format, entryOff, "L2 entry points to unaligned offset %d", host)
+		return mapping{}, vdio.Errorf(q.name, format, entryOff, "L2 entry points to unaligned offset %d", host)
 	}
 	if q.entrySize == 16 {
 		bm := vdio.BE.Uint64(t[l2i*q.entrySize+8:])
 		alloc, zero := uint32(bm), uint32(bm>>32)
 		if alloc&zero != 0 {
-			return extent{}, vdio.Errorf(q.name, format, entryOff+8, "subcluster both allocated and zero")
+			return mapping{}, vdio.Errorf(q.name, format, entryOff+8, "subcluster both allocated and zero")
 		}
 		sub := q.cluster / 32
 		si := inCluster / sub
@@ -351,21 +351,21 @@ func (q *Reader) lookup(off int64) (extent, error) {
 		switch {
 		case alloc&bit != 0:
 			if host == 0 {
-				return extent{}, vdio.Errorf(q.name, format, entryOff, "allocated subcluster in a cluster without an offset")
+				return mapping{}, vdio.Errorf(q.name, format, entryOff, "allocated subcluster in a cluster without an offset")
 			}
-			return extent{kind: kData, host: host + inCluster, n: subRest}, nil
+			return mapping{kind: kData, host: host + inCluster, n: subRest}, nil
 		case zero&bit != 0:
-			return extent{kind: kZero, n: subRest}, nil
+			return mapping{kind: kZero, n: subRest}, nil
 		}
-		return extent{kind: kUnalloc, n: subRest}, nil
+		return mapping{kind: kUnalloc, n: subRest}, nil
 	}
 	if e&flagZero != 0 && q.version == 3 {
-		return extent{kind: kZero, n: clusterRest}, nil
+		return mapping{kind: kZero, n: clusterRest}, nil
 	}
 	if host == 0 {
-		return extent{kind: kUnalloc, n: clusterRest}, nil
+		return mapping{kind: kUnalloc, n: clusterRest}, nil
 	}
-	return extent{kind: kData, host: host + inCluster, n: clusterRest}, nil
+	return mapping{kind: kData, host: host + inCluster, n: clusterRest}, nil
 }
 
 // ReadAt reads the virtual disk.
@@ -502,10 +502,10 @@ func (q *Reader) decompress(desc uint64, voff int64) ([]byte, error) {
 	return out, nil
 }
 
-// Data implements blockmap.Map: the ranges that hold data (allocated or
+// Data implements extent.Map: the ranges that hold data (allocated or
 // compressed clusters); unallocated and zero clusters are left out.
-func (q *Reader) Data(off, n int64) ([]blockmap.Range, error) {
-	var out []blockmap.Range
+func (q *Reader) Data(off, n int64) ([]extent.Range, error) {
+	var out []extent.Range
 	end := min(off+n, q.size)
 	for off < end {
 		e, err := q.lookup(off)

@@ -9,7 +9,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/fuzzimg"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio/vdiotest"
@@ -162,8 +162,8 @@ type memBacking struct {
 }
 
 func (m memBacking) Size() int64 { return m.size }
-func (m memBacking) Data(off, n int64) ([]blockmap.Range, error) {
-	return []blockmap.Range{{Start: off, End: off + n}}, nil
+func (m memBacking) Data(off, n int64) ([]extent.Range, error) {
+	return []extent.Range{{Start: off, End: off + n}}, nil
 }
 
 func TestBacking(t *testing.T) {

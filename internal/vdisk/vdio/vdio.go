@@ -13,9 +13,8 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/sauve-backup/sauve/internal/extent"
 	"golang.org/x/sys/unix"
-
-	"github.com/sauve-backup/sauve/internal/blockmap"
 )
 
 // FormatError reports bad or unsupported input: which file, which
@@ -285,12 +284,12 @@ func (u *Units) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// Ranges is a blockmap.Map over a sorted list of ranges.
-type Ranges []blockmap.Range
+// Ranges is a extent.Map over a sorted list of ranges.
+type Ranges []extent.Range
 
-// Data implements blockmap.Map.
-func (rs Ranges) Data(off, n int64) ([]blockmap.Range, error) {
-	var out []blockmap.Range
+// Data implements extent.Map.
+func (rs Ranges) Data(off, n int64) ([]extent.Range, error) {
+	var out []extent.Range
 	end := off + n
 	// binary search the first range ending after off
 	lo, hi := 0, len(rs)
@@ -306,14 +305,14 @@ func (rs Ranges) Data(off, n int64) ([]blockmap.Range, error) {
 		if r.Start >= end {
 			break
 		}
-		out = append(out, blockmap.Range{Start: max(r.Start, off), End: min(r.End, end)})
+		out = append(out, extent.Range{Start: max(r.Start, off), End: min(r.End, end)})
 	}
 	return out, nil
 }
 
 // AddRange appends [start, end) to rs, merging it with the last range
 // when they touch. Ranges must come in order.
-func AddRange(rs []blockmap.Range, start, end int64) []blockmap.Range {
+func AddRange(rs []extent.Range, start, end int64) []extent.Range {
 	if start >= end {
 		return rs
 	}
@@ -321,7 +320,7 @@ func AddRange(rs []blockmap.Range, start, end int64) []blockmap.Range {
 		rs[n-1].End = end
 		return rs
 	}
-	return append(rs, blockmap.Range{Start: start, End: end})
+	return append(rs, extent.Range{Start: start, End: end})
 }
 
 // CHS returns the cylinder/head/sector geometry of a disk of the given
@@ -402,10 +401,10 @@ func ReadMapped(r io.ReaderAt, fileSize, size int64, lookup Lookup, file, format
 	return done, nil
 }
 
-// DataMapped implements blockmap.Map over a Lookup: the allocated ranges
+// DataMapped implements extent.Map over a Lookup: the allocated ranges
 // of [off, off+n).
-func DataMapped(size int64, lookup Lookup, off, n int64) ([]blockmap.Range, error) {
-	var out []blockmap.Range
+func DataMapped(size int64, lookup Lookup, off, n int64) ([]extent.Range, error) {
+	var out []extent.Range
 	end := min(off+n, size)
 	for off < end {
 		host, k := lookup(off)

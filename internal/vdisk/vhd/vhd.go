@@ -66,7 +66,7 @@ import (
 	"io"
 	"time"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
 
@@ -329,9 +329,9 @@ func (v *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return vdio.ReadMapped(v.r, v.fileSize, v.size, v.lookup, v.name, format, p, off)
 }
 
-// Data implements blockmap.Map. For a fixed disk, every byte is data;
+// Data implements extent.Map. For a fixed disk, every byte is data;
 // callers combine it with the file's holes.
-func (v *Reader) Data(off, n int64) ([]blockmap.Range, error) {
+func (v *Reader) Data(off, n int64) ([]extent.Range, error) {
 	return vdio.DataMapped(v.size, v.lookup, off, n)
 }
 

@@ -23,7 +23,7 @@ import (
 	"io"
 	"unicode/utf16"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
 
@@ -344,8 +344,8 @@ func (v *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return vdio.ReadMapped(v.r, v.fileSize, v.size, v.lookup, v.name, format, p, off)
 }
 
-// Data implements blockmap.Map.
-func (v *Reader) Data(off, n int64) ([]blockmap.Range, error) {
+// Data implements extent.Map.
+func (v *Reader) Data(off, n int64) ([]extent.Range, error) {
 	return vdio.DataMapped(v.size, v.lookup, off, n)
 }
 

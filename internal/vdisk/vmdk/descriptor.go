@@ -8,7 +8,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
 
@@ -28,7 +28,7 @@ const maxExtents = 65536
 // Opener opens an extent file named in a descriptor, relative to it.
 type Opener func(name string) (r io.ReaderAt, size int64, closer io.Closer, err error)
 
-type extent struct {
+type vmdkExtent struct {
 	start, size int64 // virtual bytes
 	kind        string
 	r           io.ReaderAt // FLAT: the file; SPARSE: the extent reader
@@ -41,7 +41,7 @@ type extent struct {
 type Disk struct {
 	name    string
 	size    int64
-	extents []extent
+	extents []vmdkExtent
 	closers []io.Closer
 	// CreateType is the descriptor's createType.
 	CreateType string
@@ -121,7 +121,7 @@ func (d *Disk) addExtent(line string, at int64, open Opener) error {
 	if len(d.extents) >= maxExtents {
 		return vdio.Errorf(d.name, format, at, "more than %d extents", maxExtents)
 	}
-	e := extent{start: d.size, size: sectors * sector, kind: f[2]}
+	e := vmdkExtent{start: d.size, size: sectors * sector, kind: f[2]}
 	if d.size+e.size > vdio.MaxVirtualSize {
 		return vdio.Errorf(d.name, format, at, "extents add up to more than %d bytes", int64(vdio.MaxVirtualSize))
 	}
@@ -257,11 +257,11 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-// Data implements blockmap.Map: flat extents are all data (callers may
+// Data implements extent.Map: flat extents are all data (callers may
 // not know their files' holes), sparse extents map their grains, zero
 // extents nothing.
-func (d *Disk) Data(off, n int64) ([]blockmap.Range, error) {
-	var out []blockmap.Range
+func (d *Disk) Data(off, n int64) ([]extent.Range, error) {
+	var out []extent.Range
 	end := min(off+n, d.size)
 	for i := d.find(off); off < end; i++ {
 		e := d.extents[i]

@@ -30,7 +30,7 @@ import (
 
 	"github.com/klauspost/compress/zlib"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
 
@@ -386,9 +386,9 @@ func (v *Reader) grainData(gte uint32, voff int64) ([]byte, error) {
 	return out, nil
 }
 
-// Data implements blockmap.Map.
-func (v *Reader) Data(off, n int64) ([]blockmap.Range, error) {
-	var out []blockmap.Range
+// Data implements extent.Map.
+func (v *Reader) Data(off, n int64) ([]extent.Range, error) {
+	var out []extent.Range
 	end := min(off+n, v.size)
 	for off < end {
 		gte, k, err := v.lookup(off)

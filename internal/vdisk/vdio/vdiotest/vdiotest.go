@@ -18,7 +18,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
 
@@ -81,7 +81,7 @@ func (s *Segments) ReadAt(p []byte, off int64) (int, error) {
 // Image is what the readers give.
 type Image interface {
 	io.ReaderAt
-	Data(off, n int64) ([]blockmap.Range, error)
+	Data(off, n int64) ([]extent.Range, error)
 }
 
 // Fuzz inputs that are image files are sparse files in the encoding of
@@ -146,7 +146,7 @@ var found = regexp.MustCompile(`^[0-9a-f]{16}$`)
 // The input must read back as img does.
 func FuzzSeed(t testing.TB, img []byte, open Opener) []byte {
 	t.Helper()
-	read := func(r io.ReaderAt, size int64) ([]byte, []blockmap.Range) {
+	read := func(r io.ReaderAt, size int64) ([]byte, []extent.Range) {
 		d, n, err := open(r, size)
 		if err != nil {
 			t.Fatalf("seed: %v", err)

@@ -7,14 +7,14 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/sauve-backup/sauve/internal/blockmap"
+	"github.com/sauve-backup/sauve/internal/extent"
 )
 
 // fake is a disk whose map and reads can be made to break the rules
 // Exercise checks.
 type fake struct {
 	disk   []byte
-	data   func(off, n int64) []blockmap.Range
+	data   func(off, n int64) []extent.Range
 	readAt func(p []byte, off int64) (int, error)
 }
 
@@ -25,11 +25,11 @@ func (f *fake) ReadAt(p []byte, off int64) (int, error) {
 	return bytes.NewReader(f.disk).ReadAt(p, off)
 }
 
-func (f *fake) Data(off, n int64) ([]blockmap.Range, error) {
+func (f *fake) Data(off, n int64) ([]extent.Range, error) {
 	if f.data != nil {
 		return f.data(off, n), nil
 	}
-	return []blockmap.Range{{Start: off, End: off + n}}, nil
+	return []extent.Range{{Start: off, End: off + n}}, nil
 }
 
 // failure runs Exercise and returns its failure, "" if none.
@@ -69,12 +69,12 @@ func TestExercise(t *testing.T) {
 		name, want string
 		img        *fake
 	}{
-		{"data outside the map", "outside the map", &fake{disk: disk, data: func(off, n int64) []blockmap.Range { return nil }}},
-		{"range outside its window", "outside the window", &fake{disk: disk, data: func(off, n int64) []blockmap.Range {
-			return []blockmap.Range{{Start: off, End: off + n + 1}}
+		{"data outside the map", "outside the map", &fake{disk: disk, data: func(off, n int64) []extent.Range { return nil }}},
+		{"range outside its window", "outside the window", &fake{disk: disk, data: func(off, n int64) []extent.Range {
+			return []extent.Range{{Start: off, End: off + n + 1}}
 		}}},
-		{"ranges out of order", "out of order", &fake{disk: disk, data: func(off, n int64) []blockmap.Range {
-			return []blockmap.Range{{Start: off + 10, End: off + 20}, {Start: off, End: off + 5}}
+		{"ranges out of order", "out of order", &fake{disk: disk, data: func(off, n int64) []extent.Range {
+			return []extent.Range{{Start: off + 10, End: off + 20}, {Start: off, End: off + 5}}
 		}}},
 		{"short read without error", "no error", &fake{disk: disk, readAt: func(p []byte, off int64) (int, error) {
 			return len(p) / 2, nil

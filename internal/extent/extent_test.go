@@ -1,4 +1,4 @@
-package blockmap
+package extent
 
 import (
 	"bytes"
@@ -43,7 +43,7 @@ func TestSparse(t *testing.T) {
 	}
 	// File systems allocate in blocks, so extents are block-aligned
 	// supersets of what was written.
-	want := []Range{{4 << 20, 4<<20 + 8192}, {10 << 20, 12 << 20}, {size - 4096, size}}
+	want := []Range{{Start: 4 << 20, End: 4<<20 + 8192}, {Start: 10 << 20, End: 12 << 20}, {Start: size - 4096, End: size}}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("data ranges %v, want %v", got, want)
 	}
@@ -57,10 +57,10 @@ func TestReadRanges(t *testing.T) {
 		ranges []Range
 		want   string
 	}{
-		{0, 10, []Range{{0, 10}}, "0123456789"},
+		{0, 10, []Range{{Start: 0, End: 10}}, "0123456789"},
 		{0, 10, nil, "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"},
-		{5, 10, []Range{{6, 8}, {12, 15}}, "\x0067\x00\x00\x00\x00cde"},
-		{10, 10, []Range{{10, 11}}, "a\x00\x00\x00\x00\x00\x00\x00\x00\x00"},
+		{5, 10, []Range{{Start: 6, End: 8}, {Start: 12, End: 15}}, "\x0067\x00\x00\x00\x00cde"},
+		{10, 10, []Range{{Start: 10, End: 11}}, "a\x00\x00\x00\x00\x00\x00\x00\x00\x00"},
 	} {
 		buf := bytes.Repeat([]byte{0xff}, tc.n) // stale content must be cleared
 		n, err := ReadRanges(src, buf, tc.off, tc.ranges)
