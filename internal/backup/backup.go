@@ -23,20 +23,17 @@ import (
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
-// Reader is a disk to back up: ReadAt for files and devices, Read for
-// streams.
-type Reader interface {
-	io.Reader
-	io.ReaderAt
-}
-
 // Source describes the disk to back up.
 type Source struct {
-	Name   string // the disk's name in the snapshot
-	Path   string // where it was read from
-	Kind   string // file, device, stdin
-	Size   int64  // -1 for a stream of unknown length
-	Reader Reader
+	Name string // the disk's name in the snapshot
+	Path string // where it was read from
+	Kind string // file, device, stdin
+	Size int64  // -1 for a stream of unknown length
+	// At reads a disk of known Size at any offset (a file, a device, the
+	// virtual disk of an image); Stream is read once, in order, when Size
+	// is -1 (standard input, a FIFO). A source has one or the other.
+	At     io.ReaderAt
+	Stream io.Reader
 	// SizeHint is the expected length of a stream, for progress only.
 	SizeHint int64
 	// Map says which ranges hold data; nil means all of it. Ignored for
@@ -291,7 +288,7 @@ func readChunks(ctx context.Context, src Source, cs int, free chan []byte, jobs 
 			if err != nil {
 				return err
 			}
-			n, err := io.ReadFull(src.Reader, buf)
+			n, err := io.ReadFull(src.Stream, buf)
 			read.Add(int64(n))
 			prog.Read.Add(int64(n))
 			if n > 0 {
@@ -332,7 +329,7 @@ func readChunks(ctx context.Context, src Source, cs int, free chan []byte, jobs 
 		if err != nil {
 			return err
 		}
-		got, err := extent.ReadRanges(src.Reader, buf[:n], off, ranges)
+		got, err := extent.ReadRanges(src.At, buf[:n], off, ranges)
 		read.Add(got)
 		prog.Read.Add(got)
 		if err != nil {

@@ -97,8 +97,13 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			if err != nil {
 				return err
 			}
-			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: src.Size, Reader: src,
+			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: src.Size,
 				Map: sm.Map(), Describe: sm.describe}
+			if src.Kind == disk.Stream {
+				bs.Stream = src
+			} else {
+				bs.At = src
+			}
 			img.adapt(&bs)
 			if bs.Size == 0 && !allowEmpty {
 				return fmt.Errorf("source %s holds a disk of 0 bytes: refusing to store an empty snapshot (--allow-empty stores one)", src.Path)

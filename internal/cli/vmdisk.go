@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -446,11 +445,5 @@ func (img *importedImage) adapt(bs *backup.Source) {
 	if img == nil {
 		return
 	}
-	bs.Reader, bs.Size = imageReader{img.Image}, img.Size
+	bs.At, bs.Size = img.Image, img.Size
 }
-
-// imageReader adapts an image to backup.Reader (sized sources are only
-// read with ReadAt).
-type imageReader struct{ *vdisk.Image }
-
-func (imageReader) Read([]byte) (int, error) { return 0, io.ErrNoProgress }
