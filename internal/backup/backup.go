@@ -1,9 +1,13 @@
 // Package backup is the backup pipeline: it reads a disk in fixed-size,
-// offset-aligned chunks (skipping what the block map says holds no data),
+// offset-aligned chunks (skipping what the data map says holds no data),
 // hashes them, skips zero chunks and chunks the repository holds, and hands
-// the rest to the repository to compress, seal and pack. Reading, hashing,
-// compression and upload run concurrently over bounded channels and a fixed
-// set of buffers, so memory does not depend on the disk's size.
+// the rest to the repository to compress, seal and pack.
+//
+// The pipeline is four stages over bounded channels: read (one goroutine,
+// in disk order), hash and save (one per CPU), order (results back into
+// disk order) and chunk list (the snapshot's list of chunk IDs). Buffers
+// come from a fixed pool that the read stage waits on, so memory does not
+// depend on the disk's size, and a slow repository slows the reader down.
 package backup
 
 import (
@@ -22,6 +26,25 @@ import (
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
+
+// Repository is what a backup needs of the repository: its chunk size and
+// keyed chunk IDs, and a write session to store chunks, chunk lists and
+// the snapshot in.
+type Repository interface {
+	Config() repo.Config
+	ChunkID(data []byte) repo.ID
+	BeginWrite(ctx context.Context) error
+	Flush(ctx context.Context) (repo.FlushStats, error)
+	Abort()
+	store
+}
+
+// store is what the stages write through: the write session.
+type store interface {
+	SaveBlob(ctx context.Context, t repo.BlobType, id repo.ID, plain []byte) (repo.SaveResult, error)
+	NewChunkListWriter() *repo.ChunkListWriter
+	SaveSnapshot(ctx context.Context, sn *repo.Snapshot) (repo.ID, error)
+}
 
 // Source describes the disk to back up.
 type Source struct {
@@ -78,6 +101,46 @@ type Result struct {
 	Packs    int
 }
 
+// Run backs up src into r and writes the snapshot manifest last. The
+// repository's index must be loaded.
+func Run(ctx context.Context, r Repository, src Source, opts Options) (*Result, error) {
+	start := time.Now()
+	p := newPipeline(r, src, opts)
+	defer p.prog.Finished.Store(true)
+	if err := r.BeginWrite(ctx); err != nil {
+		return nil, err
+	}
+	out, err := p.run(ctx, r)
+	if err != nil {
+		r.Abort()
+		return nil, err
+	}
+	fs, err := r.Flush(ctx)
+	if err != nil {
+		return nil, err
+	}
+	sn := p.snapshot(out, start)
+	if _, err := r.SaveSnapshot(ctx, sn); err != nil {
+		return nil, err
+	}
+	return &Result{Snapshot: sn, Stats: sn.Disks[0].Stats, Packs: fs.Packs}, nil
+}
+
+// pipeline is one backup's stages and the state they share.
+type pipeline struct {
+	r       Repository
+	src     Source
+	opts    Options
+	cs      int
+	workers int
+	prog    *Progress
+	// free is the pool of chunk buffers: the read stage takes one per
+	// chunk it reads, the hash and save stage gives it back.
+	free chan []byte
+}
+
+// job is one chunk read: its buffer, or none for a chunk the data map
+// says holds no data.
 type job struct {
 	i    int64
 	n    int // chunk length
@@ -85,9 +148,10 @@ type job struct {
 	zero bool
 }
 
+// result is what the hash and save stage did with one chunk.
 type result struct {
 	i      int64
-	id     repo.ID
+	id     repo.ID // zero for a zero chunk
 	n      int
 	kind   int // chunkZero, chunkNew, chunkReused
 	coded  int
@@ -100,248 +164,268 @@ const (
 	chunkReused
 )
 
-// Run backs up src into r and writes the snapshot manifest last. The
-// repository's index must be loaded.
-func Run(ctx context.Context, r *repo.Repository, src Source, opts Options) (*Result, error) {
-	start := time.Now()
-	cs := r.Config().ChunkSize
-	workers := opts.Workers
-	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
+// output is what the stages produced: the chunk list and its tallies.
+type output struct {
+	lists  []repo.ID
+	chunks int64
+	size   int64
+	read   int64
+	stats  repo.DiskStats
+}
+
+func newPipeline(r Repository, src Source, opts Options) *pipeline {
+	p := &pipeline{r: r, src: src, opts: opts, cs: r.Config().ChunkSize, workers: opts.Workers, prog: opts.Progress}
+	if p.workers <= 0 {
+		p.workers = runtime.GOMAXPROCS(0)
 	}
-	prog := opts.Progress
-	if prog == nil {
-		prog = new(Progress)
+	if p.prog == nil {
+		p.prog = new(Progress)
 	}
-	prog.Total.Store(src.Size)
+	p.prog.Total.Store(src.Size)
 	if src.Size < 0 && src.SizeHint > 0 {
-		prog.Total.Store(src.SizeHint)
+		p.prog.Total.Store(src.SizeHint)
 	}
-	defer prog.Finished.Store(true)
-
-	// A fixed pool of buffers bounds memory: the reader waits for a free
-	// buffer when hashing or uploading falls behind.
-	nbuf := workers*2 + 2
-	free := make(chan []byte, nbuf)
+	// Two buffers per worker keep every worker busy while the reader
+	// fills the next; two more absorb the order stage's waits.
+	nbuf := p.workers*2 + 2
+	p.free = make(chan []byte, nbuf)
 	for range nbuf {
-		free <- make([]byte, cs)
+		p.free <- make([]byte, p.cs)
 	}
-	jobs := make(chan job, workers)
-	results := make(chan result, workers*2)
+	return p
+}
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	if err := r.BeginWrite(ctx); err != nil {
-		return nil, err
-	}
+// run runs the stages and checks that they covered the whole source.
+func (p *pipeline) run(ctx context.Context, s store) (*output, error) {
+	jobs := make(chan job, p.workers)
+	results := make(chan result, p.workers*2)
+	out := &output{}
 	g, gctx := errgroup.WithContext(ctx)
-
-	var readBytes atomic.Int64
 	g.Go(func() error {
 		defer close(jobs)
-		return readChunks(gctx, src, cs, free, jobs, &readBytes, prog)
+		return p.read(gctx, jobs, &out.read)
 	})
-
 	var wg sync.WaitGroup
-	for range workers {
+	for range p.workers {
 		wg.Add(1)
 		g.Go(func() error {
 			defer wg.Done()
-			zeros := make([]byte, cs)
-			for j := range jobs {
-				res := result{i: j.i, n: j.n, kind: chunkZero}
-				if !j.zero && !bytes.Equal(j.buf[:j.n], zeros[:j.n]) {
-					res.id = r.ChunkID(j.buf[:j.n])
-					sr, err := r.SaveBlob(gctx, repo.DataBlob, res.id, j.buf[:j.n])
-					if err != nil {
-						return fmt.Errorf("store chunk at offset %d: %w", j.i*int64(cs), err)
-					}
-					if sr.New {
-						res.kind, res.coded, res.sealed = chunkNew, sr.Coded, sr.Sealed
-					} else {
-						res.kind = chunkReused
-					}
-				}
-				if j.buf != nil {
-					free <- j.buf
-				}
-				select {
-				case results <- res:
-				case <-gctx.Done():
-					return gctx.Err()
-				}
-			}
-			return nil
+			return p.hashAndSave(gctx, s, jobs, results)
 		})
 	}
 	go func() { wg.Wait(); close(results) }()
-
-	var (
-		stats  repo.DiskStats
-		lists  []repo.ID
-		chunks int64
-		size   int64
-		lw     = r.NewChunkListWriter()
-	)
 	g.Go(func() error {
-		// Results arrive out of order; the chunk list needs them in order.
-		pending := map[int64]result{}
-		next := int64(0)
-		for res := range results {
-			pending[res.i] = res
-			for {
-				p, ok := pending[next]
-				if !ok {
-					break
-				}
-				delete(pending, next)
-				next++
-				if err := lw.Append(gctx, p.id); err != nil {
-					return err
-				}
-				n := int64(p.n)
-				size += n
-				switch p.kind {
-				case chunkZero:
-					stats.ChunksZero++
-					prog.Zero.Add(n)
-				case chunkNew:
-					stats.ChunksNew++
-					stats.BytesNew += n
-					stats.BytesNewCoded += int64(p.coded)
-					stats.BytesStored += int64(p.sealed)
-					prog.New.Add(n)
-					prog.Stored.Add(int64(p.sealed))
-				case chunkReused:
-					stats.ChunksReused++
-					prog.Reused.Add(n)
-				}
-				prog.Done.Add(n)
-			}
+		lw := s.NewChunkListWriter()
+		err := order(gctx, results, func(res result) error {
+			out.chunks++
+			out.size += int64(res.n)
+			p.tally(&out.stats, res)
+			return lw.Append(gctx, res.id)
+		})
+		if err != nil {
+			return err
 		}
-		chunks = next
-		if len(pending) != 0 {
-			return errors.New("internal error: chunk results missing")
-		}
-		var err error
-		lists, err = lw.Close(gctx)
+		out.lists, err = lw.Close(gctx)
 		return err
 	})
-
 	if err := g.Wait(); err != nil {
-		r.Abort()
 		return nil, err
 	}
-	fs, err := r.Flush(ctx)
-	if err != nil {
-		return nil, err
+	if p.src.Size >= 0 && out.size != p.src.Size {
+		return nil, fmt.Errorf("read %d bytes of %s, expected %d (did the source shrink?)", out.size, p.src.Path, p.src.Size)
 	}
-	if src.Size >= 0 && size != src.Size {
-		return nil, fmt.Errorf("read %d bytes of %s, expected %d (did the source shrink?)", size, src.Path, src.Size)
+	if want := (out.size + int64(p.cs) - 1) / int64(p.cs); want != out.chunks {
+		return nil, fmt.Errorf("internal error: %d chunks for %d bytes", out.chunks, out.size)
 	}
-	if want := (size + int64(cs) - 1) / int64(cs); want != chunks {
-		return nil, fmt.Errorf("internal error: %d chunks for %d bytes", chunks, size)
-	}
-	stats.BytesRead = readBytes.Load()
-	stats.Seconds = time.Since(start).Seconds()
-	t := opts.Time
+	out.stats.BytesRead = out.read
+	return out, nil
+}
+
+// snapshot builds the manifest of a finished run.
+func (p *pipeline) snapshot(out *output, start time.Time) *repo.Snapshot {
+	out.stats.Seconds = time.Since(start).Seconds()
+	t := p.opts.Time
 	if t.IsZero() {
 		t = start
 	}
 	sn := &repo.Snapshot{
-		Time: t.UTC(), Host: opts.Host, Tags: opts.Tags, Parent: opts.Parent, Program: opts.Program,
+		Time: t.UTC(), Host: p.opts.Host, Tags: p.opts.Tags, Parent: p.opts.Parent, Program: p.opts.Program,
 		Disks: []repo.Disk{{
-			Name: src.Name, Source: src.Path, Kind: src.Kind, Size: size, ChunkSize: cs,
-			ChunkLists: lists, ListEntries: repo.ListEntries, Stats: stats,
+			Name: p.src.Name, Source: p.src.Path, Kind: p.src.Kind, Size: out.size, ChunkSize: p.cs,
+			ChunkLists: out.lists, ListEntries: repo.ListEntries, Stats: out.stats,
 		}},
 	}
-	if src.Describe != nil {
-		src.Describe(&sn.Disks[0])
+	if p.src.Describe != nil {
+		p.src.Describe(&sn.Disks[0])
 	}
-	if _, err := r.SaveSnapshot(ctx, sn); err != nil {
-		return nil, err
-	}
-	return &Result{Snapshot: sn, Stats: stats, Packs: fs.Packs}, nil
+	return sn
 }
 
-// readChunks reads the source sequentially and sends one job per chunk.
-func readChunks(ctx context.Context, src Source, cs int, free chan []byte, jobs chan<- job, read *atomic.Int64, prog *Progress) error {
-	send := func(j job) error {
-		select {
-		case jobs <- j:
-			return nil
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+// read is the read stage: it reads the source in order and sends one job
+// per chunk.
+func (p *pipeline) read(ctx context.Context, jobs chan<- job, read *int64) error {
+	count := func(n int64) {
+		*read += n
+		p.prog.Read.Add(n)
 	}
-	getBuf := func() ([]byte, error) {
-		select {
-		case b := <-free:
-			return b, nil
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+	if p.src.Size < 0 {
+		return p.readStream(ctx, jobs, count)
 	}
-	if src.Size < 0 {
-		for i := int64(0); ; i++ {
-			buf, err := getBuf()
-			if err != nil {
-				return err
-			}
-			n, err := io.ReadFull(src.Stream, buf)
-			read.Add(int64(n))
-			prog.Read.Add(int64(n))
-			if n > 0 {
-				if err := send(job{i: i, n: n, buf: buf}); err != nil {
-					return err
-				}
-			} else {
-				free <- buf
-			}
-			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-				return nil
-			}
-			if err != nil {
-				return fmt.Errorf("read %s at offset %d: %w", src.Path, i*int64(cs), err)
-			}
-		}
-	}
-	m := src.Map
+	m := p.src.Map
 	if m == nil {
 		m = extent.Full{}
 	}
-	for i, off := int64(0), int64(0); off < src.Size; i, off = i+1, off+int64(cs) {
-		n := int64(cs)
-		if off+n > src.Size {
-			n = src.Size - off
-		}
+	cs := int64(p.cs)
+	for i, off := int64(0), int64(0); off < p.src.Size; i, off = i+1, off+cs {
+		n := min(cs, p.src.Size-off)
 		ranges, err := m.Data(off, n)
 		if err != nil {
-			return fmt.Errorf("map of %s at offset %d: %w", src.Path, off, err)
+			return fmt.Errorf("map of %s at offset %d: %w", p.src.Path, off, err)
 		}
 		if len(ranges) == 0 {
-			if err := send(job{i: i, n: int(n), zero: true}); err != nil {
+			if err := send(ctx, jobs, job{i: i, n: int(n), zero: true}); err != nil {
 				return err
 			}
 			continue
 		}
-		buf, err := getBuf()
+		buf, err := p.buffer(ctx)
 		if err != nil {
 			return err
 		}
-		got, err := extent.ReadRanges(src.At, buf[:n], off, ranges)
-		read.Add(got)
-		prog.Read.Add(got)
+		got, err := extent.ReadRanges(p.src.At, buf[:n], off, ranges)
+		count(got)
 		if err != nil {
-			free <- buf
+			p.free <- buf
 			if errors.Is(err, io.EOF) {
-				return fmt.Errorf("read %s at offset %d: source ended early (did it shrink?)", src.Path, off)
+				return fmt.Errorf("read %s at offset %d: source ended early (did it shrink?)", p.src.Path, off)
 			}
-			return fmt.Errorf("read %s at offset %d: %w", src.Path, off, err)
+			return fmt.Errorf("read %s at offset %d: %w", p.src.Path, off, err)
 		}
-		if err := send(job{i: i, n: int(n), buf: buf}); err != nil {
+		if err := send(ctx, jobs, job{i: i, n: int(n), buf: buf}); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// readStream reads a stream of unknown length to its end.
+func (p *pipeline) readStream(ctx context.Context, jobs chan<- job, count func(int64)) error {
+	for i := int64(0); ; i++ {
+		buf, err := p.buffer(ctx)
+		if err != nil {
+			return err
+		}
+		n, err := io.ReadFull(p.src.Stream, buf)
+		count(int64(n))
+		if n > 0 {
+			if err := send(ctx, jobs, job{i: i, n: n, buf: buf}); err != nil {
+				return err
+			}
+		} else {
+			p.free <- buf
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read %s at offset %d: %w", p.src.Path, i*int64(p.cs), err)
+		}
+	}
+}
+
+// buffer takes a chunk buffer from the pool, waiting for one.
+func (p *pipeline) buffer(ctx context.Context) ([]byte, error) {
+	select {
+	case b := <-p.free:
+		return b, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func send[T any](ctx context.Context, ch chan<- T, v T) error {
+	select {
+	case ch <- v:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// hashAndSave is the hash and save stage: it tells zero chunks apart,
+// names the others by their keyed hash and stores those the repository
+// does not hold.
+func (p *pipeline) hashAndSave(ctx context.Context, s store, jobs <-chan job, results chan<- result) error {
+	zeros := make([]byte, p.cs)
+	for j := range jobs {
+		res := result{i: j.i, n: j.n, kind: chunkZero}
+		if !j.zero && !bytes.Equal(j.buf[:j.n], zeros[:j.n]) {
+			res.id = p.r.ChunkID(j.buf[:j.n])
+			sr, err := s.SaveBlob(ctx, repo.DataBlob, res.id, j.buf[:j.n])
+			if err != nil {
+				return fmt.Errorf("store chunk at offset %d: %w", j.i*int64(p.cs), err)
+			}
+			res.kind = chunkReused
+			if sr.New {
+				res.kind, res.coded, res.sealed = chunkNew, sr.Coded, sr.Sealed
+			}
+		}
+		if j.buf != nil {
+			p.free <- j.buf
+		}
+		if err := send(ctx, results, res); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// order is the order stage: results arrive in any order, fn gets them in
+// disk order.
+func order(ctx context.Context, results <-chan result, fn func(result) error) error {
+	pending := map[int64]result{}
+	next := int64(0)
+	for res := range results {
+		pending[res.i] = res
+		for {
+			r, ok := pending[next]
+			if !ok {
+				break
+			}
+			delete(pending, next)
+			next++
+			if err := fn(r); err != nil {
+				return err
+			}
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if len(pending) != 0 {
+		return errors.New("internal error: chunk results missing")
+	}
+	return nil
+}
+
+// tally counts one chunk, in disk order, in the disk's statistics and
+// the progress the caller reads.
+func (p *pipeline) tally(st *repo.DiskStats, res result) {
+	n := int64(res.n)
+	switch res.kind {
+	case chunkZero:
+		st.ChunksZero++
+		p.prog.Zero.Add(n)
+	case chunkNew:
+		st.ChunksNew++
+		st.BytesNew += n
+		st.BytesNewCoded += int64(res.coded)
+		st.BytesStored += int64(res.sealed)
+		p.prog.New.Add(n)
+		p.prog.Stored.Add(int64(res.sealed))
+	case chunkReused:
+		st.ChunksReused++
+		p.prog.Reused.Add(n)
+	}
+	p.prog.Done.Add(n)
 }
