@@ -55,7 +55,13 @@ func (e *ExitError) Error() string { return fmt.Sprintf("exit status %d", e.Code
 func Main(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	g := &globals{stdout: os.Stdout, stderr: os.Stderr}
+	return Run(ctx, args, os.Stdout, os.Stderr)
+}
+
+// Run runs the command line with its output on stdout and stderr and
+// returns the exit status; ctx ends it as Ctrl-C does.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	g := &globals{stdout: stdout, stderr: stderr}
 	root := newRoot(g)
 	root.SetArgs(args)
 	err := root.ExecuteContext(ctx)
