@@ -18,6 +18,7 @@ import (
 type sourceMap struct {
 	m      extent.Map
 	layout *blockmap.Layout
+	tally  *blockmap.Tally
 }
 
 // mapSource reads the layout of a file or device source and prints what
@@ -47,7 +48,8 @@ func (g *globals) mapSource(src *disk.Source, noSkip bool) (*sourceMap, error) {
 	for _, w := range l.Warnings {
 		g.warnf("%s", w)
 	}
-	sm.m, sm.layout = l, l
+	sm.tally = blockmap.NewTally(l)
+	sm.m, sm.layout = sm.tally, l
 	return sm, nil
 }
 
@@ -68,12 +70,13 @@ func (sm *sourceMap) describe(d *repo.Disk) {
 	if l.Table != nil {
 		d.PartitionTable, d.DiskID, d.SectorSize = l.Table.Kind, l.Table.ID, l.Table.SectorSize
 	}
-	d.BytesOutside = l.OutsideRead
-	for _, p := range l.Parts {
+	d.BytesOutside = sm.tally.Outside()
+	for i, p := range l.Parts {
+		st := sm.tally.Part(i)
 		rp := repo.Partition{
 			Number: p.Number, Start: p.Start, Size: p.Size, Type: p.Type, TypeName: p.TypeName,
 			Name: p.Name, UUID: p.UUID, Bootable: p.Bootable, Extended: p.Container,
-			BytesRead: p.Read, BytesSkipped: p.Skipped, ImagedInFull: p.Full,
+			BytesRead: st.Read, BytesSkipped: st.Skipped, ImagedInFull: p.Full,
 		}
 		if p.Container {
 			rp.ImagedInFull = ""
@@ -82,7 +85,7 @@ func (sm *sourceMap) describe(d *repo.Disk) {
 			rp.Filesystem, rp.Label, rp.FSUUID, rp.BlockSize = fs.Type, fs.Label, fs.UUID, fs.BlockSize
 		}
 		if p.UsedKnown {
-			u := p.Used
+			u := st.Used
 			rp.UsedBytes = &u
 		}
 		if len(p.Notes) > 0 {

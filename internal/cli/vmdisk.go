@@ -303,10 +303,7 @@ complete; an existing OUTPUT is refused unless --force. An empty SOURCE
 			fields := map[string]any{"source": args[0], "source_format": img.Format, "source_size": img.Size}
 			if sm != nil && sm.layout != nil {
 				sm.warnLate(g)
-				var skipped int64
-				for _, p := range sm.layout.Parts {
-					skipped += p.Skipped
-				}
+				skipped := sm.tally.Skipped()
 				fields["bytes_skipped"] = skipped
 				g.printf("free space of the filesystems left unallocated: %s\n", bytesIEC(skipped))
 			}
@@ -434,7 +431,8 @@ func (g *globals) mapDisk(src *disk.Source, img *vdisk.Image, noSkip bool) (*sou
 	for _, w := range l.Warnings {
 		g.warnf("%s", w)
 	}
-	return &sourceMap{m: l, layout: l}, nil
+	t := blockmap.NewTally(l)
+	return &sourceMap{m: t, layout: l, tally: t}, nil
 }
 
 // importedImage is a VM disk image backed up as the disk it holds.
