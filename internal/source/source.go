@@ -13,8 +13,10 @@
 //	d, err := source.OpenDisk(v, opts)         // the disk v holds: itself, or an image's virtual disk
 //	m, err := d.Map(source.MapOptions{...})    // partition table, filesystems, free space, mounts
 //
-// then reads d.At (or d.Stream) with m.Map(), and records m.Describe in
-// the snapshot once read.
+// The caller then reads d.At with m.Map() (or d.Stream, whole), adds
+// m.Describe to the snapshot's disk entry once it is read, and calls
+// m.WarnLate. src.RefuseEmpty and d.RefuseEmpty refuse a source, or an
+// image's disk, that holds no byte.
 //
 // Point-in-time copies (internal/shadow) plug in between Open and
 // OpenDisk. A Provider is given the opened sources of one backup (path,
