@@ -191,8 +191,9 @@ func FuzzFAT(f *testing.F)  { fuzzProbe(f, probeFAT) }
 func FuzzSwap(f *testing.F) { fuzzProbe(f, probeSwap) }
 
 // FuzzLayout reads a whole disk: partition tables, then filesystems. On
-// top of walk's checks, the bytes it maps must add up to what it counts
-// as read, inside partitions and outside.
+// top of walk's checks, the bytes it maps must add up to what its Tally
+// counts as read, inside partitions and outside, and asking the windows
+// again must give the same answers.
 func FuzzLayout(f *testing.F) {
 	f.Fuzz(func(t *testing.T, in []byte, w uint16) {
 		img := fuzzDisk(in)
@@ -200,28 +201,43 @@ func FuzzLayout(f *testing.F) {
 		if err != nil {
 			return
 		}
+		tl := NewTally(l)
+		ws := windows(img.Size(), w)
 		// Read each window once, for the counts.
 		var mapped int64
-		for _, w := range windows(img.Size(), w) {
-			rs, err := l.Data(w.Start, w.Len())
+		var first [][]extent.Range
+		for _, w := range ws {
+			rs, err := tl.Data(w.Start, w.Len())
 			if err != nil {
 				return
 			}
+			first = append(first, rs)
 			for _, r := range rs {
 				mapped += r.Len()
 			}
 		}
-		counted := l.OutsideRead
-		for _, p := range l.Parts {
-			if p.Read < 0 || p.Skipped < 0 || p.Used < 0 {
-				t.Fatalf("%s: read %d, skipped %d, used %d", l.Label(p), p.Read, p.Skipped, p.Used)
+		counted := tl.Outside()
+		for i, p := range l.Parts {
+			s := tl.Part(i)
+			if s.Read < 0 || s.Skipped < 0 || s.Used < 0 {
+				t.Fatalf("%s: read %d, skipped %d, used %d", l.Label(p), s.Read, s.Skipped, s.Used)
 			}
-			counted += p.Read
+			counted += s.Read
 		}
 		if mapped != counted {
 			t.Fatalf("%d bytes mapped, %d counted as read", mapped, counted)
 		}
-		walk(t, l, windows(img.Size(), w))
+		// Backwards now: the layout answers as it did.
+		for i := len(ws) - 1; i >= 0; i-- {
+			rs, err := l.Data(ws[i].Start, ws[i].Len())
+			if err != nil {
+				return
+			}
+			if !slices.Equal(rs, first[i]) {
+				t.Fatalf("window %v maps as %v, then as %v", ws[i], first[i], rs)
+			}
+		}
+		walk(t, l, ws)
 	})
 }
 

@@ -33,7 +33,8 @@ type Busy struct {
 }
 
 // Part is a partition, or (Number 0) a filesystem that fills a disk
-// without a partition table, and what its map did during a backup.
+// without a partition table, and how it is mapped. What a backup read of
+// it is counted by a Tally, not here: the layout is only asked.
 type Part struct {
 	ptable.Partition
 	FS *Filesystem // nil: no filesystem recognised
@@ -43,17 +44,22 @@ type Part struct {
 	// Notes are problems found while reading the filesystem's map (a
 	// bitmap that fails its checksum): those parts were imaged in full.
 	Notes []string
-	// UsedKnown says whether Used was counted: a filesystem whose map
-	// could be read.
+	// UsedKnown says whether the filesystem's map can be read, so that
+	// its used bytes are counted (Share.Used, Stats.Used).
 	UsedKnown bool
-	Used      int64 // bytes the filesystem uses
-	Read      int64 // bytes of the partition mapped for reading
-	Skipped   int64 // bytes not read because the filesystem marks them free
 }
 
 // Layout is the Map of a whole disk: partition table, partitions and
 // their filesystems. Everything outside a partition whose filesystem it
 // can map is data.
+//
+// Asking it which ranges hold data (Data, Window) counts nothing: the
+// answer depends only on the window asked, so a window may be asked twice
+// or out of order. The one thing a query can add is a note on damage met
+// in a filesystem's map (Late, Part.Notes), each note once however often
+// it is met. What a backup read is counted by a Tally. A Layout is not
+// safe for concurrent use: the filesystem maps keep the piece of their
+// bitmap read last.
 type Layout struct {
 	Table *ptable.Table // nil: no partition table
 	Parts []*Part
@@ -61,14 +67,10 @@ type Layout struct {
 	// was read; Late are those found while the map was read.
 	Warnings []string
 	Late     []string
-	// OutsideRead counts bytes read outside partitions (boot code, gaps,
-	// partition tables, the tail of the disk).
-	OutsideRead int64
 
 	size  int64
 	under extent.Map
 	segs  []segment
-	cur   int
 }
 
 // segment is a stretch of the disk with one owner (a partition, or -1
@@ -210,12 +212,16 @@ const maxNotes = 8
 
 func (l *Layout) lateWarn(i int) func(string) {
 	n := 0
+	seen := map[string]bool{}
 	return func(msg string) {
-		n++
-		switch {
-		case n > maxNotes+1:
+		// A piece of a map read again (a window asked twice) reports its
+		// damage again: note it once.
+		if seen[msg] || n > maxNotes {
 			return
-		case n == maxNotes+1:
+		}
+		seen[msg] = true
+		n++
+		if n == maxNotes+1 {
 			msg = "more problems of this kind: further ones are not listed (those parts are imaged in full too)"
 		}
 		if i < len(l.Parts) {
@@ -263,68 +269,98 @@ func (l *Layout) build() {
 	add(segment{start: pos, end: l.size, owner: -1})
 }
 
+// Share is what one owner of a window holds of it: a partition (Part is
+// its index in Layout.Parts) or, with Part -1, the disk outside every
+// partition (boot code, gaps, partition tables, the tail of the disk).
+type Share struct {
+	Part int
+	// Read is the bytes of the owner's part of the window that hold data.
+	Read int64
+	// Used is the bytes the filesystem marks used, counted where its map
+	// is read (Part.UsedKnown); Skipped those it marks free and the map
+	// leaves out.
+	Used, Skipped int64
+}
+
 // Data implements Map.
 func (l *Layout) Data(off, n int64) ([]extent.Range, error) {
-	end := off + n
+	data, _, err := l.window(off, n, nil, false)
+	return data, err
+}
+
+// Window returns the ranges within [off, off+n) that hold data, as Data
+// does, and what each owner of a part of the window holds of it, in the
+// order of the disk. It changes nothing the layout reports.
+func (l *Layout) Window(off, n int64) ([]extent.Range, []Share, error) {
+	return l.window(off, n, nil, true)
+}
+
+// window is Window, appending the shares to shares when withShares.
+func (l *Layout) window(off, n int64, shares []Share, withShares bool) ([]extent.Range, []Share, error) {
+	end := min(off+n, l.size)
+	if off < 0 || off >= end {
+		return nil, shares, nil
+	}
 	var under []extent.Range
 	if l.under != nil {
 		var err error
-		if under, err = l.under.Data(off, n); err != nil {
-			return nil, err
+		if under, err = l.under.Data(off, end-off); err != nil {
+			return nil, shares, err
 		}
 	}
-	if l.cur >= len(l.segs) || l.segs[l.cur].start > off {
-		l.cur = 0
-	}
-	for l.cur < len(l.segs) && l.segs[l.cur].end <= off {
-		l.cur++
-	}
 	var out []extent.Range
-	for i := l.cur; i < len(l.segs) && l.segs[i].start < end; i++ {
+	// The first segment that ends after off: a search, not a cursor, so
+	// that the answer cannot depend on the windows asked before.
+	first := sort.Search(len(l.segs), func(i int) bool { return l.segs[i].end > off })
+	for i := first; i < len(l.segs) && l.segs[i].start < end; i++ {
 		s := &l.segs[i]
 		a, z := max(off, s.start), min(end, s.end)
 		rs := []extent.Range{{Start: a, End: z}}
-		var p *Part
-		if s.owner >= 0 {
-			p = l.Parts[s.owner]
-		}
+		sh := Share{Part: s.owner}
 		if s.m != nil {
-			base := p.Start
-			used, err := s.m.Data(a-base, z-a)
+			p := l.Parts[s.owner]
+			used, err := s.m.Data(a-p.Start, z-a)
 			if err != nil {
-				return nil, fmt.Errorf("%s: %w", l.label(p), err)
+				return nil, shares, fmt.Errorf("%s: %w", l.label(p), err)
 			}
-			var u int64
 			for k := range used {
-				used[k].Start += base
-				used[k].End += base
-				u += used[k].Len()
+				used[k].Start += p.Start
+				used[k].End += p.Start
+				sh.Used += used[k].Len()
 			}
-			p.Used += u
 			if s.skip {
 				rs = used
-				p.Skipped += (z - a) - u
+				sh.Skipped = (z - a) - sh.Used
 			}
 		}
 		if l.under != nil {
 			rs = intersect(rs, under)
 		}
-		var read int64
 		for _, r := range rs {
-			read += r.Len()
+			sh.Read += r.Len()
 			if k := len(out); k > 0 && out[k-1].End == r.Start {
 				out[k-1].End = r.End
 			} else {
 				out = append(out, r)
 			}
 		}
-		if p != nil {
-			p.Read += read
-		} else {
-			l.OutsideRead += read
+		if withShares {
+			shares = addShare(shares, sh)
 		}
 	}
-	return out, nil
+	return out, shares, nil
+}
+
+// addShare appends sh to shares, adding it to the last one when both
+// have one owner (a filesystem and the rest of its partition).
+func addShare(shares []Share, sh Share) []Share {
+	if k := len(shares); k > 0 && shares[k-1].Part == sh.Part {
+		shares[k-1].Read += sh.Read
+		shares[k-1].Used += sh.Used
+		shares[k-1].Skipped += sh.Skipped
+		return shares
+	}
+	return append(shares, sh)
 }
 
 // intersect returns the ranges in both a and b (each sorted, disjoint).

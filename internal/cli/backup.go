@@ -4,12 +4,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/sauve-backup/sauve/internal/backup"
-	"github.com/sauve-backup/sauve/internal/disk"
 	"github.com/sauve-backup/sauve/internal/repo"
+	"github.com/sauve-backup/sauve/internal/source"
+	"github.com/sauve-backup/sauve/internal/vdisk"
 )
 
 func newBackupCmd(g *globals) *cobra.Command {
@@ -60,20 +62,27 @@ snapshot, and the next backup reuses what it had uploaded.`,
 		Args: exactArgs(1, "one SOURCE (a device, an image file, or - for stdin)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			src, err := disk.OpenSource(ctx, args[0])
+			sopts, err := sourceOptions(cmd)
+			if err != nil {
+				return err
+			}
+			src, err := source.Open(ctx, args[0])
 			if err != nil {
 				return err
 			}
 			defer src.Close()
-			if err := refuseEmpty(src, allowEmpty, "store an empty snapshot", "stores one"); err != nil {
-				return err
+			const doing, hint = "store an empty snapshot", "--allow-empty stores one"
+			if !allowEmpty {
+				if err := src.RefuseEmpty(doing, hint); err != nil {
+					return err
+				}
 			}
 			if host == "" {
 				host, _ = os.Hostname()
 			}
 			name := filepath.Base(src.Path)
 			path := src.Path
-			if src.Kind == disk.Stream {
+			if src.Kind == source.Stream {
 				name, path = stdinName, "-"
 			} else if abs, err := filepath.Abs(src.Path); err == nil {
 				path = abs
@@ -93,20 +102,24 @@ snapshot, and the next backup reuses what it had uploaded.`,
 					parent = &p.ID
 				}
 			}
-			sm, img, err := g.mapBackupSource(cmd, src, noFSSkip)
+			sd, err := source.OpenDisk(source.Live(src), sopts)
 			if err != nil {
 				return err
 			}
-			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: src.Size,
-				Map: sm.Map(), Describe: sm.describe}
-			if src.Kind == disk.Stream {
-				bs.Stream = src
-			} else {
-				bs.At = src
+			defer sd.Close()
+			if sd.Format != vdisk.Raw {
+				g.printf("reading %s as a %s image (virtual size %s)\n", src.Path, strings.TrimSpace(sd.Format+" "+sd.Detail), bytesIEC(sd.Size))
 			}
-			img.adapt(&bs)
-			if bs.Size == 0 && !allowEmpty {
-				return fmt.Errorf("source %s holds a disk of 0 bytes: refusing to store an empty snapshot (--allow-empty stores one)", src.Path)
+			layout, err := sd.Map(source.MapOptions{NoSkip: noFSSkip, Warn: g.warn})
+			if err != nil {
+				return err
+			}
+			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: sd.Size,
+				At: sd.At, Stream: sd.Stream, Map: layout.Map(), Describe: layout.Describe}
+			if !allowEmpty {
+				if err := sd.RefuseEmpty(doing, hint); err != nil {
+					return err
+				}
 			}
 			prog := new(backup.Progress)
 			prog.Total.Store(src.Size)
@@ -139,7 +152,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			if err != nil {
 				return fmt.Errorf("backup of %s: %w", src.Path, err)
 			}
-			sm.warnLate(g)
+			layout.WarnLate()
 			sn, st := res.Snapshot, res.Stats
 			d := sn.Disks[0]
 			if g.json {

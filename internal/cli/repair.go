@@ -8,9 +8,9 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/sauve-backup/sauve/internal/disk"
 	"github.com/sauve-backup/sauve/internal/repair"
 	"github.com/sauve-backup/sauve/internal/repo"
+	"github.com/sauve-backup/sauve/internal/source"
 )
 
 func newRepairCmd(g *globals) *cobra.Command {
@@ -201,22 +201,26 @@ func (g *globals) repairSources(ctx context.Context, cmd *cobra.Command, from []
 			c()
 		}
 	}
+	sopts, err := sourceOptions(cmd)
+	if err != nil {
+		return nil, closeAll, err
+	}
 	var out []repair.Source
 	for _, p := range from {
-		src, err := disk.OpenSource(ctx, p)
+		src, err := source.Open(ctx, p)
 		if err != nil {
 			return nil, closeAll, err
 		}
 		closers = append(closers, func() { src.Close() })
-		if src.Kind == disk.Stream {
+		if src.Kind == source.Stream {
 			return nil, closeAll, usageError{fmt.Errorf("--from %s: a source to repair from must be a file or device, not a stream", p)}
 		}
-		img, err := openImage(src, getImportFlags(cmd))
+		img, err := source.OpenDisk(source.Live(src), sopts)
 		if err != nil {
 			return nil, closeAll, fmt.Errorf("--from %s: %w", p, err)
 		}
 		closers = append(closers, func() { img.Close() })
-		out = append(out, repair.Source{Name: p, R: img, Size: img.Size})
+		out = append(out, repair.Source{Name: p, R: img.At, Size: img.Size})
 	}
 	if fromRepo == "" {
 		return out, closeAll, nil

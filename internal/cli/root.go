@@ -201,6 +201,10 @@ func (g *globals) warnf(format string, args ...any) {
 	fmt.Fprintf(g.stderr, "sauve: warning: "+format+"\n", args...)
 }
 
+// warn is warnf for one message: the callback that library packages
+// report warnings through.
+func (g *globals) warn(msg string) { g.warnf("%s", msg) }
+
 func (g *globals) printJSON(v any) error {
 	enc := json.NewEncoder(g.stdout)
 	enc.SetIndent("", "  ")

@@ -13,10 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/sauve-backup/sauve/internal/backup"
-	"github.com/sauve-backup/sauve/internal/blockmap"
-	"github.com/sauve-backup/sauve/internal/disk"
-	"github.com/sauve-backup/sauve/internal/extent"
+	"github.com/sauve-backup/sauve/internal/source"
 	"github.com/sauve-backup/sauve/internal/vdisk"
 	"github.com/sauve-backup/sauve/internal/vdisk/ova"
 )
@@ -256,42 +253,49 @@ complete; an existing OUTPUT is refused unless --force. An empty SOURCE
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			start := time.Now()
-			src, err := disk.OpenSource(ctx, args[0])
+			sopts, err := sourceOptions(cmd)
+			if err != nil {
+				return err
+			}
+			src, err := source.Open(ctx, args[0])
 			if err != nil {
 				return err
 			}
 			defer src.Close()
-			if src.Kind == disk.Stream {
+			if src.Kind == source.Stream {
 				return usageError{fmt.Errorf("convert needs a file or block device, not a stream: %s", args[0])}
 			}
-			if err := refuseEmpty(src, allowEmpty, "write an empty disk image", "writes one"); err != nil {
-				return err
+			const doing, hint = "write an empty disk image", "--allow-empty writes one"
+			if !allowEmpty {
+				if err := src.RefuseEmpty(doing, hint); err != nil {
+					return err
+				}
 			}
-			img, err := openImage(src, getImportFlags(cmd))
+			img, err := source.OpenDisk(source.Live(src), sopts)
 			if err != nil {
 				return err
 			}
 			defer img.Close()
-			if img.Size == 0 && !allowEmpty {
-				return fmt.Errorf("source %s holds a disk of 0 bytes: refusing to write an empty disk image (--allow-empty writes one)", args[0])
+			if !allowEmpty {
+				if err := img.RefuseEmpty(doing, hint); err != nil {
+					return err
+				}
 			}
 			opts, err := o.resolve(args[1], img.Size, cmd.Flags())
 			if err != nil {
 				return err
 			}
-			var m extent.Map = img.Map
-			var sm *sourceMap
+			m := img.Alloc
+			var layout *source.Layout
 			if skipFree {
-				if sm, err = g.mapDisk(src, img, false); err != nil {
+				if layout, err = img.Map(source.MapOptions{Warn: g.warn}); err != nil {
 					return err
 				}
-				if sm.m != nil {
-					m = sm.m
-				}
+				m = layout.Map()
 			}
 			prog := new(vdisk.Progress)
 			data, err := g.writeImage(ctx, args[1], o.force, opts, "convert "+filepath.Base(args[0]), prog.Done.Load, func(w vdisk.Writer) error {
-				return vdisk.Copy(ctx, w, img, m, img.Size, prog)
+				return vdisk.Copy(ctx, w, img.At, m, img.Size, prog)
 			})
 			if err != nil {
 				return fmt.Errorf("convert %s to %s: %w", args[0], args[1], err)
@@ -301,12 +305,9 @@ complete; an existing OUTPUT is refused unless --force. An empty SOURCE
 				srcDesc += " " + img.Detail
 			}
 			fields := map[string]any{"source": args[0], "source_format": img.Format, "source_size": img.Size}
-			if sm != nil && sm.layout != nil {
-				sm.warnLate(g)
-				var skipped int64
-				for _, p := range sm.layout.Parts {
-					skipped += p.Skipped
-				}
+			if layout != nil {
+				layout.WarnLate()
+				skipped := layout.Skipped()
 				fields["bytes_skipped"] = skipped
 				g.printf("free space of the filesystems left unallocated: %s\n", bytesIEC(skipped))
 			}
@@ -356,94 +357,4 @@ func (g *globals) writeImage(ctx context.Context, path string, force bool, opts 
 		return 0, err
 	}
 	return w.DataBytes(), nil
-}
-
-// importFlags are the flags of backup and convert that say how a source
-// is read.
-type importFlags struct {
-	format       string // --source-format: auto or raw
-	allowOutside bool   // --allow-backing-outside
-}
-
-// addImportFlags adds backup's and convert's --source-format and
-// --allow-backing-outside flags.
-func addImportFlags(cmd *cobra.Command) {
-	cmd.Flags().String("source-format", "auto", "auto: read a VM disk image (qcow2, vmdk, vhd, vhdx, vdi, or the disk of an ova, recognised by its headers) as the disk it holds, and refuse formats sauve does not read (parallels, dmg, gzip, ...); raw: read the file's bytes as they are")
-	cmd.Flags().Bool("allow-backing-outside", false, "follow qcow2 backing files and VMDK extents that lie outside the image's folder (by default an image may refer only to files in its folder or below)")
-}
-
-func getImportFlags(cmd *cobra.Command) importFlags {
-	format, _ := cmd.Flags().GetString("source-format")
-	allow, _ := cmd.Flags().GetBool("allow-backing-outside")
-	return importFlags{format: format, allowOutside: allow}
-}
-
-// openImage reads a source as the virtual disk it holds.
-func openImage(src *disk.Source, f importFlags) (*vdisk.Image, error) {
-	var host extent.Map
-	if src.Kind == disk.File {
-		if m := extent.NewSparse(src.File(), src.Size); m != nil {
-			host = m
-		}
-	}
-	switch f.format {
-	case "", "auto":
-		return vdisk.OpenWith(src, src.Size, src.Path, host, vdisk.OpenOptions{AllowOutside: f.allowOutside})
-	case "raw":
-		return &vdisk.Image{Format: vdisk.Raw, Size: src.Size, ReaderAt: src, Map: host}, nil
-	}
-	return nil, usageError{fmt.Errorf("--source-format %q: choose auto or raw", f.format)}
-}
-
-// mapBackupSource maps what backup reads. A VM disk image (qcow2, vmdk,
-// vhd, vhdx, vdi, the disk of an ova) is read as the virtual disk it
-// holds: its partitions and filesystems are mapped inside the virtual
-// disk, and only regions the image allocates are read. Raw images, devices and streams are mapped by
-// mapSource; img is then nil.
-func (g *globals) mapBackupSource(cmd *cobra.Command, src *disk.Source, noSkip bool) (*sourceMap, *importedImage, error) {
-	if src.Kind == disk.Stream {
-		sm, err := g.mapSource(src, noSkip)
-		return sm, nil, err
-	}
-	img, err := openImage(src, getImportFlags(cmd))
-	if err != nil {
-		return nil, nil, err
-	}
-	if img.Format == vdisk.Raw {
-		sm, err := g.mapSource(src, noSkip)
-		return sm, nil, err
-	}
-	if !g.json {
-		g.printf("reading %s as a %s image (virtual size %s)\n", src.Path, strings.TrimSpace(img.Format+" "+img.Detail), bytesIEC(img.Size))
-	}
-	sm, err := g.mapDisk(src, img, noSkip)
-	return sm, &importedImage{img}, err
-}
-
-// mapDisk maps the partitions and filesystems of the disk img read from
-// src: the raw source itself (mapSource), or the virtual disk of an image,
-// within what the image allocates.
-func (g *globals) mapDisk(src *disk.Source, img *vdisk.Image, noSkip bool) (*sourceMap, error) {
-	if img.Format == vdisk.Raw {
-		return g.mapSource(src, noSkip)
-	}
-	l, err := blockmap.NewLayout(img, img.Size, blockmap.LayoutOptions{NoSkip: noSkip, Under: img.Map})
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", src.Path, err)
-	}
-	for _, w := range l.Warnings {
-		g.warnf("%s", w)
-	}
-	return &sourceMap{m: l, layout: l}, nil
-}
-
-// importedImage is a VM disk image backed up as the disk it holds.
-type importedImage struct{ *vdisk.Image }
-
-// adapt makes bs read the virtual disk: its size is the virtual size.
-func (img *importedImage) adapt(bs *backup.Source) {
-	if img == nil {
-		return
-	}
-	bs.At, bs.Size = img.Image, img.Size
 }

@@ -1,12 +1,14 @@
-// Package disk opens what sauve reads from and writes to: image files,
-// block devices and standard streams. It finds a device's size from the
-// device itself, refuses targets that are mounted or too small, and zeroes
-// ranges the cheapest way the target allows (hole punching, BLKZEROOUT).
+// Package disk opens what a restore writes to (image files, block
+// devices, standard output) and holds the facts about files and devices
+// that both sides need: a device's size and sector size from the device
+// itself, and which mounted filesystems use a file or device (Mounts). It
+// refuses targets that are mounted or too small, and zeroes ranges the
+// cheapest way the target allows (hole punching, BLKZEROOUT). What is
+// backed up is opened by package source, which uses these facts; disk
+// imports nothing of sauve's.
 package disk
 
 import (
-	"bufio"
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -17,102 +19,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Kind is what a source or target is.
+// Kind is what a target is.
 type Kind string
 
 // Kinds.
 const (
 	File   Kind = "file"
 	Device Kind = "device"
-	Stream Kind = "stdin"
 	Stdout Kind = "stdout"
 )
 
-// Source is something to back up.
-type Source struct {
-	Path string
-	Kind Kind
-	// Size is the size in bytes, -1 for a stream of unknown length.
-	Size int64
-	f    *os.File
-	r    *bufio.Reader // set for streams
-	st   *stream       // set for streams
-}
-
-// OpenSource opens path for reading; "-" is standard input. A stream (a
-// pipe, FIFO or character device) is read so that ctx ends a read that
-// waits for data, and a FIFO is opened without waiting for a writer: its
-// first read waits, until ctx is done.
-func OpenSource(ctx context.Context, path string) (*Source, error) {
-	if path == "-" {
-		return openStdin(ctx), nil
-	}
-	flag := os.O_RDONLY
-	fifo := false
-	if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeNamedPipe != 0 {
-		// open(2) of a FIFO waits for a writer, and no signal ends that
-		// wait: open it non-blocking, and let the first read wait.
-		flag |= syscall.O_NONBLOCK
-		fifo = true
-	}
-	f, err := os.OpenFile(path, flag, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open source: %w", err)
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("stat source %s: %w", path, err)
-	}
-	s := &Source{Path: path, f: f}
-	switch {
-	case fi.Mode().IsRegular():
-		s.Kind, s.Size = File, fi.Size()
-	case fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0:
-		s.Kind = Device
-		if s.Size, err = deviceSize(f); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("size of device %s: %w", path, err)
-		}
-	case fi.Mode()&(os.ModeNamedPipe|os.ModeCharDevice) != 0:
-		s.Kind, s.Size = Stream, -1
-		s.setStream(newStream(ctx, f, fifo && fi.Mode()&os.ModeNamedPipe != 0))
-	default:
-		f.Close()
-		return nil, fmt.Errorf("source %s is a %s, not a disk image, block device or stream", path, fi.Mode().Type())
-	}
-	_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_SEQUENTIAL)
-	return s, nil
-}
-
-// File returns the open file (nil for standard input).
-func (s *Source) File() *os.File { return s.f }
-
-// ReadAt reads from a file or device source.
-func (s *Source) ReadAt(p []byte, off int64) (int, error) { return s.f.ReadAt(p, off) }
-
-// Read reads a stream source.
-func (s *Source) Read(p []byte) (int, error) {
-	if s.r == nil {
-		return 0, errors.New("source is not a stream")
-	}
-	return s.r.Read(p)
-}
-
-// Close closes the source.
-func (s *Source) Close() error {
-	if s.st != nil {
-		s.st.close()
-	}
-	if s.f == os.Stdin {
-		return nil
-	}
-	return s.f.Close()
-}
-
-// deviceSize asks the kernel for a block device's size (BLKGETSIZE64):
+// DeviceSize asks the kernel for a block device's size (BLKGETSIZE64):
 // stat reports 0 for devices.
-func deviceSize(f *os.File) (int64, error) {
+func DeviceSize(f *os.File) (int64, error) {
 	var size uint64
 	if _, _, e := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&size))); e != 0 {
 		return 0, e
@@ -246,7 +165,7 @@ func openDeviceTarget(path string, opts TargetOptions) (*Target, error) {
 		}
 		return nil, fmt.Errorf("open target: %w", err)
 	}
-	size, err := deviceSize(f)
+	size, err := DeviceSize(f)
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("size of device %s: %w", path, err)
@@ -275,7 +194,7 @@ func (t *Target) SectorSize() int {
 	if t.Kind != Device {
 		return 0
 	}
-	return sectorSize(t.f)
+	return SectorSize(t.f)
 }
 
 // WriteAt writes to a file or device target.

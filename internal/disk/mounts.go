@@ -299,18 +299,9 @@ func sysInt(p string) int64 {
 	return n
 }
 
-// SectorSize returns a block device's logical sector size, 0 for other
-// sources.
-func (s *Source) SectorSize() int {
-	if s.Kind != Device {
-		return 0
-	}
-	return sectorSize(s.f)
-}
-
-// sectorSize asks the kernel for a block device's logical sector size
-// (BLKSSZGET); 0 when it cannot tell.
-func sectorSize(f *os.File) int {
+// SectorSize asks the kernel for a block device's logical sector size
+// (BLKSSZGET); 0 when it cannot tell (a file).
+func SectorSize(f *os.File) int {
 	n, err := unix.IoctlGetInt(int(f.Fd()), unix.BLKSSZGET)
 	if err != nil {
 		return 0

@@ -42,12 +42,14 @@ func (Full) Data(off, n int64) ([]Range, error) { return []Range{{off, off + n}}
 type Sparse struct {
 	f    *os.File
 	size int64
-	// cur is the data extent found last; extents are found lazily, one
-	// pair of lseek calls per extent, so memory does not grow with their
-	// number.
+	// cur is the first data extent at or after from (none when dead);
+	// extents are found lazily, one pair of lseek calls per extent, so
+	// memory does not grow with their number. An offset before from
+	// seeks again: a window asked out of order is slower, never wrong.
 	cur  Range
+	from int64
 	have bool
-	dead bool // no more data after cur
+	dead bool
 }
 
 // NewSparse returns the map of f, whose size is size. It returns nil when
@@ -61,17 +63,15 @@ func NewSparse(f *os.File, size int64) *Sparse {
 
 // next finds the first data extent that ends after off.
 func (s *Sparse) next(off int64) error {
-	if s.have && s.cur.End > off {
+	if off >= s.from && (s.dead || s.have && s.cur.End > off) {
 		return nil
 	}
-	if s.dead {
-		return nil
-	}
+	s.from, s.have, s.dead = off, false, false
 	fd := int(s.f.Fd())
 	start, err := unix.Seek(fd, off, unix.SEEK_DATA)
 	if err != nil {
 		if errors.Is(err, syscall.ENXIO) {
-			s.dead, s.have = true, false
+			s.dead = true
 			return nil
 		}
 		return err

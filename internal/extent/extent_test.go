@@ -47,6 +47,22 @@ func TestSparse(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("data ranges %v, want %v", got, want)
 	}
+	// Out of order, the windows map as they did in order.
+	for _, w := range []Range{{size - win, size}, {10 << 20, 11 << 20}, {4 << 20, 5 << 20}, {0, size}, {4<<20 + 4096, 10<<20 + 1}} {
+		rs, err := m.Data(w.Start, w.Len())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var in []Range
+		for _, r := range want {
+			if s, e := max(r.Start, w.Start), min(r.End, w.End); s < e {
+				in = append(in, Range{s, e})
+			}
+		}
+		if !reflect.DeepEqual(rs, in) {
+			t.Errorf("window %v asked out of order: %v, want %v", w, rs, in)
+		}
+	}
 }
 
 func TestReadRanges(t *testing.T) {

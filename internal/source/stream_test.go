@@ -1,4 +1,4 @@
-package disk
+package source
 
 import (
 	"context"
@@ -40,7 +40,7 @@ func TestFIFOWithoutWriter(t *testing.T) {
 	var s *Source
 	within(t, "OpenSource of a FIFO without a writer", func() {
 		var err error
-		if s, err = OpenSource(ctx, p); err != nil {
+		if s, err = Open(ctx, p); err != nil {
 			t.Error(err)
 		}
 	})
@@ -64,7 +64,7 @@ func TestFIFOWithoutWriter(t *testing.T) {
 // writer that stalls is ended by the context.
 func TestFIFOWriters(t *testing.T) {
 	p := mkfifo(t)
-	s, err := OpenSource(context.Background(), p)
+	s, err := Open(context.Background(), p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,14 +84,14 @@ func TestFIFOWriters(t *testing.T) {
 		if empty, err := s.Empty(); empty || err != nil {
 			t.Errorf("Empty: %v %v", empty, err)
 		}
-		got, err = io.ReadAll(s)
+		got, err = io.ReadAll(s.Stream)
 	})
 	s.Close()
 	if err != nil || string(got) != string(want) {
 		t.Fatalf("read %q, %v; want %q", got, err, want)
 	}
 
-	s, err = OpenSource(context.Background(), p)
+	s, err = Open(context.Background(), p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +109,7 @@ func TestFIFOWriters(t *testing.T) {
 	s.Close()
 
 	ctx, cancel := context.WithCancel(context.Background())
-	s, err = OpenSource(ctx, p)
+	s, err = Open(ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,20 +122,9 @@ func TestFIFOWriters(t *testing.T) {
 	w.Write([]byte("some"))
 	time.AfterFunc(100*time.Millisecond, cancel)
 	within(t, "reading a stalled FIFO after cancel", func() {
-		_, err := io.ReadAll(s)
+		_, err := io.ReadAll(s.Stream)
 		if !errors.Is(err, context.Canceled) {
 			t.Errorf("read: %v, want context.Canceled", err)
 		}
 	})
-}
-
-func TestMountChain(t *testing.T) {
-	m := Mount{Device: "/dev/loop2", Point: "/mnt", Via: []string{"/dev/loop1", "/dev/loop2"}}
-	if got := m.Chain(); got != "/dev/loop1 → /dev/loop2" {
-		t.Fatalf("Chain: %q", got)
-	}
-	m.Within = "/dev/loop0"
-	if got := m.Chain(); got != "its disk /dev/loop0 → /dev/loop1 → /dev/loop2" {
-		t.Fatalf("Chain: %q", got)
-	}
 }

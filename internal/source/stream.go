@@ -1,4 +1,4 @@
-package disk
+package source
 
 import (
 	"bufio"
@@ -91,20 +91,21 @@ func (s *stream) waitWriter() error {
 // poller, so no signal would end a read that waits, and making descriptor
 // 0 itself non-blocking would change it for every process sharing it.
 func openStdin(ctx context.Context) *Source {
-	s := &Source{Path: "-", Kind: Stream, Size: -1, f: os.Stdin}
+	f := os.Stdin
 	var st unix.Stat_t
 	if unix.Fstat(0, &st) == nil && (st.Mode&unix.S_IFMT == unix.S_IFIFO || st.Mode&unix.S_IFMT == unix.S_IFCHR) {
-		if f, err := os.OpenFile("/proc/self/fd/0", os.O_RDONLY|unix.O_NONBLOCK, 0); err == nil {
-			s.f = f
+		if g, err := os.OpenFile("/proc/self/fd/0", os.O_RDONLY|unix.O_NONBLOCK, 0); err == nil {
+			f = g
 		}
 	}
-	s.setStream(newStream(ctx, s.f, false))
-	return s
+	return newStreamSource(ctx, "-", f, false)
 }
 
-func (s *Source) setStream(st *stream) {
-	s.st = st
-	s.r = bufio.NewReaderSize(st, 1<<20)
+// newStreamSource makes a stream source of f.
+func newStreamSource(ctx context.Context, path string, f *os.File, awaitWriter bool) *Source {
+	st := newStream(ctx, f, awaitWriter)
+	br := bufio.NewReaderSize(st, 1<<20)
+	return &Source{Path: path, Kind: Stream, Size: -1, Stream: br, f: f, st: st, br: br}
 }
 
 // Empty reports whether the source holds no byte: a size of 0, or a
@@ -114,7 +115,7 @@ func (s *Source) Empty() (bool, error) {
 	if s.Kind != Stream {
 		return s.Size == 0, nil
 	}
-	_, err := s.r.Peek(1)
+	_, err := s.br.Peek(1)
 	if errors.Is(err, io.EOF) {
 		return true, nil
 	}

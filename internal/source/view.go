@@ -1,0 +1,55 @@
+package source
+
+import (
+	"context"
+	"io"
+	"os"
+)
+
+// A View is what is read of a source: the source itself as it is (Live),
+// or a point-in-time copy of it that a Provider made. Like a Source, it
+// reads at any offset (At) or once in order (Stream), never both.
+type View struct {
+	// Of is the source this is a view of: messages name it, and the
+	// snapshot records its path and kind.
+	Of *Source
+	// At reads the view at any offset; nil for a stream.
+	At io.ReaderAt
+	// Stream reads a stream once, in order; nil when At is set. Streams
+	// have no copies: a Provider returns Live(src) for them.
+	Stream io.Reader
+	// Size is the view's size in bytes, -1 for a stream.
+	Size int64
+	// SectorSize is the logical sector size of the device read, 0 for a
+	// file.
+	SectorSize int
+	// Holes, when set, is a file whose holes (SEEK_HOLE) hold no data
+	// and are never read: the source when it is a sparse image file, or
+	// a copy of one.
+	Holes *os.File
+	// Live says that the view is the source as it is, which others may
+	// write to while it is read: the parts of it that are mounted
+	// read-write are imaged in full. A frozen copy is not Live.
+	Live bool
+	// Release, when set, drops the copy; the Provider that made it sets
+	// it, and the caller calls it once the view is no longer read.
+	Release func() error
+}
+
+// Live is the view of src as it is, with no copy taken.
+func Live(src *Source) *View {
+	v := &View{Of: src, At: src.At, Stream: src.Stream, Size: src.Size, SectorSize: src.SectorSize, Live: true}
+	if src.Kind == File {
+		v.Holes = src.f
+	}
+	return v
+}
+
+// A Provider takes point-in-time copies: given the opened sources of one
+// backup, it returns a view of each (in the same order), all taken at one
+// instant, so that a machine's disks are captured together. Package
+// shadow implements it for fsfreeze, LVM, btrfs, reflink and QEMU copies;
+// a Provider that cannot copy a source returns Live(src) for it.
+type Provider interface {
+	Views(ctx context.Context, srcs []*Source) ([]*View, error)
+}
