@@ -432,7 +432,10 @@ func TestPlantedSnapshotIsNotLatest(t *testing.T) {
 			t.Fatal(err)
 		}
 		fut := &repo.Snapshot{Time: time.Now().AddDate(1, 0, 0).UTC(), Host: "evil", Program: "forged", Disks: sn.Disks}
-		if _, err := er.SaveSnapshot(context.Background(), fut); err != nil {
+		if _, err := er.WithWriter(context.Background(), "forge", func(w *repo.Writer) error {
+			_, err := w.SaveSnapshot(context.Background(), fut)
+			return err
+		}); err != nil {
 			t.Fatal(err)
 		}
 		older := e.as(evilKey).backup(real, "--host", "evil")
@@ -538,7 +541,10 @@ func TestManifestCountsAreBounded(t *testing.T) {
 	huge := &repo.Snapshot{Time: time.Now().UTC(), Host: "h", Disks: []repo.Disk{d}}
 	// The list holds 4 entries, not 32768: check names every copy of the
 	// mismatch quickly, and never walks 2^31 chunks.
-	if _, err := r.SaveSnapshot(context.Background(), huge); err != nil {
+	if _, err := r.WithWriter(context.Background(), "forge", func(w *repo.Writer) error {
+		_, err := w.SaveSnapshot(context.Background(), huge)
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan result, 1)

@@ -100,9 +100,23 @@ const (
 	chunkReused
 )
 
-// Run backs up src into r and writes the snapshot manifest last. The
-// repository's index must be loaded.
+// Run backs up src into r, in one write session, and writes the snapshot
+// manifest last. The repository's index must be loaded.
 func Run(ctx context.Context, r *repo.Repository, src Source, opts Options) (*Result, error) {
+	var res *Result
+	st, err := r.WithWriter(ctx, "backup", func(w *repo.Writer) error {
+		var err error
+		res, err = run(ctx, r, w, src, opts)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	res.Packs = st.Packs
+	return res, nil
+}
+
+func run(ctx context.Context, r *repo.Repository, w *repo.Writer, src Source, opts Options) (*Result, error) {
 	start := time.Now()
 	cs := r.Config().ChunkSize
 	workers := opts.Workers
@@ -131,9 +145,6 @@ func Run(ctx context.Context, r *repo.Repository, src Source, opts Options) (*Re
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	if err := r.BeginWrite(ctx); err != nil {
-		return nil, err
-	}
 	g, gctx := errgroup.WithContext(ctx)
 
 	var readBytes atomic.Int64
@@ -152,7 +163,7 @@ func Run(ctx context.Context, r *repo.Repository, src Source, opts Options) (*Re
 				res := result{i: j.i, n: j.n, kind: chunkZero}
 				if !j.zero && !bytes.Equal(j.buf[:j.n], zeros[:j.n]) {
 					res.id = r.ChunkID(j.buf[:j.n])
-					sr, err := r.SaveBlob(gctx, repo.DataBlob, res.id, j.buf[:j.n])
+					sr, err := w.SaveBlob(gctx, repo.DataBlob, res.id, j.buf[:j.n])
 					if err != nil {
 						return fmt.Errorf("store chunk at offset %d: %w", j.i*int64(cs), err)
 					}
@@ -181,7 +192,7 @@ func Run(ctx context.Context, r *repo.Repository, src Source, opts Options) (*Re
 		lists  []repo.ID
 		chunks int64
 		size   int64
-		lw     = r.NewChunkListWriter()
+		lw     = w.NewChunkListWriter()
 	)
 	g.Go(func() error {
 		// Results arrive out of order; the chunk list needs them in order.
@@ -229,11 +240,6 @@ func Run(ctx context.Context, r *repo.Repository, src Source, opts Options) (*Re
 	})
 
 	if err := g.Wait(); err != nil {
-		r.Abort()
-		return nil, err
-	}
-	fs, err := r.Flush(ctx)
-	if err != nil {
 		return nil, err
 	}
 	if src.Size >= 0 && size != src.Size {
@@ -258,10 +264,10 @@ func Run(ctx context.Context, r *repo.Repository, src Source, opts Options) (*Re
 	if src.Describe != nil {
 		src.Describe(&sn.Disks[0])
 	}
-	if _, err := r.SaveSnapshot(ctx, sn); err != nil {
+	if _, err := w.SaveSnapshot(ctx, sn); err != nil {
 		return nil, err
 	}
-	return &Result{Snapshot: sn, Stats: stats, Packs: fs.Packs}, nil
+	return &Result{Snapshot: sn, Stats: stats}, nil
 }
 
 // readChunks reads the source sequentially and sends one job per chunk.

@@ -105,9 +105,10 @@ type envelope struct {
 
 var snapshotAD = []byte("sauve snapshot v1")
 
-// SaveSnapshot signs, seals and stores a manifest and returns its ID. It is
-// the last write of a backup: blobs it names must be flushed first.
-func (r *Repository) SaveSnapshot(ctx context.Context, sn *Snapshot) (ID, error) {
+// saveSnapshot signs, seals and stores a manifest and returns its ID. It is
+// the last write of a backup, made by Writer.SaveSnapshot once the blobs it
+// names are flushed and the session is known to be live.
+func (r *Repository) saveSnapshot(ctx context.Context, sn *Snapshot) (ID, error) {
 	if r.ReadOnly() {
 		return ID{}, r.errReadOnly()
 	}
