@@ -1,6 +1,10 @@
 package repo
 
-import "time"
+import (
+	"time"
+
+	"github.com/sauve-backup/sauve/internal/crypto"
+)
 
 // Clock is the writer's clock of write sessions, for tests that drive it.
 type Clock = clock
@@ -10,4 +14,14 @@ type Clock = clock
 // without sleeping.
 func SetSessionTiming(r *Repository, lifetime, renew time.Duration, c Clock) {
 	r.timing = sessionTiming{lifetime: lifetime, renew: renew, clock: c}
+}
+
+// EncodeAnnouncement signs an announcement with keys and seals it with
+// r's metadata key, as a writer holding keys could without sauve.
+func EncodeAnnouncement(r *Repository, keys *crypto.Keys, a *Announcement) []byte {
+	data, err := encodeAnnouncement(r.meta, keys, a)
+	if err != nil {
+		panic(err)
+	}
+	return data
 }
