@@ -67,8 +67,12 @@ func (r *Repository) RepairIndex(ctx context.Context, opts RepairOptions) (*Repa
 		return nil, r.errReadOnly()
 	}
 	rep := &RepairReport{DryRun: opts.DryRun, Unreadable: []PackProblem{}, RemovedIndex: []string{}, KeptIndex: []string{}}
+	led, err := r.Ledger(ctx)
+	if err != nil {
+		return nil, err
+	}
 	idx := r.newIndex()
-	st, err := r.loadInto(ctx, idx, nil, -1)
+	st, err := r.loadInto(ctx, idx, nil, -1, led)
 	if err != nil {
 		return nil, err
 	}

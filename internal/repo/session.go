@@ -235,7 +235,7 @@ func (r *Repository) Sessions(ctx context.Context, now time.Time) (*SessionRepor
 	if err != nil {
 		return nil, err
 	}
-	return r.sessions(ctx, now, led)
+	return r.sessions(ctx, now, led, r.writers)
 }
 
 // sessionObject is one announcement read.
@@ -246,7 +246,9 @@ type sessionObject struct {
 	who  crypto.SignerBlock
 }
 
-func (r *Repository) sessions(ctx context.Context, now time.Time, led *Ledger) (*SessionReport, error) {
+// sessions lists the sessions as seen with the ledger led, naming signers
+// from writers.
+func (r *Repository) sessions(ctx context.Context, now time.Time, led *Ledger, writers *Writers) (*SessionReport, error) {
 	rep := &SessionReport{Now: now, Sessions: []SessionInfo{}, Unreadable: []UnreadableSession{}}
 	var recent []backend.Info
 	if err := r.be.List(ctx, backend.SessionFile, func(fi backend.Info) error {
@@ -268,7 +270,7 @@ func (r *Repository) sessions(ctx context.Context, now time.Time, led *Ledger) (
 		rep.Unreadable = append(rep.Unreadable, u)
 	}
 	slices.SortFunc(rep.Unreadable, func(a, b UnreadableSession) int { return strings.Compare(a.Name, b.Name) })
-	rep.Sessions = groupSessions(objs, now, led, r.writers)
+	rep.Sessions = groupSessions(objs, now, led, writers)
 	return rep, nil
 }
 
