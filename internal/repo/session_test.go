@@ -520,3 +520,33 @@ func TestSessionsUntrusted(t *testing.T) {
 		t.Fatalf("a day later: %+v", rep)
 	}
 }
+
+// check counts the sessions running, and a damaged announcement is a
+// warning (counted as running), not an error.
+func TestCheckCountsLiveSessions(t *testing.T) {
+	ctx := context.Background()
+	tr := repotest.New(t, repotest.Options{})
+	_, err := tr.WithWriter(ctx, "backup", func(w *repo.Writer) error {
+		rep, err := tr.Check(ctx, repo.CheckOptions{})
+		if err != nil {
+			return err
+		}
+		if rep.LiveSessions != 1 || len(rep.Sessions) != 1 || rep.Sessions[0].ID != w.Session() || !rep.OK() {
+			return fmt.Errorf("check during a session: %+v", rep)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := tr.Check(ctx, repo.CheckOptions{})
+	if err != nil || rep.LiveSessions != 0 || !rep.OK() {
+		t.Fatalf("check after the session: %+v %v", rep, err)
+	}
+	garbage := []byte("not an announcement")
+	tr.Backend.Put(backend.Handle{Type: backend.SessionFile, Name: repo.Hash(garbage).String()}, garbage)
+	rep, err = tr.Check(ctx, repo.CheckOptions{})
+	if err != nil || rep.LiveSessions != 1 || !rep.OK() || len(rep.Warnings) != 1 || !strings.Contains(rep.Warnings[0], "cannot be read") {
+		t.Fatalf("check with a damaged announcement: %+v %v", rep, err)
+	}
+}
