@@ -231,8 +231,8 @@ func (r *Repository) check(ctx context.Context, opts CheckOptions, collect bool)
 		}
 		c.readData = true
 	}
-	var names []string
-	if err := r.listSnapshots(ctx, &names); err != nil {
+	names, err := r.listSnapshots(ctx)
+	if err != nil {
 		return nil, nil, nil, err
 	}
 	snaps, err := r.snapshots(ctx, snapView{writers: writers, led: led}, names, func(name string, err error) {

@@ -203,9 +203,9 @@ type SessionReport struct {
 	Now        time.Time           `json:"now"`
 	Sessions   []SessionInfo       `json:"sessions"`
 	Unreadable []UnreadableSession `json:"unreadable"`
-	// Old counts objects stored more than a day before Now: they cannot
-	// keep any session live and were not read.
-	Old int `json:"old_objects"`
+	// Old are the objects stored a day or more before Now: they cannot
+	// keep any session live, and were not read.
+	Old []string `json:"old_objects"`
 }
 
 // Live counts the sessions a prune must wait for, unreadable objects
@@ -249,11 +249,11 @@ type sessionObject struct {
 // sessions lists the sessions as seen with the ledger led, naming signers
 // from writers.
 func (r *Repository) sessions(ctx context.Context, now time.Time, led *Ledger, writers *Writers) (*SessionReport, error) {
-	rep := &SessionReport{Now: now, Sessions: []SessionInfo{}, Unreadable: []UnreadableSession{}}
+	rep := &SessionReport{Now: now, Sessions: []SessionInfo{}, Unreadable: []UnreadableSession{}, Old: []string{}}
 	var recent []backend.Info
 	if err := r.be.List(ctx, backend.SessionFile, func(fi backend.Info) error {
 		if now.Sub(fi.ModTime) >= maxSessionLifetime {
-			rep.Old++
+			rep.Old = append(rep.Old, fi.Name)
 		} else {
 			recent = append(recent, fi)
 		}

@@ -516,7 +516,7 @@ func TestSessionsUntrusted(t *testing.T) {
 	}
 	tm.storage.Advance(25 * time.Hour)
 	rep := tm.sessions(t)
-	if rep.Live() != 0 || rep.Old != len(tm.Backend.Names(backend.SessionFile)) || len(rep.Sessions) != 0 {
+	if rep.Live() != 0 || len(rep.Old) != len(tm.Backend.Names(backend.SessionFile)) || len(rep.Sessions) != 0 {
 		t.Fatalf("a day later: %+v", rep)
 	}
 }

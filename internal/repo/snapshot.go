@@ -257,8 +257,8 @@ func (r *Repository) loadSnapshot(ctx context.Context, v snapView, id ID) (*Snap
 // before (it is in the cache) that is no longer stored is reported through
 // the Warn option, unless the owner's ledger records that it was removed.
 func (r *Repository) Snapshots(ctx context.Context, bad func(id string, err error)) ([]*Snapshot, error) {
-	var names []string
-	if err := r.listSnapshots(ctx, &names); err != nil {
+	names, err := r.listSnapshots(ctx)
+	if err != nil {
 		return nil, err
 	}
 	led, err := r.Ledger(ctx)
@@ -268,14 +268,16 @@ func (r *Repository) Snapshots(ctx context.Context, bad func(id string, err erro
 	return r.snapshots(ctx, snapView{cache: r.cache, writers: r.writers, led: led}, names, bad)
 }
 
-func (r *Repository) listSnapshots(ctx context.Context, names *[]string) error {
+// listSnapshots returns the names of the stored manifests.
+func (r *Repository) listSnapshots(ctx context.Context) ([]string, error) {
+	var names []string
 	if err := r.be.List(ctx, backend.SnapshotFile, func(fi backend.Info) error {
-		*names = append(*names, fi.Name)
+		names = append(names, fi.Name)
 		return nil
 	}); err != nil {
-		return fmt.Errorf("list snapshots: %w", err)
+		return nil, fmt.Errorf("list snapshots: %w", err)
 	}
-	return nil
+	return names, nil
 }
 
 // snapshots is Snapshots of the listed names in view v.

@@ -78,8 +78,11 @@ type announcer struct {
 }
 
 func (r *Repository) newAnnouncer(purpose string) (*announcer, error) {
-	if err := checkText(purpose); err != nil || purpose == "" {
-		return nil, fmt.Errorf("write session purpose %q: %v", clip(purpose), err)
+	if purpose == "" {
+		return nil, errors.New("a write session needs a purpose")
+	}
+	if err := checkText(purpose); err != nil {
+		return nil, fmt.Errorf("write session purpose %q: %w", clip(purpose), err)
 	}
 	var id [16]byte
 	if _, err := rand.Read(id[:]); err != nil {
