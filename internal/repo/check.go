@@ -203,10 +203,20 @@ func (r *Repository) LostChunks(ctx context.Context, opts CheckOptions) (*CheckR
 }
 
 func (r *Repository) check(ctx context.Context, opts CheckOptions, collect bool) (*CheckReport, []LostChunk, []LostList, error) {
-	led, err := r.readLedger(ctx)
+	c, err := r.newChecker(ctx, collect)
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	if err := c.run(ctx, opts); err != nil {
+		return nil, nil, nil, err
+	}
+	return &c.rep, c.lostChunks, c.lostLists, nil
+}
+
+// newChecker loads a view of the repository of check's own: the ledger
+// read again, a table of writers and an index of its own, no cache. The
+// repository's view (its index, ledger, writers, cache) is left alone.
+func (r *Repository) newChecker(ctx context.Context, collect bool) (*checker, error) {
 	writers := NewWriters()
 	writers.SetOwner([32]byte(r.keys.OwnerPublic))
 	idx := NewIndex()
@@ -214,43 +224,32 @@ func (r *Repository) check(ctx context.Context, opts CheckOptions, collect bool)
 	c := &checker{r: r, idx: idx, bad: map[copyKey]string{}, packs: map[ID]string{}, ok: map[ID]packTrailer{}, lists: map[listKey]listResult{}, collect: collect}
 	c.rep.Errors, c.rep.Warnings, c.rep.Damaged = []string{}, []string{}, []Damage{}
 	c.rep.DamagedPacks, c.rep.DamagedIndex, c.rep.Sessions = []PackProblem{}, []string{}, []SessionInfo{}
-	st, err := r.loadInto(ctx, c.idx, nil, -1, led)
+	var err error
+	c.st, err = r.loadInto(ctx, c.idx, nil, -1, r.readLedger)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
-	c.st = st
-	c.rep.Indexes = st.indexObjects
+	return c, nil
+}
+
+func (c *checker) run(ctx context.Context, opts CheckOptions) error {
+	c.rep.Indexes = c.st.indexObjects
 	c.reportLoad()
 	if err := c.reportTemp(ctx); err != nil {
-		return nil, nil, nil, err
+		return err
 	}
 	c.rep.Blobs, c.rep.Packs = c.idx.Len()
 	if opts.ReadData {
 		if err := c.readAll(ctx, opts.Progress); err != nil {
-			return nil, nil, nil, err
+			return err
 		}
 		c.readData = true
 	}
-	names, err := r.listSnapshots(ctx)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	snaps, err := r.snapshots(ctx, snapView{writers: writers, led: led}, names, func(name string, err error) {
-		c.errorf("snapshot %s: %v", shortName(name), err)
-	})
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	c.rep.Snapshots = len(snaps)
-	for _, sn := range snaps {
-		for di := range sn.Disks {
-			if err := c.walkDisk(ctx, sn, &sn.Disks[di]); err != nil {
-				return nil, nil, nil, err
-			}
-		}
+	if err := c.walkSnapshots(ctx); err != nil {
+		return err
 	}
 	if err := c.reportSessions(ctx); err != nil {
-		return nil, nil, nil, err
+		return err
 	}
 	c.finish()
 	if opts.Record && opts.ReadData {
@@ -258,7 +257,31 @@ func (r *Repository) check(ctx context.Context, opts CheckOptions, collect bool)
 			c.rep.Warnings = append(c.rep.Warnings, fmt.Sprintf("could not record the findings in the ledger: %v", err))
 		}
 	}
-	return &c.rep, c.lostChunks, c.lostLists, nil
+	return nil
+}
+
+// walkSnapshots finds what each snapshot's disks cannot restore.
+func (c *checker) walkSnapshots(ctx context.Context) error {
+	names, err := c.r.listSnapshots(ctx)
+	if err != nil {
+		return err
+	}
+	v := snapView{writers: c.idx.Writers, led: c.st.ledger}
+	snaps, err := c.r.snapshots(ctx, v, names, func(name string, err error) {
+		c.errorf("snapshot %s: %v", shortName(name), err)
+	})
+	if err != nil {
+		return err
+	}
+	c.rep.Snapshots = len(snaps)
+	for _, sn := range snaps {
+		for di := range sn.Disks {
+			if err := c.walkDisk(ctx, sn, &sn.Disks[di]); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // reportLoad reports what loading the index found.

@@ -44,11 +44,7 @@ type loadState struct {
 // of stored packs that no usable index object names, so that their blobs
 // can still be read.
 func (r *Repository) LoadIndex(ctx context.Context) error {
-	led, err := r.Ledger(ctx)
-	if err != nil {
-		return err
-	}
-	st, err := r.loadInto(ctx, r.idx, r.cache, r.opts.MaxOrphanReads, led)
+	st, err := r.loadInto(ctx, r.idx, r.cache, r.opts.MaxOrphanReads, r.Ledger)
 	if err != nil {
 		return err
 	}
@@ -77,9 +73,9 @@ func shortName(name string) string {
 	return fmt.Sprintf("%q", name)
 }
 
-// loadInto fills idx, applying the ledger led; cache may be nil (check
-// never uses it).
-func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, maxOrphans int, led *Ledger) (*loadState, error) {
+// loadInto fills idx, applying the ledger that ledger reads (the
+// repository's, or check's own); cache may be nil (check never uses it).
+func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, maxOrphans int, ledger func(context.Context) (*Ledger, error)) (*loadState, error) {
 	st := &loadState{damagedIndex: map[string]error{}, orphanErrs: map[ID]error{}}
 	// Index objects are listed before packs: an honest index object names
 	// packs stored before it was, so they are in the pack listing.
@@ -99,6 +95,10 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 	}
 	st.stored = stored
 	idx.SetListing(stored)
+	led, err := ledger(ctx)
+	if err != nil {
+		return nil, err
+	}
 	st.ledger = led
 	r.applyLedger(idx, led)
 

@@ -67,12 +67,8 @@ func (r *Repository) RepairIndex(ctx context.Context, opts RepairOptions) (*Repa
 		return nil, r.errReadOnly()
 	}
 	rep := &RepairReport{DryRun: opts.DryRun, Unreadable: []PackProblem{}, RemovedIndex: []string{}, KeptIndex: []string{}}
-	led, err := r.Ledger(ctx)
-	if err != nil {
-		return nil, err
-	}
 	idx := r.newIndex()
-	st, err := r.loadInto(ctx, idx, nil, -1, led)
+	st, err := r.loadInto(ctx, idx, nil, -1, r.Ledger)
 	if err != nil {
 		return nil, err
 	}
