@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -432,7 +433,10 @@ func TestPlantedSnapshotIsNotLatest(t *testing.T) {
 			t.Fatal(err)
 		}
 		fut := &repo.Snapshot{Time: time.Now().AddDate(1, 0, 0).UTC(), Host: "evil", Program: "forged", Disks: sn.Disks}
-		if _, err := er.SaveSnapshot(context.Background(), fut); err != nil {
+		if _, err := er.WithWriter(context.Background(), "forge", func(w *repo.Writer) error {
+			_, err := w.SaveSnapshot(context.Background(), fut)
+			return err
+		}); err != nil {
 			t.Fatal(err)
 		}
 		older := e.as(evilKey).backup(real, "--host", "evil")
@@ -538,7 +542,10 @@ func TestManifestCountsAreBounded(t *testing.T) {
 	huge := &repo.Snapshot{Time: time.Now().UTC(), Host: "h", Disks: []repo.Disk{d}}
 	// The list holds 4 entries, not 32768: check names every copy of the
 	// mismatch quickly, and never walks 2^31 chunks.
-	if _, err := r.SaveSnapshot(context.Background(), huge); err != nil {
+	if _, err := r.WithWriter(context.Background(), "forge", func(w *repo.Writer) error {
+		_, err := w.SaveSnapshot(context.Background(), huge)
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan result, 1)
@@ -622,6 +629,9 @@ func TestVersion1Repository(t *testing.T) {
 	src := e.path("new.img")
 	writeFile(t, src, randomBytes(1000))
 	e.fail([]string{"format version 1", "new repository"}, "backup", src)
+	if _, err := os.Stat(filepath.Join(e.repo, "sessions")); err == nil {
+		t.Error("a refused backup of a version-1 repository announced a write session")
+	}
 	// With a damaged index object, the packs are read from their
 	// (version-1) trailers.
 	idx, _ := filepath.Glob(filepath.Join(e.repo, "index", "*"))
@@ -635,6 +645,64 @@ func TestVersion1Repository(t *testing.T) {
 	if got := fileHash(t, e.path("again.img"), -1); got != want["24fa2d85"] {
 		t.Error("restore through trailers differs")
 	}
+}
+
+// A backup announces its write session in sessions/ on every backend,
+// with the owner's key as with a write-only key (whose storage rights are
+// those of a backup host): three announcements (start, before the
+// manifest, end), stamped by the storage's clock. check reads them: none
+// running once the backups are done, one while a session is open.
+func TestBackupAnnouncesItsSession(t *testing.T) {
+	where(t, true, nil, func(t *testing.T, e *env) {
+		ctx := context.Background()
+		src := e.path("d.img")
+		writeFile(t, src, randomBytes(1<<20))
+		start := time.Now()
+		e.backup(src)
+		key := e.path("web1.key")
+		e.ok("key", "export", "--write-only", "--name", "web1", key)
+		e.as(key).backup(src, "--host", "web1")
+		s := e.store()
+		if names := s.names(backend.SessionFile); len(names) != 6 {
+			t.Fatalf("%d announcements after two backups, want 6", len(names))
+		}
+		r := s.repo(s.keys(""))
+		rep, err := r.Sessions(ctx, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(rep.Sessions) != 2 || len(rep.Unreadable) != 0 || rep.Live() != 0 {
+			t.Fatalf("sessions after two backups: %+v", rep)
+		}
+		slices.SortFunc(rep.Sessions, func(a, b repo.SessionInfo) int { return strings.Compare(a.Writer, b.Writer) })
+		for i, want := range []string{"owner", "web1"} {
+			ss := rep.Sessions[i]
+			if ss.Writer != want || ss.State != repo.SessionEnded || ss.Purpose != "backup" || ss.Seq != 2 ||
+				ss.First.Before(start.Add(-5*time.Second)) || ss.Last.After(time.Now().Add(5*time.Second)) {
+				t.Errorf("session %d: %+v, want %s's ended backup, stamped by the storage just now", i, ss, want)
+			}
+		}
+		var ck struct {
+			LiveSessions int `json:"live_sessions"`
+			Warnings     []string
+		}
+		e.okJSON(&ck, "check")
+		if ck.LiveSessions != 0 || len(ck.Warnings) != 0 {
+			t.Fatalf("check after the backups: %+v", ck)
+		}
+		// A session open in this process is running for check.
+		if _, err := r.WithWriter(ctx, "repair snapshots", func(w *repo.Writer) error {
+			out := e.ok("check")
+			e.okJSON(&ck, "check")
+			if !strings.Contains(out, "1 write session running") || !strings.Contains(out, "repair snapshots on") || ck.LiveSessions != 1 {
+				return fmt.Errorf("check during a session: %d live\n%s", ck.LiveSessions, out)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		e.as(key).ok("check")
+	})
 }
 
 // repair snapshots stores lost chunks again from the disk, an image or

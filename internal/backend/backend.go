@@ -28,16 +28,19 @@ const (
 	SnapshotFile FileType = "snapshots"
 	LedgerFile   FileType = "ledger"
 	LockFile     FileType = "locks"
+	// SessionFile objects announce running writers (docs/FORMAT.md,
+	// "Write sessions"), so that prune can wait for them.
+	SessionFile FileType = "sessions"
 )
 
 // AllTypes lists the kinds that hold many objects (everything but config).
-var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LedgerFile, LockFile}
+var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LedgerFile, LockFile, SessionFile}
 
 // ContentAddressed reports whether objects of kind t are named by the hash
 // of their bytes: saving one that exists stores the same bytes again, so a
 // backend may treat it as done.
 func ContentAddressed(t FileType) bool {
-	return t == PackFile || t == IndexFile || t == SnapshotFile || t == LedgerFile
+	return t == PackFile || t == IndexFile || t == SnapshotFile || t == LedgerFile || t == SessionFile
 }
 
 // ListPurpose says what listing objects of kind t is needed for, in the
@@ -52,6 +55,8 @@ func ListPurpose(t FileType) string {
 		return "to read the owner's records (damage found, revoked writers)"
 	case PackFile:
 		return "to find the packs of an interrupted backup"
+	case SessionFile:
+		return "to find the backups running (write sessions)"
 	}
 	return "to list " + string(t)
 }
@@ -88,6 +93,11 @@ func (h Handle) Path() string {
 type Info struct {
 	Name string
 	Size int64
+	// ModTime is when the storage recorded the object (its file's
+	// modification time, or the object store's Last-Modified), by the
+	// storage's clock: write sessions compare it with other storage
+	// times, never with a writer's clock.
+	ModTime time.Time
 }
 
 // Backend stores a repository's objects.
@@ -104,9 +114,11 @@ type Backend interface {
 	// Load returns a reader for length bytes at offset off; length 0 means
 	// to the end.
 	Load(ctx context.Context, h Handle, off, length int64) (io.ReadCloser, error)
-	// Stat returns the object's size; ErrNotExist when there is none.
+	// Stat returns the object's size and storage time; ErrNotExist when
+	// there is none.
 	Stat(ctx context.Context, h Handle) (Info, error)
-	// List calls fn for each object of type t, in no particular order.
+	// List calls fn for each object of type t, in no particular order,
+	// with the same Info as Stat.
 	List(ctx context.Context, t FileType, fn func(Info) error) error
 	// Remove deletes an object.
 	Remove(ctx context.Context, h Handle) error
@@ -224,4 +236,4 @@ func StrayListerOf(be Backend) (StrayLister, bool) {
 // StrayDirs are the folders, relative to the root, that may hold stray
 // files: the root (config) and every object kind's folder (for packs,
 // also its fan-out folders, which ListStray implementations walk).
-var StrayDirs = []string{".", string(PackFile), string(IndexFile), string(SnapshotFile), string(LedgerFile), string(LockFile)}
+var StrayDirs = []string{".", string(PackFile), string(IndexFile), string(SnapshotFile), string(LedgerFile), string(LockFile), string(SessionFile)}

@@ -33,17 +33,13 @@ import (
 type Repository interface {
 	Config() repo.Config
 	ChunkID(data []byte) repo.ID
-	BeginWrite(ctx context.Context) error
-	Flush(ctx context.Context) (repo.FlushStats, error)
-	Abort()
-	store
+	WithWriter(ctx context.Context, purpose string, fn func(w *repo.Writer) error) (repo.WriteStats, error)
 }
 
 // store is what the stages write through: the write session.
 type store interface {
 	SaveBlob(ctx context.Context, t repo.BlobType, id repo.ID, plain []byte) (repo.SaveResult, error)
 	NewChunkListWriter() *repo.ChunkListWriter
-	SaveSnapshot(ctx context.Context, sn *repo.Snapshot) (repo.ID, error)
 }
 
 // Source describes the disk to back up.
@@ -101,29 +97,26 @@ type Result struct {
 	Packs    int
 }
 
-// Run backs up src into r and writes the snapshot manifest last. The
-// repository's index must be loaded.
+// Run backs up src into r, in one write session, and writes the snapshot
+// manifest last. The repository's index must be loaded.
 func Run(ctx context.Context, r Repository, src Source, opts Options) (*Result, error) {
 	start := time.Now()
 	p := newPipeline(r, src, opts)
 	defer p.prog.Finished.Store(true)
-	if err := r.BeginWrite(ctx); err != nil {
-		return nil, err
-	}
-	out, err := p.run(ctx, r)
+	var sn *repo.Snapshot
+	ws, err := r.WithWriter(ctx, "backup", func(w *repo.Writer) error {
+		out, err := p.run(ctx, w)
+		if err != nil {
+			return err
+		}
+		sn = p.snapshot(out, start)
+		_, err = w.SaveSnapshot(ctx, sn)
+		return err
+	})
 	if err != nil {
-		r.Abort()
 		return nil, err
 	}
-	fs, err := r.Flush(ctx)
-	if err != nil {
-		return nil, err
-	}
-	sn := p.snapshot(out, start)
-	if _, err := r.SaveSnapshot(ctx, sn); err != nil {
-		return nil, err
-	}
-	return &Result{Snapshot: sn, Stats: sn.Disks[0].Stats, Packs: fs.Packs}, nil
+	return &Result{Snapshot: sn, Stats: sn.Disks[0].Stats, Packs: ws.Packs}, nil
 }
 
 // pipeline is one backup's stages and the state they share.

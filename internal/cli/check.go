@@ -36,7 +36,10 @@ repository's ledger (unless --no-record): later backups store again the
 chunks of packs found damaged instead of reusing them, and packs written by
 write-only keys that verified are endorsed, so that every writer may reuse
 their chunks. It only adds objects; check without --read-data writes
-nothing. 'sauve repair index' rebuilds damaged index objects.`,
+nothing. 'sauve repair index' rebuilds damaged index objects.
+
+check also says which write sessions (backups, repairs) are running, by
+their announcements in the repository: information, never an error.`,
 		Example: `  sauve check
   sauve check --read-data --json
   sauve check --read-data && sauve repair index`,
@@ -101,6 +104,7 @@ func printCheck(g *globals, rep *repo.CheckReport, readData bool) {
 		fmt.Fprintln(g.stderr)
 	}
 	g.printf("%d snapshots, %d packs, %d blobs, %d index objects checked\n", rep.Snapshots, rep.Packs, rep.Blobs, rep.Indexes)
+	printSessions(g, rep)
 	if readData {
 		g.printf("read %d packs (%s)\n", rep.PacksRead, bytesIEC(rep.BytesRead))
 		if rep.DataSkipped {
@@ -122,5 +126,25 @@ func printCheck(g *globals, rep *repo.CheckReport, readData bool) {
 		len(rep.Errors), len(rep.DamagedPacks), len(rep.DamagedIndex), len(snaps))
 	if len(rep.DamagedIndex) > 0 || rep.Unindexed > 0 {
 		fmt.Fprintf(g.stderr, "sauve: 'sauve repair index' rewrites the index from the packs' trailers\n")
+	}
+}
+
+// printSessions says which write sessions (backups, repairs) are running:
+// information for whoever plans a prune, never a problem.
+func printSessions(g *globals, rep *repo.CheckReport) {
+	switch rep.LiveSessions {
+	case 0:
+		return
+	case 1:
+		g.printf("1 write session running\n")
+	default:
+		g.printf("%d write sessions running\n", rep.LiveSessions)
+	}
+	for _, s := range rep.Sessions {
+		host := s.Host
+		if host == "" {
+			host = "an unnamed host"
+		}
+		g.printf("  %s on %s, signed by %s, since %s\n", s.Purpose, host, s.Writer, s.First.Local().Format("2006-01-02 15:04:05"))
 	}
 }

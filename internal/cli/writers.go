@@ -19,7 +19,7 @@ import (
 type writerSeen struct {
 	repo      *repo.Repository // the repository (or namespace) it wrote to
 	num       repo.WriterNum
-	w         repo.Writer
+	w         repo.KnownWriter
 	snapshots int
 	last      time.Time
 }
@@ -107,7 +107,7 @@ revoked it.`,
 	}
 }
 
-func scopeOf(w repo.Writer) []string {
+func scopeOf(w repo.KnownWriter) []string {
 	if w.Cert == nil {
 		return nil
 	}

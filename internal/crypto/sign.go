@@ -83,6 +83,8 @@ const (
 	DomainIndex   = "sauve index v2"
 	DomainTrailer = "sauve pack trailer v2"
 	DomainLedger  = "sauve ledger v2"
+	// DomainSession signs write-session announcements.
+	DomainSession = "sauve session v2"
 )
 
 func domainMessage(domain string, msg []byte) []byte {

@@ -41,10 +41,7 @@ func (s Source) serves(l repo.LostChunk) bool {
 type Repository interface {
 	LostChunks(ctx context.Context, opts repo.CheckOptions) (*repo.CheckReport, []repo.LostChunk, []repo.LostList, error)
 	ChunkID(data []byte) repo.ID
-	BeginWrite(ctx context.Context) error
-	SaveBlob(ctx context.Context, t repo.BlobType, id repo.ID, plain []byte) (repo.SaveResult, error)
-	Flush(ctx context.Context) (repo.FlushStats, error)
-	Abort()
+	WithWriter(ctx context.Context, purpose string, fn func(w *repo.Writer) error) (repo.WriteStats, error)
 	SaveLedger(ctx context.Context, events []repo.LedgerEvent) error
 	Ledger(ctx context.Context) (*repo.Ledger, error)
 }
@@ -116,32 +113,39 @@ func Snapshots(ctx context.Context, r Repository, opts Options) (*Report, error)
 }
 
 // recoverChunks reads each lost chunk from the sources until one gives it
-// back, and stores it.
+// back, and stores it (in one write session, unless DryRun).
 func recoverChunks(ctx context.Context, r Repository, opts Options, order []repo.ID, byID map[repo.ID][]repo.LostChunk, rep *Report) (map[repo.ID]bool, error) {
-	recovered := map[repo.ID]bool{}
 	if len(opts.Sources) == 0 || len(order) == 0 {
-		return recovered, nil
+		return map[repo.ID]bool{}, nil
 	}
-	if !opts.DryRun {
-		if err := r.BeginWrite(ctx); err != nil {
-			return nil, err
-		}
+	if opts.DryRun {
+		return scan(ctx, r, opts, order, byID, rep, nil)
 	}
+	var recovered map[repo.ID]bool
+	_, err := r.WithWriter(ctx, "repair snapshots", func(w *repo.Writer) error {
+		var err error
+		recovered, err = scan(ctx, r, opts, order, byID, rep, w)
+		return err
+	})
+	return recovered, err
+}
+
+// scan finds each lost chunk in the sources and stores what it finds with
+// w (nil: stores nothing).
+func scan(ctx context.Context, r Repository, opts Options, order []repo.ID, byID map[repo.ID][]repo.LostChunk, rep *Report, w *repo.Writer) (map[repo.ID]bool, error) {
+	recovered := map[repo.ID]bool{}
 	buf := make([]byte, 0, repo.MaxChunkSize)
 	for i, id := range order {
 		if err := ctx.Err(); err != nil {
-			r.Abort()
 			return nil, err
 		}
 		data, src, err := find(r, id, byID[id], opts.Sources, buf)
 		if err != nil {
-			r.Abort()
 			return nil, err
 		}
 		if data != nil {
-			if !opts.DryRun {
-				if _, err := r.SaveBlob(ctx, repo.DataBlob, id, data); err != nil {
-					r.Abort()
+			if w != nil {
+				if _, err := w.SaveBlob(ctx, repo.DataBlob, id, data); err != nil {
 					return nil, fmt.Errorf("store recovered chunk %s: %w", id.Short(), err)
 				}
 			}
@@ -151,11 +155,6 @@ func recoverChunks(ctx context.Context, r Repository, opts Options, order []repo
 		}
 		if opts.Progress != nil {
 			opts.Progress(i+1, len(order))
-		}
-	}
-	if !opts.DryRun {
-		if _, err := r.Flush(ctx); err != nil {
-			return nil, err
 		}
 	}
 	return recovered, nil

@@ -72,6 +72,11 @@ type CheckReport struct {
 	// TempFiles counts files left by interrupted writes.
 	TempFiles int   `json:"temp_files"`
 	TempBytes int64 `json:"temp_bytes"`
+	// LiveSessions counts the write sessions running (announced, not
+	// ended, not expired by this machine's clock), Sessions lists them:
+	// information, not a problem (docs/FORMAT.md, "Write sessions").
+	LiveSessions int           `json:"live_sessions"`
+	Sessions     []SessionInfo `json:"sessions"`
 	// DataSkipped is set when ReadData could not open chunk data because
 	// the key is write-only: packs were checked against their names only.
 	DataSkipped bool `json:"data_skipped,omitempty"`
@@ -182,8 +187,9 @@ func (c *checker) warnf(format string, args ...any) {
 // ReadData, every pack's content against its name and signer and every
 // blob against its ID. It names exactly what is damaged (packs, index
 // objects) and which snapshots and byte ranges that costs. It works on a
-// view of its own, never on the local cache, and writes only with
-// Record.
+// view of its own (index, ledger, table of writers), never on the local
+// cache nor on the repository's own view, which it leaves as it was; it
+// writes only with Record.
 func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport, error) {
 	rep, _, _, err := r.check(ctx, opts, false)
 	return rep, err
@@ -197,39 +203,53 @@ func (r *Repository) LostChunks(ctx context.Context, opts CheckOptions) (*CheckR
 }
 
 func (r *Repository) check(ctx context.Context, opts CheckOptions, collect bool) (*CheckReport, []LostChunk, []LostList, error) {
-	c := &checker{r: r, idx: r.newIndex(), bad: map[copyKey]string{}, packs: map[ID]string{}, ok: map[ID]packTrailer{}, lists: map[listKey]listResult{}, collect: collect}
-	c.rep.Errors, c.rep.Warnings, c.rep.Damaged = []string{}, []string{}, []Damage{}
-	c.rep.DamagedPacks, c.rep.DamagedIndex = []PackProblem{}, []string{}
-	st, err := r.loadInto(ctx, c.idx, nil, -1)
+	c, err := r.newChecker(ctx, collect)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	c.st = st
-	c.rep.Indexes = st.indexObjects
+	if err := c.run(ctx, opts); err != nil {
+		return nil, nil, nil, err
+	}
+	return &c.rep, c.lostChunks, c.lostLists, nil
+}
+
+// newChecker loads a view of the repository of check's own: the ledger
+// read again, a table of writers and an index of its own, no cache. The
+// repository's view (its index, ledger, writers, cache) is left alone.
+func (r *Repository) newChecker(ctx context.Context, collect bool) (*checker, error) {
+	writers := NewWriters()
+	writers.SetOwner([32]byte(r.keys.OwnerPublic))
+	idx := NewIndex()
+	idx.Writers = writers
+	c := &checker{r: r, idx: idx, bad: map[copyKey]string{}, packs: map[ID]string{}, ok: map[ID]packTrailer{}, lists: map[listKey]listResult{}, collect: collect}
+	c.rep.Errors, c.rep.Warnings, c.rep.Damaged = []string{}, []string{}, []Damage{}
+	c.rep.DamagedPacks, c.rep.DamagedIndex, c.rep.Sessions = []PackProblem{}, []string{}, []SessionInfo{}
+	var err error
+	c.st, err = r.loadInto(ctx, c.idx, nil, -1, r.readLedger)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *checker) run(ctx context.Context, opts CheckOptions) error {
+	c.rep.Indexes = c.st.indexObjects
 	c.reportLoad()
 	if err := c.reportTemp(ctx); err != nil {
-		return nil, nil, nil, err
+		return err
 	}
 	c.rep.Blobs, c.rep.Packs = c.idx.Len()
 	if opts.ReadData {
 		if err := c.readAll(ctx, opts.Progress); err != nil {
-			return nil, nil, nil, err
+			return err
 		}
 		c.readData = true
 	}
-	snaps, err := r.snapshots(ctx, nil, func(name string, err error) {
-		c.errorf("snapshot %s: %v", shortName(name), err)
-	})
-	if err != nil {
-		return nil, nil, nil, err
+	if err := c.walkSnapshots(ctx); err != nil {
+		return err
 	}
-	c.rep.Snapshots = len(snaps)
-	for _, sn := range snaps {
-		for di := range sn.Disks {
-			if err := c.walkDisk(ctx, sn, &sn.Disks[di]); err != nil {
-				return nil, nil, nil, err
-			}
-		}
+	if err := c.reportSessions(ctx); err != nil {
+		return err
 	}
 	c.finish()
 	if opts.Record && opts.ReadData {
@@ -237,7 +257,31 @@ func (r *Repository) check(ctx context.Context, opts CheckOptions, collect bool)
 			c.rep.Warnings = append(c.rep.Warnings, fmt.Sprintf("could not record the findings in the ledger: %v", err))
 		}
 	}
-	return &c.rep, c.lostChunks, c.lostLists, nil
+	return nil
+}
+
+// walkSnapshots finds what each snapshot's disks cannot restore.
+func (c *checker) walkSnapshots(ctx context.Context) error {
+	names, err := c.r.listSnapshots(ctx)
+	if err != nil {
+		return err
+	}
+	v := snapView{writers: c.idx.Writers, led: c.st.ledger}
+	snaps, err := c.r.snapshots(ctx, v, names, func(name string, err error) {
+		c.errorf("snapshot %s: %v", shortName(name), err)
+	})
+	if err != nil {
+		return err
+	}
+	c.rep.Snapshots = len(snaps)
+	for _, sn := range snaps {
+		for di := range sn.Disks {
+			if err := c.walkDisk(ctx, sn, &sn.Disks[di]); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // reportLoad reports what loading the index found.
@@ -296,6 +340,30 @@ func (c *checker) reportTemp(ctx context.Context) error {
 	if c.rep.TempFiles > 0 {
 		c.warnf("%d temporary files (%d bytes) were left by interrupted writes, the oldest from %s: 'sauve repair index' removes those older than %s",
 			c.rep.TempFiles, c.rep.TempBytes, oldest.Local().Format("2006-01-02 15:04"), StrayAge)
+	}
+	return nil
+}
+
+// reportSessions counts the write sessions running. check writes nothing,
+// so it cannot learn the storage's time: it judges by this machine's
+// clock, which is good enough to inform (a prune must not).
+func (c *checker) reportSessions(ctx context.Context) error {
+	rep, err := c.r.sessions(ctx, time.Now(), c.st.ledger, c.idx.Writers)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		c.warnf("write sessions could not be listed: %v", err)
+		return nil
+	}
+	for _, s := range rep.Sessions {
+		if s.State == SessionLive {
+			c.rep.Sessions = append(c.rep.Sessions, s)
+		}
+	}
+	c.rep.LiveSessions = rep.Live()
+	for _, u := range rep.Unreadable {
+		c.warnf("write session object %s cannot be read (%s); it counts as a running session until a day after it was stored", shortName(u.Name), u.Error)
 	}
 	return nil
 }
@@ -607,11 +675,11 @@ func (c *checker) record(ctx context.Context) error {
 	}
 	for start := 0; start < len(endorse); start += indexBatch {
 		batch := endorse[start:min(start+indexBatch, len(endorse))]
-		if err := r.saveIndex(ctx, batch, certsFor(batch, certs)); err != nil {
+		if err := r.saveIndexTo(ctx, nil, batch, certsFor(batch, certs)); err != nil {
 			return err
 		}
 	}
-	if err := r.SaveLedger(ctx, events); err != nil {
+	if err := r.writeLedger(ctx, events); err != nil {
 		return err
 	}
 	c.rep.Recorded = len(events) > 0 || len(endorse) > 0

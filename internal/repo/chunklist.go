@@ -41,18 +41,14 @@ func decodeChunkList(b []byte) ([]ID, error) {
 	return ids, nil
 }
 
-// ChunkListWriter stores a disk's chunk IDs, in order, as list blobs.
+// ChunkListWriter stores a disk's chunk IDs, in order, as list blobs, in
+// a write session (Writer.NewChunkListWriter).
 type ChunkListWriter struct {
-	r     *Repository
+	w     *Writer
 	cur   []ID
 	lists []ID
 	// Stored counts list blobs that were new.
 	Stored int
-}
-
-// NewChunkListWriter starts a chunk list.
-func (r *Repository) NewChunkListWriter() *ChunkListWriter {
-	return &ChunkListWriter{r: r, cur: make([]ID, 0, ListEntries)}
 }
 
 // Append adds the next chunk's ID.
@@ -65,7 +61,7 @@ func (w *ChunkListWriter) Append(ctx context.Context, id ID) error {
 }
 
 func (w *ChunkListWriter) flush(ctx context.Context) error {
-	id, res, err := w.r.SaveMeta(ctx, encodeChunkList(w.cur))
+	id, res, err := w.w.SaveMeta(ctx, encodeChunkList(w.cur))
 	if err != nil {
 		return fmt.Errorf("save chunk list: %w", err)
 	}

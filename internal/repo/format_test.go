@@ -520,3 +520,76 @@ func FuzzLedgerRecord(f *testing.F) {
 		}
 	})
 }
+
+func testAnnouncement() Announcement {
+	return Announcement{Session: strings.Repeat("0a", 16), Seq: 3, Purpose: "backup", Host: "web1", Program: "sauve 0.2.0",
+		Started: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC), LifetimeSeconds: 21600}
+}
+
+func TestAnnouncementRoundTrip(t *testing.T) {
+	keys := testKeys(t)
+	a := testAnnouncement()
+	data, err := encodeAnnouncement(testMeta(), keys, &a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, who, err := decodeAnnouncement(testMeta(), keys, Hash(data), data)
+	if err != nil || *got != a || who.Key != keys.SignerPublic() {
+		t.Fatalf("round trip: %+v %v, want %+v", got, err, a)
+	}
+	if _, _, err := decodeAnnouncement(testMeta(), keys, randID(), data); err == nil {
+		t.Fatal("an announcement under another name decodes")
+	}
+	// Another kind of signed object is not an announcement.
+	plain := append([]byte(sessionMagic), keys.SignObject([]byte(`{}`), crypto.DomainLedger)...)
+	if _, _, err := openAnnouncement(keys, plain); err == nil {
+		t.Fatal("a ledger signature verifies as an announcement")
+	}
+	for _, bad := range []Announcement{
+		{Session: "abc", LifetimeSeconds: 3600},
+		{Session: strings.Repeat("0A", 16), LifetimeSeconds: 3600},
+		{Session: a.Session, LifetimeSeconds: 59},
+		{Session: a.Session, LifetimeSeconds: 86401},
+		{Session: a.Session, LifetimeSeconds: 3600, Host: "web\x1b[2J"},
+		{Session: a.Session, LifetimeSeconds: 3600, Purpose: strings.Repeat("x", 256)},
+	} {
+		js, _ := json.Marshal(bad)
+		if _, err := parseAnnouncement(js); err == nil {
+			t.Errorf("announcement %+v accepted", bad)
+		}
+	}
+}
+
+// FuzzOpenAnnouncement feeds the parser what a hostile writer could sign
+// (the signature checked first), and the JSON behind it alone.
+func FuzzOpenAnnouncement(f *testing.F) {
+	keys := testKeysF(f)
+	a := testAnnouncement()
+	js, _ := json.Marshal(a)
+	f.Add(append([]byte(sessionMagic), keys.SignObject(js, crypto.DomainSession)...))
+	f.Add(js)
+	f.Add([]byte(`{"session":"0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a","lifetime_seconds":9223372036854775807}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		checkParsed := func(a *Announcement) {
+			if l := a.Lifetime(); l < minSessionLifetime || l > maxSessionLifetime {
+				t.Fatalf("lifetime %s accepted", l)
+			}
+			for _, s := range []string{a.Session, a.Purpose, a.Host, a.Program} {
+				if checkText(s) != nil {
+					t.Fatalf("text %q accepted", s)
+				}
+			}
+			led := &Ledger{Revoked: map[[32]byte]time.Time{}}
+			ss := groupSessions([]sessionObject{{name: "x", a: a}}, time.Now(), led, NewWriters())
+			if len(ss) != 1 || ss[0].State == "" {
+				t.Fatalf("sessions %+v", ss)
+			}
+		}
+		if a, err := parseAnnouncement(b); err == nil {
+			checkParsed(a)
+		}
+		if a, _, err := openAnnouncement(keys, b); err == nil {
+			checkParsed(a)
+		}
+	})
+}

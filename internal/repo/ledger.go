@@ -101,8 +101,21 @@ func (l *Ledger) Damaged(pack ID) string {
 	return "recorded as damaged by the owner: " + e.Reason
 }
 
-// SaveLedger signs and stores a ledger record (owner key only).
+// SaveLedger signs and stores a ledger record (owner key only); the
+// repository reads the ledger again, with it, when next asked.
 func (r *Repository) SaveLedger(ctx context.Context, events []LedgerEvent) error {
+	if err := r.writeLedger(ctx, events); err != nil {
+		return err
+	}
+	r.ledgerMu.Lock()
+	r.ledger = nil
+	r.ledgerMu.Unlock()
+	return nil
+}
+
+// writeLedger signs and stores a ledger record and leaves the
+// repository's view alone (check records what it found that way).
+func (r *Repository) writeLedger(ctx context.Context, events []LedgerEvent) error {
 	if !r.keys.IsOwner() {
 		return errors.New("only the owner's key can write ledger records")
 	}
@@ -124,9 +137,6 @@ func (r *Repository) SaveLedger(ctx context.Context, events []LedgerEvent) error
 	if err := r.be.Save(ctx, h, bytes.NewReader(data), int64(len(data))); err != nil {
 		return fmt.Errorf("save ledger record: %w", err)
 	}
-	r.ledgerMu.Lock()
-	r.ledger = nil // read again, with this record
-	r.ledgerMu.Unlock()
 	return nil
 }
 
@@ -157,14 +167,29 @@ func (r *Repository) decodeLedger(id ID, data []byte) (*LedgerRecord, error) {
 	return &rec, nil
 }
 
-// Ledger reads the owner's records (once; SaveLedger makes it read again).
-// A record that fails verification is reported through Warn and ignored.
+// Ledger reads the owner's records (once; SaveLedger makes it read again)
+// and applies its revocations to the repository's writers. A record that
+// fails verification is reported through Warn and ignored.
 func (r *Repository) Ledger(ctx context.Context) (*Ledger, error) {
 	r.ledgerMu.Lock()
 	defer r.ledgerMu.Unlock()
 	if r.ledger != nil {
 		return r.ledger, nil
 	}
+	led, err := r.readLedger(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r.ledger = led
+	for key, t := range led.Revoked {
+		r.writers.Revoke(key, t)
+	}
+	return led, nil
+}
+
+// readLedger reads the owner's records from storage, for a view of its
+// own: it neither uses nor changes the repository's.
+func (r *Repository) readLedger(ctx context.Context) (*Ledger, error) {
 	var infos []backend.Info
 	if err := r.be.List(ctx, backend.LedgerFile, func(fi backend.Info) error {
 		infos = append(infos, fi)
@@ -210,11 +235,7 @@ func (r *Repository) Ledger(ctx context.Context) (*Ledger, error) {
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
-	r.ledger = buildLedger(recs)
-	for key, t := range r.ledger.Revoked {
-		r.writers.Revoke(key, t)
-	}
-	return r.ledger, nil
+	return buildLedger(recs), nil
 }
 
 // buildLedger folds records, oldest first (ties by ID), into the current

@@ -44,7 +44,7 @@ type loadState struct {
 // of stored packs that no usable index object names, so that their blobs
 // can still be read.
 func (r *Repository) LoadIndex(ctx context.Context) error {
-	st, err := r.loadInto(ctx, r.idx, r.cache, r.opts.MaxOrphanReads)
+	st, err := r.loadInto(ctx, r.idx, r.cache, r.opts.MaxOrphanReads, r.Ledger)
 	if err != nil {
 		return err
 	}
@@ -73,8 +73,9 @@ func shortName(name string) string {
 	return fmt.Sprintf("%q", name)
 }
 
-// loadInto fills idx; cache may be nil (check never uses it).
-func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, maxOrphans int) (*loadState, error) {
+// loadInto fills idx, applying the ledger that ledger reads (the
+// repository's, or check's own); cache may be nil (check never uses it).
+func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, maxOrphans int, ledger func(context.Context) (*Ledger, error)) (*loadState, error) {
 	st := &loadState{damagedIndex: map[string]error{}, orphanErrs: map[ID]error{}}
 	// Index objects are listed before packs: an honest index object names
 	// packs stored before it was, so they are in the pack listing.
@@ -94,7 +95,7 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 	}
 	st.stored = stored
 	idx.SetListing(stored)
-	led, err := r.Ledger(ctx)
+	led, err := ledger(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -301,6 +302,11 @@ func (r *Repository) selfTrust() Trust {
 // saveIndex writes an index object for the packs of records, signed by
 // this key. Records of other writers' packs need certs (owner only).
 func (r *Repository) saveIndex(ctx context.Context, records []indexRecord, certs []*crypto.Cert) error {
+	return r.saveIndexTo(ctx, r.cache, records, certs)
+}
+
+// saveIndexTo is saveIndex keeping a copy in cache (nil: none).
+func (r *Repository) saveIndexTo(ctx context.Context, cache *Cache, records []indexRecord, certs []*crypto.Cert) error {
 	if len(records) == 0 {
 		return nil
 	}
@@ -310,6 +316,6 @@ func (r *Repository) saveIndex(ctx context.Context, records []indexRecord, certs
 	if err := r.be.Save(ctx, h, bytes.NewReader(data), int64(len(data))); err != nil {
 		return fmt.Errorf("save index: %w", err)
 	}
-	r.cache.Put(cacheIndex, id.String(), data)
+	cache.Put(cacheIndex, id.String(), data)
 	return nil
 }

@@ -18,55 +18,59 @@ const indexBatch = 64
 // maxMetaBlob bounds a chunk list blob.
 const maxMetaBlob = 4 << 20
 
-// packer fills packs from concurrent SaveBlob calls and uploads them with a
-// bounded number of uploaders. Pack buffers come from a fixed free list (one
-// being filled plus one per uploader): a full pack waits for an uploader,
-// which blocks SaveBlob, which is how a slow backend slows the reader down
-// instead of filling memory.
+// packer fills packs from concurrent SaveBlob calls of one write session
+// and uploads them with a bounded number of uploaders. Pack buffers come
+// from a fixed free list (one being filled plus one per uploader): a full
+// pack waits for an uploader, which blocks SaveBlob, which is how a slow
+// backend slows the reader down instead of filling memory.
 type packer struct {
 	r      *Repository
 	ctx    context.Context
+	cancel context.CancelFunc // stops uploads at once (abort)
 	sealer *crypto.DataSealer
 
 	mu      sync.Mutex
 	cur     *packBuilder
 	pending map[ID]struct{}
 	queue   chan *packBuilder
-	wg      sync.WaitGroup
+	// stop is closed when the session ends: uploaders return and sends
+	// fail, so a goroutine that outlives its session writes nothing.
+	stop chan struct{}
+	wg   sync.WaitGroup
 
 	free     chan []byte
 	bufMu    sync.Mutex
 	bufCount int
 	bufMax   int
 
-	resMu    sync.Mutex
+	resMu sync.Mutex
+	// idle is signalled (on resMu) each time an upload finishes, for
+	// flush to wait until finished catches up with sent.
+	idle     *sync.Cond
+	sent     int
+	finished int
 	err      error
 	unsaved  []indexRecord
 	packs    int
 	packSize int64
 }
 
-func (r *Repository) packer(ctx context.Context) (*packer, error) {
-	r.pkMu.Lock()
-	defer r.pkMu.Unlock()
-	if r.pk != nil {
-		return r.pk, nil
-	}
-	if r.ReadOnly() {
-		return nil, r.errReadOnly()
-	}
+// newPacker starts the uploaders of a write session; they run under ctx.
+func (r *Repository) newPacker(ctx context.Context) (*packer, error) {
 	sealer, err := r.keys.DataSealer()
 	if err != nil {
 		return nil, err
 	}
-	p := &packer{r: r, ctx: ctx, sealer: sealer, pending: map[ID]struct{}{}, queue: make(chan *packBuilder)}
+	ctx, cancel := context.WithCancel(ctx)
+	p := &packer{r: r, ctx: ctx, cancel: cancel, sealer: sealer, pending: map[ID]struct{}{},
+		queue: make(chan *packBuilder), stop: make(chan struct{})}
+	p.idle = sync.NewCond(&p.resMu)
 	p.bufMax = r.opts.Connections + 1
 	p.free = make(chan []byte, p.bufMax)
 	for i := 0; i < r.opts.Connections; i++ {
 		p.wg.Add(1)
 		go p.upload()
 	}
-	r.pk = p
 	return p, nil
 }
 
@@ -96,6 +100,8 @@ func (p *packer) buffer() ([]byte, error) {
 		return b, nil
 	case <-p.ctx.Done():
 		return nil, p.ctx.Err()
+	case <-p.stop:
+		return nil, errSessionEnded
 	}
 }
 
@@ -163,70 +169,95 @@ func (p *packer) add(t BlobType, id ID, coded []byte) (int, error) {
 	return n, nil
 }
 
+// errSessionEnded is returned to a save that comes after its session.
+var errSessionEnded = errors.New("the write session has ended")
+
+// send hands a full pack to an uploader. It counts as sent until the
+// upload finishes, so that flush waits for it.
 func (p *packer) send(pb *packBuilder) error {
+	p.resMu.Lock()
+	p.sent++
+	p.resMu.Unlock()
+	var err error
 	select {
 	case p.queue <- pb:
 		return nil
 	case <-p.ctx.Done():
-		return p.ctx.Err()
+		err = p.ctx.Err()
+	case <-p.stop:
+		err = errSessionEnded
 	}
+	p.uploaded()
+	return err
+}
+
+// uploaded counts one sent pack as finished, uploaded or not.
+func (p *packer) uploaded() {
+	p.resMu.Lock()
+	p.finished++
+	p.idle.Broadcast()
+	p.resMu.Unlock()
 }
 
 func (p *packer) upload() {
 	defer p.wg.Done()
-	for pb := range p.queue {
-		if p.failed() != nil || p.ctx.Err() != nil {
-			p.free <- pb.buf[:0]
-			continue // drain
-		}
-		data, id := pb.finish(p.r.meta, p.r.keys)
-		h := backend.Handle{Type: backend.PackFile, Name: id.String()}
-		if err := p.r.cache.RecordOwnPack(id); err != nil {
-			p.r.opts.Warn("cannot note pack %s in the cache (it will not be reused if this backup is interrupted): %v", id.Short(), err)
-		}
-		if err := p.r.be.Save(p.ctx, h, backend.NewByteReader(data), int64(len(data))); err != nil {
-			p.free <- pb.buf[:0]
-			p.fail(fmt.Errorf("save pack %s: %w", id.Short(), err))
-			continue
-		}
-		info := PackInfo{ID: id, Ephemeral: pb.eph, Blobs: pb.blobs}
-		for _, b := range pb.blobs {
-			if b.Type == MetaBlob {
-				p.r.cache.Put(cacheBlobs, b.ID.String(), data[b.Offset:b.Offset+b.Length])
-			}
-		}
-		p.r.idx.SetPackSize(id, int64(len(data)))
-		p.r.idx.Add(info, p.r.self, p.r.selfTrust())
-		// Return the buffer before taking p.mu: add may hold p.mu while
-		// it waits for a buffer.
-		p.free <- data[:0]
-		p.mu.Lock()
-		for _, b := range pb.blobs {
-			delete(p.pending, b.ID)
-		}
-		p.mu.Unlock()
-
-		p.resMu.Lock()
-		p.packs++
-		p.packSize += int64(len(data))
-		p.unsaved = append(p.unsaved, indexRecord{PackInfo: info, Writer: p.r.keys.SignerPublic()})
-		var batch []indexRecord
-		if len(p.unsaved) >= indexBatch {
-			batch, p.unsaved = p.unsaved, nil
-		}
-		p.resMu.Unlock()
-		if err := p.r.saveIndex(p.ctx, batch, nil); err != nil {
-			p.fail(err)
+	for {
+		select {
+		case pb := <-p.queue:
+			p.uploadPack(pb)
+			p.uploaded()
+		case <-p.stop:
+			return
 		}
 	}
 }
 
-// BeginWrite starts a writing session whose uploads run under ctx. Calling
-// it is optional (SaveBlob starts one with its own context), but a caller
-// whose SaveBlob contexts end before Flush must call it.
-func (r *Repository) BeginWrite(ctx context.Context) error {
-	_, err := r.packer(ctx)
-	return err
+// uploadPack stores one pack and indexes it, writing an index object
+// every indexBatch packs.
+func (p *packer) uploadPack(pb *packBuilder) {
+	if p.failed() != nil || p.ctx.Err() != nil {
+		p.free <- pb.buf[:0]
+		return // drain
+	}
+	data, id := pb.finish(p.r.meta, p.r.keys)
+	h := backend.Handle{Type: backend.PackFile, Name: id.String()}
+	if err := p.r.cache.RecordOwnPack(id); err != nil {
+		p.r.opts.Warn("cannot note pack %s in the cache (it will not be reused if this backup is interrupted): %v", id.Short(), err)
+	}
+	if err := p.r.be.Save(p.ctx, h, backend.NewByteReader(data), int64(len(data))); err != nil {
+		p.free <- pb.buf[:0]
+		p.fail(fmt.Errorf("save pack %s: %w", id.Short(), err))
+		return
+	}
+	info := PackInfo{ID: id, Ephemeral: pb.eph, Blobs: pb.blobs}
+	for _, b := range pb.blobs {
+		if b.Type == MetaBlob {
+			p.r.cache.Put(cacheBlobs, b.ID.String(), data[b.Offset:b.Offset+b.Length])
+		}
+	}
+	p.r.idx.SetPackSize(id, int64(len(data)))
+	p.r.idx.Add(info, p.r.self, p.r.selfTrust())
+	// Return the buffer before taking p.mu: add may hold p.mu while
+	// it waits for a buffer.
+	p.free <- data[:0]
+	p.mu.Lock()
+	for _, b := range pb.blobs {
+		delete(p.pending, b.ID)
+	}
+	p.mu.Unlock()
+
+	p.resMu.Lock()
+	p.packs++
+	p.packSize += int64(len(data))
+	p.unsaved = append(p.unsaved, indexRecord{PackInfo: info, Writer: p.r.keys.SignerPublic()})
+	var batch []indexRecord
+	if len(p.unsaved) >= indexBatch {
+		batch, p.unsaved = p.unsaved, nil
+	}
+	p.resMu.Unlock()
+	if err := p.r.saveIndex(p.ctx, batch, nil); err != nil {
+		p.fail(err)
+	}
 }
 
 // SaveResult says what SaveBlob did.
@@ -236,13 +267,10 @@ type SaveResult struct {
 	Sealed int  // bytes added to the pack
 }
 
-// SaveBlob stores a blob unless a blob with its ID is stored (or being
-// stored). id must be the blob's ID (ChunkID for data).
-func (r *Repository) SaveBlob(ctx context.Context, t BlobType, id ID, plain []byte) (SaveResult, error) {
-	p, err := r.packer(ctx)
-	if err != nil {
-		return SaveResult{}, err
-	}
+// saveBlob stores a blob unless a blob with its ID is stored (or being
+// stored) where this writer may reuse it.
+func (p *packer) saveBlob(ctx context.Context, t BlobType, id ID, plain []byte) (SaveResult, error) {
+	r := p.r
 	if err := p.failed(); err != nil {
 		return SaveResult{}, err
 	}
@@ -269,30 +297,17 @@ func (r *Repository) SaveBlob(ctx context.Context, t BlobType, id ID, plain []by
 	return SaveResult{New: true, Coded: len(coded) - 1, Sealed: n}, nil
 }
 
-// SaveMeta stores a chunk list blob and returns its ID.
-func (r *Repository) SaveMeta(ctx context.Context, plain []byte) (ID, SaveResult, error) {
-	id := r.metaIDs.Sum(plain)
-	res, err := r.SaveBlob(ctx, MetaBlob, id, plain)
-	return id, res, err
-}
-
-// FlushStats reports what the writing session stored.
-type FlushStats struct {
+// WriteStats reports what a write session stored.
+type WriteStats struct {
 	Packs int
 	Bytes int64
 }
 
-// Flush uploads the pack being filled, waits for all uploads and writes the
-// index objects that cover them. Only after Flush returns nil may a
-// snapshot refer to the blobs saved before it.
-func (r *Repository) Flush(ctx context.Context) (FlushStats, error) {
-	r.pkMu.Lock()
-	p := r.pk
-	r.pk = nil
-	r.pkMu.Unlock()
-	if p == nil {
-		return FlushStats{}, nil
-	}
+// flush uploads the pack being filled, waits for every pack sent so far
+// and writes the index objects that cover them. Only after flush returns
+// nil may a snapshot refer to the blobs saved before it. The session goes
+// on: blobs saved after it go into new packs.
+func (p *packer) flush(ctx context.Context) (WriteStats, error) {
 	p.mu.Lock()
 	last := p.cur
 	p.cur = nil
@@ -301,36 +316,52 @@ func (r *Repository) Flush(ctx context.Context) (FlushStats, error) {
 	if last != nil && len(last.blobs) > 0 {
 		err = p.send(last)
 	}
-	close(p.queue)
-	p.wg.Wait()
-	stats := FlushStats{Packs: p.packs, Bytes: p.packSize}
-	if perr := p.failed(); perr != nil {
-		return stats, perr
+	p.resMu.Lock()
+	for p.finished < p.sent {
+		p.idle.Wait()
 	}
+	stats := WriteStats{Packs: p.packs, Bytes: p.packSize}
+	if p.err != nil {
+		err = p.err
+	}
+	var batch []indexRecord
+	if err == nil {
+		batch, p.unsaved = p.unsaved, nil
+	}
+	p.resMu.Unlock()
 	if err != nil {
 		return stats, err
 	}
 	if err := ctx.Err(); err != nil {
 		return stats, err
 	}
-	if err := r.saveIndex(ctx, p.unsaved, nil); err != nil {
+	if err := p.r.saveIndex(ctx, batch, nil); err != nil {
+		p.fail(err)
 		return stats, err
 	}
 	return stats, nil
 }
 
-// Abort stops a writing session without writing anything more.
-func (r *Repository) Abort() {
-	r.pkMu.Lock()
-	p := r.pk
-	r.pk = nil
-	r.pkMu.Unlock()
-	if p == nil {
-		return
+// stats reports what the session stored so far.
+func (p *packer) stats() WriteStats {
+	p.resMu.Lock()
+	defer p.resMu.Unlock()
+	return WriteStats{Packs: p.packs, Bytes: p.packSize}
+}
+
+// close ends the session's uploads: after a flush, there are none left;
+// after a failure (abort), those under way are cancelled and nothing more
+// is written. It returns once no uploader runs.
+func (p *packer) close(abort error) {
+	if abort != nil {
+		p.fail(abort)
+		p.cancel()
 	}
-	p.fail(errors.New("aborted"))
-	close(p.queue)
+	// A save that comes later (a goroutine fn did not wait for) fails.
+	p.fail(errSessionEnded)
+	close(p.stop)
 	p.wg.Wait()
+	p.cancel()
 	p.mu.Lock()
 	p.cur = nil
 	p.mu.Unlock()

@@ -62,8 +62,9 @@ type Repository struct {
 	opener     *crypto.DataOpener
 	openerErr  error
 
-	pkMu sync.Mutex
-	pk   *packer
+	// timing is how write sessions announce themselves (tests shorten
+	// it and drive its clock).
+	timing sessionTiming
 
 	ledgerMu sync.Mutex
 	ledger   *Ledger
@@ -125,6 +126,7 @@ func Open(ctx context.Context, be backend.Backend, keys *crypto.Keys, opts Optio
 		metaIDs: crypto.NewHasher(crypto.NewHasher(keys.IDKey).Sum([]byte("sauve meta blob ids"))),
 		meta:    crypto.NewMetaSealer(keys.MetaKey),
 		comp:    newCompressor(max(cfg.ChunkSize, maxMetaBlob)),
+		timing:  defaultSessionTiming(),
 	}
 	r.writers = NewWriters()
 	r.writers.SetOwner([32]byte(keys.OwnerPublic))

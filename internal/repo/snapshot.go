@@ -105,9 +105,10 @@ type envelope struct {
 
 var snapshotAD = []byte("sauve snapshot v1")
 
-// SaveSnapshot signs, seals and stores a manifest and returns its ID. It is
-// the last write of a backup: blobs it names must be flushed first.
-func (r *Repository) SaveSnapshot(ctx context.Context, sn *Snapshot) (ID, error) {
+// saveSnapshot signs, seals and stores a manifest and returns its ID. It is
+// the last write of a backup, made by Writer.SaveSnapshot once the blobs it
+// names are flushed and the session is known to be live.
+func (r *Repository) saveSnapshot(ctx context.Context, sn *Snapshot) (ID, error) {
 	if r.ReadOnly() {
 		return ID{}, r.errReadOnly()
 	}
@@ -144,8 +145,9 @@ func (r *Repository) SaveSnapshot(ctx context.Context, sn *Snapshot) (ID, error)
 // ErrTampered marks a manifest that fails decryption or signature checks.
 var ErrTampered = errors.New("snapshot manifest failed verification")
 
-// decodeSnapshot opens, verifies and parses a stored manifest.
-func (r *Repository) decodeSnapshot(id ID, data []byte) (*Snapshot, error) {
+// decodeSnapshot opens, verifies and parses a stored manifest, numbering
+// its signer in writers.
+func (r *Repository) decodeSnapshot(writers *Writers, id ID, data []byte) (*Snapshot, error) {
 	if Hash(data) != id {
 		return nil, fmt.Errorf("snapshot %s: %w: content does not match its name", id.Short(), ErrTampered)
 	}
@@ -167,7 +169,7 @@ func (r *Repository) decodeSnapshot(id ID, data []byte) (*Snapshot, error) {
 	sn.ID = id
 	sn.Signer = env.Signature.SignerName()
 	sn.SignerKey = [32]byte(env.Signature.Signer)
-	sn.Writer = r.writers.Number(sn.SignerKey, env.Signature.Cert)
+	sn.Writer = writers.Number(sn.SignerKey, env.Signature.Cert)
 	for i := range sn.Disks {
 		sn.Disks[i].writer = sn.Writer
 	}
@@ -178,11 +180,12 @@ func (r *Repository) decodeSnapshot(id ID, data []byte) (*Snapshot, error) {
 }
 
 // mark adds the marks that depend on the time and the ledger.
-func (r *Repository) mark(sn *Snapshot, led *Ledger, now time.Time) {
+func mark(sn *Snapshot, v snapView, now time.Time) {
+	led := v.led
 	if sn.Time.After(now.Add(MaxClockSkew)) {
 		sn.Marks = append(sn.Marks, fmt.Sprintf("dated %s, in the future", sn.Time.Format(time.RFC3339)))
 	}
-	if r.writers.Revoked(sn.Writer) {
+	if v.writers.Revoked(sn.Writer) {
 		sn.Marks = append(sn.Marks, fmt.Sprintf("signed by writer %s, which the owner revoked", sn.Signer))
 	}
 	for _, dmg := range led.SnapshotDamage[sn.ID] {
@@ -216,12 +219,23 @@ func parseManifest(b []byte) (*Snapshot, error) {
 	return &sn, nil
 }
 
-// LoadSnapshot loads and verifies one snapshot.
-func (r *Repository) LoadSnapshot(ctx context.Context, id ID) (*Snapshot, error) {
-	return r.loadSnapshot(ctx, r.cache, id)
+// snapView is what snapshots are read against: the cache of their
+// objects (nil: none), the table their signers are numbered in, and the
+// ledger that marks them. The repository has its own; check makes one
+// of its own, so that it leaves the repository's alone.
+type snapView struct {
+	cache   *Cache
+	writers *Writers
+	led     *Ledger
 }
 
-func (r *Repository) loadSnapshot(ctx context.Context, cache *Cache, id ID) (*Snapshot, error) {
+// LoadSnapshot loads and verifies one snapshot.
+func (r *Repository) LoadSnapshot(ctx context.Context, id ID) (*Snapshot, error) {
+	return r.loadSnapshot(ctx, snapView{cache: r.cache, writers: r.writers}, id)
+}
+
+func (r *Repository) loadSnapshot(ctx context.Context, v snapView, id ID) (*Snapshot, error) {
+	cache := v.cache
 	data, ok := cache.Get(cacheSnapshots, id.String())
 	if !ok || Hash(data) != id {
 		var err error
@@ -233,7 +247,7 @@ func (r *Repository) loadSnapshot(ctx context.Context, cache *Cache, id ID) (*Sn
 			cache.Put(cacheSnapshots, id.String(), data)
 		}
 	}
-	return r.decodeSnapshot(id, data)
+	return r.decodeSnapshot(v.writers, id, data)
 }
 
 // Snapshots loads every snapshot, oldest first, and marks those not to be
@@ -243,11 +257,19 @@ func (r *Repository) loadSnapshot(ctx context.Context, cache *Cache, id ID) (*Sn
 // before (it is in the cache) that is no longer stored is reported through
 // the Warn option, unless the owner's ledger records that it was removed.
 func (r *Repository) Snapshots(ctx context.Context, bad func(id string, err error)) ([]*Snapshot, error) {
-	return r.snapshots(ctx, r.cache, bad)
+	names, err := r.listSnapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	led, err := r.Ledger(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return r.snapshots(ctx, snapView{cache: r.cache, writers: r.writers, led: led}, names, bad)
 }
 
-// snapshots is Snapshots through cache (nil: straight from storage).
-func (r *Repository) snapshots(ctx context.Context, cache *Cache, bad func(id string, err error)) ([]*Snapshot, error) {
+// listSnapshots returns the names of the stored manifests.
+func (r *Repository) listSnapshots(ctx context.Context) ([]string, error) {
 	var names []string
 	if err := r.be.List(ctx, backend.SnapshotFile, func(fi backend.Info) error {
 		names = append(names, fi.Name)
@@ -255,10 +277,11 @@ func (r *Repository) snapshots(ctx context.Context, cache *Cache, bad func(id st
 	}); err != nil {
 		return nil, fmt.Errorf("list snapshots: %w", err)
 	}
-	led, err := r.Ledger(ctx)
-	if err != nil {
-		return nil, err
-	}
+	return names, nil
+}
+
+// snapshots is Snapshots of the listed names in view v.
+func (r *Repository) snapshots(ctx context.Context, v snapView, names []string, bad func(id string, err error)) ([]*Snapshot, error) {
 	var (
 		mu  sync.Mutex
 		out []*Snapshot
@@ -273,7 +296,7 @@ func (r *Repository) snapshots(ctx context.Context, cache *Cache, bad func(id st
 			if err != nil {
 				return nil
 			}
-			sn, err := r.loadSnapshot(gctx, cache, id)
+			sn, err := r.loadSnapshot(gctx, v, id)
 			if err != nil {
 				if bad != nil && !errors.Is(err, context.Canceled) {
 					bad(name, err)
@@ -290,10 +313,10 @@ func (r *Repository) snapshots(ctx context.Context, cache *Cache, bad func(id st
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
-	r.reportVanished(cache, listed, led)
+	r.reportVanished(v, listed)
 	now := time.Now()
 	for _, sn := range out {
-		r.mark(sn, led, now)
+		mark(sn, v, now)
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if !out[i].Time.Equal(out[j].Time) {
@@ -306,7 +329,8 @@ func (r *Repository) snapshots(ctx context.Context, cache *Cache, bad func(id st
 
 // reportVanished warns about cached snapshots that are no longer listed
 // and drops them from the cache.
-func (r *Repository) reportVanished(cache *Cache, listed map[string]bool, led *Ledger) {
+func (r *Repository) reportVanished(v snapView, listed map[string]bool) {
+	cache, led := v.cache, v.led
 	for _, name := range cache.List(cacheSnapshots) {
 		if listed[name] {
 			continue
@@ -315,7 +339,7 @@ func (r *Repository) reportVanished(cache *Cache, listed map[string]bool, led *L
 		if err == nil && !led.Forgotten[id] {
 			what := "snapshot " + id.Short()
 			if data, ok := cache.Get(cacheSnapshots, name); ok {
-				if sn, err := r.decodeSnapshot(id, data); err == nil {
+				if sn, err := r.decodeSnapshot(v.writers, id, data); err == nil {
 					what = fmt.Sprintf("snapshot %s (host %s, %s)", id.Short(), sn.Host, sn.Time.Local().Format("2006-01-02 15:04:05"))
 				}
 			}

@@ -19,9 +19,9 @@ const (
 	NoWriter WriterNum = 0xffff
 )
 
-// Writer is a signer the repository has seen: the owner, or a writer key
-// the owner certified.
-type Writer struct {
+// KnownWriter is a signer the repository has seen: the owner, or a writer
+// key the owner certified.
+type KnownWriter struct {
 	Key   [32]byte
 	Owner bool
 	Cert  *crypto.Cert // nil for the owner, and for a writer known only from its revocation
@@ -30,7 +30,7 @@ type Writer struct {
 }
 
 // Name is how the writer is shown.
-func (w Writer) Name() string {
+func (w KnownWriter) Name() string {
 	switch {
 	case w.Owner:
 		return crypto.OwnerName
@@ -44,20 +44,20 @@ func (w Writer) Name() string {
 // read with it. Only signers whose certificate verified are added.
 type Writers struct {
 	mu   sync.RWMutex
-	list []Writer
+	list []KnownWriter
 	num  map[[32]byte]WriterNum
 }
 
 // NewWriters returns a table that knows no owner yet (SetOwner).
 func NewWriters() *Writers {
-	return &Writers{list: []Writer{{}}, num: map[[32]byte]WriterNum{}}
+	return &Writers{list: []KnownWriter{{}}, num: map[[32]byte]WriterNum{}}
 }
 
 // SetOwner records the owner's signing key as writer 0.
 func (w *Writers) SetOwner(key [32]byte) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.list[0] = Writer{Key: key, Owner: true}
+	w.list[0] = KnownWriter{Key: key, Owner: true}
 	w.num[key] = OwnerWriter
 }
 
@@ -82,17 +82,17 @@ func (w *Writers) Number(key [32]byte, cert *crypto.Cert) WriterNum {
 		return NoWriter
 	}
 	n = WriterNum(len(w.list))
-	w.list = append(w.list, Writer{Key: key, Cert: cert})
+	w.list = append(w.list, KnownWriter{Key: key, Cert: cert})
 	w.num[key] = n
 	return n
 }
 
 // Get returns writer n.
-func (w *Writers) Get(n WriterNum) (Writer, bool) {
+func (w *Writers) Get(n WriterNum) (KnownWriter, bool) {
 	w.mu.RLock()
 	defer w.mu.RUnlock()
 	if int(n) >= len(w.list) {
-		return Writer{}, false
+		return KnownWriter{}, false
 	}
 	return w.list[n], true
 }
@@ -116,7 +116,7 @@ func (w *Writers) Revoke(key [32]byte, t time.Time) {
 		if n == NoWriter {
 			return
 		}
-		w.list = append(w.list, Writer{Key: key})
+		w.list = append(w.list, KnownWriter{Key: key})
 		w.num[key] = n
 	}
 	if n == OwnerWriter {

@@ -332,7 +332,11 @@ func (b *Backend) Stat(ctx context.Context, h backend.Handle) (backend.Info, err
 	if resp.ContentLength != nil {
 		size = *resp.ContentLength
 	}
-	return backend.Info{Name: h.Name, Size: size}, nil
+	var mod time.Time
+	if resp.LastModified != nil {
+		mod = *resp.LastModified
+	}
+	return backend.Info{Name: h.Name, Size: size, ModTime: mod}, nil
 }
 
 // List implements backend.Backend.
@@ -353,11 +357,16 @@ func (b *Backend) List(ctx context.Context, t backend.FileType, fn func(backend.
 			}
 			name := *it.Name
 			name = name[strings.LastIndexByte(name, '/')+1:]
-			var size int64
-			if it.Properties != nil && it.Properties.ContentLength != nil {
-				size = *it.Properties.ContentLength
+			fi := backend.Info{Name: name}
+			if p := it.Properties; p != nil {
+				if p.ContentLength != nil {
+					fi.Size = *p.ContentLength
+				}
+				if p.LastModified != nil {
+					fi.ModTime = *p.LastModified
+				}
 			}
-			if err := fn(backend.Info{Name: name, Size: size}); err != nil {
+			if err := fn(fi); err != nil {
 				return err
 			}
 		}

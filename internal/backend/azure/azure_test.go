@@ -87,6 +87,20 @@ func TestSASPermissions(t *testing.T) {
 	err = readOnly.Save(ctx, backend.Handle{Type: backend.IndexFile, Name: n2}, bytes.NewReader(d2), 100)
 	wantErr(t, err, backend.ErrPermission, "lacks write (w) permission", "to store index/")
 
+	// A backup's token announces its write session: it creates the
+	// announcement and reads back its storage time, nothing more.
+	d3, n3 := backendtest.Payload(200)
+	sh := backend.Handle{Type: backend.SessionFile, Name: n3}
+	backup := valid("rwl")
+	if err := backup.Save(ctx, sh, bytes.NewReader(d3), 200); err != nil {
+		t.Fatalf("announce with sp=rwl: %v", err)
+	}
+	if fi, err := backup.Stat(ctx, sh); err != nil || fi.ModTime.IsZero() {
+		t.Fatalf("storage time of an announcement with sp=rwl: %+v %v", fi, err)
+	}
+	err = readOnly.Save(ctx, backend.Handle{Type: backend.SessionFile, Name: n2}, bytes.NewReader(d2), 100)
+	wantErr(t, err, backend.ErrPermission, "lacks write (w) permission", "to store sessions/")
+
 	expiry := time.Now().Add(-90 * time.Minute).UTC().Truncate(time.Second)
 	_, err = azure.Open(azure.Config{SASURL: az.SAS(t, "cone", "", "racwdl", time.Now().Add(-3*time.Hour), expiry)})
 	wantErr(t, err, backend.ErrPermission, "SAS token expired at "+expiry.Format(time.RFC3339), "90 minutes ago")

@@ -86,6 +86,7 @@ func Run(t *testing.T, be backend.Backend, o Options) {
 	t.Run("SmallObjects", func(t *testing.T) {
 		data, name := Payload(100 << 10)
 		h := backend.Handle{Type: backend.IndexFile, Name: name}
+		before := time.Now()
 		if err := be.Save(ctx, h, bytes.NewReader(data), int64(len(data))); err != nil {
 			t.Fatal(err)
 		}
@@ -109,6 +110,26 @@ func Run(t *testing.T, be backend.Backend, o Options) {
 		if n != 1 {
 			t.Fatalf("List reports the object %d times", n)
 		}
+		checkModTime(t, ctx, be, h, before)
+	})
+
+	t.Run("Sessions", func(t *testing.T) {
+		// A repository made before write sessions has no sessions/
+		// folder: listing it finds nothing, and the first announcement
+		// creates it.
+		if err := be.List(ctx, backend.SessionFile, func(fi backend.Info) error {
+			return fmt.Errorf("empty sessions/ lists %s", fi.Name)
+		}); err != nil {
+			t.Fatalf("List of sessions/ before any: %v", err)
+		}
+		data, name := Payload(300)
+		h := backend.Handle{Type: backend.SessionFile, Name: name}
+		before := time.Now()
+		if err := be.Save(ctx, h, bytes.NewReader(data), int64(len(data))); err != nil {
+			t.Fatalf("Save into sessions/ of a repository without it: %v", err)
+		}
+		checkRanges(t, ctx, be, h, data)
+		checkModTime(t, ctx, be, h, before)
 	})
 
 	t.Run("LargeObject", func(t *testing.T) {
@@ -195,6 +216,37 @@ func Run(t *testing.T, be backend.Backend, o Options) {
 			t.Fatalf("List of an empty kind: %v", err)
 		}
 	})
+}
+
+// modSlack is how far a storage time may be from the test's clock: the
+// servers run on this machine, but HTTP dates and SFTP times count whole
+// seconds.
+const modSlack = 3 * time.Second
+
+// checkModTime checks that Stat and List give h the same storage time,
+// between saved (just before it was saved) and now.
+func checkModTime(t *testing.T, ctx context.Context, be backend.Backend, h backend.Handle, saved time.Time) {
+	t.Helper()
+	fi, err := be.Stat(ctx, h)
+	if err != nil {
+		t.Fatalf("Stat %s: %v", h, err)
+	}
+	now := time.Now()
+	if fi.ModTime.IsZero() || fi.ModTime.Before(saved.Add(-modSlack)) || fi.ModTime.After(now.Add(modSlack)) {
+		t.Fatalf("Stat %s: storage time %v, want between %v and %v", h, fi.ModTime, saved, now)
+	}
+	var listed time.Time
+	if err := be.List(ctx, h.Type, func(li backend.Info) error {
+		if li.Name == h.Name {
+			listed = li.ModTime
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if d := listed.Sub(fi.ModTime).Abs(); listed.IsZero() || d > modSlack {
+		t.Fatalf("%s: List gives storage time %v, Stat %v", h, listed, fi.ModTime)
+	}
 }
 
 // checkRanges reads data back whole and in ranges (across block

@@ -166,7 +166,7 @@ func (l *Local) Stat(ctx context.Context, h backend.Handle) (backend.Info, error
 	if err != nil {
 		return backend.Info{}, wrapErr(err, "stat "+h.String())
 	}
-	return backend.Info{Name: h.Name, Size: fi.Size()}, nil
+	return backend.Info{Name: h.Name, Size: fi.Size(), ModTime: fi.ModTime()}, nil
 }
 
 // List implements backend.Backend.
@@ -211,7 +211,7 @@ func (l *Local) List(ctx context.Context, t backend.FileType, fn func(backend.In
 				}
 				return wrapErr(err, "stat "+e.Name())
 			}
-			if err := fn(backend.Info{Name: e.Name(), Size: fi.Size()}); err != nil {
+			if err := fn(backend.Info{Name: e.Name(), Size: fi.Size(), ModTime: fi.ModTime()}); err != nil {
 				return err
 			}
 		}

@@ -2,7 +2,8 @@
 // unit tests of the repository and the pipelines, in addition to the real
 // servers, never instead of them. Objects are copied in and out, so a
 // caller cannot change what is stored by keeping a slice; Damage and
-// Truncate let tests play storage that loses or corrupts bytes.
+// Truncate let tests play storage that loses or corrupts bytes, and
+// SetClock a storage clock that tests move by hand.
 package mem
 
 import (
@@ -12,6 +13,7 @@ import (
 	"io"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/sauve-backup/sauve/internal/backend"
 )
@@ -19,14 +21,35 @@ import (
 // Backend is an in-memory repository, safe for concurrent use.
 type Backend struct {
 	mu      sync.RWMutex
-	objects map[string][]byte // by Handle.Path()
+	objects map[string]object // by Handle.Path()
+	now     func() time.Time  // the storage's clock
 	// Fail, when set, is called before every operation; a non-nil
 	// result is returned as that operation's error.
 	Fail func(op string, h backend.Handle) error
 }
 
-// New returns an empty backend.
-func New() *Backend { return &Backend{objects: map[string][]byte{}} }
+// object is a stored object and when it was stored.
+type object struct {
+	data []byte
+	mod  time.Time
+}
+
+// New returns an empty backend whose clock is the system's.
+func New() *Backend { return &Backend{objects: map[string]object{}, now: time.Now} }
+
+// SetClock replaces the storage's clock, which stamps each object saved
+// (Info.ModTime): tests move it to play a storage whose time runs apart
+// from the writer's.
+func (b *Backend) SetClock(now func() time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.now = now
+}
+
+// info describes o under name.
+func (o object) info(name string) backend.Info {
+	return backend.Info{Name: name, Size: int64(len(o.data)), ModTime: o.mod}
+}
 
 // Location implements backend.Backend.
 func (b *Backend) Location() string { return "mem:" }
@@ -58,7 +81,7 @@ func (b *Backend) Save(ctx context.Context, h backend.Handle, rd io.ReadSeeker, 
 	if _, ok := b.objects[h.Path()]; ok && h.Type == backend.ConfigFile {
 		return fmt.Errorf("save %s: %w", h, backend.ErrExists)
 	}
-	b.objects[h.Path()] = data
+	b.objects[h.Path()] = object{data, b.now()}
 	return nil
 }
 
@@ -71,11 +94,12 @@ func (b *Backend) Load(ctx context.Context, h backend.Handle, off, length int64)
 		return nil, err
 	}
 	b.mu.RLock()
-	data, ok := b.objects[h.Path()]
+	o, ok := b.objects[h.Path()]
 	b.mu.RUnlock()
 	if !ok {
 		return nil, fmt.Errorf("load %s: %w", h, backend.ErrNotExist)
 	}
+	data := o.data
 	if off > int64(len(data)) {
 		off = int64(len(data))
 	}
@@ -93,11 +117,11 @@ func (b *Backend) Stat(ctx context.Context, h backend.Handle) (backend.Info, err
 	}
 	b.mu.RLock()
 	defer b.mu.RUnlock()
-	data, ok := b.objects[h.Path()]
+	o, ok := b.objects[h.Path()]
 	if !ok {
 		return backend.Info{}, fmt.Errorf("stat %s: %w", h, backend.ErrNotExist)
 	}
-	return backend.Info{Name: h.Name, Size: int64(len(data))}, nil
+	return o.info(h.Name), nil
 }
 
 // List implements backend.Backend, in name order.
@@ -108,7 +132,7 @@ func (b *Backend) List(ctx context.Context, t backend.FileType, fn func(backend.
 	b.mu.RLock()
 	var infos []backend.Info
 	for _, name := range b.names(t) {
-		infos = append(infos, backend.Info{Name: name, Size: int64(len(b.objects[backend.Handle{Type: t, Name: name}.Path()]))})
+		infos = append(infos, b.objects[backend.Handle{Type: t, Name: name}.Path()].info(name))
 	}
 	b.mu.RUnlock()
 	for _, fi := range infos {
@@ -167,8 +191,8 @@ func (b *Backend) Names(t backend.FileType) []string {
 func (b *Backend) Get(h backend.Handle) ([]byte, bool) {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
-	data, ok := b.objects[h.Path()]
-	return bytes.Clone(data), ok
+	o, ok := b.objects[h.Path()]
+	return bytes.Clone(o.data), ok
 }
 
 // Put stores bytes under a name as they are, whatever they hold (a test
@@ -176,15 +200,15 @@ func (b *Backend) Get(h backend.Handle) ([]byte, bool) {
 func (b *Backend) Put(h backend.Handle, data []byte) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.objects[h.Path()] = bytes.Clone(data)
+	b.objects[h.Path()] = object{bytes.Clone(data), b.now()}
 }
 
 // Damage flips the bits of the byte at off of an object.
 func (b *Backend) Damage(h backend.Handle, off int64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if data, ok := b.objects[h.Path()]; ok && off < int64(len(data)) {
-		data[off] ^= 0xff
+	if o, ok := b.objects[h.Path()]; ok && off < int64(len(o.data)) {
+		o.data[off] ^= 0xff
 	}
 }
 
@@ -192,7 +216,8 @@ func (b *Backend) Damage(h backend.Handle, off int64) {
 func (b *Backend) Truncate(h backend.Handle, n int64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if data, ok := b.objects[h.Path()]; ok && n < int64(len(data)) {
-		b.objects[h.Path()] = data[:n]
+	if o, ok := b.objects[h.Path()]; ok && n < int64(len(o.data)) {
+		o.data = o.data[:n]
+		b.objects[h.Path()] = o
 	}
 }

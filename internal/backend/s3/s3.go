@@ -464,7 +464,7 @@ func (b *Backend) Stat(ctx context.Context, h backend.Handle) (backend.Info, err
 		}
 		return backend.Info{}, b.classify(err, "stat "+h.String(), opRead, h)
 	}
-	return backend.Info{Name: h.Name, Size: aws.ToInt64(out.ContentLength)}, nil
+	return backend.Info{Name: h.Name, Size: aws.ToInt64(out.ContentLength), ModTime: aws.ToTime(out.LastModified)}, nil
 }
 
 // List implements backend.Backend.
@@ -485,7 +485,7 @@ func (b *Backend) List(ctx context.Context, t backend.FileType, fn func(backend.
 			if name == "" || strings.HasPrefix(name, ".") {
 				continue
 			}
-			if err := fn(backend.Info{Name: name, Size: aws.ToInt64(o.Size)}); err != nil {
+			if err := fn(backend.Info{Name: name, Size: aws.ToInt64(o.Size), ModTime: aws.ToTime(o.LastModified)}); err != nil {
 				return err
 			}
 		}

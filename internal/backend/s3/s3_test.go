@@ -76,6 +76,16 @@ func TestNoDeletePolicy(t *testing.T) {
 	if _, err := be.Stat(ctx, h); err != nil {
 		t.Fatalf("pack gone after refused delete: %v", err)
 	}
+	// A write session's announcement: created, and its storage time read
+	// back, with these rights alone.
+	sd, sn := backendtest.Payload(300)
+	sh := backend.Handle{Type: backend.SessionFile, Name: sn}
+	if err := be.Save(ctx, sh, bytes.NewReader(sd), int64(len(sd))); err != nil {
+		t.Fatalf("announce a write session: %v", err)
+	}
+	if fi, err := be.Stat(ctx, sh); err != nil || fi.ModTime.IsZero() {
+		t.Fatalf("storage time of an announcement: %+v %v", fi, err)
+	}
 
 	// Without s3:ListBucket, listing names what is missing and why.
 	srv.CreateUser(t, "nolist", "nolist-secret-0123456789")

@@ -516,7 +516,7 @@ func (b *Backend) Stat(ctx context.Context, h backend.Handle) (backend.Info, err
 	if err != nil {
 		return backend.Info{}, b.wrap(client, err, "stat "+h.String())
 	}
-	return backend.Info{Name: h.Name, Size: fi.Size()}, nil
+	return backend.Info{Name: h.Name, Size: fi.Size(), ModTime: fi.ModTime()}, nil
 }
 
 // List implements backend.Backend.
@@ -569,7 +569,7 @@ func (b *Backend) listDir(ctx context.Context, client *sftp.Client, dir string, 
 		if e.IsDir() || strings.HasPrefix(e.Name(), ".") {
 			continue
 		}
-		if err := fn(backend.Info{Name: e.Name(), Size: e.Size()}); err != nil {
+		if err := fn(backend.Info{Name: e.Name(), Size: e.Size(), ModTime: e.ModTime()}); err != nil {
 			return err
 		}
 	}
