@@ -116,7 +116,11 @@ func Run(ctx context.Context, r Repository, src Source, opts Options) (*Result, 
 	if err != nil {
 		return nil, err
 	}
-	return &Result{Snapshot: sn, Stats: sn.Disks[0].Stats, Packs: ws.Packs}, nil
+	// The manifest was written after its last pack had been uploaded: the
+	// result counts that wait too, which the manifest's Seconds cannot.
+	st := sn.Disks[0].Stats
+	st.Seconds = time.Since(start).Seconds()
+	return &Result{Snapshot: sn, Stats: st, Packs: ws.Packs}, nil
 }
 
 // pipeline is one backup's stages and the state they share.
