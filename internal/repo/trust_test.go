@@ -92,7 +92,7 @@ func (w *world) backup(keys *crypto.Keys, host string, data []byte) (*repo.Snaps
 	if _, err := r.AdoptOrphanPacks(context.Background()); err != nil {
 		w.t.Fatal(err)
 	}
-	res, err := backup.Run(context.Background(), r, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "device", Size: int64(len(data)), Reader: bytes.NewReader(data)},
+	res, err := backup.Run(context.Background(), r, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "device", Size: int64(len(data)), At: bytes.NewReader(data)},
 		backup.Options{Host: host, Workers: 2})
 	if err != nil {
 		w.t.Fatalf("backup as %s: %v", keys.Kind, err)
@@ -403,7 +403,7 @@ func TestPlantedSnapshots(t *testing.T) {
 	evil := disk(7, 10)
 	esn, _ := w.backup(w.evil, "web1", evil) // evil may back up only "evil"
 	fut := w.open(w.web1)
-	res, err := backup.Run(context.Background(), fut, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "device", Size: int64(len(evil)), Reader: bytes.NewReader(evil)},
+	res, err := backup.Run(context.Background(), fut, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "device", Size: int64(len(evil)), At: bytes.NewReader(evil)},
 		backup.Options{Host: "web1", Workers: 2, Time: time.Now().AddDate(1, 0, 0)})
 	if err != nil {
 		t.Fatal(err)
@@ -561,7 +561,7 @@ func TestSecondCopy(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			r := w.open(k)
-			res, err := backup.Run(context.Background(), r, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "device", Size: int64(len(data)), Reader: bytes.NewReader(data)}, backup.Options{Host: "files"})
+			res, err := backup.Run(context.Background(), r, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "device", Size: int64(len(data)), At: bytes.NewReader(data)}, backup.Options{Host: "files"})
 			if err != nil {
 				t.Error(err)
 				return
