@@ -121,16 +121,31 @@ type RunFetch struct {
 }
 
 // rawRuns recycles the buffers of sealed runs: a restore fetches every
-// byte it writes through one of them.
-var rawRuns sync.Pool // *[]byte, cap >= MaxRunSealed
+// byte it writes through one of them. Short runs (a random read of a
+// chunk) take buffers of their own pool, so as not to hold a whole run's
+// memory each.
+var (
+	rawRuns   = runPool{size: MaxRunSealed}
+	shortRuns = runPool{size: MaxRunSealed / 8}
+)
 
-func rawRun(n int) *[]byte {
-	if b, ok := rawRuns.Get().(*[]byte); ok && cap(*b) >= n {
-		*b = (*b)[:n]
-		return b
+type runPool struct {
+	sync.Pool // *[]byte, cap >= size
+	size      int
+}
+
+// rawRun returns a buffer for n sealed bytes and the pool to put it back.
+func rawRun(n int) (*[]byte, *runPool) {
+	p := &rawRuns
+	if n <= shortRuns.size {
+		p = &shortRuns
 	}
-	b := make([]byte, n, max(n, MaxRunSealed))
-	return &b
+	if b, ok := p.Get().(*[]byte); ok && cap(*b) >= n {
+		*b = (*b)[:n]
+		return b, p
+	}
+	b := make([]byte, n, max(n, p.size))
+	return &b, p
 }
 
 // FetchRun reads a run of blobs with one ranged request and opens each
@@ -160,8 +175,8 @@ func (r *Repository) FetchRun(ctx context.Context, f RunFetch, plains [][]byte) 
 	if length <= 0 || length > max(MaxRunSealed, int64(r.cfg.ChunkSize)+maxSealedOverhead) {
 		runErr = fmt.Errorf("%d bytes in pack %s at %d cannot be a run", length, first.Pack.Short(), first.Offset)
 	} else {
-		rawp := rawRun(int(length))
-		defer rawRuns.Put(rawp)
+		rawp, pool := rawRun(int(length))
+		defer pool.Put(rawp)
 		raw = *rawp
 		runErr = r.ReadPackRange(ctx, first.Pack, int64(first.Offset), raw)
 	}
