@@ -288,6 +288,9 @@ func (f *fetched) release() {
 // contiguous returns the run's plaintext as one slice when every chunk of
 // it is present, so that it is written with one call.
 func (f *fetched) contiguous() ([]byte, bool) {
+	if f.plain == nil {
+		return nil, false
+	}
 	n := 0
 	for _, b := range f.chunks {
 		if b == nil {
