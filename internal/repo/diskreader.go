@@ -60,6 +60,9 @@ type DiskReader struct {
 	sem    chan struct{} // read-ahead fetches in flight
 	wg     sync.WaitGroup
 
+	closeMu sync.RWMutex // held to add to wg
+	closed  bool
+
 	fetched atomic.Int64
 	runs    atomic.Int64
 }
@@ -69,6 +72,9 @@ type DiskReader struct {
 func (r *Repository) NewDiskReader(ctx context.Context, d *Disk, opts ReaderOptions) (*DiskReader, error) {
 	if d.ChunkSize != r.cfg.ChunkSize {
 		return nil, fmt.Errorf("disk %s has chunk size %d, repository %d", d.Name, d.ChunkSize, r.cfg.ChunkSize)
+	}
+	if d.Size < 0 || d.Size > maxDiskSize || d.ListEntries <= 0 || d.ListEntries > ListEntries {
+		return nil, fmt.Errorf("disk %s: bad geometry (size %d, %d chunks a list)", d.Name, d.Size, d.ListEntries)
 	}
 	if int64(len(d.ChunkLists)) != (d.Chunks()+int64(d.ListEntries)-1)/int64(d.ListEntries) {
 		return nil, fmt.Errorf("disk %s: %d chunk lists for %d chunks", d.Name, len(d.ChunkLists), d.Chunks())
@@ -97,17 +103,37 @@ func (r *Repository) NewDiskReader(ctx context.Context, d *Disk, opts ReaderOpti
 	dr.ctx, dr.cancel = context.WithCancel(ctx)
 	dr.ra.wake = make(chan struct{}, 1)
 	if opts.ReadAhead > 0 {
-		dr.wg.Add(1)
-		go dr.readAhead()
+		dr.spawn(dr.readAhead)
 	}
 	return dr, nil
 }
 
-// Close stops the reader's background fetches and waits for them.
+// Close stops the reader's background fetches and waits for them. Reads
+// after it fail.
 func (dr *DiskReader) Close() error {
+	dr.closeMu.Lock()
+	dr.closed = true
+	dr.closeMu.Unlock()
 	dr.cancel()
 	dr.wg.Wait()
 	return nil
+}
+
+// spawn runs fn in a goroutine that Close waits for; once the reader is
+// closing, fn runs in the caller instead (it ends at once: the context
+// is cancelled).
+func (dr *DiskReader) spawn(fn func()) {
+	dr.closeMu.RLock()
+	defer dr.closeMu.RUnlock()
+	if dr.closed {
+		fn()
+		return
+	}
+	dr.wg.Add(1)
+	go func() {
+		defer dr.wg.Done()
+		fn()
+	}()
 }
 
 // Size is the disk's size.
@@ -219,11 +245,7 @@ func (dr *DiskReader) readWindow(p []byte, off int64) error {
 			dr.fetch(run.chunks, run.entries)
 			break
 		}
-		dr.wg.Add(1)
-		go func() {
-			defer dr.wg.Done()
-			dr.fetch(run.chunks, run.entries)
-		}()
+		dr.spawn(func() { dr.fetch(run.chunks, run.entries) })
 	}
 	return dr.copyOut(p, off, wants)
 }
@@ -271,7 +293,10 @@ func (dr *DiskReader) Data(off, n int64) ([]extent.Range, error) {
 	if off < 0 || n < 0 {
 		return nil, fmt.Errorf("map of disk %s: range %d+%d", dr.d.Name, off, n)
 	}
-	end := min(off+n, dr.d.Size)
+	end := dr.d.Size
+	if n < end-off {
+		end = off + n
+	}
 	per := int64(dr.d.ListEntries)
 	var out []extent.Range
 	for i := off / dr.cs; i*dr.cs < end; {

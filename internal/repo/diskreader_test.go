@@ -485,6 +485,52 @@ func TestDiskReaderClose(t *testing.T) {
 	waitGoroutines(t, before)
 }
 
+// TestDiskReaderCloseWhileReading: Close while readers read in order and
+// at random: every read ends, with its bytes or the context's error, and
+// no goroutine is left.
+func TestDiskReaderCloseWhileReading(t *testing.T) {
+	tr := repotest.New(t, repotest.Options{})
+	data := diskData(13, 300, 0)
+	d := backupDisk(t, tr, data, nil)
+	before := runtime.NumGoroutine()
+	dr, err := tr.NewDiskReader(context.Background(), d, repo.ReaderOptions{CacheSize: 20 * chunk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var reads atomic.Int64
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := mrand.New(mrand.NewPCG(uint64(g), 13))
+			buf := make([]byte, 2*chunk)
+			off := int64(g) * 30 * chunk
+			for {
+				if g%2 == 0 {
+					off = rng.Int64N(int64(len(data)) - 2*chunk)
+				}
+				n, err := dr.ReadAt(buf, off)
+				if errors.Is(err, context.Canceled) {
+					return
+				}
+				if err != nil || !bytes.Equal(buf[:n], data[off:off+int64(n)]) {
+					t.Errorf("ReadAt(%d) = %d, %v", off, n, err)
+					return
+				}
+				reads.Add(1)
+				off = (off + 2*chunk) % (int64(len(data)) - 2*chunk)
+			}
+		}()
+	}
+	for reads.Load() < 200 {
+		time.Sleep(100 * time.Microsecond)
+	}
+	dr.Close()
+	wg.Wait()
+	waitGoroutines(t, before)
+}
+
 // waitGoroutines fails the test unless the goroutines go back to n.
 func waitGoroutines(t *testing.T, n int) {
 	t.Helper()

@@ -51,7 +51,6 @@ func (dr *DiskReader) noteRead(off, end int64) bool {
 // readAhead plans and starts the fetches of read-ahead, woken by
 // sequential reads, until the reader is closed.
 func (dr *DiskReader) readAhead() {
-	defer dr.wg.Done()
 	for {
 		select {
 		case <-dr.ra.wake:
@@ -80,12 +79,10 @@ func (dr *DiskReader) planAhead() bool {
 			}
 			return false
 		}
-		dr.wg.Add(1)
-		go func() {
-			defer dr.wg.Done()
+		dr.spawn(func() {
 			defer func() { <-dr.sem }()
 			dr.fetch(run.chunks, run.entries)
-		}()
+		})
 	}
 	return ok
 }
