@@ -172,14 +172,47 @@ func (dr *DiskReader) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("read disk %s at %d: negative offset", dr.d.Name, off)
 	}
-	if err := dr.ctx.Err(); err != nil {
-		return 0, fmt.Errorf("read disk %s at %d: %w", dr.d.Name, off, err)
-	}
 	if off >= dr.d.Size {
+		if err := dr.ctx.Err(); err != nil {
+			return 0, fmt.Errorf("read disk %s at %d: %w", dr.d.Name, off, err)
+		}
 		return 0, io.EOF
 	}
 	end := min(off+int64(len(p)), dr.d.Size)
-	if dr.noteRead(off, end) {
+	var done int64
+	err := dr.ReadEach(off, end-off, func(at, n int64, data []byte) error {
+		if data == nil {
+			clear(p[at-off : at-off+n])
+		} else {
+			copy(p[at-off:], data)
+		}
+		done = at + n - off
+		return nil
+	})
+	if err != nil {
+		return int(done), err
+	}
+	if end-off < int64(len(p)) {
+		return int(end - off), io.EOF
+	}
+	return len(p), nil
+}
+
+// ReadEach is ReadAt without the copy: fn receives the disk's bytes in
+// [off, off+n) in order and in pieces, each n bytes at offset off, with
+// data holding them (valid during the call only), or nil for zeros. A
+// copy to a writer that buffers what it is given (a VM disk image) saves
+// one pass over the data this way. The range must lie within the disk.
+func (dr *DiskReader) ReadEach(off, n int64, fn func(off, n int64, data []byte) error) error {
+	if off < 0 || n < 0 || n > dr.d.Size-off {
+		return fmt.Errorf("read disk %s: range %d+%d outside it", dr.d.Name, off, n)
+	}
+	if err := dr.ctx.Err(); err != nil {
+		return fmt.Errorf("read disk %s at %d: %w", dr.d.Name, off, err)
+	}
+	end := off + n
+	seq, behind := dr.noteRead(off, end)
+	if behind {
 		dr.planAhead()
 	}
 	// A window at a time, so that a huge read holds only a window of
@@ -187,15 +220,12 @@ func (dr *DiskReader) ReadAt(p []byte, off int64) (int, error) {
 	window := max(dr.cs, MaxRunPlain)
 	for pos := off; pos < end; {
 		next := min(end, (pos/window+1)*window)
-		if err := dr.readWindow(p[pos-off:next-off], pos); err != nil {
-			return int(pos - off), err
+		if err := dr.readWindow(pos, next, seq, fn); err != nil {
+			return err
 		}
 		pos = next
 	}
-	if end-off < int64(len(p)) {
-		return int(end - off), io.EOF
-	}
-	return len(p), nil
+	return nil
 }
 
 // want is a chunk a read needs: where it is and its cache entry.
@@ -204,11 +234,13 @@ type want struct {
 	entry *chunkEntry
 }
 
-// readWindow fills p, within one window, from off: chunks the cache
-// lacks are claimed and fetched, runs of them at once, and every chunk
-// is copied out once there.
-func (dr *DiskReader) readWindow(p []byte, off int64) error {
-	end := off + int64(len(p))
+// readWindow hands [off, end), within one window, to fn: chunks the
+// cache lacks are claimed and fetched, runs of them at once, and every
+// chunk is handed over once there. A sequential read drops the chunks it
+// read to their end from the cache (read behind, and likely never
+// again): a stream through the disk holds the memory of its read-ahead
+// only, and reuses it while the processor's caches still hold it.
+func (dr *DiskReader) readWindow(off, end int64, seq bool, fn func(off, n int64, data []byte) error) error {
 	var (
 		wants   []want
 		claimed []RunChunk
@@ -216,7 +248,7 @@ func (dr *DiskReader) readWindow(p []byte, off int64) error {
 	)
 	defer func() {
 		for _, w := range wants {
-			dr.chunks.release(w.entry)
+			dr.chunks.release(w.entry, seq && (w.i+1)*dr.cs <= end)
 		}
 	}()
 	for i := off / dr.cs; i*dr.cs < end; i++ {
@@ -247,7 +279,7 @@ func (dr *DiskReader) readWindow(p []byte, off int64) error {
 		}
 		dr.spawn(func() { dr.fetch(run.chunks, run.entries) })
 	}
-	return dr.copyOut(p, off, wants)
+	return dr.deliver(off, end, wants, fn)
 }
 
 // runChunk is chunk i, of ID id, as FetchRun wants it.
@@ -259,15 +291,16 @@ func (dr *DiskReader) runChunk(i int64, id ID) (RunChunk, error) {
 	return RunChunk{ID: id, Loc: loc, Off: i * dr.cs, N: int(dr.chunkLen(i))}, nil
 }
 
-// copyOut waits for the chunks of a window and copies them into p (the
-// window at off); bytes of zero chunks are cleared.
-func (dr *DiskReader) copyOut(p []byte, off int64, wants []want) error {
-	end := off + int64(len(p))
+// deliver waits for the chunks of a window, [off, end), and hands them
+// to fn in order, with the zeros between them.
+func (dr *DiskReader) deliver(off, end int64, wants []want, fn func(off, n int64, data []byte) error) error {
 	pos := off
 	for _, w := range wants {
 		start := w.i * dr.cs
 		if start > pos {
-			clear(p[pos-off : start-off])
+			if err := fn(pos, start-pos, nil); err != nil {
+				return err
+			}
 		}
 		e := w.entry
 		select {
@@ -280,10 +313,14 @@ func (dr *DiskReader) copyOut(p []byte, off int64, wants []want) error {
 		}
 		from := max(start, off)
 		to := min(start+int64(len(e.plain)), end)
-		copy(p[from-off:to-off], e.plain[from-start:])
+		if err := fn(from, to-from, e.plain[from-start:to-start]); err != nil {
+			return err
+		}
 		pos = to
 	}
-	clear(p[pos-off:])
+	if pos < end {
+		return fn(pos, end-pos, nil)
+	}
 	return nil
 }
 

@@ -270,6 +270,61 @@ func TestDiskReaderFetchesInParallel(t *testing.T) {
 	wg.Wait()
 }
 
+// TestDiskReaderReadEach: the pieces cover the range in order, hold the
+// disk's bytes, and nil pieces are zeros.
+func TestDiskReaderReadEach(t *testing.T) {
+	tr := repotest.New(t, repotest.Options{})
+	data := diskData(14, 80, 333)
+	d := backupDisk(t, tr, data, nil)
+	dr := newReader(t, tr, d, repo.ReaderOptions{})
+	rng := mrand.New(mrand.NewPCG(14, 14))
+	for range 300 {
+		off := rng.Int64N(int64(len(data)))
+		n := rng.Int64N(int64(len(data)) - off + 1)
+		pos := off
+		err := dr.ReadEach(off, n, func(at, k int64, b []byte) error {
+			want := data[at : at+k]
+			switch {
+			case at != pos || k <= 0:
+				return fmt.Errorf("piece of %d at %d, expected offset %d", k, at, pos)
+			case b == nil && !bytes.Equal(want, make([]byte, k)), b != nil && !bytes.Equal(b, want):
+				return fmt.Errorf("wrong piece of %d at %d (nil %v)", k, at, b == nil)
+			}
+			pos += k
+			return nil
+		})
+		if err != nil || pos != off+n {
+			t.Fatalf("ReadEach(%d, %d): %v, stopped at %d", off, n, err, pos)
+		}
+	}
+	if err := dr.ReadEach(int64(len(data))-10, 11, func(int64, int64, []byte) error { return nil }); err == nil {
+		t.Error("ReadEach past the end of the disk")
+	}
+}
+
+// TestDiskReaderDropBehind: a sequential pass does not fill the cache
+// with what it read (only read-ahead is held); random reads do.
+func TestDiskReaderDropBehind(t *testing.T) {
+	tr := repotest.New(t, repotest.Options{})
+	data := diskData(15, 300, 0)
+	d := backupDisk(t, tr, data, nil)
+	limit := int64(64 * (chunk + repo.DecodeSlack))
+	dr := newReader(t, tr, d, repo.ReaderOptions{CacheSize: limit, ReadAhead: 8 * chunk})
+	for off := int64(0); off < int64(len(data)); off += chunk / 2 {
+		checkRead(t, dr, data, off, chunk/2)
+	}
+	if st := dr.Stats(); st.Cached > 2*(chunk+repo.DecodeSlack) || st.PeakCached > 24*(chunk+repo.DecodeSlack) {
+		t.Errorf("after a pass in order the cache holds %d bytes (peak %d)", st.Cached, st.PeakCached)
+	}
+	rng := mrand.New(mrand.NewPCG(15, 15))
+	for range 300 {
+		checkRead(t, dr, data, rng.Int64N(int64(len(data))-chunk), 100)
+	}
+	if st := dr.Stats(); st.Cached < limit/2 {
+		t.Errorf("random reads leave %d bytes cached of %d", st.Cached, limit)
+	}
+}
+
 func TestDiskReaderDataMap(t *testing.T) {
 	tr := repotest.New(t, repotest.Options{})
 	data := diskData(8, 60, 555)
@@ -322,13 +377,20 @@ func TestDiskReaderDataMap(t *testing.T) {
 // runs, not chunks: a few pack reads per pack, against one per chunk
 // without read-ahead.
 func TestDiskReaderReadAhead(t *testing.T) {
-	tr := repotest.New(t, repotest.Options{})
-	data := make([]byte, 256*chunk)
+	// More chunks than read-ahead plans at once (a run's worth of
+	// plaintext), and packs larger than a run, so that runs cross
+	// where read-ahead plans.
+	tr := repotest.New(t, repotest.Options{PackSize: 4 << 20})
+	const n = 2500
+	data := make([]byte, n*chunk)
 	rng := mrand.New(mrand.NewPCG(9, 9))
 	for i := range data {
 		data[i] = byte(rng.Uint32())
 	}
+	// One backup worker stores chunks in disk order: long runs.
+	procs := runtime.GOMAXPROCS(1)
 	d := backupDisk(t, tr, data, nil)
+	runtime.GOMAXPROCS(procs)
 	read := func(opts repo.ReaderOptions) int64 {
 		dr := newReader(t, tr, d, opts)
 		if _, err := dr.Data(0, 1); err != nil { // the chunk list, loaded
@@ -351,12 +413,12 @@ func TestDiskReaderReadAhead(t *testing.T) {
 	with := read(repo.ReaderOptions{})
 	runs := plannedRuns(t, tr, d)
 	t.Logf("pack reads: %d without read-ahead, %d with; %d runs as restore plans them", without, with, runs)
-	if without != 256 {
-		t.Errorf("without read-ahead: %d pack reads for 256 chunks", without)
+	if without != n {
+		t.Errorf("without read-ahead: %d pack reads for %d chunks", without, n)
 	}
-	// The first read is a chunk alone; then read-ahead should run ahead
-	// of the reader, run by run, as restore plans them.
-	if with > runs+2 || with >= without {
+	// Read-ahead runs ahead of the reader run by run, as restore plans
+	// them, from the first read on.
+	if with > runs+1 || with >= without {
 		t.Errorf("read-ahead does not batch: %d pack reads for %d runs", with, runs)
 	}
 }

@@ -15,28 +15,28 @@ type readAhead struct {
 }
 
 // noteRead records a read of [off, end) and moves the read-ahead along.
-// It returns true when the read is sequential but read-ahead has not
+// It says whether the read is sequential, and whether read-ahead has not
 // planned it yet: the reader then plans it at once (planAhead), so that
 // its chunks are fetched in runs too.
-func (dr *DiskReader) noteRead(off, end int64) bool {
+func (dr *DiskReader) noteRead(off, end int64) (seq, behind bool) {
 	if dr.opts.ReadAhead <= 0 {
-		return false
+		return false, false
 	}
 	ra := &dr.ra
 	ra.mu.Lock()
 	// Forward jumps within the read-ahead distance are still sequential:
 	// a reader that follows the data map skips holes.
-	seq := off >= ra.next && off-ra.next <= dr.opts.ReadAhead
+	seq = off >= ra.next && off-ra.next <= dr.opts.ReadAhead
 	ra.next = end
 	if !seq {
 		ra.gen++
 		ra.from, ra.until = end/dr.cs, end/dr.cs
 		ra.mu.Unlock()
-		return false
+		return false, false
 	}
 	ra.from = max(ra.from, off/dr.cs)
 	ra.until = max(ra.until, min(dr.d.Chunks(), (end+dr.opts.ReadAhead+dr.cs-1)/dr.cs))
-	behind := ra.from <= (end-1)/dr.cs
+	behind = ra.from <= (end-1)/dr.cs
 	more := ra.from < ra.until
 	ra.mu.Unlock()
 	if more {
@@ -45,7 +45,7 @@ func (dr *DiskReader) noteRead(off, end int64) bool {
 		default:
 		}
 	}
-	return behind
+	return true, behind
 }
 
 // readAhead plans and starts the fetches of read-ahead, woken by
@@ -124,12 +124,46 @@ func (dr *DiskReader) claimAhead() ([]claimedRun, bool) {
 		}
 		chunks, entries = append(chunks, c), append(entries, e)
 	}
+	runs := planRuns(dr.d.ChunkSize, chunks, entries)
+	end := until
+	if n := len(runs); n > 0 {
+		if last := &runs[n-1]; last.chunks[len(last.chunks)-1].Off/dr.cs == until-1 {
+			end = dr.extend(last, until)
+		}
+	}
 	ra.mu.Lock()
 	if ra.gen == gen {
-		ra.from = max(ra.from, until)
+		ra.from = max(ra.from, end)
 	}
 	ra.mu.Unlock()
-	return planRuns(dr.d.ChunkSize, chunks, entries), true
+	return runs, true
+}
+
+// extend claims the chunks from i on that continue run, so that a
+// stretch's last run is not cut where the stretch ends; it returns the
+// first chunk it did not take.
+func (dr *DiskReader) extend(run *claimedRun, i int64) int64 {
+	p := NewRunPlanner(dr.d.ChunkSize)
+	for _, c := range run.chunks {
+		p.Add(c)
+	}
+	for ; i < dr.d.Chunks(); i++ {
+		id, err := dr.chunkID(i)
+		if err != nil || id.IsZero() {
+			break
+		}
+		c, err := dr.runChunk(i, id)
+		if err != nil || !p.joins(c) {
+			break
+		}
+		e := dr.chunks.claim(id)
+		if e == nil {
+			break
+		}
+		p.Add(c)
+		run.chunks, run.entries = append(run.chunks, c), append(run.entries, e)
+	}
+	return i
 }
 
 // claimedRun is a run of chunks and the cache entries they fill.
@@ -145,7 +179,7 @@ func planRuns(chunkSize int, chunks []RunChunk, entries []*chunkEntry) []claimed
 	used := 0
 	take := func(run []RunChunk) {
 		if run != nil {
-			out = append(out, claimedRun{chunks: run, entries: entries[used : used+len(run)]})
+			out = append(out, claimedRun{chunks: run, entries: entries[used : used+len(run) : used+len(run)]})
 			used += len(run)
 		}
 	}

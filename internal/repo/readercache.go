@@ -137,10 +137,14 @@ func (c *chunkCache) recycle(e *chunkEntry) {
 	}
 }
 
-// release gives back a reference acquire returned.
-func (c *chunkCache) release(e *chunkEntry) {
+// release gives back a reference acquire returned; with drop, the chunk
+// leaves the cache too (once fetched).
+func (c *chunkCache) release(e *chunkEntry, drop bool) {
 	c.mu.Lock()
 	e.refs--
+	if drop && e.elem != nil {
+		c.drop(e)
+	}
 	c.recycle(e)
 	c.mu.Unlock()
 }
