@@ -245,8 +245,8 @@ func TestDiskReaderBoundedMemory(t *testing.T) {
 	}
 }
 
-// hugeReads reads at random over the whole disk and in order from places
-// that hold data, checking every byte.
+// hugeReads reads at random over the whole disk, at random places that
+// hold data, and in order from them, checking every byte.
 func hugeReads(dr *repo.DiskReader, sd *sparseDisk, places []int64, seed uint64) error {
 	cs := int64(sd.d.ChunkSize)
 	rng := mrand.New(mrand.NewPCG(seed, 17))
@@ -266,7 +266,14 @@ func hugeReads(dr *repo.DiskReader, sd *sparseDisk, places []int64, seed uint64)
 		if err := check(rng.Int64N(sd.d.Size), 1+rng.IntN(256<<10)); err != nil {
 			return err
 		}
-		// In order from a place with data, as a copy would read it.
+		// At random places with data: what the cache keeps.
+		for range 3 {
+			if err := check(places[rng.IntN(len(places))]+rng.Int64N(cs), 1+rng.IntN(64<<10)); err != nil {
+				return err
+			}
+		}
+		// In order from a place with data, as a copy would read it (what
+		// the cache lets go once read).
 		off := places[rng.IntN(len(places))] - rng.Int64N(4)*cs
 		for range 6 {
 			if err := check(off, 512<<10); err != nil {
