@@ -243,7 +243,14 @@ func (g *globals) repairSources(ctx context.Context, cmd *cobra.Command, from []
 		sn := snaps[i]
 		for di := range sn.Disks {
 			d := &sn.Disks[di]
-			out = append(out, repair.Source{Name: fmt.Sprintf("%s snapshot %s", fromRepo, sn.ID.Short()), R: or.NewDiskReader(ctx, d), Size: d.Size, Disk: d.Name, Path: d.Source})
+			// Every snapshot's reader is open at once and read at a few
+			// places: a cache of two chunks each, no read-ahead.
+			dr, err := or.NewDiskReader(ctx, d, repo.ReaderOptions{CacheSize: 1, ReadAhead: -1, Warn: g.warnf})
+			if err != nil {
+				return nil, closeAll, fmt.Errorf("--from-repo %s: snapshot %s: %w", fromRepo, sn.ID.Short(), err)
+			}
+			closers = append(closers, func() { dr.Close() })
+			out = append(out, repair.Source{Name: fmt.Sprintf("%s snapshot %s", fromRepo, sn.ID.Short()), R: dr, Size: d.Size, Disk: d.Name, Path: d.Source})
 		}
 	}
 	return out, closeAll, nil

@@ -153,10 +153,7 @@ func (g *globals) openDisk(ctx context.Context, what, spec string, ff *filterFla
 	return r, sn, d, nil
 }
 
-func errWriteOnly(r *repo.Repository) error {
-	_, err := r.Keys().DataOpener()
-	return err
-}
+func errWriteOnly(r *repo.Repository) error { return r.CheckDataKey() }
 
 func pickDisk(sn *repo.Snapshot, name string) (*repo.Disk, error) {
 	if name == "" {

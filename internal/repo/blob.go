@@ -98,8 +98,9 @@ var errCoding = errors.New("unknown blob coding")
 const DecodeSlack = 64
 
 // decode appends the plaintext of coded to dst; the result never exceeds
-// maxSize bytes, whatever the input claims. dst with maxSize+DecodeSlack
-// bytes of spare capacity is decoded into in place.
+// maxSize bytes, whatever the input claims. dst with room for the
+// plaintext (the size its frame states, else maxSize) and DecodeSlack
+// more is decoded into in place.
 func (c *compressor) decode(dst, coded []byte, maxSize int) ([]byte, error) {
 	if len(coded) == 0 {
 		return nil, errCoding
@@ -113,12 +114,21 @@ func (c *compressor) decode(dst, coded []byte, maxSize int) ([]byte, error) {
 	case codingZstd:
 		d := c.decoders.Get().(*zstd.Decoder)
 		defer c.decoders.Put(d)
-		if cap(dst)-len(dst) < maxSize+DecodeSlack {
-			n := make([]byte, len(dst), len(dst)+maxSize+DecodeSlack)
+		// The output is capped at the size the frame states, when it
+		// states one, so that a caller's buffer of that size decodes in
+		// place and new memory is no larger (a chunk list is a quarter
+		// of the limit); a frame that lies about its size fails.
+		room := maxSize
+		var h zstd.Header
+		if h.Decode(coded[1:]) == nil && h.HasFCS && h.FrameContentSize < uint64(maxSize) {
+			room = int(h.FrameContentSize)
+		}
+		if cap(dst)-len(dst) < room+DecodeSlack {
+			n := make([]byte, len(dst), len(dst)+room+DecodeSlack)
 			copy(n, dst)
 			dst = n
 		}
-		out, err := d.DecodeAll(coded[1:], dst[:len(dst):len(dst)+maxSize+DecodeSlack])
+		out, err := d.DecodeAll(coded[1:], dst[:len(dst):len(dst)+room+DecodeSlack])
 		if err != nil {
 			return nil, fmt.Errorf("decompress: %w", err)
 		}

@@ -27,18 +27,28 @@ func encodeChunkList(ids []ID) []byte {
 }
 
 func decodeChunkList(b []byte) ([]ID, error) {
-	if len(b) < 12 || string(b[:8]) != chunkListMagic {
-		return nil, fmt.Errorf("chunk list: bad header")
-	}
-	n := binary.LittleEndian.Uint32(b[8:12])
-	if n > ListEntries*4 || len(b) != 12+32*int(n) {
-		return nil, fmt.Errorf("chunk list: %d entries in %d bytes", n, len(b))
+	n, err := checkChunkList(b)
+	if err != nil {
+		return nil, err
 	}
 	ids := make([]ID, n)
 	for i := range ids {
 		copy(ids[i][:], b[12+32*i:])
 	}
 	return ids, nil
+}
+
+// checkChunkList checks the header and length of a chunk list blob and
+// returns how many IDs it holds.
+func checkChunkList(b []byte) (int, error) {
+	if len(b) < 12 || string(b[:8]) != chunkListMagic {
+		return 0, fmt.Errorf("chunk list: bad header")
+	}
+	n := binary.LittleEndian.Uint32(b[8:12])
+	if n > ListEntries*4 || len(b) != 12+32*int(n) {
+		return 0, fmt.Errorf("chunk list: %d entries in %d bytes", n, len(b))
+	}
+	return int(n), nil
 }
 
 // ChunkListWriter stores a disk's chunk IDs, in order, as list blobs, in

@@ -202,6 +202,34 @@ func TestBlobCoding(t *testing.T) {
 	}
 }
 
+// TestBlobDecodeFrameSize: a frame that states its size decodes into
+// memory of that size (in place in a buffer with that room), and one that
+// states less than it holds fails.
+func TestBlobDecodeFrameSize(t *testing.T) {
+	c := newCompressor(1 << 20)
+	in := []byte(strings.Repeat("chunk lists are mostly zeros. ", 400))[:10000]
+	coded := c.encode(nil, in)
+	out, err := c.decode(nil, coded, 1<<20)
+	if err != nil || !bytes.Equal(out, in) || cap(out) > len(in)+DecodeSlack {
+		t.Fatalf("decode: %v, %d bytes in %d of memory", err, len(out), cap(out))
+	}
+	dst := make([]byte, 0, len(in)+DecodeSlack)
+	if out, err := c.decode(dst, coded, 1<<20); err != nil || &out[0] != &dst[:1][0] {
+		t.Fatalf("a buffer of the stated size is not decoded into in place: %v", err)
+	}
+	// The frame content size of a single-segment frame of 10000 bytes is
+	// 2 bytes, value-256, right after the frame header descriptor.
+	frame := bytes.Clone(coded[1:])
+	fhd := frame[4]
+	if fhd&0x20 == 0 || fhd>>6 != 1 || fhd&3 != 0 {
+		t.Fatalf("unexpected frame header descriptor %#x", fhd)
+	}
+	binary.LittleEndian.PutUint16(frame[5:], 5000-256)
+	if out, err := c.decode(nil, append([]byte{codingZstd}, frame...), 1<<20); err == nil {
+		t.Fatalf("a frame stating 5000 bytes decoded %d", len(out))
+	}
+}
+
 func TestConfigVersion(t *testing.T) {
 	cfg, err := NewConfig(0, 0)
 	if err != nil {

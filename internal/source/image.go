@@ -89,3 +89,14 @@ func (d *Disk) RefuseEmpty(doing, hint string) error {
 	}
 	return fmt.Errorf("source %s holds a disk of 0 bytes: refusing to %s (%s)", d.View.Of.Path, doing, hint)
 }
+
+// Stored returns the disk that at reads, of size bytes, as a raw disk
+// whose data lies within alloc: a disk that sauve already holds (a
+// snapshot's disk, read through the repository), mapped as a backup maps
+// a source. name says what it is in messages. Nothing writes to it while
+// it is read, so no mount is checked.
+func Stored(name string, at io.ReaderAt, size int64, sectorSize int, alloc extent.Map) *Disk {
+	src := &Source{Path: name, Kind: File, Size: size, At: at}
+	v := &View{Of: src, At: at, Size: size, SectorSize: sectorSize}
+	return &Disk{View: v, Format: vdisk.Raw, Size: size, At: at, Alloc: alloc}
+}

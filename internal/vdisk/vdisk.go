@@ -348,13 +348,22 @@ type Progress struct {
 	Read atomic.Int64 // bytes read from the source
 }
 
+// PieceReader is a disk that hands out its bytes where it holds them (a
+// snapshot's disk reader and its cache): fn gets [off, off+n) in order,
+// in pieces, data nil for zeros, each valid during the call only. Copy
+// writes the pieces as they are, saving a copy of every byte.
+type PieceReader interface {
+	ReadEach(off, n int64, fn func(off, n int64, data []byte) error) error
+}
+
 // Copy reads the disk r of size bytes, only the ranges m says hold data
 // (all when m is nil), and writes them to w in order.
 //
 // Reading and writing take turns in one goroutine, on one buffer: data
 // read by one CPU and written out by another crosses between their
 // caches, and measured on the reference disk that cost more than the
-// overlap of reading and writing gained (see docs/BENCHMARKS.md).
+// overlap of reading and writing gained (see docs/BENCHMARKS.md). A
+// PieceReader is read without that buffer.
 func Copy(ctx context.Context, w Writer, r io.ReaderAt, m extent.Map, size int64, prog *Progress) error {
 	if m == nil {
 		m = extent.Full{}
@@ -374,6 +383,12 @@ func Copy(ctx context.Context, w Writer, r io.ReaderAt, m extent.Map, size int64
 			return fmt.Errorf("map at offset %d: %w", off, err)
 		}
 		for _, rg := range ranges {
+			if pr, ok := r.(PieceReader); ok {
+				if err := copyPieces(w, pr, rg, prog); err != nil {
+					return err
+				}
+				continue
+			}
 			b := buf[rg.Start-off : rg.End-off]
 			k, err := r.ReadAt(b, rg.Start)
 			prog.Read.Add(int64(k))
@@ -388,6 +403,29 @@ func Copy(ctx context.Context, w Writer, r io.ReaderAt, m extent.Map, size int64
 			}
 		}
 		prog.Done.Add(n)
+	}
+	return nil
+}
+
+// copyPieces writes range rg of pr to w as pr hands it out; zeros are
+// left unwritten (an image's unwritten ranges read as zeros).
+func copyPieces(w Writer, pr PieceReader, rg extent.Range, prog *Progress) error {
+	var werr error
+	err := pr.ReadEach(rg.Start, rg.Len(), func(off, n int64, data []byte) error {
+		if data == nil {
+			return nil
+		}
+		prog.Read.Add(n)
+		if _, werr = w.WriteAt(data, off); werr != nil {
+			return werr
+		}
+		return nil
+	})
+	switch {
+	case werr != nil:
+		return werr
+	case err != nil:
+		return fmt.Errorf("read at offset %d: %w", rg.Start, err)
 	}
 	return nil
 }

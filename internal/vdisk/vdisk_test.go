@@ -84,3 +84,61 @@ func TestTooLarge(t *testing.T) {
 		t.Fatal("a 3 TiB VMDK was accepted")
 	}
 }
+
+// pieces is a PieceReader over a byte slice that hands out pieces of at
+// most 1000 bytes, zeros as nil, and counts what ReadAt reads.
+type pieces struct {
+	b     []byte
+	reads int
+}
+
+func (p *pieces) ReadAt(b []byte, off int64) (int, error) {
+	p.reads++
+	return bytes.NewReader(p.b).ReadAt(b, off)
+}
+
+func (p *pieces) ReadEach(off, n int64, fn func(off, n int64, data []byte) error) error {
+	for end := off + n; off < end; {
+		k := min(1000, end-off)
+		data := p.b[off : off+k]
+		if bytes.Count(data, []byte{0}) == len(data) {
+			data = nil
+		}
+		if err := fn(off, k, data); err != nil {
+			return err
+		}
+		off += k
+	}
+	return nil
+}
+
+// TestCopyPieces: a PieceReader is copied from its pieces, not read
+// into a buffer, and the image is the same.
+func TestCopyPieces(t *testing.T) {
+	const size = 1<<20 + 512
+	disk := vdiotest.Disk(size, 4)
+	clear(disk[100000:300000])
+	src := &pieces{b: disk}
+	var f vdiotest.MemFile
+	w, err := Create(&f, Options{Format: QCOW2, Size: size, FileName: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var prog Progress
+	m := extent.Full{}
+	if err := Copy(context.Background(), w, src, m, size, &prog); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if src.reads != 0 || prog.Done.Load() != size || prog.Read.Load() >= size {
+		t.Fatalf("%d ReadAt calls, progress done %d read %d", src.reads, prog.Done.Load(), prog.Read.Load())
+	}
+	img, err := Open(bytes.NewReader(f.B), int64(len(f.B)), "t", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img.Map = extent.Full{}
+	vdiotest.Check(t, struct{ *Image }{img}, disk)
+}
