@@ -863,3 +863,56 @@ func (e *env) as(key string) *env {
 	w.setenv("SAUVE_KEY", key)
 	return w
 }
+
+// TestVersion2FixtureRepository reads a repository that the sauve of
+// before write sessions made (testdata/v2repo/README): its snapshots
+// restore byte for byte, check --read-data passes, export reads it, and
+// a backup into it works and announces its session.
+func TestVersion2FixtureRepository(t *testing.T) {
+	e := newBareEnv(t)
+	fix := filepath.Join("testdata", "v2repo")
+	if err := os.CopyFS(e.repo, os.DirFS(filepath.Join(fix, "repo"))); err != nil {
+		t.Fatal(err)
+	}
+	abs, _ := filepath.Abs(filepath.Join(fix, "owner.key"))
+	e.setenv("SAUVE_KEY", abs)
+	want := map[string]string{
+		"efa64071": "b4282f7c83d1931bea8d5935fcc3f7975377fc9800010df133dac8e005ebe53e",
+		"5dab07a3": "395daa1079f9fe8ffc2d8ac8c8fc945bebcf7cf32bbf00991c8205f4af7b1f27",
+		"d2fc5546": "569ad2c5b53a613f877ad562ce84f3a48e3fecebd9b87cdd54765094d99744a4",
+	}
+	var sn []struct{ ID, Signer, Host string }
+	e.okJSON(&sn, "snapshots")
+	if len(sn) != 3 || sn[2].Signer != "web1" || sn[0].Signer != "owner" {
+		t.Fatalf("snapshots of the fixture: %+v", sn)
+	}
+	for id, sum := range want {
+		out := e.path(id + ".img")
+		e.ok("restore", id, out)
+		if got := fileHash(t, out, -1); got != sum {
+			t.Errorf("snapshot %s restores to %s, want %s", id, got, sum)
+		}
+	}
+	// A delta restore of the second day onto the first.
+	e.ok("restore", "--delta", "5dab07a3", e.path("efa64071.img"))
+	if got := fileHash(t, e.path("efa64071.img"), -1); got != want["5dab07a3"] {
+		t.Error("delta restore onto the first snapshot does not give the second")
+	}
+	e.ok("check", "--read-data")
+	e.ok("export", "--skip-free", "5dab07a3", e.path("x.qcow2"))
+	e.ok("export", "d2fc5546", e.path("raw.img"))
+	if got := fileHash(t, e.path("raw.img"), -1); got != want["d2fc5546"] {
+		t.Error("raw export of the web1 snapshot differs from its restore")
+	}
+	src := e.path("new.img")
+	writeFile(t, src, randomBytes(300000))
+	e.ok("backup", src, "--host", "new")
+	if ss, _ := filepath.Glob(filepath.Join(e.repo, "sessions", "*")); len(ss) == 0 {
+		t.Error("a backup into the fixture announced no write session")
+	}
+	e.ok("restore", "latest", e.path("new-restored.img"), "--host", "new")
+	if fileHash(t, e.path("new-restored.img"), -1) != fileHash(t, src, -1) {
+		t.Error("the new snapshot does not restore")
+	}
+	e.ok("check", "--read-data")
+}
