@@ -325,12 +325,25 @@ func (r *Repository) ReadCopy(ctx context.Context, id ID, loc Location, dst []by
 // readCopy is ReadCopy that also returns the sealed bytes (intact for a
 // meta blob, whose opening does not decrypt in place).
 func (r *Repository) readCopy(ctx context.Context, id ID, loc Location, dst []byte) (plain, sealed []byte, err error) {
+	// The length comes from an index entry, which a hostile writer can
+	// forge: never allocate more than the largest blob can take.
+	if int64(loc.Length) > r.maxSealed() {
+		return nil, nil, &BlobError{ID: id, Pack: loc.Pack, Offset: loc.Offset,
+			Err: fmt.Errorf("its index entry claims %d bytes, more than any blob of this repository takes (%d)", loc.Length, r.maxSealed())}
+	}
 	sealed, err = backend.ReadRange(ctx, r.be, backend.Handle{Type: backend.PackFile, Name: loc.Pack.String()}, int64(loc.Offset), int64(loc.Length))
 	if err != nil {
 		return nil, nil, &BlobError{ID: id, Pack: loc.Pack, Offset: loc.Offset, Err: err}
 	}
 	plain, err = r.OpenBlobInPlace(dst, id, loc, sealed)
 	return plain, sealed, err
+}
+
+// maxSealed is the largest a stored blob can be: the largest plaintext
+// (a chunk, or a chunk list blob), one byte of coding, and what sealing
+// adds (less than 128 bytes).
+func (r *Repository) maxSealed() int64 {
+	return int64(max(r.cfg.ChunkSize, maxMetaBlob)) + 1 + 128
 }
 
 // ReadPackRange reads length bytes at off of a pack: the sealed blobs of
