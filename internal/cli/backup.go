@@ -10,6 +10,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/backup"
 	"github.com/sauve-backup/sauve/internal/repo"
+	"github.com/sauve-backup/sauve/internal/shadow"
 	"github.com/sauve-backup/sauve/internal/source"
 	"github.com/sauve-backup/sauve/internal/vdisk"
 )
@@ -21,6 +22,7 @@ func newBackupCmd(g *globals) *cobra.Command {
 		host       string
 		tags       []string
 		noFSSkip   bool
+		snapshot   string
 		allowEmpty bool
 	)
 	cmd := &cobra.Command{
@@ -50,10 +52,20 @@ refused and nothing is stored, unless --allow-empty. A FIFO with no writer
 yet is waited for; Ctrl-C or SIGTERM ends the wait, or a stalled stream,
 at any time (exit status 130).
 
+An image file that is written while it is backed up (a running VM's disk)
+would be read torn between old and new writes. On XFS (mkfs.xfs -m
+reflink=1) and btrfs, --snapshot auto (the default) first makes an instant
+reflink copy of it beside it, reads the copy and drops it: the snapshot is
+the file as it was at one instant, and the copy costs no space but what is
+rewritten meanwhile. A qcow2 that a running QEMU holds open is refused (its
+copy would not be an instant of the VM's disk). Elsewhere auto reads the
+source as it is; --snapshot reflink fails instead, --snapshot none never
+copies.
+
 The snapshot manifest is written last: an interrupted backup leaves no
 snapshot, and the next backup reuses what it had uploaded.`,
 		Example: `  sauve backup /dev/vda --tag nightly
-  sauve backup /var/lib/libvirt/images/web.img
+  sauve backup /var/lib/libvirt/images/web.img   # a reflink copy on XFS or btrfs
   sauve backup /dev/sda --no-fs-skip          # every byte, free space included
   dd if=/dev/sdb bs=1M | sauve backup - --stdin-name sdb.img --stdin-size 500G
   sauve backup /srv/empty.img --allow-empty    # a 0-byte file: store it anyway
@@ -65,6 +77,10 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			sopts, err := sourceOptions(cmd)
 			if err != nil {
 				return err
+			}
+			mode, err := shadow.ParseMode(snapshot)
+			if err != nil {
+				return usageError{err}
 			}
 			src, err := source.Open(ctx, args[0])
 			if err != nil {
@@ -102,7 +118,15 @@ snapshot, and the next backup reuses what it had uploaded.`,
 					parent = &p.ID
 				}
 			}
-			sd, err := source.OpenDisk(source.Live(src), sopts)
+			// The point-in-time copy is taken once the repository is open
+			// and before anything of the source is read.
+			pit := shadow.New(shadow.Options{Mode: mode, Warn: g.warn})
+			views, err := pit.Views(ctx, []*source.Source{src})
+			if err != nil {
+				return err
+			}
+			defer shadow.Release(views)
+			sd, err := source.OpenDisk(views[0], sopts)
 			if err != nil {
 				return err
 			}
@@ -168,6 +192,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 					"packs": res.Packs, "seconds": st.Seconds,
 					"partition_table": d.PartitionTable, "partitions": partitionsOf(&d),
 					"bytes_skipped": skippedOf(&d), "bytes_outside_partitions": d.BytesOutside,
+					"point_in_time_copy": pit.Taken[0],
 				})
 			}
 			g.printf("snapshot %s saved: %s, %s (%d chunks of %s)\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), d.Chunks(), bytesIEC(int64(d.ChunkSize)))
@@ -176,6 +201,9 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			if len(d.Partitions) > 0 && !g.quiet {
 				printPartitions(g.stdout, &d, true)
 				g.printf("  outside partitions: read %s; skipped as free space: %s\n", bytesIEC(d.BytesOutside), bytesIEC(skippedOf(&d)))
+			}
+			if pit.Taken[0] != string(shadow.None) {
+				g.printf("  read from a %s copy of %s taken before the backup read it (one instant)\n", pit.Taken[0], src.Path)
 			}
 			g.printf("  took %s (%s)\n", seconds(st.Seconds), rate(d.Size, st.Seconds))
 			return nil
@@ -186,6 +214,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringVar(&stdinSize, "stdin-size", "", "expected size of standard input (e.g. 20G), for progress and ETA")
 	f.StringVar(&host, "host", "", "host name recorded in the snapshot (default: this machine's)")
 	f.StringArrayVar(&tags, "tag", nil, "tag the snapshot (repeatable)")
+	f.StringVar(&snapshot, "snapshot", "auto", "point-in-time copy to read: auto (a reflink copy of an image file on XFS or btrfs where the filesystem can make one, else the source as it is), reflink (fail where no reflink copy can be made), none")
 	f.BoolVar(&noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
 	f.BoolVar(&allowEmpty, "allow-empty", false, "store a snapshot of an empty source (0 bytes) instead of refusing it")
 	addImportFlags(cmd)
