@@ -81,6 +81,18 @@ func TestBackupReflinkCopy(t *testing.T) {
 			t.Fatalf("block %d is of pass %d, block 0 of pass %d (cut at block %d): the snapshot is not one instant", i, gen(i), gen(0), cut)
 		}
 	}
+	if out := e.ok("show", res.Snapshot); !strings.Contains(out, "read from a reflink copy") {
+		t.Errorf("show does not say the disk was read from a reflink copy:\n%s", out)
+	}
+	var sn []struct {
+		Disks []struct {
+			PointInTime string `json:"point_in_time"`
+		} `json:"disks"`
+	}
+	e.okJSON(&sn, "snapshots")
+	if len(sn) != 1 || len(sn[0].Disks) != 1 || sn[0].Disks[0].PointInTime != "reflink" {
+		t.Errorf("the manifest does not record the reflink copy: %+v", sn)
+	}
 	if left, _ := filepath.Glob(filepath.Join(mnt, ".vm.img.sauve-copy-*")); len(left) != 0 {
 		t.Fatalf("copies left beside the image: %v", left)
 	}

@@ -139,7 +139,12 @@ snapshot, and the next backup reuses what it had uploaded.`,
 				return err
 			}
 			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: sd.Size,
-				At: sd.At, Stream: sd.Stream, Map: layout.Map(), Describe: layout.Describe}
+				At: sd.At, Stream: sd.Stream, Map: layout.Map(), Describe: func(d *repo.Disk) {
+					layout.Describe(d)
+					if pit.Taken[0] != string(shadow.None) {
+						d.PointInTime = pit.Taken[0]
+					}
+				}}
 			if !allowEmpty {
 				if err := sd.RefuseEmpty(doing, hint); err != nil {
 					return err

@@ -49,6 +49,11 @@ read and stored (unknown or damaged filesystem, mounted read-write,
 			}
 			for _, d := range sn.Disks {
 				fmt.Fprintf(w, "\ndisk %s: %s (%d bytes), %s %s\n", d.Name, bytesIEC(d.Size), d.Size, d.Kind, d.Source)
+				if d.PointInTime != "" {
+					fmt.Fprintf(w, "  read from a %s copy: the source as it was at one instant\n", d.PointInTime)
+				} else if d.Kind != "stdin" {
+					fmt.Fprintln(w, "  read as it was, with no point-in-time copy")
+				}
 				st := d.Stats
 				fmt.Fprintf(w, "  read %s, new %s (%s compressed); chunks %d new, %d reused, %d zero\n",
 					bytesIEC(st.BytesRead), bytesIEC(st.BytesNew), bytesIEC(st.BytesNewCoded), st.ChunksNew, st.ChunksReused, st.ChunksZero)

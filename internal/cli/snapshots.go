@@ -89,6 +89,7 @@ type diskJSON struct {
 	DiskID         string           `json:"disk_id,omitempty"`
 	SectorSize     int              `json:"sector_size,omitempty"`
 	Partitions     []repo.Partition `json:"partitions"`
+	PointInTime    string           `json:"point_in_time,omitempty"`
 }
 
 func toJSON(sn *repo.Snapshot) snapshotJSON {
@@ -105,7 +106,7 @@ func toJSON(sn *repo.Snapshot) snapshotJSON {
 	}
 	for _, d := range sn.Disks {
 		out.Disks = append(out.Disks, diskJSON{Name: d.Name, Source: d.Source, Kind: d.Kind, Size: d.Size, ChunkSize: d.ChunkSize, Stats: d.Stats,
-			PartitionTable: d.PartitionTable, DiskID: d.DiskID, SectorSize: d.SectorSize, Partitions: partitionsOf(&d)})
+			PartitionTable: d.PartitionTable, DiskID: d.DiskID, SectorSize: d.SectorSize, Partitions: partitionsOf(&d), PointInTime: d.PointInTime})
 	}
 	return out
 }

@@ -77,6 +77,10 @@ type Disk struct {
 	// BytesOutside counts bytes read outside every partition (boot
 	// code, gaps, partition tables, the disk's tail).
 	BytesOutside int64 `json:"bytes_outside_partitions,omitempty"`
+	// PointInTime names the point-in-time copy the disk was read from
+	// ("reflink"); empty when it was read as it was, while others may
+	// have written to it.
+	PointInTime string `json:"point_in_time,omitempty"`
 }
 
 // Chunks returns the number of chunks of the disk.
