@@ -40,6 +40,9 @@ func reflinkView(src *source.Source, warn func(string)) (*source.View, error) {
 	if f == nil {
 		return nil, errUnsupported{fmt.Errorf("%s is not an open file", src.Path)}
 	}
+	if err := canReflink(f); err != nil {
+		return nil, err
+	}
 	if holder, err := qemuLocked(f); err != nil {
 		return nil, fmt.Errorf("check the image locks of %s: %w", src.Path, err)
 	} else if holder != "" {
@@ -64,7 +67,12 @@ func cloneBeside(f *os.File, path string) (*os.File, error) {
 	name := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+copyMark+strconv.Itoa(os.Getpid())+"-"+hex.EncodeToString(r[:]))
 	dst, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("create the copy of %s: %w", path, err)
+		err = fmt.Errorf("create the copy of %s: %w", path, err)
+		if errors.Is(err, unix.EROFS) || errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+			// No copy can be made beside the image: not an error for auto.
+			return nil, errUnsupported{err}
+		}
+		return nil, err
 	}
 	defer os.Remove(name)
 	if err := unix.IoctlFileClone(int(dst.Fd()), int(f.Fd())); err != nil {
@@ -80,6 +88,26 @@ func cloneBeside(f *os.File, path string) (*os.File, error) {
 		return nil, fmt.Errorf("open the copy of %s: %w", path, err)
 	}
 	return ro, nil
+}
+
+// Filesystems whose files FICLONE copies (statfs f_type).
+const (
+	xfsMagic   = 0x58465342
+	btrfsMagic = 0x9123683e
+)
+
+// canReflink tells, without writing anything, whether f lives on a
+// filesystem that may make reflink copies: XFS or btrfs. (An XFS made
+// without reflink passes, and fails at FICLONE.)
+func canReflink(f *os.File) error {
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil {
+		return errUnsupported{fmt.Errorf("statfs: %w", err)}
+	}
+	if t := uint32(st.Type); t != xfsMagic && t != btrfsMagic {
+		return errUnsupported{fmt.Errorf("its filesystem cannot make reflink copies (only XFS and btrfs can)")}
+	}
+	return nil
 }
 
 // removeLeftovers deletes the copies of path that a process no longer
