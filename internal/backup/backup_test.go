@@ -389,20 +389,7 @@ func TestCancelMidRun(t *testing.T) {
 		t.Fatal("backup did not stop within 10 s of cancellation")
 	}
 	assertNoSnapshot(t, tr)
-	waitGoroutines(t, before)
-}
-
-// waitGoroutines fails if goroutines started by a run are still alive.
-func waitGoroutines(t *testing.T, want int) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > want {
-		if time.Now().After(deadline) {
-			buf := make([]byte, 1<<16)
-			t.Fatalf("%d goroutines left running (had %d):\n%s", runtime.NumGoroutine(), want, buf[:runtime.Stack(buf, true)])
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	repotest.WaitGoroutines(t, before)
 }
 
 // TestSlowStorageBoundsReadAhead checks that the reader waits for the

@@ -120,8 +120,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			}
 			// The point-in-time copy is taken once the repository is open
 			// and before anything of the source is read.
-			pit := shadow.New(shadow.Options{Mode: mode, Warn: g.warn})
-			views, err := pit.Views(ctx, []*source.Source{src})
+			views, err := shadow.New(shadow.Options{Mode: mode, Warn: g.warn}).Views(ctx, []*source.Source{src})
 			if err != nil {
 				return err
 			}
@@ -141,9 +140,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: sd.Size,
 				At: sd.At, Stream: sd.Stream, Map: layout.Map(), Describe: func(d *repo.Disk) {
 					layout.Describe(d)
-					if pit.Taken[0] != string(shadow.None) {
-						d.PointInTime = pit.Taken[0]
-					}
+					d.PointInTime = views[0].Copy
 				}}
 			if !allowEmpty {
 				if err := sd.RefuseEmpty(doing, hint); err != nil {
@@ -197,7 +194,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 					"packs": res.Packs, "seconds": st.Seconds,
 					"partition_table": d.PartitionTable, "partitions": partitionsOf(&d),
 					"bytes_skipped": skippedOf(&d), "bytes_outside_partitions": d.BytesOutside,
-					"point_in_time_copy": pit.Taken[0],
+					"point_in_time_copy": copyName(views[0]),
 				})
 			}
 			g.printf("snapshot %s saved: %s, %s (%d chunks of %s)\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), d.Chunks(), bytesIEC(int64(d.ChunkSize)))
@@ -207,8 +204,8 @@ snapshot, and the next backup reuses what it had uploaded.`,
 				printPartitions(g.stdout, &d, true)
 				g.printf("  outside partitions: read %s; skipped as free space: %s\n", bytesIEC(d.BytesOutside), bytesIEC(skippedOf(&d)))
 			}
-			if pit.Taken[0] != string(shadow.None) {
-				g.printf("  read from a %s copy of %s taken before the backup read it (one instant)\n", pit.Taken[0], src.Path)
+			if views[0].Copy != "" {
+				g.printf("  read from a %s copy of %s taken before the backup read it (one instant)\n", views[0].Copy, src.Path)
 			}
 			g.printf("  took %s (%s)\n", seconds(st.Seconds), rate(d.Size, st.Seconds))
 			return nil
@@ -224,4 +221,13 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.BoolVar(&allowEmpty, "allow-empty", false, "store a snapshot of an empty source (0 bytes) instead of refusing it")
 	addImportFlags(cmd)
 	return cmd
+}
+
+// copyName is a view's point-in-time copy for --json: "none" when the
+// source was read as it is.
+func copyName(v *source.View) string {
+	if v.Copy == "" {
+		return string(shadow.None)
+	}
+	return v.Copy
 }

@@ -544,7 +544,7 @@ func TestDiskReaderClose(t *testing.T) {
 	if _, err := dr.ReadAt(buf, 150*chunk); !errors.Is(err, context.Canceled) {
 		t.Errorf("read after Close: %v", err)
 	}
-	waitGoroutines(t, before)
+	repotest.WaitGoroutines(t, before)
 }
 
 // TestDiskReaderCloseWhileReading: Close while readers read in order and
@@ -590,18 +590,5 @@ func TestDiskReaderCloseWhileReading(t *testing.T) {
 	}
 	dr.Close()
 	wg.Wait()
-	waitGoroutines(t, before)
-}
-
-// waitGoroutines fails the test unless the goroutines go back to n.
-func waitGoroutines(t *testing.T, n int) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > n {
-		if time.Now().After(deadline) {
-			buf := make([]byte, 1<<16)
-			t.Fatalf("%d goroutines, %d before:\n%s", runtime.NumGoroutine(), n, buf[:runtime.Stack(buf, true)])
-		}
-		time.Sleep(time.Millisecond)
-	}
+	repotest.WaitGoroutines(t, before)
 }

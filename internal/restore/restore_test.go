@@ -298,7 +298,7 @@ func TestCancel(t *testing.T) {
 				t.Errorf("%d pack reads after cancelling at 20", n)
 			}
 			tr.Backend.Fail = nil
-			waitGoroutines(t, before)
+			repotest.WaitGoroutines(t, before)
 		})
 	}
 }
@@ -660,16 +660,4 @@ func starts(rs []extent.Range) []int64 {
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
-}
-
-func waitGoroutines(t *testing.T, n int) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > n {
-		if time.Now().After(deadline) {
-			buf := make([]byte, 1<<16)
-			t.Fatalf("%d goroutines, %d before:\n%s", runtime.NumGoroutine(), n, buf[:runtime.Stack(buf, true)])
-		}
-		time.Sleep(time.Millisecond)
-	}
 }

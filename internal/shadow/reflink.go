@@ -53,7 +53,7 @@ func reflinkView(src *source.Source, warn func(string)) (*source.View, error) {
 	if err != nil {
 		return nil, err
 	}
-	v := &source.View{Of: src, At: clone, Size: src.Size, Holes: clone, Release: clone.Close}
+	v := &source.View{Of: src, At: clone, Size: src.Size, Holes: clone, Copy: string(Reflink), Release: clone.Close}
 	return v, nil
 }
 

@@ -65,12 +65,10 @@ type Options struct {
 	Warn func(string)
 }
 
-// Provider takes the point-in-time copies of one backup.
+// Provider takes the point-in-time copies of one backup. Each view's Copy
+// says which kind of copy it is (empty for a source read as it is).
 type Provider struct {
 	opts Options
-	// Taken says, after Views, which kind of copy each view is ("none"
-	// for a source read as it is), in the order of the sources.
-	Taken []string
 }
 
 // New returns a Provider for opts.
@@ -88,43 +86,41 @@ func New(opts Options) *Provider {
 // are released.
 func (p *Provider) Views(ctx context.Context, srcs []*source.Source) ([]*source.View, error) {
 	var views []*source.View
-	p.Taken = nil
 	for _, src := range srcs {
-		v, kind, err := p.view(ctx, src)
+		v, err := p.view(ctx, src)
 		if err != nil {
 			Release(views)
 			return nil, err
 		}
 		views = append(views, v)
-		p.Taken = append(p.Taken, kind)
 	}
 	return views, nil
 }
 
-func (p *Provider) view(ctx context.Context, src *source.Source) (*source.View, string, error) {
+func (p *Provider) view(ctx context.Context, src *source.Source) (*source.View, error) {
 	if err := ctx.Err(); err != nil {
-		return nil, "", err
+		return nil, err
 	}
 	if p.opts.Mode == None {
-		return source.Live(src), string(None), nil
+		return source.Live(src), nil
 	}
 	if src.Kind != source.File {
 		if p.opts.Mode == Reflink {
-			return nil, "", fmt.Errorf("--snapshot reflink: %s is not an image file (a %s): a reflink copy is only taken of files", src.Path, src.Kind)
+			return nil, fmt.Errorf("--snapshot reflink: %s is not an image file (a %s): a reflink copy is only taken of files", src.Path, src.Kind)
 		}
-		return source.Live(src), string(None), nil
+		return source.Live(src), nil
 	}
 	v, err := reflinkView(src, p.opts.Warn)
 	if err == nil {
-		return v, string(Reflink), nil
+		return v, nil
 	}
 	if p.opts.Mode == Reflink || !isUnsupported(err) {
-		return nil, "", err
+		return nil, err
 	}
 	// Most image files live where no copy can be taken (ext4): auto
 	// then reads them as they are, as sauve always did, without a word;
 	// Taken says so.
-	return source.Live(src), string(None), nil
+	return source.Live(src), nil
 }
 
 // Release drops every copy of views, once they are no longer read.

@@ -73,8 +73,8 @@ func TestAutoWithoutReflink(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer Release(views)
-	if p.Taken[0] != "none" || !views[0].Live {
-		t.Errorf("auto on a filesystem without reflink took %q (live %v)", p.Taken[0], views[0].Live)
+	if views[0].Copy != "" || !views[0].Live {
+		t.Errorf("auto on a filesystem without reflink took %q (live %v)", views[0].Copy, views[0].Live)
 	}
 	if len(warnings) != 0 {
 		t.Errorf("auto said %q where no copy can be made: want silence", warnings)
@@ -95,8 +95,8 @@ func TestReflinkRefusesStreamsAndDevices(t *testing.T) {
 	}
 	p = New(Options{Mode: Auto})
 	views, err := p.Views(context.Background(), []*source.Source{open(t, "/dev/null")})
-	if err != nil || p.Taken[0] != "none" {
-		t.Errorf("auto on /dev/null: %v, %v", err, p.Taken)
+	if err != nil || views[0].Copy != "" {
+		t.Errorf("auto on /dev/null: %v, %v", err, views)
 	}
 	Release(views)
 }
@@ -177,8 +177,8 @@ func TestReflinkXFS(t *testing.T) {
 	second := read()
 	stop.Store(true)
 	wg.Wait()
-	if p.Taken[0] != "reflink" || views[0].Live {
-		t.Fatalf("auto on XFS with reflink took %q", p.Taken[0])
+	if views[0].Copy != "reflink" || views[0].Live {
+		t.Fatalf("auto on XFS with reflink took %q", views[0].Copy)
 	}
 	if !bytes.Equal(first, second) {
 		t.Error("the copy changed while the source was written")

@@ -31,6 +31,9 @@ type View struct {
 	// write to while it is read: the parts of it that are mounted
 	// read-write are imaged in full. A frozen copy is not Live.
 	Live bool
+	// Copy names the point-in-time copy this is ("reflink"); empty for
+	// the source as it is.
+	Copy string
 	// Release, when set, drops the copy; the Provider that made it sets
 	// it, and the caller calls it once the view is no longer read.
 	Release func() error

@@ -7,7 +7,9 @@ package repotest
 
 import (
 	"context"
+	"runtime"
 	"testing"
+	"time"
 
 	"github.com/sauve-backup/sauve/internal/backend/mem"
 	"github.com/sauve-backup/sauve/internal/crypto"
@@ -95,4 +97,19 @@ func (tr *Repo) WriteOnly(t testing.TB, name string) *crypto.Keys {
 		t.Fatal(err)
 	}
 	return k
+}
+
+// WaitGoroutines fails the test unless the number of goroutines falls
+// back to n within 5 seconds: a pipeline that was stopped must leave none
+// of its own running.
+func WaitGoroutines(t testing.TB, n int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > n {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<16)
+			t.Fatalf("%d goroutines left running (had %d):\n%s", runtime.NumGoroutine(), n, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
