@@ -108,7 +108,7 @@ func TestBackupSnapshotFlag(t *testing.T) {
 	if reflinkOK(e.dir) {
 		t.Skip("the test folder's filesystem makes reflink copies")
 	}
-	e.fail([]string{"cannot make reflink copies"}, "backup", "--snapshot", "reflink", img)
+	e.fail([]string{"no reflink copy of " + img, "cannot make reflink copies"}, "backup", "--snapshot", "reflink", img)
 	var res struct {
 		Copy string `json:"point_in_time_copy"`
 	}

@@ -114,12 +114,15 @@ func (p *Provider) view(ctx context.Context, src *source.Source) (*source.View, 
 	if err == nil {
 		return v, nil
 	}
-	if p.opts.Mode == Reflink || !isUnsupported(err) {
+	if !isUnsupported(err) {
 		return nil, err
+	}
+	if p.opts.Mode == Reflink {
+		return nil, fmt.Errorf("--snapshot reflink: no reflink copy of %s: %w", src.Path, err)
 	}
 	// Most image files live where no copy can be taken (ext4): auto
 	// then reads them as they are, as sauve always did, without a word;
-	// Taken says so.
+	// the view's empty Copy says so.
 	return source.Live(src), nil
 }
 
