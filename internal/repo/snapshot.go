@@ -81,6 +81,15 @@ type Disk struct {
 	// ("reflink"); empty when it was read as it was, while others may
 	// have written to it.
 	PointInTime string `json:"point_in_time,omitempty"`
+	// ChangeTracker names what records the writes made to the source
+	// after this disk was read (a QEMU dirty bitmap, "qemu-bitmap:NAME"),
+	// so that the next backup reads only those and takes the rest from
+	// this disk.
+	ChangeTracker string `json:"change_tracker,omitempty"`
+	// Base is the ID of the snapshot whose disk of the same source this
+	// one took its unchanged chunks from, when a change tracker said
+	// which chunks changed; nil for a full read.
+	Base *ID `json:"base,omitempty"`
 }
 
 // Chunks returns the number of chunks of the disk.

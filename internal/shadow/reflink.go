@@ -1,6 +1,7 @@
 package shadow
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -32,10 +33,10 @@ func isUnsupported(err error) bool {
 	return errors.As(err, &u)
 }
 
-// reflinkView clones the image file of src beside it and returns a view
-// of the clone. The clone is unlinked as soon as it is open: it lives as
-// long as the view's file.
-func reflinkView(src *source.Source, warn func(string)) (*source.View, error) {
+// planReflink checks that the image file of src can be cloned beside it
+// and returns the plan whose take clones it. The clone is unlinked as
+// soon as it is open: it lives as long as the view's file.
+func planReflink(src *source.Source, warn func(string)) (*plan, error) {
 	f := src.File()
 	if f == nil {
 		return nil, errUnsupported{fmt.Errorf("%s is not an open file", src.Path)}
@@ -46,15 +47,16 @@ func reflinkView(src *source.Source, warn func(string)) (*source.View, error) {
 	if holder, err := qemuLocked(f); err != nil {
 		return nil, fmt.Errorf("check the image locks of %s: %w", src.Path, err)
 	} else if holder != "" {
-		return nil, fmt.Errorf("%s is held open by a running QEMU (%s): a copy of its file is not one instant of the VM's disk; back the VM up through QEMU instead", src.Path, holder)
+		return nil, fmt.Errorf("%s is held open by a running QEMU (%s): a copy of its file is not one instant of the VM's disk; back the VM up through QEMU instead (sauve backup qemu:/path/to/qmp.sock)", src.Path, holder)
 	}
 	removeLeftovers(src.Path, warn)
-	clone, err := cloneBeside(f, src.Path)
-	if err != nil {
-		return nil, err
-	}
-	v := &source.View{Of: src, At: clone, Size: src.Size, Holes: clone, Copy: string(Reflink), Release: clone.Close}
-	return v, nil
+	return &plan{src: src, mode: Reflink, take: func(context.Context) (*source.View, error) {
+		clone, err := cloneBeside(f, src.Path)
+		if err != nil {
+			return nil, err
+		}
+		return &source.View{Of: src, At: clone, Size: src.Size, Holes: clone, Copy: string(Reflink), Release: clone.Close}, nil
+	}}, nil
 }
 
 // cloneBeside makes a reflink copy of f, the file at path, in the same

@@ -23,7 +23,7 @@ func TestParseMode(t *testing.T) {
 		in, err string
 	}{
 		{"auto", ""}, {"none", ""}, {"reflink", ""},
-		{"lvm", "not available"}, {"qemu", "not available"}, {"zfs", "choose auto, none, reflink"},
+		{"lvm", ""}, {"btrfs", ""}, {"qemu", ""}, {"zfs", "choose auto, none, lvm, btrfs, reflink, qemu"},
 	} {
 		_, err := ParseMode(tc.in)
 		if (err == nil) != (tc.err == "") || (err != nil && !strings.Contains(err.Error(), tc.err)) {

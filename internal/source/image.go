@@ -55,6 +55,9 @@ func OpenDisk(v *View, o Options) (*Disk, error) {
 			holes = m
 		}
 	}
+	if v.Data != nil {
+		holes = v.Data
+	}
 	raw := &Disk{View: v, Format: vdisk.Raw, Size: v.Size, At: v.At, Alloc: holes}
 	if o.Raw {
 		return raw, nil

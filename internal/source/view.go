@@ -4,6 +4,8 @@ import (
 	"context"
 	"io"
 	"os"
+
+	"github.com/sauve-backup/sauve/internal/extent"
 )
 
 // A View is what is read of a source: the source itself as it is (Live),
@@ -37,6 +39,38 @@ type View struct {
 	// Release, when set, drops the copy; the Provider that made it sets
 	// it, and the caller calls it once the view is no longer read.
 	Release func() error
+	// Data, when set, says which ranges of the view may hold data (the
+	// copy's own allocation map, such as NBD block status): the rest
+	// reads as zeros and is not read.
+	Data extent.Map
+	// Verify, when set, is called once the view has been read and before
+	// the snapshot is stored: an error says that the copy did not hold
+	// (its COW space ran out, a fleecing job failed), and nothing read
+	// from it may be stored.
+	Verify func() error
+	// CopyUsed, when set, says how many bytes the copy takes now (the COW
+	// space of a snapshot, a fleecing file).
+	CopyUsed func() int64
+	// Changes, when set, says which ranges may differ from the disk of an
+	// earlier snapshot: the rest holds what that disk held.
+	Changes *Changes
+	// Tracker, when set, names what records the writes made after the
+	// instant of this view (a dirty bitmap), so that the next backup can
+	// read only those: the snapshot's disk records it.
+	Tracker string
+	// FullRead, when set, says why a view that could have had Changes
+	// has none (the earlier bitmap is missing or inconsistent).
+	FullRead string
+}
+
+// Changes are the ranges of a view that may differ from an earlier
+// snapshot's disk, known from a change tracker (a dirty bitmap).
+type Changes struct {
+	// Since is the Tracker the earlier snapshot's disk recorded: only
+	// that disk may be taken as the base.
+	Since string
+	// Map lists the ranges written since then.
+	Map extent.Map
 }
 
 // Live is the view of src as it is, with no copy taken.
