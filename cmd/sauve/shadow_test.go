@@ -102,7 +102,7 @@ func TestBackupSnapshotFlag(t *testing.T) {
 	e := newEnv(t)
 	img := e.path("d.img")
 	writeFile(t, img, randomBytes(1<<20))
-	if r := e.run("backup", "--snapshot", "zfs", img); r.code != 2 || !strings.Contains(r.stderr, "choose auto, none, reflink") {
+	if r := e.run("backup", "--snapshot", "zfs", img); r.code != 2 || !strings.Contains(r.stderr, "choose auto, none, lvm, btrfs, reflink, qemu") {
 		t.Errorf("--snapshot zfs: exit %d, stderr %q: want a usage error", r.code, r.stderr)
 	}
 	if reflinkOK(e.dir) {

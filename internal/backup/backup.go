@@ -34,12 +34,15 @@ type Repository interface {
 	Config() repo.Config
 	ChunkID(data []byte) repo.ID
 	WithWriter(ctx context.Context, purpose string, fn func(w *repo.Writer) error) (repo.WriteStats, error)
+	ChunkList(d *repo.Disk) *repo.ChunkList
 }
 
 // store is what the stages write through: the write session.
 type store interface {
 	SaveBlob(ctx context.Context, t repo.BlobType, id repo.ID, plain []byte) (repo.SaveResult, error)
 	NewChunkListWriter() *repo.ChunkListWriter
+	Reusable(id repo.ID) bool
+	MayBase(sn *repo.Snapshot) bool
 }
 
 // Source describes the disk to back up.
@@ -62,6 +65,27 @@ type Source struct {
 	// before the manifest is written, to add what reading it learned
 	// (partitions, used bytes) to the disk's entry.
 	Describe func(*repo.Disk)
+	// Verify, when set, is called once every disk has been read and
+	// before the manifest is written: an error (the point-in-time copy
+	// did not hold) stores no snapshot.
+	Verify func() error
+	// Base, when set, names the chunks that did not change since an
+	// earlier snapshot's disk of this source was read: they are taken
+	// from its chunk list instead of being read.
+	Base *Base
+}
+
+// Base is an earlier snapshot's disk of the same source, and the ranges
+// of the source written since it was read (a change tracker's record).
+// A chunk that overlaps no changed range is named by its ID in the base's
+// chunk list, without being read, when the repository holds it where this
+// writer may reuse it; others are read as usual. A base is used only if
+// its snapshot was signed by the owner or this writer, and its disk has
+// the size and chunk size of the source.
+type Base struct {
+	Snapshot *repo.Snapshot
+	Disk     *repo.Disk
+	Changed  extent.Map
 }
 
 // Options for a backup.
@@ -93,34 +117,146 @@ type Progress struct {
 // Result is what a finished backup reports.
 type Result struct {
 	Snapshot *repo.Snapshot
-	Stats    repo.DiskStats
-	Packs    int
+	// Stats sums the disks' statistics; Seconds includes the wait for
+	// the manifest.
+	Stats repo.DiskStats
+	Disks []repo.DiskStats
+	Packs int
 }
 
 // Run backs up src into r, in one write session, and writes the snapshot
 // manifest last. The repository's index must be loaded.
 func Run(ctx context.Context, r Repository, src Source, opts Options) (*Result, error) {
+	return RunDisks(ctx, r, []Source{src}, opts)
+}
+
+// RunDisks backs up the disks of one machine, one after another, into
+// one snapshot that lists them in order: a machine's disks restore
+// together. Their names must differ. The manifest is written once every
+// disk has been read and verified.
+func RunDisks(ctx context.Context, r Repository, srcs []Source, opts Options) (*Result, error) {
+	if err := checkNames(srcs); err != nil {
+		return nil, err
+	}
 	start := time.Now()
-	p := newPipeline(r, src, opts)
-	defer p.prog.Finished.Store(true)
+	prog := opts.Progress
+	if prog == nil {
+		prog = new(Progress)
+	}
+	defer prog.Finished.Store(true)
+	prog.Total.Store(totalSize(srcs))
 	var sn *repo.Snapshot
 	ws, err := r.WithWriter(ctx, "backup", func(w *repo.Writer) error {
-		out, err := p.run(ctx, w)
-		if err != nil {
-			return err
+		var disks []repo.Disk
+		for _, src := range srcs {
+			d, err := backupDisk(ctx, r, w, src, opts, prog)
+			if err != nil {
+				return err
+			}
+			disks = append(disks, *d)
 		}
-		sn = p.snapshot(out, start)
-		_, err = w.SaveSnapshot(ctx, sn)
+		for _, src := range srcs {
+			if src.Verify != nil {
+				if err := src.Verify(); err != nil {
+					return fmt.Errorf("%s: %w", src.Path, err)
+				}
+			}
+		}
+		sn = newSnapshot(opts, start, disks)
+		_, err := w.SaveSnapshot(ctx, sn)
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
+	res := &Result{Snapshot: sn, Packs: ws.Packs}
+	for _, d := range sn.Disks {
+		res.Disks = append(res.Disks, d.Stats)
+		addStats(&res.Stats, d.Stats)
+	}
 	// The manifest was written after its last pack had been uploaded: the
 	// result counts that wait too, which the manifest's Seconds cannot.
-	st := sn.Disks[0].Stats
-	st.Seconds = time.Since(start).Seconds()
-	return &Result{Snapshot: sn, Stats: st, Packs: ws.Packs}, nil
+	res.Stats.Seconds = time.Since(start).Seconds()
+	return res, nil
+}
+
+func checkNames(srcs []Source) error {
+	if len(srcs) == 0 {
+		return errors.New("no disk to back up")
+	}
+	seen := map[string]string{}
+	for _, s := range srcs {
+		if p, ok := seen[s.Name]; ok {
+			return fmt.Errorf("two disks named %q (%s and %s): each disk of a snapshot needs its own name", s.Name, p, s.Path)
+		}
+		seen[s.Name] = s.Path
+		if s.Size < 0 && len(srcs) > 1 {
+			return fmt.Errorf("%s is a stream: a stream is backed up alone, not with other disks", s.Path)
+		}
+	}
+	return nil
+}
+
+func totalSize(srcs []Source) int64 {
+	var n int64
+	for _, s := range srcs {
+		if s.Size < 0 {
+			return s.SizeHint
+		}
+		n += s.Size
+	}
+	return n
+}
+
+// backupDisk runs the pipeline over one disk and returns its entry.
+func backupDisk(ctx context.Context, r Repository, w store, src Source, opts Options, prog *Progress) (*repo.Disk, error) {
+	start := time.Now()
+	p := newPipeline(r, src, opts, prog)
+	if err := p.useBase(w); err != nil {
+		return nil, err
+	}
+	out, err := p.run(ctx, w)
+	if err != nil {
+		return nil, err
+	}
+	out.stats.Seconds = time.Since(start).Seconds()
+	d := &repo.Disk{
+		Name: src.Name, Source: src.Path, Kind: src.Kind, Size: out.size, ChunkSize: p.cs,
+		ChunkLists: out.lists, ListEntries: repo.ListEntries, Stats: out.stats,
+	}
+	if p.base != nil {
+		id := src.Base.Snapshot.ID
+		d.Base = &id
+	}
+	if src.Describe != nil {
+		src.Describe(d)
+	}
+	return d, nil
+}
+
+// newSnapshot is the manifest of a finished run.
+func newSnapshot(opts Options, start time.Time, disks []repo.Disk) *repo.Snapshot {
+	t := opts.Time
+	if t.IsZero() {
+		t = start
+	}
+	return &repo.Snapshot{
+		Time: t.UTC(), Host: opts.Host, Tags: opts.Tags, Parent: opts.Parent, Program: opts.Program,
+		Disks: disks,
+	}
+}
+
+// addStats sums b into a.
+func addStats(a *repo.DiskStats, b repo.DiskStats) {
+	a.BytesRead += b.BytesRead
+	a.BytesNew += b.BytesNew
+	a.BytesNewCoded += b.BytesNewCoded
+	a.BytesStored += b.BytesStored
+	a.ChunksNew += b.ChunksNew
+	a.ChunksReused += b.ChunksReused
+	a.ChunksZero += b.ChunksZero
+	a.ChunksUnchanged += b.ChunksUnchanged
+	a.BytesUnchanged += b.BytesUnchanged
 }
 
 // pipeline is one backup's stages and the state they share.
@@ -131,6 +267,10 @@ type pipeline struct {
 	cs      int
 	workers int
 	prog    *Progress
+	// base, when set, lists the chunks of the earlier disk whose
+	// unchanged chunks are taken without reading (Source.Base).
+	base *repo.ChunkList
+	w    store
 	// free is the pool of chunk buffers: the read stage takes one per
 	// chunk it reads, the hash and save stage gives it back.
 	free chan []byte
@@ -143,6 +283,10 @@ type job struct {
 	n    int // chunk length
 	buf  []byte
 	zero bool
+	// fromBase: the chunk is unchanged since the base was read; base is
+	// its ID there (zero for a chunk of zeros).
+	fromBase bool
+	base     repo.ID
 }
 
 // result is what the hash and save stage did with one chunk.
@@ -159,6 +303,7 @@ const (
 	chunkZero = iota
 	chunkNew
 	chunkReused
+	chunkUnchanged // taken from the base without reading
 )
 
 // output is what the stages produced: the chunk list and its tallies.
@@ -170,17 +315,10 @@ type output struct {
 	stats  repo.DiskStats
 }
 
-func newPipeline(r Repository, src Source, opts Options) *pipeline {
-	p := &pipeline{r: r, src: src, opts: opts, cs: r.Config().ChunkSize, workers: opts.Workers, prog: opts.Progress}
+func newPipeline(r Repository, src Source, opts Options, prog *Progress) *pipeline {
+	p := &pipeline{r: r, src: src, opts: opts, cs: r.Config().ChunkSize, workers: opts.Workers, prog: prog}
 	if p.workers <= 0 {
 		p.workers = runtime.GOMAXPROCS(0)
-	}
-	if p.prog == nil {
-		p.prog = new(Progress)
-	}
-	p.prog.Total.Store(src.Size)
-	if src.Size < 0 && src.SizeHint > 0 {
-		p.prog.Total.Store(src.SizeHint)
 	}
 	// Two buffers per worker keep every worker busy while the reader
 	// fills the next; two more absorb the order stage's waits.
@@ -238,24 +376,48 @@ func (p *pipeline) run(ctx context.Context, s store) (*output, error) {
 	return out, nil
 }
 
-// snapshot builds the manifest of a finished run.
-func (p *pipeline) snapshot(out *output, start time.Time) *repo.Snapshot {
-	out.stats.Seconds = time.Since(start).Seconds()
-	t := p.opts.Time
-	if t.IsZero() {
-		t = start
+// useBase checks the source's base and, when it may be used, opens its
+// chunk list. A base that does not fit is an error of the caller's.
+func (p *pipeline) useBase(w store) error {
+	b := p.src.Base
+	if b == nil {
+		return nil
 	}
-	sn := &repo.Snapshot{
-		Time: t.UTC(), Host: p.opts.Host, Tags: p.opts.Tags, Parent: p.opts.Parent, Program: p.opts.Program,
-		Disks: []repo.Disk{{
-			Name: p.src.Name, Source: p.src.Path, Kind: p.src.Kind, Size: out.size, ChunkSize: p.cs,
-			ChunkLists: out.lists, ListEntries: repo.ListEntries, Stats: out.stats,
-		}},
+	switch {
+	case b.Snapshot == nil || b.Disk == nil || b.Changed == nil:
+		return errors.New("internal error: incomplete base")
+	case !w.MayBase(b.Snapshot):
+		return fmt.Errorf("snapshot %s was signed by %s: only a snapshot of the owner or of this writer can be the base of an incremental read", b.Snapshot.ID.Short(), b.Snapshot.Signer)
+	case b.Disk.Size != p.src.Size || b.Disk.ChunkSize != p.cs:
+		return fmt.Errorf("disk %s of snapshot %s has %d bytes in chunks of %d, the source %d bytes in chunks of %d: it cannot be the base of an incremental read",
+			b.Disk.Name, b.Snapshot.ID.Short(), b.Disk.Size, b.Disk.ChunkSize, p.src.Size, p.cs)
 	}
-	if p.src.Describe != nil {
-		p.src.Describe(&sn.Disks[0])
+	p.base, p.w = p.r.ChunkList(b.Disk), w
+	return nil
+}
+
+// unchanged returns the base's ID of chunk i at off (n bytes) when the
+// chunk did not change since the base was read and the repository holds
+// it where this writer may reuse it; zero says the base's chunk was zeros.
+func (p *pipeline) unchanged(ctx context.Context, i, off, n int64) (repo.ID, bool, error) {
+	if p.base == nil {
+		return repo.ID{}, false, nil
 	}
-	return sn
+	changed, err := p.src.Base.Changed.Data(off, n)
+	if err != nil {
+		return repo.ID{}, false, fmt.Errorf("changes of %s at offset %d: %w", p.src.Path, off, err)
+	}
+	if len(changed) > 0 {
+		return repo.ID{}, false, nil
+	}
+	id, err := p.base.At(ctx, i)
+	if err != nil {
+		return repo.ID{}, false, fmt.Errorf("base snapshot %s: %w", p.src.Base.Snapshot.ID.Short(), err)
+	}
+	if id.IsZero() || p.w.Reusable(id) {
+		return id, true, nil
+	}
+	return repo.ID{}, false, nil
 }
 
 // read is the read stage: it reads the source in order and sends one job
@@ -275,6 +437,14 @@ func (p *pipeline) read(ctx context.Context, jobs chan<- job, read *int64) error
 	cs := int64(p.cs)
 	for i, off := int64(0), int64(0); off < p.src.Size; i, off = i+1, off+cs {
 		n := min(cs, p.src.Size-off)
+		if id, ok, err := p.unchanged(ctx, i, off, n); err != nil {
+			return err
+		} else if ok {
+			if err := send(ctx, jobs, job{i: i, n: int(n), zero: id.IsZero(), base: id, fromBase: true}); err != nil {
+				return err
+			}
+			continue
+		}
 		ranges, err := m.Data(off, n)
 		if err != nil {
 			return fmt.Errorf("map of %s at offset %d: %w", p.src.Path, off, err)
@@ -356,7 +526,11 @@ func (p *pipeline) hashAndSave(ctx context.Context, s store, jobs <-chan job, re
 	zeros := make([]byte, p.cs)
 	for j := range jobs {
 		res := result{i: j.i, n: j.n, kind: chunkZero}
-		if !j.zero && !bytes.Equal(j.buf[:j.n], zeros[:j.n]) {
+		switch {
+		case j.fromBase && !j.base.IsZero():
+			res.id, res.kind = j.base, chunkUnchanged
+		case j.fromBase:
+		case !j.zero && !bytes.Equal(j.buf[:j.n], zeros[:j.n]):
 			res.id = p.r.ChunkID(j.buf[:j.n])
 			sr, err := s.SaveBlob(ctx, repo.DataBlob, res.id, j.buf[:j.n])
 			if err != nil {
@@ -422,6 +596,10 @@ func (p *pipeline) tally(st *repo.DiskStats, res result) {
 		p.prog.Stored.Add(int64(res.sealed))
 	case chunkReused:
 		st.ChunksReused++
+		p.prog.Reused.Add(n)
+	case chunkUnchanged:
+		st.ChunksUnchanged++
+		st.BytesUnchanged += n
 		p.prog.Reused.Add(n)
 	}
 	p.prog.Done.Add(n)

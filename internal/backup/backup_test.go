@@ -57,13 +57,19 @@ func disk(layout string, tail int) []byte {
 // so that only what was durably stored and indexed counts.
 func contents(t *testing.T, tr *repotest.Repo, id repo.ID) ([]byte, *repo.Disk) {
 	t.Helper()
+	return diskContents(t, tr, id, 0)
+}
+
+// diskContents reads disk di of a snapshot back, as contents does.
+func diskContents(t *testing.T, tr *repotest.Repo, id repo.ID, di int) ([]byte, *repo.Disk) {
+	t.Helper()
 	r := tr.Open(t, tr.Keys)
 	ctx := context.Background()
 	sn, err := r.LoadSnapshot(ctx, id)
 	if err != nil {
 		t.Fatalf("load snapshot: %v", err)
 	}
-	d := &sn.Disks[0]
+	d := &sn.Disks[di]
 	list := r.ChunkList(d)
 	var out []byte
 	for i := int64(0); i < list.Len(); i++ {

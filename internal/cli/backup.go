@@ -1,10 +1,13 @@
 package cli
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -17,18 +20,16 @@ import (
 
 func newBackupCmd(g *globals) *cobra.Command {
 	var (
-		stdinName  string
-		stdinSize  string
-		host       string
-		tags       []string
-		noFSSkip   bool
-		snapshot   string
-		allowEmpty bool
+		o         backupOptions
+		stdinSize string
+		snapshot  string
 	)
 	cmd := &cobra.Command{
-		Use:   "backup SOURCE",
-		Short: "Back up a disk, partition, image file or standard input",
-		Long: `Back up SOURCE into the repository as a new snapshot.
+		Use:   "backup SOURCE...",
+		Short: "Back up disks, partitions, image files or standard input",
+		Long: `Back up SOURCE into the repository as a new snapshot. Several SOURCEs
+(a machine's disks) make one snapshot that lists every disk; restore,
+export and show take --disk NAME to pick one.
 
 SOURCE is a block device (/dev/sda, /dev/nvme0n1p2, /dev/vg/lv), a disk image
 file, or - for standard input (name it with --stdin-name). The disk is cut
@@ -52,28 +53,41 @@ refused and nothing is stored, unless --allow-empty. A FIFO with no writer
 yet is waited for; Ctrl-C or SIGTERM ends the wait, or a stalled stream,
 at any time (exit status 130).
 
-An image file that is written while it is backed up (a running VM's disk)
-would be read torn between old and new writes. On XFS (mkfs.xfs -m
-reflink=1) and btrfs, --snapshot auto (the default) first makes an instant
-reflink copy of it beside it, reads the copy and drops it: the snapshot is
-the file as it was at one instant, and the copy costs no space but what is
-rewritten meanwhile. A qcow2 that a running QEMU holds open is refused (its
-copy would not be an instant of the VM's disk). Elsewhere auto reads the
-source as it is; --snapshot reflink fails instead, --snapshot none never
-copies.
+A disk that is written while it is backed up would be read torn between
+old and new writes. --snapshot auto (the default) first takes a
+point-in-time copy where the source allows one, reads the copy and drops
+it: an LVM snapshot of a logical volume (lvcreate -s, its COW space set by
+--snapshot-size; a snapshot that fills up fails the backup), a read-only
+btrfs snapshot of the subvolume holding an image file, or a reflink copy
+of an image file on XFS (mkfs.xfs -m reflink=1) beside it. Filesystems
+mounted from an image file (through a loop device) are frozen (fsfreeze)
+for the instant the copy is taken, at most --freeze-timeout, under a guard
+process that thaws them even if sauve is killed. The output says which
+copy was taken and how long writes were frozen. A qcow2 that a running
+QEMU holds open is refused: back the VM up through its monitor instead
+(see below). Where no copy can be taken, auto reads the source as it is
+and, if a filesystem on it is mounted read-write, warns and records the
+snapshot as not of one instant ('sauve snapshots' shows it);
+--require-consistent refuses instead. A named --snapshot mode fails where
+its copy cannot be made; --snapshot none never copies.
 
 The snapshot manifest is written last: an interrupted backup leaves no
 snapshot, and the next backup reuses what it had uploaded.`,
 		Example: `  sauve backup /dev/vda --tag nightly
+  sauve backup /dev/vg0/root /dev/vg0/data    # two LVM snapshots, one snapshot of both disks
   sauve backup /var/lib/libvirt/images/web.img   # a reflink copy on XFS or btrfs
   sauve backup /dev/sda --no-fs-skip          # every byte, free space included
   dd if=/dev/sdb bs=1M | sauve backup - --stdin-name sdb.img --stdin-size 500G
   sauve backup /srv/empty.img --allow-empty    # a 0-byte file: store it anyway
   sauve backup /dev/vda --repo 'https://acct.blob.core.windows.net/backups?sp=rcwl&se=...&sig=...'
   AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... sauve backup /dev/vda --repo s3://bucket/vm1`,
-		Args: exactArgs(1, "one SOURCE (a device, an image file, or - for stdin)"),
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return usageError{fmt.Errorf("give at least one SOURCE (a device, an image file, or - for stdin)")}
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
 			sopts, err := sourceOptions(cmd)
 			if err != nil {
 				return err
@@ -82,143 +96,33 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			if err != nil {
 				return usageError{err}
 			}
-			src, err := source.Open(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			defer src.Close()
-			const doing, hint = "store an empty snapshot", "--allow-empty stores one"
-			if !allowEmpty {
-				if err := src.RefuseEmpty(doing, hint); err != nil {
-					return err
-				}
-			}
-			if host == "" {
-				host, _ = os.Hostname()
-			}
-			name := filepath.Base(src.Path)
-			path := src.Path
-			if src.Kind == source.Stream {
-				name, path = stdinName, "-"
-			} else if abs, err := filepath.Abs(src.Path); err == nil {
-				path = abs
-			}
-			r, err := g.openRepo(ctx, true, true)
-			if err != nil {
-				return err
-			}
-			if n, err := r.AdoptOrphanPacks(ctx); err != nil {
-				return err
-			} else if n > 0 {
-				g.warnf("indexed %d packs left by an interrupted backup; their chunks are reused", n)
-			}
-			var parent *repo.ID
-			if all, err := g.snapshots(ctx, r); err == nil {
-				if p, err := repo.FindSnapshot(all, "latest", repo.Filter{Host: host, Path: path}); err == nil {
-					parent = &p.ID
-				}
-			}
-			// The point-in-time copy is taken once the repository is open
-			// and before anything of the source is read.
-			views, err := shadow.New(shadow.Options{Mode: mode, Warn: g.warn}).Views(ctx, []*source.Source{src})
-			if err != nil {
-				return err
-			}
-			defer shadow.Release(views)
-			sd, err := source.OpenDisk(views[0], sopts)
-			if err != nil {
-				return err
-			}
-			defer sd.Close()
-			if sd.Format != vdisk.Raw {
-				g.printf("reading %s as a %s image (virtual size %s)\n", src.Path, strings.TrimSpace(sd.Format+" "+sd.Detail), bytesIEC(sd.Size))
-			}
-			layout, err := sd.Map(source.MapOptions{NoSkip: noFSSkip, Warn: g.warn})
-			if err != nil {
-				return err
-			}
-			bs := backup.Source{Name: name, Path: path, Kind: string(src.Kind), Size: sd.Size,
-				At: sd.At, Stream: sd.Stream, Map: layout.Map(), Describe: func(d *repo.Disk) {
-					layout.Describe(d)
-					d.PointInTime = views[0].Copy
-				}}
-			if !allowEmpty {
-				if err := sd.RefuseEmpty(doing, hint); err != nil {
-					return err
-				}
-			}
-			prog := new(backup.Progress)
-			prog.Total.Store(src.Size)
+			o.mode, o.source = mode, sopts
 			if stdinSize != "" {
 				n, err := parseSize(stdinSize)
 				if err != nil || n <= 0 {
 					return usageError{fmt.Errorf("--stdin-size %q: want a size such as 20G", stdinSize)}
 				}
-				bs.SizeHint = n
-				prog.Total.Store(n)
+				o.stdinSize = n
 			}
-			m := startMeter(g.stderr, g.showProgress(), meterSource{
-				label: "backup " + name,
-				total: func() int64 {
-					// A stream longer than --stdin-size said grows the bar.
-					if t := prog.Total.Load(); t >= 0 && prog.Done.Load() > t {
-						return prog.Done.Load()
-					}
-					return prog.Total.Load()
-				},
-				current: prog.Done.Load,
-				extra: func() string {
-					return fmt.Sprintf("new %s, dedup %s, zero %s", bytesIEC(prog.New.Load()), bytesIEC(prog.Reused.Load()), bytesIEC(prog.Zero.Load()))
-				},
-			})
-			res, err := backup.Run(ctx, r, bs, backup.Options{
-				Host: host, Tags: tags, Parent: parent, Progress: prog, Program: "sauve " + Version,
-			})
-			m.Stop()
-			if err != nil {
-				return fmt.Errorf("backup of %s: %w", src.Path, err)
-			}
-			layout.WarnLate()
-			sn, st := res.Snapshot, res.Stats
-			d := sn.Disks[0]
-			if g.json {
-				tags := sn.Tags
-				if tags == nil {
-					tags = []string{}
+			if o.snapshotSize != "" {
+				if n, err := parseSize(o.snapshotSize); err != nil || n <= 0 {
+					return usageError{fmt.Errorf("--snapshot-size %q: want a size such as 10G", o.snapshotSize)}
 				}
-				return g.printJSON(map[string]any{
-					"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": tags,
-					"disk": d.Name, "source": d.Source, "size": d.Size, "bytes_read": st.BytesRead,
-					"bytes_new": st.BytesNew, "bytes_new_compressed": st.BytesNewCoded, "bytes_stored": st.BytesStored,
-					"chunks_new": st.ChunksNew, "chunks_reused": st.ChunksReused, "chunks_zero": st.ChunksZero,
-					"packs": res.Packs, "seconds": st.Seconds,
-					"partition_table": d.PartitionTable, "partitions": partitionsOf(&d),
-					"bytes_skipped": skippedOf(&d), "bytes_outside_partitions": d.BytesOutside,
-					"point_in_time_copy": copyName(views[0]),
-				})
 			}
-			g.printf("snapshot %s saved: %s, %s (%d chunks of %s)\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), d.Chunks(), bytesIEC(int64(d.ChunkSize)))
-			g.printf("  read %s, new %s (%s compressed), chunks %d new / %d reused / %d zero\n",
-				bytesIEC(st.BytesRead), bytesIEC(st.BytesNew), bytesIEC(st.BytesNewCoded), st.ChunksNew, st.ChunksReused, st.ChunksZero)
-			if len(d.Partitions) > 0 && !g.quiet {
-				printPartitions(g.stdout, &d, true)
-				g.printf("  outside partitions: read %s; skipped as free space: %s\n", bytesIEC(d.BytesOutside), bytesIEC(skippedOf(&d)))
-			}
-			if views[0].Copy != "" {
-				g.printf("  read from a %s copy of %s taken before the backup read it (one instant)\n", views[0].Copy, src.Path)
-			}
-			g.printf("  took %s (%s)\n", seconds(st.Seconds), rate(d.Size, st.Seconds))
-			return nil
+			return g.backup(cmd.Context(), args, &o)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&stdinName, "stdin-name", "stdin", "name of the disk read from standard input")
+	f.StringVar(&o.stdinName, "stdin-name", "stdin", "name of the disk read from standard input")
 	f.StringVar(&stdinSize, "stdin-size", "", "expected size of standard input (e.g. 20G), for progress and ETA")
-	f.StringVar(&host, "host", "", "host name recorded in the snapshot (default: this machine's)")
-	f.StringArrayVar(&tags, "tag", nil, "tag the snapshot (repeatable)")
-	f.StringVar(&snapshot, "snapshot", "auto", "point-in-time copy to read: auto (a reflink copy of an image file on XFS or btrfs where the filesystem can make one, else the source as it is), reflink (fail where no reflink copy can be made), none")
-	f.BoolVar(&noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
-	f.BoolVar(&allowEmpty, "allow-empty", false, "store a snapshot of an empty source (0 bytes) instead of refusing it")
+	f.StringVar(&o.host, "host", "", "host name recorded in the snapshot (default: this machine's)")
+	f.StringArrayVar(&o.tags, "tag", nil, "tag the snapshot (repeatable)")
+	f.StringVar(&snapshot, "snapshot", "auto", "point-in-time copy to read: auto (what the source allows: an LVM snapshot of a logical volume, a btrfs snapshot or reflink copy of an image file on btrfs or XFS, else the source as it is), lvm, btrfs, reflink (fail where that copy cannot be made), qemu (for qemu: sources), none")
+	f.BoolVar(&o.requireConsistent, "require-consistent", false, "refuse to read a source that is in use (mounted read-write) when no point-in-time copy of it can be taken")
+	f.DurationVar(&o.freezeTimeout, "freeze-timeout", shadow.DefaultFreezeTimeout, "longest time filesystems mounted from a source stay frozen while its copy is taken (thawed then even if sauve is killed)")
+	f.StringVar(&o.snapshotSize, "snapshot-size", "", "COW space of an LVM snapshot (e.g. 20G; default: a tenth of the volume, at least 1 GiB)")
+	f.BoolVar(&o.noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
+	f.BoolVar(&o.allowEmpty, "allow-empty", false, "store a snapshot of an empty source (0 bytes) instead of refusing it")
 	addImportFlags(cmd)
 	return cmd
 }
@@ -230,4 +134,302 @@ func copyName(v *source.View) string {
 		return string(shadow.None)
 	}
 	return v.Copy
+}
+
+// backupOptions are backup's flags, read once.
+type backupOptions struct {
+	stdinName, host   string
+	stdinSize         int64
+	tags              []string
+	noFSSkip          bool
+	allowEmpty        bool
+	requireConsistent bool
+	mode              shadow.Mode
+	source            source.Options
+	freezeTimeout     time.Duration
+	snapshotSize      string
+}
+
+const emptyDoing, emptyHint = "store an empty snapshot", "--allow-empty stores one"
+
+// backupDisk is one disk of a backup being prepared: the source, the
+// view the provider gave of it, and how it is read.
+type backupDisk struct {
+	src    *source.Source
+	name   string
+	path   string
+	view   *source.View
+	disk   *source.Disk
+	layout *source.Layout
+}
+
+// backup backs up the sources named by args into one snapshot.
+func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) error {
+	disks, err := openBackupSources(ctx, args, o)
+	defer func() {
+		for _, d := range disks {
+			if d.disk != nil {
+				d.disk.Close()
+			}
+			d.src.Close()
+		}
+	}()
+	if err != nil {
+		return err
+	}
+	if o.host == "" {
+		o.host, _ = os.Hostname()
+	}
+	r, parent, err := g.openForBackup(ctx, o.host, disks[0].path)
+	if err != nil {
+		return err
+	}
+	// The point-in-time copies are taken once the repository is open and
+	// before anything of the sources is read.
+	prov := shadow.New(shadow.Options{Mode: o.mode, Warn: g.warn, FreezeTimeout: o.freezeTimeout, SnapshotSize: o.snapshotSize})
+	srcs := make([]*source.Source, len(disks))
+	for i, d := range disks {
+		srcs[i] = d.src
+	}
+	views, err := prov.Views(ctx, srcs)
+	if err != nil {
+		return err
+	}
+	defer shadow.Release(views)
+	bss := make([]backup.Source, len(disks))
+	for i, d := range disks {
+		d.view = views[i]
+		if bss[i], err = g.prepareDisk(d, o); err != nil {
+			return err
+		}
+	}
+	prog := new(backup.Progress)
+	m := startMeter(g.stderr, g.showProgress(), meterSource{
+		label: "backup " + backupLabel(disks),
+		total: func() int64 {
+			// A stream longer than --stdin-size said grows the bar.
+			if t := prog.Total.Load(); t >= 0 && prog.Done.Load() > t {
+				return prog.Done.Load()
+			}
+			return prog.Total.Load()
+		},
+		current: prog.Done.Load,
+		extra: func() string {
+			return fmt.Sprintf("new %s, dedup %s, zero %s", bytesIEC(prog.New.Load()), bytesIEC(prog.Reused.Load()), bytesIEC(prog.Zero.Load()))
+		},
+	})
+	res, err := backup.RunDisks(ctx, r, bss, backup.Options{
+		Host: o.host, Tags: o.tags, Parent: parent, Progress: prog, Program: "sauve " + Version,
+	})
+	m.Stop()
+	if err != nil {
+		return fmt.Errorf("backup of %s: %w", backupLabel(disks), err)
+	}
+	for _, d := range disks {
+		d.layout.WarnLate()
+	}
+	return g.printBackup(res, disks, prov.Report())
+}
+
+// openBackupSources opens every source and refuses empty ones. It
+// returns what it opened also on error, for the caller to close.
+func openBackupSources(ctx context.Context, args []string, o *backupOptions) ([]*backupDisk, error) {
+	var disks []*backupDisk
+	for _, a := range args {
+		if a == "-" && len(args) > 1 {
+			return disks, usageError{errors.New("standard input (-) is backed up alone, not with other sources")}
+		}
+		src, err := source.Open(ctx, a)
+		if err != nil {
+			return disks, err
+		}
+		d := &backupDisk{src: src, name: filepath.Base(src.Path), path: src.Path}
+		disks = append(disks, d)
+		if !o.allowEmpty {
+			if err := src.RefuseEmpty(emptyDoing, emptyHint); err != nil {
+				return disks, err
+			}
+		}
+		if src.Kind == source.Stream {
+			d.name, d.path = o.stdinName, "-"
+		} else if abs, err := filepath.Abs(src.Path); err == nil {
+			d.path = abs
+		}
+	}
+	seen := map[string]string{}
+	for _, d := range disks {
+		if p, ok := seen[d.name]; ok {
+			return disks, usageError{fmt.Errorf("two sources named %s (%s and %s): a snapshot's disks need different names; back them up separately or through links with other names", d.name, p, d.path)}
+		}
+		seen[d.name] = d.path
+	}
+	return disks, nil
+}
+
+// openForBackup opens the repository to write, indexes what an
+// interrupted backup left and finds the parent: the latest snapshot of
+// the host whose first disk came from path.
+func (g *globals) openForBackup(ctx context.Context, host, path string) (*repo.Repository, *repo.ID, error) {
+	r, err := g.openRepo(ctx, true, true)
+	if err != nil {
+		return nil, nil, err
+	}
+	if n, err := r.AdoptOrphanPacks(ctx); err != nil {
+		return nil, nil, err
+	} else if n > 0 {
+		g.warnf("indexed %d packs left by an interrupted backup; their chunks are reused", n)
+	}
+	var parent *repo.ID
+	if all, err := g.snapshots(ctx, r); err == nil {
+		if p, err := repo.FindSnapshot(all, "latest", repo.Filter{Host: host, Path: path}); err == nil {
+			parent = &p.ID
+		}
+	}
+	return r, parent, nil
+}
+
+// prepareDisk reads the view of d as a disk and maps it.
+func (g *globals) prepareDisk(d *backupDisk, o *backupOptions) (backup.Source, error) {
+	sd, err := source.OpenDisk(d.view, o.source)
+	if err != nil {
+		return backup.Source{}, err
+	}
+	d.disk = sd
+	if sd.Format != vdisk.Raw {
+		g.printf("reading %s as a %s image (virtual size %s)\n", d.src.Path, strings.TrimSpace(sd.Format+" "+sd.Detail), bytesIEC(sd.Size))
+	}
+	if !o.allowEmpty {
+		if err := sd.RefuseEmpty(emptyDoing, emptyHint); err != nil {
+			return backup.Source{}, err
+		}
+	}
+	layout, err := sd.Map(source.MapOptions{NoSkip: o.noFSSkip, Warn: g.warn})
+	if err != nil {
+		return backup.Source{}, err
+	}
+	d.layout = layout
+	if why := layout.InUse(); why != "" && o.requireConsistent {
+		return backup.Source{}, fmt.Errorf("%s is in use (%s) and no point-in-time copy of it can be taken: refusing to read it (--require-consistent); unmount it, or back it up from an LVM volume, an image file on XFS or btrfs, or through QEMU", d.src.Path, why)
+	}
+	v := d.view
+	bs := backup.Source{Name: d.name, Path: d.path, Kind: string(d.src.Kind), Size: sd.Size,
+		At: sd.At, Stream: sd.Stream, Map: layout.Map(), Verify: v.Verify, Describe: func(rd *repo.Disk) {
+			layout.Describe(rd)
+			rd.PointInTime = v.Copy
+			rd.ChangeTracker = v.Tracker
+		}}
+	if d.src.Kind == source.Stream {
+		bs.SizeHint = o.stdinSize
+	}
+	return bs, nil
+}
+
+func backupLabel(disks []*backupDisk) string {
+	names := make([]string, len(disks))
+	for i, d := range disks {
+		names[i] = d.name
+	}
+	return strings.Join(names, ", ")
+}
+
+// printBackup says what a backup stored.
+func (g *globals) printBackup(res *backup.Result, disks []*backupDisk, rep shadow.Report) error {
+	sn, st := res.Snapshot, res.Stats
+	if g.json {
+		return g.printJSON(backupJSON(res, disks, rep))
+	}
+	if len(sn.Disks) == 1 {
+		d := sn.Disks[0]
+		g.printf("snapshot %s saved: %s, %s (%d chunks of %s)\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), d.Chunks(), bytesIEC(int64(d.ChunkSize)))
+	} else {
+		var size int64
+		for _, d := range sn.Disks {
+			size += d.Size
+		}
+		g.printf("snapshot %s saved: %d disks, %s\n", sn.ID.Short(), len(sn.Disks), bytesIEC(size))
+	}
+	g.printf("  read %s, new %s (%s compressed), chunks %d new / %d reused / %d zero\n",
+		bytesIEC(st.BytesRead), bytesIEC(st.BytesNew), bytesIEC(st.BytesNewCoded), st.ChunksNew, st.ChunksReused, st.ChunksZero)
+	for i := range sn.Disks {
+		d := &sn.Disks[i]
+		if len(sn.Disks) > 1 {
+			g.printf("  disk %s (%s): %s, read %s, new %s\n", d.Name, d.Source, bytesIEC(d.Size), bytesIEC(d.Stats.BytesRead), bytesIEC(d.Stats.BytesNew))
+		}
+		if len(d.Partitions) > 0 && !g.quiet {
+			printPartitions(g.stdout, d, true)
+			g.printf("  outside partitions: read %s; skipped as free space: %s\n", bytesIEC(d.BytesOutside), bytesIEC(skippedOf(d)))
+		}
+		g.printCopy(d, disks[i])
+	}
+	if rep.Frozen > 0 {
+		g.printf("  writes to %s were frozen for %s while the copy was taken\n", strings.Join(rep.Mounts, ", "), seconds(rep.Frozen.Seconds()))
+	}
+	g.printf("  took %s (%s)\n", seconds(st.Seconds), rate(totalSize(sn), st.Seconds))
+	return nil
+}
+
+// printCopy says which point-in-time copy a disk was read from.
+func (g *globals) printCopy(d *repo.Disk, bd *backupDisk) {
+	v := bd.view
+	switch {
+	case v.Copy != "":
+		g.printf("  read from a %s copy of %s taken before the backup read it (one instant)", v.Copy, bd.src.Path)
+		if v.CopyUsed != nil {
+			g.printf("; the copy took %s", bytesIEC(v.CopyUsed()))
+		}
+		g.printf("\n")
+	case d.InUse != "":
+		g.printf("  read as it was while in use (%s): not one instant, may be torn\n", d.InUse)
+	}
+}
+
+func totalSize(sn *repo.Snapshot) int64 {
+	var n int64
+	for _, d := range sn.Disks {
+		n += d.Size
+	}
+	return n
+}
+
+// backupJSON is backup's --json result: the first disk's fields at the
+// top, as for a one-disk snapshot, and every disk under "disks".
+func backupJSON(res *backup.Result, disks []*backupDisk, rep shadow.Report) map[string]any {
+	sn, st := res.Snapshot, res.Stats
+	tags := sn.Tags
+	if tags == nil {
+		tags = []string{}
+	}
+	var list []map[string]any
+	for i := range sn.Disks {
+		d := &sn.Disks[i]
+		list = append(list, map[string]any{
+			"disk": d.Name, "source": d.Source, "size": d.Size, "bytes_read": d.Stats.BytesRead,
+			"bytes_new": d.Stats.BytesNew, "chunks_new": d.Stats.ChunksNew, "chunks_reused": d.Stats.ChunksReused,
+			"chunks_zero": d.Stats.ChunksZero, "chunks_unchanged": d.Stats.ChunksUnchanged,
+			"partition_table": d.PartitionTable, "partitions": partitionsOf(d),
+			"bytes_skipped": skippedOf(d), "bytes_outside_partitions": d.BytesOutside,
+			"point_in_time_copy": copyName(disks[i].view), "in_use": d.InUse,
+		})
+	}
+	d := list[0]
+	out := map[string]any{
+		"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": tags,
+		"bytes_new_compressed": st.BytesNewCoded, "bytes_stored": st.BytesStored,
+		"packs": res.Packs, "seconds": st.Seconds, "disks": list,
+		"frozen_seconds": rep.Frozen.Seconds(), "frozen_mounts": nonNil(rep.Mounts),
+	}
+	for _, k := range []string{"disk", "source", "size", "partition_table", "partitions", "bytes_skipped", "bytes_outside_partitions", "point_in_time_copy"} {
+		out[k] = d[k]
+	}
+	// Totals over every disk.
+	out["bytes_read"], out["bytes_new"] = st.BytesRead, st.BytesNew
+	out["chunks_new"], out["chunks_reused"], out["chunks_zero"] = st.ChunksNew, st.ChunksReused, st.ChunksZero
+	return out
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
 }

@@ -1,10 +1,14 @@
 package cli
 
 import (
+	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
@@ -40,67 +44,113 @@ A backup leaves free space out already, unless it was made with
 imaged in full): --skip-free makes such snapshots export small.
 
 OUTPUT is written under a temporary name and renamed into place when
-complete; an existing OUTPUT is refused unless --force.`,
+complete; an existing OUTPUT is refused unless --force.
+
+A snapshot of several disks exports them all into the folder OUTPUT, one
+image per disk named after it, in the --format given; --disk NAME exports
+one.`,
 		Example: `  sauve export latest --host web1 /srv/vm/web1.qcow2
   sauve export 1a2b3c4d web1.vmdk --size 100G
   sauve export latest web1.vhdx --skip-free
-  sauve export latest web1.ova --cpus 2 --memory 4G --controller scsi`,
+  sauve export latest web1.ova --cpus 2 --memory 4G --controller scsi
+  sauve export latest --host vm1 /srv/vm/vm1/ --format qcow2   # every disk of the snapshot`,
 		Args: exactArgs(2, "SNAPSHOT and OUTPUT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			start := time.Now()
-			r, sn, d, err := g.openDisk(ctx, "export", args[0], &ff, diskName)
+			r, sn, disks, err := g.openDisks(ctx, "export", args[0], &ff, diskName)
 			if err != nil {
 				return err
 			}
-			opts, err := o.resolve(args[1], d.Size, cmd.Flags())
+			outputs, err := exportOutputs(sn, disks, args[1], o.format)
 			if err != nil {
 				return err
 			}
-			fail := func(err error) error {
-				return fmt.Errorf("export of snapshot %s to %s: %w", sn.ID.Short(), args[1], err)
-			}
-			// A copy reads in order, once: the cache only holds what is read
-			// ahead, a few runs per CPU.
-			dr, err := r.NewDiskReader(ctx, d, repo.ReaderOptions{CacheSize: exportCache, ReadAhead: exportCache / 2, Warn: g.warnf})
-			if err != nil {
-				return fail(err)
-			}
-			defer dr.Close()
-			var m extent.Map = dr
-			var layout *source.Layout
-			if skipFree {
-				// The disk's partitions and filesystems, read through the
-				// reader within the chunks the snapshot stores.
-				sd := source.Stored(fmt.Sprintf("disk %s of snapshot %s", d.Name, sn.ID.Short()), dr, d.Size, d.SectorSize, dr)
-				if layout, err = sd.Map(source.MapOptions{Warn: g.warn}); err != nil {
-					return fail(err)
+			for i, d := range disks {
+				if err := g.exportDisk(ctx, r, sn, d, outputs[i], &o, cmd.Flags(), skipFree); err != nil {
+					return err
 				}
-				m = layout.Map()
 			}
-			prog := new(vdisk.Progress)
-			data, err := g.writeImage(ctx, args[1], o.force, opts, "export "+d.Name, prog.Done.Load, func(w vdisk.Writer) error {
-				return vdisk.Copy(ctx, w, dr, m, d.Size, prog)
-			})
-			if err != nil {
-				return fail(err)
-			}
-			fetched := dr.Stats().BytesFetched
-			fields := map[string]any{"snapshot": sn.ID.String(), "disk": d.Name, "disk_size": d.Size, "bytes_fetched": fetched}
-			if layout != nil {
-				layout.WarnLate()
-				fields["bytes_skipped"] = layout.Skipped()
-				g.printf("free space of the filesystems left unallocated: %s\n", bytesIEC(layout.Skipped()))
-			}
-			return g.writeResult(fmt.Sprintf("snapshot %s (%s, %s)", sn.ID.Short(), d.Name, bytesIEC(d.Size)),
-				fields, opts, args[1], data, fetched, time.Since(start).Seconds())
+			return nil
 		},
 	}
 	o.add(cmd)
 	ff.add(cmd)
-	cmd.Flags().StringVar(&diskName, "disk", "", "which disk of a multi-disk snapshot")
+	cmd.Flags().StringVar(&diskName, "disk", "", "export only this disk of a multi-disk snapshot")
 	cmd.Flags().BoolVar(&skipFree, "skip-free", false, "leave the free space of ext2/3/4, XFS, NTFS, FAT and swap in the snapshot's disk unallocated (it reads as zeros)")
 	return cmd
+}
+
+// exportOutputs names the image each disk is exported to: OUTPUT for
+// one disk; for several, a file per disk in the folder OUTPUT (made if
+// missing), named after the disk with --format's extension.
+func exportOutputs(sn *repo.Snapshot, disks []*repo.Disk, output, format string) ([]string, error) {
+	if len(disks) == 1 {
+		return []string{output}, nil
+	}
+	if format == "" || format == vdisk.OVA {
+		return nil, usageError{fmt.Errorf("snapshot %s holds %d disks (%s): export them into a folder with --format (raw, qcow2, vmdk, vhd, vhdx, vdi), or one with --disk NAME", sn.ID.Short(), len(disks), diskNames(disks))}
+	}
+	if fi, err := os.Stat(output); err == nil && !fi.IsDir() {
+		return nil, usageError{fmt.Errorf("snapshot %s holds %d disks: %s is a file, not a folder to export them into (or choose one with --disk NAME)", sn.ID.Short(), len(disks), output)}
+	}
+	if err := os.MkdirAll(output, 0o755); err != nil {
+		return nil, fmt.Errorf("export of snapshot %s: %w", sn.ID.Short(), err)
+	}
+	ext := format
+	if format == vdisk.Raw {
+		ext = "img"
+	}
+	out := make([]string, len(disks))
+	for i, d := range disks {
+		out[i] = filepath.Join(output, diskFileName(d.Name)+"."+ext)
+	}
+	return out, nil
+}
+
+// exportDisk writes disk d of sn to output.
+func (g *globals) exportDisk(ctx context.Context, r *repo.Repository, sn *repo.Snapshot, d *repo.Disk, output string, o *outFlags, flags *pflag.FlagSet, skipFree bool) error {
+	start := time.Now()
+	opts, err := o.resolve(output, d.Size, flags)
+	if err != nil {
+		return err
+	}
+	fail := func(err error) error {
+		return fmt.Errorf("export of snapshot %s to %s: %w", sn.ID.Short(), output, err)
+	}
+	// A copy reads in order, once: the cache only holds what is read
+	// ahead, a few runs per CPU.
+	dr, err := r.NewDiskReader(ctx, d, repo.ReaderOptions{CacheSize: exportCache, ReadAhead: exportCache / 2, Warn: g.warnf})
+	if err != nil {
+		return fail(err)
+	}
+	defer dr.Close()
+	var m extent.Map = dr
+	var layout *source.Layout
+	if skipFree {
+		// The disk's partitions and filesystems, read through the
+		// reader within the chunks the snapshot stores.
+		sd := source.Stored(fmt.Sprintf("disk %s of snapshot %s", d.Name, sn.ID.Short()), dr, d.Size, d.SectorSize, dr)
+		if layout, err = sd.Map(source.MapOptions{Warn: g.warn}); err != nil {
+			return fail(err)
+		}
+		m = layout.Map()
+	}
+	prog := new(vdisk.Progress)
+	data, err := g.writeImage(ctx, output, o.force, opts, "export "+d.Name, prog.Done.Load, func(w vdisk.Writer) error {
+		return vdisk.Copy(ctx, w, dr, m, d.Size, prog)
+	})
+	if err != nil {
+		return fail(err)
+	}
+	fetched := dr.Stats().BytesFetched
+	fields := map[string]any{"snapshot": sn.ID.String(), "disk": d.Name, "disk_size": d.Size, "bytes_fetched": fetched}
+	if layout != nil {
+		layout.WarnLate()
+		fields["bytes_skipped"] = layout.Skipped()
+		g.printf("free space of the filesystems left unallocated: %s\n", bytesIEC(layout.Skipped()))
+	}
+	return g.writeResult(fmt.Sprintf("snapshot %s (%s, %s)", sn.ID.Short(), d.Name, bytesIEC(d.Size)),
+		fields, opts, output, data, fetched, time.Since(start).Seconds())
 }
 
 // exportCache is the export reader's cache budget.

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -21,10 +23,13 @@ func newRestoreCmd(g *globals) *cobra.Command {
 		diskName string
 	)
 	cmd := &cobra.Command{
-		Use:   "restore SNAPSHOT TARGET",
+		Use:   "restore SNAPSHOT TARGET...",
 		Short: "Restore a disk from a snapshot to a file, a device or stdout",
 		Long: `Restore a disk of SNAPSHOT (an ID prefix, or 'latest' with optional --host,
---source and --tag filters) to TARGET:
+--source and --tag filters) to TARGET. A snapshot of several disks
+restores them all: into a folder (each disk a file named after it), or
+onto one TARGET per disk in the snapshot's order; --disk NAME restores
+one. TARGET is:
 
   a new file     written sparse (zero chunks stay holes) under a temporary
                  name beside TARGET, renamed into place once complete: a
@@ -61,94 +66,210 @@ any other copy that verifies.`,
   sauve restore 1a2b3c4d /dev/vdb
   sauve restore latest --host web1 /dev/vda --delta
   sauve restore latest /dev/sdb --force       # /dev/sdb holds another disk: overwrite it
+  sauve restore latest --host vm1 /dev/vdc /dev/vdd   # a snapshot of two disks
+  sauve restore latest --host vm1 --disk vdb /var/tmp/vdb.img
   sauve restore latest - | qemu-img convert -f raw -O qcow2 /dev/stdin web.qcow2`,
-		Args: exactArgs(2, "SNAPSHOT and TARGET"),
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 2 {
+				return usageError{errors.New("give SNAPSHOT and TARGET (or a folder, or one TARGET per disk)")}
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			if args[1] == "-" {
-				if delta {
-					return usageError{errors.New("--delta needs a file or device target, not stdout")}
-				}
-				if term.IsTerminal(int(os.Stdout.Fd())) {
-					return usageError{errors.New("refusing to write a disk image to a terminal: redirect stdout")}
-				}
-			}
-			r, sn, d, err := g.openDisk(ctx, "restore", args[0], &ff, diskName)
+			r, sn, disks, err := g.openDisks(ctx, "restore", args[0], &ff, diskName)
 			if err != nil {
 				return err
 			}
-			var t *restoreTarget
-			if args[1] != "-" {
-				// Before the progress bar starts: this may ask the user.
-				if t, err = openRestoreTarget(args[1], d, overwriteCheck{force: force, confirm: g.terminalConfirm(ctx)}); err != nil {
-					return fmt.Errorf("restore of snapshot %s to %s: %w", sn.ID.Short(), args[1], err)
-				}
-			}
-			prog := new(restore.Progress)
-			prog.Total.Store(d.Size)
-			m := startMeter(g.stderr, g.showProgress(), meterSource{
-				label: "restore " + d.Name, total: prog.Total.Load, current: prog.Done.Load,
-				extra: func() string { return "written " + bytesIEC(prog.Written.Load()) },
-			})
-			var res *restore.Result
-			if args[1] == "-" {
-				res, err = restore.ToStream(ctx, r, d, os.Stdout, restore.Options{Progress: prog, Warn: g.warnf})
-			} else {
-				res, err = restoreToTarget(ctx, r, d, t, delta, prog, g.warnf)
-			}
-			m.Stop()
+			targets, err := restoreTargets(sn, disks, args[1:])
 			if err != nil {
-				return fmt.Errorf("restore of snapshot %s to %s: %w", sn.ID.Short(), args[1], err)
+				return err
+			}
+			var results []any
+			for i, d := range disks {
+				res, err := g.restoreDisk(ctx, r, sn, d, targets[i], delta, force)
+				if err != nil {
+					return err
+				}
+				results = append(results, res)
 			}
 			if g.json {
-				return g.printJSON(map[string]any{
-					"snapshot": sn.ID.String(), "disk": d.Name, "target": args[1], "delta": delta,
-					"size": res.Size, "bytes_written": res.BytesWritten, "bytes_fetched": res.BytesFetched,
-					"chunks_written": res.ChunksWritten, "chunks_unchanged": res.ChunksSame, "chunks_zero": res.ChunksZero,
-					"seconds": res.Seconds,
-				})
-			}
-			if args[1] == "-" {
-				if !g.quiet {
-					fmt.Fprintf(g.stderr, "restored snapshot %s (%s, %s) to stdout in %s\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), seconds(res.Seconds))
+				if len(results) == 1 {
+					return g.printJSON(results[0])
 				}
-				return nil
+				return g.printJSON(map[string]any{"snapshot": sn.ID.String(), "disks": results})
 			}
-			g.printf("restored snapshot %s (%s, %s, host %s, signed by %s) to %s\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), sn.Host, sn.Signer, args[1])
-			if delta {
-				g.printf("  delta: %d chunks unchanged, %d written, %s written in all\n", res.ChunksSame, res.ChunksWritten, bytesIEC(res.BytesWritten))
-			} else {
-				g.printf("  wrote %s (%d chunks, %d zero), fetched %s\n", bytesIEC(res.BytesWritten), res.ChunksWritten, res.ChunksZero, bytesIEC(res.BytesFetched))
-			}
-			g.printf("  took %s (%s)\n", seconds(res.Seconds), rate(d.Size, res.Seconds))
 			return nil
 		},
 	}
 	ff.add(cmd)
 	cmd.Flags().BoolVar(&delta, "delta", false, "read the target and write only the chunks that differ")
 	cmd.Flags().BoolVarP(&force, "force", "f", false, "overwrite a target that holds another disk's partition table or filesystem")
-	cmd.Flags().StringVar(&diskName, "disk", "", "which disk of a multi-disk snapshot")
+	cmd.Flags().StringVar(&diskName, "disk", "", "restore only this disk of a multi-disk snapshot")
 	return cmd
+}
+
+// restoreTargets pairs the disks to restore with their targets: one
+// TARGET for one disk; for several, one TARGET per disk in the
+// snapshot's order, or one existing folder that receives each disk as a
+// file named after it.
+func restoreTargets(sn *repo.Snapshot, disks []*repo.Disk, args []string) ([]string, error) {
+	if len(disks) == 1 {
+		if len(args) != 1 {
+			return nil, usageError{fmt.Errorf("one disk (%s) to restore: give one TARGET, not %d", disks[0].Name, len(args))}
+		}
+		return args, nil
+	}
+	for _, a := range args {
+		if a == "-" {
+			return nil, usageError{fmt.Errorf("snapshot %s holds %d disks: stdout takes one (choose it with --disk)", sn.ID.Short(), len(disks))}
+		}
+	}
+	if len(args) == len(disks) {
+		return args, nil
+	}
+	if len(args) == 1 {
+		if fi, err := os.Stat(args[0]); err == nil && fi.IsDir() {
+			out := make([]string, len(disks))
+			for i, d := range disks {
+				out[i] = filepath.Join(args[0], diskFileName(d.Name))
+			}
+			return out, nil
+		}
+	}
+	return nil, usageError{fmt.Errorf("snapshot %s holds %d disks (%s): give a folder, one TARGET per disk in that order, or --disk NAME", sn.ID.Short(), len(disks), diskNames(disks))}
+}
+
+// diskFileName is the file a disk is restored or exported to in a
+// folder: its name, with path separators replaced.
+func diskFileName(name string) string {
+	name = strings.NewReplacer("/", "_", "\\", "_").Replace(name)
+	if name == "" || name == "." || name == ".." {
+		name = "disk"
+	}
+	return name
+}
+
+func diskNames(disks []*repo.Disk) string {
+	names := make([]string, len(disks))
+	for i, d := range disks {
+		names[i] = d.Name
+	}
+	return strings.Join(names, ", ")
+}
+
+// restoreDisk restores one disk of sn to target and says what it did; it
+// returns the disk's --json result.
+func (g *globals) restoreDisk(ctx context.Context, r *repo.Repository, sn *repo.Snapshot, d *repo.Disk, target string, delta, force bool) (map[string]any, error) {
+	if target == "-" {
+		if delta {
+			return nil, usageError{errors.New("--delta needs a file or device target, not stdout")}
+		}
+		if term.IsTerminal(int(os.Stdout.Fd())) {
+			return nil, usageError{errors.New("refusing to write a disk image to a terminal: redirect stdout")}
+		}
+	}
+	var t *restoreTarget
+	var err error
+	if target != "-" {
+		// Before the progress bar starts: this may ask the user.
+		if t, err = openRestoreTarget(target, d, overwriteCheck{force: force, confirm: g.terminalConfirm(ctx)}); err != nil {
+			return nil, fmt.Errorf("restore of snapshot %s to %s: %w", sn.ID.Short(), target, err)
+		}
+	}
+	prog := new(restore.Progress)
+	prog.Total.Store(d.Size)
+	m := startMeter(g.stderr, g.showProgress(), meterSource{
+		label: "restore " + d.Name, total: prog.Total.Load, current: prog.Done.Load,
+		extra: func() string { return "written " + bytesIEC(prog.Written.Load()) },
+	})
+	var res *restore.Result
+	if target == "-" {
+		res, err = restore.ToStream(ctx, r, d, os.Stdout, restore.Options{Progress: prog, Warn: g.warnf})
+	} else {
+		res, err = restoreToTarget(ctx, r, d, t, delta, prog, g.warnf)
+	}
+	m.Stop()
+	if err != nil {
+		return nil, fmt.Errorf("restore of snapshot %s to %s: %w", sn.ID.Short(), target, err)
+	}
+	g.printRestore(sn, d, target, delta, res)
+	return map[string]any{
+		"snapshot": sn.ID.String(), "disk": d.Name, "target": target, "delta": delta,
+		"size": res.Size, "bytes_written": res.BytesWritten, "bytes_fetched": res.BytesFetched,
+		"chunks_written": res.ChunksWritten, "chunks_unchanged": res.ChunksSame, "chunks_zero": res.ChunksZero,
+		"seconds": res.Seconds,
+	}, nil
+}
+
+func (g *globals) printRestore(sn *repo.Snapshot, d *repo.Disk, target string, delta bool, res *restore.Result) {
+	if g.json {
+		return
+	}
+	if target == "-" {
+		if !g.quiet {
+			fmt.Fprintf(g.stderr, "restored snapshot %s (%s, %s) to stdout in %s\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), seconds(res.Seconds))
+		}
+		return
+	}
+	g.printf("restored snapshot %s (%s, %s, host %s, signed by %s) to %s\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), sn.Host, sn.Signer, target)
+	if delta {
+		g.printf("  delta: %d chunks unchanged, %d written, %s written in all\n", res.ChunksSame, res.ChunksWritten, bytesIEC(res.BytesWritten))
+	} else {
+		g.printf("  wrote %s (%d chunks, %d zero), fetched %s\n", bytesIEC(res.BytesWritten), res.ChunksWritten, res.ChunksZero, bytesIEC(res.BytesFetched))
+	}
+	g.printf("  took %s (%s)\n", seconds(res.Seconds), rate(d.Size, res.Seconds))
+}
+
+// openDisks is openDisk for commands that take every disk of a snapshot
+// when name is empty.
+func (g *globals) openDisks(ctx context.Context, what, spec string, ff *filterFlags, name string) (*repo.Repository, *repo.Snapshot, []*repo.Disk, error) {
+	r, sn, err := g.openSnapshotData(ctx, what, spec, ff)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if name != "" {
+		d, err := pickDisk(sn, name)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		return r, sn, []*repo.Disk{d}, nil
+	}
+	disks := make([]*repo.Disk, len(sn.Disks))
+	for i := range sn.Disks {
+		disks[i] = &sn.Disks[i]
+	}
+	return r, sn, disks, nil
+}
+
+// openSnapshotData opens the repository to read chunk data (what:
+// "restore", "export") and finds the snapshot spec names.
+func (g *globals) openSnapshotData(ctx context.Context, what, spec string, ff *filterFlags) (*repo.Repository, *repo.Snapshot, error) {
+	set, err := g.openSet(ctx, true)
+	if err != nil {
+		return nil, nil, err
+	}
+	r, sn, err := g.findSnapshot(ctx, set, spec, ff)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !r.CanDecrypt() {
+		return nil, nil, fmt.Errorf("%s of snapshot %s: %w", what, sn.ID.Short(), errWriteOnly(r))
+	}
+	return r, sn, nil
 }
 
 // openDisk opens the repository for reading chunk data (what: "restore",
 // "export"), finds the snapshot that spec names and the disk of it that
 // name picks.
 func (g *globals) openDisk(ctx context.Context, what, spec string, ff *filterFlags, name string) (*repo.Repository, *repo.Snapshot, *repo.Disk, error) {
-	set, err := g.openSet(ctx, true)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	r, sn, err := g.findSnapshot(ctx, set, spec, ff)
+	r, sn, err := g.openSnapshotData(ctx, what, spec, ff)
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	d, err := pickDisk(sn, name)
 	if err != nil {
 		return nil, nil, nil, err
-	}
-	if !r.CanDecrypt() {
-		return nil, nil, nil, fmt.Errorf("%s of snapshot %s: %w", what, sn.ID.Short(), errWriteOnly(r))
 	}
 	return r, sn, d, nil
 }
@@ -167,7 +288,11 @@ func pickDisk(sn *repo.Snapshot, name string) (*repo.Disk, error) {
 			return &sn.Disks[i], nil
 		}
 	}
-	return nil, fmt.Errorf("snapshot %s has no disk %q", sn.ID.Short(), name)
+	names := make([]string, len(sn.Disks))
+	for i := range sn.Disks {
+		names[i] = sn.Disks[i].Name
+	}
+	return nil, fmt.Errorf("snapshot %s has no disk %q (it has: %s)", sn.ID.Short(), name, strings.Join(names, ", "))
 }
 
 // restoreToTarget restores d onto t (see openRestoreTarget) and

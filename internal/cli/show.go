@@ -49,10 +49,16 @@ read and stored (unknown or damaged filesystem, mounted read-write,
 			}
 			for _, d := range sn.Disks {
 				fmt.Fprintf(w, "\ndisk %s: %s (%d bytes), %s %s\n", d.Name, bytesIEC(d.Size), d.Size, d.Kind, d.Source)
-				if d.PointInTime != "" {
+				switch {
+				case d.PointInTime != "":
 					fmt.Fprintf(w, "  read from a %s copy: the source as it was at one instant\n", d.PointInTime)
-				} else if d.Kind != "stdin" {
+				case d.InUse != "":
+					fmt.Fprintf(w, "  ! read as it was while in use (%s): not one instant, may be torn\n", d.InUse)
+				case d.Kind != "stdin":
 					fmt.Fprintln(w, "  read as it was, with no point-in-time copy")
+				}
+				if d.Base != nil {
+					fmt.Fprintf(w, "  read only what changed since snapshot %s (%s unchanged, taken from it)\n", d.Base.Short(), bytesIEC(d.Stats.BytesUnchanged))
 				}
 				st := d.Stats
 				fmt.Fprintf(w, "  read %s, new %s (%s compressed); chunks %d new, %d reused, %d zero\n",

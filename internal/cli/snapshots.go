@@ -90,6 +90,9 @@ type diskJSON struct {
 	SectorSize     int              `json:"sector_size,omitempty"`
 	Partitions     []repo.Partition `json:"partitions"`
 	PointInTime    string           `json:"point_in_time,omitempty"`
+	InUse          string           `json:"in_use,omitempty"`
+	ChangeTracker  string           `json:"change_tracker,omitempty"`
+	Base           string           `json:"base,omitempty"`
 }
 
 func toJSON(sn *repo.Snapshot) snapshotJSON {
@@ -106,9 +109,30 @@ func toJSON(sn *repo.Snapshot) snapshotJSON {
 	}
 	for _, d := range sn.Disks {
 		out.Disks = append(out.Disks, diskJSON{Name: d.Name, Source: d.Source, Kind: d.Kind, Size: d.Size, ChunkSize: d.ChunkSize, Stats: d.Stats,
-			PartitionTable: d.PartitionTable, DiskID: d.DiskID, SectorSize: d.SectorSize, Partitions: partitionsOf(&d), PointInTime: d.PointInTime})
+			PartitionTable: d.PartitionTable, DiskID: d.DiskID, SectorSize: d.SectorSize, Partitions: partitionsOf(&d), PointInTime: d.PointInTime,
+			InUse: d.InUse, ChangeTracker: d.ChangeTracker, Base: idString(d.Base)})
 	}
 	return out
+}
+
+func idString(id *repo.ID) string {
+	if id == nil {
+		return ""
+	}
+	return id.String()
+}
+
+// copyColumn says how a disk was read: the point-in-time copy, "in use"
+// when it was read torn while a filesystem on it was mounted read-write,
+// "-" when it was read as it was, not in use.
+func copyColumn(d *repo.Disk) string {
+	switch {
+	case d.PointInTime != "":
+		return d.PointInTime
+	case d.InUse != "":
+		return "in use!"
+	}
+	return "-"
 }
 
 func newSnapshotsCmd(g *globals) *cobra.Command {
@@ -124,7 +148,12 @@ reported and left out.
 A snapshot marked with ! is one 'latest' never picks, for the reason given
 below the table: its host is not one its writer's certificate allows, it is
 dated in the future, its writer was revoked ('sauve key revoke'), or data
-it holds was lost for good. Name it by its ID to restore it anyway.`,
+it holds was lost for good. Name it by its ID to restore it anyway.
+
+The Copy column says how each disk was read: from a point-in-time copy
+(lvm, btrfs, reflink, qemu), as it was (-), or "in use!" when a
+filesystem on it was mounted read-write while it was read with no copy,
+so that its contents may be torn; 'sauve show' says where.`,
 		Example: `  sauve snapshots
   sauve snapshots --host web1 --tag nightly
   sauve snapshots --json | jq -r '.[-1].id'`,
@@ -157,7 +186,7 @@ it holds was lost for good. Name it by its ID to restore it anyway.`,
 				return nil
 			}
 			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tTime\tHost\tTags\tSigned by\tDisk\tSize\tSource")
+			fmt.Fprintln(tw, "ID\tTime\tHost\tTags\tSigned by\tDisk\tSize\tCopy\tSource")
 			var marked []*repo.Snapshot
 			for _, sn := range list {
 				id := sn.ID.Short()
@@ -170,7 +199,7 @@ it holds was lost for good. Name it by its ID to restore it anyway.`,
 					if i > 0 {
 						id, t, h, tags, who = "", "", "", "", ""
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, t, h, tags, who, d.Name, bytesIEC(d.Size), d.Source)
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, t, h, tags, who, d.Name, bytesIEC(d.Size), copyColumn(&d), d.Source)
 				}
 			}
 			tw.Flush()

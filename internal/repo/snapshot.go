@@ -86,6 +86,10 @@ type Disk struct {
 	// so that the next backup reads only those and takes the rest from
 	// this disk.
 	ChangeTracker string `json:"change_tracker,omitempty"`
+	// InUse says that the disk was read as it was while in use, with no
+	// point-in-time copy, and why ("/dev/loop0 is mounted read-write at
+	// /mnt"): its contents may be torn between old and new writes.
+	InUse string `json:"in_use,omitempty"`
 	// Base is the ID of the snapshot whose disk of the same source this
 	// one took its unchanged chunks from, when a change tracker said
 	// which chunks changed; nil for a full read.
@@ -99,14 +103,19 @@ func (d *Disk) Chunks() int64 {
 
 // DiskStats records what the backup of a disk did.
 type DiskStats struct {
-	BytesRead     int64   `json:"bytes_read"`
-	BytesNew      int64   `json:"bytes_new"`
-	BytesNewCoded int64   `json:"bytes_new_compressed"`
-	BytesStored   int64   `json:"bytes_stored"`
-	ChunksNew     int64   `json:"chunks_new"`
-	ChunksReused  int64   `json:"chunks_reused"`
-	ChunksZero    int64   `json:"chunks_zero"`
-	Seconds       float64 `json:"seconds"`
+	BytesRead     int64 `json:"bytes_read"`
+	BytesNew      int64 `json:"bytes_new"`
+	BytesNewCoded int64 `json:"bytes_new_compressed"`
+	BytesStored   int64 `json:"bytes_stored"`
+	ChunksNew     int64 `json:"chunks_new"`
+	ChunksReused  int64 `json:"chunks_reused"`
+	ChunksZero    int64 `json:"chunks_zero"`
+	// ChunksUnchanged counts the chunks taken from the base snapshot's
+	// disk without reading them (a change tracker said they had not
+	// changed); BytesUnchanged their bytes.
+	ChunksUnchanged int64   `json:"chunks_unchanged,omitempty"`
+	BytesUnchanged  int64   `json:"bytes_unchanged,omitempty"`
+	Seconds         float64 `json:"seconds"`
 }
 
 // envelope is what is sealed into a snapshot object: the manifest's exact

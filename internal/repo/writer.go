@@ -326,3 +326,26 @@ func (w *Writer) StorageTime() time.Time {
 	defer w.a.mu.Unlock()
 	return w.a.storedAt
 }
+
+// Reusable reports whether a data chunk with this ID is stored where this
+// writer may reuse it without reading and storing it again (see
+// Index.Reusable): what a backup that knows a chunk is unchanged (from a
+// change tracker) asks before naming it in its chunk list.
+func (w *Writer) Reusable(id ID) bool {
+	_, ok := w.r.idx.Reusable(DataBlob, id, w.r.self)
+	return ok
+}
+
+// MayBase reports whether this writer may take unchanged chunks from the
+// chunk list of sn without reading them: only from a snapshot that it or
+// the owner signed, since another writer's chunk list could name any
+// stored chunk at any position.
+func (w *Writer) MayBase(sn *Snapshot) bool {
+	// By key, not by writer number: numbers belong to the repository
+	// value that loaded the snapshot.
+	owner, self := w.r.keys.OwnerPublic, w.r.keys.SignerPublic()
+	if bytes.Equal(sn.SignerKey[:], owner) {
+		return true
+	}
+	return bytes.Equal(sn.SignerKey[:], self[:]) && !w.r.idx.Writers.Revoked(w.r.self)
+}

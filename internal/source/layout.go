@@ -30,6 +30,7 @@ type MapOptions struct {
 type Layout struct {
 	tally *blockmap.Tally // nil for a stream
 	warn  func(string)
+	inUse []string
 }
 
 // Map reads the partition table and filesystems of the disk. Where the
@@ -51,6 +52,10 @@ func (d *Disk) Map(o MapOptions) (*Layout, error) {
 			opts.Busy = busy(d.View.Of.Path, d.View.Size)
 		}
 	}
+	var inUse []string
+	for _, b := range opts.Busy {
+		inUse = append(inUse, b.What)
+	}
 	l, err := blockmap.NewLayout(d.At, d.Size, opts)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", d.View.Of.Path, err)
@@ -58,7 +63,7 @@ func (d *Disk) Map(o MapOptions) (*Layout, error) {
 	for _, w := range l.Warnings {
 		warn(w)
 	}
-	return &Layout{tally: blockmap.NewTally(l), warn: warn}, nil
+	return &Layout{tally: blockmap.NewTally(l), warn: warn, inUse: inUse}, nil
 }
 
 // busy returns the ranges of the file or device at path (size bytes)
@@ -73,6 +78,11 @@ func busy(path string, size int64) []blockmap.Busy {
 	}
 	return out
 }
+
+// InUse says why the disk is read as it is while others write to it
+// (a filesystem on it mounted read-write, and where): the snapshot is not
+// of one instant. Empty for a point-in-time copy, or a source not in use.
+func (l *Layout) InUse() string { return strings.Join(l.inUse, "; ") }
 
 // Map returns the map to read the disk with; nil for a stream (all of
 // it, in order).
@@ -116,6 +126,7 @@ func (l *Layout) Describe(d *repo.Disk) {
 		d.PartitionTable, d.DiskID, d.SectorSize = bl.Table.Kind, bl.Table.ID, bl.Table.SectorSize
 	}
 	d.BytesOutside = l.tally.Outside()
+	d.InUse = l.InUse()
 	for i, p := range bl.Parts {
 		d.Partitions = append(d.Partitions, partition(p, l.tally.Part(i)))
 	}
