@@ -201,7 +201,10 @@ func totalSize(srcs []Source) int64 {
 	var n int64
 	for _, s := range srcs {
 		if s.Size < 0 {
-			return s.SizeHint
+			if s.SizeHint > 0 {
+				return s.SizeHint
+			}
+			return -1
 		}
 		n += s.Size
 	}

@@ -83,7 +83,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
   AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... sauve backup /dev/vda --repo s3://bucket/vm1`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) == 0 {
-				return usageError{fmt.Errorf("give at least one SOURCE (a device, an image file, or - for stdin)")}
+				return usageError{fmt.Errorf("%s: expects one or more SOURCEs (a device, an image file, a QEMU VM's qemu:SOCKET, or - for stdin)", cmd.CommandPath())}
 			}
 			return nil
 		},
@@ -204,6 +204,7 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 		}
 	}
 	prog := new(backup.Progress)
+	prog.Total.Store(progressTotal(bss))
 	m := startMeter(g.stderr, g.showProgress(), meterSource{
 		label: "backup " + backupLabel(disks),
 		total: func() int64 {
@@ -322,6 +323,22 @@ func (g *globals) prepareDisk(d *backupDisk, o *backupOptions) (backup.Source, e
 		bs.SizeHint = o.stdinSize
 	}
 	return bs, nil
+}
+
+// progressTotal is the bytes a backup of srcs goes through: -1 for a
+// stream of unknown length.
+func progressTotal(srcs []backup.Source) int64 {
+	var n int64
+	for _, s := range srcs {
+		if s.Size < 0 {
+			if s.SizeHint > 0 {
+				return s.SizeHint
+			}
+			return -1
+		}
+		n += s.Size
+	}
+	return n
 }
 
 func backupLabel(disks []*backupDisk) string {

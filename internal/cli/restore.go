@@ -71,7 +71,7 @@ any other copy that verifies.`,
   sauve restore latest - | qemu-img convert -f raw -O qcow2 /dev/stdin web.qcow2`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) < 2 {
-				return usageError{errors.New("give SNAPSHOT and TARGET (or a folder, or one TARGET per disk)")}
+				return usageError{fmt.Errorf("%s: expects SNAPSHOT and TARGET (or a folder, or one TARGET per disk)", cmd.CommandPath())}
 			}
 			return nil
 		},
