@@ -211,4 +211,3 @@ func TestBaseOfAnotherSizeRefused(t *testing.T) {
 		t.Fatalf("err %v", err)
 	}
 }
-
