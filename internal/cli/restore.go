@@ -259,21 +259,6 @@ func (g *globals) openSnapshotData(ctx context.Context, what, spec string, ff *f
 	return r, sn, nil
 }
 
-// openDisk opens the repository for reading chunk data (what: "restore",
-// "export"), finds the snapshot that spec names and the disk of it that
-// name picks.
-func (g *globals) openDisk(ctx context.Context, what, spec string, ff *filterFlags, name string) (*repo.Repository, *repo.Snapshot, *repo.Disk, error) {
-	r, sn, err := g.openSnapshotData(ctx, what, spec, ff)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	d, err := pickDisk(sn, name)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	return r, sn, d, nil
-}
-
 func errWriteOnly(r *repo.Repository) error { return r.CheckDataKey() }
 
 func pickDisk(sn *repo.Snapshot, name string) (*repo.Disk, error) {
