@@ -419,7 +419,13 @@ func backupJSON(res *backup.Result, disks []*backupDisk, rep shadow.Report) map[
 	var list []map[string]any
 	for i := range sn.Disks {
 		d := &sn.Disks[i]
+		v := disks[i].view
+		var copyBytes int64
+		if v.CopyUsed != nil {
+			copyBytes = v.CopyUsed()
+		}
 		list = append(list, map[string]any{
+			"copy_bytes": copyBytes, "full_read": v.FullRead, "bytes_unchanged": d.Stats.BytesUnchanged, "base": idString(d.Base),
 			"disk": d.Name, "source": d.Source, "size": d.Size, "bytes_read": d.Stats.BytesRead,
 			"bytes_new": d.Stats.BytesNew, "chunks_new": d.Stats.ChunksNew, "chunks_reused": d.Stats.ChunksReused,
 			"chunks_zero": d.Stats.ChunksZero, "chunks_unchanged": d.Stats.ChunksUnchanged,
