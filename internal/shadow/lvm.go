@@ -186,7 +186,8 @@ type lvsRow struct {
 }
 
 // parseLVs reads the volumes of an lvs report (--reportformat json, -o
-// lvsFields, --units b --nosuffix).
+// lvsFields, --units b --nosuffix), one entry a volume: asked for
+// seg_type, lvs prints a row for each segment of a volume.
 func parseLVs(b []byte) ([]logicalVolume, error) {
 	var doc struct {
 		Report *[]struct {
@@ -205,6 +206,12 @@ func parseLVs(b []byte) ([]logicalVolume, error) {
 			lv, err := row.volume()
 			if err != nil {
 				return nil, fmt.Errorf("read lvs' report, volume %d: %w", len(lvs)+1, err)
+			}
+			if n := len(lvs) - 1; n >= 0 && lvs[n].id() == lv.id() {
+				if lv.seg == "thin" {
+					lvs[n].seg = lv.seg
+				}
+				continue
 			}
 			lvs = append(lvs, lv)
 		}
@@ -311,7 +318,8 @@ func lvmDeviceArg(src *source.Source) (string, error) {
 }
 
 // plan checks the logical volume arg (src), removes the snapshots that
-// interrupted backups left, and chooses the lvcreate command.
+// interrupted backups left, and chooses the lvcreate command. A thin
+// volume's snapshot takes no size: --snapshot-size is for thick ones.
 func (p lvmPlanner) plan(ctx context.Context, src *source.Source, arg string) (*plan, error) {
 	origin, err := p.volume(ctx, arg)
 	if err != nil {

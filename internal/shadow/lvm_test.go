@@ -112,6 +112,7 @@ func TestLVMPlan(t *testing.T) {
 		{name: "given option", origin: "thick-origin.json", size: "-rf", err: `--snapshot-size "-rf": give a size`},
 		{name: "given nonsense", origin: "thick-origin.json", size: "10 G", err: `--snapshot-size "10 G"`},
 		{name: "thin", origin: "thin-origin.json", size: "5G", lvcreate: "-s -n " + testSnap + " vg0/data"},
+		{name: "one row a segment", origin: "thick-origin-segments.json", lvcreate: "-s -n " + testSnap + " -L 2147483648b vg0/root"},
 		{name: "json_std report", origin: "thick-origin-json-std.json", lvcreate: "-s -n " + testSnap + " -L 2147483648b vg0/root"},
 		{name: "snapshot of a snapshot", origin: "origin-is-snapshot.json", unsupported: true, err: "is itself an LVM snapshot (vg0/snap0)"},
 	} {
@@ -453,6 +454,7 @@ func TestParseLVs(t *testing.T) {
 		{file: "snapshot-invalid.json", want: []logicalVolume{{name: testSnap, vg: "vg0", attr: "swi-I-s---", seg: "linear", origin: "root", path: "/dev/vg0/" + testSnap, size: 2147483648, vgFree: 51539607552, extent: 4194304, snapPercent: 100}}},
 		{file: "snapshot-ok-with-log.json", want: []logicalVolume{{name: testSnap, vg: "vg0", attr: "swi-a-s---", seg: "linear", origin: "root", path: "/dev/vg0/" + testSnap, size: 2147483648, vgFree: 51539607552, extent: 4194304, snapPercent: 3.52}}},
 		{file: "none.json"},
+		{file: "thick-origin-segments.json", want: []logicalVolume{{name: "root", vg: "vg0", attr: "-wi-ao----", seg: "linear", path: "/dev/vg0/root", size: 21474836480, vgFree: 53687091200, extent: 4194304, snapPercent: -1}}},
 		{in: `{"report":[{"lv":[{"lv_name":"a","vg_name":"v","lv_attr":"-wi-a-----","lv_size":"1048576B"}]}]}`, want: []logicalVolume{{name: "a", vg: "v", attr: "-wi-a-----", size: 1 << 20, vgFree: -1, extent: -1, snapPercent: -1}}},
 		{in: `{"report":[{"lv":[{"lv_name":"-rf","vg_name":"v","lv_attr":"-","lv_size":"1"}]}]}`, err: `name "-rf" is not an LVM name`},
 		{in: `{"report":[{"lv":[{"lv_name":"a","vg_name":"..","lv_attr":"-","lv_size":"1"}]}]}`, err: `name ".." is not an LVM name`},
