@@ -392,7 +392,9 @@ func (g *globals) printCopy(d *repo.Disk, bd *backupDisk) {
 	case v.Copy != "":
 		g.printf("  read from a %s copy of %s taken before the backup read it (one instant)", v.Copy, bd.src.Path)
 		if v.CopyUsed != nil {
-			g.printf("; the copy took %s", bytesIEC(v.CopyUsed()))
+			if n := v.CopyUsed(); n >= 0 {
+				g.printf("; the copy took %s", bytesIEC(n))
+			}
 		}
 		g.printf("\n")
 	case d.InUse != "":
@@ -420,7 +422,7 @@ func backupJSON(res *backup.Result, disks []*backupDisk, rep shadow.Report) map[
 	for i := range sn.Disks {
 		d := &sn.Disks[i]
 		v := disks[i].view
-		var copyBytes int64
+		copyBytes := int64(-1)
 		if v.CopyUsed != nil {
 			copyBytes = v.CopyUsed()
 		}

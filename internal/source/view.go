@@ -49,7 +49,7 @@ type View struct {
 	// from it may be stored.
 	Verify func() error
 	// CopyUsed, when set, says how many bytes the copy takes now (the COW
-	// space of a snapshot, a fleecing file).
+	// space of a snapshot, a fleecing file); -1 when that is not known.
 	CopyUsed func() int64
 	// Changes, when set, says which ranges may differ from the disk of an
 	// earlier snapshot: the rest holds what that disk held.
