@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -54,8 +55,11 @@ func TestLVMInGuest(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), limit+2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "bash", filepath.Join("..", "..", "test", "guest", "run.sh"))
-	cmd.Env = append(os.Environ(), "SAUVE_BIN="+bin,
+	cmd.Env = append(os.Environ(), "SAUVE_BIN="+bin, "TMPDIR="+t.TempDir(),
 		"SAUVE_GUEST_TIMEOUT="+strconv.Itoa(int(limit.Seconds())))
+	// run.sh's QEMU goes with it when the test gives up.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.WaitDelay = 30 * time.Second
