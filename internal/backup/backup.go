@@ -151,6 +151,13 @@ func RunDisks(ctx context.Context, r Repository, srcs []Source, opts Options) (*
 		for _, src := range srcs {
 			d, err := backupDisk(ctx, r, w, src, opts, prog)
 			if err != nil {
+				// A copy that stopped holding (a snapshot out of COW
+				// space) fails reads: say why, not only how.
+				if src.Verify != nil {
+					if verr := src.Verify(); verr != nil {
+						return fmt.Errorf("%s: %w (%v)", src.Path, verr, err)
+					}
+				}
 				return err
 			}
 			disks = append(disks, *d)

@@ -211,3 +211,19 @@ func TestBaseOfAnotherSizeRefused(t *testing.T) {
 		t.Fatalf("err %v", err)
 	}
 }
+
+// A read that fails because the copy stopped holding reports why.
+func TestVerifyExplainsReadError(t *testing.T) {
+	tr := repotest.New(t, repotest.Options{})
+	src := named("vda", disk("rrrr", 0))
+	src.At = failingReader{}
+	src.Verify = func() error { return errors.New("the LVM snapshot filled its COW space") }
+	_, err := backup.Run(context.Background(), tr, src, backup.Options{})
+	if err == nil || !strings.Contains(err.Error(), "filled its COW space") || !strings.Contains(err.Error(), "input/output error") {
+		t.Fatalf("err %v", err)
+	}
+}
+
+type failingReader struct{}
+
+func (failingReader) ReadAt([]byte, int64) (int, error) { return 0, errors.New("input/output error") }
