@@ -127,3 +127,64 @@ func reflinkOK(dir string) bool {
 	out, err := exec.Command("cp", "--reflink=always", a, b).CombinedOutput()
 	return err == nil && !strings.Contains(string(out), "failed")
 }
+
+// An image file on XFS holding an ext4 that is loop-mounted read-write
+// and written to: the backup freezes the ext4 for the instant of the
+// reflink copy (and says for how long), the snapshot is not marked in use,
+// and the restored image's filesystem holds every file written before.
+func TestBackupFreezesLoopMountedImage(t *testing.T) {
+	e := newEnv(t)
+	fsimg := e.path("xfs.img")
+	sh(t, "truncate", "-s", "400M", fsimg)
+	sh(t, "mkfs.xfs", "-q", "-m", "reflink=1", fsimg)
+	dev := losetup(t, fsimg)
+	mnt := e.path("mnt")
+	os.Mkdir(mnt, 0o755)
+	sh(t, "mount", dev, mnt)
+	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
+	img := filepath.Join(mnt, "vm.img")
+	sh(t, "truncate", "-s", "64M", img)
+	sh(t, "mkfs.ext4", "-q", "-F", img)
+	inner := e.path("inner")
+	os.Mkdir(inner, 0o755)
+	sh(t, "mount", "-o", "loop", img, inner)
+	t.Cleanup(func() { exec.Command("fsfreeze", "-u", inner).Run(); exec.Command("umount", inner).Run() })
+	writeFile(t, filepath.Join(inner, "before.txt"), []byte("written before the backup"))
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; !stop.Load(); i++ {
+			os.WriteFile(filepath.Join(inner, "busy.dat"), randomBytes(1<<20), 0o644)
+		}
+	}()
+	var res struct {
+		Snapshot string   `json:"snapshot"`
+		Copy     string   `json:"point_in_time_copy"`
+		Frozen   float64  `json:"frozen_seconds"`
+		Mounts   []string `json:"frozen_mounts"`
+		Disks    []struct {
+			InUse string `json:"in_use"`
+		} `json:"disks"`
+	}
+	e.okJSON(&res, "backup", img)
+	stop.Store(true)
+	wg.Wait()
+	if res.Copy != "reflink" || len(res.Mounts) != 1 || res.Mounts[0] != inner || res.Frozen <= 0 || res.Frozen > 5 {
+		t.Fatalf("backup: copy %q, frozen %v s of %v", res.Copy, res.Frozen, res.Mounts)
+	}
+	if res.Disks[0].InUse != "" {
+		t.Errorf("a frozen copy recorded as read in use: %q", res.Disks[0].InUse)
+	}
+	// Writes go on after the backup: nothing stays frozen.
+	writeFile(t, filepath.Join(inner, "after.txt"), []byte("after"))
+	out := e.path("restored.img")
+	e.ok("restore", res.Snapshot[:8], out)
+	if got := sh(t, "debugfs", "-R", "cat /before.txt", out); !strings.Contains(got, "written before the backup") {
+		t.Errorf("the restored filesystem lacks before.txt: %q", got)
+	}
+	if o := e.ok("show", res.Snapshot[:8]); !strings.Contains(o, "read from a reflink copy") {
+		t.Errorf("show:\n%s", o)
+	}
+}
