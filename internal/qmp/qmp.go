@@ -21,10 +21,13 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // MaxLine bounds one message of the monitor; a longer one ends the
@@ -236,6 +239,17 @@ type request struct {
 // error reply is an *Error. Without a deadline in ctx, the call waits at
 // most CallTimeout.
 func (c *Client) Execute(ctx context.Context, command string, args, result any) error {
+	return c.execute(ctx, command, args, result, nil)
+}
+
+// ExecuteWithFile is Execute for the commands that take a file descriptor
+// along (getfd, add-fd): f is passed with the command (SCM_RIGHTS), and
+// QEMU holds its own copy once the command succeeds.
+func (c *Client) ExecuteWithFile(ctx context.Context, command string, args, result any, f *os.File) error {
+	return c.execute(ctx, command, args, result, f)
+}
+
+func (c *Client) execute(ctx context.Context, command string, args, result any, f *os.File) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, CallTimeout)
@@ -256,7 +270,7 @@ func (c *Client) Execute(ctx context.Context, command string, args, result any) 
 		c.forget(id)
 		return fmt.Errorf("QMP %s: %w", command, err)
 	}
-	if err := c.write(ctx, append(b, '\n')); err != nil {
+	if err := c.write(ctx, append(b, '\n'), f); err != nil {
 		c.forget(id)
 		return fmt.Errorf("QMP %s to %s: %w", command, c.path, err)
 	}
@@ -299,15 +313,21 @@ func (c *Client) closedErr() error {
 	return c.err
 }
 
-// write sends b whole, or ends the connection: a command cut short
-// would garble the next one.
-func (c *Client) write(ctx context.Context, b []byte) error {
+// write sends b whole, with f attached when it is set, or ends the
+// connection: a command cut short would garble the next one.
+func (c *Client) write(ctx context.Context, b []byte, f *os.File) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	d, _ := ctx.Deadline()
 	c.conn.SetWriteDeadline(d)
 	stop := context.AfterFunc(ctx, func() { c.conn.SetWriteDeadline(time.Now()) })
-	_, err := c.conn.Write(b)
+	var err error
+	if f != nil {
+		b, err = c.writeFile(b, f)
+	}
+	if err == nil && len(b) > 0 {
+		_, err = c.conn.Write(b)
+	}
 	stop()
 	if err != nil {
 		c.conn.Close()
@@ -316,6 +336,17 @@ func (c *Client) write(ctx context.Context, b []byte) error {
 		}
 	}
 	return err
+}
+
+// writeFile sends the start of b with f attached and returns the rest.
+func (c *Client) writeFile(b []byte, f *os.File) ([]byte, error) {
+	uc, ok := c.conn.(*net.UnixConn)
+	if !ok {
+		return nil, errors.New("passing a file needs a unix socket")
+	}
+	n, _, err := uc.WriteMsgUnix(b, unix.UnixRights(int(f.Fd())), nil)
+	runtime.KeepAlive(f)
+	return b[n:], err
 }
 
 // Close ends the connection; commands waiting for a reply fail and

@@ -378,3 +378,37 @@ func TestStorageDaemon(t *testing.T) {
 		t.Errorf("query-named-block-nodes = %+v, %v", nodes, err)
 	}
 }
+
+// A file passed with add-fd is QEMU's, in the fd set it names.
+func TestExecuteWithFile(t *testing.T) {
+	sock, _ := startQEMU(t)
+	c := dial(t, sock)
+	ctx := context.Background()
+	f, err := os.Create(filepath.Join(t.TempDir(), "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var added struct {
+		FdsetID int `json:"fdset-id"`
+	}
+	if err := c.ExecuteWithFile(ctx, "add-fd", map[string]any{"opaque": "test-fd"}, &added, f); err != nil {
+		t.Fatal(err)
+	}
+	var sets []struct {
+		FdsetID int `json:"fdset-id"`
+		Fds     []struct{ Opaque string }
+	}
+	if err := c.Execute(ctx, "query-fdsets", nil, &sets); err != nil {
+		t.Fatal(err)
+	}
+	if len(sets) != 1 || sets[0].FdsetID != added.FdsetID || len(sets[0].Fds) != 1 || sets[0].Fds[0].Opaque != "test-fd" {
+		t.Errorf("query-fdsets = %+v after add-fd", sets)
+	}
+	// Without a file, add-fd fails: the file went with the command.
+	err = c.Execute(ctx, "add-fd", nil, nil)
+	var qe *Error
+	if !errors.As(err, &qe) {
+		t.Errorf("add-fd without a file: %v", err)
+	}
+}
