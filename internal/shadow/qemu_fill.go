@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -77,28 +78,50 @@ func (w *fillWatch) arm(ctx context.Context, f *fleece, pos, avail int64) error 
 	return nil
 }
 
+// fillPoll is how often the watch also looks at the free space: a write
+// threshold fires before the write it reports lands, so a threshold may
+// be set on space that writes under way take.
+const fillPoll = 100 * time.Millisecond
+
 func (w *fillWatch) run() {
 	defer close(w.done)
-	for e := range w.sub.C {
-		switch e.Name {
-		case "BLOCK_WRITE_THRESHOLD":
-			w.threshold(e.Data)
-		case "BLOCK_JOB_ERROR":
-			var d struct {
-				Device    string `json:"device"`
-				Operation string `json:"operation"`
+	tick := time.NewTicker(fillPoll)
+	defer tick.Stop()
+	for {
+		select {
+		case e, ok := <-w.sub.C:
+			if !ok {
+				return
 			}
-			if json.Unmarshal(e.Data, &d) == nil {
-				w.q.mu.Lock()
-				w.errs[d.Device] = "a " + d.Operation + " error"
-				w.q.mu.Unlock()
+			w.event(e)
+		case <-tick.C:
+			if avail, err := available(w.dir); err == nil && avail <= w.margin {
+				w.giveUp(nil, avail)
 			}
 		}
 	}
 }
 
-// threshold handles a fleecing image that passed its threshold: it gets
-// a new one while there is room, or every copy is given up.
+func (w *fillWatch) event(e qmp.Event) {
+	switch e.Name {
+	case "BLOCK_WRITE_THRESHOLD":
+		w.threshold(e.Data)
+	case "BLOCK_JOB_ERROR":
+		var d struct {
+			Device    string `json:"device"`
+			Operation string `json:"operation"`
+		}
+		if json.Unmarshal(e.Data, &d) == nil {
+			w.q.mu.Lock()
+			w.errs[d.Device] = "a " + d.Operation + " error"
+			w.q.mu.Unlock()
+		}
+	}
+}
+
+// threshold handles a fleecing image that passed its threshold: while
+// there is room, it gets a new one, half-way to the margin (the write
+// that passed it has not landed yet); else every copy is given up.
 func (w *fillWatch) threshold(data json.RawMessage) {
 	var d struct {
 		Node      string `json:"node-name"`
@@ -108,9 +131,8 @@ func (w *fillWatch) threshold(data json.RawMessage) {
 	if json.Unmarshal(data, &d) != nil {
 		return
 	}
-	q := w.q
 	var f *fleece
-	for _, g := range q.watched() {
+	for _, g := range w.q.watched() {
 		if g.file == d.Node {
 			f = g
 		}
@@ -121,8 +143,27 @@ func (w *fillWatch) threshold(data json.RawMessage) {
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	defer cancel()
 	avail, err := available(w.dir)
-	if err == nil && avail > w.margin && w.arm(ctx, f, d.Threshold+d.Exceeded, avail) == nil {
+	if err == nil && avail > w.margin && w.arm(ctx, f, d.Threshold+d.Exceeded, w.margin+(avail-w.margin)/2) == nil {
 		return
+	}
+	w.giveUp(f, avail)
+}
+
+// giveUp cancels every fleecing job, so that the VM's writes no longer
+// wait for room in the images; f is the image that filled up (nil: the
+// largest).
+func (w *fillWatch) giveUp(f *fleece, avail int64) {
+	q := w.q
+	if f == nil {
+		var most int64 = -1
+		for _, g := range q.watched() {
+			if u := g.usedNow(); u > most {
+				f, most = g, u
+			}
+		}
+		if f == nil {
+			return
+		}
 	}
 	q.mu.Lock()
 	first := w.filled == ""
@@ -134,6 +175,8 @@ func (w *fillWatch) threshold(data json.RawMessage) {
 		return
 	}
 	q.opts.Warn(fmt.Sprintf("VM %s: the fleecing images in %s have filled it (%d bytes free): the copies are given up so that the VM's writes go on", q.label, w.dir, avail))
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
 	r := &remover{q: q}
 	for _, job := range q.jobs() {
 		r.job(ctx, job)

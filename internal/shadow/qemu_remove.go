@@ -27,7 +27,7 @@ func (q *QEMUBackup) removeLeftovers(ctx context.Context) error {
 		}
 		return !a
 	}
-	var removed []string
+	lo := &leftovers{pids: map[int]bool{}}
 	r := &remover{q: q}
 	var jobs []qJob
 	if err := q.c.Execute(ctx, "query-jobs", nil, &jobs); err != nil {
@@ -36,7 +36,7 @@ func (q *QEMUBackup) removeLeftovers(ctx context.Context) error {
 	for _, j := range jobs {
 		if dead(j.ID) {
 			r.job(ctx, j.ID)
-			removed = append(removed, "job "+j.ID)
+			lo.add(j.ID, &lo.jobs)
 		}
 	}
 	var exports []qExport
@@ -48,7 +48,7 @@ func (q *QEMUBackup) removeLeftovers(ctx context.Context) error {
 		if dead(e.ID) {
 			theirServer = theirServer || strings.HasSuffix(e.ID, kindExportS)
 			r.export(ctx, e.ID)
-			removed = append(removed, "export "+e.ID)
+			lo.add(e.ID, &lo.exports)
 		}
 	}
 	nodes, err := q.nodes(ctx)
@@ -60,7 +60,7 @@ func (q *QEMUBackup) removeLeftovers(ctx context.Context) error {
 		for _, b := range n.DirtyBitmaps {
 			if dead(b.Name) {
 				r.bitmap(ctx, n.NodeName, b.Name)
-				removed = append(removed, "bitmap "+b.Name)
+				lo.add(b.Name, &lo.bitmaps)
 			}
 		}
 		if dead(n.NodeName) {
@@ -73,7 +73,7 @@ func (q *QEMUBackup) removeLeftovers(ctx context.Context) error {
 	})
 	for _, n := range names {
 		r.node(ctx, n)
-		removed = append(removed, "node "+n)
+		lo.add(n, &lo.nodes)
 	}
 	var sets []qFdset
 	if err := q.c.Execute(ctx, "query-fdsets", nil, &sets); err != nil {
@@ -83,7 +83,7 @@ func (q *QEMUBackup) removeLeftovers(ctx context.Context) error {
 		for _, fd := range s.Fds {
 			if dead(fd.Opaque) {
 				r.fdset(ctx, s.ID)
-				removed = append(removed, "fd set "+fd.Opaque)
+				lo.add(fd.Opaque, &lo.fdsets)
 				break
 			}
 		}
@@ -91,13 +91,49 @@ func (q *QEMUBackup) removeLeftovers(ctx context.Context) error {
 	if theirServer {
 		if err := q.c.Execute(ctx, "query-block-exports", nil, &exports); err == nil && len(exports) == 0 {
 			r.stopServer(ctx)
-			removed = append(removed, "NBD server")
+			lo.server = true
 		}
 	}
-	if len(removed) > 0 {
-		q.opts.Warn(fmt.Sprintf("VM %s: removed what a sauve that died left in it: %s", q.label, strings.Join(removed, ", ")))
+	if len(lo.pids) > 0 {
+		q.opts.Warn(fmt.Sprintf("VM %s: removed what a sauve that died left in it: %s", q.label, lo))
 	}
 	return r.err
+}
+
+// leftovers counts what removeLeftovers removed, for its warning.
+type leftovers struct {
+	pids                                  map[int]bool
+	jobs, exports, bitmaps, nodes, fdsets int
+	server                                bool
+}
+
+func (l *leftovers) add(name string, n *int) {
+	l.pids[objOwner(name)] = true
+	*n++
+}
+
+func (l *leftovers) String() string {
+	var parts []string
+	for _, c := range []struct {
+		n    int
+		what string
+	}{{l.jobs, "job"}, {l.exports, "NBD export"}, {l.bitmaps, "bitmap"}, {l.nodes, "block node"}, {l.fdsets, "fd set"}} {
+		switch {
+		case c.n == 1:
+			parts = append(parts, "1 "+c.what)
+		case c.n > 1:
+			parts = append(parts, fmt.Sprintf("%d %ss", c.n, c.what))
+		}
+	}
+	if l.server {
+		parts = append(parts, "its NBD server")
+	}
+	pids := make([]int, 0, len(l.pids))
+	for p := range l.pids {
+		pids = append(pids, p)
+	}
+	sort.Ints(pids)
+	return fmt.Sprintf("%s (process %s)", strings.Join(parts, ", "), strings.Trim(fmt.Sprint(pids), "[]"))
 }
 
 // remover removes objects from the VM, keeping the first error and going
