@@ -220,6 +220,22 @@ func (q *QEMUBackup) Close() error {
 	}
 	q.closed = true
 	q.mu.Unlock()
+	if gone := q.c.Err(); gone != nil {
+		// QEMU went away, or the monitor broke: what is left in a VM
+		// that runs on is the next backup's to remove.
+		if q.nbd != nil {
+			q.nbd.unlink()
+		}
+		if q.watch != nil {
+			q.watch.stop()
+		}
+		for _, f := range q.fleeces {
+			if f.client != nil {
+				f.client.Close()
+			}
+		}
+		return fmt.Errorf("VM %s: the copies cannot be removed: %w", q.label, gone)
+	}
 	err := q.teardown()
 	q.c.Close()
 	if err != nil {

@@ -605,3 +605,14 @@ func TestQEMUGuestFreeze(t *testing.T) {
 	q.Close()
 	vm.assertClean(q.opts.FleeceDir, nil)
 }
+
+// A VM that goes away during the backup: Verify fails, Close says what
+// happened, nothing hangs.
+func TestQEMUGoneDuringBackup(t *testing.T) {
+	vm := newVM(t, "none", nil, twoDrives()...)
+	q, _ := vm.open(QEMUOptions{})
+	vs := views(t, q)
+	vm.kill()
+	errorContains(t, vs[0].Verify(), "closed by QEMU")
+	errorContains(t, q.Close(), "VM vm1: the copies cannot be removed: QMP connection to "+vm.sock+" closed by QEMU")
+}

@@ -31,6 +31,7 @@ type fleece struct {
 	imageSize int64 // the empty fleecing image's bytes
 
 	gens     []generation // sauve's bitmaps on the drive, oldest first
+	since    string       // the earlier backup's tracker
 	newGen   string
 	merge    []string
 	fullRead string
@@ -186,11 +187,10 @@ func (f *fleece) planBitmaps(nodes []qNode) error {
 		if f.newGen, err = newGeneration(time.Now(), f.gens); err != nil {
 			return fmt.Errorf("name the bitmap of drive %s: %w", d.ID, err)
 		}
-		since := ""
 		if q.opts.Since != nil {
-			since = q.opts.Since(d.ID)
+			f.since = q.opts.Since(d.ID)
 		}
-		f.merge, f.fullRead = changesSince(f.gens, since, d.ID)
+		f.merge, f.fullRead = changesSince(f.gens, f.since, d.ID)
 	}
 	if f.fullRead != "" {
 		q.mu.Lock()
@@ -344,7 +344,7 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 		v.Tracker = TrackerPrefix + f.newGen
 	}
 	if f.temp != "" {
-		v.Changes = &source.Changes{Since: q.opts.Since(d.ID),
+		v.Changes = &source.Changes{Since: f.since,
 			Map: cl.Map(ctx, "qemu:dirty-bitmap:"+f.temp, func(flags uint32) bool { return flags&1 != 0 })}
 	}
 	return v, nil
