@@ -21,6 +21,7 @@ import (
 func newBackupCmd(g *globals) *cobra.Command {
 	var (
 		o         backupOptions
+		q         qemuFlags
 		stdinSize string
 		snapshot  string
 	)
@@ -71,9 +72,25 @@ snapshot as not of one instant ('sauve snapshots' shows it);
 --require-consistent refuses instead. A named --snapshot mode fails where
 its copy cannot be made; --snapshot none never copies.
 
+qemu:SOCKET backs up a running QEMU VM (QEMU 7 or newer) through its QMP
+socket (-qmp unix:/run/vm1.qmp,server=on,wait=off, or a libvirt domain's
+monitor): every writable drive, or those --drive names, is captured at
+one instant in one QMP transaction (fleecing: QEMU keeps what the guest
+overwrites in a fleecing image under --fleece-dir) and read over NBD; the
+guest's filesystems are frozen through its guest agent around that
+instant when it has one. On qcow2 drives sauve keeps a persistent dirty
+bitmap, so the next backup reads only what the guest wrote since, and
+takes the rest from the previous snapshot; a missing or inconsistent
+bitmap (QEMU killed, the image replaced) gives a full read, and the
+output says why. The snapshot's host is the VM's name and its disks are
+named after the drives, known by the VM's UUID, not by the socket's
+path. Everything sauve adds to the VM but its bitmaps is removed at the
+end, also after a failure or a kill.
+
 The snapshot manifest is written last: an interrupted backup leaves no
 snapshot, and the next backup reuses what it had uploaded.`,
-		Example: `  sauve backup /dev/vda --tag nightly
+		Example: `  sauve backup qemu:/run/vm1.qmp              # a running QEMU VM: every drive, one instant
+  sauve backup /dev/vda --tag nightly
   sauve backup /dev/vg0/root /dev/vg0/data    # two LVM snapshots, one snapshot of both disks
   sauve backup /var/lib/libvirt/images/web.img   # a reflink copy on XFS or btrfs
   sauve backup /dev/sda --no-fs-skip          # every byte, free space included
@@ -109,6 +126,17 @@ snapshot, and the next backup reuses what it had uploaded.`,
 					return usageError{fmt.Errorf("--snapshot-size %q: want a size such as 10G", o.snapshotSize)}
 				}
 			}
+			for _, a := range args {
+				if strings.HasPrefix(a, qemuPrefix) {
+					if len(args) > 1 {
+						return usageError{fmt.Errorf("%s is a VM: it is backed up alone (all its drives, or those --drive names)", a)}
+					}
+					return g.backupQEMU(cmd.Context(), strings.TrimPrefix(a, qemuPrefix), &o, &q)
+				}
+			}
+			if len(q.drives) > 0 {
+				return usageError{errors.New("--drive applies to a QEMU VM (qemu:SOCKET)")}
+			}
 			return g.backup(cmd.Context(), args, &o)
 		},
 	}
@@ -122,6 +150,12 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.DurationVar(&o.freezeTimeout, "freeze-timeout", shadow.DefaultFreezeTimeout, "longest time filesystems mounted from a source stay frozen while its copy is taken (thawed then even if sauve is killed)")
 	f.StringVar(&o.snapshotSize, "snapshot-size", "", "COW space of an LVM snapshot (e.g. 20G; default: a tenth of the volume, at least 1 GiB)")
 	f.BoolVar(&o.noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
+	f.StringArrayVar(&q.drives, "drive", nil, "with qemu:SOCKET: back up this drive (its -drive id, device id or node name; repeatable; default: every writable drive)")
+	f.StringVar(&q.guestFreeze, "guest-freeze", "auto", "with qemu:SOCKET: freeze the guest's filesystems through its guest agent around the instant: auto (when it has one), on (fail without), off")
+	f.StringVar(&q.guestAgent, "guest-agent", "", "with qemu:SOCKET: the guest agent's socket (default: found among the VM's chardevs)")
+	f.StringVar(&q.fleeceDir, "fleece-dir", "", "with qemu:SOCKET: where the fleecing images grow while the VM writes (default: $TMPDIR or /tmp)")
+	f.StringVar(&q.nbdServer, "nbd-server", "", "with qemu:SOCKET: the NBD server the VM already runs, to export the copies on (default: sauve starts one)")
+	f.BoolVar(&q.noBitmaps, "no-bitmaps", false, "with qemu:SOCKET: keep no dirty bitmaps in the VM (every backup reads every drive in full)")
 	f.BoolVar(&o.allowEmpty, "allow-empty", false, "store a snapshot of an empty source (0 bytes) instead of refusing it")
 	addImportFlags(cmd)
 	return cmd

@@ -1,0 +1,203 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/sauve-backup/sauve/internal/backup"
+	"github.com/sauve-backup/sauve/internal/repo"
+	"github.com/sauve-backup/sauve/internal/shadow"
+)
+
+// qemuFlags are backup's flags for qemu: sources.
+type qemuFlags struct {
+	drives      []string
+	guestFreeze string
+	guestAgent  string
+	fleeceDir   string
+	nbdServer   string
+	noBitmaps   bool
+}
+
+const qemuPrefix = "qemu:"
+
+// backupQEMU backs up the drives of the running VM whose QMP socket is
+// socket, at one instant, into one snapshot.
+func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOptions, q *qemuFlags) error {
+	if o.mode != shadow.Auto && o.mode != shadow.QEMU {
+		return usageError{fmt.Errorf("--snapshot %s: a QEMU VM is read through fleecing (--snapshot qemu or auto)", o.mode)}
+	}
+	switch q.guestFreeze {
+	case "auto", "on", "off":
+	default:
+		return usageError{fmt.Errorf("--guest-freeze %q: choose auto, on or off", q.guestFreeze)}
+	}
+	var since func(drive string) string
+	qb, err := shadow.OpenQEMU(ctx, shadow.QEMUOptions{
+		Socket: socket, Drives: q.drives, GuestFreeze: q.guestFreeze, GuestAgent: q.guestAgent,
+		FleeceDir: q.fleeceDir, NBDServer: q.nbdServer, Bitmaps: !q.noBitmaps, FreezeTimeout: o.freezeTimeout, Warn: g.warn,
+		Since: func(drive string) string { return since(drive) },
+	})
+	if err != nil {
+		return err
+	}
+	defer qb.Close()
+	id := vmIdentity(qb)
+	if o.host == "" {
+		o.host = id.host
+	}
+	drives := qb.Drives()
+	r, parentID, err := g.openForBackup(ctx, o.host, id.path(drives[0].ID))
+	if err != nil {
+		return err
+	}
+	parent := g.loadParent(ctx, r, parentID)
+	since = func(drive string) string {
+		if d := diskOf(parent, id.path(drive)); d != nil {
+			return d.ChangeTracker
+		}
+		return ""
+	}
+	views, err := qb.Views(ctx)
+	if err != nil {
+		return err
+	}
+	defer shadow.Release(views)
+	disks := make([]*backupDisk, len(views))
+	bss := make([]backup.Source, len(views))
+	o.source.Raw = true // the guest's disk as it sees it: never an image format
+	for i, v := range views {
+		disks[i] = &backupDisk{src: v.Of, name: drives[i].ID, path: id.path(drives[i].ID), view: v}
+		if bss[i], err = g.prepareDisk(disks[i], o); err != nil {
+			return err
+		}
+		bss[i].Kind = "qemu"
+		bss[i].Base = g.qemuBase(parent, disks[i])
+	}
+	defer func() {
+		for _, d := range disks {
+			if d.disk != nil {
+				d.disk.Close()
+			}
+		}
+	}()
+	prog := new(backup.Progress)
+	m := startMeter(g.stderr, g.showProgress(), meterSource{
+		label: "backup " + id.host, total: prog.Total.Load, current: prog.Done.Load,
+		extra: func() string {
+			return fmt.Sprintf("read %s, new %s, unchanged or dedup %s", bytesIEC(prog.Read.Load()), bytesIEC(prog.New.Load()), bytesIEC(prog.Reused.Load()))
+		},
+	})
+	res, err := backup.RunDisks(ctx, r, bss, backup.Options{Host: o.host, Tags: o.tags, Parent: parentID, Progress: prog, Program: "sauve " + Version})
+	m.Stop()
+	if err != nil {
+		return fmt.Errorf("backup of VM %s: %w", id.host, err)
+	}
+	// The snapshot is stored: only now may the bitmaps of earlier
+	// generations go.
+	if err := qb.Commit(ctx); err != nil {
+		g.warnf("snapshot %s is stored, but retiring the VM's older dirty bitmaps failed (the next backup reads a little more): %v", res.Snapshot.ID.Short(), err)
+	}
+	for _, d := range disks {
+		d.layout.WarnLate()
+	}
+	return g.printQEMUBackup(res, disks, qb.Report())
+}
+
+// vmID is how a VM is known across reboots: its UUID (or, without one,
+// its name), never its monitor socket's path.
+type vmID struct {
+	host string // the snapshot's host: the VM's name
+	key  string // UUID, or name
+}
+
+func vmIdentity(qb *shadow.QEMUBackup) vmID {
+	uuid, name := qb.VM()
+	id := vmID{host: name, key: uuid}
+	if uuid == "" || strings.Trim(uuid, "0-") == "" {
+		id.key = "name=" + name
+	}
+	if id.host == "" {
+		id.host = "vm-" + uuid
+	}
+	return id
+}
+
+// path is the source path a drive of the VM is recorded under.
+func (id vmID) path(drive string) string { return qemuPrefix + id.key + "/" + drive }
+
+// loadParent loads the parent snapshot, or nil.
+func (g *globals) loadParent(ctx context.Context, r *repo.Repository, id *repo.ID) *repo.Snapshot {
+	if id == nil {
+		return nil
+	}
+	sn, err := r.LoadSnapshot(ctx, *id)
+	if err != nil {
+		g.warnf("cannot load the previous snapshot %s (%v): every drive is read in full", id.Short(), err)
+		return nil
+	}
+	return sn
+}
+
+func diskOf(sn *repo.Snapshot, path string) *repo.Disk {
+	if sn == nil {
+		return nil
+	}
+	for i := range sn.Disks {
+		if sn.Disks[i].Source == path {
+			return &sn.Disks[i]
+		}
+	}
+	return nil
+}
+
+// qemuBase is the base of an incremental read of d: the parent's disk of
+// the same drive, when the view's dirty bitmap counts from it.
+func (g *globals) qemuBase(parent *repo.Snapshot, d *backupDisk) *backup.Base {
+	v := d.view
+	if v.Changes == nil {
+		return nil
+	}
+	pd := diskOf(parent, d.path)
+	if pd == nil || pd.ChangeTracker == "" || pd.ChangeTracker != v.Changes.Since || pd.Size != v.Size {
+		v.FullRead = "the previous snapshot of drive " + d.name + " does not match its dirty bitmap"
+		return nil
+	}
+	return &backup.Base{Snapshot: parent, Disk: pd, Changed: v.Changes.Map}
+}
+
+// printQEMUBackup says what a VM backup stored and read.
+func (g *globals) printQEMUBackup(res *backup.Result, disks []*backupDisk, rep shadow.QEMUReport) error {
+	if g.json {
+		out := backupJSON(res, disks, shadow.Report{})
+		out["guest_frozen_seconds"] = rep.Frozen.Seconds()
+		out["guest_freeze"] = rep.NoFreeze
+		out["fleece_bytes"] = rep.FleeceUsed
+		out["drives_skipped"] = nonNil(rep.Skipped)
+		return g.printJSON(out)
+	}
+	if err := g.printBackup(res, disks, shadow.Report{}); err != nil {
+		return err
+	}
+	for i, d := range res.Snapshot.Disks {
+		v := disks[i].view
+		switch {
+		case d.Base != nil:
+			g.printf("  drive %s: read %s of %s (what its dirty bitmap marks), %s unchanged since snapshot %s\n",
+				d.Name, bytesIEC(d.Stats.BytesRead), bytesIEC(d.Size), bytesIEC(d.Stats.BytesUnchanged), d.Base.Short())
+		case v.FullRead != "":
+			g.printf("  drive %s: read in full (%s of %s): %s\n", d.Name, bytesIEC(d.Stats.BytesRead), bytesIEC(d.Size), v.FullRead)
+		}
+	}
+	for _, s := range rep.Skipped {
+		g.printf("  not backed up: %s\n", s)
+	}
+	if rep.Frozen > 0 {
+		g.printf("  the guest's filesystems were frozen for %s (guest agent)\n", seconds(rep.Frozen.Seconds()))
+	} else if rep.NoFreeze != "" {
+		g.printf("  guest not frozen (%s): crash-consistent\n", rep.NoFreeze)
+	}
+	g.printf("  fleecing took %s\n", bytesIEC(rep.FleeceUsed))
+	return nil
+}
