@@ -64,7 +64,14 @@ func mounted(t *testing.T, kind string) (img, mnt string) {
 	}
 	t.Cleanup(func() {
 		thawMount(mnt)
-		exec.Command("umount", mnt).Run()
+		// A write the freeze held may still be closing its file.
+		for i := 0; i < 50; i++ {
+			if exec.Command("umount", mnt).Run() == nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		exec.Command("umount", "-l", mnt).Run()
 	})
 	return img, mnt
 }
