@@ -186,6 +186,9 @@ func (c *Client) Close() error {
 	err := c.conn.Close()
 	c.fail(errors.New("the client was closed"))
 	<-c.done
+	if errors.Is(err, net.ErrClosed) {
+		return nil // the connection had ended already (the server closed it)
+	}
 	return err
 }
 
