@@ -139,8 +139,19 @@ func errorContains(t *testing.T, err error, want string) {
 // The drives are read at one instant: a writer that writes numbered
 // blocks to two drives in lockstep, while the copies are taken and read,
 // finds in them one cut of its sequence.
+// SAUVE_SOAK=1 takes many cuts.
 func TestQEMUConsistentCut(t *testing.T) {
 	vm := newVM(t, "none", nil, twoDrives()...)
+	rounds := 1
+	if os.Getenv("SAUVE_SOAK") == "1" {
+		rounds = 30
+	}
+	for i := 0; i < rounds && !t.Failed(); i++ {
+		cutRound(t, vm)
+	}
+}
+
+func cutRound(t *testing.T, vm *testVM) {
 	const blocks, steps, block = 8, 240, 64 << 10
 	var step atomic.Int64
 	viewsDone := make(chan struct{})
@@ -165,6 +176,7 @@ func TestQEMUConsistentCut(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	q, _ := vm.open(QEMUOptions{})
+	defer q.Close()
 	vs := views(t, q)
 	close(viewsDone)
 	cuts := make([]int, 2)
