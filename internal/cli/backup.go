@@ -76,10 +76,10 @@ qemu:SOCKET backs up a running QEMU VM (QEMU 7 or newer) through its QMP
 socket (-qmp unix:/run/vm1.qmp,server=on,wait=off, or a libvirt domain's
 monitor): every writable drive, or those --drive names, is captured at
 one instant in one QMP transaction (fleecing: QEMU keeps what the guest
-overwrites in a fleecing image under --fleece-dir) and read over NBD. The
-copy is crash-consistent: freezing the guest's filesystems through its
-guest agent (--guest-freeze) is not available in this version yet, and
-auto says so. On qcow2 drives sauve keeps a persistent dirty
+overwrites in a fleecing image under --fleece-dir) and read over NBD; the
+guest's filesystems are frozen through its guest agent (qemu-ga, found
+among the VM's chardevs or named with --guest-agent) for that instant
+when it has one (--guest-freeze). On qcow2 drives sauve keeps a persistent dirty
 bitmap, so the next backup reads only what the guest wrote since, and
 takes the rest from the previous snapshot; a missing or inconsistent
 bitmap (QEMU killed, the image replaced) gives a full read, and the
@@ -152,7 +152,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringVar(&o.snapshotSize, "snapshot-size", "", "COW space of an LVM snapshot (e.g. 20G; default: a tenth of the volume, at least 1 GiB)")
 	f.BoolVar(&o.noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
 	f.StringArrayVar(&q.drives, "drive", nil, "with qemu:SOCKET: back up this drive (its -drive id, device id or node name; repeatable; default: every writable drive)")
-	f.StringVar(&q.guestFreeze, "guest-freeze", "auto", "with qemu:SOCKET: freeze the guest's filesystems through its guest agent around the instant: auto (when it has one; not yet available, so auto says so and goes on), on (fail without), off")
+	f.StringVar(&q.guestFreeze, "guest-freeze", "auto", "with qemu:SOCKET: freeze the guest's filesystems through its guest agent around the instant: auto (when it has one; a copy without a freeze is said), on (fail without), off")
 	f.StringVar(&q.guestAgent, "guest-agent", "", "with qemu:SOCKET: the guest agent's socket (default: found among the VM's chardevs)")
 	f.StringVar(&q.fleeceDir, "fleece-dir", "", "with qemu:SOCKET: where the fleecing images grow while the VM writes (default: $TMPDIR or /tmp)")
 	f.StringVar(&q.nbdServer, "nbd-server", "", "with qemu:SOCKET: the NBD server the VM already runs, to export the copies on (default: sauve starts one)")
