@@ -8,277 +8,368 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
+	"slices"
 	"sync"
 	"time"
 )
 
 // Options for Dial.
 type Options struct {
-	// Export is the export's name ("" for the server's default).
+	// Export is the export name ("" = the default export).
 	Export string
-	// MetaContexts are the metadata contexts to ask for, such as
-	// "base:allocation" or "qemu:dirty-bitmap:NAME".
+	// MetaContexts are negotiated with NBD_OPT_SET_META_CONTEXT, e.g.
+	// "base:allocation", "qemu:dirty-bitmap:NAME"; Contexts says which
+	// the server agreed to.
 	MetaContexts []string
+	// MaxRequest, when positive, caps the length of one read request
+	// below the server's maximum block size (itself capped at 32 MiB).
+	MaxRequest int
 }
 
-// Extent is one range of a block status reply with its flags.
-type Extent struct {
-	Offset, Length int64
-	Flags          uint32
-}
+// defaultHandshakeTimeout bounds the handshake when Dial's context has no
+// deadline, so a server that accepts and says nothing cannot hang it.
+const defaultHandshakeTimeout = 30 * time.Second
 
-// Client reads one export. ReadAt and BlockStatus are safe for concurrent
-// use: requests are multiplexed over the connection by cookie, and one
-// goroutine reads the replies.
+// discTimeout bounds the sending of NBD_CMD_DISC on Close.
+const discTimeout = time.Second
+
+// Client is a connection to one export of an NBD server. Its methods are
+// safe for concurrent use: requests from many goroutines share the
+// connection, each tagged with its own cookie, and one reader goroutine
+// hands each reply to its request.
 type Client struct {
-	conn     net.Conn
-	addr     string
-	export   string
-	size     int64
-	maxReq   int64
-	contexts map[string]uint32 // agreed meta contexts by name
+	conn   net.Conn
+	addr   string
+	info   *exportInfo
+	maxReq int64
+	align  int64
 
-	wmu sync.Mutex // serialises requests on the wire
-	mu  sync.Mutex
-	// calls are the requests awaiting replies, by cookie; err, once set,
-	// fails every request.
-	calls  map[uint64]*call
-	cookie uint64
-	err    error
-	done   chan struct{}
+	wmu sync.Mutex // one request on the wire at a time
+
+	mu      sync.Mutex
+	pending map[uint64]*request
+	cookie  uint64
+	err     error // why the connection is unusable; set once
+	dead    bool  // the reader has stopped: nothing more completes
+	closing bool
+	// statusRequests counts block status requests sent (tests read it).
+	statusRequests int
+
+	readerDone chan struct{}
 }
 
-// call is one request in flight.
-type call struct {
-	typ     uint16
-	off     int64
-	length  int64
-	buf     []byte // read: where the data goes
-	covered int64  // read: bytes the replies filled
-	ctxID   uint32 // block status: the context asked about
-	extents []Extent
+// request is one command in flight. Only the reader goroutine writes to it
+// (and to buf) until done is closed.
+type request struct {
+	cmd    uint16
+	off    int64
+	length uint32
+	// buf is where a read's data goes; len(buf) == length.
+	buf []byte
+	// ctxID is the meta context whose extents a block status keeps.
+	ctxID uint32
+
 	err     error
+	got     spans    // the parts of a read received so far
+	extents []Extent // the kept context's extents
+	seen    []uint32 // the contexts that sent their status
 	done    chan struct{}
 }
 
-// Dial connects to the NBD server at address ("unix" or "tcp" network)
-// and opens an export. ctx bounds the handshake.
+// Dial connects to the NBD server at address (network "unix" or "tcp")
+// and negotiates the export of o. ctx bounds the connection and the
+// handshake (30 s when it has no deadline); it does not bound the Client.
 func Dial(ctx context.Context, network, address string, o Options) (*Client, error) {
+	if err := o.check(network); err != nil {
+		return nil, fmt.Errorf("nbd: dial %s %s: %w", network, address, err)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, defaultHandshakeTimeout)
+		defer cancel()
+	}
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, network, address)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NBD server %s: %w", address, err)
+		return nil, fmt.Errorf("nbd: connect to %s %s: %w", network, address, err)
 	}
-	return open(ctx, conn, address, o)
-}
-
-// open negotiates the export on a connected conn.
-func open(ctx context.Context, conn net.Conn, address string, o Options) (*Client, error) {
-	if dl, ok := ctx.Deadline(); ok {
-		conn.SetDeadline(dl)
-	} else {
-		conn.SetDeadline(time.Now().Add(30 * time.Second))
-	}
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	c := &Client{conn: conn, addr: address, export: o.Export, maxReq: defaultMaxReq,
-		contexts: map[string]uint32{}, calls: map[uint64]*call{}, done: make(chan struct{})}
-	err := c.handshake(bufio.NewReader(conn), o)
-	stop()
-	if err != nil && (ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded)) {
-		err = fmt.Errorf("no complete NBD handshake before the deadline: %w", err)
-	}
+	br := bufio.NewReaderSize(conn, 64<<10)
+	info, err := handshakeConn(ctx, conn, br, o)
 	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("NBD server %s, export %q: %w", address, o.Export, err)
+		return nil, fmt.Errorf("nbd: handshake with %s %s: %w", network, address, err)
 	}
-	conn.SetDeadline(time.Time{})
-	go c.readReplies()
+	c := newClient(conn, network+":"+address, info, o)
+	go c.readLoop(br)
 	return c, nil
 }
 
-// Size is the export's size in bytes.
-func (c *Client) Size() int64 { return c.size }
-
-// Contexts lists the meta contexts the server agreed to.
-func (c *Client) Contexts() []string {
-	out := make([]string, 0, len(c.contexts))
-	for n := range c.contexts {
-		out = append(out, n)
+// handshakeConn runs the handshake with conn's deadline following ctx.
+func handshakeConn(ctx context.Context, conn net.Conn, br *bufio.Reader, o Options) (*exportInfo, error) {
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	info, err := handshake(br, conn, o)
+	if !stop() {
+		return nil, fmt.Errorf("%w (%w)", ctx.Err(), errOr(err))
 	}
-	return out
+	if err != nil {
+		return nil, err
+	}
+	return info, conn.SetDeadline(time.Time{})
 }
 
-// ReadAt reads len(p) bytes at off, like a file: a read past the end
-// returns what there is and io.EOF.
-func (c *Client) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("read of NBD export %q at negative offset %d", c.export, off)
+func errOr(err error) error {
+	if err == nil {
+		return errors.New("handshake done too late")
 	}
-	if off >= c.size {
-		if len(p) == 0 {
-			return 0, nil
-		}
-		return 0, io.EOF
-	}
-	want := p
-	if rest := c.size - off; int64(len(p)) > rest {
-		want = p[:rest]
-	}
-	done := 0
-	for done < len(want) {
-		n := min(int64(len(want)-done), c.maxReq)
-		cl := &call{typ: cmdRead, off: off + int64(done), length: n, buf: want[done : done+int(n)]}
-		if err := c.do(cl); err != nil {
-			return done, fmt.Errorf("read NBD export %q at offset %d: %w", c.export, cl.off, err)
-		}
-		done += int(n)
-	}
-	if len(want) < len(p) {
-		return done, io.EOF
-	}
-	return done, nil
+	return err
 }
 
-// BlockStatus asks for the flags of [off, off+length) in metaContext,
-// repeating the request until the range is covered, and gives fn the
-// extents in order.
-func (c *Client) BlockStatus(ctx context.Context, metaContext string, off, length int64, fn func(e Extent) error) error {
-	id, ok := c.contexts[metaContext]
-	if !ok {
-		return fmt.Errorf("NBD export %q: the server did not agree to the meta context %q", c.export, metaContext)
+func (o Options) check(network string) error {
+	if network != "unix" && network != "tcp" {
+		return fmt.Errorf("network %q is not unix or tcp", network)
 	}
-	end := min(off+length, c.size)
-	for off < end {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		cl := &call{typ: cmdBlockStatus, off: off, length: min(end-off, 1<<31), ctxID: id}
-		if err := c.do(cl); err != nil {
-			return fmt.Errorf("block status of NBD export %q at offset %d: %w", c.export, off, err)
-		}
-		if len(cl.extents) == 0 {
-			return fmt.Errorf("block status of NBD export %q at offset %d: the server described nothing", c.export, off)
-		}
-		for _, e := range cl.extents {
-			if e.Offset >= end {
-				break
-			}
-			e.Length = min(e.Length, end-e.Offset)
-			if err := fn(e); err != nil {
-				return err
-			}
-			off = e.Offset + e.Length
+	if len(o.Export) > maxString {
+		return fmt.Errorf("export name of %d bytes is longer than %d", len(o.Export), maxString)
+	}
+	if len(o.MetaContexts) > maxContexts {
+		return fmt.Errorf("%d meta contexts asked, at most %d", len(o.MetaContexts), maxContexts)
+	}
+	for _, m := range o.MetaContexts {
+		if m == "" || len(m) > maxString {
+			return fmt.Errorf("meta context name %q is empty or too long", m)
 		}
 	}
 	return nil
 }
 
-// Close ends the session (NBD_CMD_DISC) and closes the connection: calls
-// still waiting fail.
-func (c *Client) Close() error {
-	c.wmu.Lock()
-	var hdr [28]byte
-	putRequest(hdr[:], cmdDisc, 0, 0, 0)
-	c.conn.SetWriteDeadline(time.Now().Add(time.Second))
-	c.conn.Write(hdr[:])
-	c.wmu.Unlock()
-	err := c.conn.Close()
-	c.fail(errors.New("the client was closed"))
-	<-c.done
-	if errors.Is(err, net.ErrClosed) {
-		return nil // the connection had ended already (the server closed it)
+func newClient(conn net.Conn, addr string, info *exportInfo, o Options) *Client {
+	return &Client{
+		conn:       conn,
+		addr:       addr,
+		info:       info,
+		maxReq:     info.maxRequest(o.MaxRequest),
+		align:      info.align(),
+		pending:    make(map[uint64]*request),
+		readerDone: make(chan struct{}),
 	}
-	return err
 }
 
-func putRequest(b []byte, typ uint16, cookie uint64, off int64, length uint32) {
-	binary.BigEndian.PutUint32(b[0:], requestMagic)
-	binary.BigEndian.PutUint16(b[4:], 0)
-	binary.BigEndian.PutUint16(b[6:], typ)
-	binary.BigEndian.PutUint64(b[8:], cookie)
-	binary.BigEndian.PutUint64(b[16:], uint64(off))
-	binary.BigEndian.PutUint32(b[24:], length)
+// Size returns the export's size in bytes.
+func (c *Client) Size() int64 { return c.info.size }
+
+// ReadOnly says whether the server refuses writes to the export.
+func (c *Client) ReadOnly() bool { return c.info.flags&tflagReadOnly != 0 }
+
+// Contexts returns the meta contexts the server agreed to.
+func (c *Client) Contexts() []string {
+	out := make([]string, len(c.info.contexts))
+	for i, m := range c.info.contexts {
+		out[i] = m.name
+	}
+	return out
 }
 
-// do sends a request and waits for its reply.
-func (c *Client) do(cl *call) error {
-	cl.done = make(chan struct{})
+// ReadAt implements io.ReaderAt. A read past Size returns the bytes up to
+// Size and io.EOF. Reads longer than the server's maximum block size are
+// split, and unaligned ones widened to its minimum block size.
+func (c *Client) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("nbd %s: read at negative offset %d", c.addr, off)
+	}
+	want := int64(len(p))
+	if off >= c.info.size {
+		if want == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	p = p[:min(want, c.info.size-off)]
+	n, err := c.read(p, off)
+	if err != nil {
+		return n, fmt.Errorf("nbd %s: read %d bytes at offset %d: %w", c.addr, len(p), off, err)
+	}
+	if int64(n) < want {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// piece is one read request of a ReadAt: the aligned range [start,
+// start+len(buf)) of which p's part [pOff, pOff+pLen) is wanted.
+type piece struct {
+	req        *request
+	buf        []byte
+	bounce     bool // buf is not p's own memory
+	pOff, pLen int
+	err        error
+}
+
+// read reads p at off, within the export, as pieces sent all at once and
+// then waited for, so a long read costs one round trip. It returns how
+// many bytes of p, from its start, were read.
+func (c *Client) read(p []byte, off int64) (int, error) {
+	pieces := c.sendPieces(p, off)
+	n := 0
+	var first error
+	for _, pc := range pieces {
+		err := pc.err
+		if err == nil {
+			<-pc.req.done // whatever happens, so pc.buf is ours again
+			err = pc.req.err
+		}
+		if err == nil && pc.bounce {
+			skip := off + int64(pc.pOff) - pc.req.off
+			copy(p[pc.pOff:pc.pOff+pc.pLen], pc.buf[skip:])
+		}
+		if first == nil && err != nil {
+			first = err
+		}
+		if first == nil {
+			n += pc.pLen
+		}
+	}
+	return n, first
+}
+
+// sendPieces sends the requests that read p at off: at most maxReq bytes
+// each, widened to the minimum block size (into a buffer of their own)
+// where p is not aligned. It stops at the first that cannot be sent.
+func (c *Client) sendPieces(p []byte, off int64) []piece {
+	var pieces []piece
+	end := off + int64(len(p))
+	for pos := off; pos < end; {
+		start := pos / c.align * c.align
+		stop := min(end, start+c.maxReq)
+		astop := min((stop+c.align-1)/c.align*c.align, c.info.size)
+		pc := piece{pOff: int(pos - off), pLen: int(stop - pos)}
+		if start == pos && astop == stop {
+			pc.buf = p[pc.pOff : pc.pOff+pc.pLen]
+		} else {
+			pc.buf, pc.bounce = make([]byte, astop-start), true
+		}
+		pc.req, pc.err = c.send(&request{cmd: cmdRead, off: start, length: uint32(len(pc.buf)), buf: pc.buf})
+		pieces = append(pieces, pc)
+		if pc.err != nil {
+			break
+		}
+		pos = stop
+	}
+	return pieces
+}
+
+// send registers r under a fresh cookie and writes its request. The
+// returned request completes (done is closed) whatever happens, by the
+// reader goroutine alone.
+func (c *Client) send(r *request) (*request, error) {
+	r.done = make(chan struct{})
 	c.mu.Lock()
 	if c.err != nil {
+		err := c.err
 		c.mu.Unlock()
-		return c.err
+		return nil, err
 	}
 	c.cookie++
 	cookie := c.cookie
-	c.calls[cookie] = cl
+	c.pending[cookie] = r
+	if r.cmd == cmdBlockStatus {
+		c.statusRequests++
+	}
 	c.mu.Unlock()
-	var hdr [28]byte
-	putRequest(hdr[:], cl.typ, cookie, cl.off, uint32(cl.length))
+
+	var flags uint16
+	b := make([]byte, 0, 28)
+	b = binary.BigEndian.AppendUint32(b, requestMagic)
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, r.cmd)
+	b = binary.BigEndian.AppendUint64(b, cookie)
+	b = binary.BigEndian.AppendUint64(b, uint64(r.off))
+	b = binary.BigEndian.AppendUint32(b, r.length)
 	c.wmu.Lock()
-	_, err := c.conn.Write(hdr[:])
+	_, err := c.conn.Write(b)
 	c.wmu.Unlock()
 	if err != nil {
-		c.fail(fmt.Errorf("send request: %w", err))
+		// The reader fails every pending request, this one too, once
+		// the connection is closed.
+		c.breakConn(fmt.Errorf("connection to %s lost: send request: %w", c.addr, err))
 	}
-	<-cl.done
-	return cl.err
+	return r, nil
 }
 
-// fail ends the connection's life: every pending call and every later one
-// gets err.
-func (c *Client) fail(err error) {
+// breakConn records why the connection is unusable (the first reason
+// wins) and closes it, which stops the reader.
+func (c *Client) breakConn(err error) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.err != nil {
-		return
+	if c.err == nil {
+		c.err = err
 	}
-	c.err = err
+	c.mu.Unlock()
 	c.conn.Close()
-	for k, cl := range c.calls {
-		cl.err = err
-		close(cl.done)
-		delete(c.calls, k)
-	}
 }
 
-// readReplies is the one reader of the connection.
-func (c *Client) readReplies() {
-	defer close(c.done)
-	r := bufio.NewReaderSize(c.conn, 256<<10)
-	for {
-		if err := c.readReply(r); err != nil {
-			c.mu.Lock()
-			closed := c.err != nil
-			c.mu.Unlock()
-			if !closed {
-				c.fail(fmt.Errorf("NBD server %s: %w", c.addr, err))
-			}
-			return
-		}
+// readLoop hands replies to their requests until the connection fails,
+// then fails every pending request with the reason.
+func (c *Client) readLoop(br *bufio.Reader) {
+	defer close(c.readerDone)
+	var err error
+	for err == nil {
+		err = c.readReply(br)
 	}
-}
-
-// take returns the call a reply's cookie names.
-func (c *Client) take(cookie uint64, finish bool) (*call, error) {
+	if !errors.Is(err, ErrProtocol) {
+		err = fmt.Errorf("connection to %s lost: %w", c.addr, err)
+	}
+	c.breakConn(err)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	cl, ok := c.calls[cookie]
-	if !ok {
-		return nil, fmt.Errorf("protocol error: a reply for cookie %d, which no request has", cookie)
+	c.dead = true
+	for cookie, r := range c.pending {
+		delete(c.pending, cookie)
+		r.err = c.err
+		close(r.done)
 	}
-	if finish {
-		delete(c.calls, cookie)
-	}
-	return cl, nil
 }
 
-func finish(cl *call, err error) {
-	if err == nil && cl.err == nil && cl.typ == cmdRead && cl.covered != cl.length {
-		err = fmt.Errorf("protocol error: the replies filled %d of %d bytes", cl.covered, cl.length)
+// Close sends NBD_CMD_DISC and closes the connection. Requests still
+// waiting fail with ErrClosed.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.closing {
+		c.mu.Unlock()
+		<-c.readerDone
+		return nil
 	}
-	if cl.err == nil {
-		cl.err = err
+	c.closing = true
+	alive := c.err == nil
+	if alive {
+		c.err = ErrClosed
 	}
-	close(cl.done)
+	c.mu.Unlock()
+	if alive {
+		c.disconnect()
+	}
+	c.conn.Close()
+	<-c.readerDone
+	return nil
+}
+
+// disconnect sends NBD_CMD_DISC, not waiting long for a writer that a
+// stuck server blocks.
+func (c *Client) disconnect() {
+	c.conn.SetWriteDeadline(time.Now().Add(discTimeout))
+	b := make([]byte, 0, 28)
+	b = binary.BigEndian.AppendUint32(b, requestMagic)
+	b = binary.BigEndian.AppendUint16(b, 0)
+	b = binary.BigEndian.AppendUint16(b, cmdDisc)
+	b = append(b, make([]byte, 20)...)
+	c.wmu.Lock()
+	c.conn.Write(b)
+	c.wmu.Unlock()
+}
+
+// contextID returns the ID of the agreed meta context name.
+func (c *Client) contextID(name string) (uint32, error) {
+	i := slices.IndexFunc(c.info.contexts, func(m metaContext) bool { return m.name == name })
+	if i < 0 {
+		return 0, fmt.Errorf("nbd %s: meta context %q was not agreed by the server (agreed: %q)", c.addr, name, c.Contexts())
+	}
+	return c.info.contexts[i].id, nil
 }
