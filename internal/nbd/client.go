@@ -205,8 +205,36 @@ type piece struct {
 }
 
 // read reads p at off, within the export, as pieces sent all at once and
-// then waited for, so a long read costs one round trip.
+// then waited for, so a long read costs one round trip. It returns how
+// many bytes of p, from its start, were read.
 func (c *Client) read(p []byte, off int64) (int, error) {
+	pieces := c.sendPieces(p, off)
+	n := 0
+	var first error
+	for _, pc := range pieces {
+		err := pc.err
+		if err == nil {
+			<-pc.req.done // whatever happens, so pc.buf is ours again
+			err = pc.req.err
+		}
+		if err == nil && pc.bounce {
+			skip := off + int64(pc.pOff) - pc.req.off
+			copy(p[pc.pOff:pc.pOff+pc.pLen], pc.buf[skip:])
+		}
+		if first == nil && err != nil {
+			first = err
+		}
+		if first == nil {
+			n += pc.pLen
+		}
+	}
+	return n, first
+}
+
+// sendPieces sends the requests that read p at off: at most maxReq bytes
+// each, widened to the minimum block size (into a buffer of their own)
+// where p is not aligned. It stops at the first that cannot be sent.
+func (c *Client) sendPieces(p []byte, off int64) []piece {
 	var pieces []piece
 	end := off + int64(len(p))
 	for pos := off; pos < end; {
@@ -226,26 +254,7 @@ func (c *Client) read(p []byte, off int64) (int, error) {
 		}
 		pos = stop
 	}
-	n, failed := 0, false
-	var first error
-	for _, pc := range pieces {
-		err := pc.err
-		if err == nil {
-			<-pc.req.done
-			err = pc.req.err
-		}
-		if err == nil && pc.bounce {
-			skip := off + int64(pc.pOff) - pc.req.off
-			copy(p[pc.pOff:pc.pOff+pc.pLen], pc.buf[skip:])
-		}
-		if err != nil && !failed {
-			failed, first = true, err
-		}
-		if !failed {
-			n += pc.pLen
-		}
-	}
-	return n, first
+	return pieces
 }
 
 // send registers r under a fresh cookie and writes its request. The

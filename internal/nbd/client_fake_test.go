@@ -631,13 +631,13 @@ func TestCloseUnblocks(t *testing.T) {
 // answer gives up when its context ends.
 func TestBlockStatusContext(t *testing.T) {
 	fs := &fakeServer{data: make([]byte, 1<<20), structured: true, contexts: []string{"base:allocation"}}
-	fs.status = func(fakeReq) []uint32 { time.Sleep(time.Second); return []uint32{4096, 0} }
+	fs.status = func(fakeReq) []uint32 { time.Sleep(500 * time.Millisecond); return []uint32{4096, 0} }
 	c := dialFake(t, fs.start(t), Options{MetaContexts: []string{"base:allocation"}})
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	start := time.Now()
 	err := c.BlockStatus(ctx, "base:allocation", 0, 4096, func(Extent) error { return nil })
-	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 900*time.Millisecond {
+	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 400*time.Millisecond {
 		t.Fatalf("BlockStatus = %v after %v, want the deadline well before the server answers", err, time.Since(start))
 	}
 }
