@@ -628,3 +628,24 @@ func TestQEMUGoneDuringBackup(t *testing.T) {
 	errorContains(t, vs[0].Verify(), "closed by QEMU")
 	errorContains(t, q.Close(), "VM vm1: the copies cannot be removed: QMP connection to "+vm.sock+" closed by QEMU")
 }
+
+// A fleecing job stopped behind sauve's back: the copy may hold writes
+// after the instant, and Verify says so.
+func TestQEMUJobStopped(t *testing.T) {
+	vm := newVM(t, "none", nil, twoDrives()...)
+	q, _ := vm.open(QEMUOptions{})
+	vs := views(t, q)
+	vm.exec("block-job-cancel", map[string]any{"device": objName(q.pid, 1, kindJob), "force": true}, nil)
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); err == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		err = vs[1].Verify()
+	}
+	errorContains(t, err, "the fleecing job of drive drive1 failed: Operation canceled: the copy of the instant is incomplete; nothing stored")
+	if err := vs[0].Verify(); err != nil {
+		t.Errorf("drive0: %v", err)
+	}
+	if err := q.Close(); err != nil {
+		t.Error(err)
+	}
+	vm.assertClean(q.opts.FleeceDir, nil)
+}
