@@ -79,6 +79,8 @@ type QEMUBackup struct {
 	// freeze freezes the guest's filesystems (guestFreeze; tests replace
 	// it).
 	freeze func(ctx context.Context, socket string, timeout time.Duration) (func() (time.Duration, error), error)
+	// dial connects to an export (dialExport).
+	dial func(ctx context.Context, network, address, export string, metas []string) (nbdExport, error)
 
 	mu      sync.Mutex
 	report  QEMUReport
@@ -129,7 +131,7 @@ func OpenQEMU(ctx context.Context, o QEMUOptions) (*QEMUBackup, error) {
 	if err != nil {
 		return nil, err
 	}
-	q := &QEMUBackup{opts: o, c: c, pid: os.Getpid(), label: o.Socket, freeze: guestFreeze,
+	q := &QEMUBackup{opts: o, c: c, pid: os.Getpid(), label: o.Socket, freeze: guestFreeze, dial: dialExport,
 		report: QEMUReport{FullRead: map[string]string{}}}
 	if err := q.open(ctx); err != nil {
 		c.Close()

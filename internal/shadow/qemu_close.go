@@ -106,9 +106,6 @@ func (f *fleece) release() error {
 func (f *fleece) teardown(ctx context.Context) error {
 	q := f.q
 	r := &remover{q: q}
-	if f.cancelMaps != nil {
-		f.cancelMaps()
-	}
 	if f.client != nil {
 		r.fail("the NBD connection of drive "+f.d.ID, f.client.Close())
 		f.client = nil

@@ -3,29 +3,23 @@ package shadow
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 
-	"github.com/sauve-backup/sauve/internal/nbd"
+	"github.com/sauve-backup/sauve/internal/extent"
 )
 
-// dialExport connects to an export and checks that the server agreed to
-// every meta context asked for.
-func dialExport(ctx context.Context, network, address, export string, metas []string) (*nbd.Client, error) {
-	c, err := nbd.Dial(ctx, network, address, nbd.Options{Export: export, MetaContexts: metas})
-	if err != nil {
-		return nil, err
-	}
-	for _, m := range metas {
-		if !slices.Contains(c.Contexts(), m) {
-			c.Close()
-			return nil, fmt.Errorf("NBD export %s at %s: the server did not agree to %s", export, address, m)
-		}
-	}
-	return c, nil
+// nbdExport is what a view reads: the NBD client of one export.
+type nbdExport interface {
+	io.ReaderAt
+	Size() int64
+	// Map returns the ranges of the export for which data(flags) holds,
+	// flags being those of metaContext's block status.
+	Map(ctx context.Context, metaContext string, data func(flags uint32) bool) extent.Map
+	Close() error
 }
 
 // nbdServer is where the copies are exported.

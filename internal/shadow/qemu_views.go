@@ -9,7 +9,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sauve-backup/sauve/internal/nbd"
 	"github.com/sauve-backup/sauve/internal/source"
 	"github.com/sauve-backup/sauve/internal/vdisk/qcow2"
 )
@@ -21,17 +20,15 @@ type fleece struct {
 	d *qdrive
 	i int
 
-	fdset    int
-	hasFdset bool
-	file     string // protocol node of the fleecing image
-	node     string // qcow2 node of the fleecing image
-	job      string
-	temp     string // bitmap of the changes since the earlier backup
-	export   string
-	client   *nbd.Client
-	// cancelMaps ends the reading of the view's maps.
-	cancelMaps context.CancelFunc
-	imageSize  int64 // the empty fleecing image's bytes
+	fdset     int
+	hasFdset  bool
+	file      string // protocol node of the fleecing image
+	node      string // qcow2 node of the fleecing image
+	job       string
+	temp      string // bitmap of the changes since the earlier backup
+	export    string
+	client    nbdExport
+	imageSize int64 // the empty fleecing image's bytes
 
 	gens     []generation // sauve's bitmaps on the drive, oldest first
 	since    string       // the earlier backup's tracker
@@ -328,7 +325,7 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 		return nil, fmt.Errorf("VM %s: export the copy of drive %s: %w", q.label, d.ID, err)
 	}
 	f.export = id
-	cl, err := dialExport(ctx, q.nbd.network, q.nbd.address, id, metas)
+	cl, err := q.dial(ctx, q.nbd.network, q.nbd.address, id, metas)
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: read the copy of drive %s: %w", q.label, d.ID, err)
 	}
@@ -336,13 +333,9 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 	if cl.Size() != d.Size {
 		return nil, fmt.Errorf("VM %s: the copy of drive %s has %d bytes, the drive %d", q.label, d.ID, cl.Size(), d.Size)
 	}
-	// The maps are read long after Views returns: they end with the
-	// view (Release), not with Views' context.
-	mctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	f.cancelMaps = cancel
 	src := &source.Source{Path: "qemu:" + q.opts.Socket + "#" + d.ID, Kind: source.Kind("qemu"), Size: d.Size}
 	v := &source.View{Of: src, At: cl, Size: d.Size, Copy: string(QEMU), FullRead: f.fullRead,
-		Data:     cl.Map(mctx, "base:allocation", func(flags uint32) bool { return flags&nbd.StateZero == 0 }),
+		Data:     cl.Map(ctx, "base:allocation", func(flags uint32) bool { return flags&nbdStateZero == 0 }),
 		Verify:   f.verify,
 		CopyUsed: f.usedNow,
 		Release:  f.release,
@@ -352,7 +345,7 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 	}
 	if f.temp != "" {
 		v.Changes = &source.Changes{Since: f.since,
-			Map: cl.Map(mctx, "qemu:dirty-bitmap:"+f.temp, func(flags uint32) bool { return flags&1 != 0 })}
+			Map: cl.Map(ctx, "qemu:dirty-bitmap:"+f.temp, func(flags uint32) bool { return flags&1 != 0 })}
 	}
 	return v, nil
 }

@@ -214,6 +214,7 @@ func (vm *testVM) tryOpen(o QEMUOptions) (*QEMUBackup, *[]string, error) {
 	if err != nil {
 		return nil, warns, err
 	}
+	q.dial = testDial
 	vm.t.Cleanup(func() { q.Close() })
 	return q, warns, nil
 }
