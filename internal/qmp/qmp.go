@@ -272,6 +272,10 @@ func (c *Client) execute(ctx context.Context, command string, args, result any, 
 	}
 	if err := c.write(ctx, append(b, '\n'), f); err != nil {
 		c.forget(id)
+		if cerr := c.closedErr(); cerr != nil && errors.Is(err, net.ErrClosed) {
+			// The reader saw the connection end first: say why.
+			return fmt.Errorf("QMP %s: %w", command, cerr)
+		}
 		return fmt.Errorf("QMP %s to %s: %w", command, c.path, err)
 	}
 	select {

@@ -208,8 +208,20 @@ func (r *remover) bitmap(ctx context.Context, node, name string) {
 	r.fail("bitmap "+name, err)
 }
 
+// node removes a block node. A node that a job or export just let go of
+// may still be held for a moment (QEMU drops the last references after
+// the job's completion runs): blockdev-del is tried again until then.
 func (r *remover) node(ctx context.Context, name string) {
-	r.fail("node "+name, r.q.c.Execute(ctx, "blockdev-del", map[string]any{"node-name": name}, nil))
+	r.fail("node "+name, poll(ctx, func() (bool, error) {
+		err := r.q.c.Execute(ctx, "blockdev-del", map[string]any{"node-name": name}, nil)
+		switch {
+		case err == nil || isQMPError(err, "Failed to find node"):
+			return true, nil
+		case isQMPError(err, "in use") || isQMPError(err, "busy"):
+			return false, nil
+		}
+		return false, err
+	}))
 }
 
 func (r *remover) fdset(ctx context.Context, id int) {

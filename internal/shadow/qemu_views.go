@@ -333,9 +333,12 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 	if cl.Size() != d.Size {
 		return nil, fmt.Errorf("VM %s: the copy of drive %s has %d bytes, the drive %d", q.label, d.ID, cl.Size(), d.Size)
 	}
+	// The maps are read while the backup reads the view, after Views has
+	// returned: they live as long as the client, which Release closes.
+	mapCtx := context.WithoutCancel(ctx)
 	src := &source.Source{Path: "qemu:" + q.opts.Socket + "#" + d.ID, Kind: source.Kind("qemu"), Size: d.Size}
 	v := &source.View{Of: src, At: cl, Size: d.Size, Copy: string(QEMU), FullRead: f.fullRead,
-		Data:     cl.Map(ctx, "base:allocation", func(flags uint32) bool { return flags&nbdStateZero == 0 }),
+		Data:     cl.Map(mapCtx, "base:allocation", func(flags uint32) bool { return flags&nbdStateZero == 0 }),
 		Verify:   f.verify,
 		CopyUsed: f.usedNow,
 		Release:  f.release,
@@ -345,7 +348,7 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 	}
 	if f.temp != "" {
 		v.Changes = &source.Changes{Since: f.since,
-			Map: cl.Map(ctx, "qemu:dirty-bitmap:"+f.temp, func(flags uint32) bool { return flags&1 != 0 })}
+			Map: cl.Map(mapCtx, "qemu:dirty-bitmap:"+f.temp, func(flags uint32) bool { return flags&1 != 0 })}
 	}
 	return v, nil
 }

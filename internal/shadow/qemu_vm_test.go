@@ -122,8 +122,12 @@ func (vm *testVM) start() {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var err error
-	if vm.mon, err = qmp.Dial(ctx, vm.monSock); err != nil {
-		t.Fatal(err)
+	// The socket may exist a moment before QEMU listens on it.
+	for vm.mon, err = qmp.Dial(ctx, vm.monSock); err != nil; vm.mon, err = qmp.Dial(ctx, vm.monSock) {
+		if ctx.Err() != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -214,7 +218,6 @@ func (vm *testVM) tryOpen(o QEMUOptions) (*QEMUBackup, *[]string, error) {
 	if err != nil {
 		return nil, warns, err
 	}
-	q.dial = testDial
 	vm.t.Cleanup(func() { q.Close() })
 	return q, warns, nil
 }
