@@ -222,7 +222,7 @@ func (q *QEMUBackup) Report() QEMUReport {
 	fleeces := q.fleeces
 	q.mu.Unlock()
 	for _, f := range fleeces {
-		r.FleeceUsed += f.usedNow()
+		r.FleeceUsed += max(f.usedNow(), 0)
 	}
 	q.mu.Lock()
 	return r

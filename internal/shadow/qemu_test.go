@@ -565,6 +565,9 @@ func TestQEMUDevices(t *testing.T) {
 	if _, err := v.At.ReadAt(buf, 4096); err != nil || buf[0] != 0xcd || v.Verify() != nil {
 		t.Errorf("view of the CD-ROM reads %x, %v", buf, err)
 	}
+	if v.CopyUsed != nil {
+		t.Errorf("the CD-ROM, read as it is, has a copy of %d bytes", v.CopyUsed())
+	}
 	if v.FullRead != "drive cdx is read-only: QEMU keeps no dirty bitmap of it" {
 		t.Errorf("full read %q", v.FullRead)
 	}

@@ -67,7 +67,7 @@ func (q *QEMUBackup) Views(ctx context.Context) (views []*source.View, err error
 		return nil, fmt.Errorf("VM %s: %w", q.label, err)
 	}
 	for i, d := range q.drives {
-		f := &fleece{q: q, d: d, i: i}
+		f := &fleece{q: q, d: d, i: i, used: -1}
 		q.mu.Lock()
 		q.fleeces = append(q.fleeces, f)
 		q.mu.Unlock()
@@ -338,10 +338,12 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 	mapCtx := context.WithoutCancel(ctx)
 	src := &source.Source{Path: "qemu:" + q.opts.Socket + "#" + d.ID, Kind: source.Kind("qemu"), Size: d.Size}
 	v := &source.View{Of: src, At: cl, Size: d.Size, Copy: string(QEMU), FullRead: f.fullRead,
-		Data:     cl.Map(mapCtx, "base:allocation", func(flags uint32) bool { return flags&nbdStateZero == 0 }),
-		Verify:   f.verify,
-		CopyUsed: f.usedNow,
-		Release:  f.release,
+		Data:    cl.Map(mapCtx, "base:allocation", func(flags uint32) bool { return flags&nbdStateZero == 0 }),
+		Verify:  f.verify,
+		Release: f.release,
+	}
+	if f.node != "" {
+		v.CopyUsed = f.usedNow // a read-only drive is read as it is
 	}
 	if f.newGen != "" {
 		v.Tracker = TrackerPrefix + f.newGen
