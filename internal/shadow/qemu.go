@@ -131,7 +131,7 @@ func OpenQEMU(ctx context.Context, o QEMUOptions) (*QEMUBackup, error) {
 	if err != nil {
 		return nil, err
 	}
-	q := &QEMUBackup{opts: o, c: c, pid: os.Getpid(), label: o.Socket, freeze: guestFreeze, dial: dialExport,
+	q := &QEMUBackup{opts: o, c: c, pid: os.Getpid(), label: o.Socket, freeze: guestFreeze, dial: dialAgreed,
 		report: QEMUReport{FullRead: map[string]string{}}}
 	if err := q.open(ctx); err != nil {
 		c.Close()

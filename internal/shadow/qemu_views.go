@@ -99,6 +99,9 @@ func (q *QEMUBackup) Views(ctx context.Context) (views []*source.View, err error
 		if err != nil {
 			return nil, err
 		}
+		if f.node == "" {
+			v.CopyUsed = nil // a read-only drive is read as it is
+		}
 		views = append(views, v)
 	}
 	q.nbd.unlink()
@@ -339,11 +342,9 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 	src := &source.Source{Path: "qemu:" + q.opts.Socket + "#" + d.ID, Kind: source.Kind("qemu"), Size: d.Size}
 	v := &source.View{Of: src, At: cl, Size: d.Size, Copy: string(QEMU), FullRead: f.fullRead,
 		Data:    cl.Map(mapCtx, "base:allocation", func(flags uint32) bool { return flags&nbdStateZero == 0 }),
-		Verify:  f.verify,
-		Release: f.release,
-	}
-	if f.node != "" {
-		v.CopyUsed = f.usedNow // a read-only drive is read as it is
+		Verify:   f.verify,
+		CopyUsed: f.usedNow,
+		Release:  f.release,
 	}
 	if f.newGen != "" {
 		v.Tracker = TrackerPrefix + f.newGen
