@@ -341,7 +341,7 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 	mapCtx := context.WithoutCancel(ctx)
 	src := &source.Source{Path: "qemu:" + q.opts.Socket + "#" + d.ID, Kind: source.Kind("qemu"), Size: d.Size}
 	v := &source.View{Of: src, At: cl, Size: d.Size, Copy: string(QEMU), FullRead: f.fullRead,
-		Data:    cl.Map(mapCtx, "base:allocation", func(flags uint32) bool { return flags&nbdStateZero == 0 }),
+		Data:     cl.Map(mapCtx, "base:allocation", func(flags uint32) bool { return flags&nbdStateZero == 0 }),
 		Verify:   f.verify,
 		CopyUsed: f.usedNow,
 		Release:  f.release,
