@@ -131,7 +131,7 @@ func OpenQEMU(ctx context.Context, o QEMUOptions) (*QEMUBackup, error) {
 	if err != nil {
 		return nil, err
 	}
-	q := &QEMUBackup{opts: o, c: c, pid: os.Getpid(), label: o.Socket, freeze: guestFreeze, dial: dialExport,
+	q := &QEMUBackup{opts: o, c: c, pid: os.Getpid(), label: o.Socket, freeze: guestFreeze, dial: dialAgreed,
 		report: QEMUReport{FullRead: map[string]string{}}}
 	if err := q.open(ctx); err != nil {
 		c.Close()
@@ -222,7 +222,7 @@ func (q *QEMUBackup) Report() QEMUReport {
 	fleeces := q.fleeces
 	q.mu.Unlock()
 	for _, f := range fleeces {
-		r.FleeceUsed += f.usedNow()
+		r.FleeceUsed += max(f.usedNow(), 0)
 	}
 	q.mu.Lock()
 	return r

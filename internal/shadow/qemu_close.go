@@ -58,7 +58,8 @@ func (f *fleece) check() error {
 	return incomplete(fmt.Sprintf("the fleecing job of drive %s is gone (cancelled outside sauve?)", f.d.ID))
 }
 
-// usedNow is the view's CopyUsed: the bytes the fleecing image takes.
+// usedNow is the view's CopyUsed: the bytes the fleecing image takes, -1
+// when QEMU cannot say and they were never measured.
 func (f *fleece) usedNow() int64 {
 	q := f.q
 	q.mu.Lock()

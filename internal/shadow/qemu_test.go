@@ -565,6 +565,9 @@ func TestQEMUDevices(t *testing.T) {
 	if _, err := v.At.ReadAt(buf, 4096); err != nil || buf[0] != 0xcd || v.Verify() != nil {
 		t.Errorf("view of the CD-ROM reads %x, %v", buf, err)
 	}
+	if v.CopyUsed != nil {
+		t.Errorf("the CD-ROM, read as it is, has a copy of %d bytes", v.CopyUsed())
+	}
 	if v.FullRead != "drive cdx is read-only: QEMU keeps no dirty bitmap of it" {
 		t.Errorf("full read %q", v.FullRead)
 	}
@@ -627,4 +630,25 @@ func TestQEMUGoneDuringBackup(t *testing.T) {
 	vm.kill()
 	errorContains(t, vs[0].Verify(), "closed by QEMU")
 	errorContains(t, q.Close(), "VM vm1: the copies cannot be removed: QMP connection to "+vm.sock+" closed by QEMU")
+}
+
+// A fleecing job stopped behind sauve's back: the copy may hold writes
+// after the instant, and Verify says so.
+func TestQEMUJobStopped(t *testing.T) {
+	vm := newVM(t, "none", nil, twoDrives()...)
+	q, _ := vm.open(QEMUOptions{})
+	vs := views(t, q)
+	vm.exec("block-job-cancel", map[string]any{"device": objName(q.pid, 1, kindJob), "force": true}, nil)
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); err == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		err = vs[1].Verify()
+	}
+	errorContains(t, err, "the fleecing job of drive drive1 failed: Operation canceled: the copy of the instant is incomplete; nothing stored")
+	if err := vs[0].Verify(); err != nil {
+		t.Errorf("drive0: %v", err)
+	}
+	if err := q.Close(); err != nil {
+		t.Error(err)
+	}
+	vm.assertClean(q.opts.FleeceDir, nil)
 }

@@ -67,7 +67,7 @@ func (q *QEMUBackup) Views(ctx context.Context) (views []*source.View, err error
 		return nil, fmt.Errorf("VM %s: %w", q.label, err)
 	}
 	for i, d := range q.drives {
-		f := &fleece{q: q, d: d, i: i}
+		f := &fleece{q: q, d: d, i: i, used: -1}
 		q.mu.Lock()
 		q.fleeces = append(q.fleeces, f)
 		q.mu.Unlock()
@@ -98,6 +98,9 @@ func (q *QEMUBackup) Views(ctx context.Context) (views []*source.View, err error
 		v, err := f.exportView(ctx)
 		if err != nil {
 			return nil, err
+		}
+		if f.node == "" {
+			v.CopyUsed = nil // a read-only drive is read as it is
 		}
 		views = append(views, v)
 	}
