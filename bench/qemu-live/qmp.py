@@ -1,0 +1,168 @@
+#!/usr/bin/python3
+"""qmp.py — the QMP side of bench/qemu-live.sh, in one small client.
+
+  qmp.py cmd TARGET COMMAND [JSON-ARGS]   run one QMP command, print its return
+  qmp.py timed TARGET COMMAND [JSON-ARGS] the same, but print how long the
+                                          command took (s), not its return
+  qmp.py diff DAY1 DAY2 RUNS              list the 64 KiB blocks that differ
+  qmp.py apply TARGET DEV DAY2 RUNS       write day 2's data at those blocks
+  qmp.py probe TARGET DEV OFF FILE        write FILE's first 4 KiB at OFF every
+                                          20 ms until SIGTERM; print the slowest
+                                          write (s) and the number of writes
+
+TARGET is a QMP socket path, or libvirt:DOMAIN (through libvirt's monitor).
+Writes go through HMP `qemu-io -d DEV`, i.e. through the guest device's
+block backend, the path a guest write takes (and so through any
+copy-before-write filter a backup put above the disk).
+"""
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+BLOCK = 64 * 1024
+CHUNK = 256 * 1024
+MAX_RUN = 1024 * 1024
+
+
+class QMP:
+    def __init__(self, path, timeout=60):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise SystemExit(f"{path}: not a QMP greeting: {greeting}")
+        self.execute("qmp_capabilities")
+
+    def _read(self):
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise SystemExit("QMP socket closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, cmd, args=None):
+        msg = {"execute": cmd}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise SystemExit(f"QMP {cmd}: {reply['error'].get('desc')}")
+
+
+class Libvirt:
+    def __init__(self, name):
+        import libvirt
+        import libvirt_qemu
+        self.qemu = libvirt_qemu
+        self.dom = libvirt.open("qemu:///system").lookupByName(name)
+
+    def execute(self, cmd, args=None):
+        msg = {"execute": cmd}
+        if args:
+            msg["arguments"] = args
+        reply = json.loads(self.qemu.qemuMonitorCommand(self.dom, json.dumps(msg), 0))
+        if "error" in reply:
+            raise SystemExit(f"QMP {cmd}: {reply['error'].get('desc')}")
+        return reply["return"]
+
+
+def connect(target):
+    if target.startswith("libvirt:"):
+        return Libvirt(target[len("libvirt:"):])
+    return QMP(target)
+
+
+def qemu_io(mon, dev, command):
+    out = mon.execute("human-monitor-command",
+                      {"command-line": f'qemu-io -d {dev} "{command}"'})
+    if "error" in out.lower() or "failed" in out.lower():
+        raise SystemExit(f"qemu-io {command}: {out.strip()}")
+
+
+def diff(day1, day2, runs_path):
+    runs = []
+    with open(day1, "rb") as a, open(day2, "rb") as b:
+        base = 0
+        while True:
+            xs, ys = a.read(64 * BLOCK), b.read(64 * BLOCK)
+            if not xs and not ys:
+                break
+            if xs == ys:
+                base += len(ys)
+                continue
+            x, y = memoryview(xs), memoryview(ys)
+            for i in range(0, len(y), BLOCK):
+                if x[i:i + BLOCK] == y[i:i + BLOCK]:
+                    continue
+                off, n = base + i, len(y[i:i + BLOCK])
+                if runs and runs[-1][0] + runs[-1][1] == off and runs[-1][1] < MAX_RUN:
+                    runs[-1][1] += n
+                else:
+                    runs.append([off, n])
+            base += len(ys)
+    dirty = sum(n for _, n in runs)
+    chunks = set()
+    for o, n in runs:
+        chunks.update(range(o // CHUNK, (o + n - 1) // CHUNK + 1))
+    with open(runs_path, "w") as f:
+        json.dump({"runs": runs, "dirty": dirty, "dirty_chunks": len(chunks) * CHUNK,
+                   "writes": len(runs)}, f)
+
+
+def apply(target, dev, day2, runs_path):
+    runs = json.load(open(runs_path))["runs"]
+    mon = connect(target)
+    tmp = runs_path + ".data"
+    with open(day2, "rb") as src:
+        for off, n in runs:
+            src.seek(off)
+            with open(tmp, "wb") as f:
+                f.write(src.read(n))
+            qemu_io(mon, dev, f"write -q -s {tmp} {off} {n}")
+    os.unlink(tmp)
+
+
+def probe(target, dev, off, data):
+    mon = connect(target)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    worst, count = 0.0, 0
+    while not stop:
+        t = time.monotonic()
+        qemu_io(mon, dev, f"write -q -s {data} {off} 4k")
+        worst = max(worst, time.monotonic() - t)
+        count += 1
+        time.sleep(0.02)
+    print(f"{worst:.3f} {count}")
+
+
+def main(argv):
+    if argv[:1] in (["cmd"], ["timed"]) and len(argv) in (3, 4):
+        args = json.loads(argv[3]) if len(argv) == 4 else None
+        mon = connect(argv[1])
+        t = time.monotonic()
+        ret = mon.execute(argv[2], args)
+        print(f"{time.monotonic() - t:.3f}" if argv[0] == "timed" else json.dumps(ret))
+    elif len(argv) == 4 and argv[0] == "diff":
+        diff(*argv[1:])
+    elif len(argv) == 5 and argv[0] == "apply":
+        apply(*argv[1:])
+    elif len(argv) == 5 and argv[0] == "probe":
+        probe(argv[1], argv[2], int(argv[3]), argv[4])
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
