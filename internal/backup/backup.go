@@ -144,7 +144,7 @@ func RunDisks(ctx context.Context, r Repository, srcs []Source, opts Options) (*
 		prog = new(Progress)
 	}
 	defer prog.Finished.Store(true)
-	prog.Total.Store(totalSize(srcs))
+	prog.Total.Store(TotalSize(srcs))
 	var sn *repo.Snapshot
 	ws, err := r.WithWriter(ctx, "backup", func(w *repo.Writer) error {
 		var disks []repo.Disk
@@ -204,7 +204,10 @@ func checkNames(srcs []Source) error {
 	return nil
 }
 
-func totalSize(srcs []Source) int64 {
+// TotalSize is the bytes a backup of srcs goes through, for progress:
+// the sum of their sizes, a stream's size hint, or -1 for a stream of
+// unknown length.
+func TotalSize(srcs []Source) int64 {
 	var n int64
 	for _, s := range srcs {
 		if s.Size < 0 {

@@ -239,7 +239,7 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 		}
 	}
 	prog := new(backup.Progress)
-	prog.Total.Store(progressTotal(bss))
+	prog.Total.Store(backup.TotalSize(bss))
 	m := startMeter(g.stderr, g.showProgress(), meterSource{
 		label: "backup " + backupLabel(disks),
 		total: func() int64 {
@@ -358,22 +358,6 @@ func (g *globals) prepareDisk(d *backupDisk, o *backupOptions) (backup.Source, e
 		bs.SizeHint = o.stdinSize
 	}
 	return bs, nil
-}
-
-// progressTotal is the bytes a backup of srcs goes through: -1 for a
-// stream of unknown length.
-func progressTotal(srcs []backup.Source) int64 {
-	var n int64
-	for _, s := range srcs {
-		if s.Size < 0 {
-			if s.SizeHint > 0 {
-				return s.SizeHint
-			}
-			return -1
-		}
-		n += s.Size
-	}
-	return n
 }
 
 func backupLabel(disks []*backupDisk) string {
