@@ -100,6 +100,10 @@ type Options struct {
 	Time time.Time
 	// Program is recorded in the manifest.
 	Program string
+	// Warn hears what went wrong without failing the backup: a base
+	// whose chunk list cannot be read, so the rest of its disk is read
+	// in full.
+	Warn func(string)
 }
 
 // Progress is read by the caller while the backup runs.
@@ -237,7 +241,7 @@ func backupDisk(ctx context.Context, r Repository, w store, src Source, opts Opt
 		Name: src.Name, Source: src.Path, Kind: src.Kind, Size: out.size, ChunkSize: p.cs,
 		ChunkLists: out.lists, ListEntries: repo.ListEntries, Stats: out.stats,
 	}
-	if p.base != nil {
+	if p.usedBase {
 		id := src.Base.Snapshot.ID
 		d.Base = &id
 	}
@@ -284,6 +288,9 @@ type pipeline struct {
 	// unchanged chunks are taken without reading (Source.Base).
 	base *repo.ChunkList
 	w    store
+	// usedBase says some chunk was taken from the base (it may have
+	// been dropped since, when its chunk list proved unreadable).
+	usedBase bool
 	// free is the pool of chunk buffers: the read stage takes one per
 	// chunk it reads, the hash and save stage gives it back.
 	free chan []byte
@@ -425,9 +432,21 @@ func (p *pipeline) unchanged(ctx context.Context, i, off, n int64) (repo.ID, boo
 	}
 	id, err := p.base.At(ctx, i)
 	if err != nil {
-		return repo.ID{}, false, fmt.Errorf("base snapshot %s: %w", p.src.Base.Snapshot.ID.Short(), err)
+		if ctx.Err() != nil {
+			return repo.ID{}, false, ctx.Err()
+		}
+		// A damaged or missing chunk list must not stop every backup
+		// to come (they would all pick the same base): the source
+		// holds the data, so the rest is read from it.
+		p.base = nil
+		if p.opts.Warn != nil {
+			p.opts.Warn(fmt.Sprintf("disk %s: the chunk list of base snapshot %s cannot be read (%v): the rest of the disk is read in full",
+				p.src.Name, p.src.Base.Snapshot.ID.Short(), err))
+		}
+		return repo.ID{}, false, nil
 	}
 	if id.IsZero() || p.w.Reusable(id) {
+		p.usedBase = true
 		return id, true, nil
 	}
 	return repo.ID{}, false, nil

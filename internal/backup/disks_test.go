@@ -9,6 +9,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/backup"
 	"github.com/sauve-backup/sauve/internal/extent"
+	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/repo/repotest"
 )
 
@@ -158,6 +159,64 @@ func TestBaseReadsOnlyChanges(t *testing.T) {
 	}
 	if got, _ := contents(t, tr, res2.Snapshot.ID); !bytes.Equal(got, day2) {
 		t.Error("incremental snapshot does not restore byte-exact")
+	}
+}
+
+// A base whose chunk list is damaged in the repository does not fail the
+// backup (every later one would pick the same base): the disk is read in
+// full from the source, the user is told, and the snapshot restores.
+func TestDamagedBaseChunkListReadsInFull(t *testing.T) {
+	ctx := context.Background()
+	tr := repotest.New(t, repotest.Options{})
+	day1 := disk("rrrrzrrr", 0)
+	res1, err := backup.Run(ctx, tr, named("vda", day1), backup.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	list := res1.Snapshot.Disks[0].ChunkLists[0]
+	copies := tr.Index().Copies(list, repo.NoWriter)
+	if len(copies) == 0 {
+		t.Fatalf("chunk list %s is not indexed", list.Short())
+	}
+	loc := copies[0].Location
+	pack, ok := tr.Backend.Get(repotest.PackHandle(loc.Pack))
+	if !ok {
+		t.Fatalf("pack %s is missing", loc.Pack.Short())
+	}
+	pack = bytes.Clone(pack)
+	pack[loc.Offset+loc.Length/2] ^= 0x40
+	tr.Backend.Put(repotest.PackHandle(loc.Pack), pack)
+	r := tr.Reopen(t)
+	parent, err := r.LoadSnapshot(ctx, res1.Snapshot.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	day2 := bytes.Clone(day1)
+	copy(day2[2*cs:], "changed")
+	cr := &chunkReads{data: day2, read: map[int64]int{}}
+	src := named("vda", day2)
+	src.At = cr
+	src.Base = &backup.Base{Snapshot: parent, Disk: &parent.Disks[0], Changed: ranges{{Start: 2 * cs, End: 2*cs + 7}}}
+	var warned []string
+	res2, err := backup.Run(ctx, tr, src, backup.Options{Warn: func(s string) { warned = append(warned, s) }})
+	if err != nil {
+		t.Fatalf("backup over a damaged base: %v", err)
+	}
+	if len(warned) != 1 || !strings.Contains(warned[0], "cannot be read") || !strings.Contains(warned[0], res1.Snapshot.ID.Short()) {
+		t.Errorf("warnings %q, want one naming the base's unreadable chunk list", warned)
+	}
+	for i := int64(0); i < 8; i++ {
+		if i != 4 && cr.read[i] != cs {
+			t.Errorf("chunk %d: read %d bytes, want the whole chunk", i, cr.read[i])
+		}
+	}
+	d := res2.Snapshot.Disks[0]
+	if d.Base != nil || d.Stats.ChunksUnchanged != 0 {
+		t.Errorf("disk base %v with %d unchanged chunks: nothing was taken from the damaged base", d.Base, d.Stats.ChunksUnchanged)
+	}
+	if got, _ := contents(t, tr, res2.Snapshot.ID); !bytes.Equal(got, day2) {
+		t.Error("snapshot does not restore byte-exact")
 	}
 }
 

@@ -196,6 +196,9 @@ type backupDisk struct {
 	view   *source.View
 	disk   *source.Disk
 	layout *source.Layout
+	// fullRead says why a disk that could have been read incrementally
+	// was read in full (the view's reason, or the CLI's own).
+	fullRead string
 }
 
 // backup backs up the sources named by args into one snapshot.
@@ -255,7 +258,7 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 		},
 	})
 	res, err := backup.RunDisks(ctx, r, bss, backup.Options{
-		Host: o.host, Tags: o.tags, Parent: parent, Progress: prog, Program: "sauve " + Version,
+		Host: o.host, Tags: o.tags, Parent: parent, Progress: prog, Program: "sauve " + Version, Warn: g.warn,
 	})
 	m.Stop()
 	if err != nil {
@@ -446,7 +449,7 @@ func backupJSON(res *backup.Result, disks []*backupDisk, rep shadow.Report) map[
 			copyBytes = v.CopyUsed()
 		}
 		list = append(list, map[string]any{
-			"copy_bytes": copyBytes, "full_read": v.FullRead, "bytes_unchanged": d.Stats.BytesUnchanged, "base": idString(d.Base),
+			"copy_bytes": copyBytes, "full_read": disks[i].fullRead, "bytes_unchanged": d.Stats.BytesUnchanged, "base": idString(d.Base),
 			"disk": d.Name, "source": d.Source, "size": d.Size, "bytes_read": d.Stats.BytesRead,
 			"bytes_new": d.Stats.BytesNew, "chunks_new": d.Stats.ChunksNew, "chunks_reused": d.Stats.ChunksReused,
 			"chunks_zero": d.Stats.ChunksZero, "chunks_unchanged": d.Stats.ChunksUnchanged,

@@ -68,7 +68,7 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 	bss := make([]backup.Source, len(views))
 	o.source.Raw = true // the guest's disk as it sees it: never an image format
 	for i, v := range views {
-		disks[i] = &backupDisk{src: v.Of, name: drives[i].ID, path: id.path(drives[i].ID), view: v}
+		disks[i] = &backupDisk{src: v.Of, name: drives[i].ID, path: id.path(drives[i].ID), view: v, fullRead: v.FullRead}
 		if bss[i], err = g.prepareDisk(disks[i], o); err != nil {
 			return err
 		}
@@ -89,7 +89,7 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 			return fmt.Sprintf("read %s, new %s, unchanged or dedup %s", bytesIEC(prog.Read.Load()), bytesIEC(prog.New.Load()), bytesIEC(prog.Reused.Load()))
 		},
 	})
-	res, err := backup.RunDisks(ctx, r, bss, backup.Options{Host: o.host, Tags: o.tags, Parent: parentID, Progress: prog, Program: "sauve " + Version})
+	res, err := backup.RunDisks(ctx, r, bss, backup.Options{Host: o.host, Tags: o.tags, Parent: parentID, Progress: prog, Program: "sauve " + Version, Warn: g.warn})
 	m.Stop()
 	if err != nil {
 		return fmt.Errorf("backup of VM %s: %w", id.host, err)
@@ -161,7 +161,7 @@ func (g *globals) qemuBase(parent *repo.Snapshot, d *backupDisk) *backup.Base {
 	}
 	pd := diskOf(parent, d.path)
 	if pd == nil || pd.ChangeTracker == "" || pd.ChangeTracker != v.Changes.Since || pd.Size != v.Size {
-		v.FullRead = "the previous snapshot of drive " + d.name + " does not match its dirty bitmap"
+		d.fullRead = "the previous snapshot of drive " + d.name + " does not match its dirty bitmap"
 		return nil
 	}
 	return &backup.Base{Snapshot: parent, Disk: pd, Changed: v.Changes.Map}
@@ -181,13 +181,12 @@ func (g *globals) printQEMUBackup(res *backup.Result, disks []*backupDisk, rep s
 		return err
 	}
 	for i, d := range res.Snapshot.Disks {
-		v := disks[i].view
 		switch {
 		case d.Base != nil:
 			g.printf("  drive %s: read %s of %s (what its dirty bitmap marks), %s unchanged since snapshot %s\n",
 				d.Name, bytesIEC(d.Stats.BytesRead), bytesIEC(d.Size), bytesIEC(d.Stats.BytesUnchanged), d.Base.Short())
-		case v.FullRead != "":
-			g.printf("  drive %s: read in full (%s of %s): %s\n", d.Name, bytesIEC(d.Stats.BytesRead), bytesIEC(d.Size), v.FullRead)
+		case disks[i].fullRead != "":
+			g.printf("  drive %s: read in full (%s of %s): %s\n", d.Name, bytesIEC(d.Stats.BytesRead), bytesIEC(d.Size), disks[i].fullRead)
 		}
 	}
 	for _, s := range rep.Skipped {
