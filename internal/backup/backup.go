@@ -73,6 +73,10 @@ type Source struct {
 	// earlier snapshot's disk of this source was read: they are taken
 	// from its chunk list instead of being read.
 	Base *Base
+	// Readers, when above 1, is how many chunks are read from At at once
+	// (a source whose reads each wait a round trip, such as NBD); the
+	// chunks still reach the later stages in order.
+	Readers int
 }
 
 // Base is an earlier snapshot's disk of the same source, and the ranges
@@ -343,6 +347,9 @@ func newPipeline(r Repository, src Source, opts Options, prog *Progress) *pipeli
 	// Two buffers per worker keep every worker busy while the reader
 	// fills the next; two more absorb the order stage's waits.
 	nbuf := p.workers*2 + 2
+	if src.Readers > 1 {
+		nbuf += src.Readers // each reader holds one while it reads
+	}
 	p.free = make(chan []byte, nbuf)
 	for range nbuf {
 		p.free <- make([]byte, p.cs)
@@ -462,6 +469,34 @@ func (p *pipeline) read(ctx context.Context, jobs chan<- job, read *int64) error
 	if p.src.Size < 0 {
 		return p.readStream(ctx, jobs, count)
 	}
+	if p.src.Readers > 1 {
+		return p.readParallel(ctx, jobs, count)
+	}
+	return p.plan(ctx, func(t *readTask) error {
+		if t.ranges != nil {
+			p.fill(t)
+			if err := p.filled(t, count); err != nil {
+				return err
+			}
+		}
+		return send(ctx, jobs, t.j)
+	})
+}
+
+// readTask is one chunk of the read stage: its job, and the ranges of it
+// to read into the job's buffer (none for a chunk that is not read).
+type readTask struct {
+	j      job
+	off    int64
+	ranges []extent.Range
+	got    int64
+	err    error
+	done   chan struct{} // closed once read, for readParallel
+}
+
+// plan walks the source in order and hands each chunk to do: taken from
+// the base, zero, or to be read (with a buffer from the pool).
+func (p *pipeline) plan(ctx context.Context, do func(*readTask) error) error {
 	m := p.src.Map
 	if m == nil {
 		m = extent.Full{}
@@ -469,42 +504,101 @@ func (p *pipeline) read(ctx context.Context, jobs chan<- job, read *int64) error
 	cs := int64(p.cs)
 	for i, off := int64(0), int64(0); off < p.src.Size; i, off = i+1, off+cs {
 		n := min(cs, p.src.Size-off)
-		if id, ok, err := p.unchanged(ctx, i, off, n); err != nil {
+		t := &readTask{j: job{i: i, n: int(n)}, off: off}
+		id, ok, err := p.unchanged(ctx, i, off, n)
+		switch {
+		case err != nil:
 			return err
-		} else if ok {
-			if err := send(ctx, jobs, job{i: i, n: int(n), zero: id.IsZero(), base: id, fromBase: true}); err != nil {
+		case ok:
+			t.j.zero, t.j.base, t.j.fromBase = id.IsZero(), id, true
+		default:
+			if t.ranges, err = m.Data(off, n); err != nil {
+				return fmt.Errorf("map of %s at offset %d: %w", p.src.Path, off, err)
+			}
+			if len(t.ranges) == 0 {
+				t.ranges, t.j.zero = nil, true
+			} else if t.j.buf, err = p.buffer(ctx); err != nil {
 				return err
 			}
-			continue
 		}
-		ranges, err := m.Data(off, n)
-		if err != nil {
-			return fmt.Errorf("map of %s at offset %d: %w", p.src.Path, off, err)
-		}
-		if len(ranges) == 0 {
-			if err := send(ctx, jobs, job{i: i, n: int(n), zero: true}); err != nil {
-				return err
-			}
-			continue
-		}
-		buf, err := p.buffer(ctx)
-		if err != nil {
-			return err
-		}
-		got, err := extent.ReadRanges(p.src.At, buf[:n], off, ranges)
-		count(got)
-		if err != nil {
-			p.free <- buf
-			if errors.Is(err, io.EOF) {
-				return fmt.Errorf("read %s at offset %d: source ended early (did it shrink?)", p.src.Path, off)
-			}
-			return fmt.Errorf("read %s at offset %d: %w", p.src.Path, off, err)
-		}
-		if err := send(ctx, jobs, job{i: i, n: int(n), buf: buf}); err != nil {
+		if err := do(t); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// fill reads t's ranges into its buffer.
+func (p *pipeline) fill(t *readTask) {
+	t.got, t.err = extent.ReadRanges(p.src.At, t.j.buf[:t.j.n], t.off, t.ranges)
+}
+
+// filled counts what fill read and explains its error; on error the
+// buffer goes back to the pool.
+func (p *pipeline) filled(t *readTask, count func(int64)) error {
+	count(t.got)
+	if t.err == nil {
+		return nil
+	}
+	p.free <- t.j.buf
+	if errors.Is(t.err, io.EOF) {
+		return fmt.Errorf("read %s at offset %d: source ended early (did it shrink?)", p.src.Path, t.off)
+	}
+	return fmt.Errorf("read %s at offset %d: %w", p.src.Path, t.off, t.err)
+}
+
+// readParallel is the read stage with Readers chunks read at once: plan
+// hands the chunks to read to the readers, and every chunk, in order, to
+// a queue that passes each on once it is read. The queue's length bounds
+// how far plan may go ahead of the oldest chunk not yet read.
+func (p *pipeline) readParallel(ctx context.Context, jobs chan<- job, count func(int64)) error {
+	g, ctx := errgroup.WithContext(ctx)
+	work := make(chan *readTask)
+	queue := make(chan *readTask, 2*p.src.Readers)
+	ready := make(chan struct{})
+	close(ready)
+	g.Go(func() error {
+		defer close(queue)
+		defer close(work)
+		return p.plan(ctx, func(t *readTask) error {
+			t.done = ready
+			if t.ranges != nil {
+				t.done = make(chan struct{})
+			}
+			if err := send(ctx, queue, t); err != nil || t.ranges == nil {
+				return err
+			}
+			return send(ctx, work, t)
+		})
+	})
+	for range p.src.Readers {
+		g.Go(func() error {
+			for t := range work {
+				p.fill(t)
+				close(t.done)
+			}
+			return nil
+		})
+	}
+	g.Go(func() error {
+		for t := range queue {
+			select {
+			case <-t.done:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			if t.ranges != nil {
+				if err := p.filled(t, count); err != nil {
+					return err
+				}
+			}
+			if err := send(ctx, jobs, t.j); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return g.Wait()
 }
 
 // readStream reads a stream of unknown length to its end.

@@ -360,6 +360,10 @@ func (g *globals) prepareDisk(d *backupDisk, o *backupOptions) (backup.Source, e
 	if d.src.Kind == source.Stream {
 		bs.SizeHint = o.stdinSize
 	}
+	if sd.Format == vdisk.Raw {
+		// An image format's reader on top decides its own reads.
+		bs.Readers = v.Readers
+	}
 	return bs, nil
 }
 

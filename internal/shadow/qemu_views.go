@@ -345,6 +345,9 @@ func (f *fleece) exportView(ctx context.Context) (*source.View, error) {
 		Verify:   f.verify,
 		CopyUsed: f.usedNow,
 		Release:  f.release,
+		// Each read waits a round trip through QEMU, which serves
+		// several at once from its own threads.
+		Readers: nbdReaders,
 	}
 	if f.newGen != "" {
 		v.Tracker = TrackerPrefix + f.newGen

@@ -61,6 +61,10 @@ type View struct {
 	// FullRead, when set, says why a view that could have had Changes
 	// has none (the earlier bitmap is missing or inconsistent).
 	FullRead string
+	// Readers is how many reads of At at once the copy serves better
+	// than one after the other (a network export, where every read
+	// waits a round trip); 0 or 1 reads in order.
+	Readers int
 }
 
 // Changes are the ranges of a view that may differ from an earlier
