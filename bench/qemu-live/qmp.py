@@ -4,7 +4,10 @@
   qmp.py cmd TARGET COMMAND [JSON-ARGS]   run one QMP command, print its return
   qmp.py timed TARGET COMMAND [JSON-ARGS] the same, but print how long the
                                           command took (s), not its return
-  qmp.py diff DAY1 DAY2 RUNS              list the 64 KiB blocks that differ
+  qmp.py diff DAY1 DAY2 RUNS [PERCENT]    list the 64 KiB blocks that differ
+                                          (or a spread share of them, PERCENT %
+                                          of the disk)
+  qmp.py build DAY1 DAY2 RUNS OUT         write OUT: DAY1 with those blocks of DAY2
   qmp.py apply TARGET DEV DAY2 RUNS       write day 2's data at those blocks
   qmp.py probe TARGET DEV OFF FILE        write FILE's first 4 KiB at OFF every
                                           20 ms until SIGTERM; print the slowest
@@ -17,6 +20,7 @@ copy-before-write filter a backup put above the disk).
 """
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -90,7 +94,7 @@ def qemu_io(mon, dev, command):
         raise SystemExit(f"qemu-io {command}: {out.strip()}")
 
 
-def diff(day1, day2, runs_path):
+def diff(day1, day2, runs_path, percent="all"):
     runs = []
     with open(day1, "rb") as a, open(day2, "rb") as b:
         base = 0
@@ -111,6 +115,8 @@ def diff(day1, day2, runs_path):
                 else:
                     runs.append([off, n])
             base += len(ys)
+    if percent != "all":
+        runs = pick(runs, float(percent) / 100 * os.path.getsize(day1))
     dirty = sum(n for _, n in runs)
     chunks = set()
     for o, n in runs:
@@ -118,6 +124,32 @@ def diff(day1, day2, runs_path):
     with open(runs_path, "w") as f:
         json.dump({"runs": runs, "dirty": dirty, "dirty_chunks": len(chunks) * CHUNK,
                    "writes": len(runs)}, f)
+
+
+def pick(runs, want):
+    """About want bytes of runs, spread over the disk as a day's writes
+    are: a fixed pseudo-random choice, in disk order."""
+    order = list(range(len(runs)))
+    random.Random(11).shuffle(order)
+    taken, total = [], 0
+    for i in order:
+        if total >= want:
+            break
+        taken.append(i)
+        total += runs[i][1]
+    return [runs[i] for i in sorted(taken)]
+
+
+def build(day1, day2, runs_path, out):
+    """Writes out: day1 with the runs of day2 on it (what the VM's drive
+    holds once apply has run)."""
+    runs = json.load(open(runs_path))["runs"]
+    os.system(f"cp --sparse=always '{day1}' '{out}'")
+    with open(day2, "rb") as src, open(out, "r+b") as dst:
+        for off, n in runs:
+            src.seek(off)
+            dst.seek(off)
+            dst.write(src.read(n))
 
 
 def apply(target, dev, day2, runs_path):
@@ -154,8 +186,10 @@ def main(argv):
         t = time.monotonic()
         ret = mon.execute(argv[2], args)
         print(f"{time.monotonic() - t:.3f}" if argv[0] == "timed" else json.dumps(ret))
-    elif len(argv) == 4 and argv[0] == "diff":
+    elif len(argv) in (4, 5) and argv[0] == "diff":
         diff(*argv[1:])
+    elif len(argv) == 5 and argv[0] == "build":
+        build(*argv[1:])
     elif len(argv) == 5 and argv[0] == "apply":
         apply(*argv[1:])
     elif len(argv) == 5 and argv[0] == "probe":

@@ -63,6 +63,10 @@ type QEMUOptions struct {
 	// FreezeTimeout bounds the guest freeze (DefaultFreezeTimeout when 0).
 	FreezeTimeout time.Duration
 	Warn          func(string)
+	// Quiesce, when set, holds applications still around the instant
+	// (an agent in the guest, hooks): before the guest agent's freeze,
+	// and thawed after its thaw.
+	Quiesce Quiescer
 }
 
 // QEMUBackup is one backup of a running QEMU VM: OpenQEMU, Views, read

@@ -234,6 +234,16 @@ func (q *QEMUBackup) instant(ctx context.Context) error {
 	if len(acts) == 0 {
 		return nil
 	}
+	at := Instant{Provider: string(QEMU)}
+	for _, d := range q.drives {
+		at.Disks = append(at.Disks, d.ID)
+	}
+	return quiesce(ctx, q.opts.Quiesce, at, func() error { return q.transaction(ctx, acts) })
+}
+
+// transaction starts the copies of every drive in one QMP transaction,
+// inside the guest agent's freeze when there is one.
+func (q *QEMUBackup) transaction(ctx context.Context, acts []any) error {
 	thaw, err := q.freezeGuest(ctx)
 	if err != nil {
 		return err

@@ -87,6 +87,10 @@ type Options struct {
 	// SnapshotSize is lvcreate's --size for the COW space of an LVM
 	// snapshot ("" picks one from the origin's size).
 	SnapshotSize string
+	// Quiesce, when set, holds applications still around the instant
+	// of the copies (hooks, writers, an agent). It needs a copy: a
+	// backup whose sources are all read as they are is refused.
+	Quiesce Quiescer
 }
 
 // Provider takes the point-in-time copies of one backup. Each view's Copy
@@ -159,34 +163,59 @@ func (p *Provider) take(ctx context.Context, plans []*plan) ([]*source.View, err
 			}
 		}
 	}
-	var fz *frozen
-	if len(mounts) > 0 && !p.opts.NoFreeze {
-		var err error
-		if fz, err = freeze(ctx, mounts, p.opts); err != nil {
-			return nil, err
-		}
+	at, err := p.instant(plans)
+	if err != nil {
+		return nil, err
 	}
 	views := make([]*source.View, 0, len(plans))
-	var err error
-	for _, pl := range plans {
-		var v *source.View
-		if v, err = pl.take(ctx); err != nil {
-			break
+	err = quiesce(ctx, p.opts.Quiesce, at, func() error {
+		var fz *frozen
+		if len(mounts) > 0 && !p.opts.NoFreeze {
+			var err error
+			if fz, err = freeze(ctx, mounts, p.opts); err != nil {
+				return err
+			}
 		}
-		views = append(views, v)
-	}
-	if fz != nil {
-		d, terr := fz.thaw()
-		p.report = Report{Frozen: d, Mounts: mounts}
-		if err == nil {
-			err = terr
+		var err error
+		for _, pl := range plans {
+			var v *source.View
+			if v, err = pl.take(ctx); err != nil {
+				break
+			}
+			views = append(views, v)
 		}
-	}
+		if fz != nil {
+			d, terr := fz.thaw()
+			p.report = Report{Frozen: d, Mounts: mounts}
+			if err == nil {
+				err = terr
+			}
+		}
+		return err
+	})
 	if err != nil {
 		Release(views)
 		return nil, err
 	}
 	return views, nil
+}
+
+// instant describes the copies the plans take, for a Quiescer; it
+// refuses to quiesce around sources that get no copy, since their read
+// lasts the whole backup.
+func (p *Provider) instant(plans []*plan) (Instant, error) {
+	var at Instant
+	for _, pl := range plans {
+		if pl.mode == None && p.opts.Quiesce != nil {
+			return at, fmt.Errorf("%s gets no point-in-time copy (--snapshot %s), so there is no instant to quiesce the applications for: "+
+				"drop --pre-freeze, --writer and --quiesce, or back it up from an LVM volume, an image file on XFS or btrfs, or through QEMU", pl.src.Path, p.opts.Mode)
+		}
+		at.Disks = append(at.Disks, pl.src.Path)
+		if !contains(strings.Split(at.Provider, ","), string(pl.mode)) {
+			at.Provider = strings.TrimPrefix(at.Provider+","+string(pl.mode), ",")
+		}
+	}
+	return at, nil
 }
 
 func contains(list []string, s string) bool {
