@@ -190,7 +190,7 @@ func TestPostgreSQL(t *testing.T) {
 
 	t.Run("socket folder and PG environment", func(t *testing.T) {
 		t.Setenv("PGUSER", "checker")
-		w, err := NewPostgreSQL(dir)
+		w, err := Parse("postgres:" + dir)
 		if err != nil {
 			t.Fatal(err)
 		}
