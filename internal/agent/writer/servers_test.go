@@ -14,14 +14,13 @@ import (
 
 // serverDir makes a folder for a throw-away server. When owner is not ""
 // and the tests run as root, the server runs as that OS user (PostgreSQL
-// refuses to run as root): the folder is theirs and its parents are
-// traversable. It returns the credential to run the server's commands
-// with, nil to run them as ourselves.
+// refuses to run as root) and the folder is theirs. It returns the
+// credential to run the server's commands with, nil to run them as
+// ourselves.
 func serverDir(t *testing.T, owner string) (string, *syscall.Credential) {
 	t.Helper()
-	dir := t.TempDir()
 	if owner == "" || os.Geteuid() != 0 {
-		return dir, nil
+		return t.TempDir(), nil
 	}
 	u, err := user.Lookup(owner)
 	if err != nil {
@@ -29,12 +28,14 @@ func serverDir(t *testing.T, owner string) (string, *syscall.Credential) {
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
-	// t.TempDir's folder and its parent are 0700, ours.
-	for _, d := range []string{filepath.Dir(dir), dir} {
-		if err := os.Chmod(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
+	// Under /tmp rather than t.TempDir, whose parents (TMPDIR may be
+	// anywhere) the server's user may not be able to traverse. Removed
+	// after the server stops, cleanups running last first.
+	dir, err := os.MkdirTemp("/tmp", "sauve-writer-test-")
+	if err != nil {
+		t.Fatal(err)
 	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	if err := os.Chown(dir, uid, gid); err != nil {
 		t.Fatal(err)
 	}
