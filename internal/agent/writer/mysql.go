@@ -106,11 +106,22 @@ func (nopLogger) Print(...any) {}
 func (m *MySQL) Name() string { return m.name }
 
 // Freeze connects and takes the global read lock, waiting for it no longer
-// than ctx allows; a Freeze that fails leaves nothing locked.
+// than ctx allows; a Freeze that fails leaves nothing locked, and no
+// connection open.
 func (m *MySQL) Freeze(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.closeLocked()
+	err := m.freezeLocked(ctx)
+	if err != nil {
+		// So that an open connection always means a lock held, which
+		// is what Thaw goes by.
+		m.closeLocked()
+	}
+	return err
+}
+
+func (m *MySQL) freezeLocked(ctx context.Context) error {
 	conn, err := m.connect(ctx)
 	if err != nil {
 		return err
@@ -138,10 +149,8 @@ func (m *MySQL) Freeze(ctx context.Context) error {
 	isMy := errors.As(err, &me)
 	switch {
 	case isMy && me.Number == erSpecificAccess:
-		m.closeLocked()
 		return fmt.Errorf("FLUSH TABLES WITH READ LOCK refused to %q: it needs the RELOAD privilege (GRANT RELOAD ON *.* TO ...): %w", m.cfg.User, err)
 	case isMy && me.Number == erLockWaitTimeout:
-		m.closeLocked()
 		return fmt.Errorf("FLUSH TABLES WITH READ LOCK could not get the lock within %d s: another session holds a table lock or runs a long write (SHOW PROCESSLIST says which); nothing is locked: %w", wait, err)
 	}
 	// The deadline passed first, or the connection broke: the statement
@@ -149,7 +158,6 @@ func (m *MySQL) Freeze(ctx context.Context) error {
 	// every other session's writes. Kill it from a second connection
 	// rather than trusting the server to notice the first one closed.
 	kerr := m.killLocked(ctx)
-	m.closeLocked()
 	err = fmt.Errorf("FLUSH TABLES WITH READ LOCK (after %.1f s): %w", time.Since(t0).Seconds(), ctxErr(ctx, err))
 	if kerr != nil {
 		return errors.Join(err, kerr)
@@ -212,8 +220,7 @@ func (m *MySQL) killLocked(ctx context.Context) error {
 func (m *MySQL) Thaw(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.conn == nil {
-		m.closeLocked()
+	if m.conn == nil { // no lock: Freeze failed, or Thaw ran already
 		return nil
 	}
 	_, err := m.conn.ExecContext(ctx, "UNLOCK TABLES")

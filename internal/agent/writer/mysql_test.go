@@ -271,6 +271,9 @@ func TestMySQL(t *testing.T) {
 		if strings.Contains(err.Error(), "hunter2") || strings.Contains(w.Name(), "hunter2") {
 			t.Error("the password is in the error or the name")
 		}
+		if w.(*MySQL).conn != nil || strings.Contains(err.Error(), "thaw") {
+			t.Error("the failed Freeze left its connection for Thaw")
+		}
 		writesWork(t, admin, "d.u")
 	})
 
@@ -329,6 +332,9 @@ func TestMySQL(t *testing.T) {
 				t.Logf("%v (%.2f s)", err, took.Seconds())
 				if took > deadline+1500*time.Millisecond {
 					t.Errorf("Freeze took %s with a deadline of %s", took, deadline)
+				}
+				if w.conn != nil || strings.Contains(err.Error(), "thaw") {
+					t.Error("the failed Freeze left its connection for Thaw")
 				}
 				if deadline > 2*time.Second && !strings.Contains(err.Error(), "could not get the lock within 2 s") {
 					t.Errorf("error %q", err)
