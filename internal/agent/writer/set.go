@@ -31,6 +31,8 @@ type Writer interface {
 // how long it took, such as how long PostgreSQL's CHECKPOINT ran. A Set puts
 // it in the writer's Result.
 type Detailer interface {
+	// Detail is one line on the last Freeze, "" when there is nothing to
+	// say.
 	Detail() string
 }
 
