@@ -8,6 +8,10 @@
                                           (or a spread share of them, PERCENT %
                                           of the disk)
   qmp.py build DAY1 DAY2 RUNS OUT         write OUT: DAY1 with those blocks of DAY2
+  qmp.py check RUNS INC REST FULL         check a live incremental's restore INC:
+                                          its changed chunks as in REST (a backup
+                                          of the changed image at rest), the rest
+                                          as in FULL (the full it was based on)
   qmp.py apply TARGET DEV DAY2 RUNS       write day 2's data at those blocks
   qmp.py probe TARGET DEV OFF FILE        write FILE's first 4 KiB at OFF every
                                           20 ms until SIGTERM; print the slowest
@@ -152,6 +156,33 @@ def build(day1, day2, runs_path, out):
             dst.write(src.read(n))
 
 
+def check(runs_path, inc, rest, full):
+    """Checks a live incremental's restore (inc) chunk by chunk: a chunk
+    the changes touched holds what sauve's backup of the changed image at
+    rest restores to (rest: the same bytes through the same block map);
+    any other chunk holds what the full backup it was based on restores
+    to (full). Prints the chunks that differ; exit 1 if any."""
+    runs = json.load(open(runs_path))["runs"]
+    dirty = set()
+    for o, n in runs:
+        dirty.update(range(o // CHUNK, (o + n - 1) // CHUNK + 1))
+    bad = []
+    with open(inc, "rb") as a, open(rest, "rb") as b, open(full, "rb") as c:
+        i = 0
+        while True:
+            x, y, z = a.read(CHUNK), b.read(CHUNK), c.read(CHUNK)
+            if not x and not y and not z:
+                break
+            want = y if i in dirty else z
+            if x != want:
+                bad.append(i)
+            i += 1
+    if bad:
+        print(f"{len(bad)} chunks differ, first {bad[:5]} "
+              f"({sum(1 for b in bad if b in dirty)} of them dirty)")
+        raise SystemExit(1)
+
+
 def apply(target, dev, day2, runs_path):
     runs = json.load(open(runs_path))["runs"]
     mon = connect(target)
@@ -190,6 +221,8 @@ def main(argv):
         diff(*argv[1:])
     elif len(argv) == 5 and argv[0] == "build":
         build(*argv[1:])
+    elif len(argv) == 5 and argv[0] == "check":
+        check(*argv[1:])
     elif len(argv) == 5 and argv[0] == "apply":
         apply(*argv[1:])
     elif len(argv) == 5 and argv[0] == "probe":

@@ -104,6 +104,9 @@ type Options struct {
 	Time time.Time
 	// Program is recorded in the manifest.
 	Program string
+	// Quiesce, when set, is recorded in the manifest: how applications
+	// were held still around the instant of the copies.
+	Quiesce *repo.Quiescing
 	// Warn hears what went wrong without failing the backup: a base
 	// whose chunk list cannot be read, so the rest of its disk is read
 	// in full.
@@ -263,7 +266,7 @@ func newSnapshot(opts Options, start time.Time, disks []repo.Disk) *repo.Snapsho
 	}
 	return &repo.Snapshot{
 		Time: t.UTC(), Host: opts.Host, Tags: opts.Tags, Parent: opts.Parent, Program: opts.Program,
-		Disks: disks,
+		Disks: disks, Quiesce: opts.Quiesce,
 	}
 }
 

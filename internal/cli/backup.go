@@ -22,6 +22,7 @@ func newBackupCmd(g *globals) *cobra.Command {
 	var (
 		o         backupOptions
 		q         qemuFlags
+		qf        quiesceFlags
 		stdinSize string
 		snapshot  string
 	)
@@ -88,12 +89,26 @@ named after the drives, known by the VM's UUID, not by the socket's
 path. Everything sauve adds to the VM but its bitmaps is removed at the
 end, also after a failure or a kill.
 
+A point-in-time copy of a running system is crash-consistent: what a
+power cut would leave. To make it application-consistent, --writer
+flushes and holds an application for the instant of the copy (postgresql:
+CHECKPOINT; mariadb or mysql: FLUSH TABLES WITH READ LOCK, held on its own
+connection, so a killed sauve never leaves it locked), and --pre-freeze
+and --post-thaw run commands around it (with $SAUVE_DISKS, $SAUVE_PROVIDER
+and $SAUVE_PHASE set; post-thaw always runs once pre-freeze has started).
+They run before the filesystems are frozen and after they are thawed. A
+hook or writer that fails stores no snapshot and says which and what it
+printed; --hook-failure continue stores it as crash-consistent instead.
+The snapshot records which it is ('sauve show').
+
 The snapshot manifest is written last: an interrupted backup leaves no
 snapshot, and the next backup reuses what it had uploaded.`,
 		Example: `  sauve backup qemu:/run/vm1.qmp              # a running QEMU VM: every drive, one instant
   sauve backup /dev/vda --tag nightly
   sauve backup /dev/vg0/root /dev/vg0/data    # two LVM snapshots, one snapshot of both disks
   sauve backup /var/lib/libvirt/images/web.img   # a reflink copy on XFS or btrfs
+  sauve backup /dev/vg0/db --writer postgresql     # CHECKPOINT, then the LVM snapshot
+  sauve backup /dev/vg0/app --pre-freeze 'systemctl stop app' --post-thaw 'systemctl start app'
   sauve backup /dev/sda --no-fs-skip          # every byte, free space included
   dd if=/dev/sdb bs=1M | sauve backup - --stdin-name sdb.img --stdin-size 500G
   sauve backup /srv/empty.img --allow-empty    # a 0-byte file: store it anyway
@@ -115,6 +130,12 @@ snapshot, and the next backup reuses what it had uploaded.`,
 				return usageError{err}
 			}
 			o.mode, o.source = mode, sopts
+			if o.quiesce, err = qf.quiescer(); err != nil {
+				return err
+			}
+			if o.quiesce != nil {
+				o.quiesce.warn = g.warn
+			}
 			if stdinSize != "" {
 				n, err := parseSize(stdinSize)
 				if err != nil || n <= 0 {
@@ -158,6 +179,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringVar(&q.nbdServer, "nbd-server", "", "with qemu:SOCKET: the NBD server the VM already runs, to export the copies on (default: sauve starts one)")
 	f.BoolVar(&q.noBitmaps, "no-bitmaps", false, "with qemu:SOCKET: keep no dirty bitmaps in the VM (every backup reads every drive in full)")
 	f.BoolVar(&o.allowEmpty, "allow-empty", false, "store a snapshot of an empty source (0 bytes) instead of refusing it")
+	qf.add(f)
 	addImportFlags(cmd)
 	return cmd
 }
@@ -183,6 +205,7 @@ type backupOptions struct {
 	source            source.Options
 	freezeTimeout     time.Duration
 	snapshotSize      string
+	quiesce           *quiescer // nil: no writer, no hook
 }
 
 const emptyDoing, emptyHint = "store an empty snapshot", "--allow-empty stores one"
@@ -224,7 +247,8 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 	}
 	// The point-in-time copies are taken once the repository is open and
 	// before anything of the sources is read.
-	prov := shadow.New(shadow.Options{Mode: o.mode, Warn: g.warn, FreezeTimeout: o.freezeTimeout, SnapshotSize: o.snapshotSize})
+	prov := shadow.New(shadow.Options{Mode: o.mode, Warn: g.warn, FreezeTimeout: o.freezeTimeout, SnapshotSize: o.snapshotSize,
+		Quiesce: quiescerOrNil(o.quiesce)})
 	srcs := make([]*source.Source, len(disks))
 	for i, d := range disks {
 		srcs[i] = d.src
@@ -259,6 +283,7 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 	})
 	res, err := backup.RunDisks(ctx, r, bss, backup.Options{
 		Host: o.host, Tags: o.tags, Parent: parent, Progress: prog, Program: "sauve " + Version, Warn: g.warn,
+		Quiesce: o.quiesce.record(),
 	})
 	m.Stop()
 	if err != nil {
@@ -407,6 +432,9 @@ func (g *globals) printBackup(res *backup.Result, disks []*backupDisk, rep shado
 	if rep.Frozen > 0 {
 		g.printf("  writes to %s were frozen for %s while the copy was taken\n", strings.Join(rep.Mounts, ", "), seconds(rep.Frozen.Seconds()))
 	}
+	if !g.quiet {
+		printQuiescing(g.stdout, "  ", sn.Quiesce)
+	}
 	g.printf("  took %s (%s)\n", seconds(st.Seconds), rate(totalSize(sn), st.Seconds))
 	return nil
 }
@@ -464,7 +492,7 @@ func backupJSON(res *backup.Result, disks []*backupDisk, rep shadow.Report) map[
 	}
 	d := list[0]
 	out := map[string]any{
-		"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": tags,
+		"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": tags, "quiesce": sn.Quiesce,
 		"bytes_new_compressed": st.BytesNewCoded, "bytes_stored": st.BytesStored,
 		"packs": res.Packs, "seconds": st.Seconds, "disks": list,
 		"frozen_seconds": rep.Frozen.Seconds(), "frozen_mounts": nonNil(rep.Mounts),

@@ -38,6 +38,7 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 		Socket: socket, Drives: q.drives, GuestFreeze: q.guestFreeze, GuestAgent: q.guestAgent,
 		FleeceDir: q.fleeceDir, NBDServer: q.nbdServer, Bitmaps: !q.noBitmaps, FreezeTimeout: o.freezeTimeout, Warn: g.warn,
 		Since: func(drive string) string { return since(drive) },
+		Quiesce: quiescerOrNil(o.quiesce),
 	})
 	if err != nil {
 		return err
@@ -89,7 +90,8 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 			return fmt.Sprintf("read %s, new %s, unchanged or dedup %s", bytesIEC(prog.Read.Load()), bytesIEC(prog.New.Load()), bytesIEC(prog.Reused.Load()))
 		},
 	})
-	res, err := backup.RunDisks(ctx, r, bss, backup.Options{Host: o.host, Tags: o.tags, Parent: parentID, Progress: prog, Program: "sauve " + Version, Warn: g.warn})
+	res, err := backup.RunDisks(ctx, r, bss, backup.Options{Host: o.host, Tags: o.tags, Parent: parentID, Progress: prog, Program: "sauve " + Version, Warn: g.warn,
+		Quiesce: o.quiesce.record()})
 	m.Stop()
 	if err != nil {
 		return fmt.Errorf("backup of VM %s: %w", id.host, err)

@@ -47,6 +47,7 @@ read and stored (unknown or damaged filesystem, mounted read-write,
 			for _, m := range sn.Marks {
 				fmt.Fprintf(w, "  ! %s\n", m)
 			}
+			printQuiescing(w, "  ", sn.Quiesce)
 			for _, d := range sn.Disks {
 				fmt.Fprintf(w, "\ndisk %s: %s (%d bytes), %s %s\n", d.Name, bytesIEC(d.Size), d.Size, d.Kind, d.Source)
 				switch {

@@ -76,6 +76,9 @@ type snapshotJSON struct {
 	SignerKey  string     `json:"signer_key"`
 	Marks      []string   `json:"marks"`
 	Disks      []diskJSON `json:"disks"`
+	// Quiesce says how applications were held around the copy; null
+	// when nothing was asked of them.
+	Quiesce *repo.Quiescing `json:"quiesce"`
 }
 
 type diskJSON struct {
@@ -97,7 +100,7 @@ type diskJSON struct {
 
 func toJSON(sn *repo.Snapshot) snapshotJSON {
 	out := snapshotJSON{ID: sn.ID.String(), Short: sn.ID.Short(), Time: sn.Time, Host: sn.Host, Tags: sn.Tags, Signer: sn.Signer,
-		SignerKind: signerKind(sn), SignerKey: fmt.Sprintf("%x", sn.SignerKey[:8]), Marks: sn.Marks}
+		SignerKind: signerKind(sn), SignerKey: fmt.Sprintf("%x", sn.SignerKey[:8]), Marks: sn.Marks, Quiesce: sn.Quiesce}
 	if out.Tags == nil {
 		out.Tags = []string{}
 	}

@@ -26,6 +26,9 @@ type Snapshot struct {
 	Parent  *ID       `json:"parent,omitempty"`
 	Program string    `json:"program"`
 	Disks   []Disk    `json:"disks"`
+	// Quiesce says how applications were held still around the instant
+	// of the copies; nil when nothing was asked of them.
+	Quiesce *Quiescing `json:"quiesce,omitempty"`
 
 	// Filled in when loaded, not stored in the manifest.
 	ID ID `json:"-"`
@@ -38,6 +41,26 @@ type Snapshot struct {
 	// host: a host outside its writer's certificate, a time in the future,
 	// a revoked writer, data lost for good. Empty for a sound snapshot.
 	Marks []string `json:"-"`
+}
+
+// Quiescing is what holding the applications still achieved: with every
+// writer frozen for the whole window the snapshot is application-
+// consistent, otherwise crash-consistent (what a power cut leaves).
+type Quiescing struct {
+	Consistency string `json:"consistency"` // "application" or "crash"
+	// Reason says why a snapshot is crash-consistent.
+	Reason        string            `json:"reason,omitempty"`
+	Writers       []QuiescingWriter `json:"writers,omitempty"`
+	WindowSeconds float64           `json:"window_seconds,omitempty"`
+}
+
+// QuiescingWriter is what one writer (hooks, a database, an agent) did.
+type QuiescingWriter struct {
+	Name    string  `json:"name"`
+	Frozen  bool    `json:"frozen"`
+	Seconds float64 `json:"seconds"`
+	Detail  string  `json:"detail,omitempty"`
+	Error   string  `json:"error,omitempty"`
 }
 
 // MaxClockSkew is how far in the future a snapshot may be dated before it
@@ -238,8 +261,16 @@ func parseManifest(b []byte) (*Snapshot, error) {
 			return nil, fmt.Errorf("manifest: disk %d has %d chunk lists, needs %d", i, len(d.ChunkLists), want)
 		}
 	}
+	if q := sn.Quiesce; q != nil {
+		if q.Consistency != "application" && q.Consistency != "crash" || len(q.Writers) > maxQuiescingWriters {
+			return nil, fmt.Errorf("manifest: quiescing %q with %d writers", q.Consistency, len(q.Writers))
+		}
+	}
 	return &sn, nil
 }
+
+// maxQuiescingWriters bounds the writers a manifest may list.
+const maxQuiescingWriters = 64
 
 // snapView is what snapshots are read against: the cache of their
 // objects (nil: none), the table their signers are numbered in, and the

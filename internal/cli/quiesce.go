@@ -1,0 +1,135 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/sauve-backup/sauve/internal/agent/writer"
+	"github.com/sauve-backup/sauve/internal/repo"
+	"github.com/sauve-backup/sauve/internal/shadow"
+)
+
+// quiesceFlags are backup's flags for holding applications still around
+// the instant of the point-in-time copies.
+type quiesceFlags struct {
+	preFreeze, postThaw []string
+	hookTimeout         time.Duration
+	hookFailure         string
+	writers             []string
+	writerTimeout       time.Duration
+}
+
+func (f *quiesceFlags) add(fs *pflag.FlagSet) {
+	fs.StringArrayVar(&f.preFreeze, "pre-freeze", nil, "run this shell command just before the point-in-time copy (repeatable, in order); $SAUVE_DISKS and $SAUVE_PROVIDER say what is copied")
+	fs.StringArrayVar(&f.postThaw, "post-thaw", nil, "run this shell command just after the copy (repeatable); it always runs once a pre-freeze command has started, also on error, timeout and Ctrl-C")
+	fs.DurationVar(&f.hookTimeout, "hook-timeout", writer.DefaultHookTimeout, "longest time each --pre-freeze or --post-thaw command may run (its process group is killed then)")
+	fs.StringVar(&f.hookFailure, "hook-failure", "abort", "what a failing hook or writer does: abort (store no snapshot, say which failed and what it printed) or continue (store a crash-consistent snapshot, and say why)")
+	fs.StringArrayVar(&f.writers, "writer", nil, "flush and hold an application for the copy (repeatable): postgresql[:DSN] (CHECKPOINT first), mariadb[:DSN] or mysql[:DSN] (FLUSH TABLES WITH READ LOCK held until the copy is taken)")
+	fs.DurationVar(&f.writerTimeout, "writer-timeout", writer.DefaultDeadline, "longest time each writer may take to flush and hold its application")
+}
+
+// quiescer returns the Quiescer the flags ask for, nil when none.
+func (f *quiesceFlags) quiescer() (*quiescer, error) {
+	policy, err := writer.ParsePolicy(f.hookFailure)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--hook-failure %q: choose abort or continue", f.hookFailure)}
+	}
+	q := &quiescer{set: writer.Set{Deadline: f.writerTimeout, Policy: policy}}
+	if len(f.preFreeze) > 0 || len(f.postThaw) > 0 {
+		q.hooks = &writer.Hooks{PreFreeze: f.preFreeze, PostThaw: f.postThaw, Timeout: f.hookTimeout}
+		q.set.Writers = append(q.set.Writers, q.hooks)
+	}
+	for _, spec := range f.writers {
+		w, err := writer.Parse(spec)
+		if err != nil {
+			return nil, usageError{fmt.Errorf("--writer %s: %w", spec, err)}
+		}
+		q.set.Writers = append(q.set.Writers, w)
+	}
+	if len(q.set.Writers) == 0 {
+		return nil, nil
+	}
+	return q, nil
+}
+
+// quiescer holds the writers of a backup still for the instant of its
+// copies (shadow.Quiescer), and remembers what that achieved.
+type quiescer struct {
+	set    writer.Set
+	hooks  *writer.Hooks
+	warn   func(string)
+	report *writer.Report
+}
+
+// Quiesce implements shadow.Quiescer.
+func (q *quiescer) Quiesce(ctx context.Context, at shadow.Instant) (func(context.Context) error, error) {
+	if q.hooks != nil {
+		q.hooks.Env = []string{writer.EnvDisks + "=" + strings.Join(at.Disks, " "), writer.EnvProvider + "=" + at.Provider}
+	}
+	held, err := q.set.Freeze(ctx)
+	if err != nil {
+		// Set.Freeze thawed what it had started.
+		return func(context.Context) error { return nil }, err
+	}
+	return func(ctx context.Context) error {
+		err := held.Thaw(ctx)
+		rep := held.Report()
+		q.report = &rep
+		if err != nil && q.set.Policy == writer.Abort {
+			return err
+		}
+		if err != nil && q.warn != nil {
+			q.warn(fmt.Sprintf("%v (--hook-failure continue: the snapshot is stored)", err))
+		}
+		return nil
+	}, nil
+}
+
+// record is what the snapshot's manifest records of the writers; nil
+// before they were thawed.
+func (q *quiescer) record() *repo.Quiescing {
+	if q == nil || q.report == nil {
+		return nil
+	}
+	r := q.report
+	out := &repo.Quiescing{Consistency: r.Consistency, Reason: r.Reason, WindowSeconds: r.WindowSeconds}
+	for _, w := range r.Writers {
+		out.Writers = append(out.Writers, repo.QuiescingWriter{Name: w.Name, Frozen: w.Frozen, Seconds: w.Seconds, Detail: w.Detail, Error: w.Error})
+	}
+	return out
+}
+
+// printQuiescing says how the applications were held, one line.
+func printQuiescing(w io.Writer, indent string, q *repo.Quiescing) {
+	if q == nil {
+		return
+	}
+	var names []string
+	for _, x := range q.Writers {
+		s := x.Name
+		if !x.Frozen {
+			s += " (not held)"
+		}
+		names = append(names, s)
+	}
+	switch q.Consistency {
+	case "application":
+		fmt.Fprintf(w, "%sapplication-consistent: %s held for %s\n", indent, strings.Join(names, ", "), seconds(q.WindowSeconds))
+	default:
+		fmt.Fprintf(w, "%s! crash-consistent: %s (%s)\n", indent, q.Reason, strings.Join(names, ", "))
+	}
+}
+
+// quiescerOrNil keeps a nil *quiescer from becoming a non-nil
+// shadow.Quiescer.
+func quiescerOrNil(q *quiescer) shadow.Quiescer {
+	if q == nil {
+		return nil
+	}
+	return q
+}
