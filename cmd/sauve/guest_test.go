@@ -26,25 +26,8 @@ const guestRun = "SAUVE_GUEST=1 go test -run TestLVMInGuest -timeout 30m -v ./cm
 // removed by the next one, and that --snapshot lvm refuses a device that
 // is no logical volume.
 func TestLVMInGuest(t *testing.T) {
-	if os.Getenv("SAUVE_SOAK") != "1" && os.Getenv("SAUVE_GUEST") != "1" {
-		t.Skip("the LVM snapshot provider is tested in a QEMU (TCG) guest by test/guest/run.sh, " +
-			"because this machine's kernel has no device-mapper; it takes minutes: " + guestRun)
-	}
-	requireRoot(t)
-	for _, p := range []string{"qemu-system-x86_64", "mkfs.ext4", "go"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("%s is not installed (the guest test needs it): %v", p, err)
-		}
-	}
-	limit := 15 * time.Minute
-	if d, ok := t.Deadline(); ok {
-		// The first run also builds the guest image (a few minutes).
-		left := time.Until(d) - time.Minute
-		if left < 8*time.Minute {
-			t.Fatalf("the guest test needs more time than go test allows (%v left): %s", left.Round(time.Second), guestRun)
-		}
-		limit = min(limit, left)
-	}
+	limit := guestTest(t, 8*time.Minute, guestRun, "the LVM snapshot provider is tested in a QEMU (TCG) guest by test/guest/run.sh, "+
+		"because this machine's kernel has no device-mapper")
 	bin := filepath.Join(t.TempDir(), "sauve")
 	build := exec.Command("go", "build", "-o", bin, ".")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -54,15 +37,9 @@ func TestLVMInGuest(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), limit+2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "bash", filepath.Join("..", "..", "test", "guest", "run.sh"))
-	cmd.Env = append(os.Environ(), "SAUVE_BIN="+bin, "TMPDIR="+t.TempDir(),
-		"SAUVE_GUEST_TIMEOUT="+strconv.Itoa(int(limit.Seconds())))
-	// run.sh's QEMU goes with it when the test gives up.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd := guestCommand(ctx, t, limit, "SAUVE_BIN="+bin)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.WaitDelay = 30 * time.Second
 	err := cmd.Run()
 	console := out.String()
 	t.Logf("guest console:\n%s", console)
@@ -78,6 +55,47 @@ func TestLVMInGuest(t *testing.T) {
 	default:
 		t.Fatalf("guest test: run.sh: %v (result %q)", err, result)
 	}
+}
+
+// guestTest skips a guest test unless SAUVE_GUEST=1 or SAUVE_SOAK=1
+// (why says what it tests, run how to run it), or when what it needs is
+// missing, and returns how long the guest may run: at most 15 minutes,
+// less when go test's deadline is nearer, and at least need (the test
+// fails at once when go test does not allow that).
+func guestTest(t *testing.T, need time.Duration, run, why string) time.Duration {
+	t.Helper()
+	if os.Getenv("SAUVE_SOAK") != "1" && os.Getenv("SAUVE_GUEST") != "1" {
+		t.Skip(why + "; it takes minutes: " + run)
+	}
+	requireRoot(t)
+	for _, p := range []string{"qemu-system-x86_64", "mkfs.ext4", "go"} {
+		if _, err := exec.LookPath(p); err != nil {
+			t.Skipf("%s is not installed (the guest test needs it): %v", p, err)
+		}
+	}
+	limit := 15 * time.Minute
+	if d, ok := t.Deadline(); ok {
+		// The first run also builds the guest image (a few minutes).
+		left := time.Until(d) - time.Minute
+		if left < need {
+			t.Fatalf("the guest test needs more time than go test allows (%v left): %s", left.Round(time.Second), run)
+		}
+		limit = min(limit, left)
+	}
+	return limit
+}
+
+// guestCommand is test/guest/run.sh, which boots the guest for at most
+// limit, with env added to the environment; it runs in a TempDir, and
+// its QEMU goes with it when ctx ends.
+func guestCommand(ctx context.Context, t *testing.T, limit time.Duration, env ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, "bash", filepath.Join("..", "..", "test", "guest", "run.sh"))
+	cmd.Env = append(os.Environ(), append(env, "TMPDIR="+t.TempDir(),
+		"SAUVE_GUEST_TIMEOUT="+strconv.Itoa(int(limit.Seconds())))...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 30 * time.Second
+	return cmd
 }
 
 var (

@@ -12,9 +12,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache=${SAUVE_GUEST_CACHE:-/var/cache/sauve-guest}
 suite=bookworm
 # The packages the guest needs beyond minbase: a kernel whose modules
-# hold dm-snapshot and dm-thin-pool, the LVM and thin tools, mkfs.ext4.
+# hold dm-snapshot and dm-thin-pool, the LVM and thin tools, mkfs.ext4,
+# and the QEMU guest agent (qemu-ga, for the guest-freeze test).
 # initramfs-tools (pulled in by the kernel) brings udev and kmod.
-packages=linux-image-amd64,lvm2,thin-provisioning-tools,e2fsprogs,kmod
+packages=linux-image-amd64,lvm2,thin-provisioning-tools,e2fsprogs,kmod,qemu-guest-agent
 # recipe names the steps below: bump it when they change the image.
 recipe=2
 

@@ -14,15 +14,8 @@ export SAUVE_REPO=/w/repo XDG_CONFIG_HOME=/w/config XDG_CACHE_HOME=/w/cache
 VG=sauvevg
 # Writes of one block per position (4 KiB) scattered by this stride.
 STRIDE=389
-failed=()
-passed=0
-t0=$(date +%s)
-
-say() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
-pass() { say "STEP $1: PASS${2:+ ($2)}"; passed=$((passed + 1)); }
-fail() { say "STEP $1: FAIL: $2"; failed+=("$1"); }
-# show prints a file's lines indented, at most 40.
-show() { [ -s "$1" ] && sed -n '1,40s/^/    | /p' "$1"; return 0; }
+# say, pass, fail, show, result.
+. /t/steps.sh
 run() { say "+ $*"; "$@"; }
 
 # leftovers lists the sauve snapshot volumes in the volume group.
@@ -370,9 +363,4 @@ if step_env && step_lvm_setup && step_init; then
 	lvs -a "$VG" 2>&1 | sed 's/^/    | /'
 fi
 umount /mnt/thick /w 2>/dev/null
-say "$passed steps passed, ${#failed[@]} failed"
-if [ ${#failed[@]} -eq 0 ]; then
-	echo "SAUVE-GUEST-RESULT: PASS"
-else
-	echo "SAUVE-GUEST-RESULT: FAIL (${failed[*]})"
-fi
+result
