@@ -41,12 +41,11 @@ const qgaRun = "SAUVE_GUEST=1 go test -run TestGuestAgentFreezeInGuest -timeout 
 //   - with --guest-freeze off the restored drive's journal needs recovery
 //     (the contrast: the check above tells frozen from not), and after
 //     recovery its files are whole too (crash-consistent);
-//   - a sauve killed (SIGKILL) while the guest is frozen leaves it frozen
-//     (qemu-ga has no timeout of its own, and no guard thaws it), until
-//     the next backup finds it frozen, waits the freeze timeout, thaws it
-//     and says so, and removes what the killed one left in the VM; the
-//     one after freezes as usual, finding the agent among the VM's
-//     chardevs, and reads incrementally;
+//   - a sauve killed (SIGKILL) while the guest is frozen does not leave
+//     it frozen (qemu-ga has no timeout of its own): sauve's guest thaw
+//     guard thaws it within seconds; the next backup removes what the
+//     killed one left in the VM and freezes as usual; the one after
+//     finds the agent among the VM's chardevs and reads incrementally;
 //   - --guest-freeze on with no agent answering (qemu-ga stopped in the
 //     guest; a socket path with nothing there) fails with one clear
 //     error, stores no snapshot and leaves nothing in the VM.
@@ -144,15 +143,17 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 	killedAt := time.Now()
 	killed.Process.Kill()
 	<-ended
-	stalled := g.seq()
-	// Past the killed sauve's freeze timeout (3 s), nothing has thawed.
-	time.Sleep(time.Until(killedAt.Add(4500 * time.Millisecond)))
-	if s, st := g.seq(), g.agentStatus(); s != stalled || st != "frozen" {
-		t.Errorf("4.5 s after sauve was killed while the guest was frozen: writer at file %d then %d, agent says %q; want no progress and \"frozen\"",
-			stalled, s, st)
-	} else {
-		t.Logf("sauve killed during the freeze: 4.5 s later the guest is still frozen (writer stopped at file %d, agent says %q)", s, st)
+	// The guard thaws the guest as soon as sauve is gone, well before
+	// the killed sauve's freeze timeout (3 s) would have.
+	for st := g.agentStatus(); st != "thawed"; st = g.agentStatus() {
+		if time.Since(killedAt) > 3*time.Second {
+			t.Fatalf("%s after sauve was killed while the guest was frozen, the agent says %q: no guard thawed it",
+				time.Since(killedAt).Round(100*time.Millisecond), st)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
+	t.Logf("sauve killed during the freeze: the guest was thawed %s later", time.Since(killedAt).Round(100*time.Millisecond))
+	g.progresses("after the guard thawed the guest")
 	left := g.leftovers()
 	if got := g.snapshots(e); got != n || len(left) == 0 {
 		t.Errorf("sauve killed during the freeze: %d snapshots (were %d), left in the VM: %v; want no new snapshot, its fleecing nodes",
@@ -162,13 +163,11 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 	start = time.Now()
 	rec, stderr := g.backup(e, "--guest-agent", g.qga, "--guest-freeze", "auto", "--freeze-timeout", "3s")
 	t.Logf("the backup after the kill (%s): guest_freeze %q; stderr:\n%s", time.Since(start).Round(100*time.Millisecond), rec.GuestFreeze, stderr)
-	for _, want := range []string{"removed what a sauve that died left in it", "left frozen", "sauve thawed them"} {
-		if !strings.Contains(stderr, want) {
-			t.Errorf("the backup after the kill does not say %q", want)
-		}
+	if !strings.Contains(stderr, "removed what a sauve that died left in it") {
+		t.Errorf("the backup after the kill does not say it removed what the killed one left")
 	}
-	if rec.GuestFrozen != 0 || !strings.Contains(rec.GuestFreeze, "left frozen") || g.snapshots(e) != n+1 {
-		t.Errorf("the backup after the kill: guest_frozen_seconds %v, guest_freeze %q, %d snapshots (were %d); want 0, why, one more",
+	if rec.GuestFrozen <= 0 || rec.GuestFreeze != "" || g.snapshots(e) != n+1 {
+		t.Errorf("the backup after the kill: guest_frozen_seconds %v, guest_freeze %q, %d snapshots (were %d); want frozen as usual, one more",
 			rec.GuestFrozen, rec.GuestFreeze, g.snapshots(e), n)
 	}
 	g.thawed("after the backup that followed the kill")

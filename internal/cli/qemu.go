@@ -37,7 +37,7 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 	qb, err := shadow.OpenQEMU(ctx, shadow.QEMUOptions{
 		Socket: socket, Drives: q.drives, GuestFreeze: q.guestFreeze, GuestAgent: q.guestAgent,
 		FleeceDir: q.fleeceDir, NBDServer: q.nbdServer, Bitmaps: !q.noBitmaps, FreezeTimeout: o.freezeTimeout, Warn: g.warn,
-		Since: func(drive string) string { return since(drive) },
+		Since:   func(drive string) string { return since(drive) },
 		Quiesce: quiescerOrNil(o.quiesce),
 	})
 	if err != nil {

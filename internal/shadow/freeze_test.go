@@ -32,6 +32,9 @@ func TestMain(m *testing.M) {
 	if mnt := os.Getenv("SAUVE_TEST_FREEZER"); mnt != "" {
 		os.Exit(testFreezer(mnt))
 	}
+	if socket := os.Getenv(guestFreezerEnv); socket != "" {
+		os.Exit(testGuestFreezer(socket))
+	}
 	os.Exit(m.Run())
 }
 

@@ -50,7 +50,8 @@ const (
 const maxGuardMounts = 256
 
 // GuardMain runs the thaw guard (sauve's hidden thaw-guard command):
-// args are "--timeout DURATION -- MOUNT...", stdin carries sauve's thaw
+// args are "--timeout DURATION -- MOUNT...", or "--guest-agent SOCKET"
+// for the guest's thaw guard (guestguard.go), stdin carries sauve's thaw
 // request, stdout the reports. It returns the exit status: 0 when it froze
 // and thawed every mount, 1 when a freeze failed, 2 for bad arguments.
 func GuardMain(args []string, stdin io.Reader, stdout io.Writer) int {
@@ -64,6 +65,9 @@ func GuardMain(args []string, stdin io.Reader, stdout io.Writer) int {
 	// does not reach it (freeze starts it so already; EPERM then).
 	_, _ = unix.Setsid()
 
+	if len(args) == 2 && args[0] == "--guest-agent" {
+		return guestGuardMain(args[1], stdin, stdout)
+	}
 	out := guardOut{stdout}
 	out.line(guardHello)
 	timeout, mounts, err := parseGuardArgs(args)

@@ -26,9 +26,10 @@ import (
 // qemu-ga thaws the guest's filesystems only when told to: not when the
 // client that froze them goes away, nor after a delay (whatever its
 // version does on its own, sauve does not count on it). A sauve killed
-// (kill -9) while the guest is frozen leaves every writer in the guest
-// blocked until someone sends guest-fsfreeze-thaw; guestFreeze's handling
-// of a guest it finds frozen is what repairs that (see freezeGuest).
+// (kill -9) while the guest is frozen would leave every writer in the
+// guest blocked until someone sends guest-fsfreeze-thaw: the guest's thaw
+// guard (guestguard.go) sends it then, and guestFreeze's handling of a
+// guest it finds frozen repairs what even that missed (see freezeGuest).
 
 const (
 	// agentAnswer is how long each command waits for its answer.
@@ -50,6 +51,9 @@ const (
 type agentTimes struct {
 	answer time.Duration // for each command
 	poll   time.Duration // between looks at a guest frozen by someone else
+	// guard is the command of the guest's thaw guard (sauve's
+	// thaw-guard); nil runs none.
+	guard []string
 }
 
 // guestFreeze connects to the guest agent at socket, freezes the guest's
@@ -58,7 +62,11 @@ type agentTimes struct {
 // (DefaultFreezeTimeout when 0), the guest is thawed then and thaw says
 // that the freeze window was exceeded.
 func guestFreeze(ctx context.Context, socket string, timeout time.Duration) (thaw func() (time.Duration, error), err error) {
-	return freezeGuest(ctx, socket, timeout, agentTimes{answer: agentAnswer, poll: agentPoll})
+	guard, err := guardCommand(nil)
+	if err != nil {
+		return nil, err
+	}
+	return freezeGuest(ctx, socket, timeout, agentTimes{answer: agentAnswer, poll: agentPoll, guard: guard})
 }
 
 // errGuestWasFrozen marks the error of a guest found frozen, and left
@@ -94,7 +102,7 @@ func freezeGuest(ctx context.Context, socket string, window time.Duration, times
 		}
 		switch {
 		case status == "thawed":
-			return c.freeze(ctx, window)
+			return c.freeze(ctx, window, times.guard)
 		case status != "frozen":
 			c.close()
 			return nil, fmt.Errorf("the guest agent at %s says the guest's filesystems are %q, neither thawed nor frozen", socket, status)
@@ -258,7 +266,12 @@ func (c *agentConn) noAnswer(command string, wait time.Duration) error {
 
 // freeze freezes the guest's filesystems and arms the timer that thaws
 // them after window. c is closed by thaw, or on error.
-func (c *agentConn) freeze(ctx context.Context, window time.Duration) (func() (time.Duration, error), error) {
+func (c *agentConn) freeze(ctx context.Context, window time.Duration, guard []string) (func() (time.Duration, error), error) {
+	gg, err := startGuestGuard(guard, c.socket)
+	if err != nil {
+		c.close()
+		return nil, err
+	}
 	start := time.Now()
 	var n int64
 	if err := c.call(ctx, "guest-fsfreeze-freeze", nil, window, &n); err != nil {
@@ -272,9 +285,10 @@ func (c *agentConn) freeze(ctx context.Context, window time.Duration) (func() (t
 			}
 		}
 		c.close()
+		gg.release()
 		return nil, err
 	}
-	g := &guestThaw{c: c, start: start, window: window}
+	g := &guestThaw{c: c, start: start, window: window, guard: gg}
 	g.timer = time.AfterFunc(window-time.Since(start), g.expire)
 	return g.thaw, nil
 }
@@ -312,6 +326,7 @@ type guestThaw struct {
 	start  time.Time
 	window time.Duration
 	timer  *time.Timer
+	guard  *guestGuard
 
 	mu      sync.Mutex
 	done    bool
@@ -354,6 +369,7 @@ func (g *guestThaw) finish() {
 	_, g.err = g.c.thaw()
 	g.d = time.Since(g.start)
 	g.c.close()
+	g.guard.release()
 }
 
 // agentReader reads the agent's answers. A line cut by a deadline is
