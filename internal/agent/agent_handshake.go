@@ -3,8 +3,8 @@ package agent
 import (
 	"crypto/rand"
 	"errors"
-	"io"
 	"fmt"
+	"io"
 	"time"
 )
 

@@ -81,7 +81,9 @@ func (a *agentSession) maxWindow() time.Duration {
 	return a.s.cfg.MaxWindow
 }
 
-func (a *agentSession) defaultWindow() time.Duration { return min(a.s.cfg.DefaultWindow, a.maxWindow()) }
+func (a *agentSession) defaultWindow() time.Duration {
+	return min(a.s.cfg.DefaultWindow, a.maxWindow())
+}
 
 // send signs and sends one message.
 func (a *agentSession) send(k kind, v any) error {

@@ -42,7 +42,9 @@ func TestRefusals(t *testing.T) {
 		{name: "future timestamp", cfg: func(w *world, c *ClientConfig) { c.Now = func() time.Time { return time.Now().Add(3 * time.Minute) } },
 			code: codeClock, errHas: "3m0s ahead", logHas: "3m0s ahead"},
 		{name: "authorized keys unreadable", tweak: func(c *Config) {
-			c.Authorized = func() (*AuthorizedKeys, error) { return nil, errors.New("authorized_keys:3: unknown option \"command\"") }
+			c.Authorized = func() (*AuthorizedKeys, error) {
+				return nil, errors.New("authorized_keys:3: unknown option \"command\"")
+			}
 		}, code: codeUnavailable, errHas: "cannot read its authorized keys", logHas: `unknown option`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
