@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 )
@@ -53,7 +54,7 @@ func ParseAddress(s string) (Address, error) {
 		}
 	}
 	n, err := strconv.Atoi(port)
-	if err != nil || n < 1 || n > 65535 || host == "" || strings.ContainsAny(host, " /\t") {
+	if err != nil || n < 1 || n > 65535 || !validHost(host) {
 		return Address{}, fmt.Errorf("agent address %.80q: want HOST:PORT, tcp:HOST:PORT or unix:PATH", s)
 	}
 	return Address{Network: "tcp", Addr: net.JoinHostPort(strings.ToLower(host), strconv.Itoa(n))}, nil
@@ -69,3 +70,21 @@ func (a Address) Key() string {
 }
 
 func (a Address) String() string { return a.Key() }
+
+// validHost accepts an IP address or a DNS name.
+func validHost(h string) bool {
+	if _, err := netip.ParseAddr(h); err == nil {
+		return true
+	}
+	// "tcp" and "unix" are the prefixes: HOST:PORT of such a host would
+	// read back as another address.
+	if h == "" || len(h) > 253 || strings.EqualFold(h, "tcp") || strings.EqualFold(h, "unix") {
+		return false
+	}
+	for _, c := range h {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
+			return false
+		}
+	}
+	return true
+}

@@ -156,6 +156,9 @@ func ParseAuthorizedLine(line string) (a AuthorizedKey, ok bool, err error) {
 	if len(line) > maxListLine {
 		return a, false, fmt.Errorf("longer than %d bytes", maxListLine)
 	}
+	if first, _, _ := strings.Cut(line, " "); strings.HasPrefix(first, "ssh-") || strings.HasPrefix(first, "ecdsa-") || strings.HasPrefix(first, "sk-") {
+		return a, false, fmt.Errorf("an OpenSSH key (%.40s): a public key starts with %q (make one with 'sauve agent keygen')", first, KeyType)
+	}
 	rest := line
 	if !strings.HasPrefix(line, KeyType+" ") {
 		opts, after, err := splitOptions(line)

@@ -78,7 +78,7 @@ type pin struct {
 // resolvePin finds the key expected of the agent at a (an Address.Key).
 func resolvePin(a string, cfg *ClientConfig) (pin, error) {
 	if cfg.AgentKey != (PublicKey{}) {
-		return pin{key: cfg.AgentKey, where: "given", isSet: true}, nil
+		return pin{key: cfg.AgentKey, where: "the key given", isSet: true}, nil
 	}
 	if cfg.KnownFile == "" {
 		return pin{}, fmt.Errorf("agent %s: no key to check it by: give the agent's public key, or a known-agents file", a)
@@ -101,8 +101,8 @@ func (p *pin) check(addr string, k PublicKey) error {
 	if !p.isSet || k == p.key {
 		return nil
 	}
-	return fmt.Errorf("agent %s: key %s is not the pinned key for this agent (%s, %s): %w; if the agent's key changed on purpose, update the pin",
-		addr, k.Fingerprint(), p.key.Fingerprint(), p.where, errPinned)
+	return &pinError{fmt.Sprintf("agent %s: key %s is not the pinned key for this agent (pinned: %s, %s); if the agent's key changed on purpose, update the pin",
+		addr, k.Fingerprint(), p.key.Fingerprint(), p.where)}
 }
 
 // Dial connects to the agent at addr (HOST:PORT, tcp:HOST:PORT or
@@ -134,7 +134,7 @@ func Dial(ctx context.Context, addr string, cfg ClientConfig) (*Session, error) 
 		tlsKey := ch.tlsKey
 		check = func(k PublicKey) error {
 			if k != tlsKey {
-				return fmt.Errorf("agent %s: its challenge names key %s, its TLS certificate %s: %w", a, k.Fingerprint(), tlsKey.Fingerprint(), errPinned)
+				return &pinError{fmt.Sprintf("agent %s: its challenge names key %s, its TLS certificate %s", a, k.Fingerprint(), tlsKey.Fingerprint())}
 			}
 			return nil
 		}

@@ -111,6 +111,13 @@ func readErrIf(err error) error {
 // errPinned marks an agent whose key is not the expected one.
 var errPinned = errors.New("not the pinned key")
 
+// pinError is an agent whose key is not the expected one; it says which
+// keys and is errPinned.
+type pinError struct{ msg string }
+
+func (e *pinError) Error() string        { return e.msg }
+func (e *pinError) Is(target error) bool { return target == errPinned }
+
 // checkChallenge reads one frame as the challenge.
 func checkChallenge(k kind, p []byte, addr string, tr *transcript, check pinCheck) (challengeMsg, error) {
 	switch k {

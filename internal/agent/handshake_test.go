@@ -98,7 +98,7 @@ func TestWrongAgentKey(t *testing.T) {
 	other := mustKey(t)
 	cfg.AgentKey = PublicOf(other)
 	_, err := NewSession(context.Background(), w.pipe(testPeer), "10.0.0.9:7412", cfg)
-	want := "agent 10.0.0.9:7412: key " + PublicOf(w.agentKey).Fingerprint() + " is not the pinned key for this agent (" + PublicOf(other).Fingerprint()
+	want := "agent 10.0.0.9:7412: key " + PublicOf(w.agentKey).Fingerprint() + " is not the pinned key for this agent (pinned: " + PublicOf(other).Fingerprint()
 	if !errors.Is(err, errPinned) || !strings.Contains(err.Error(), want) {
 		t.Fatalf("wrong agent key: %v\nwant %s", err, want)
 	}

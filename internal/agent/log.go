@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -13,14 +14,14 @@ import (
 // on a filesystem it froze (a write there waits for the thaw the agent
 // is about to make), and stderr may be a pipe to a journald that writes
 // to one. A line that finds the queue full is dropped and counted; the
-// count is logged once lines flow again.
+// count is logged as soon as the writer catches up.
 type LogWriter struct {
 	w       io.Writer
 	lines   chan []byte
 	done    chan struct{}
-	mu      sync.Mutex
+	dropped atomic.Int64
+	mu      sync.Mutex // guards closed, and sends against close
 	closed  bool
-	dropped int
 }
 
 // logQueue is how many lines wait for a slow log before lines drop.
@@ -41,22 +42,15 @@ func (l *LogWriter) Write(p []byte) (int, error) {
 	if l.closed {
 		return len(p), nil
 	}
-	if l.dropped > 0 {
-		select {
-		case l.lines <- droppedLine(l.dropped):
-			l.dropped = 0
-		default:
-		}
-	}
 	select {
 	case l.lines <- line:
 	default:
-		l.dropped++
+		l.dropped.Add(1)
 	}
 	return len(p), nil
 }
 
-func droppedLine(n int) []byte {
+func droppedLine(n int64) []byte {
 	return fmt.Appendf(nil, `{"time":%q,"level":"WARN","msg":"log lines dropped: the log could not keep up","count":%d}`+"\n",
 		time.Now().Format(time.RFC3339Nano), n)
 }
@@ -65,6 +59,12 @@ func (l *LogWriter) run() {
 	defer close(l.done)
 	for line := range l.lines {
 		_, _ = l.w.Write(line)
+		if n := l.dropped.Swap(0); n > 0 {
+			_, _ = l.w.Write(droppedLine(n))
+		}
+	}
+	if n := l.dropped.Swap(0); n > 0 {
+		_, _ = l.w.Write(droppedLine(n))
 	}
 }
 

@@ -41,7 +41,7 @@ func (s *Server) serveSerial(ctx context.Context, name string, open func() (io.R
 			ch.resync = true
 			s.serve(ctx, ch)
 		}
-		if wait := serialRetry - time.Since(began); wait > 0 {
+		if wait := s.serialRetry - time.Since(began); wait > 0 {
 			select {
 			case <-ctx.Done():
 			case <-time.After(wait):

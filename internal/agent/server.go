@@ -67,6 +67,8 @@ type Server struct {
 	cert tls.Certificate
 	log  *slog.Logger
 	sem  chan struct{}
+	// serialRetry paces the opens of the serial port (tests shorten it).
+	serialRetry time.Duration
 
 	mu     sync.Mutex
 	holder *holder // the freeze in progress, if any
@@ -121,7 +123,7 @@ func NewServer(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, pub: PublicOf(cfg.Key), cert: cert, log: log, sem: make(chan struct{}, cfg.MaxSessions)}, nil
+	return &Server{cfg: cfg, pub: PublicOf(cfg.Key), cert: cert, log: log, sem: make(chan struct{}, cfg.MaxSessions), serialRetry: serialRetry}, nil
 }
 
 // PublicKey is the agent's key, as callers pin it.

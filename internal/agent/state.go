@@ -51,7 +51,8 @@ func writeState(path string, st *stateFile) error {
 		return fmt.Errorf("record the freeze: %w", err)
 	}
 	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(data, '\n')); err == nil {
+	_, err = tmp.Write(append(data, '\n'))
+	if err == nil {
 		err = tmp.Sync()
 	}
 	if cerr := tmp.Close(); err == nil {
