@@ -398,15 +398,16 @@ func openAgentLog(path string, stderr io.Writer) (io.Writer, func(), error) {
 }
 
 // agentCallerFlags are the flags of a command that calls an agent; the
-// backup's --quiesce agent:// can add them too.
+// backup's --quiesce agent:// can add them too, naming the key's flag
+// otherwise than --key, which is the repository's key there.
 type agentCallerFlags struct {
 	key, agentKey, known string
 	trustNew             bool
 	timeout              time.Duration
 }
 
-func (a *agentCallerFlags) add(f *pflag.FlagSet) {
-	f.StringVar(&a.key, "key", "", "the caller's private key ('sauve agent keygen'; default $XDG_CONFIG_HOME/sauve/agent/caller.key)")
+func (a *agentCallerFlags) add(f *pflag.FlagSet, keyFlag string) {
+	f.StringVar(&a.key, keyFlag, "", "the caller's private key ('sauve agent keygen'; default $XDG_CONFIG_HOME/sauve/agent/caller.key)")
 	f.StringVar(&a.agentKey, "agent-key", "", "the agent's public key: its line, or its .pub file (instead of --known)")
 	f.StringVar(&a.known, "known", "", "known-agents file: the agents' keys by address (default $XDG_CONFIG_HOME/sauve/agent/known_agents)")
 	f.BoolVar(&a.trustNew, "trust-new", false, "accept and record the key of an agent that --known does not list (first use: not authenticated)")
@@ -478,7 +479,9 @@ nothing).`,
 			return g.agentFreeze(cmd.Context(), args[0], cfg, window, hold)
 		},
 	}
-	c.add(cmd.Flags())
+	// --key shadows the global --key (the repository's), which freeze
+	// does not use.
+	c.add(cmd.Flags(), "key")
 	cmd.Flags().DurationVar(&window, "window", 0, "longest freeze to ask (default: the agent's)")
 	cmd.Flags().DurationVar(&hold, "hold", 0, "how long to stay frozen before the thaw (where a backup takes its copy)")
 	return cmd
