@@ -52,7 +52,7 @@ func (c *Chain) Freeze(ctx context.Context, window time.Duration) (Frozen, error
 		if left <= 0 {
 			return nil, z.undo(fmt.Errorf("no time left in the window of %s to freeze %s", window, st.Name()))
 		}
-		f, err := st.Freeze(ctx, left)
+		f, err := freezeStep(ctx, st, left)
 		if err != nil {
 			return nil, z.undo(fmt.Errorf("freeze %s: %w", st.Name(), err))
 		}
@@ -140,7 +140,7 @@ func (z *chainFrozen) Report() FreezeReport { return z.report }
 func (z *chainFrozen) Thaw(ctx context.Context) error {
 	var errs []error
 	for i := len(z.frozen) - 1; i >= 0; i-- {
-		if err := z.frozen[i].Thaw(ctx); err != nil {
+		if err := thawStep(ctx, z.frozen[i]); err != nil {
 			errs = append(errs, fmt.Errorf("thaw %s: %w", z.names[i], err))
 		}
 	}
@@ -160,4 +160,46 @@ func (z *chainFrozen) undo(why error) error {
 		return fmt.Errorf("%w; then %v", why, err)
 	}
 	return why
+}
+
+// freezeStep runs a step's Freeze, and gives up on it when ctx ends (the
+// window's time to freeze is up) even if the step ignores ctx: a writer
+// that hangs must not hold the steps before it frozen past the window.
+// What the step freezes after that is thawed as soon as it returns.
+func freezeStep(ctx context.Context, st Step, window time.Duration) (Frozen, error) {
+	type result struct {
+		f   Frozen
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		f, err := st.Freeze(ctx, window)
+		done <- result{f, err}
+	}()
+	select {
+	case r := <-done:
+		return r.f, r.err
+	case <-ctx.Done():
+		go func() {
+			if r := <-done; r.err == nil {
+				tctx, cancel := context.WithTimeout(context.Background(), thawTimeout)
+				defer cancel()
+				_ = r.f.Thaw(tctx)
+			}
+		}()
+		return nil, fmt.Errorf("did not finish within the window (%w)", ctx.Err())
+	}
+}
+
+// thawStep runs a step's Thaw, and stops waiting for it when ctx ends: a
+// step that hangs thawing must not keep the others frozen.
+func thawStep(ctx context.Context, f Frozen) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Thaw(ctx) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("did not finish thawing (%w)", ctx.Err())
+	}
 }

@@ -32,6 +32,7 @@ func (l *stepLog) String() string {
 
 type fakeStep struct {
 	name      string
+	hang      time.Duration // Freeze sleeps this long, ignoring ctx
 	log       *stepLog
 	fail      error
 	thawErr   error
@@ -53,6 +54,9 @@ func (s *fakeStep) Freeze(ctx context.Context, window time.Duration) (Frozen, er
 	}
 	if _, ok := ctx.Deadline(); !ok || window <= 0 {
 		return nil, errors.New("no window")
+	}
+	if s.hang > 0 {
+		time.Sleep(s.hang)
 	}
 	if s.fail != nil {
 		s.log.add("fail:" + s.name)
@@ -228,3 +232,28 @@ func TestLogWriterNeverBlocks(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// A step that hangs past the window, ignoring ctx: the chain gives up at
+// the window's end and thaws the steps before it; what the hung step
+// froze is thawed when it returns.
+func TestChainHungStep(t *testing.T) {
+	l := &stepLog{}
+	c := &Chain{Steps: []Step{&fakeStep{name: "a", log: l}, &fakeStep{name: "hung", log: l, hang: 500 * time.Millisecond}}}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := c.Freeze(ctx, 200*time.Millisecond)
+	if err == nil || !strings.Contains(err.Error(), "freeze hung: did not finish within the window") {
+		t.Fatalf("hung step: %v", err)
+	}
+	if d := time.Since(start); d > 400*time.Millisecond {
+		t.Errorf("the chain waited %v for a step that hung, window 200ms", d)
+	}
+	if got := l.String(); got != "freeze:a thaw:a" {
+		t.Errorf("at the window's end: %s", got)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if got, want := l.String(), "freeze:a thaw:a freeze:hung thaw:hung"; got != want {
+		t.Errorf("after the hung step returned: %s, want %s", got, want)
+	}
+}

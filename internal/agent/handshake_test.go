@@ -290,7 +290,10 @@ func TestCallerSideHandshake(t *testing.T) {
 // tamperer passes frames from the caller to the agent, flipping a byte of
 // the first freeze request's body.
 func tamperer(callerEnd, agentEnd net.Conn) {
-	go io.Copy(callerEnd, agentEnd)
+	go func() {
+		io.Copy(callerEnd, agentEnd)
+		callerEnd.Close()
+	}()
 	br := bufio.NewReader(callerEnd)
 	done := false
 	for {
