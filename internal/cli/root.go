@@ -168,6 +168,7 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.AddCommand(newShowCmd(g), newRepairCmd(g))
 	root.AddCommand(newExportCmd(g), newConvertCmd(g))
 	root.AddCommand(newThawGuardCmd())
+	root.AddCommand(newAgentCmd(g))
 	return root
 }
 
