@@ -33,6 +33,10 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 	default:
 		return usageError{fmt.Errorf("--guest-freeze %q: choose auto, on or off", q.guestFreeze)}
 	}
+	if o.quiesce.hasAgent() && q.guestFreeze == "auto" {
+		// The agent freezes the guest's filesystems itself.
+		q.guestFreeze = "off"
+	}
 	var since func(drive string) string
 	qb, err := shadow.OpenQEMU(ctx, shadow.QEMUOptions{
 		Socket: socket, Drives: q.drives, GuestFreeze: q.guestFreeze, GuestAgent: q.guestAgent,

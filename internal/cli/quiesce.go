@@ -22,6 +22,9 @@ type quiesceFlags struct {
 	hookFailure         string
 	writers             []string
 	writerTimeout       time.Duration
+	agents              []string
+	agentWindow         time.Duration
+	caller              agentCallerFlags
 }
 
 func (f *quiesceFlags) add(fs *pflag.FlagSet) {
@@ -31,6 +34,9 @@ func (f *quiesceFlags) add(fs *pflag.FlagSet) {
 	fs.StringVar(&f.hookFailure, "hook-failure", "abort", "what a failing hook or writer does: abort (store no snapshot, say which failed and what it printed) or continue (store a crash-consistent snapshot, and say why)")
 	fs.StringArrayVar(&f.writers, "writer", nil, "flush and hold an application for the copy (repeatable): postgresql[:DSN] (CHECKPOINT first), mariadb[:DSN] or mysql[:DSN] (FLUSH TABLES WITH READ LOCK held until the copy is taken)")
 	fs.DurationVar(&f.writerTimeout, "writer-timeout", writer.DefaultDeadline, "longest time each writer may take to flush and hold its application")
+	fs.StringArrayVar(&f.agents, "quiesce", nil, "ask the sauve agent at agent://HOST:PORT (or unix:PATH, a VM's virtio-serial chardev) to freeze its writers and filesystems for the copy (repeatable); both sides authenticate with Ed25519 keys")
+	fs.DurationVar(&f.agentWindow, "agent-window", 0, "with --quiesce: the longest freeze to ask of the agent (default: the agent's own)")
+	f.caller.addForBackup(fs)
 }
 
 // quiescer returns the Quiescer the flags ask for, nil when none.
@@ -50,6 +56,19 @@ func (f *quiesceFlags) quiescer() (*quiescer, error) {
 			return nil, usageError{fmt.Errorf("--writer %s: %w", spec, err)}
 		}
 		q.set.Writers = append(q.set.Writers, w)
+	}
+	if len(f.agents) > 0 {
+		cfg, err := f.caller.config()
+		if err != nil {
+			return nil, err
+		}
+		for _, spec := range f.agents {
+			w, err := newAgentWriter(spec, cfg, f.agentWindow)
+			if err != nil {
+				return nil, usageError{fmt.Errorf("--quiesce %s: %w", spec, err)}
+			}
+			q.set.Writers = append(q.set.Writers, w)
+		}
 	}
 	if len(q.set.Writers) == 0 {
 		return nil, nil
@@ -132,4 +151,19 @@ func quiescerOrNil(q *quiescer) shadow.Quiescer {
 		return nil
 	}
 	return q
+}
+
+// hasAgent says whether an agent is among the writers: a VM's guest then
+// freezes through it, not through qemu-ga as well (the second FIFREEZE
+// of a filesystem fails).
+func (q *quiescer) hasAgent() bool {
+	if q == nil {
+		return false
+	}
+	for _, w := range q.set.Writers {
+		if _, ok := w.(*agentWriter); ok {
+			return true
+		}
+	}
+	return false
 }
