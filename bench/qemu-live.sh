@@ -389,7 +389,8 @@ for round in $(seq "$ROUNDS"); do
       same_files "$B/day2.img" "$WORK/r.img" || { echo "sauve's live snapshot $LINC_SNAP does not hold day 2's files" >&2; exit 1; }
     fi
     rm -rf "$WORK/r-full.img" "$WORK/r.img" "$WORK/r2.img" "$WORK/repo-check"
-    CHECKS="$CHECKS; sauve's live full restores to a disk whose ext4 holds day 1's files (diff -r, e2fsck clean); its live incremental restores, in every chunk the changes touched, to the bytes of its backup of $(basename "$CHANGED") at rest, and elsewhere to the full's$([ "$CHANGES" = all ] && echo "; its ext4 holds day 2's files")"
+    CHECKS="$CHECKS; sauve's live full restores to a disk whose ext4 holds day 1's files (diff -r, e2fsck clean); its live incremental restores, in every chunk the changes touched, to the bytes of its backup of $(basename "$CHANGED") at rest, and elsewhere to the full's"
+    [ "$CHANGES" != all ] || CHECKS="$CHECKS; its ext4 holds day 2's files"
   fi
   rm -rf "$WORK/repo-live" "$WORK/vnb"
 done
