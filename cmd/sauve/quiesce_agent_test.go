@@ -38,7 +38,8 @@ func startAgent(t *testing.T, e *env) *agentHost {
 	h.addr = l.Addr().String()
 	l.Close()
 	cmd := e.cmd(nil, "agent", "run", "--listen", "tcp:"+h.addr, "--key", e.path("agent.key"), "--authorized", e.path("authorized"),
-		"--mount", h.mnt, "--state", e.path("agent-state.json"), "--log", h.log, "--window", "10s")
+		"--mount", h.mnt, "--state", e.path("agent-state.json"), "--log", h.log, "--window", "10s",
+		"--pre-freeze", "echo $SAUVE_PHASE >> "+e.path("agent-hooks.txt"), "--post-thaw", "echo $SAUVE_PHASE >> "+e.path("agent-hooks.txt"))
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -90,6 +91,12 @@ func TestBackupQuiesceAgent(t *testing.T) {
 		t.Fatalf("quiesce %+v, want application-consistent through the agent", q)
 	}
 	h.writable(t, "after the backup")
+	if got := string(mustRead(t, e.path("agent-hooks.txt"))); got != "pre-freeze\npost-thaw\n" {
+		t.Errorf("the agent's hooks wrote %q, want pre-freeze then post-thaw", got)
+	}
+	if d := q.Writers[0].Detail; !strings.Contains(d, "hooks") || !strings.Contains(d, h.mnt) {
+		t.Errorf("the agent's report %q does not name its hooks and %s", d, h.mnt)
+	}
 	if out := e.ok("show", res.Snapshot); !strings.Contains(out, "application-consistent: agent "+h.addr) {
 		t.Errorf("show does not say the agent held the applications:\n%s", out)
 	}

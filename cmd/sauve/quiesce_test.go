@@ -34,6 +34,7 @@ type quiesceJSON struct {
 	Writers     []struct {
 		Name   string `json:"name"`
 		Frozen bool   `json:"frozen"`
+		Detail string `json:"detail"`
 		Error  string `json:"error"`
 	} `json:"writers"`
 	WindowSeconds float64 `json:"window_seconds"`

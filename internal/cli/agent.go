@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/sauve-backup/sauve/internal/agent"
+	"github.com/sauve-backup/sauve/internal/agent/writer"
 )
 
 // Where the agent keeps its files by default (the systemd unit in
@@ -194,6 +195,7 @@ every connection: no restart needed.`,
 // agentRunFlags are run's flags.
 type agentRunFlags struct {
 	listen, serial, mounts       []string
+	writers, preFreeze, postThaw []string
 	key, authorized, log, state  string
 	window, maxWindow, handshake time.Duration
 }
@@ -235,6 +237,9 @@ Keep --state on a filesystem that is never frozen: /run, the default.`,
 	f.StringArrayVar(&o.listen, "listen", nil, "TCP address to serve with TLS: tcp:HOST:PORT or HOST:PORT (repeatable; e.g. tcp:0.0.0.0:7412)")
 	f.StringArrayVar(&o.serial, "serial", nil, "virtio-serial port to serve, e.g. /dev/virtio-ports/org.sauve.agent.0 (repeatable)")
 	f.StringArrayVar(&o.mounts, "mount", nil, "mount point of a filesystem to freeze (repeatable; frozen in the order given, thawed in reverse)")
+	f.StringArrayVar(&o.writers, "writer", nil, "flush and hold an application before the filesystems freeze (repeatable): postgresql[:DSN], mariadb[:DSN], mysql[:DSN]")
+	f.StringArrayVar(&o.preFreeze, "pre-freeze", nil, "run this shell command before the writers and filesystems freeze (repeatable)")
+	f.StringArrayVar(&o.postThaw, "post-thaw", nil, "run this shell command after they thaw (repeatable; it always runs once a pre-freeze command has started)")
 	f.StringVar(&o.key, "key", agentKeyPath, "the agent's private key ('sauve agent keygen')")
 	f.StringVar(&o.authorized, "authorized", agentAuthorizedPath, "the callers' keys ('sauve agent authorize'); read at every connection")
 	f.StringVar(&o.log, "log", "", "append the JSON-lines log to this file (default: stderr)")
@@ -286,10 +291,14 @@ func (g *globals) agentRun(ctx context.Context, o *agentRunFlags) error {
 	}()
 	log := agent.NewLogger(lw)
 
-	chain := &agent.Chain{StateFile: o.state, Steps: []agent.Step{&agent.MountStep{
+	steps, err := o.writerSteps()
+	if err != nil {
+		return err
+	}
+	chain := &agent.Chain{StateFile: o.state, Steps: append(steps, &agent.MountStep{
 		Mounts: mounts,
 		Warn:   func(s string) { log.Warn("freeze", "warning", s) },
-	}}}
+	})}
 	if done, err := chain.Recover(ctx); err != nil {
 		log.Error("recover", "outcome", "failed", "reason", err.Error())
 	} else if len(done) > 0 {
@@ -321,8 +330,8 @@ func (g *globals) agentRun(ctx context.Context, o *agentRunFlags) error {
 		}
 		listeners = append(listeners, ln)
 	}
-	if len(mounts) == 0 {
-		log.Warn("start", "warning", "no --mount: a freeze freezes nothing")
+	if len(mounts) == 0 && len(steps) == 0 {
+		log.Warn("start", "warning", "no --mount, --writer or hook: a freeze freezes nothing")
 	} else if os.Geteuid() != 0 {
 		log.Warn("start", "warning", "not root: freezing filesystems needs CAP_SYS_ADMIN")
 	}
@@ -535,4 +544,21 @@ func (g *globals) agentFreeze(ctx context.Context, addr string, cfg agent.Client
 	}
 	g.printf("thawed: held for %s\n", th.Frozen.Round(time.Millisecond))
 	return nil
+}
+
+// writerSteps are the steps of the hooks and writers, frozen in that
+// order before the filesystems.
+func (o *agentRunFlags) writerSteps() ([]agent.Step, error) {
+	var steps []agent.Step
+	if len(o.preFreeze) > 0 || len(o.postThaw) > 0 {
+		steps = append(steps, agent.WriterStep{W: &writer.Hooks{PreFreeze: o.preFreeze, PostThaw: o.postThaw}})
+	}
+	for _, spec := range o.writers {
+		w, err := writer.Parse(spec)
+		if err != nil {
+			return nil, usageError{fmt.Errorf("--writer %s: %w", spec, err)}
+		}
+		steps = append(steps, agent.WriterStep{W: w})
+	}
+	return steps, nil
 }
