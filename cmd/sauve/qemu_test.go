@@ -27,7 +27,7 @@ type liveVM struct {
 	writer     *qmp.Client
 }
 
-func startLiveVM(t *testing.T, dir string) *liveVM {
+func startLiveVM(t *testing.T, dir string, extra ...string) *liveVM {
 	t.Helper()
 	for _, p := range []string{"qemu-system-x86_64", "qemu-img"} {
 		if _, err := exec.LookPath(p); err != nil {
@@ -43,6 +43,7 @@ func startLiveVM(t *testing.T, dir string) *liveVM {
 		"-qmp", "unix:"+vm.sock+",server=on,wait=off", "-qmp", "unix:"+vm.mon+",server=on,wait=off",
 		"-drive", "if=none,id=drive0,file="+vm.qcow2+",format=qcow2",
 		"-drive", "if=none,id=drive1,file="+vm.raw+",format=raw")
+	vm.cmd.Args = append(vm.cmd.Args, extra...)
 	if err := vm.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -132,3 +132,32 @@ func TestBackupQuiesceAgent(t *testing.T) {
 		t.Errorf("%d snapshots, were %d, after an agent that does not answer", got, n)
 	}
 }
+
+// A VM that exposes a sauve agent channel (a chardev for the guest's
+// org.sauve.agent.0 port) is quiesced through it with no --quiesce:
+// without a caller key the backup goes on crash-consistent and says why;
+// with one, an agent that does not answer (no guest here runs one) fails
+// the backup with one clear error and stores nothing.
+func TestBackupQEMUFindsSauveAgent(t *testing.T) {
+	e := newEnv(t)
+	chardev := e.path("agent.sock")
+	vm := startLiveVM(t, e.dir, "-chardev", "socket,id=sauve-agent,path="+chardev+",server=on,wait=off")
+	r := e.run("backup", "qemu:"+vm.sock, "--json")
+	if r.code != 0 || !strings.Contains(r.stderr, "has a sauve agent channel (unix:"+chardev+")") {
+		t.Fatalf("backup of a VM with an agent channel and no caller key: exit %d, stderr:\n%s", r.code, r.stderr)
+	}
+	var first struct {
+		Quiesce *quiesceJSON `json:"quiesce"`
+	}
+	if err := jsonUnmarshal(r.stdout, &first); err != nil || first.Quiesce != nil {
+		t.Fatalf("quiesce %+v (%v), want none", first.Quiesce, err)
+	}
+	n := snapshotsOf(t, e)
+	e.ok("agent", "keygen", "--out", e.path("config/sauve/agent/caller.key"))
+	e.ok("agent", "keygen", "--out", e.path("guest.key"))
+	stderr := e.fail([]string{"agent unix:" + chardev}, "backup", "qemu:"+vm.sock, "--agent-key", e.path("guest.key.pub"), "--agent-timeout", "2s")
+	t.Logf("refused: %s", strings.TrimSpace(stderr))
+	if got := snapshotsOf(t, e); got != n {
+		t.Errorf("%d snapshots, were %d, after an agent that did not answer", got, n)
+	}
+}

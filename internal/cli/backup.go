@@ -136,6 +136,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 			if o.quiesce != nil {
 				o.quiesce.warn = g.warn
 			}
+			o.agentFlags = &qf
 			if stdinSize != "" {
 				n, err := parseSize(stdinSize)
 				if err != nil || n <= 0 {
@@ -206,6 +207,8 @@ type backupOptions struct {
 	freezeTimeout     time.Duration
 	snapshotSize      string
 	quiesce           *quiescer // nil: no writer, no hook
+	// agentFlags build the writer of an agent found in a VM.
+	agentFlags *quiesceFlags
 }
 
 const emptyDoing, emptyHint = "store an empty snapshot", "--allow-empty stores one"

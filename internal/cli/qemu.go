@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/sauve-backup/sauve/internal/agent/writer"
 	"github.com/sauve-backup/sauve/internal/backup"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
@@ -33,10 +34,6 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 	default:
 		return usageError{fmt.Errorf("--guest-freeze %q: choose auto, on or off", q.guestFreeze)}
 	}
-	if o.quiesce.hasAgent() && q.guestFreeze == "auto" {
-		// The agent freezes the guest's filesystems itself.
-		q.guestFreeze = "off"
-	}
 	var since func(drive string) string
 	qb, err := shadow.OpenQEMU(ctx, shadow.QEMUOptions{
 		Socket: socket, Drives: q.drives, GuestFreeze: q.guestFreeze, GuestAgent: q.guestAgent,
@@ -48,6 +45,9 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 		return err
 	}
 	defer qb.Close()
+	if err := g.qemuQuiesce(ctx, qb, o); err != nil {
+		return err
+	}
 	id := vmIdentity(qb)
 	if o.host == "" {
 		o.host = id.host
@@ -204,5 +204,46 @@ func (g *globals) printQEMUBackup(res *backup.Result, disks []*backupDisk, rep s
 		g.printf("  guest not frozen (%s): crash-consistent\n", rep.NoFreeze)
 	}
 	g.printf("  fleecing took %s\n", bytesIEC(rep.FleeceUsed))
+	return nil
+}
+
+// qemuQuiesce sets the VM backup's quiescing: the flags', and the sauve
+// agent in the guest when the VM exposes its channel (a chardev for the
+// virtio-serial port org.sauve.agent.0) and no --quiesce names one.
+func (g *globals) qemuQuiesce(ctx context.Context, qb *shadow.QEMUBackup, o *backupOptions) error {
+	if !o.quiesce.hasAgent() && o.agentFlags != nil {
+		path, err := qb.SauveAgent(ctx)
+		if err != nil {
+			return err
+		}
+		if path != "" {
+			if err := g.addVMAgent(o, "unix:"+path); err != nil {
+				return err
+			}
+		}
+	}
+	if o.quiesce != nil {
+		qb.SetQuiesce(o.quiesce, o.quiesce.hasAgent())
+	}
+	return nil
+}
+
+// addVMAgent adds the guest's sauve agent at addr to the backup's
+// writers; without a caller key the backup goes on crash-consistent.
+func (g *globals) addVMAgent(o *backupOptions, addr string) error {
+	cfg, err := o.agentFlags.caller.config()
+	if err != nil {
+		g.warnf("the VM has a sauve agent channel (%s), but it cannot be asked to freeze: %v; the guest is frozen through qemu-ga if it can be", addr, err)
+		return nil
+	}
+	w, err := newAgentWriter(addr, cfg, o.agentFlags.agentWindow)
+	if err != nil {
+		return err
+	}
+	if o.quiesce == nil {
+		o.quiesce = &quiescer{set: writer.Set{Deadline: o.agentFlags.writerTimeout, Policy: o.agentFlags.policy()}, warn: g.warn}
+	}
+	o.quiesce.set.Writers = append(o.quiesce.set.Writers, w)
+	g.printf("quiescing through the sauve agent in the guest (%s)\n", addr)
 	return nil
 }

@@ -76,6 +76,12 @@ func (f *quiesceFlags) quiescer() (*quiescer, error) {
 	return q, nil
 }
 
+// policy is --hook-failure's, once quiescer has checked it.
+func (f *quiesceFlags) policy() writer.Policy {
+	p, _ := writer.ParsePolicy(f.hookFailure)
+	return p
+}
+
 // quiescer holds the writers of a backup still for the instant of its
 // copies (shadow.Quiescer), and remembers what that achieved.
 type quiescer struct {

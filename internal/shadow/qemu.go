@@ -177,6 +177,20 @@ func (q *QEMUBackup) open(ctx context.Context) error {
 	return q.pickAgent(ctx)
 }
 
+// SetQuiesce sets Options.Quiesce after OpenQEMU (the caller may learn
+// of an agent from the VM), before Views; quiescing through an agent in
+// the guest turns off the guest agent's freeze under auto, since a second
+// FIFREEZE of a filesystem fails.
+func (q *QEMUBackup) SetQuiesce(z Quiescer, byGuestAgent bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.opts.Quiesce = z
+	if byGuestAgent && q.opts.GuestFreeze != "on" {
+		q.opts.GuestFreeze = "off"
+		q.report.NoFreeze = "the sauve agent in the guest freezes it"
+	}
+}
+
 // pickAgent finds the guest agent that the freeze needs.
 func (q *QEMUBackup) pickAgent(ctx context.Context) error {
 	switch {

@@ -209,6 +209,26 @@ func (q *QEMUBackup) pickNamed(all []*qdrive) error {
 // VM seems to have none: the chardev libvirt or a user gives it is named
 // after the agent's port (org.qemu.guest_agent.0) or "qga".
 func (q *QEMUBackup) findAgent(ctx context.Context) (string, error) {
+	return q.findChardev(ctx, func(path, label string) bool {
+		return strings.Contains(path, "org.qemu.guest_agent") || strings.Contains(label, "qga") || strings.Contains(label, "guest_agent") || strings.Contains(label, "guest-agent")
+	})
+}
+
+// SauveAgentPort is the virtio-serial port name of a sauve agent in a
+// guest; a chardev named after it (or "sauve-agent") is its host side.
+const SauveAgentPort = "org.sauve.agent.0"
+
+// SauveAgent returns the host side (a unix socket) of the VM's sauve
+// agent channel, "" when it has none.
+func (q *QEMUBackup) SauveAgent(ctx context.Context) (string, error) {
+	return q.findChardev(ctx, func(path, label string) bool {
+		return strings.Contains(path, SauveAgentPort) || strings.Contains(label, "org.sauve.agent") || strings.Contains(label, "sauve-agent") || strings.Contains(label, "sauve_agent")
+	})
+}
+
+// findChardev returns the socket path of the first unix-socket chardev
+// that match accepts (by its path and lower-cased label).
+func (q *QEMUBackup) findChardev(ctx context.Context, match func(path, label string) bool) (string, error) {
 	var devs []struct {
 		Label    string `json:"label"`
 		Filename string `json:"filename"`
@@ -223,8 +243,7 @@ func (q *QEMUBackup) findAgent(ctx context.Context) (string, error) {
 			continue
 		}
 		path, _, _ = strings.Cut(path, ",")
-		l := strings.ToLower(d.Label)
-		if strings.Contains(path, "org.qemu.guest_agent") || strings.Contains(l, "qga") || strings.Contains(l, "guest_agent") || strings.Contains(l, "guest-agent") {
+		if match(path, strings.ToLower(d.Label)) {
 			return path, nil
 		}
 	}
