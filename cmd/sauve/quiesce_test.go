@@ -54,12 +54,16 @@ func TestBackupHooks(t *testing.T) {
 	}
 	e.okJSON(&res, "backup", img,
 		"--pre-freeze", `echo "$SAUVE_PHASE $SAUVE_PROVIDER $SAUVE_DISKS" > `+pre,
-		"--post-thaw", `echo "$SAUVE_PHASE" >> `+post, "--post-thaw", `echo second >> `+post)
+		"--post-thaw", `echo "$SAUVE_PHASE" >> `+post, "--post-thaw", `echo second >> `+post,
+		"--post-backup", `echo "$SAUVE_PHASE $SAUVE_SNAPSHOT" > `+e.path("stored.txt"))
 	if res.Copy != "reflink" {
 		t.Fatalf("point_in_time_copy %q, want reflink", res.Copy)
 	}
 	if got := strings.TrimSpace(string(mustRead(t, pre))); got != "pre-freeze reflink "+img {
 		t.Errorf("pre-freeze saw %q, want its phase, the provider and the disk", got)
+	}
+	if got := strings.TrimSpace(string(mustRead(t, e.path("stored.txt")))); got != "post-backup "+res.Snapshot {
+		t.Errorf("post-backup saw %q, want its phase and the stored snapshot %s", got, res.Snapshot)
 	}
 	if got := string(mustRead(t, post)); got != "post-thaw\nsecond\n" {
 		t.Errorf("post-thaw commands wrote %q, want both, in order", got)
@@ -113,6 +117,20 @@ func TestBackupHookFailure(t *testing.T) {
 
 	e.fail([]string{"--hook-failure", "abort or continue"}, "backup", img, "--pre-freeze", "true", "--hook-failure", "maybe")
 	e.fail([]string{"--writer", "oracle"}, "backup", img, "--writer", "oracle")
+}
+
+// A post-backup command runs once the snapshot is stored, also with no
+// copy; when it fails the snapshot stays and sauve exits 1 saying so.
+func TestBackupPostBackupFails(t *testing.T) {
+	e := newEnv(t)
+	img := e.path("plain.img")
+	if err := os.WriteFile(img, []byte(strings.Repeat("x", 1<<20)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.fail([]string{"is stored, but post-backup hook", "exit 5", "archive full"}, "backup", img, "--post-backup", "echo archive full; exit 5")
+	if n := snapshotsOf(t, e); n != 1 {
+		t.Errorf("%d snapshots after a failed post-backup command, want the one stored before it", n)
+	}
 }
 
 // Hooks need an instant: a source read as it is gets a clear refusal

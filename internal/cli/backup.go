@@ -99,7 +99,12 @@ and $SAUVE_PHASE set; post-thaw always runs once pre-freeze has started).
 They run before the filesystems are frozen and after they are thawed. A
 hook or writer that fails stores no snapshot and says which and what it
 printed; --hook-failure continue stores it as crash-consistent instead.
-The snapshot records which it is ('sauve show').
+The snapshot records which it is ('sauve show'). --post-backup runs a
+command only once the snapshot is stored ($SAUVE_SNAPSHOT), for what must
+wait for that, such as pruning an archive. --quiesce agent://HOST:PORT asks
+the sauve agent on that machine (or in a VM's guest, over a virtio-serial
+port; a VM that exposes one is quiesced through it with no --quiesce) to
+do the same from outside: 'sauve agent --help'.
 
 The snapshot manifest is written last: an interrupted backup leaves no
 snapshot, and the next backup reuses what it had uploaded.`,
@@ -295,7 +300,10 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 	for _, d := range disks {
 		d.layout.WarnLate()
 	}
-	return g.printBackup(res, disks, prov.Report())
+	if err := g.printBackup(res, disks, prov.Report()); err != nil {
+		return err
+	}
+	return g.runPostBackup(ctx, o.agentFlags, res.Snapshot)
 }
 
 // openBackupSources opens every source and refuses empty ones. It

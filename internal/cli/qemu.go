@@ -108,7 +108,10 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 	for _, d := range disks {
 		d.layout.WarnLate()
 	}
-	return g.printQEMUBackup(res, disks, qb.Report())
+	if err := g.printQEMUBackup(res, disks, qb.Report()); err != nil {
+		return err
+	}
+	return g.runPostBackup(ctx, o.agentFlags, res.Snapshot)
 }
 
 // vmID is how a VM is known across reboots: its UUID (or, without one,

@@ -24,12 +24,14 @@ type quiesceFlags struct {
 	writerTimeout       time.Duration
 	agents              []string
 	agentWindow         time.Duration
+	postBackup          []string
 	caller              agentCallerFlags
 }
 
 func (f *quiesceFlags) add(fs *pflag.FlagSet) {
 	fs.StringArrayVar(&f.preFreeze, "pre-freeze", nil, "run this shell command just before the point-in-time copy (repeatable, in order); $SAUVE_DISKS and $SAUVE_PROVIDER say what is copied")
 	fs.StringArrayVar(&f.postThaw, "post-thaw", nil, "run this shell command just after the copy (repeatable); it always runs once a pre-freeze command has started, also on error, timeout and Ctrl-C")
+	fs.StringArrayVar(&f.postBackup, "post-backup", nil, "run this shell command once the snapshot is stored (repeatable, in order), with $SAUVE_SNAPSHOT set: what may happen only then, such as pruning an archive; a failure exits 1 (the snapshot stays)")
 	fs.DurationVar(&f.hookTimeout, "hook-timeout", writer.DefaultHookTimeout, "longest time each --pre-freeze or --post-thaw command may run (its process group is killed then)")
 	fs.StringVar(&f.hookFailure, "hook-failure", "abort", "what a failing hook or writer does: abort (store no snapshot, say which failed and what it printed) or continue (store a crash-consistent snapshot, and say why)")
 	fs.StringArrayVar(&f.writers, "writer", nil, "flush and hold an application for the copy (repeatable): postgresql[:DSN] (CHECKPOINT first), mariadb[:DSN] or mysql[:DSN] (FLUSH TABLES WITH READ LOCK held until the copy is taken)")
@@ -172,4 +174,20 @@ func (q *quiescer) hasAgent() bool {
 		}
 	}
 	return false
+}
+
+// runPostBackup runs --post-backup once snapshot is stored.
+func (g *globals) runPostBackup(ctx context.Context, f *quiesceFlags, sn *repo.Snapshot) error {
+	if f == nil || len(f.postBackup) == 0 {
+		return nil
+	}
+	var disks []string
+	for _, d := range sn.Disks {
+		disks = append(disks, d.Source)
+	}
+	env := []string{writer.EnvSnapshot + "=" + sn.ID.String(), writer.EnvDisks + "=" + strings.Join(disks, " ")}
+	if err := writer.PostBackup(ctx, f.postBackup, env, f.hookTimeout); err != nil {
+		return fmt.Errorf("snapshot %s is stored, but %w", sn.ID.Short(), err)
+	}
+	return nil
 }

@@ -20,15 +20,18 @@ const (
 	// EnvProvider names the point-in-time provider (fsfreeze, lvm, btrfs,
 	// reflink, qemu...).
 	EnvProvider = "SAUVE_PROVIDER"
-	// EnvPhase is "pre-freeze" or "post-thaw", so that one script can
-	// serve as both hooks.
+	// EnvPhase is "pre-freeze", "post-thaw" or "post-backup", so that one
+	// script can serve as every hook.
 	EnvPhase = "SAUVE_PHASE"
+	// EnvSnapshot is the stored snapshot's ID, for post-backup commands.
+	EnvSnapshot = "SAUVE_SNAPSHOT"
 )
 
 // The phases, as EnvPhase and errors name them.
 const (
-	PhasePreFreeze = "pre-freeze"
-	PhasePostThaw  = "post-thaw"
+	PhasePreFreeze  = "pre-freeze"
+	PhasePostThaw   = "post-thaw"
+	PhasePostBackup = "post-backup"
 )
 
 // DefaultHookTimeout is how long one hook command may run when
@@ -114,6 +117,20 @@ func (h *Hooks) Thaw(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// PostBackup runs the post-backup commands (the third role of a VSS
+// writer: what may happen only once the snapshot is stored, such as
+// dropping WAL an archive no longer needs), in order, stopping at the
+// first that fails. Env should carry EnvSnapshot.
+func PostBackup(ctx context.Context, commands, env []string, timeout time.Duration) error {
+	h := &Hooks{Env: env, Timeout: timeout}
+	for _, c := range commands {
+		if err := h.run(ctx, PhasePostBackup, c); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (h *Hooks) timeout() time.Duration {
