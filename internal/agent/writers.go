@@ -13,6 +13,10 @@ import (
 // has flushed when they freeze.
 type WriterStep struct {
 	W writer.Writer
+	// Mounts, when set, are the filesystems the agent freezes: a writer
+	// whose application needs a path on none of them is refused, since
+	// the caller's copy of those would not restore it.
+	Mounts []string
 }
 
 func (s WriterStep) Name() string { return "writer " + s.W.Name() }
@@ -31,6 +35,12 @@ func (s WriterStep) Recover(context.Context, json.RawMessage) error { return nil
 // Freeze flushes and holds the application; a failed Freeze is thawed at
 // once, since the chain thaws only the steps that froze.
 func (s WriterStep) Freeze(ctx context.Context, window time.Duration) (Frozen, error) {
+	if len(s.Mounts) > 0 {
+		set := writer.Set{Writers: []writer.Writer{s.W}}
+		if err := set.MissingVolume(ctx, writer.OnFilesystems(s.Mounts)); err != nil {
+			return nil, err
+		}
+	}
 	if err := s.W.Freeze(ctx); err != nil {
 		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), window)
 		defer cancel()

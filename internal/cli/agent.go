@@ -291,7 +291,7 @@ func (g *globals) agentRun(ctx context.Context, o *agentRunFlags) error {
 	}()
 	log := agent.NewLogger(lw)
 
-	steps, err := o.writerSteps()
+	steps, err := o.writerSteps(mounts)
 	if err != nil {
 		return err
 	}
@@ -548,7 +548,7 @@ func (g *globals) agentFreeze(ctx context.Context, addr string, cfg agent.Client
 
 // writerSteps are the steps of the hooks and writers, frozen in that
 // order before the filesystems.
-func (o *agentRunFlags) writerSteps() ([]agent.Step, error) {
+func (o *agentRunFlags) writerSteps(mounts []string) ([]agent.Step, error) {
 	var steps []agent.Step
 	if len(o.preFreeze) > 0 || len(o.postThaw) > 0 {
 		steps = append(steps, agent.WriterStep{W: &writer.Hooks{PreFreeze: o.preFreeze, PostThaw: o.postThaw}})
@@ -558,7 +558,7 @@ func (o *agentRunFlags) writerSteps() ([]agent.Step, error) {
 		if err != nil {
 			return nil, usageError{fmt.Errorf("--writer %s: %w", spec, err)}
 		}
-		steps = append(steps, agent.WriterStep{W: w})
+		steps = append(steps, agent.WriterStep{W: w, Mounts: mounts})
 	}
 	return steps, nil
 }

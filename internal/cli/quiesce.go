@@ -98,6 +98,9 @@ func (q *quiescer) Quiesce(ctx context.Context, at shadow.Instant) (func(context
 	if q.hooks != nil {
 		q.hooks.Env = []string{writer.EnvDisks + "=" + strings.Join(at.Disks, " "), writer.EnvProvider + "=" + at.Provider}
 	}
+	if err := q.set.MissingVolume(ctx, writer.OnFilesystems(at.Mounts)); err != nil {
+		return func(context.Context) error { return nil }, err
+	}
 	held, err := q.set.Freeze(ctx)
 	if err != nil {
 		// Set.Freeze thawed what it had started.

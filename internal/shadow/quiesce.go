@@ -22,6 +22,10 @@ type Quiescer interface {
 type Instant struct {
 	Disks    []string // the sources' paths, or a VM's drives
 	Provider string   // the kinds of copy taken, e.g. "reflink" or "qemu"
+	// Mounts are the mount points of the filesystems the copies hold
+	// (those mounted from the sources, here); none for a VM, whose
+	// filesystems are the guest's.
+	Mounts []string
 }
 
 // quiesceThawTimeout bounds the thaw of the applications, which runs on

@@ -211,6 +211,9 @@ func (p *Provider) instant(plans []*plan) (Instant, error) {
 				"drop --pre-freeze, --writer and --quiesce, or back it up from an LVM volume, an image file on XFS or btrfs, or through QEMU", pl.src.Path, p.opts.Mode)
 		}
 		at.Disks = append(at.Disks, pl.src.Path)
+		if ms, err := mountsToFreeze(pl.src); err == nil {
+			at.Mounts = append(at.Mounts, ms...)
+		}
 		if !contains(strings.Split(at.Provider, ","), string(pl.mode)) {
 			at.Provider = strings.TrimPrefix(at.Provider+","+string(pl.mode), ",")
 		}
