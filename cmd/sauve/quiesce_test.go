@@ -52,9 +52,11 @@ func TestBackupHooks(t *testing.T) {
 		Copy     string       `json:"point_in_time_copy"`
 		Quiesce  *quiesceJSON `json:"quiesce"`
 	}
-	e.okJSON(&res, "backup", img,
+	hooks := e.path("hooks")
+	os.WriteFile(hooks, []byte("# from a file, before the flags\npost-thaw echo \"$SAUVE_PHASE\" >> "+post+"\n"), 0o644)
+	e.okJSON(&res, "backup", img, "--hooks-file", hooks,
 		"--pre-freeze", `echo "$SAUVE_PHASE $SAUVE_PROVIDER $SAUVE_DISKS" > `+pre,
-		"--post-thaw", `echo "$SAUVE_PHASE" >> `+post, "--post-thaw", `echo second >> `+post,
+		"--post-thaw", `echo second >> `+post,
 		"--post-backup", `echo "$SAUVE_PHASE $SAUVE_SNAPSHOT" > `+e.path("stored.txt"))
 	if res.Copy != "reflink" {
 		t.Fatalf("point_in_time_copy %q, want reflink", res.Copy)
@@ -116,6 +118,9 @@ func TestBackupHookFailure(t *testing.T) {
 	}
 
 	e.fail([]string{"--hook-failure", "abort or continue"}, "backup", img, "--pre-freeze", "true", "--hook-failure", "maybe")
+	bad := e.path("bad-hooks")
+	os.WriteFile(bad, []byte("# hooks\npre-freeze true\nprefreeze oops\n"), 0o644)
+	e.fail([]string{"--hooks-file", "line 3", "prefreeze oops"}, "backup", img, "--hooks-file", bad)
 	e.fail([]string{"--writer", "oracle"}, "backup", img, "--writer", "oracle")
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"time"
 
@@ -25,6 +26,7 @@ type quiesceFlags struct {
 	agents              []string
 	agentWindow         time.Duration
 	postBackup          []string
+	hooksFile           string
 	caller              agentCallerFlags
 }
 
@@ -32,6 +34,7 @@ func (f *quiesceFlags) add(fs *pflag.FlagSet) {
 	fs.StringArrayVar(&f.preFreeze, "pre-freeze", nil, "run this shell command just before the point-in-time copy (repeatable, in order); $SAUVE_DISKS and $SAUVE_PROVIDER say what is copied")
 	fs.StringArrayVar(&f.postThaw, "post-thaw", nil, "run this shell command just after the copy (repeatable); it always runs once a pre-freeze command has started, also on error, timeout and Ctrl-C")
 	fs.StringArrayVar(&f.postBackup, "post-backup", nil, "run this shell command once the snapshot is stored (repeatable, in order), with $SAUVE_SNAPSHOT set: what may happen only then, such as pruning an archive; a failure exits 1 (the snapshot stays)")
+	fs.StringVar(&f.hooksFile, "hooks-file", "", "read hooks and writers from this file, one per line, before the flags': pre-freeze CMD, post-thaw CMD, post-backup CMD, writer SPEC, quiesce ADDRESS ('#' starts a comment)")
 	fs.DurationVar(&f.hookTimeout, "hook-timeout", writer.DefaultHookTimeout, "longest time each --pre-freeze or --post-thaw command may run (its process group is killed then)")
 	fs.StringVar(&f.hookFailure, "hook-failure", "abort", "what a failing hook or writer does: abort (store no snapshot, say which failed and what it printed) or continue (store a crash-consistent snapshot, and say why)")
 	fs.StringArrayVar(&f.writers, "writer", nil, "flush and hold an application for the copy (repeatable): postgresql[:DSN] (CHECKPOINT first), mariadb[:DSN] or mysql[:DSN] (FLUSH TABLES WITH READ LOCK held until the copy is taken)")
@@ -43,6 +46,9 @@ func (f *quiesceFlags) add(fs *pflag.FlagSet) {
 
 // quiescer returns the Quiescer the flags ask for, nil when none.
 func (f *quiesceFlags) quiescer() (*quiescer, error) {
+	if err := f.readHooksFile(); err != nil {
+		return nil, err
+	}
 	policy, err := writer.ParsePolicy(f.hookFailure)
 	if err != nil {
 		return nil, usageError{fmt.Errorf("--hook-failure %q: choose abort or continue", f.hookFailure)}
@@ -193,4 +199,53 @@ func (g *globals) runPostBackup(ctx context.Context, f *quiesceFlags, sn *repo.S
 		return fmt.Errorf("snapshot %s is stored, but %w", sn.ID.Short(), err)
 	}
 	return nil
+}
+
+// maxHooksFile bounds --hooks-file.
+const maxHooksFile = 1 << 20
+
+// readHooksFile puts the lines of --hooks-file before the flags' own.
+func (f *quiesceFlags) readHooksFile() error {
+	if f.hooksFile == "" {
+		return nil
+	}
+	b, err := readFileMax(f.hooksFile, maxHooksFile)
+	if err != nil {
+		return fmt.Errorf("--hooks-file: %w", err)
+	}
+	lists := map[string]*[]string{"pre-freeze": &f.preFreeze, "post-thaw": &f.postThaw, "post-backup": &f.postBackup, "writer": &f.writers, "quiesce": &f.agents}
+	from := map[string][]string{}
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		key, value, _ := strings.Cut(line, " ")
+		value = strings.TrimSpace(value)
+		if _, ok := lists[key]; !ok || value == "" {
+			return usageError{fmt.Errorf("--hooks-file %s, line %d: want pre-freeze, post-thaw, post-backup, writer or quiesce and a value, not %.60q", f.hooksFile, i+1, line)}
+		}
+		from[key] = append(from[key], value)
+	}
+	for key, l := range lists {
+		*l = append(from[key], *l...)
+	}
+	return nil
+}
+
+// readFileMax reads a file of at most max bytes.
+func readFileMax(path string, max int64) ([]byte, error) {
+	fh, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer fh.Close()
+	b, err := io.ReadAll(io.LimitReader(fh, max+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > max {
+		return nil, fmt.Errorf("%s is larger than %d bytes", path, max)
+	}
+	return b, nil
 }
