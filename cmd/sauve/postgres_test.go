@@ -478,3 +478,20 @@ func TestPostgresWriterNoServer(t *testing.T) {
 		t.Fatalf("%d snapshots after --hook-failure continue, want 1", n)
 	}
 }
+
+// A writer's volumes must be in the copy: a PostgreSQL whose data
+// directory is on no disk of the backup is refused before anything is
+// frozen, and nothing is stored.
+func TestPostgresVolumeNotInBackup(t *testing.T) {
+	e := newEnv(t)
+	pi := pgInstalled(t)
+	img := xfsImage(t, e)
+	data := filepath.Join(pi.dir(t, "elsewhere"), "data")
+	pi.asPostgres(t, "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-N", "--locale=C")
+	s := pi.startPG(t, data, 6547)
+	writer := fmt.Sprintf("postgresql:host=%s port=6547 user=postgres dbname=postgres", s.sock)
+	e.fail([]string{"needs", "its data directory", "on no disk of this backup"}, "backup", img, "--writer", writer)
+	if n := snapshotsOf(t, e); n != 0 {
+		t.Fatalf("%d snapshots stored for a copy that misses the database", n)
+	}
+}

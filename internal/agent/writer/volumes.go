@@ -63,7 +63,9 @@ func (p *PostgreSQL) Volumes(ctx context.Context) ([]Volume, error) {
 }
 
 // MissingVolume returns an error naming the first volume of the set's
-// Declarers that holds is not true of, nil when every one is covered.
+// Declarers that holds is not true of, nil when every one is covered. A
+// writer that cannot be asked fails it under Abort; under Degrade it is
+// skipped, since its freeze fails the same way and degrades the snapshot.
 func (s *Set) MissingVolume(ctx context.Context, holds func(path string) (bool, error)) error {
 	for _, w := range s.Writers {
 		d, ok := w.(Declarer)
@@ -71,6 +73,9 @@ func (s *Set) MissingVolume(ctx context.Context, holds func(path string) (bool, 
 			continue
 		}
 		vols, err := d.Volumes(ctx)
+		if err != nil && s.Policy == Degrade {
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("ask %s which volumes it needs: %w", w.Name(), err)
 		}
