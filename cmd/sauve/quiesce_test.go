@@ -9,9 +9,9 @@ import (
 	"testing"
 )
 
-// xfsImage makes a small image file on a reflink-capable XFS mounted from
-// a loop device, so that backups of it take a point-in-time copy.
-func xfsImage(t *testing.T, e *env) string {
+// reflinkXFS mounts a reflink-capable XFS from a loop device and returns
+// its mount point: image files on it get point-in-time copies.
+func reflinkXFS(t *testing.T, e *env) string {
 	t.Helper()
 	fsimg := e.path("xfs.img")
 	sh(t, "truncate", "-s", "320M", fsimg)
@@ -21,7 +21,14 @@ func xfsImage(t *testing.T, e *env) string {
 	os.Mkdir(mnt, 0o755)
 	sh(t, "mount", dev, mnt)
 	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
-	img := filepath.Join(mnt, "vm.img")
+	return mnt
+}
+
+// xfsImage makes a small image file on a reflinkXFS, so that backups of
+// it take a point-in-time copy.
+func xfsImage(t *testing.T, e *env) string {
+	t.Helper()
+	img := filepath.Join(reflinkXFS(t, e), "vm.img")
 	if err := os.WriteFile(img, []byte(strings.Repeat("sauve quiesce test ", 100000)), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -18,15 +18,7 @@ import (
 // is left beside the image.
 func TestBackupReflinkCopy(t *testing.T) {
 	e := newEnv(t)
-	fsimg := e.path("xfs.img")
-	sh(t, "truncate", "-s", "320M", fsimg)
-	sh(t, "mkfs.xfs", "-q", "-m", "reflink=1", fsimg)
-	dev := losetup(t, fsimg)
-	mnt := e.path("mnt")
-	os.Mkdir(mnt, 0o755)
-	sh(t, "mount", dev, mnt)
-	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
-
+	mnt := reflinkXFS(t, e)
 	img := filepath.Join(mnt, "vm.img")
 	const blocks = 8192 // 32 MiB
 	f, err := os.OpenFile(img, os.O_RDWR|os.O_CREATE, 0o644)

@@ -92,7 +92,8 @@ func thawIfFrozen(t *testing.T, mnt string) bool {
 		return false
 	}
 	defer unix.Close(fd)
-	err = unix.IoctlSetInt(fd, ioctlFITHAW, 0)
+	// FITHAW from linux/fs.h, _IOWR('X', 120, int), as fsfreeze -u uses.
+	err = unix.IoctlSetInt(fd, 0xC0045878, 0)
 	if err != nil && !errors.Is(err, unix.EINVAL) {
 		t.Errorf("FITHAW %s: %v", mnt, err)
 	}

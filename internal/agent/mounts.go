@@ -5,10 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/sauve-backup/sauve/internal/shadow"
 )
@@ -88,26 +87,14 @@ func recoverMounts(rec json.RawMessage) error {
 	return errors.Join(errs...)
 }
 
-// ioctlFITHAW is FITHAW from linux/fs.h, _IOWR('X', 120, int), as
-// fsfreeze -u uses it.
-const ioctlFITHAW = 0xC0045878
-
-// thawMount thaws the filesystem mounted at path.
+// thawMount thaws the filesystem mounted at path; one that is not there
+// any more, or not frozen, needs nothing.
 func thawMount(path string) error {
 	if !filepath.IsAbs(path) {
 		return fmt.Errorf("thaw %q: not an absolute path", path)
 	}
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if errors.Is(err, unix.ENOENT) {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	if err != nil {
-		return fmt.Errorf("thaw %s: %w", path, err)
-	}
-	defer unix.Close(fd)
-	// EINVAL: not frozen, which is what Recover wants.
-	if err := unix.IoctlSetInt(fd, ioctlFITHAW, 0); err != nil && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("thaw %s: %w", path, err)
-	}
-	return nil
+	return shadow.ThawMount(path)
 }

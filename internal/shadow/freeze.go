@@ -265,6 +265,12 @@ func (f *frozen) reap() {
 	}
 }
 
+// ThawMount thaws the filesystem mounted at path, for a caller that
+// recovers the freeze of a process that died (the agent's restart); one
+// that is not frozen is no error, and a path that is no mount point is
+// refused rather than thawing the filesystem holding it.
+func ThawMount(path string) error { return thawMount(path) }
+
 // thawMount thaws the filesystem mounted at path from sauve's own
 // process; one that is not frozen is no error.
 func thawMount(path string) error {
