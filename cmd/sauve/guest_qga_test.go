@@ -65,13 +65,9 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 	e := newEnv(t)
 	g := bootQGAGuest(t, dir, limit)
 	t.Logf("guest ready after %s; its filesystems: %s", time.Since(start).Round(time.Second), g.agent("guest-get-fsinfo"))
-	step := func(name string) func() {
-		s := time.Now()
-		return func() { t.Logf("step %s: %s", name, time.Since(s).Round(100*time.Millisecond)) }
-	}
 
 	// A frozen backup restores as a clean filesystem of whole files.
-	done := step("frozen")
+	done := guestStep(t, "frozen")
 	before := g.seq()
 	frozen, stderr := g.backup(e, "--guest-agent", g.qga, "--guest-freeze", "on")
 	after := g.seq()
@@ -101,7 +97,7 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 
 	// Not frozen, the copy's journal needs recovery: what the checks
 	// above tell apart.
-	done = step("unfrozen")
+	done = guestStep(t, "unfrozen")
 	off, stderr := g.backup(e, "--guest-agent", g.qga, "--guest-freeze", "off")
 	if off.GuestFrozen != 0 || off.GuestFreeze != "guest freeze off" {
 		t.Errorf("--guest-freeze off: guest_frozen_seconds %v, guest_freeze %q", off.GuestFrozen, off.GuestFreeze)
@@ -120,7 +116,7 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 	done()
 
 	// Killed while the guest is frozen.
-	done = step("killed while frozen")
+	done = guestStep(t, "killed while frozen")
 	n := g.snapshots(e)
 	hold := holdTransaction(t, g.qmp, filepath.Join(dir, "hold.qmp"))
 	killed := e.cmd(nil, "backup", "qemu:"+hold.path, "--drive", "data", "--guest-agent", g.qga,
@@ -192,7 +188,7 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 	done()
 
 	// No agent answers: one clear error, nothing stored, nothing left.
-	done = step("no agent")
+	done = guestStep(t, "no agent")
 	if got := g.ctl("qga-stop"); got != "CTL qga-stop done" {
 		t.Fatalf("stopping qemu-ga in the guest: %s", got)
 	}
@@ -213,6 +209,13 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 
 	g.finish()
 	t.Logf("all steps in one boot: %s", time.Since(g.booted).Round(time.Second))
+}
+
+// guestStep logs how long a step of a guest test took when the
+// function it returns is called.
+func guestStep(t *testing.T, name string) func() {
+	s := time.Now()
+	return func() { t.Logf("step %s: %s", name, time.Since(s).Round(100*time.Millisecond)) }
 }
 
 // qgaGuest is the test guest running guest-qga.sh: its console, read a

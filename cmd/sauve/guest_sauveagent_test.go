@@ -60,15 +60,11 @@ func TestSauveAgentInGuest(t *testing.T) {
 	g := bootGuest(t, dir, limit, guestChannel{id: "sauve-agent", socket: "agent.sock", port: "org.sauve.agent.0"},
 		"SAUVE_GUEST_PAYLOAD="+payload)
 	t.Logf("guest ready after %s; the agent: %s", time.Since(start).Round(time.Second), g.ctl("agent-log"))
-	step := func(name string) func() {
-		s := time.Now()
-		return func() { t.Logf("step %s: %s", name, time.Since(s).Round(100*time.Millisecond)) }
-	}
 	agentName := "agent unix:" + g.qga
 
 	// Two backups in turn, each frozen through the agent.
 	for _, name := range []string{"first", "second"} {
-		done := step(name + " backup")
+		done := guestStep(t, name+" backup")
 		before := g.seq()
 		s := time.Now()
 		out, stderr := g.backup(e, "--agent-key", agentPub)
@@ -97,7 +93,7 @@ func TestSauveAgentInGuest(t *testing.T) {
 	t.Logf("the agent's log: %s", g.ctl("agent-log"))
 
 	// A caller the agent does not know.
-	done := step("unknown caller")
+	done := guestStep(t, "unknown caller")
 	e.ok("agent", "keygen", "--out", e.path("stranger.key"))
 	msg := g.backupFails(e, "a caller key the agent does not know", []string{agentName, "is not authorized"},
 		"--agent-caller-key", e.path("stranger.key"), "--agent-key", agentPub)
@@ -111,7 +107,7 @@ func TestSauveAgentInGuest(t *testing.T) {
 	done()
 
 	// The agent killed while it holds a freeze: its guard thaws /data.
-	done = step("agent killed while frozen")
+	done = guestStep(t, "agent killed while frozen")
 	freeze := e.cmd(nil, "agent", "freeze", "unix:"+g.qga, "--agent-key", agentPub, "--window", "50s", "--hold", "40s")
 	stdout, err := freeze.StdoutPipe()
 	if err != nil {
