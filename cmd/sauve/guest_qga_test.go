@@ -215,7 +215,10 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 // function it returns is called.
 func guestStep(t *testing.T, name string) func() {
 	s := time.Now()
-	return func() { t.Logf("step %s: %s", name, time.Since(s).Round(100*time.Millisecond)) }
+	return func() {
+		t.Helper()
+		t.Logf("step %s: %s", name, time.Since(s).Round(100*time.Millisecond))
+	}
 }
 
 // qgaGuest is the test guest running guest-qga.sh: its console, read a
