@@ -65,13 +65,9 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 	e := newEnv(t)
 	g := bootQGAGuest(t, dir, limit)
 	t.Logf("guest ready after %s; its filesystems: %s", time.Since(start).Round(time.Second), g.agent("guest-get-fsinfo"))
-	step := func(name string) func() {
-		s := time.Now()
-		return func() { t.Logf("step %s: %s", name, time.Since(s).Round(100*time.Millisecond)) }
-	}
 
 	// A frozen backup restores as a clean filesystem of whole files.
-	done := step("frozen")
+	done := guestStep(t, "frozen")
 	before := g.seq()
 	frozen, stderr := g.backup(e, "--guest-agent", g.qga, "--guest-freeze", "on")
 	after := g.seq()
@@ -101,7 +97,7 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 
 	// Not frozen, the copy's journal needs recovery: what the checks
 	// above tell apart.
-	done = step("unfrozen")
+	done = guestStep(t, "unfrozen")
 	off, stderr := g.backup(e, "--guest-agent", g.qga, "--guest-freeze", "off")
 	if off.GuestFrozen != 0 || off.GuestFreeze != "guest freeze off" {
 		t.Errorf("--guest-freeze off: guest_frozen_seconds %v, guest_freeze %q", off.GuestFrozen, off.GuestFreeze)
@@ -120,7 +116,7 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 	done()
 
 	// Killed while the guest is frozen.
-	done = step("killed while frozen")
+	done = guestStep(t, "killed while frozen")
 	n := g.snapshots(e)
 	hold := holdTransaction(t, g.qmp, filepath.Join(dir, "hold.qmp"))
 	killed := e.cmd(nil, "backup", "qemu:"+hold.path, "--drive", "data", "--guest-agent", g.qga,
@@ -192,11 +188,10 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 	done()
 
 	// No agent answers: one clear error, nothing stored, nothing left.
-	done = step("no agent")
+	done = guestStep(t, "no agent")
 	if got := g.ctl("qga-stop"); got != "CTL qga-stop done" {
 		t.Fatalf("stopping qemu-ga in the guest: %s", got)
 	}
-	n = g.snapshots(e)
 	for _, c := range []struct {
 		socket string
 		want   []string
@@ -204,27 +199,7 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 		{g.qga, []string{"guest freeze on", "did not answer within", "is qemu-ga running in the guest?"}},
 		{filepath.Join(dir, "nothing.sock"), []string{"guest freeze on", "connect to the guest agent at " + filepath.Join(dir, "nothing.sock")}},
 	} {
-		start := time.Now()
-		r := e.run("backup", "qemu:"+g.qmp, "--drive", "data", "--guest-agent", c.socket, "--guest-freeze", "on", "--json")
-		t.Logf("--guest-freeze on, agent %s: exit %d after %s: %s", filepath.Base(c.socket), r.code, time.Since(start).Round(100*time.Millisecond), r.stderr)
-		// With --json the error is also the output: {"error": "..."}.
-		var out struct{ Error string }
-		lines := strings.Split(strings.TrimSpace(r.stderr), "\n")
-		if err := json.Unmarshal([]byte(r.stdout), &out); r.code == 0 || err != nil || len(lines) != 1 || lines[0] != "sauve: error: "+out.Error {
-			t.Errorf("--guest-freeze on with no agent at %s: exit %d, stdout %q, stderr %q; want an error, in one line and as the JSON output",
-				c.socket, r.code, r.stdout, r.stderr)
-		}
-		for _, w := range c.want {
-			if !strings.Contains(r.stderr, w) {
-				t.Errorf("--guest-freeze on with no agent at %s: the error does not say %q", c.socket, w)
-			}
-		}
-		if got := g.snapshots(e); got != n {
-			t.Errorf("a failed backup stored a snapshot: %d snapshots, were %d", got, n)
-		}
-		if left := g.leftovers(); len(left) > 0 {
-			t.Errorf("left in the VM after a failed backup: %v", left)
-		}
+		g.backupFails(e, "--guest-freeze on with no agent at "+c.socket, c.want, "--guest-agent", c.socket, "--guest-freeze", "on")
 	}
 	g.progresses("after the failed backups")
 	if bm := (&liveVM{t: t, writer: g.mon}).bitmaps(); len(bm) != 1 || !strings.HasPrefix(bm[0], "sauve-") {
@@ -236,12 +211,22 @@ func TestGuestAgentFreezeInGuest(t *testing.T) {
 	t.Logf("all steps in one boot: %s", time.Since(g.booted).Round(time.Second))
 }
 
+// guestStep logs how long a step of a guest test took when the
+// function it returns is called.
+func guestStep(t *testing.T, name string) func() {
+	s := time.Now()
+	return func() {
+		t.Helper()
+		t.Logf("step %s: %s", name, time.Since(s).Round(100*time.Millisecond))
+	}
+}
+
 // qgaGuest is the test guest running guest-qga.sh: its console, read a
 // line at a time, takes commands (see guest-qga.sh).
 type qgaGuest struct {
 	t        *testing.T
 	dir      string
-	qmp, qga string      // sockets: sauve's QMP, the guest agent's
+	qmp, qga string      // sockets: sauve's QMP, the guest agent's (qemu-ga's or sauve's)
 	mon      *qmp.Client // the VM's second QMP monitor, the test's
 	stdin    io.WriteCloser
 	exited   chan struct{}
@@ -253,13 +238,26 @@ type qgaGuest struct {
 	eof   bool
 }
 
-// bootQGAGuest makes the data drive (ext4 on a qcow2), boots the guest
-// with it, a QMP socket for sauve and one for the test, and the guest
-// agent's channel, and waits until the guest is ready.
+// bootQGAGuest boots the guest with qemu-ga on its channel (see
+// bootGuest).
 func bootQGAGuest(t *testing.T, dir string, limit time.Duration) *qgaGuest {
 	t.Helper()
+	return bootGuest(t, dir, limit, guestChannel{id: "qga0", socket: "qga.sock", port: "org.qemu.guest_agent.0"}, "SAUVE_BIN=none")
+}
+
+// guestChannel is the VM's channel to the guest's agent: a chardev
+// (its id, its socket's name in the test's directory) on the
+// virtserialport of that name.
+type guestChannel struct{ id, socket, port string }
+
+// bootGuest makes the data drive (ext4 on a qcow2), boots the guest
+// (run.sh with guest-qga.sh, env added to its environment) with it, a
+// QMP socket for sauve and one for the test, and the agent's channel,
+// and waits until the guest is ready.
+func bootGuest(t *testing.T, dir string, limit time.Duration, ch guestChannel, env ...string) *qgaGuest {
+	t.Helper()
 	monPath := filepath.Join(dir, "mon.qmp")
-	g := &qgaGuest{t: t, dir: dir, qmp: filepath.Join(dir, "vm.qmp"), qga: filepath.Join(dir, "qga.sock"), exited: make(chan struct{})}
+	g := &qgaGuest{t: t, dir: dir, qmp: filepath.Join(dir, "vm.qmp"), qga: filepath.Join(dir, ch.socket), exited: make(chan struct{})}
 	raw, data := filepath.Join(dir, "data.raw"), filepath.Join(dir, "data.qcow2")
 	sh(t, "truncate", "-s", "256M", raw)
 	sh(t, "mkfs.ext4", "-q", "-F", "-L", "sauve-data", raw)
@@ -267,13 +265,13 @@ func bootQGAGuest(t *testing.T, dir string, limit time.Duration) *qgaGuest {
 	os.Remove(raw)
 
 	ctx, cancel := context.WithTimeout(context.Background(), limit+2*time.Minute)
-	cmd := guestCommand(ctx, t, limit, "SAUVE_BIN=none", "SAUVE_GUEST_SCRIPT=guest-qga.sh", "SAUVE_GUEST_STDIN=1")
+	cmd := guestCommand(ctx, t, limit, append(env, "SAUVE_GUEST_SCRIPT=guest-qga.sh", "SAUVE_GUEST_STDIN=1")...)
 	// After run.sh's drives (root, scratch, payload: vda to vdc), at PCI
 	// slots of their own so that they stay so.
 	cmd.Args = append(cmd.Args, "-name", "sauve-guest",
 		"-qmp", "unix:"+g.qmp+",server=on,wait=off", "-qmp", "unix:"+monPath+",server=on,wait=off",
-		"-chardev", "socket,id=qga0,path="+g.qga+",server=on,wait=off",
-		"-device", "virtio-serial-pci,addr=0x10", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+		"-chardev", "socket,id="+ch.id+",path="+g.qga+",server=on,wait=off",
+		"-device", "virtio-serial-pci,addr=0x10", "-device", "virtserialport,chardev="+ch.id+",name="+ch.port,
 		"-drive", "file="+data+",format=qcow2,if=none,id=data",
 		"-device", "virtio-blk-pci,drive=data,serial=sauve-data,addr=0x11")
 	stdin, err := cmd.StdinPipe()
@@ -449,8 +447,9 @@ func (g *qgaGuest) agentStatus() string {
 // guestBackupOut is what sauve backup --json says of a VM.
 type guestBackupOut struct {
 	qemuBackupOut
-	GuestFrozen float64 `json:"guest_frozen_seconds"`
-	GuestFreeze string  `json:"guest_freeze"`
+	GuestFrozen float64      `json:"guest_frozen_seconds"`
+	GuestFreeze string       `json:"guest_freeze"`
+	Quiesce     *quiesceJSON `json:"quiesce"`
 }
 
 // backup backs up the VM's data drive and returns what sauve printed.
@@ -466,6 +465,36 @@ func (g *qgaGuest) backup(e *env, args ...string) (guestBackupOut, string) {
 		g.t.Fatalf("sauve %s: %v\n%s", strings.Join(args, " "), err, r.stdout)
 	}
 	return out, r.stderr
+}
+
+// backupFails backs up the VM's data drive, with args, and fails the
+// test unless sauve fails with one clear error (one line, also the JSON
+// output) that says every one of want, stores no snapshot and leaves
+// nothing in the VM. It returns the error.
+func (g *qgaGuest) backupFails(e *env, what string, want []string, args ...string) string {
+	g.t.Helper()
+	n := g.snapshots(e)
+	start := time.Now()
+	r := e.run(append([]string{"backup", "qemu:" + g.qmp, "--drive", "data", "--json"}, args...)...)
+	g.t.Logf("%s: exit %d after %s: %s", what, r.code, time.Since(start).Round(100*time.Millisecond), r.stderr)
+	// With --json the error is also the output: {"error": "..."}.
+	var out struct{ Error string }
+	lines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+	if err := json.Unmarshal([]byte(r.stdout), &out); r.code == 0 || err != nil || len(lines) != 1 || lines[0] != "sauve: error: "+out.Error {
+		g.t.Errorf("%s: exit %d, stdout %q, stderr %q; want an error, in one line and as the JSON output", what, r.code, r.stdout, r.stderr)
+	}
+	for _, w := range want {
+		if !strings.Contains(r.stderr, w) {
+			g.t.Errorf("%s: the error does not say %q", what, w)
+		}
+	}
+	if got := g.snapshots(e); got != n {
+		g.t.Errorf("%s: a failed backup stored a snapshot: %d snapshots, were %d", what, got, n)
+	}
+	if left := g.leftovers(); len(left) > 0 {
+		g.t.Errorf("%s: left in the VM after a failed backup: %v", what, left)
+	}
+	return out.Error
 }
 
 func (g *qgaGuest) snapshots(e *env) int {

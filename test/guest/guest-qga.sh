@@ -17,12 +17,30 @@
 #   finish     stops the writer, checks its files and the filesystem
 #              (e2fsck -fn) once unmounted, prints the result and ends
 #
+#
+# When the payload has an agent/ directory (TestSauveAgentInGuest puts
+# one there: agent.key, authorized), the guest's agent is sauve's own
+# instead: "sauve agent run --serial" on the port named
+# org.sauve.agent.0, freezing /data, its state and JSON-lines log in
+# /run; qemu-ga does not run. Then "status" says agent=running|stopped
+# and the commands are:
+#
+#   agent-kill   kill -9 the agent (its thaw guard must thaw /data)
+#   agent-start  starts it again
+#   agent-log    CTL agent-log N LINE: the agent's log's last line
+#                (N lines in all)
+#
 # Nothing here writes to a disk but the writer: the freeze stops every
 # filesystem of the guest, so state and logs live in /run (a tmpfs,
 # which qemu-ga does not freeze).
 set -u
 export PATH=/t:/usr/sbin:/usr/bin:/sbin:/bin
 AGENT_PORT=org.qemu.guest_agent.0
+agent=qemu-ga
+if [ -d /t/agent ]; then
+	AGENT_PORT=org.sauve.agent.0
+	agent=sauve
+fi
 DATA_SERIAL=sauve-data
 # say, pass, fail, show, result.
 . /t/steps.sh
@@ -68,6 +86,38 @@ stop_qga() {
 	return 1
 }
 
+sauve_running() { [ -s /run/sauve-agent.pid ] && kill -0 "$(cat /run/sauve-agent.pid)" 2>/dev/null; }
+
+start_sauve() {
+	sauve agent run --serial "$port" --mount /data --key /t/agent/agent.key --authorized /t/agent/authorized \
+		--state /run/sauve-agent.state --log /run/sauve-agent.log --window 10s >>/run/sauve-agent.out 2>&1 &
+	local pid=$!
+	echo $pid >/run/sauve-agent.pid
+	for _ in $(seq 100); do
+		grep -q "\"msg\":\"start\".*\"pid\":$pid[,}]" /run/sauve-agent.log 2>/dev/null && return 0
+		sauve_running || break
+		sleep 0.1
+	done
+	say "sauve agent did not start:"
+	show /run/sauve-agent.out
+	show /run/sauve-agent.log
+	return 1
+}
+
+stop_sauve() {
+	sauve_running || return 0
+	kill "$(cat /run/sauve-agent.pid)"
+	for _ in $(seq 100); do
+		sauve_running || return 0
+		sleep 0.1
+	done
+	return 1
+}
+
+agent_running() { if [ $agent = sauve ]; then sauve_running; else qga_running; fi; }
+start_agent() { if [ $agent = sauve ]; then start_sauve; else start_qga; fi; }
+stop_agent() { if [ $agent = sauve ]; then stop_sauve; else stop_qga; fi; }
+
 seq_now() { cat /run/seqfile.last 2>/dev/null || echo 0; }
 
 say "guest-qga: kernel $(uname -r)"
@@ -95,13 +145,13 @@ for _ in $(seq 100); do
 	[ -s /run/seqfile.last ] && break
 	sleep 0.1
 done
-if ! [ -s /run/seqfile.last ] || ! start_qga; then
-	fail setup "the writer or qemu-ga did not start"
+if ! [ -s /run/seqfile.last ] || ! start_agent; then
+	fail setup "the writer or $agent did not start"
 	show /run/writer.out
 	result
 	exit 1
 fi
-pass setup "data $data on /data, writer at file $(seq_now), qemu-ga on $port"
+pass setup "data $data on /data, writer at file $(seq_now), $agent on $port"
 # The host's commands are not echoed back into the console.
 stty -echo 2>/dev/null
 echo "SAUVE-QGA-READY"
@@ -111,14 +161,31 @@ while read -r cmd; do
 	case $cmd in
 	status)
 		state=stopped
-		qga_running && state=running
-		echo "CTL status seq=$(seq_now) qga=$state"
+		agent_running && state=running
+		if [ $agent = sauve ]; then
+			echo "CTL status seq=$(seq_now) agent=$state"
+		else
+			echo "CTL status seq=$(seq_now) qga=$state"
+		fi
 		;;
 	qga-stop)
 		if stop_qga; then echo "CTL qga-stop done"; else echo "CTL qga-stop failed"; fi
 		;;
 	qga-start)
 		if start_qga; then echo "CTL qga-start done"; else echo "CTL qga-start failed"; fi
+		;;
+	agent-kill)
+		if sauve_running && kill -9 "$(cat /run/sauve-agent.pid)"; then
+			echo "CTL agent-kill done at $(date +%s.%N)"
+		else
+			echo "CTL agent-kill failed"
+		fi
+		;;
+	agent-start)
+		if start_sauve; then echo "CTL agent-start done"; else echo "CTL agent-start failed"; fi
+		;;
+	agent-log)
+		echo "CTL agent-log $(wc -l </run/sauve-agent.log) $(tail -n 1 /run/sauve-agent.log)"
 		;;
 	finish)
 		echo "CTL finish"
@@ -129,7 +196,8 @@ while read -r cmd; do
 	esac
 done
 
-stop_qga
+stop_agent
+[ $agent = sauve ] && say "sauve agent's log: $(wc -l </run/sauve-agent.log) lines" && show /run/sauve-agent.log
 kill -TERM "$writer"
 wait "$writer"
 say "writer: $(cat /run/writer.out)"

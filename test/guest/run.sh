@@ -27,7 +27,9 @@
 # QEMU-ARGS to QEMU's command line (sockets, devices, more drives: the
 # guest-freeze test's QMP and guest agent sockets and data drive) and,
 # with SAUVE_GUEST_STDIN=1, gives QEMU this script's standard input, which
-# the guest reads on its console (by default it reads nothing).
+# the guest reads on its console (by default it reads nothing);
+# SAUVE_GUEST_PAYLOAD=DIR adds DIR's files to the payload (the sauve
+# agent test's keys, in DIR/agent).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -73,6 +75,7 @@ for tool in seqblk seqfile; do
 done
 install -m 0755 "$here/guest-test.sh" "$here/guest-qga.sh" "$tmp/payload/"
 install -m 0644 "$here/steps.sh" "$tmp/payload/"
+[ -n "${SAUVE_GUEST_PAYLOAD:-}" ] && cp -a "$SAUVE_GUEST_PAYLOAD/." "$tmp/payload/"
 [ -x "$tmp/payload/$script" ] || { log "no test script $script in $here"; exit 2; }
 mkfs.ext4 -q -L payload -d "$tmp/payload" "$tmp/payload.img" 128M >&2
 truncate -s 4G "$tmp/scratch.img"
