@@ -123,7 +123,9 @@ func TestBackupQuiesceAgent(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			stderr := e.fail([]string{tc.want}, append([]string{"backup", img, "--quiesce", url}, tc.args...)...)
-			t.Logf("refused: %s", strings.TrimSpace(stderr))
+			if n := strings.Count(stderr, h.addr); n != 1 {
+				t.Errorf("the error names the agent %d times: %s", n, stderr)
+			}
 			if got := snapshotsOf(t, e); got != n {
 				t.Errorf("%d snapshots, were %d: a refused agent stored one", got, n)
 			}

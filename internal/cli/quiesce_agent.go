@@ -58,14 +58,14 @@ func (w *agentWriter) Detail() string {
 func (w *agentWriter) Freeze(ctx context.Context) error {
 	s, err := agent.Dial(ctx, w.addr, w.cfg)
 	if err != nil {
-		return err
+		return w.unnamed(err)
 	}
 	w.mu.Lock()
 	w.s = s
 	w.mu.Unlock()
 	rep, err := s.Freeze(ctx, w.window)
 	if err != nil {
-		return err
+		return w.unnamed(err)
 	}
 	var parts []string
 	for _, x := range rep.Writers {
@@ -99,3 +99,24 @@ func (w *agentWriter) Thaw(ctx context.Context) error {
 	}
 	return nil
 }
+
+// unnamed drops the agent's address from the front of the client's error:
+// the writer's name, which the Set puts in front, says it already.
+func (w *agentWriter) unnamed(err error) error {
+	msg, name := err.Error(), w.Name()
+	for _, p := range []string{name + ": ", name + " "} {
+		if rest, ok := strings.CutPrefix(msg, p); ok {
+			return &renamed{msg: rest, err: err}
+		}
+	}
+	return err
+}
+
+// renamed is an error with another message, still wrapping the first.
+type renamed struct {
+	msg string
+	err error
+}
+
+func (e *renamed) Error() string { return e.msg }
+func (e *renamed) Unwrap() error { return e.err }
