@@ -88,6 +88,9 @@ func TestBackupHooks(t *testing.T) {
 	if sn.Quiesce == nil || sn.Quiesce.Consistency != "application" {
 		t.Errorf("show --json quiesce %+v: the manifest does not record it", sn.Quiesce)
 	}
+	if out := e.ok("snapshots"); !strings.Contains(out, " app ") {
+		t.Errorf("snapshots does not mark the application-consistent one:\n%s", out)
+	}
 	if out := e.ok("show", res.Snapshot); !strings.Contains(out, "application-consistent: hooks held for") {
 		t.Errorf("show does not say the snapshot is application-consistent:\n%s", out)
 	}
@@ -120,8 +123,8 @@ func TestBackupHookFailure(t *testing.T) {
 	if q := res.Quiesce; q == nil || q.Consistency != "crash" || !strings.Contains(q.Reason, "exit 3") {
 		t.Fatalf("quiesce %+v, want crash-consistent saying why", q)
 	}
-	if out := e.ok("snapshots"); !strings.Contains(out, "1 snapshots") {
-		t.Errorf("snapshots after --hook-failure continue:\n%s", out)
+	if out := e.ok("snapshots"); !strings.Contains(out, "1 snapshots") || !strings.Contains(out, "crash!") {
+		t.Errorf("snapshots after --hook-failure continue does not show the crash-consistent one:\n%s", out)
 	}
 
 	e.fail([]string{"--hook-failure", "abort or continue"}, "backup", img, "--pre-freeze", "true", "--hook-failure", "maybe")

@@ -125,6 +125,19 @@ func idString(id *repo.ID) string {
 	return id.String()
 }
 
+// appsColumn says whether applications were held for the snapshot:
+// "app" (application-consistent), "crash!" (asked, but not all held) or
+// "-" (nothing asked of them).
+func appsColumn(sn *repo.Snapshot) string {
+	switch {
+	case sn.Quiesce == nil:
+		return "-"
+	case sn.Quiesce.Consistency == "application":
+		return "app"
+	}
+	return "crash!"
+}
+
 // copyColumn says how a disk was read: the point-in-time copy, "in use"
 // when it was read torn while a filesystem on it was mounted read-write,
 // "-" when it was read as it was, not in use.
@@ -153,7 +166,10 @@ below the table: its host is not one its writer's certificate allows, it is
 dated in the future, its writer was revoked ('sauve key revoke'), or data
 it holds was lost for good. Name it by its ID to restore it anyway.
 
-The Copy column says how each disk was read: from a point-in-time copy
+The Apps column says whether applications were held still for the copy
+(--writer, hooks, an agent): app (application-consistent), crash! (asked,
+but one failed: crash-consistent; 'sauve show' says why) or - (nothing
+asked). The Copy column says how each disk was read: from a point-in-time copy
 (lvm, btrfs, reflink, qemu), as it was (-), or "in use!" when a
 filesystem on it was mounted read-write while it was read with no copy,
 so that its contents may be torn; 'sauve show' says where.`,
@@ -189,7 +205,7 @@ so that its contents may be torn; 'sauve show' says where.`,
 				return nil
 			}
 			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tTime\tHost\tTags\tSigned by\tDisk\tSize\tCopy\tSource")
+			fmt.Fprintln(tw, "ID\tTime\tHost\tTags\tSigned by\tApps\tDisk\tSize\tCopy\tSource")
 			var marked []*repo.Snapshot
 			for _, sn := range list {
 				id := sn.ID.Short()
@@ -198,11 +214,11 @@ so that its contents may be torn; 'sauve show' says where.`,
 					marked = append(marked, sn)
 				}
 				for i, d := range sn.Disks {
-					id, t, h, tags, who := id, sn.Time.Local().Format("2006-01-02 15:04:05"), sn.Host, strings.Join(sn.Tags, ","), sn.Signer
+					id, t, h, tags, who, apps := id, sn.Time.Local().Format("2006-01-02 15:04:05"), sn.Host, strings.Join(sn.Tags, ","), sn.Signer, appsColumn(sn)
 					if i > 0 {
-						id, t, h, tags, who = "", "", "", "", ""
+						id, t, h, tags, who, apps = "", "", "", "", "", ""
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, t, h, tags, who, d.Name, bytesIEC(d.Size), copyColumn(&d), d.Source)
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, t, h, tags, who, apps, d.Name, bytesIEC(d.Size), copyColumn(&d), d.Source)
 				}
 			}
 			tw.Flush()
