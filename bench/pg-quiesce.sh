@@ -45,8 +45,12 @@ PIDS=() MOUNTS=()
 cleanup() {
   set +e
   for p in "${PIDS[@]}"; do kill "$p" 2> /dev/null; done
-  sleep 0.5
+  # runuser does not pass every signal on: the postmasters by their data.
+  pkill -QUIT -f "postgres -D $WORK" 2> /dev/null
+  sleep 1
   for p in "${PIDS[@]}"; do kill -9 "$p" 2> /dev/null; done
+  pkill -KILL -f "postgres -D $WORK" 2> /dev/null
+  sleep 0.5
   for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do fsfreeze -u "${MOUNTS[$i]}" 2> /dev/null; umount "${MOUNTS[$i]}" 2> /dev/null; done
   [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
@@ -157,13 +161,17 @@ restore_check() { # restore_check MODE -> seconds in RESTORE[MODE]
   local sums
   sums=$("$BIN/psql" -h "$dir/sock" -p "$port" -U postgres -Atc "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(bbalance) FROM pgbench_branches) AND (SELECT sum(bbalance) FROM pgbench_branches) = (SELECT coalesce(sum(delta),0) FROM pgbench_history)" postgres)
   [ "$sums" = t ] || { echo "$m: the restored database breaks pgbench's invariant" >&2; exit 1; }
-  kill "$PG_PID"; wait "$PG_PID" 2> /dev/null || true
+  pkill -INT -f "postgres -D ${PGDATA_DIR:-$dir}" 2> /dev/null
+  kill "$PG_PID" 2> /dev/null; wait "$PG_PID" 2> /dev/null || true
+  sleep 0.5
+  [ "$m" = basebackup ] || { umount "$dir/mnt" && unset 'MOUNTS[-1]'; }
 }
 for m in "${MODES[@]}"; do restore_check "$m"; done
 
 # --- report ---------------------------------------------------------------------
 median() { printf '%s\n' $1 | sort -g | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
 m() { median "${1:-}"; }
+m3() { awk -v x="$(median "${1:-}")" 'BEGIN { printf "%.3f", x }'; }
 # tps_stats START... END...: baseline tps (the 3 s before each backup),
 # tps during, and the seconds under half the baseline, medians of rounds.
 tps_stats() {
@@ -192,7 +200,7 @@ EOF
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   for md in "${MODES[@]}"; do
     read -r tb td slow <<< "$(tps_stats "${START[$md]}" "${END[$md]}")"
-    echo "| $md | $(m "${WALL[$md]}") | $(m "${CPU[$md]}") | $(m "${FROZEN[$md]}") | $(m "${WINDOW[$md]}") | $tb | $td | $slow | ${RESTORE[$md]} |"
+    echo "| $md | $(m "${WALL[$md]}") | $(m "${CPU[$md]}") | $(m3 "${FROZEN[$md]}") | $(m3 "${WINDOW[$md]}") | $tb | $td | $slow | ${RESTORE[$md]} |"
   done
   echo
   echo "crash: \`sauve backup IMAGE\` (a reflink copy while the ext4 is frozen: crash-consistent, PostgreSQL recovers from it). writer: \`--writer postgresql\` (CHECKPOINT just before the copy: application-consistent, a shorter recovery). agent: \`--quiesce agent://\` to a sauve agent on the same host that runs the postgresql writer and freezes the ext4 itself (\`--no-freeze\` on the backup side); its writes-frozen figure is its whole window. basebackup: \`pg_basebackup -X stream -c fast\` (a full copy every time). Restore: sauve restore of the image, loop mount and PostgreSQL's crash recovery until it accepts connections; for pg_basebackup, start on its copy. Every restored database keeps pgbench's invariant (sum of account balances = branch balances = history deltas)."
