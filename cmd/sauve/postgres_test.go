@@ -196,6 +196,15 @@ type pgLoad struct {
 	e       *env
 	src     *pgServer // the cluster under load
 	thawLog string    // the hooks' post-thaw commands append here
+	inner   string    // the ext4 holding PGDATA
+	agent   *agentHost
+}
+
+// pgWriterSpec is the --writer of the cluster under load.
+func (l *pgLoad) pgWriterSpec() string {
+	// The libpq key=value form, the one a DSN with a socket folder and a
+	// port not 5432 needs.
+	return fmt.Sprintf("postgresql:host=%s port=%d user=postgres dbname=postgres", l.src.sock, l.src.port)
 }
 
 // pgQuiesce is one way of holding PostgreSQL still for a backup. A new way
@@ -207,16 +216,15 @@ type pgQuiesce struct {
 	setup  func(t *testing.T, l *pgLoad)
 	flags  func(l *pgLoad) []string
 	writer func(l *pgLoad) string
+	// byAgent: the agent freezes the ext4 (with its postgresql writer),
+	// so sauve takes its copy with --no-freeze.
+	byAgent bool
 }
 
 var pgQuiesceModes = []pgQuiesce{
 	{
-		name: "writer",
-		flags: func(l *pgLoad) []string {
-			// The libpq key=value form, the one a DSN with a socket folder
-			// and a port not 5432 needs.
-			return []string{"--writer", fmt.Sprintf("postgresql:host=%s port=%d user=postgres dbname=postgres", l.src.sock, l.src.port)}
-		},
+		name:   "writer",
+		flags:  func(l *pgLoad) []string { return []string{"--writer", l.pgWriterSpec()} },
 		writer: func(l *pgLoad) string { return fmt.Sprintf("postgresql (%s:%d)", l.src.sock, l.src.port) },
 	},
 	{
@@ -226,6 +234,17 @@ var pgQuiesceModes = []pgQuiesce{
 			return []string{"--pre-freeze", checkpoint, "--post-thaw", `echo "$SAUVE_PHASE $SAUVE_DISKS" >> ` + l.thawLog}
 		},
 		writer: func(*pgLoad) string { return "hooks" },
+	},
+	{
+		name: "agent",
+		setup: func(t *testing.T, l *pgLoad) {
+			l.agent = startAgentOn(t, l.e, l.inner, "--writer", l.pgWriterSpec())
+		},
+		flags: func(l *pgLoad) []string {
+			return []string{"--quiesce", "agent://" + l.agent.addr, "--agent-caller-key", l.agent.callerKey, "--agent-key", l.agent.agentPub, "--no-freeze"}
+		},
+		writer:  func(l *pgLoad) string { return "agent " + l.agent.addr },
+		byAgent: true,
 	},
 }
 
@@ -240,15 +259,17 @@ type pgSnapshot struct {
 
 // PostgreSQL with PGDATA on an ext4 loop-mounted from an image file on a
 // reflink XFS, under pgbench load: sauve backs the image up again and
-// again, holding the database alternately through the postgresql writer
-// and through hooks, each backup a reflink copy taken while the ext4 is
+// again, holding the database in turn through the postgresql writer,
+// through hooks, and through a sauve agent (TLS, both keys checked) whose
+// postgresql writer and freeze of the ext4 hold it for sauve's reflink
+// copy (--no-freeze), each backup a reflink copy taken while the ext4 is
 // frozen, each freeze and quiesce window under 2 s. Every snapshot
-// restored (the last two; all of them with SAUVE_SOAK=1) holds a clean
+// restored (the last three; all 20 with SAUVE_SOAK=1) holds a clean
 // ext4 on which PostgreSQL starts by crash recovery alone, pg_amcheck
 // finds nothing, and pgbench's balances agree.
 func TestPostgresUnderLoad(t *testing.T) {
 	pi := pgInstalled(t)
-	rounds, restoreLast := 2, 2
+	rounds, restoreLast := 3, 3
 	if os.Getenv("SAUVE_SOAK") == "1" {
 		rounds, restoreLast = 20, 20
 	}
@@ -331,7 +352,7 @@ func TestPostgresUnderLoad(t *testing.T) {
 		}
 	}
 
-	l := &pgLoad{e: e, src: src, thawLog: filepath.Join(e.dir, "post-thaw.log")}
+	l := &pgLoad{e: e, src: src, thawLog: filepath.Join(e.dir, "post-thaw.log"), inner: inner}
 	for _, m := range pgQuiesceModes {
 		if m.setup != nil {
 			m.setup(t, l)
@@ -360,8 +381,16 @@ func TestPostgresUnderLoad(t *testing.T) {
 		}
 		t.Logf("round %d (%s): backup %.2f s, frozen %.3f s, quiesce window %.3f s, %d transactions during it",
 			i+1, m.name, took.Seconds(), res.Frozen, q.WindowSeconds, after-before)
-		if res.Copy != "reflink" || !slices.Equal(res.Mounts, []string{inner}) {
-			t.Fatalf("round %d (%s): copy %q with %v frozen, want a reflink copy with %s frozen", i+1, m.name, res.Copy, res.Mounts, inner)
+		wantMounts := []string{inner}
+		if m.byAgent {
+			wantMounts = nil // the agent froze it
+			if d := q.Writers[0].Detail; !strings.Contains(d, inner) || !strings.Contains(d, "postgresql") {
+				t.Fatalf("round %d (%s): the agent's report %q does not name its postgresql writer and %s", i+1, m.name, d, inner)
+			}
+			res.Frozen = q.WindowSeconds
+		}
+		if res.Copy != "reflink" || !slices.Equal(res.Mounts, wantMounts) {
+			t.Fatalf("round %d (%s): copy %q with %v frozen, want a reflink copy with %v frozen", i+1, m.name, res.Copy, res.Mounts, wantMounts)
 		}
 		if want := m.writer(l); q.Consistency != "application" || len(q.Writers) != 1 || q.Writers[0].Name != want || !q.Writers[0].Frozen {
 			t.Fatalf("round %d (%s): quiesce %+v, want application-consistent through %s", i+1, m.name, q, want)

@@ -15,19 +15,27 @@ type agentHost struct {
 	addr, callerKey, agentPub, mnt, log string
 }
 
-func startAgent(t *testing.T, e *env) *agentHost {
+func startAgent(t *testing.T, e *env, extra ...string) *agentHost {
 	t.Helper()
-	h := &agentHost{callerKey: e.path("caller.key"), agentPub: e.path("agent.key.pub"), mnt: e.path("agentfs"), log: e.path("agent.log")}
+	mnt := e.path("agentfs")
 	fsimg := e.path("agentfs.img")
 	sh(t, "truncate", "-s", "64M", fsimg)
 	sh(t, "mkfs.ext4", "-q", "-F", fsimg)
 	dev := losetup(t, fsimg)
-	os.Mkdir(h.mnt, 0o755)
-	sh(t, "mount", dev, h.mnt)
+	os.Mkdir(mnt, 0o755)
+	sh(t, "mount", dev, mnt)
 	t.Cleanup(func() {
-		exec.Command("fsfreeze", "-u", h.mnt).Run()
-		exec.Command("umount", h.mnt).Run()
+		exec.Command("fsfreeze", "-u", mnt).Run()
+		exec.Command("umount", mnt).Run()
 	})
+	return startAgentOn(t, e, mnt, extra...)
+}
+
+// startAgentOn runs a sauve agent that freezes mnt, with extra flags of
+// 'sauve agent run' (writers, hooks).
+func startAgentOn(t *testing.T, e *env, mnt string, extra ...string) *agentHost {
+	t.Helper()
+	h := &agentHost{callerKey: e.path("caller.key"), agentPub: e.path("agent.key.pub"), mnt: mnt, log: e.path("agent.log")}
 	e.ok("agent", "keygen", "--out", e.path("agent.key"))
 	e.ok("agent", "keygen", "--out", h.callerKey)
 	e.ok("agent", "authorize", h.callerKey+".pub", "--file", e.path("authorized"), "--from", "127.0.0.1")
@@ -37,9 +45,8 @@ func startAgent(t *testing.T, e *env) *agentHost {
 	}
 	h.addr = l.Addr().String()
 	l.Close()
-	cmd := e.cmd(nil, "agent", "run", "--listen", "tcp:"+h.addr, "--key", e.path("agent.key"), "--authorized", e.path("authorized"),
-		"--mount", h.mnt, "--state", e.path("agent-state.json"), "--log", h.log, "--window", "10s",
-		"--pre-freeze", "echo $SAUVE_PHASE >> "+e.path("agent-hooks.txt"), "--post-thaw", "echo $SAUVE_PHASE >> "+e.path("agent-hooks.txt"))
+	cmd := e.cmd(nil, append([]string{"agent", "run", "--listen", "tcp:" + h.addr, "--key", e.path("agent.key"), "--authorized", e.path("authorized"),
+		"--mount", h.mnt, "--state", e.path("agent-state.json"), "--log", h.log, "--window", "10s"}, extra...)...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +86,7 @@ func (h *agentHost) writable(t *testing.T, when string) {
 func TestBackupQuiesceAgent(t *testing.T) {
 	e := newEnv(t)
 	img := xfsImage(t, e)
-	h := startAgent(t, e)
+	h := startAgent(t, e, "--pre-freeze", "echo $SAUVE_PHASE >> "+e.path("agent-hooks.txt"), "--post-thaw", "echo $SAUVE_PHASE >> "+e.path("agent-hooks.txt"))
 	url := "agent://" + h.addr
 	var res struct {
 		Snapshot string       `json:"snapshot"`

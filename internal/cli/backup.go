@@ -175,6 +175,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringArrayVar(&o.tags, "tag", nil, "tag the snapshot (repeatable)")
 	f.StringVar(&snapshot, "snapshot", "auto", "point-in-time copy to read: auto (what the source allows: an LVM snapshot of a logical volume, a btrfs snapshot or reflink copy of an image file on btrfs or XFS, else the source as it is), lvm, btrfs, reflink (fail where that copy cannot be made), qemu (for qemu: sources), none")
 	f.BoolVar(&o.requireConsistent, "require-consistent", false, "refuse to read a source that is in use (mounted read-write) when no point-in-time copy of it can be taken")
+	f.BoolVar(&o.noFreeze, "no-freeze", false, "take the point-in-time copies without freezing the filesystems mounted from the sources (when something else freezes them around the copy: --quiesce's agent on this machine, a hook)")
 	f.DurationVar(&o.freezeTimeout, "freeze-timeout", shadow.DefaultFreezeTimeout, "longest time filesystems mounted from a source stay frozen while its copy is taken (thawed then even if sauve is killed)")
 	f.StringVar(&o.snapshotSize, "snapshot-size", "", "COW space of an LVM snapshot (e.g. 20G; default: a tenth of the volume, at least 1 GiB)")
 	f.BoolVar(&o.noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
@@ -210,6 +211,7 @@ type backupOptions struct {
 	mode              shadow.Mode
 	source            source.Options
 	freezeTimeout     time.Duration
+	noFreeze          bool
 	snapshotSize      string
 	quiesce           *quiescer // nil: no writer, no hook
 	// agentFlags build the writer of an agent found in a VM.
@@ -255,7 +257,7 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 	}
 	// The point-in-time copies are taken once the repository is open and
 	// before anything of the sources is read.
-	prov := shadow.New(shadow.Options{Mode: o.mode, Warn: g.warn, FreezeTimeout: o.freezeTimeout, SnapshotSize: o.snapshotSize,
+	prov := shadow.New(shadow.Options{Mode: o.mode, Warn: g.warn, FreezeTimeout: o.freezeTimeout, SnapshotSize: o.snapshotSize, NoFreeze: o.noFreeze,
 		Quiesce: quiescerOrNil(o.quiesce)})
 	srcs := make([]*source.Source, len(disks))
 	for i, d := range disks {
