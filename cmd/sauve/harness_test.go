@@ -15,7 +15,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 var sauveBin string
@@ -291,3 +293,74 @@ func sh(t *testing.T, name string, args ...string) string {
 }
 
 func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) }
+
+// daemon is a server process a test started (a database): in a process
+// group of its own, its output in a log, killed should the test binary
+// die (Pdeathsig).
+type daemon struct {
+	what   string // "postgres on DATA", for messages
+	log    string
+	cmd    *exec.Cmd
+	exited chan struct{}
+	// ready is how long the server took to accept connections (for a
+	// restored copy: its crash recovery).
+	ready time.Duration
+}
+
+// startDaemon starts cmd, its output in log, and waits until ready says
+// it accepts connections, failing the test if it exits first or is not
+// ready within a minute. When the test ends it is stopped with endSig
+// unless stop did already.
+func startDaemon(t *testing.T, what string, cmd *exec.Cmd, log string, endSig syscall.Signal, ready func() bool) *daemon {
+	t.Helper()
+	d := &daemon{what: what, log: log, cmd: cmd, exited: make(chan struct{})}
+	logf, err := os.Create(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd.Dir = "/" // the test's folder may be closed to the server's user
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Setpgid, cmd.SysProcAttr.Pdeathsig = true, syscall.SIGKILL
+	t0 := time.Now()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); close(d.exited) }()
+	t.Cleanup(func() { d.stop(t, endSig) })
+	for !ready() {
+		select {
+		case <-d.exited:
+			t.Fatalf("%s exited before accepting connections: %v\n%s", what, cmd.ProcessState, d.logText())
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Since(t0) > time.Minute {
+			t.Fatalf("%s does not accept connections after a minute:\n%s", what, d.logText())
+		}
+	}
+	d.ready = time.Since(t0)
+	return d
+}
+
+// stop stops the server with sig and waits, killing its process group
+// after 15 s. Stopping a stopped server does nothing.
+func (d *daemon) stop(t *testing.T, sig syscall.Signal) {
+	select {
+	case <-d.exited:
+		return
+	default:
+	}
+	d.cmd.Process.Signal(sig)
+	select {
+	case <-d.exited:
+	case <-time.After(15 * time.Second):
+		t.Errorf("%s did not stop within 15 s of %v: killed", d.what, sig)
+		syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
+		<-d.exited
+	}
+}
+
+func (d *daemon) logText() string { b, _ := os.ReadFile(d.log); return string(b) }

@@ -93,16 +93,11 @@ func (pi pgInstall) asPostgres(t *testing.T, name string, args ...string) {
 
 // pgServer is a running postmaster on a unix socket of its own.
 type pgServer struct {
-	pi     pgInstall
-	data   string
-	sock   string
-	port   int
-	log    string
-	cmd    *exec.Cmd
-	exited chan struct{}
-	// ready is how long the server took to accept connections (for a
-	// restored copy: its crash recovery).
-	ready time.Duration
+	*daemon
+	pi   pgInstall
+	data string
+	sock string
+	port int
 }
 
 // startPG starts postgres on data, listening only on a unix socket in a
@@ -110,64 +105,18 @@ type pgServer struct {
 // only names the socket (.s.PGSQL.PORT) and the SysV shared memory key,
 // as no TCP is listened on; each server still gets its own. When the test
 // ends the server is stopped at once (SIGQUIT, PostgreSQL's immediate
-// shutdown, then SIGKILL to its process group) unless stop did already;
-// should the test binary die, Pdeathsig kills it.
+// shutdown, then SIGKILL to its process group) unless stop did already.
 func (pi pgInstall) startPG(t *testing.T, data string, port int) *pgServer {
 	t.Helper()
-	s := &pgServer{pi: pi, data: data, sock: pi.dir(t, "sock"), port: port, exited: make(chan struct{})}
-	s.log = filepath.Join(s.sock, "server.log")
-	logf, err := os.Create(s.log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	s.cmd = exec.Command(pi.tool("postgres"), "-D", data, "-k", s.sock, "-p", strconv.Itoa(port), "-c", "listen_addresses=")
-	s.cmd.Dir = "/"
-	s.cmd.Stdout, s.cmd.Stderr = logf, logf
-	s.cmd.Env = append(os.Environ(), "LC_ALL=C")
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: pi.cred, Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	t0 := time.Now()
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { s.cmd.Wait(); close(s.exited) }()
-	t.Cleanup(func() { s.stop(t, syscall.SIGQUIT) })
-	for {
-		if exec.Command(pi.tool("pg_isready"), "-q", "-h", s.sock, "-p", strconv.Itoa(port)).Run() == nil {
-			s.ready = time.Since(t0)
-			return s
-		}
-		select {
-		case <-s.exited:
-			t.Fatalf("postgres on %s exited before accepting connections: %v\n%s", data, s.cmd.ProcessState, s.logText())
-		case <-time.After(100 * time.Millisecond):
-		}
-		if time.Since(t0) > time.Minute {
-			t.Fatalf("postgres on %s does not accept connections after a minute:\n%s", data, s.logText())
-		}
-	}
+	s := &pgServer{pi: pi, data: data, sock: pi.dir(t, "sock"), port: port}
+	cmd := exec.Command(pi.tool("postgres"), "-D", data, "-k", s.sock, "-p", strconv.Itoa(port), "-c", "listen_addresses=")
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: pi.cred}
+	s.daemon = startDaemon(t, "postgres on "+data, cmd, filepath.Join(s.sock, "server.log"), syscall.SIGQUIT, func() bool {
+		return exec.Command(pi.tool("pg_isready"), "-q", "-h", s.sock, "-p", strconv.Itoa(port)).Run() == nil
+	})
+	return s
 }
-
-// stop stops the server with sig (SIGINT: fast shutdown; SIGQUIT:
-// immediate) and waits, killing its process group after 15 s. Stopping a
-// stopped server does nothing.
-func (s *pgServer) stop(t *testing.T, sig syscall.Signal) {
-	select {
-	case <-s.exited:
-		return
-	default:
-	}
-	s.cmd.Process.Signal(sig)
-	select {
-	case <-s.exited:
-	case <-time.After(15 * time.Second):
-		t.Errorf("postgres on %s did not stop within 15 s of %v: killed", s.data, sig)
-		syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
-		<-s.exited
-	}
-}
-
-func (s *pgServer) logText() string { b, _ := os.ReadFile(s.log); return string(b) }
 
 // conn is psql's and pgbench's connection options (as root: every role
 // logs in without a password on these clusters).
@@ -248,13 +197,60 @@ var pgQuiesceModes = []pgQuiesce{
 	},
 }
 
-// pgSnapshot is one backup taken under load, with the pgbench_history
-// rows committed just before it started and just after it ended: the
-// restored copy, one instant in between, holds a count in that range.
-type pgSnapshot struct {
+// dbSnapshot is one backup taken under load, with the transactions (for
+// pgbench, its pgbench_history rows) committed just before it started
+// and just after it ended: the restored copy, one instant in between,
+// holds a count in that range.
+type dbSnapshot struct {
 	id, mode       string
 	before, after  int
 	frozen, window float64
+}
+
+// quiescedBackup is what backup --json says of a backup held still by
+// writers.
+type quiescedBackup struct {
+	Snapshot string       `json:"snapshot"`
+	Copy     string       `json:"point_in_time_copy"`
+	Frozen   float64      `json:"frozen_seconds"`
+	Mounts   []string     `json:"frozen_mounts"`
+	Quiesce  *quiesceJSON `json:"quiesce"`
+}
+
+// check fails the test (what names the backup) unless the backup is a
+// reflink copy taken with mounts frozen, application-consistent through
+// writer alone, and both its freeze and its quiesce window are under 2 s
+// (the issue's bound; both measured by sauve: frozen_seconds from
+// FIFREEZE to the guard's thaw, window_seconds from the first writer's
+// freeze to the last one's thaw).
+func (b quiescedBackup) check(t *testing.T, what string, mounts []string, writer string) {
+	t.Helper()
+	if b.Copy != "reflink" || !slices.Equal(b.Mounts, mounts) {
+		t.Fatalf("%s: copy %q with %v frozen, want a reflink copy with %v frozen", what, b.Copy, b.Mounts, mounts)
+	}
+	q := b.Quiesce
+	if q == nil || q.Consistency != "application" || len(q.Writers) != 1 || q.Writers[0].Name != writer || !q.Writers[0].Frozen {
+		t.Fatalf("%s: quiesce %+v, want application-consistent through %s", what, q, writer)
+	}
+	if b.Frozen <= 0 || b.Frozen >= 2 || q.WindowSeconds <= 0 || q.WindowSeconds >= 2 {
+		t.Errorf("%s: frozen %.3f s, quiesce window %.3f s: each must be under 2 s", what, b.Frozen, q.WindowSeconds)
+	}
+}
+
+// restoredExt4 restores snapshot id of an ext4 image to a file in the
+// test's folder, for the caller to remove once done, and checks the ext4: frozen for the copy (its
+// journal flushed and marked so), it needs no journal replay and has
+// nothing to repair. what names the snapshot in messages.
+func restoredExt4(t *testing.T, e *env, id, what string) (string, time.Duration) {
+	t.Helper()
+	out := e.path("restored-" + id[:8] + ".img")
+	t0 := time.Now()
+	e.ok("restore", id, out)
+	took := time.Since(t0)
+	if o, err := exec.Command("e2fsck", "-f", "-n", out).CombinedOutput(); err != nil {
+		t.Fatalf("snapshot %s (%s): e2fsck -fn of the restored image: %v\n%s", id[:8], what, err, o)
+	}
+	return out, took
 }
 
 // PostgreSQL with PGDATA on an ext4 loop-mounted from an image file on a
@@ -279,21 +275,8 @@ func TestPostgresUnderLoad(t *testing.T) {
 	// The image: an ext4 in a file on the reflink XFS. 256 MiB holds
 	// pgbench at scale 2 (about 35 MB of tables) and the WAL that
 	// max_wal_size lets it keep.
-	img := xfsImage(t, e)
-	sh(t, "truncate", "-s", "0", img)
-	sh(t, "truncate", "-s", "256M", img)
-	sh(t, "mkfs.ext4", "-q", "-F", img)
 	inner := pi.dir(t, "inner")
-	sh(t, "mount", "-o", "loop", img, inner)
-	// Registered after xfsImage's: the ext4 is unmounted (thawed first,
-	// should a failure leave it frozen) before the XFS holding it, and
-	// its autoclear loop device goes with it.
-	t.Cleanup(func() {
-		exec.Command("fsfreeze", "-u", inner).Run()
-		if out, err := exec.Command("umount", inner).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v %s", inner, err, out)
-		}
-	})
+	img := ext4OnXFS(t, e, "256M", inner)
 	data := filepath.Join(inner, "pgdata")
 	if err := os.Mkdir(data, 0o700); err != nil {
 		t.Fatal(err)
@@ -359,18 +342,12 @@ func TestPostgresUnderLoad(t *testing.T) {
 		}
 	}
 	backupsAt := time.Now()
-	var snaps []pgSnapshot
+	var snaps []dbSnapshot
 	hookRounds := 0
 	for i := range rounds {
 		m := pgQuiesceModes[i%len(pgQuiesceModes)]
 		before := src.history(t)
-		var res struct {
-			Snapshot string       `json:"snapshot"`
-			Copy     string       `json:"point_in_time_copy"`
-			Frozen   float64      `json:"frozen_seconds"`
-			Mounts   []string     `json:"frozen_mounts"`
-			Quiesce  *quiesceJSON `json:"quiesce"`
-		}
+		var res quiescedBackup
 		t0 := time.Now()
 		e.okJSON(&res, append([]string{"backup", img}, m.flags(l)...)...)
 		took := time.Since(t0)
@@ -389,18 +366,7 @@ func TestPostgresUnderLoad(t *testing.T) {
 			}
 			res.Frozen = q.WindowSeconds
 		}
-		if res.Copy != "reflink" || !slices.Equal(res.Mounts, wantMounts) {
-			t.Fatalf("round %d (%s): copy %q with %v frozen, want a reflink copy with %v frozen", i+1, m.name, res.Copy, res.Mounts, wantMounts)
-		}
-		if want := m.writer(l); q.Consistency != "application" || len(q.Writers) != 1 || q.Writers[0].Name != want || !q.Writers[0].Frozen {
-			t.Fatalf("round %d (%s): quiesce %+v, want application-consistent through %s", i+1, m.name, q, want)
-		}
-		// The issue's bound on the windows. Both are measured by sauve:
-		// frozen_seconds from FIFREEZE to the guard's thaw, window_seconds
-		// from the first writer's freeze to the last one's thaw.
-		if res.Frozen <= 0 || res.Frozen >= 2 || q.WindowSeconds <= 0 || q.WindowSeconds >= 2 {
-			t.Errorf("round %d (%s): frozen %.3f s, quiesce window %.3f s: each must be under 2 s", i+1, m.name, res.Frozen, q.WindowSeconds)
-		}
+		res.check(t, fmt.Sprintf("round %d (%s)", i+1, m.name), wantMounts, m.writer(l))
 		if after <= before {
 			t.Fatalf("round %d (%s): no transaction committed during the backup: it was not under load", i+1, m.name)
 		}
@@ -410,7 +376,7 @@ func TestPostgresUnderLoad(t *testing.T) {
 				t.Fatalf("round %d: post-thaw logged %d times after %d backups through hooks", i+1, got, hookRounds)
 			}
 		}
-		snaps = append(snaps, pgSnapshot{id: res.Snapshot, mode: m.name, before: before, after: after, frozen: res.Frozen, window: q.WindowSeconds})
+		snaps = append(snaps, dbSnapshot{id: res.Snapshot, mode: m.name, before: before, after: after, frozen: res.Frozen, window: q.WindowSeconds})
 	}
 	select {
 	case <-benchDone:
@@ -433,18 +399,10 @@ func TestPostgresUnderLoad(t *testing.T) {
 // starts PostgreSQL on the restored PGDATA, on a socket and port of its
 // own, with no other help than the removal of postmaster.pid: it must
 // recover, pass pg_amcheck, and keep pgbench's invariant.
-func checkPGSnapshot(t *testing.T, e *env, pi pgInstall, sn pgSnapshot, port int) {
+func checkPGSnapshot(t *testing.T, e *env, pi pgInstall, sn dbSnapshot, port int) {
 	t.Helper()
-	out := e.path("restored-" + sn.id[:8] + ".img")
-	t0 := time.Now()
-	e.ok("restore", sn.id, out)
-	restored := time.Since(t0)
+	out, restored := restoredExt4(t, e, sn.id, sn.mode)
 	defer os.Remove(out)
-	// The ext4 was frozen for the copy (its journal flushed and marked
-	// so), so the copy needs no journal replay and has nothing to repair.
-	if o, err := exec.Command("e2fsck", "-f", "-n", out).CombinedOutput(); err != nil {
-		t.Fatalf("snapshot %s (%s): e2fsck -fn of the restored image: %v\n%s", sn.id[:8], sn.mode, err, o)
-	}
 	withMount(t, "ext4", out, true, func(dir string) {
 		data := filepath.Join(dir, "pgdata")
 		// The copy was taken of a running server, so its postmaster.pid

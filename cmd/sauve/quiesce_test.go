@@ -35,6 +35,28 @@ func xfsImage(t *testing.T, e *env) string {
 	return img
 }
 
+// ext4OnXFS makes xfsImage's image an ext4 of size (a truncate size)
+// and loop-mounts it on mnt, for a database to run on while sauve backs
+// the image up with reflink copies. Its cleanup, registered after
+// xfsImage's, unmounts the ext4 (thawed first, should a failure leave it
+// frozen) before the XFS holding it, and its autoclear loop device goes
+// with it.
+func ext4OnXFS(t *testing.T, e *env, size, mnt string) string {
+	t.Helper()
+	img := xfsImage(t, e)
+	sh(t, "truncate", "-s", "0", img)
+	sh(t, "truncate", "-s", size, img)
+	sh(t, "mkfs.ext4", "-q", "-F", img)
+	sh(t, "mount", "-o", "loop", img, mnt)
+	t.Cleanup(func() {
+		exec.Command("fsfreeze", "-u", mnt).Run()
+		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v %s", mnt, err, out)
+		}
+	})
+	return img
+}
+
 type quiesceJSON struct {
 	Consistency string `json:"consistency"`
 	Reason      string `json:"reason"`
