@@ -292,3 +292,18 @@ func TestMariaDBWriterNoServer(t *testing.T) {
 		t.Fatalf("%d snapshots stored after the writer failed", n)
 	}
 }
+
+// A MariaDB whose data directory is on no disk of the backup is refused:
+// the snapshot would say application-consistent without the database.
+func TestMariaDBVolumeNotInBackup(t *testing.T) {
+	mi := mariaInstalled(t)
+	e := newEnv(t)
+	img := xfsImage(t, e)
+	data := filepath.Join(t.TempDir(), "data")
+	sh(t, mi.installDB, append(mariaOptions(data), "--auth-root-authentication-method=socket", "--skip-test-db", "--skip-name-resolve")...)
+	s := mi.start(t, data)
+	e.fail([]string{"needs", "its data directory", "on no disk of this backup"}, "backup", img, "--writer", "mariadb:root@unix("+s.sock+")/")
+	if n := snapshotsOf(t, e); n != 0 {
+		t.Fatalf("%d snapshots stored for a copy that misses the database", n)
+	}
+}

@@ -2,10 +2,12 @@ package writer
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"os"
 	"path/filepath"
 
+	"github.com/go-sql-driver/mysql"
 	"github.com/jackc/pgx/v5"
 )
 
@@ -107,4 +109,36 @@ func OnFilesystems(mounts []string) func(path string) (bool, error) {
 		}
 		return false, nil
 	}
+}
+
+// Volumes asks the server for its data directory and, where they are set
+// apart from it, InnoDB's data and redo log directories. The paths are
+// the server's: meaningful where sauve runs beside it.
+func (m *MySQL) Volumes(ctx context.Context) ([]Volume, error) {
+	connector, err := mysql.NewConnector(m.cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	db := sql.OpenDB(connector)
+	defer db.Close()
+	var datadir, dataHome, logHome sql.NullString
+	err = db.QueryRowContext(ctx, "SELECT @@datadir, @@innodb_data_home_dir, @@innodb_log_group_home_dir").Scan(&datadir, &dataHome, &logHome)
+	if err != nil {
+		return nil, fmt.Errorf("ask %s for its directories (as %q): %w", m.name, m.cfg.User, ctxErr(ctx, err))
+	}
+	vols := []Volume{{Path: datadir.String, What: "data directory"}}
+	for _, v := range []struct {
+		dir  sql.NullString
+		what string
+	}{{dataHome, "InnoDB data"}, {logHome, "InnoDB redo log"}} {
+		if p := v.dir.String; p != "" && p != "./" && filepath.IsAbs(p) {
+			vols = append(vols, Volume{Path: p, What: v.what})
+		}
+	}
+	for i := range vols {
+		if r, err := filepath.EvalSymlinks(vols[i].Path); err == nil {
+			vols[i].Path = r
+		}
+	}
+	return vols, nil
 }
