@@ -161,7 +161,7 @@ restore_check() { # restore_check MODE -> seconds in RESTORE[MODE]
   local sums
   sums=$("$BIN/psql" -h "$dir/sock" -p "$port" -U postgres -Atc "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(bbalance) FROM pgbench_branches) AND (SELECT sum(bbalance) FROM pgbench_branches) = (SELECT coalesce(sum(delta),0) FROM pgbench_history)" postgres)
   [ "$sums" = t ] || { echo "$m: the restored database breaks pgbench's invariant" >&2; exit 1; }
-  pkill -INT -f "postgres -D ${PGDATA_DIR:-$dir}" 2> /dev/null
+  pkill -INT -f "postgres -D $dir" 2> /dev/null || true
   kill "$PG_PID" 2> /dev/null; wait "$PG_PID" 2> /dev/null || true
   sleep 0.5
   [ "$m" = basebackup ] || { umount "$dir/mnt" && unset 'MOUNTS[-1]'; }
