@@ -356,16 +356,16 @@ func TestPostgresUnderLoad(t *testing.T) {
 		if q == nil {
 			t.Fatalf("round %d (%s): no quiesce record", i+1, m.name)
 		}
-		t.Logf("round %d (%s): backup %.2f s, frozen %.3f s, quiesce window %.3f s, %d transactions during it",
-			i+1, m.name, took.Seconds(), res.Frozen, q.WindowSeconds, after-before)
 		wantMounts := []string{inner}
 		if m.byAgent {
 			wantMounts = nil // the agent froze it
-			if d := q.Writers[0].Detail; !strings.Contains(d, inner) || !strings.Contains(d, "postgresql") {
-				t.Fatalf("round %d (%s): the agent's report %q does not name its postgresql writer and %s", i+1, m.name, d, inner)
+			if len(q.Writers) != 1 || !strings.Contains(q.Writers[0].Detail, inner) || !strings.Contains(q.Writers[0].Detail, "postgresql") {
+				t.Fatalf("round %d (%s): the agent's report %+v does not name its postgresql writer and %s", i+1, m.name, q.Writers, inner)
 			}
 			res.Frozen = q.WindowSeconds
 		}
+		t.Logf("round %d (%s): backup %.2f s, frozen %.3f s, quiesce window %.3f s, %d transactions during it",
+			i+1, m.name, took.Seconds(), res.Frozen, q.WindowSeconds, after-before)
 		res.check(t, fmt.Sprintf("round %d (%s)", i+1, m.name), wantMounts, m.writer(l))
 		if after <= before {
 			t.Fatalf("round %d (%s): no transaction committed during the backup: it was not under load", i+1, m.name)

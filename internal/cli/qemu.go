@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/sauve-backup/sauve/internal/agent/writer"
 	"github.com/sauve-backup/sauve/internal/backup"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
@@ -244,7 +243,10 @@ func (g *globals) addVMAgent(o *backupOptions, addr string) error {
 		return err
 	}
 	if o.quiesce == nil {
-		o.quiesce = &quiescer{set: writer.Set{Deadline: o.agentFlags.writerTimeout, Policy: o.agentFlags.policy()}, warn: g.warn}
+		if o.quiesce, err = o.agentFlags.empty(); err != nil {
+			return err
+		}
+		o.quiesce.warn = g.warn
 	}
 	o.quiesce.set.Writers = append(o.quiesce.set.Writers, w)
 	g.printf("quiescing through the sauve agent in the guest (%s)\n", addr)

@@ -49,11 +49,10 @@ func (f *quiesceFlags) quiescer() (*quiescer, error) {
 	if err := f.readHooksFile(); err != nil {
 		return nil, err
 	}
-	policy, err := writer.ParsePolicy(f.hookFailure)
+	q, err := f.empty()
 	if err != nil {
-		return nil, usageError{fmt.Errorf("--hook-failure %q: choose abort or continue", f.hookFailure)}
+		return nil, err
 	}
-	q := &quiescer{set: writer.Set{Deadline: f.writerTimeout, Policy: policy}}
 	if len(f.preFreeze) > 0 || len(f.postThaw) > 0 {
 		q.hooks = &writer.Hooks{PreFreeze: f.preFreeze, PostThaw: f.postThaw, Timeout: f.hookTimeout}
 		q.set.Writers = append(q.set.Writers, q.hooks)
@@ -84,10 +83,14 @@ func (f *quiesceFlags) quiescer() (*quiescer, error) {
 	return q, nil
 }
 
-// policy is --hook-failure's, once quiescer has checked it.
-func (f *quiesceFlags) policy() writer.Policy {
-	p, _ := writer.ParsePolicy(f.hookFailure)
-	return p
+// empty is a quiescer of no writer yet, with the flags' deadline and
+// --hook-failure policy.
+func (f *quiesceFlags) empty() (*quiescer, error) {
+	policy, err := writer.ParsePolicy(f.hookFailure)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--hook-failure %q: choose abort or continue", f.hookFailure)}
+	}
+	return &quiescer{set: writer.Set{Deadline: f.writerTimeout, Policy: policy}}, nil
 }
 
 // quiescer holds the writers of a backup still for the instant of its

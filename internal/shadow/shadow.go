@@ -211,9 +211,15 @@ func (p *Provider) instant(plans []*plan) (Instant, error) {
 				"drop --pre-freeze, --writer and --quiesce, or back it up from an LVM volume, an image file on XFS or btrfs, or through QEMU", pl.src.Path, p.opts.Mode)
 		}
 		at.Disks = append(at.Disks, pl.src.Path)
-		if ms, err := mountsToFreeze(pl.src); err == nil {
-			at.Mounts = append(at.Mounts, ms...)
+		ms := pl.freeze // a file's plan found its mounts already
+		if pl.src.Kind != source.File {
+			// An LVM plan freezes nothing (device-mapper's suspend does),
+			// but its filesystems are in the copy all the same. Not
+			// finding them fails safe: a writer's volumes are then on
+			// no disk of the backup, and the backup is refused.
+			ms, _ = mountsToFreeze(pl.src)
 		}
+		at.Mounts = append(at.Mounts, ms...)
 		if !contains(strings.Split(at.Provider, ","), string(pl.mode)) {
 			at.Provider = strings.TrimPrefix(at.Provider+","+string(pl.mode), ",")
 		}

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -74,4 +75,9 @@ func gidOf(t *testing.T, path string) int {
 		t.Fatal(err)
 	}
 	return int(statOf(fi).Gid)
+}
+
+func statOf(fi os.FileInfo) *syscall.Stat_t {
+	st, _ := fi.Sys().(*syscall.Stat_t)
+	return st
 }

@@ -11,8 +11,3 @@ func devOf(fi os.FileInfo) uint64 {
 	}
 	return 0
 }
-
-func statOf(fi os.FileInfo) *syscall.Stat_t {
-	st, _ := fi.Sys().(*syscall.Stat_t)
-	return st
-}
