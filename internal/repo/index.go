@@ -67,6 +67,9 @@ type packRecord struct {
 	damaged string
 	// indexed is set once an index object (or trailer) described it.
 	indexed bool
+	// condemned is set when prune will delete the pack: its blobs can
+	// still be read, but no writer may reuse them.
+	condemned bool
 }
 
 // Index maps blob IDs to every copy of them in packs. It is held in memory
@@ -298,7 +301,7 @@ func (x *Index) Reusable(t BlobType, id ID, self WriterNum) (Copy, bool) {
 		if e.trust&TrustOwner == 0 && (e.trust&TrustSigned == 0 || e.writer != self || !selfOK) {
 			return
 		}
-		if why, _ := x.unusable(e); why != "" {
+		if why, _ := x.unusable(e); why != "" || x.packOf(e).condemned {
 			return
 		}
 		if !found || bytes.Compare(x.packOf(e).id[:], x.packOf(best).id[:]) < 0 {
@@ -359,6 +362,25 @@ func (x *Index) MarkDamaged(id ID, why string) {
 	if x.packs[n].damaged == "" {
 		x.packs[n].damaged = why
 	}
+}
+
+// MarkCondemned records that prune condemned (or deleted) a pack: no
+// writer may reuse its blobs any more (docs/FORMAT.md, "Prune"). A pack
+// the index does not know needs no mark: nothing can reuse it.
+func (x *Index) MarkCondemned(id ID) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if n, ok := x.packNum[id]; ok {
+		x.packs[n].condemned = true
+	}
+}
+
+// Condemned reports whether the pack is marked condemned.
+func (x *Index) Condemned(id ID) bool {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	n, ok := x.packNum[id]
+	return ok && x.packs[n].condemned
 }
 
 // accept returns the number entries of p name their pack and key by.

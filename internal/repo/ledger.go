@@ -39,6 +39,14 @@ const (
 	// EventNamespace records an isolated namespace the owner created
 	// (docs/FORMAT.md, "Isolated namespaces").
 	EventNamespace = "namespace"
+	// EventPackCondemned records that prune will delete a pack once no
+	// write session that may not know it is still live; from the storage
+	// time of the record on, no writer reuses the pack's blobs
+	// (docs/FORMAT.md, "Prune").
+	EventPackCondemned = "pack-condemned"
+	// EventPackDeleted records that prune deletes (or deleted) a pack:
+	// its index entries are dropped, and a leftover copy is deleted again.
+	EventPackDeleted = "pack-deleted"
 )
 
 // LedgerEvent is one finding or decision.
@@ -63,6 +71,9 @@ type LedgerRecord struct {
 	Program string        `json:"program,omitempty"`
 	Events  []LedgerEvent `json:"events"`
 	ID      ID            `json:"-"`
+	// Stored is the record's storage time (docs/FORMAT.md, "Write
+	// sessions"): when prune's condemnations take effect.
+	Stored time.Time `json:"-"`
 }
 
 var ledgerAD = []byte("sauve ledger v2")
@@ -84,7 +95,12 @@ type Ledger struct {
 	Forgotten map[ID]bool
 	// Namespaces lists the isolated namespaces, in the order created.
 	Namespaces []string
-	Records    int
+	// Condemned maps the packs prune condemned (and did not delete yet)
+	// to the storage time of the earliest record condemning them.
+	Condemned map[ID]time.Time
+	// Deleted lists the packs prune deleted or is deleting.
+	Deleted map[ID]bool
+	Records int
 }
 
 // Damaged reports why a pack is recorded as unusable, or "".
@@ -116,28 +132,34 @@ func (r *Repository) SaveLedger(ctx context.Context, events []LedgerEvent) error
 // writeLedger signs and stores a ledger record and leaves the
 // repository's view alone (check records what it found that way).
 func (r *Repository) writeLedger(ctx context.Context, events []LedgerEvent) error {
+	_, err := r.storeLedger(ctx, events)
+	return err
+}
+
+// storeLedger is writeLedger returning the record's ID.
+func (r *Repository) storeLedger(ctx context.Context, events []LedgerEvent) (ID, error) {
 	if !r.keys.IsOwner() {
-		return errors.New("only the owner's key can write ledger records")
+		return ID{}, errors.New("only the owner's key can write ledger records")
 	}
 	if len(events) == 0 {
-		return nil
+		return ID{}, nil
 	}
 	if r.ReadOnly() {
-		return r.errReadOnly()
+		return ID{}, r.errReadOnly()
 	}
 	rec := LedgerRecord{Time: time.Now().UTC(), Program: r.opts.Program, Events: events}
 	js, err := json.Marshal(rec)
 	if err != nil {
-		return err
+		return ID{}, err
 	}
 	plain := append([]byte(ledgerMagic), r.keys.SignObject(js, crypto.DomainLedger)...)
 	data := r.meta.Seal(nil, plain, ledgerAD)
 	id := Hash(data)
 	h := backend.Handle{Type: backend.LedgerFile, Name: id.String()}
 	if err := r.be.Save(ctx, h, bytes.NewReader(data), int64(len(data))); err != nil {
-		return fmt.Errorf("save ledger record: %w", err)
+		return ID{}, fmt.Errorf("save ledger record: %w", err)
 	}
-	return nil
+	return id, nil
 }
 
 // decodeLedger opens and verifies one ledger object.
@@ -188,8 +210,18 @@ func (r *Repository) Ledger(ctx context.Context) (*Ledger, error) {
 }
 
 // readLedger reads the owner's records from storage, for a view of its
-// own: it neither uses nor changes the repository's.
+// own: it neither uses nor changes the repository's. A record that cannot
+// be read is reported and skipped.
 func (r *Repository) readLedger(ctx context.Context) (*Ledger, error) {
+	return r.readLedgerWith(ctx, false)
+}
+
+// readLedgerWith is readLedger; strict fails on a record that cannot be
+// read (rather than was read and found damaged): a writer must not miss
+// a condemnation because of a network error. Records already verified
+// by this process are not read again (they are immutable and named by
+// their hash), so a writer's second reading costs one listing.
+func (r *Repository) readLedgerWith(ctx context.Context, strict bool) (*Ledger, error) {
 	var infos []backend.Info
 	if err := r.be.List(ctx, backend.LedgerFile, func(fi backend.Info) error {
 		infos = append(infos, fi)
@@ -205,26 +237,9 @@ func (r *Repository) readLedger(ctx context.Context) (*Ledger, error) {
 	g.SetLimit(r.opts.Connections * 2)
 	for _, fi := range infos {
 		g.Go(func() error {
-			id, err := ParseID(fi.Name)
-			if err != nil {
-				return nil
-			}
-			if fi.Size > maxLedgerObject {
-				r.opts.Warn("ledger record %s is %d bytes, too large: ignored", id.Short(), fi.Size)
-				return nil
-			}
-			data, err := backend.ReadAll(gctx, r.be, backend.Handle{Type: backend.LedgerFile, Name: fi.Name})
-			if err != nil {
-				if gctx.Err() != nil {
-					return gctx.Err()
-				}
-				r.opts.Warn("ledger record %s cannot be read: %v", id.Short(), err)
-				return nil
-			}
-			rec, err := r.decodeLedger(id, data)
-			if err != nil {
-				r.opts.Warn("ledger record %s ignored: %v", id.Short(), err)
-				return nil
+			rec, err := r.ledgerRecord(gctx, fi, strict)
+			if err != nil || rec == nil {
+				return err
 			}
 			mu.Lock()
 			recs = append(recs, rec)
@@ -238,6 +253,52 @@ func (r *Repository) readLedger(ctx context.Context) (*Ledger, error) {
 	return buildLedger(recs), nil
 }
 
+// ledgerRecord reads one record: nil (reported) when it is to be
+// skipped.
+func (r *Repository) ledgerRecord(ctx context.Context, fi backend.Info, strict bool) (*LedgerRecord, error) {
+	id, err := ParseID(fi.Name)
+	if err != nil {
+		return nil, nil
+	}
+	r.recsMu.Lock()
+	known := r.ledgerRecs[fi.Name]
+	r.recsMu.Unlock()
+	if known != nil {
+		rec := *known
+		rec.Stored = fi.ModTime
+		return &rec, nil
+	}
+	if fi.Size > maxLedgerObject {
+		r.opts.Warn("ledger record %s is %d bytes, too large: ignored", id.Short(), fi.Size)
+		return nil, nil
+	}
+	data, err := backend.ReadAll(ctx, r.be, backend.Handle{Type: backend.LedgerFile, Name: fi.Name})
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if strict {
+			return nil, fmt.Errorf("read ledger record %s: %w", id.Short(), err)
+		}
+		r.opts.Warn("ledger record %s cannot be read: %v", id.Short(), err)
+		return nil, nil
+	}
+	rec, err := r.decodeLedger(id, data)
+	if err != nil {
+		r.opts.Warn("ledger record %s ignored: %v", id.Short(), err)
+		return nil, nil
+	}
+	r.recsMu.Lock()
+	if r.ledgerRecs == nil {
+		r.ledgerRecs = map[string]*LedgerRecord{}
+	}
+	r.ledgerRecs[fi.Name] = rec
+	r.recsMu.Unlock()
+	out := *rec
+	out.Stored = fi.ModTime
+	return &out, nil
+}
+
 // buildLedger folds records, oldest first (ties by ID), into the current
 // state: for each pack the latest finding counts.
 func buildLedger(recs []*LedgerRecord) *Ledger {
@@ -247,7 +308,8 @@ func buildLedger(recs []*LedgerRecord) *Ledger {
 		}
 		return bytes.Compare(a.ID[:], b.ID[:])
 	})
-	l := &Ledger{Packs: map[ID]LedgerEvent{}, Revoked: map[[32]byte]time.Time{}, SnapshotDamage: map[ID][]LedgerEvent{}, Forgotten: map[ID]bool{}, Records: len(recs)}
+	l := &Ledger{Packs: map[ID]LedgerEvent{}, Revoked: map[[32]byte]time.Time{}, SnapshotDamage: map[ID][]LedgerEvent{}, Forgotten: map[ID]bool{},
+		Condemned: map[ID]time.Time{}, Deleted: map[ID]bool{}, Records: len(recs)}
 	for _, rec := range recs {
 		// A record's findings about a snapshot replace older ones.
 		fresh := map[ID]bool{}
@@ -284,8 +346,37 @@ func buildLedger(recs []*LedgerRecord) *Ledger {
 				if e.Snapshot != nil {
 					l.Forgotten[*e.Snapshot] = true
 				}
+			case EventPackCondemned:
+				// By storage time, not by the record's own: that is what
+				// writers' announcements are compared with.
+				if e.Pack != nil {
+					if t, ok := l.Condemned[*e.Pack]; !ok || rec.Stored.Before(t) {
+						l.Condemned[*e.Pack] = rec.Stored
+					}
+				}
+			case EventPackDeleted:
+				if e.Pack != nil {
+					l.Deleted[*e.Pack] = true
+				}
 			}
 		}
 	}
+	// A deletion is final whatever the order of the records.
+	for id := range l.Deleted {
+		delete(l.Condemned, id)
+	}
 	return l
+}
+
+// Condemnation reports when the pack was condemned, and whether it is
+// condemned or deleted: no writer may reuse its blobs.
+func (l *Ledger) Condemnation(pack ID) (time.Time, bool) {
+	if l == nil {
+		return time.Time{}, false
+	}
+	if l.Deleted[pack] {
+		return time.Time{}, true
+	}
+	t, ok := l.Condemned[pack]
+	return t, ok
 }

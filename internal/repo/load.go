@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 
@@ -23,6 +24,8 @@ var errUnreadable = errors.New("cannot be read")
 type loadState struct {
 	// stored is the listing of packs: name → size.
 	stored map[ID]int64
+	// storedAt is the listing's storage time of each pack.
+	storedAt map[ID]time.Time
 	// indexObjects counts the index objects listed.
 	indexObjects int
 	// damagedIndex maps the index objects that could not be used to why.
@@ -89,11 +92,11 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 		return nil, fmt.Errorf("list index: %w", err)
 	}
 	st.indexObjects = len(objs)
-	stored, err := r.listPacks(ctx)
+	stored, at, err := r.listPacks(ctx)
 	if err != nil {
 		return nil, err
 	}
-	st.stored = stored
+	st.stored, st.storedAt = stored, at
 	idx.SetListing(stored)
 	led, err := ledger(ctx)
 	if err != nil {
@@ -112,19 +115,21 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 	return st, nil
 }
 
-// listPacks lists the stored packs and their sizes.
-func (r *Repository) listPacks(ctx context.Context) (map[ID]int64, error) {
+// listPacks lists the stored packs, their sizes and storage times.
+func (r *Repository) listPacks(ctx context.Context) (map[ID]int64, map[ID]time.Time, error) {
 	stored := map[ID]int64{}
+	at := map[ID]time.Time{}
 	err := r.be.List(ctx, backend.PackFile, func(fi backend.Info) error {
 		if id, err := ParseID(fi.Name); err == nil {
 			stored[id] = fi.Size
+			at[id] = fi.ModTime
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("list packs: %w", err)
+		return nil, nil, fmt.Errorf("list packs: %w", err)
 	}
-	return stored, nil
+	return stored, at, nil
 }
 
 // applyLedger marks the packs the owner recorded as damaged and the
@@ -138,6 +143,33 @@ func (r *Repository) applyLedger(idx *Index, led *Ledger) {
 	for key, t := range led.Revoked {
 		idx.Writers.Revoke(key, t)
 	}
+	markCondemned(idx, led)
+}
+
+// markCondemned marks the packs prune condemned or deleted, whose blobs
+// no writer may reuse.
+func markCondemned(idx *Index, led *Ledger) {
+	for id := range led.Condemned {
+		idx.MarkCondemned(id)
+	}
+	for id := range led.Deleted {
+		idx.MarkCondemned(id)
+	}
+}
+
+// refreshCondemned reads the ledger again, after the write session's first
+// announcement is stored, and marks what prune condemned meanwhile: a
+// prune deletes a condemned pack only once every session announced before
+// the condemnation has ended, so a writer that reads the ledger after its
+// announcement never reuses a blob a prune is about to delete
+// (docs/FORMAT.md, "Prune").
+func (r *Repository) refreshCondemned(ctx context.Context) error {
+	led, err := r.readLedgerWith(ctx, true)
+	if err != nil {
+		return fmt.Errorf("read the ledger after announcing the write session: %w", err)
+	}
+	markCondemned(r.idx, led)
+	return nil
 }
 
 func (r *Repository) loadObjects(ctx context.Context, idx *Index, cache *Cache, objs []backend.Info, st *loadState) error {
@@ -161,6 +193,9 @@ func (r *Repository) loadObjects(ctx context.Context, idx *Index, cache *Cache, 
 			owner := [32]byte(r.keys.OwnerPublic)
 			for i := range o.records {
 				rec := &o.records[i]
+				if st.ledger.Deleted[rec.ID] {
+					continue // pruned: a leftover copy is deleted again
+				}
 				w, t := o.entriesOf(rec, idx.Writers, owner)
 				idx.addBulk(rec.PackInfo, w, t)
 			}
@@ -207,7 +242,7 @@ func (r *Repository) loadIndexObject(ctx context.Context, cache *Cache, fi backe
 func (r *Repository) readOrphans(ctx context.Context, idx *Index, st *loadState, max int) error {
 	var orphans []ID
 	for id := range st.stored {
-		if !idx.HasPack(id) {
+		if !idx.HasPack(id) && !st.ledger.Deleted[id] {
 			orphans = append(orphans, id)
 		}
 	}

@@ -68,6 +68,9 @@ type Repository struct {
 
 	ledgerMu sync.Mutex
 	ledger   *Ledger
+	// ledgerRecs are the ledger records verified so far, by name.
+	recsMu     sync.Mutex
+	ledgerRecs map[string]*LedgerRecord
 
 	// load is what the last LoadIndex found.
 	load *loadState

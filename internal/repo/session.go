@@ -177,6 +177,10 @@ type SessionInfo struct {
 	// announcements read (those older than a day are not read).
 	First    time.Time     `json:"first_announced"`
 	Last     time.Time     `json:"last_announced"`
+	// FirstSeq is the seq of the oldest announcement read: not 0 when
+	// the session's first ones were not read (older than a day), so its
+	// start is unknown.
+	FirstSeq uint64 `json:"-"`
 	Seq      uint64        `json:"seq"`
 	Lifetime time.Duration `json:"-"`
 	State    SessionState  `json:"state"`
@@ -338,13 +342,15 @@ func groupSessions(objs []sessionObject, now time.Time, led *Ledger, writers *Wr
 		k := key{o.who.Key, o.a.Session}
 		si, ok := byKey[k]
 		if !ok {
-			si = &SessionInfo{ID: o.a.Session, First: o.mod, Last: o.mod, signer: o.who.Key}
+			si = &SessionInfo{ID: o.a.Session, First: o.mod, Last: o.mod, FirstSeq: o.a.Seq, signer: o.who.Key}
 			si.Writer = writers.Name(writers.Number(o.who.Key, o.who.Cert))
 			_, si.Revoked = led.Revoked[o.who.Key]
 			byKey[k] = si
 		}
 		si.Objects = append(si.Objects, o.name)
-		si.First = minTime(si.First, o.mod)
+		if o.mod.Before(si.First) || (o.mod.Equal(si.First) && o.a.Seq < si.FirstSeq) {
+			si.First, si.FirstSeq = o.mod, o.a.Seq
+		}
 		si.Last = maxTime(si.Last, o.mod)
 		if o.a.Ended {
 			si.State = SessionEnded
@@ -377,13 +383,6 @@ func groupSessions(objs []sessionObject, now time.Time, led *Ledger, writers *Wr
 		return bytes.Compare(a.signer[:], b.signer[:])
 	})
 	return out
-}
-
-func minTime(a, b time.Time) time.Time {
-	if b.Before(a) {
-		return b
-	}
-	return a
 }
 
 func maxTime(a, b time.Time) time.Time {

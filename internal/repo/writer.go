@@ -233,6 +233,10 @@ func (r *Repository) WithWriter(ctx context.Context, purpose string, fn func(w *
 	if err := a.announce(ctx, false); err != nil {
 		return WriteStats{}, announceError(err)
 	}
+	if err := r.refreshCondemned(ctx); err != nil {
+		a.end(ctx)
+		return WriteStats{}, err
+	}
 	p, err := r.newPacker(ctx)
 	if err != nil {
 		a.end(ctx)
@@ -313,6 +317,13 @@ func (w *Writer) SaveSnapshot(ctx context.Context, sn *Snapshot) (ID, error) {
 	mctx, cancel := context.WithTimeout(ctx, left)
 	defer cancel()
 	return w.r.saveSnapshot(mctx, sn)
+}
+
+// Flush stores the packs and index objects of the blobs saved so far;
+// the session goes on.
+func (w *Writer) Flush(ctx context.Context) error {
+	_, err := w.p.flush(ctx)
+	return err
 }
 
 // Session is the session's ID, as its announcements state it.
