@@ -175,12 +175,12 @@ type SessionInfo struct {
 	Started time.Time `json:"started"`
 	// First and Last are the storage times of the oldest and newest
 	// announcements read (those older than a day are not read).
-	First    time.Time     `json:"first_announced"`
-	Last     time.Time     `json:"last_announced"`
+	First time.Time `json:"first_announced"`
+	Last  time.Time `json:"last_announced"`
 	// FirstSeq is the seq of the oldest announcement read: not 0 when
 	// the session's first ones were not read (older than a day), so its
 	// start is unknown.
-	FirstSeq uint64 `json:"-"`
+	FirstSeq uint64        `json:"-"`
 	Seq      uint64        `json:"seq"`
 	Lifetime time.Duration `json:"-"`
 	State    SessionState  `json:"state"`
