@@ -20,19 +20,29 @@ import (
 // errForgetNeedsOwner is Forget's error for any key but the owner's.
 var errForgetNeedsOwner = errors.New("forgetting snapshots needs the repository owner's key: a write-only key can add snapshots but never remove them")
 
-// Forget forgets the snapshots ids (owner key only): it records them
-// forgotten in the ledger, then removes their manifests and any other
-// stored manifest of a snapshot recorded forgotten. A manifest already
-// absent is not an error.
-func (r *Repository) Forget(ctx context.Context, ids []ID) error {
+// CanForget says why this repository's key cannot forget snapshots, or
+// nil: so that a command refuses before it decides anything.
+func (r *Repository) CanForget() error {
 	if !r.keys.IsOwner() {
 		return errForgetNeedsOwner
 	}
 	if r.ReadOnly() {
 		return r.errReadOnly()
 	}
+	return nil
+}
+
+// Forget forgets the snapshots ids (owner key only): it records them
+// forgotten in the ledger, then removes their manifests and any other
+// stored manifest of a snapshot recorded forgotten (with no ids, only
+// those). A manifest already absent is not an error.
+func (r *Repository) Forget(ctx context.Context, ids []ID) error {
+	if err := r.CanForget(); err != nil {
+		return err
+	}
 	if len(ids) == 0 {
-		return nil
+		_, err := r.RemoveForgotten(ctx)
+		return err
 	}
 	events := make([]LedgerEvent, 0, len(ids))
 	seen := map[ID]bool{}
@@ -59,11 +69,8 @@ func (r *Repository) Forget(ctx context.Context, ids []ID) error {
 // what a forget interrupted between its ledger record and its removals
 // left. It removes nothing else.
 func (r *Repository) RemoveForgotten(ctx context.Context) (int, error) {
-	if !r.keys.IsOwner() {
-		return 0, errForgetNeedsOwner
-	}
-	if r.ReadOnly() {
-		return 0, r.errReadOnly()
+	if err := r.CanForget(); err != nil {
+		return 0, err
 	}
 	led, err := r.Ledger(ctx)
 	if err != nil {

@@ -259,3 +259,45 @@ func TestCheckRecordsVerifiedSnapshots(t *testing.T) {
 		t.Fatal("the whole snapshot lost its verification")
 	}
 }
+
+// Before is strict, After inclusive; 'latest' is the newest that matches.
+func TestFilterDates(t *testing.T) {
+	day := func(d int) time.Time { return time.Date(2026, 11, d, 2, 0, 0, 0, time.UTC) }
+	var all []*repo.Snapshot
+	for d := 1; d <= 5; d++ {
+		sn := &repo.Snapshot{Time: day(d), Host: "web1", Disks: []repo.Disk{{Source: "/dev/vda"}}}
+		sn.ID[0] = byte(d)
+		all = append(all, sn)
+	}
+	for _, c := range []struct {
+		name   string
+		f      repo.Filter
+		want   []int
+		latest int // 0: none
+	}{
+		{"none", repo.Filter{}, []int{1, 2, 3, 4, 5}, 5},
+		{"before", repo.Filter{Before: day(3)}, []int{1, 2}, 2},
+		{"after", repo.Filter{After: day(3)}, []int{3, 4, 5}, 5},
+		{"between", repo.Filter{After: day(2), Before: day(4)}, []int{2, 3}, 3},
+		{"before a second later", repo.Filter{Before: day(3).Add(time.Second)}, []int{1, 2, 3}, 3},
+		{"nothing", repo.Filter{Before: day(1)}, nil, 0},
+		{"with host", repo.Filter{Host: "db1", After: day(1)}, nil, 0},
+	} {
+		var got []int
+		for _, sn := range all {
+			if c.f.Match(sn) {
+				got = append(got, int(sn.ID[0]))
+			}
+		}
+		if !slices.Equal(got, c.want) {
+			t.Errorf("%s: matched %v, want %v", c.name, got, c.want)
+		}
+		sn, err := repo.FindSnapshot(all, "latest", c.f)
+		switch {
+		case c.latest == 0 && err == nil:
+			t.Errorf("%s: latest found %v", c.name, sn.Time)
+		case c.latest != 0 && (err != nil || int(sn.ID[0]) != c.latest):
+			t.Errorf("%s: latest = %v, %v; want day %d", c.name, sn, err, c.latest)
+		}
+	}
+}
