@@ -59,6 +59,10 @@ func threeDays(t *testing.T, e *env, src string) ([]string, []byte) {
 		writeFile(t, src, img)
 		ids = append(ids, e.backup(src).Snapshot)
 	}
+	// Object stores stamp whole seconds: packs stored in the second a
+	// prune starts are left for the next one (they may be a running
+	// backup's).
+	time.Sleep(1100 * time.Millisecond)
 	return ids, img
 }
 
@@ -78,12 +82,15 @@ func TestForgetAndPrune(t *testing.T) {
 			if p.Deleted.Packs == 0 || p.Waiting.Packs != 0 || dry.Stored != p.Stored {
 				t.Fatalf("prune: %+v (dry run %+v)", p, dry)
 			}
-			// The two forgotten days alone held about 8 MiB (day 1's half
-			// overwritten on day 2, day 2's quarter overwritten on day 3
-			// ... 4 + 4 MiB of random data that no longer exists).
+			// The forgotten days alone held 16 MiB of random data: day 1's
+			// first 12 MiB (overwritten on days 2 and 3) and the 4 MiB of
+			// day 2 that day 3 overwrote.
 			freed := p.Stored.Bytes - p.After.Bytes
-			if freed < 7<<20 || freed > 10<<20 {
-				t.Fatalf("prune freed %d bytes, the forgotten snapshots alone held about 8 MiB: %+v", freed, p)
+			if freed < 15<<20 || freed > 17<<20 {
+				t.Fatalf("prune freed %d bytes, the forgotten snapshots alone held 16 MiB: %+v", freed, p)
+			}
+			if size := repoBytes(t, e); size >= 0 && size > p.After.Bytes+1<<20 {
+				t.Fatalf("repository holds %d bytes of packs, prune says %d", size, p.After.Bytes)
 			}
 			out := e.path("out.img")
 			e.ok("restore", ids[2], out)
@@ -121,6 +128,27 @@ func TestPruneWriteOnlyKeyRefused(t *testing.T) {
 	}
 }
 
+// repoBytes sums the packs of a local repository (-1 for a remote one).
+func repoBytes(t *testing.T, e *env) int64 {
+	dir := ""
+	for _, kv := range e.vars {
+		if v, ok := strings.CutPrefix(kv, "SAUVE_REPO="); ok && strings.HasPrefix(v, "/") {
+			dir = v
+		}
+	}
+	if dir == "" {
+		return -1
+	}
+	var n int64
+	filepath.Walk(filepath.Join(dir, "data"), func(p string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			n += fi.Size()
+		}
+		return nil
+	})
+	return n
+}
+
 // treeOf lists a folder's files with their sizes.
 func treeOf(t *testing.T, dir string) string {
 	t.Helper()
@@ -152,7 +180,7 @@ func TestPruneKill9(t *testing.T) {
 				if err := c.Start(); err != nil {
 					t.Fatal(err)
 				}
-				time.Sleep(time.Duration(rng.IntN(400)) * time.Millisecond)
+				time.Sleep(time.Duration(20+rng.IntN(200)) * time.Millisecond)
 				c.Process.Signal(syscall.SIGKILL)
 				err := c.Wait()
 				if strings.Contains(stderr.String(), "panic:") {
@@ -177,13 +205,13 @@ func TestPruneKill9(t *testing.T) {
 					t.Fatalf("%s: the kept snapshot does not restore byte-exact", when)
 				}
 			}
-			for round := range 4 {
+			for round := range 6 {
 				if kill("prune", "--max-unused", "0%") {
 					killed++
 				}
 				verify(fmt.Sprintf("after kill %d", round))
 			}
-			t.Logf("%d of 5 runs killed before they finished", killed)
+			t.Logf("%d of 7 runs killed before they finished", killed)
 			var p pruneOut
 			e.okJSON(&p, "prune", "--max-unused", "0%")
 			if p.Waiting.Packs != 0 {
@@ -228,7 +256,9 @@ func TestPruneWithConcurrentBackup(t *testing.T) {
 			w.setenv("SAUVE_KEY", wkey)
 			wsrc := w.path("web2.img")
 			writeFile(t, wsrc, old)
+			time.Sleep(1100 * time.Millisecond) // whole-second storage times
 
+			waited := 0
 			for round := range 3 {
 				bk := w.cmd(nil, "backup", wsrc, "--host", "web2", "--json")
 				var bout, berr bytes.Buffer
@@ -246,7 +276,10 @@ func TestPruneWithConcurrentBackup(t *testing.T) {
 				if err := jsonUnmarshal(bout.String(), &b); err != nil {
 					t.Fatal(err)
 				}
-				t.Logf("round %d: prune deleted %d packs, %d wait for %d sessions; the backup reused %d chunks, stored %d", round, p.Deleted.Packs, p.Waiting.Packs, len(p.WaitingFor), b.ChunksReused, b.ChunksNew)
+				t.Logf("round %d: prune condemned %d packs, deleted %d, %d wait for %d sessions; the backup reused %d chunks, stored %d", round, p.Condemned.Packs, p.Deleted.Packs, p.Waiting.Packs, len(p.WaitingFor), b.ChunksReused, b.ChunksNew)
+				if p.Condemned.Packs > 0 {
+					waited++
+				}
 				for _, when := range []string{"before", "after"} {
 					if when == "after" {
 						e.ok("prune")
@@ -259,6 +292,14 @@ func TestPruneWithConcurrentBackup(t *testing.T) {
 				}
 				e.ok("check", "--read-data")
 				e.ok("forget", b.Snapshot)
+				time.Sleep(1100 * time.Millisecond) // whole-second storage times
+			}
+			// In round 0 at least, prune condemns the packs the backup
+			// wants while it runs: the backup either reused them before
+			// the condemnation (prune waits for it) or after it read the
+			// condemnation (it stores the chunks again).
+			if waited == 0 {
+				t.Fatal("in no round did prune condemn packs while the backup ran: the race was not exercised")
 			}
 		})
 	}
