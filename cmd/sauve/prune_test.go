@@ -304,3 +304,24 @@ func TestPruneWithConcurrentBackup(t *testing.T) {
 		})
 	}
 }
+
+// TestForgetWithPrune: the nightly one-liner, forget --keep-last 1
+// --prune, removes the old snapshots and their data in one command.
+func TestForgetWithPrune(t *testing.T) {
+	e := newEnv(t, "--pack-size", "2M")
+	src := e.path("disk.img")
+	ids, last := threeDays(t, e, src)
+	before := repoBytes(t, e)
+	out := e.ok("forget", "--keep-last", "1", "--prune")
+	if !strings.Contains(out, "packs deleted") {
+		t.Fatalf("forget --prune did not prune:\n%s", out)
+	}
+	if after := repoBytes(t, e); before-after < 15<<20 {
+		t.Fatalf("forget --keep-last 1 --prune freed %d bytes of %d, want about 16 MiB", before-after, before)
+	}
+	img := e.path("out.img")
+	e.ok("restore", ids[2], img)
+	if got, _ := os.ReadFile(img); !bytes.Equal(got, last) {
+		t.Fatal("the kept snapshot does not restore byte-exact")
+	}
+}

@@ -45,8 +45,10 @@ func (f *forgetFlags) policy() (retention.Policy, error) {
 
 func newForgetCmd(g *globals) *cobra.Command {
 	var (
-		ff filterFlags
-		kf forgetFlags
+		ff        filterFlags
+		kf        forgetFlags
+		pf        pruneFlags
+		withPrune bool
 	)
 	cmd := &cobra.Command{
 		Use:   "forget [SNAPSHOT...] [flags]",
@@ -95,12 +97,18 @@ forget has removed them for every reader, and the next forget finishes
 deleting them. With isolated namespaces, forget applies to the repository
 and every namespace, as 'sauve snapshots' lists them.
 
---dry-run prints the same report, "would remove", and changes nothing.`,
+--dry-run prints the same report, "would remove", and changes nothing.
+
+--prune runs 'sauve prune' once the snapshots are removed, with its
+--max-unused and --max-repack-size; see 'sauve prune --help' for why it is
+safe beside running backups. With --json, forget's JSON object is followed
+by prune's (a stream of two objects, as json.Decoder or jq read them).`,
 		Example: `  sauve forget --keep-last 3                        # the old img_1/img_2/img_3 rotation
   sauve forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run
   sauve forget --keep-within 30d --host web1
   sauve forget --keep-last 1 --before 2026-01-01 # thin out what is older than a date
-  sauve forget 1a2b3c4d 5e6f7a8b`,
+  sauve forget 1a2b3c4d 5e6f7a8b
+  sauve forget --keep-daily 7 --keep-weekly 4 --prune`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := kf.policy()
 			if err != nil {
@@ -122,10 +130,22 @@ and every namespace, as 'sauve snapshots' lists them.
 			if err != nil {
 				return err
 			}
-			return g.forget(cmd.Context(), args, p, by, flt, kf.dryRun)
+			opts, err := pf.options()
+			if err != nil {
+				return err
+			}
+			if err := g.forget(cmd.Context(), args, p, by, flt, kf.dryRun); err != nil || !withPrune {
+				return err
+			}
+			// --json: forget's object, then prune's.
+			opts.DryRun = kf.dryRun
+			g.printf("\n")
+			return g.prune(cmd.Context(), opts)
 		},
 	}
 	f := cmd.Flags()
+	f.BoolVar(&withPrune, "prune", false, "run 'sauve prune' afterwards (with --dry-run: a dry run of it)")
+	pf.add(cmd, false)
 	f.IntVar(&kf.last, "keep-last", 0, "keep the N newest snapshots")
 	f.IntVar(&kf.hourly, "keep-hourly", 0, "keep the newest snapshot of each of the last N hours")
 	f.IntVar(&kf.daily, "keep-daily", 0, "keep the newest snapshot of each of the last N days")
