@@ -229,7 +229,7 @@ func (r *Repository) newChecker(ctx context.Context, collect bool) (*checker, er
 	c.rep.Errors, c.rep.Warnings, c.rep.Damaged = []string{}, []string{}, []Damage{}
 	c.rep.DamagedPacks, c.rep.DamagedIndex, c.rep.Sessions = []PackProblem{}, []string{}, []SessionInfo{}
 	var err error
-	c.st, err = r.loadInto(ctx, c.idx, nil, -1, r.readLedger)
+	c.st, err = r.loadInto(ctx, c.idx, nil, -1, r.readLedger, false)
 	if err != nil {
 		return nil, err
 	}

@@ -70,6 +70,11 @@ type packRecord struct {
 	// condemned is set when prune will delete the pack: its blobs can
 	// still be read, but no writer may reuse them.
 	condemned bool
+	// gone is set, with a local index file (base), when the ledger
+	// records the pack deleted: the file keeps what the index objects
+	// state, and the ledger decides per run that the pack's entries are
+	// ignored (without a file, LoadIndex skips them instead).
+	gone bool
 }
 
 // Index maps blob IDs to every copy of them in packs. It is held in memory
@@ -96,6 +101,17 @@ type Index struct {
 	fresh   map[ID][]indexEntry
 	bulk    bool // sorted is being filled unsorted by a bulk load
 
+	// base is the local index file, mapped read-only, or nil. Its packs
+	// are packs[:len(base.packs)] (packNum holds only the others) and its
+	// keys are key numbers below len(base.keys) (keys holds the others);
+	// sorted and fresh then hold only what the file does not.
+	base *indexDB
+	// upgrade adds trust to base entries (by position) that a later
+	// statement of the same place vouched for more: the file is read-only.
+	upgrade map[uint32]Trust
+	// ngone counts packs marked gone.
+	ngone int
+
 	// listed is set once pack sizes come from a listing: a pack that was
 	// not listed is then missing, and its entries unusable.
 	listed bool
@@ -118,29 +134,68 @@ type packKey struct {
 }
 
 // packOf returns the pack record of an entry.
-func (x *Index) packOf(e indexEntry) *packRecord { return &x.packs[x.keys[e.pack].pack] }
+func (x *Index) packOf(e indexEntry) *packRecord { return &x.packs[x.keyAt(e.pack).pack] }
+
+// keyAt returns key number n.
+func (x *Index) keyAt(n uint32) packKey {
+	if x.base != nil {
+		if nb := uint32(len(x.base.keys)); n < nb {
+			k := &x.base.keys[n]
+			return packKey{pack: k.pack, eph: k.eph}
+		}
+		return x.keys[n-uint32(len(x.base.keys))]
+	}
+	return x.keys[n]
+}
+
+// keyCount is the number of keys, in the file and in memory.
+func (x *Index) keyCount() uint32 {
+	n := uint32(len(x.keys))
+	if x.base != nil {
+		n += uint32(len(x.base.keys))
+	}
+	return n
+}
+
+// live reports whether an entry counts: not in a pack marked gone.
+func (x *Index) live(e indexEntry) bool {
+	return x.ngone == 0 || !x.packOf(e).gone
+}
+
+// packIndex returns the number of a known pack.
+func (x *Index) packIndex(id ID) (uint32, bool) {
+	if x.base != nil {
+		if n, ok := x.base.findPack(id); ok {
+			return n, true
+		}
+	}
+	n, ok := x.packNum[id]
+	return n, ok
+}
+
+// baseEntry returns entry i of the file as the index holds it: with
+// the writer numbered as this process numbers it, and any trust added.
+// An entry that names no key of the file, or no writer, is reported
+// not ok: only a file written by another program (that passed the MAC)
+// has one, and it is ignored rather than trusted or indexed out of range.
+func (x *Index) baseEntry(i uint32) (indexEntry, bool) {
+	e := x.base.entries[i]
+	w, ok := x.base.writer(e.writer)
+	if !ok || e.pack >= uint32(len(x.base.keys)) {
+		return indexEntry{}, false
+	}
+	e.writer = w
+	if x.upgrade != nil {
+		e.trust |= x.upgrade[i]
+	}
+	return e, true
+}
 
 func prefix(id ID) int { return int(id[0])<<8 | int(id[1]) }
 
 // entries appends every entry of id to dst.
 func (x *Index) entries(dst []indexEntry, id ID) []indexEntry {
-	dst = append(dst, x.fresh[id]...)
-	if len(x.sorted) == 0 || x.bulk {
-		return dst
-	}
-	p := prefix(id)
-	lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		if bytes.Compare(x.sorted[m].id[:], id[:]) < 0 {
-			lo = m + 1
-		} else {
-			hi = m
-		}
-	}
-	for ; lo < len(x.sorted) && x.sorted[lo].id == id; lo++ {
-		dst = append(dst, x.sorted[lo])
-	}
+	x.each(id, func(e indexEntry) { dst = append(dst, e) })
 	return dst
 }
 
@@ -161,7 +216,7 @@ func (x *Index) unusable(e indexEntry) (string, bool) {
 }
 
 func (x *Index) copyOf(e indexEntry) Copy {
-	k := x.keys[e.pack]
+	k := x.keyAt(e.pack)
 	why, missing := x.unusable(e)
 	return Copy{
 		Location: Location{Pack: x.packs[k.pack].id, Ephemeral: k.eph, Type: e.typ, Offset: e.offset, Length: e.length},
@@ -231,16 +286,27 @@ func (x *Index) Best(t BlobType, id ID, prefer WriterNum) (Copy, int) {
 // each calls fn for every entry of id; x.mu is held.
 func (x *Index) each(id ID, fn func(indexEntry)) {
 	for _, e := range x.fresh[id] {
-		fn(e)
+		if x.live(e) {
+			fn(e)
+		}
 	}
-	if len(x.sorted) == 0 || x.bulk {
-		return
+	if len(x.sorted) > 0 && !x.bulk {
+		p := prefix(id)
+		lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
+		i, _ := slices.BinarySearchFunc(x.sorted[lo:hi], id, func(a indexEntry, id ID) int { return bytes.Compare(a.id[:], id[:]) })
+		for i += lo; i < len(x.sorted) && x.sorted[i].id == id; i++ {
+			if x.live(x.sorted[i]) {
+				fn(x.sorted[i])
+			}
+		}
 	}
-	p := prefix(id)
-	lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
-	i, _ := slices.BinarySearchFunc(x.sorted[lo:hi], id, func(a indexEntry, id ID) int { return bytes.Compare(a.id[:], id[:]) })
-	for i += lo; i < len(x.sorted) && x.sorted[i].id == id; i++ {
-		fn(x.sorted[i])
+	if x.base != nil {
+		lo, hi := x.base.find(id)
+		for i := lo; i < hi; i++ {
+			if e, ok := x.baseEntry(i); ok && x.live(e) {
+				fn(e)
+			}
+		}
 	}
 }
 
@@ -319,12 +385,12 @@ func (x *Index) Reusable(t BlobType, id ID, self WriterNum) (Copy, bool) {
 func (x *Index) HasPack(id ID) bool {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	n, ok := x.packNum[id]
-	return ok && x.packs[n].indexed
+	n, ok := x.packIndex(id)
+	return ok && x.packs[n].indexed && !x.packs[n].gone
 }
 
 func (x *Index) packNumber(id ID) uint32 {
-	n, ok := x.packNum[id]
+	n, ok := x.packIndex(id)
 	if !ok {
 		n = uint32(len(x.packs))
 		x.packs = append(x.packs, packRecord{id: id, size: -1})
@@ -370,8 +436,20 @@ func (x *Index) MarkDamaged(id ID, why string) {
 func (x *Index) MarkCondemned(id ID) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	if n, ok := x.packNum[id]; ok {
+	if n, ok := x.packIndex(id); ok {
 		x.packs[n].condemned = true
+	}
+}
+
+// markGone records, with a local index file, that the ledger records the
+// pack deleted: its entries are ignored, as LoadIndex skips them without
+// a file.
+func (x *Index) markGone(id ID) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if n, ok := x.packIndex(id); ok && !x.packs[n].gone {
+		x.packs[n].gone = true
+		x.ngone++
 	}
 }
 
@@ -379,7 +457,7 @@ func (x *Index) MarkCondemned(id ID) {
 func (x *Index) Condemned(id ID) bool {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	n, ok := x.packNum[id]
+	n, ok := x.packIndex(id)
 	return ok && x.packs[n].condemned
 }
 
@@ -388,9 +466,14 @@ func (x *Index) accept(p *PackInfo) uint32 {
 	n := x.packNumber(p.ID)
 	x.packs[n].indexed = true
 	k := packKey{pack: n, eph: p.Ephemeral}
+	if x.base != nil {
+		if kn, ok := x.base.findKey(k); ok {
+			return kn
+		}
+	}
 	kn, ok := x.keyNum[k]
 	if !ok {
-		kn = uint32(len(x.keys))
+		kn = x.keyCount()
 		x.keys = append(x.keys, k)
 		x.keyNum[k] = kn
 	}
@@ -427,7 +510,7 @@ func (x *Index) merge(e indexEntry) bool {
 		}
 	}
 	if len(x.sorted) == 0 || x.bulk {
-		return false
+		return x.mergeBase(e)
 	}
 	p := prefix(e.id)
 	lo, hi := int(x.buckets[p]), int(x.buckets[p+1])
@@ -435,6 +518,27 @@ func (x *Index) merge(e indexEntry) bool {
 	for i += lo; i < len(x.sorted) && x.sorted[i].id == e.id; i++ {
 		if samePlace(x.sorted[i], e) {
 			x.sorted[i].trust |= e.trust
+			return true
+		}
+	}
+	return x.mergeBase(e)
+}
+
+// mergeBase folds e into an entry of the file for the same place and
+// writer, recording added trust in upgrade.
+func (x *Index) mergeBase(e indexEntry) bool {
+	if x.base == nil {
+		return false
+	}
+	lo, hi := x.base.find(e.id)
+	for i := lo; i < hi; i++ {
+		if b, ok := x.baseEntry(i); ok && samePlace(b, e) {
+			if b.trust|e.trust != b.trust {
+				if x.upgrade == nil {
+					x.upgrade = map[uint32]Trust{}
+				}
+				x.upgrade[i] |= e.trust
+			}
 			return true
 		}
 	}
@@ -496,6 +600,17 @@ func (x *Index) compact() {
 	}
 	clear(x.sorted[len(out):])
 	x.sorted = out
+	if x.base != nil {
+		// What the file states already is folded into it.
+		out = x.sorted[:0]
+		for _, e := range x.sorted {
+			if !x.mergeBase(e) {
+				out = append(out, e)
+			}
+		}
+		clear(x.sorted[len(out):])
+		x.sorted = out
+	}
 	if x.buckets == nil {
 		x.buckets = make([]uint32, 1<<bucketBits+1)
 	}
@@ -513,16 +628,31 @@ func (x *Index) compact() {
 func (x *Index) Len() (blobs, packs int) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	n := len(x.sorted)
-	for _, es := range x.fresh {
-		n += len(es)
-	}
+	n := 0
+	x.all(func(e indexEntry) { n++ })
 	for _, p := range x.packs {
-		if p.indexed {
+		if p.indexed && !p.gone {
 			packs++
 		}
 	}
 	return n, packs
+}
+
+// all calls fn for every live entry, in ID order (fresh entries last);
+// x.mu is held.
+func (x *Index) all(fn func(e indexEntry)) {
+	x.merged(func(e indexEntry) {
+		if x.live(e) {
+			fn(e)
+		}
+	})
+	for _, es := range x.fresh {
+		for _, e := range es {
+			if x.live(e) {
+				fn(e)
+			}
+		}
+	}
 }
 
 // Packs returns the IDs of the indexed packs, sorted.
@@ -530,7 +660,7 @@ func (x *Index) Packs() []ID {
 	x.mu.RLock()
 	var ids []ID
 	for _, p := range x.packs {
-		if p.indexed {
+		if p.indexed && !p.gone {
 			ids = append(ids, p.id)
 		}
 	}
@@ -557,24 +687,16 @@ func (x *Index) PackStates() []PackState {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
 	states := make([]PackState, len(x.packs))
-	count := func(e indexEntry) {
-		st := &states[x.keys[e.pack].pack]
+	x.all(func(e indexEntry) {
+		st := &states[x.keyAt(e.pack).pack]
 		st.Entries++
 		if sz := x.packOf(e).size; sz >= 0 && int64(e.offset)+int64(e.length)+packFooterSize > sz {
 			st.Beyond++
 		}
-	}
-	for _, e := range x.sorted {
-		count(e)
-	}
-	for _, es := range x.fresh {
-		for _, e := range es {
-			count(e)
-		}
-	}
+	})
 	var out []PackState
 	for i, p := range x.packs {
-		if p.indexed {
+		if p.indexed && !p.gone {
 			st := states[i]
 			st.ID, st.Size, st.Damaged = p.id, p.size, p.damaged
 			out = append(out, st)
@@ -588,14 +710,7 @@ func (x *Index) PackStates() []PackState {
 func (x *Index) Each(fn func(id ID, c Copy)) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	for _, e := range x.sorted {
-		fn(e.id, x.copyOf(e))
-	}
-	for _, es := range x.fresh {
-		for _, e := range es {
-			fn(e.id, x.copyOf(e))
-		}
-	}
+	x.all(func(e indexEntry) { fn(e.id, x.copyOf(e)) })
 }
 
 // ownerVouches reports whether the owner vouches for every blob of p where
@@ -603,7 +718,7 @@ func (x *Index) Each(fn func(id ID, c Copy)) {
 func (x *Index) ownerVouches(p PackInfo) bool {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	n, ok := x.packNum[p.ID]
+	n, ok := x.packIndex(p.ID)
 	if !ok {
 		return false
 	}
@@ -612,7 +727,7 @@ func (x *Index) ownerVouches(p PackInfo) bool {
 		found := false
 		buf = x.entries(buf[:0], b.ID)
 		for _, e := range buf {
-			if x.keys[e.pack] == (packKey{n, p.Ephemeral}) && e.offset == b.Offset && e.trust&TrustOwner != 0 {
+			if x.keyAt(e.pack) == (packKey{n, p.Ephemeral}) && e.offset == b.Offset && e.trust&TrustOwner != 0 {
 				found = true
 				break
 			}

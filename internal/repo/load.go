@@ -46,8 +46,13 @@ type loadState struct {
 // (with a warning) index objects that are damaged, and reads the trailers
 // of stored packs that no usable index object names, so that their blobs
 // can still be read.
+//
+// With a cache, the entries of the index objects are kept in a local
+// index file (indexdb.go) that LoadIndex maps instead of loading them;
+// it loads only the index objects the file does not cover yet, and
+// rebuilds the file when those are many.
 func (r *Repository) LoadIndex(ctx context.Context) error {
-	st, err := r.loadInto(ctx, r.idx, r.cache, r.opts.MaxOrphanReads, r.Ledger)
+	st, err := r.loadInto(ctx, r.idx, r.cache, r.opts.MaxOrphanReads, r.Ledger, true)
 	if err != nil {
 		return err
 	}
@@ -78,7 +83,8 @@ func shortName(name string) string {
 
 // loadInto fills idx, applying the ledger that ledger reads (the
 // repository's, or check's own); cache may be nil (check never uses it).
-func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, maxOrphans int, ledger func(context.Context) (*Ledger, error)) (*loadState, error) {
+// With useFile and a cache, idx is backed by the local index file.
+func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, maxOrphans int, ledger func(context.Context) (*Ledger, error), useFile bool) (*loadState, error) {
 	st := &loadState{damagedIndex: map[string]error{}, orphanErrs: map[ID]error{}}
 	// Index objects are listed before packs: an honest index object names
 	// packs stored before it was, so they are in the pack listing.
@@ -97,6 +103,18 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 		return nil, err
 	}
 	st.stored, st.storedAt = stored, at
+	todo, mapped := objs, false
+	if useFile && cache != nil && idx.empty() {
+		if todo, mapped, err = r.openIndexFile(ctx, idx, cache, objs, st); err != nil {
+			return nil, err
+		}
+		if mapped {
+			total = 0
+			for _, fi := range todo {
+				total += fi.Size
+			}
+		}
+	}
 	idx.SetListing(stored)
 	led, err := ledger(ctx)
 	if err != nil {
@@ -106,8 +124,24 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 	r.applyLedger(idx, led)
 
 	idx.reserve(int(total / indexBlobEntry))
-	if err := r.loadObjects(ctx, idx, cache, objs, st); err != nil {
+	// With the file, entries of packs the ledger records deleted are kept
+	// like the file keeps them, and marked gone: the same per-run rule.
+	if err := r.loadObjects(ctx, idx, cache, todo, st, !mapped); err != nil {
 		return nil, err
+	}
+	if mapped {
+		for id := range led.Deleted {
+			idx.markGone(id)
+		}
+	}
+	listed := make(map[string]bool, len(objs))
+	for _, fi := range objs {
+		listed[fi.Name] = true
+	}
+	for _, name := range cache.List(cacheIndex) {
+		if !listed[name] {
+			cache.Remove(cacheIndex, name)
+		}
 	}
 	if err := r.readOrphans(ctx, idx, st, maxOrphans); err != nil {
 		return nil, err
@@ -172,13 +206,13 @@ func (r *Repository) refreshCondemned(ctx context.Context) error {
 	return nil
 }
 
-func (r *Repository) loadObjects(ctx context.Context, idx *Index, cache *Cache, objs []backend.Info, st *loadState) error {
+// loadObjects adds the entries of index objects objs to idx, skipping
+// the records of packs the ledger records deleted when skipDeleted is set.
+func (r *Repository) loadObjects(ctx context.Context, idx *Index, cache *Cache, objs []backend.Info, st *loadState, skipDeleted bool) error {
 	var mu sync.Mutex
-	listed := make(map[string]bool, len(objs))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(r.opts.Connections * 2)
 	for _, fi := range objs {
-		listed[fi.Name] = true
 		g.Go(func() error {
 			o, err := r.loadIndexObject(gctx, cache, fi)
 			if err != nil {
@@ -193,7 +227,7 @@ func (r *Repository) loadObjects(ctx context.Context, idx *Index, cache *Cache, 
 			owner := [32]byte(r.keys.OwnerPublic)
 			for i := range o.records {
 				rec := &o.records[i]
-				if st.ledger.Deleted[rec.ID] {
+				if skipDeleted && st.ledger.Deleted[rec.ID] {
 					continue // pruned: a leftover copy is deleted again
 				}
 				w, t := o.entriesOf(rec, idx.Writers, owner)
@@ -204,15 +238,7 @@ func (r *Repository) loadObjects(ctx context.Context, idx *Index, cache *Cache, 
 	}
 	err := g.Wait()
 	idx.finishBulk()
-	if err != nil {
-		return err
-	}
-	for _, name := range cache.List(cacheIndex) {
-		if !listed[name] {
-			cache.Remove(cacheIndex, name)
-		}
-	}
-	return nil
+	return err
 }
 
 func (r *Repository) loadIndexObject(ctx context.Context, cache *Cache, fi backend.Info) (*indexObject, error) {

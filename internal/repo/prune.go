@@ -255,7 +255,7 @@ func (p *pruner) plan(ctx context.Context, now time.Time, self string) error {
 	for _, n := range names {
 		p.snaps[n] = true
 	}
-	if p.st, err = r.loadInto(ctx, r.idx, r.cache, -1, func(context.Context) (*Ledger, error) { return led, nil }); err != nil {
+	if p.st, err = r.loadInto(ctx, r.idx, r.cache, -1, func(context.Context) (*Ledger, error) { return led, nil }, false); err != nil {
 		return err
 	}
 	r.load = p.st

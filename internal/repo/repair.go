@@ -68,7 +68,7 @@ func (r *Repository) RepairIndex(ctx context.Context, opts RepairOptions) (*Repa
 	}
 	rep := &RepairReport{DryRun: opts.DryRun, Unreadable: []PackProblem{}, RemovedIndex: []string{}, KeptIndex: []string{}}
 	idx := r.newIndex()
-	st, err := r.loadInto(ctx, idx, nil, -1, r.Ledger)
+	st, err := r.loadInto(ctx, idx, nil, -1, r.Ledger, false)
 	if err != nil {
 		return nil, err
 	}

@@ -2,6 +2,7 @@ package repo
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -131,4 +132,11 @@ func (w *Writers) Revoke(key [32]byte, t time.Time) {
 func (w *Writers) Revoked(n WriterNum) bool {
 	wr, ok := w.Get(n)
 	return ok && !wr.RevokedAt.IsZero()
+}
+
+// snapshot returns the writers in number order.
+func (w *Writers) snapshot() []KnownWriter {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	return slices.Clone(w.list)
 }

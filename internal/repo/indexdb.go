@@ -1,0 +1,648 @@
+package repo
+
+import (
+	"bufio"
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"slices"
+	"syscall"
+	"unsafe"
+
+	"github.com/zeebo/blake3"
+
+	"github.com/sauve-backup/sauve/internal/backend"
+	"github.com/sauve-backup/sauve/internal/crypto"
+)
+
+// The local index file, $cache/<repository>/index.db, is not part of the
+// repository (docs/FORMAT.md, "Local cache"): it holds what the index
+// objects it covers state, sorted, so that a command maps it read-only and
+// binary-searches it where today it would load every index object into
+// memory. Memory then grows with the pages a run touches, not with the
+// repository. The file holds nothing of the ledger: which packs are
+// damaged, condemned or deleted, and which writers are revoked, is read
+// and applied per run, as without the file.
+//
+// Layout (little-endian; entries, keys and buckets in this machine's
+// layout, which the footer's fingerprint checks):
+//
+//	objects   nobj × (index object id 32 | size u64), sorted by id: what it covers
+//	writers   u32 n | n × (key 32 | owner u8 | u32 len | certificate JSON)
+//	packs     npacks × pack id 32, sorted
+//	keys      nkeys × (pack number u32 | ephemeral key 32), sorted
+//	entries   nent × indexEntry (48 bytes), sorted by blob ID
+//	buckets   (1<<16 + 1) × u32: where each 16-bit ID prefix starts in entries
+//	footer    "SVIXDB01" | u32 layout fingerprint | u32 byte-order probe |
+//	          u64 × 12: nobj, objects, writers, writers length, npacks, packs,
+//	          nkeys, keys, nent, entries, buckets, 0
+//	MAC       keyed BLAKE3 (key derived from the metadata key) of all the above
+//
+// Integrity: a file that is short, fails its MAC, or whose footer or
+// tables do not hold together is rebuilt, never used; the MAC is checked
+// by reading the file (pread through the page cache) before it is mapped,
+// which does not count the file's pages against the process as touching
+// them through the mapping would. Entries are not checked one by one at
+// open (that would fault the whole file in): one that names no key or
+// writer of the file is ignored where it is read. Only a holder of the
+// metadata key who can write this machine's cache can forge a file that
+// passes the MAC; such a party can read this machine's key, so it gains
+// nothing it could not do with the key itself. The file is written to a
+// temporary name and renamed, so a reader sees an old file or a new one.
+const (
+	indexDBName  = "index.db"
+	indexDBMagic = "SVIXDB01"
+	dbFooterSize = 8 + 4 + 4 + 12*8
+	dbMACSize    = 32
+	dbObjectSize = 32 + 8
+	dbKeySize    = 4 + 32
+	dbBuckets    = 1<<bucketBits + 1
+	// dbMaxWriters bounds the writers a file may name (WriterNum).
+	dbMaxWriters = int(NoWriter)
+)
+
+// diskKey is a (pack, ephemeral key) pair as the file stores it.
+type diskKey struct {
+	pack uint32
+	eph  [32]byte
+}
+
+// dbLayout fingerprints the in-memory layout of what the file maps, so a
+// file written by a build with another layout (or byte order) is rebuilt
+// rather than misread.
+var dbLayout = func() uint32 {
+	var e indexEntry
+	var k diskKey
+	s := fmt.Sprint(unsafe.Sizeof(e), unsafe.Offsetof(e.id), unsafe.Offsetof(e.pack), unsafe.Offsetof(e.offset),
+		unsafe.Offsetof(e.length), unsafe.Offsetof(e.typ), unsafe.Offsetof(e.trust), unsafe.Offsetof(e.writer),
+		unsafe.Sizeof(k), unsafe.Offsetof(k.pack), unsafe.Offsetof(k.eph), unsafe.Sizeof(ID{}))
+	return crc32.ChecksumIEEE([]byte(s))
+}()
+
+// dbProbe is written in native byte order: a file from a machine of the
+// other order fails the check.
+const dbProbe = 0x01020304
+
+// dbObject is an index object a file covers.
+type dbObject struct {
+	id   ID
+	size int64
+}
+
+type dbWriter struct {
+	key   [32]byte
+	owner bool
+	cert  *crypto.Cert
+}
+
+// indexDB is an open local index file.
+type indexDB struct {
+	objects []dbObject
+	writers []dbWriter
+	packs   []ID
+	keys    []diskKey
+	entries []indexEntry
+	buckets []uint32
+	// wmap numbers the file's writers as this process does (setBase).
+	wmap []WriterNum
+	size int64
+}
+
+// indexDBKey derives the file's MAC key from the metadata key.
+func indexDBKey(meta [crypto.KeySize]byte) [32]byte {
+	return crypto.NewHasher(meta).Sum([]byte("sauve local index file v1"))
+}
+
+// openIndexDB opens and verifies the file at path and maps it.
+func openIndexDB(path string, key [32]byte) (*indexDB, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	size := fi.Size()
+	if size < dbFooterSize+dbMACSize || size > 1<<42 || int64(int(size)) != size {
+		return nil, fmt.Errorf("%d bytes is no index file", size)
+	}
+	h, err := blake3.NewKeyed(key[:])
+	if err != nil {
+		return nil, err
+	}
+	body := size - dbMACSize
+	if _, err := io.Copy(h, io.NewSectionReader(f, 0, body)); err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	var mac [dbMACSize]byte
+	if _, err := f.ReadAt(mac[:], body); err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	if !hmac.Equal(h.Sum(nil), mac[:]) {
+		return nil, errors.New("fails authentication (damaged, or written with another key)")
+	}
+	data, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ, syscall.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("map: %w", err)
+	}
+	// Lookups jump about the file: read-ahead would only fill memory.
+	_ = syscall.Madvise(data, syscall.MADV_RANDOM)
+	db, err := parseIndexDB(data[:body])
+	if err != nil {
+		syscall.Munmap(data)
+		return nil, err
+	}
+	db.size = size
+	// Nothing keeps a pointer into the mapping but db's slices, so the
+	// mapping goes when db does.
+	runtime.AddCleanup(db, func(d []byte) { syscall.Munmap(d) }, data)
+	return db, nil
+}
+
+// parseIndexDB reads the tables of a file (without its MAC). data must
+// stay unchanged and 8-byte aligned while the result is used.
+func parseIndexDB(data []byte) (*indexDB, error) {
+	if len(data) < dbFooterSize {
+		return nil, errors.New("too short")
+	}
+	if uintptr(unsafe.Pointer(unsafe.SliceData(data)))%8 != 0 {
+		return nil, errors.New("internal error: index file not aligned")
+	}
+	ft := data[len(data)-dbFooterSize:]
+	if string(ft[:8]) != indexDBMagic {
+		return nil, errors.New("not an index file of this version")
+	}
+	if binary.LittleEndian.Uint32(ft[8:]) != dbLayout || binary.NativeEndian.Uint32(ft[12:]) != dbProbe {
+		return nil, errors.New("written by a build with another memory layout")
+	}
+	var v [12]uint64
+	for i := range v {
+		v[i] = binary.LittleEndian.Uint64(ft[16+8*i:])
+	}
+	nobj, objOff, wrOff, wrLen, npacks, packOff, nkeys, keyOff, nent, entOff, bucketOff := v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10]
+	end := uint64(len(data) - dbFooterSize)
+	entSize := uint64(unsafe.Sizeof(indexEntry{}))
+	// Each section must follow the previous one, fit, and be aligned
+	// for what is mapped onto it; counts are bounded first so the
+	// products below cannot overflow.
+	if nobj > end || npacks > end || nkeys > end || nent > end || npacks >= 1<<32 || nkeys >= 1<<32 || nent >= 1<<32 {
+		return nil, errors.New("bad counts")
+	}
+	type section struct{ off, n uint64 }
+	secs := []section{{objOff, nobj * dbObjectSize}, {wrOff, wrLen}, {packOff, npacks * 32}, {keyOff, nkeys * dbKeySize}, {entOff, nent * entSize}, {bucketOff, dbBuckets * 4}}
+	pos := uint64(0)
+	for i, s := range secs {
+		if s.off < pos || s.off > end || s.n > end-s.off || s.off%4 != 0 {
+			return nil, fmt.Errorf("section %d out of place", i)
+		}
+		pos = s.off + s.n
+	}
+	db := &indexDB{}
+	ob := data[objOff : objOff+nobj*dbObjectSize]
+	db.objects = make([]dbObject, nobj)
+	for i := range db.objects {
+		o := ob[i*dbObjectSize:]
+		db.objects[i] = dbObject{id: ID(o[:32]), size: int64(binary.LittleEndian.Uint64(o[32:]))}
+	}
+	var err error
+	if db.writers, err = parseDBWriters(data[wrOff : wrOff+wrLen]); err != nil {
+		return nil, err
+	}
+	if npacks > 0 {
+		db.packs = unsafe.Slice((*ID)(unsafe.Pointer(&data[packOff])), npacks)
+	}
+	if nkeys > 0 {
+		db.keys = unsafe.Slice((*diskKey)(unsafe.Pointer(&data[keyOff])), nkeys)
+	}
+	if nent > 0 {
+		db.entries = unsafe.Slice((*indexEntry)(unsafe.Pointer(&data[entOff])), nent)
+	}
+	db.buckets = unsafe.Slice((*uint32)(unsafe.Pointer(&data[bucketOff])), dbBuckets)
+	// The small tables are checked whole, so that reading them never
+	// indexes out of range.
+	for i := range db.keys {
+		if uint64(db.keys[i].pack) >= npacks {
+			return nil, fmt.Errorf("key %d names pack %d of %d", i, db.keys[i].pack, npacks)
+		}
+	}
+	prev := uint32(0)
+	for p, b := range db.buckets {
+		if b < prev || uint64(b) > nent || (p == dbBuckets-1 && uint64(b) != nent) {
+			return nil, fmt.Errorf("bucket %d out of order", p)
+		}
+		prev = b
+	}
+	return db, nil
+}
+
+func parseDBWriters(b []byte) ([]dbWriter, error) {
+	if len(b) < 4 {
+		return nil, errors.New("bad writers table")
+	}
+	n := binary.LittleEndian.Uint32(b)
+	b = b[4:]
+	if n == 0 || n > uint32(dbMaxWriters) || uint64(n)*(32+1+4) > uint64(len(b)) {
+		return nil, errors.New("bad writer count")
+	}
+	ws := make([]dbWriter, n)
+	for i := range ws {
+		if len(b) < 37 {
+			return nil, errors.New("writers table truncated")
+		}
+		w := &ws[i]
+		w.key = [32]byte(b[:32])
+		w.owner = b[32] == 1
+		l := binary.LittleEndian.Uint32(b[33:])
+		b = b[37:]
+		if uint64(l) > uint64(len(b)) {
+			return nil, errors.New("writers table truncated")
+		}
+		if l > 0 {
+			w.cert = new(crypto.Cert)
+			if err := json.Unmarshal(b[:l], w.cert); err != nil {
+				return nil, fmt.Errorf("writer %d: %w", i, err)
+			}
+		}
+		b = b[l:]
+	}
+	if len(b) != 0 {
+		return nil, errors.New("trailing bytes after the writers table")
+	}
+	return ws, nil
+}
+
+// covers reports whether the file covers only index objects that are
+// listed (a file that covers an object since removed, by prune or repair,
+// is rebuilt), and returns those listed that it does not cover.
+func (db *indexDB) covers(listed map[ID]int64) (uncovered map[ID]int64, ok bool) {
+	uncovered = make(map[ID]int64, len(listed))
+	for id, size := range listed {
+		uncovered[id] = size
+	}
+	for _, o := range db.objects {
+		if size, in := listed[o.id]; !in || size != o.size {
+			return nil, false
+		}
+		delete(uncovered, o.id)
+	}
+	return uncovered, true
+}
+
+// find returns the range of entries of id.
+func (db *indexDB) find(id ID) (lo, hi uint32) {
+	p := prefix(id)
+	lo, hi = db.buckets[p], db.buckets[p+1]
+	for lo < hi {
+		m := uint32(uint(lo+hi) >> 1)
+		if bytes.Compare(db.entries[m].id[:], id[:]) < 0 {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	hi = lo
+	for end := db.buckets[p+1]; hi < end && db.entries[hi].id == id; hi++ {
+	}
+	return lo, hi
+}
+
+// findPack returns the file's number of a pack.
+func (db *indexDB) findPack(id ID) (uint32, bool) {
+	i, ok := slices.BinarySearchFunc(db.packs, id, func(a, b ID) int { return bytes.Compare(a[:], b[:]) })
+	return uint32(i), ok
+}
+
+// findKey returns the file's number of a (pack, ephemeral key) pair.
+func (db *indexDB) findKey(k packKey) (uint32, bool) {
+	i, ok := slices.BinarySearchFunc(db.keys, k, func(a diskKey, k packKey) int {
+		return cmp.Or(cmp.Compare(a.pack, k.pack), bytes.Compare(a.eph[:], k.eph[:]))
+	})
+	return uint32(i), ok
+}
+
+// writer returns how this process numbers the file's writer n.
+func (db *indexDB) writer(n WriterNum) (WriterNum, bool) {
+	if n == NoWriter {
+		return NoWriter, true
+	}
+	if int(n) < len(db.wmap) {
+		return db.wmap[n], true
+	}
+	return 0, false
+}
+
+// setBase makes db the index's file; x must be empty.
+func (x *Index) setBase(db *indexDB) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	db.wmap = make([]WriterNum, len(db.writers))
+	for i, w := range db.writers {
+		if w.owner || i == int(OwnerWriter) {
+			db.wmap[i] = OwnerWriter
+			continue
+		}
+		db.wmap[i] = x.Writers.Number(w.key, w.cert)
+	}
+	x.base = db
+	x.packs = make([]packRecord, len(db.packs), len(db.packs)+64)
+	for i := range db.packs {
+		x.packs[i] = packRecord{id: db.packs[i], size: -1, indexed: true}
+	}
+}
+
+// writeIndexDB writes what x holds (its file, if any, and the entries in
+// memory; none fresh) as the index file at path, covering objs.
+func writeIndexDB(path string, key [32]byte, x *Index, objs []dbObject) (err error) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if len(x.fresh) > 0 {
+		x.compact()
+	}
+	ws := x.Writers.snapshot()
+	if len(ws) > dbMaxWriters {
+		return errors.New("too many writers")
+	}
+	// Packs in ID order, keys in (pack, key) order: the file's numbers.
+	order := make([]uint32, len(x.packs))
+	for i := range order {
+		order[i] = uint32(i)
+	}
+	slices.SortFunc(order, func(a, b uint32) int { return bytes.Compare(x.packs[a].id[:], x.packs[b].id[:]) })
+	newPack := make([]uint32, len(x.packs))
+	for i, o := range order {
+		newPack[o] = uint32(i)
+	}
+	nk := x.keyCount()
+	korder := make([]uint32, nk)
+	for i := range korder {
+		korder[i] = uint32(i)
+	}
+	slices.SortFunc(korder, func(a, b uint32) int {
+		ka, kb := x.keyAt(a), x.keyAt(b)
+		return cmp.Or(cmp.Compare(newPack[ka.pack], newPack[kb.pack]), bytes.Compare(ka.eph[:], kb.eph[:]))
+	})
+	newKey := make([]uint32, nk)
+	for i, o := range korder {
+		newKey[o] = uint32(i)
+	}
+	slices.SortFunc(objs, func(a, b dbObject) int { return bytes.Compare(a.id[:], b.id[:]) })
+
+	var rnd [6]byte
+	_, _ = rand.Read(rnd[:])
+	tmp := filepath.Join(filepath.Dir(path), ".tmp-index-"+hex.EncodeToString(rnd[:]))
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	mac, err := blake3.NewKeyed(key[:])
+	if err != nil {
+		return err
+	}
+	bw := bufio.NewWriterSize(io.MultiWriter(f, mac), 1<<20)
+	var pos uint64
+	put := func(b []byte) {
+		bw.Write(b) // errors surface at Flush
+		pos += uint64(len(b))
+	}
+	align := func(n uint64) {
+		var zero [64]byte
+		put(zero[:(n-pos%n)%n])
+	}
+	var v [12]uint64
+	v[0], v[1] = uint64(len(objs)), pos
+	for _, o := range objs {
+		put(o.id[:])
+		put(binary.LittleEndian.AppendUint64(nil, uint64(o.size)))
+	}
+	align(8)
+	v[2] = pos
+	put(binary.LittleEndian.AppendUint32(nil, uint32(len(ws))))
+	for _, w := range ws {
+		b := append([]byte(nil), w.Key[:]...)
+		b = append(b, 0)
+		if w.Owner {
+			b[32] = 1
+		}
+		var cj []byte
+		if w.Cert != nil && !w.Owner {
+			if cj, err = json.Marshal(w.Cert); err != nil {
+				return err
+			}
+		}
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(cj)))
+		put(append(b, cj...))
+	}
+	v[3] = pos - v[2]
+	align(64)
+	v[4], v[5] = uint64(len(x.packs)), pos
+	for _, o := range order {
+		put(x.packs[o].id[:])
+	}
+	align(64)
+	v[6], v[7] = uint64(nk), pos
+	for _, o := range korder {
+		k := x.keyAt(o)
+		dk := diskKey{pack: newPack[k.pack], eph: k.eph}
+		put(unsafe.Slice((*byte)(unsafe.Pointer(&dk)), unsafe.Sizeof(dk)))
+	}
+	align(64)
+	v[9] = pos
+	buckets := make([]uint32, dbBuckets)
+	var n uint32
+	batch := make([]indexEntry, 0, 4096)
+	flush := func() {
+		if len(batch) > 0 {
+			put(unsafe.Slice((*byte)(unsafe.Pointer(&batch[0])), len(batch)*int(unsafe.Sizeof(indexEntry{}))))
+			batch = batch[:0]
+		}
+	}
+	// Every entry, gone or not: the file holds what index objects state.
+	x.merged(func(e indexEntry) {
+		e.pack = newKey[e.pack]
+		buckets[prefix(e.id)+1]++
+		batch = append(batch, e)
+		n++
+		if len(batch) == cap(batch) {
+			flush()
+		}
+	})
+	flush()
+	v[8] = uint64(n)
+	for p := 1; p < dbBuckets; p++ {
+		buckets[p] += buckets[p-1]
+	}
+	v[10] = pos
+	put(unsafe.Slice((*byte)(unsafe.Pointer(&buckets[0])), len(buckets)*4))
+	ft := []byte(indexDBMagic)
+	ft = binary.LittleEndian.AppendUint32(ft, dbLayout)
+	ft = binary.NativeEndian.AppendUint32(ft, dbProbe)
+	for _, x := range v {
+		ft = binary.LittleEndian.AppendUint64(ft, x)
+	}
+	put(ft)
+	if err = bw.Flush(); err != nil {
+		return err
+	}
+	if _, err = f.Write(mac.Sum(nil)); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// merged calls fn for every entry of the file and in sorted, in ID order,
+// whatever the ledger says of its pack; x.mu is held.
+func (x *Index) merged(fn func(e indexEntry)) {
+	var nb uint32
+	if x.base != nil {
+		nb = uint32(len(x.base.entries))
+	}
+	i, j := uint32(0), 0
+	for i < nb || j < len(x.sorted) {
+		if i < nb && (j == len(x.sorted) || bytes.Compare(x.base.entries[i].id[:], x.sorted[j].id[:]) <= 0) {
+			if e, ok := x.baseEntry(i); ok {
+				fn(e)
+			}
+			i++
+		} else {
+			fn(x.sorted[j])
+			j++
+		}
+	}
+}
+
+// dbRebuildEntries is how many entries of index objects the file does not
+// cover a run loads into memory before it rewrites the file with them
+// (about 48 MiB): the backups of one client add far fewer between the
+// rebuilds, and a rebuild costs writing the whole file.
+const dbRebuildEntries = 1 << 20
+
+// empty reports whether nothing was added to the index.
+func (x *Index) empty() bool {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	return x.base == nil && len(x.packs) == 0 && len(x.sorted) == 0 && len(x.fresh) == 0
+}
+
+// openIndexFile backs idx with the cache's index file, building or
+// rebuilding it first when it is missing, damaged, covers an index object
+// no longer listed, or leaves too many uncovered. It returns the listed
+// index objects still to load into memory, and false when the file
+// cannot be used (idx is untouched then, and every object is to load).
+func (r *Repository) openIndexFile(ctx context.Context, idx *Index, cache *Cache, objs []backend.Info, st *loadState) ([]backend.Info, bool, error) {
+	path := filepath.Join(cache.dir, indexDBName)
+	key := indexDBKey(r.keys.MetaKey)
+	listed := make(map[ID]int64, len(objs))
+	var odd []backend.Info // names that are no index object's: reported by the load
+	for _, fi := range objs {
+		if id, err := ParseID(fi.Name); err == nil {
+			listed[id] = fi.Size
+		} else {
+			odd = append(odd, fi)
+		}
+	}
+	db, err := openIndexDB(path, key)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		r.opts.Warn("local index file %s: %v: rebuilding it", path, err)
+	}
+	var rest map[ID]int64
+	if db != nil {
+		var ok bool
+		if rest, ok = db.covers(listed); !ok {
+			db = nil
+		}
+	}
+	if db == nil {
+		rest = listed
+	}
+	if n := sizeOf(rest) / indexBlobEntry; db == nil || n > dbRebuildEntries {
+		var err error
+		if db, err = r.buildIndexFile(ctx, path, key, db, rest, cache, st); err != nil {
+			if ctx.Err() != nil {
+				return nil, false, ctx.Err()
+			}
+			r.opts.Warn("cannot write the local index file, the index is held in memory: %v", err)
+			return objs, false, nil
+		}
+		rest, _ = db.covers(listed)
+	}
+	idx.setBase(db)
+	todo := odd
+	for _, fi := range objs {
+		if id, err := ParseID(fi.Name); err == nil {
+			if _, ok := rest[id]; ok && st.damagedIndex[fi.Name] == nil {
+				todo = append(todo, fi)
+			}
+		}
+	}
+	return todo, true, nil
+}
+
+func sizeOf(objs map[ID]int64) int64 {
+	var n int64
+	for _, s := range objs {
+		n += s
+	}
+	return n
+}
+
+// buildIndexFile writes the index file covering what old covers (nil:
+// nothing) and the index objects rest, and opens it. The objects of rest
+// are loaded into memory for that, once; those that cannot be used are
+// recorded in st and left uncovered, so that every run reports them.
+func (r *Repository) buildIndexFile(ctx context.Context, path string, key [32]byte, old *indexDB, rest map[ID]int64, cache *Cache, st *loadState) (*indexDB, error) {
+	scratch := r.newIndex()
+	var covered []dbObject
+	if old != nil {
+		scratch.setBase(old)
+		covered = slices.Clone(old.objects)
+	}
+	todo := make([]backend.Info, 0, len(rest))
+	ids := make([]ID, 0, len(rest))
+	for id, size := range rest {
+		todo = append(todo, backend.Info{Name: id.String(), Size: size})
+		ids = append(ids, id)
+	}
+	scratch.reserve(int(sizeOf(rest) / indexBlobEntry))
+	// Records of deleted packs are kept: the ledger is applied per run.
+	if err := r.loadObjects(ctx, scratch, cache, todo, st, false); err != nil {
+		return nil, err
+	}
+	for i, fi := range todo {
+		if st.damagedIndex[fi.Name] == nil {
+			covered = append(covered, dbObject{id: ids[i], size: fi.Size})
+		}
+	}
+	err := writeIndexDB(path, key, scratch, covered)
+	// What was loaded (scratch is dead from here) goes back to the system
+	// before the command runs.
+	debug.FreeOSMemory()
+	if err != nil {
+		return nil, err
+	}
+	return openIndexDB(path, key)
+}
