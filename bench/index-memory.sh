@@ -10,6 +10,7 @@
 #
 #   bash bench/index-memory.sh                 # 50 M
 #   CHUNKS=10000000 bash bench/index-memory.sh
+#   BINS=new bash bench/index-memory.sh        # only this tree
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CHUNKS=${CHUNKS:-50000000}
@@ -63,7 +64,7 @@ measure() {
   echo "| binary | run | wall s | peak RSS MiB | CPU s | index.db MiB |"
   echo "|---|---|---|---|---|---|"
 } > "$REPORT"
-for bin in old new; do
+for bin in ${BINS:-old new}; do
   rm -rf "$XDG_CACHE_HOME"
   measure "cold cache: backup of the 4 GiB disk" $bin "$DISK"
   measure "warm cache: backup of the 4 GiB disk" $bin "$DISK"

@@ -165,7 +165,7 @@ func (x *Index) live(e indexEntry) bool {
 // packIndex returns the number of a known pack.
 func (x *Index) packIndex(id ID) (uint32, bool) {
 	if x.base != nil {
-		if n, ok := x.base.findPack(id); ok {
+		if n, ok := x.findPack(id); ok {
 			return n, true
 		}
 	}
@@ -173,13 +173,12 @@ func (x *Index) packIndex(id ID) (uint32, bool) {
 	return n, ok
 }
 
-// baseEntry returns entry i of the file as the index holds it: with
-// the writer numbered as this process numbers it, and any trust added.
-// An entry that names no key of the file, or no writer, is reported
+// fromBase returns entry i of the file, read as raw, as the index holds
+// it: with the writer numbered as this process numbers it, and any trust
+// added. An entry that names no key or writer of the file is reported
 // not ok: only a file written by another program (that passed the MAC)
 // has one, and it is ignored rather than trusted or indexed out of range.
-func (x *Index) baseEntry(i uint32) (indexEntry, bool) {
-	e := x.base.entries[i]
+func (x *Index) fromBase(i uint32, e indexEntry) (indexEntry, bool) {
 	w, ok := x.base.writer(e.writer)
 	if !ok || e.pack >= uint32(len(x.base.keys)) {
 		return indexEntry{}, false
@@ -301,12 +300,11 @@ func (x *Index) each(id ID, fn func(indexEntry)) {
 		}
 	}
 	if x.base != nil {
-		lo, hi := x.base.find(id)
-		for i := lo; i < hi; i++ {
-			if e, ok := x.baseEntry(i); ok && x.live(e) {
+		x.base.lookup(id, func(i uint32, raw indexEntry) {
+			if e, ok := x.fromBase(i, raw); ok && x.live(e) {
 				fn(e)
 			}
-		}
+		})
 	}
 }
 
@@ -530,19 +528,21 @@ func (x *Index) mergeBase(e indexEntry) bool {
 	if x.base == nil {
 		return false
 	}
-	lo, hi := x.base.find(e.id)
-	for i := lo; i < hi; i++ {
-		if b, ok := x.baseEntry(i); ok && samePlace(b, e) {
-			if b.trust|e.trust != b.trust {
-				if x.upgrade == nil {
-					x.upgrade = map[uint32]Trust{}
-				}
-				x.upgrade[i] |= e.trust
-			}
-			return true
+	found := false
+	x.base.lookup(e.id, func(i uint32, raw indexEntry) {
+		b, ok := x.fromBase(i, raw)
+		if found || !ok || !samePlace(b, e) {
+			return
 		}
-	}
-	return false
+		found = true
+		if b.trust|e.trust != b.trust {
+			if x.upgrade == nil {
+				x.upgrade = map[uint32]Trust{}
+			}
+			x.upgrade[i] |= e.trust
+		}
+	})
+	return found
 }
 
 func samePlace(a, b indexEntry) bool {
@@ -640,8 +640,11 @@ func (x *Index) Len() (blobs, packs int) {
 
 // all calls fn for every live entry, in ID order (fresh entries last);
 // x.mu is held.
+//
+// A read of the local index file that fails stops the walk there (the
+// next LoadIndex rebuilds the file).
 func (x *Index) all(fn func(e indexEntry)) {
-	x.merged(func(e indexEntry) {
+	_ = x.merged(func(e indexEntry) {
 		if x.live(e) {
 			fn(e)
 		}

@@ -15,12 +15,14 @@ import (
 	"hash/crc32"
 	"io"
 	"io/fs"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"slices"
-	"syscall"
+	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/zeebo/blake3"
@@ -70,7 +72,6 @@ const (
 	dbMACSize    = 32
 	dbObjectSize = 32 + 8
 	dbKeySize    = 4 + 32
-	dbBuckets    = 1<<bucketBits + 1
 	// dbMaxWriters bounds the writers a file may name (WriterNum).
 	dbMaxWriters = int(NoWriter)
 )
@@ -109,17 +110,33 @@ type dbWriter struct {
 	cert  *crypto.Cert
 }
 
-// indexDB is an open local index file.
+// indexDB is an open local index file. Its packs and keys are read into
+// memory (about 70 bytes per pack, a pack holding a hundred chunks or
+// more); its entries and buckets are read with pread where a lookup needs
+// them, so the process holds only the few hundred bytes a lookup reads
+// (mapping the file was measured: the kernel maps whole large folios of a
+// cached file on each fault, so a backup's few thousand lookups mapped
+// most of it; docs/BENCHMARKS.md).
 type indexDB struct {
+	r       io.ReaderAt
+	f       *os.File // closed with db; nil for a file parsed from memory
 	objects []dbObject
 	writers []dbWriter
-	packs   []ID
-	keys    []diskKey
-	entries []indexEntry
-	buckets []uint32
+	// packs is handed to the index (setBase) and dropped here.
+	packs     []ID
+	npacks    uint32
+	keys      []diskKey
+	nent      uint32
+	entOff    int64
+	bucketOff int64
+	bits      uint // buckets are the top bits of a blob ID
 	// wmap numbers the file's writers as this process does (setBase).
 	wmap []WriterNum
 	size int64
+	// ioErr is set once a read failed mid-run: lookups then miss, which
+	// costs storing a chunk again, and LoadIndex's next run rebuilds.
+	ioErr atomic.Bool
+	bufs  sync.Pool // *[]indexEntry
 }
 
 // indexDBKey derives the file's MAC key from the metadata key.
@@ -127,19 +144,29 @@ func indexDBKey(meta [crypto.KeySize]byte) [32]byte {
 	return crypto.NewHasher(meta).Sum([]byte("sauve local index file v1"))
 }
 
-// openIndexDB opens and verifies the file at path and maps it.
+// openIndexDB opens and verifies the file at path.
 func openIndexDB(path string, key [32]byte) (*indexDB, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	db, err := verifyIndexDB(f, key)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	db.f = f
+	runtime.AddCleanup(db, func(f *os.File) { f.Close() }, f)
+	return db, nil
+}
+
+func verifyIndexDB(f *os.File, key [32]byte) (*indexDB, error) {
 	fi, err := f.Stat()
 	if err != nil {
 		return nil, err
 	}
 	size := fi.Size()
-	if size < dbFooterSize+dbMACSize || size > 1<<42 || int64(int(size)) != size {
+	if size < dbFooterSize+dbMACSize || size > 1<<42 {
 		return nil, fmt.Errorf("%d bytes is no index file", size)
 	}
 	h, err := blake3.NewKeyed(key[:])
@@ -147,6 +174,8 @@ func openIndexDB(path string, key [32]byte) (*indexDB, error) {
 		return nil, err
 	}
 	body := size - dbMACSize
+	// Read through the page cache, not mapped: the pages stay out of
+	// this process's memory.
 	if _, err := io.Copy(h, io.NewSectionReader(f, 0, body)); err != nil {
 		return nil, fmt.Errorf("read: %w", err)
 	}
@@ -157,34 +186,24 @@ func openIndexDB(path string, key [32]byte) (*indexDB, error) {
 	if !hmac.Equal(h.Sum(nil), mac[:]) {
 		return nil, errors.New("fails authentication (damaged, or written with another key)")
 	}
-	data, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ, syscall.MAP_SHARED)
+	db, err := parseIndexDB(f, body)
 	if err != nil {
-		return nil, fmt.Errorf("map: %w", err)
-	}
-	// Lookups jump about the file: read-ahead would only fill memory.
-	_ = syscall.Madvise(data, syscall.MADV_RANDOM)
-	db, err := parseIndexDB(data[:body])
-	if err != nil {
-		syscall.Munmap(data)
 		return nil, err
 	}
 	db.size = size
-	// Nothing keeps a pointer into the mapping but db's slices, so the
-	// mapping goes when db does.
-	runtime.AddCleanup(db, func(d []byte) { syscall.Munmap(d) }, data)
 	return db, nil
 }
 
-// parseIndexDB reads the tables of a file (without its MAC). data must
-// stay unchanged and 8-byte aligned while the result is used.
-func parseIndexDB(data []byte) (*indexDB, error) {
-	if len(data) < dbFooterSize {
+// parseIndexDB reads the tables of a file of size bytes (its MAC left
+// out), which must stay unchanged while the result is used.
+func parseIndexDB(r io.ReaderAt, size int64) (*indexDB, error) {
+	if size < dbFooterSize {
 		return nil, errors.New("too short")
 	}
-	if uintptr(unsafe.Pointer(unsafe.SliceData(data)))%8 != 0 {
-		return nil, errors.New("internal error: index file not aligned")
+	ft := make([]byte, dbFooterSize)
+	if _, err := r.ReadAt(ft, size-dbFooterSize); err != nil {
+		return nil, fmt.Errorf("read: %w", err)
 	}
-	ft := data[len(data)-dbFooterSize:]
 	if string(ft[:8]) != indexDBMagic {
 		return nil, errors.New("not an index file of this version")
 	}
@@ -195,60 +214,83 @@ func parseIndexDB(data []byte) (*indexDB, error) {
 	for i := range v {
 		v[i] = binary.LittleEndian.Uint64(ft[16+8*i:])
 	}
-	nobj, objOff, wrOff, wrLen, npacks, packOff, nkeys, keyOff, nent, entOff, bucketOff := v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10]
-	end := uint64(len(data) - dbFooterSize)
+	nobj, objOff, wrOff, wrLen, npacks, packOff, nkeys, keyOff, nent, entOff, bucketOff, bits := v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11]
+	end := uint64(size - dbFooterSize)
 	entSize := uint64(unsafe.Sizeof(indexEntry{}))
-	// Each section must follow the previous one, fit, and be aligned
-	// for what is mapped onto it; counts are bounded first so the
-	// products below cannot overflow.
-	if nobj > end || npacks > end || nkeys > end || nent > end || npacks >= 1<<32 || nkeys >= 1<<32 || nent >= 1<<32 {
+	// Each section must follow the previous one and fit; counts are
+	// bounded first so the products below cannot overflow.
+	if nobj > end || npacks > end || nkeys > end || nent > end || npacks >= 1<<32 || nkeys >= 1<<32 || nent >= 1<<32 || bits < 8 || bits > 28 {
 		return nil, errors.New("bad counts")
 	}
 	type section struct{ off, n uint64 }
-	secs := []section{{objOff, nobj * dbObjectSize}, {wrOff, wrLen}, {packOff, npacks * 32}, {keyOff, nkeys * dbKeySize}, {entOff, nent * entSize}, {bucketOff, dbBuckets * 4}}
+	secs := []section{{objOff, nobj * dbObjectSize}, {wrOff, wrLen}, {packOff, npacks * 32}, {keyOff, nkeys * dbKeySize}, {entOff, nent * entSize}, {bucketOff, (1<<bits + 1) * 4}}
 	pos := uint64(0)
 	for i, s := range secs {
-		if s.off < pos || s.off > end || s.n > end-s.off || s.off%4 != 0 {
+		if s.off < pos || s.off > end || s.n > end-s.off {
 			return nil, fmt.Errorf("section %d out of place", i)
 		}
 		pos = s.off + s.n
 	}
-	db := &indexDB{}
-	ob := data[objOff : objOff+nobj*dbObjectSize]
+	read := func(off, n uint64) ([]byte, error) {
+		b := make([]byte, n)
+		if _, err := r.ReadAt(b, int64(off)); err != nil {
+			return nil, fmt.Errorf("read: %w", err)
+		}
+		return b, nil
+	}
+	db := &indexDB{r: r, npacks: uint32(npacks), nent: uint32(nent), entOff: int64(entOff), bucketOff: int64(bucketOff), bits: uint(bits)}
+	ob, err := read(objOff, nobj*dbObjectSize)
+	if err != nil {
+		return nil, err
+	}
 	db.objects = make([]dbObject, nobj)
 	for i := range db.objects {
 		o := ob[i*dbObjectSize:]
 		db.objects[i] = dbObject{id: ID(o[:32]), size: int64(binary.LittleEndian.Uint64(o[32:]))}
 	}
-	var err error
-	if db.writers, err = parseDBWriters(data[wrOff : wrOff+wrLen]); err != nil {
+	wb, err := read(wrOff, wrLen)
+	if err != nil {
 		return nil, err
 	}
-	if npacks > 0 {
-		db.packs = unsafe.Slice((*ID)(unsafe.Pointer(&data[packOff])), npacks)
+	if db.writers, err = parseDBWriters(wb); err != nil {
+		return nil, err
 	}
-	if nkeys > 0 {
-		db.keys = unsafe.Slice((*diskKey)(unsafe.Pointer(&data[keyOff])), nkeys)
+	db.packs = make([]ID, npacks)
+	if _, err := r.ReadAt(bytesOf(db.packs), int64(packOff)); err != nil && npacks > 0 {
+		return nil, fmt.Errorf("read: %w", err)
 	}
-	if nent > 0 {
-		db.entries = unsafe.Slice((*indexEntry)(unsafe.Pointer(&data[entOff])), nent)
+	db.keys = make([]diskKey, nkeys)
+	if _, err := r.ReadAt(bytesOf(db.keys), int64(keyOff)); err != nil && nkeys > 0 {
+		return nil, fmt.Errorf("read: %w", err)
 	}
-	db.buckets = unsafe.Slice((*uint32)(unsafe.Pointer(&data[bucketOff])), dbBuckets)
-	// The small tables are checked whole, so that reading them never
-	// indexes out of range.
+	// The tables held in memory are checked whole, so that reading them
+	// never indexes out of range; entries and buckets are checked where
+	// they are read.
 	for i := range db.keys {
 		if uint64(db.keys[i].pack) >= npacks {
 			return nil, fmt.Errorf("key %d names pack %d of %d", i, db.keys[i].pack, npacks)
 		}
 	}
-	prev := uint32(0)
-	for p, b := range db.buckets {
-		if b < prev || uint64(b) > nent || (p == dbBuckets-1 && uint64(b) != nent) {
-			return nil, fmt.Errorf("bucket %d out of order", p)
-		}
-		prev = b
-	}
 	return db, nil
+}
+
+// bytesOf views a slice of plain values as its bytes.
+func bytesOf[T any](s []T) []byte {
+	if len(s) == 0 {
+		return nil
+	}
+	var z T
+	return unsafe.Slice((*byte)(unsafe.Pointer(&s[0])), len(s)*int(unsafe.Sizeof(z)))
+}
+
+// dbBucketBits picks the bucket table for n entries: about 32 entries
+// (1.5 KiB, one read) a bucket.
+func dbBucketBits(n int) uint {
+	return uint(min(max(bits.Len(uint(n/32)), 16), 24))
+}
+
+func (db *indexDB) bucket(id ID) uint32 {
+	return binary.BigEndian.Uint32(id[:4]) >> (32 - db.bits)
 }
 
 func parseDBWriters(b []byte) ([]dbWriter, error) {
@@ -304,27 +346,94 @@ func (db *indexDB) covers(listed map[ID]int64) (uncovered map[ID]int64, ok bool)
 	return uncovered, true
 }
 
-// find returns the range of entries of id.
-func (db *indexDB) find(id ID) (lo, hi uint32) {
-	p := prefix(id)
-	lo, hi = db.buckets[p], db.buckets[p+1]
-	for lo < hi {
-		m := uint32(uint(lo+hi) >> 1)
-		if bytes.Compare(db.entries[m].id[:], id[:]) < 0 {
-			lo = m + 1
-		} else {
-			hi = m
-		}
+// dbReadRun is how many entries a lookup reads at once (a variable for
+// tests of buckets larger than one read).
+var dbReadRun uint32 = 4096
+
+// readEntries reads entries [lo, lo+len(dst)) into dst.
+func (db *indexDB) readEntries(dst []indexEntry, lo uint32) bool {
+	if _, err := db.r.ReadAt(bytesOf(dst), db.entOff+int64(lo)*int64(unsafe.Sizeof(indexEntry{}))); err != nil {
+		db.ioErr.Store(true)
+		return false
 	}
-	hi = lo
-	for end := db.buckets[p+1]; hi < end && db.entries[hi].id == id; hi++ {
-	}
-	return lo, hi
+	return true
 }
 
-// findPack returns the file's number of a pack.
-func (db *indexDB) findPack(id ID) (uint32, bool) {
-	i, ok := slices.BinarySearchFunc(db.packs, id, func(a, b ID) int { return bytes.Compare(a[:], b[:]) })
+// lookup calls fn for every entry of id, with its number in the file.
+func (db *indexDB) lookup(id ID, fn func(i uint32, e indexEntry)) {
+	var bb [8]byte
+	if _, err := db.r.ReadAt(bb[:], db.bucketOff+4*int64(db.bucket(id))); err != nil {
+		db.ioErr.Store(true)
+		return
+	}
+	lo, hi := binary.NativeEndian.Uint32(bb[:]), binary.NativeEndian.Uint32(bb[4:])
+	if lo > hi || hi > db.nent {
+		return // not a table this program wrote: nothing found
+	}
+	end := hi
+	var one [1]indexEntry
+	less := func(i uint32) bool {
+		if !db.readEntries(one[:], i) {
+			return false
+		}
+		return bytes.Compare(one[0].id[:], id[:]) < 0
+	}
+	// A bucket holds a few dozen entries: one read. Should one hold
+	// more, halve it one entry at a time first, keeping the first entry
+	// not below id inside [lo, hi].
+	for hi-lo > dbReadRun {
+		if m := lo + (hi-lo)/2; less(m) {
+			lo = m + 1
+		} else {
+			hi = m + 1
+		}
+	}
+	bp, _ := db.bufs.Get().(*[]indexEntry)
+	if bp == nil {
+		b := make([]indexEntry, dbReadRun)
+		bp = &b
+	}
+	defer db.bufs.Put(bp)
+	for lo < hi {
+		buf := (*bp)[:min(hi-lo, dbReadRun)]
+		if !db.readEntries(buf, lo) {
+			return
+		}
+		i, _ := slices.BinarySearchFunc(buf, id, func(a indexEntry, id ID) int { return bytes.Compare(a.id[:], id[:]) })
+		matched := false
+		for ; i < len(buf) && buf[i].id == id; i++ {
+			fn(lo+uint32(i), buf[i])
+			matched = true
+		}
+		// Only copies of id that run to the end of the read may go on
+		// past it, within the bucket.
+		if i < len(buf) || !matched {
+			return
+		}
+		lo += uint32(len(buf))
+		hi = end
+	}
+}
+
+// scan calls fn for every entry in order.
+func (db *indexDB) scan(fn func(i uint32, e indexEntry)) error {
+	buf := make([]indexEntry, 1<<14)
+	for lo := uint32(0); lo < db.nent; {
+		n := min(db.nent-lo, uint32(len(buf)))
+		if !db.readEntries(buf[:n], lo) {
+			return errors.New("read the local index file failed")
+		}
+		for i, e := range buf[:n] {
+			fn(lo+uint32(i), e)
+		}
+		lo += n
+	}
+	return nil
+}
+
+// findPack returns the index's number of a pack of the file.
+func (x *Index) findPack(id ID) (uint32, bool) {
+	i, ok := slices.BinarySearchFunc(x.packs[:x.base.npacks], id, func(a packRecord, id ID) int { return bytes.Compare(a.id[:], id[:]) })
 	return uint32(i), ok
 }
 
@@ -364,6 +473,7 @@ func (x *Index) setBase(db *indexDB) {
 	for i := range db.packs {
 		x.packs[i] = packRecord{id: db.packs[i], size: -1, indexed: true}
 	}
+	db.packs = nil // x.packs holds the IDs now
 }
 
 // writeIndexDB writes what x holds (its file, if any, and the entries in
@@ -469,7 +579,13 @@ func writeIndexDB(path string, key [32]byte, x *Index, objs []dbObject) (err err
 	}
 	align(64)
 	v[9] = pos
-	buckets := make([]uint32, dbBuckets)
+	nmax := len(x.sorted)
+	if x.base != nil {
+		nmax += int(x.base.nent)
+	}
+	bbits := dbBucketBits(nmax)
+	v[11] = uint64(bbits)
+	buckets := make([]uint32, 1<<bbits+1)
 	var n uint32
 	batch := make([]indexEntry, 0, 4096)
 	flush := func() {
@@ -479,22 +595,25 @@ func writeIndexDB(path string, key [32]byte, x *Index, objs []dbObject) (err err
 		}
 	}
 	// Every entry, gone or not: the file holds what index objects state.
-	x.merged(func(e indexEntry) {
+	err = x.merged(func(e indexEntry) {
 		e.pack = newKey[e.pack]
-		buckets[prefix(e.id)+1]++
+		buckets[binary.BigEndian.Uint32(e.id[:4])>>(32-bbits)+1]++
 		batch = append(batch, e)
 		n++
 		if len(batch) == cap(batch) {
 			flush()
 		}
 	})
+	if err != nil {
+		return err
+	}
 	flush()
 	v[8] = uint64(n)
-	for p := 1; p < dbBuckets; p++ {
+	for p := 1; p < len(buckets); p++ {
 		buckets[p] += buckets[p-1]
 	}
 	v[10] = pos
-	put(unsafe.Slice((*byte)(unsafe.Pointer(&buckets[0])), len(buckets)*4))
+	put(bytesOf(buckets))
 	ft := []byte(indexDBMagic)
 	ft = binary.LittleEndian.AppendUint32(ft, dbLayout)
 	ft = binary.NativeEndian.AppendUint32(ft, dbProbe)
@@ -516,23 +635,26 @@ func writeIndexDB(path string, key [32]byte, x *Index, objs []dbObject) (err err
 
 // merged calls fn for every entry of the file and in sorted, in ID order,
 // whatever the ledger says of its pack; x.mu is held.
-func (x *Index) merged(fn func(e indexEntry)) {
-	var nb uint32
+func (x *Index) merged(fn func(e indexEntry)) error {
+	j := 0
 	if x.base != nil {
-		nb = uint32(len(x.base.entries))
-	}
-	i, j := uint32(0), 0
-	for i < nb || j < len(x.sorted) {
-		if i < nb && (j == len(x.sorted) || bytes.Compare(x.base.entries[i].id[:], x.sorted[j].id[:]) <= 0) {
-			if e, ok := x.baseEntry(i); ok {
+		err := x.base.scan(func(i uint32, raw indexEntry) {
+			for j < len(x.sorted) && bytes.Compare(x.sorted[j].id[:], raw.id[:]) < 0 {
+				fn(x.sorted[j])
+				j++
+			}
+			if e, ok := x.fromBase(i, raw); ok {
 				fn(e)
 			}
-			i++
-		} else {
-			fn(x.sorted[j])
-			j++
+		})
+		if err != nil {
+			return err
 		}
 	}
+	for ; j < len(x.sorted); j++ {
+		fn(x.sorted[j])
+	}
+	return nil
 }
 
 // dbRebuildEntries is how many entries of index objects the file does not

@@ -56,6 +56,9 @@ func (r *Repository) LoadIndex(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The listing went into the index; only prune, check and repair,
+	// which load views of their own, use it afterwards.
+	st.stored, st.storedAt = nil, nil
 	r.load = st
 	names := make([]string, 0, len(st.damagedIndex))
 	for name := range st.damagedIndex {
@@ -98,7 +101,9 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 		return nil, fmt.Errorf("list index: %w", err)
 	}
 	st.indexObjects = len(objs)
-	stored, at, err := r.listPacks(ctx)
+	// Storage times are for prune, which reads the whole index anyway;
+	// a command with the index file keeps its memory for the disk.
+	stored, at, err := r.listPacks(ctx, !useFile)
 	if err != nil {
 		return nil, err
 	}
@@ -149,14 +154,17 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 	return st, nil
 }
 
-// listPacks lists the stored packs, their sizes and storage times.
-func (r *Repository) listPacks(ctx context.Context) (map[ID]int64, map[ID]time.Time, error) {
+// listPacks lists the stored packs, their sizes and (with times) their
+// storage times.
+func (r *Repository) listPacks(ctx context.Context, times bool) (map[ID]int64, map[ID]time.Time, error) {
 	stored := map[ID]int64{}
 	at := map[ID]time.Time{}
 	err := r.be.List(ctx, backend.PackFile, func(fi backend.Info) error {
 		if id, err := ParseID(fi.Name); err == nil {
 			stored[id] = fi.Size
-			at[id] = fi.ModTime
+			if times {
+				at[id] = fi.ModTime
+			}
 		}
 		return nil
 	})

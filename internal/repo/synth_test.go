@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 
@@ -96,4 +97,55 @@ func TestSyntheticIndex(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("%d chunks in %d packs, %d index objects", n, packs, objects)
+}
+
+// TestSyntheticStartup times the steps of LoadIndex on the synthetic
+// repository ($SAUVE_SYNTH_REPO, $SAUVE_SYNTH_KEY, cache $SAUVE_SYNTH_CACHE
+// as the backups left it): listing index objects and packs, checking and
+// mapping the index file, and the whole load.
+func TestSyntheticStartup(t *testing.T) {
+	dir, keyPath, cacheDir := os.Getenv("SAUVE_SYNTH_REPO"), os.Getenv("SAUVE_SYNTH_KEY"), os.Getenv("SAUVE_SYNTH_CACHE")
+	if dir == "" || keyPath == "" || cacheDir == "" {
+		t.Skip("set SAUVE_SYNTH_REPO, SAUVE_SYNTH_KEY and SAUVE_SYNTH_CACHE")
+	}
+	ctx := context.Background()
+	be, err := local.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kf, err := os.ReadFile(keyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := crypto.DecodeKeyFile(kf, func() ([]byte, error) { return nil, nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := Open(ctx, be, keys, Options{CacheDir: cacheDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	n := 0
+	if err := be.List(ctx, backend.IndexFile, func(backend.Info) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("list %d index objects: %v", n, time.Since(start))
+	start = time.Now()
+	stored, _, err := r.listPacks(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("list %d packs: %v (%d LIST requests of 1000 on an object store)", len(stored), time.Since(start), (len(stored)+999)/1000)
+	start = time.Now()
+	db, err := openIndexDB(filepath.Join(r.cache.dir, indexDBName), indexDBKey(keys.MetaKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("check (MAC) and map the index file, %d MiB: %v", db.size>>20, time.Since(start))
+	start = time.Now()
+	if err := r.LoadIndex(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("whole LoadIndex: %v", time.Since(start))
 }
