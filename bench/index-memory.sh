@@ -58,7 +58,7 @@ measure() {
 }
 
 {
-  echo "Command: \`CHUNKS=$CHUNKS bash bench/index-memory.sh\` ($(date -u +%F), $(nproc) cores, old = $OLD_REV $(git rev-parse --short "$OLD_REV"), new = $(git rev-parse --short HEAD))."
+  echo "Command: \`CHUNKS=$CHUNKS bash bench/index-memory.sh\` ($(date -u +%F), $(nproc) cores, old = $(git rev-parse --short "$OLD_REV"), new = $(git rev-parse --short HEAD))."
   echo "Synthetic index: $CHUNKS entries, $(ls "$SAUVE_REPO/index" | wc -l) index objects ($(du -sm "$SAUVE_REPO/index" | cut -f1) MiB), $(find "$SAUVE_REPO/data" -type f | wc -l) packs."
   echo
   echo "| binary | run | wall s | peak RSS MiB | CPU s | index.db MiB |"

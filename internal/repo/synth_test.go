@@ -142,7 +142,7 @@ func TestSyntheticStartup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("check (MAC) and map the index file, %d MiB: %v", db.size>>20, time.Since(start))
+	t.Logf("check (MAC) and open the index file, %d MiB: %v", db.size>>20, time.Since(start))
 	start = time.Now()
 	if err := r.LoadIndex(ctx); err != nil {
 		t.Fatal(err)
