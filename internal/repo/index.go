@@ -101,7 +101,7 @@ type Index struct {
 	fresh   map[ID][]indexEntry
 	bulk    bool // sorted is being filled unsorted by a bulk load
 
-	// base is the local index file, mapped read-only, or nil. Its packs
+	// base is the local index file, or nil. Its packs
 	// are packs[:len(base.packs)] (packNum holds only the others) and its
 	// keys are key numbers below len(base.keys) (keys holds the others);
 	// sorted and fresh then hold only what the file does not.
