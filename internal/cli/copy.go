@@ -135,6 +135,10 @@ func (g *globals) runCopy(ctx context.Context, from *sourceFlags, f *filterFlags
 	if n := len(res.Skipped); n > 0 {
 		g.printf("skipped %d already copied\n", n)
 	}
+	if len(res.Copied) == 0 {
+		g.printf("nothing to copy\n")
+		return nil
+	}
 	st := res.Stats
 	g.printf("copied %d snapshots: chunks %d copied / %d reused / %d zero; read %s from the source, wrote %s to the target (%d packs) in %s\n",
 		len(res.Copied), st.ChunksNew, st.ChunksReused, st.ChunksZero, bytesIEC(st.BytesRead), bytesIEC(res.BytesWritten), res.Packs, seconds(res.Seconds))
