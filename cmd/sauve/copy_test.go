@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 type copyOut struct {
@@ -169,4 +173,57 @@ func treeOf(t *testing.T, dir string) []string {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// TestCopyKill9 kills a copy with SIGKILL once some packs are stored:
+// the next run reuses them (the own-packs journal) instead of uploading
+// them again, and the copy is whole.
+func TestCopyKill9(t *testing.T) {
+	e := newEnv(t)
+	img := e.path("disk.img")
+	writeFile(t, img, randomBytes(48<<20))
+	e.backup(img)
+	target := e.path("target")
+	e.ok("init", "--repo", target, "--pack-size", "1M", "--from-repo", e.repo)
+
+	var stderrs bytes.Buffer
+	c := e.cmd(nil, "copy", "--repo", target, "--from-repo", e.repo, "--connections", "1")
+	c.Stderr = &stderrs
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(filepath.Join(target, "data")); err == nil && dirSize(t, filepath.Join(target, "data")) >= 8<<20 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	c.Process.Signal(syscall.SIGKILL)
+	if err := c.Wait(); err == nil {
+		t.Fatalf("the copy ended before it was killed:\n%s", stderrs.String())
+	}
+	var snaps []json.RawMessage
+	e.okJSON(&snaps, "snapshots", "--repo", target)
+	if len(snaps) != 0 {
+		t.Fatalf("the killed copy left %d snapshots in the target", len(snaps))
+	}
+
+	res := e.run("copy", "--repo", target, "--from-repo", e.repo, "--json")
+	if res.code != 0 {
+		t.Fatalf("copy after kill -9: %s", res.stderr)
+	}
+	var out copyOut
+	if err := json.Unmarshal([]byte(res.stdout), &out); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(res.stderr, "left by an interrupted copy or backup; their chunks are reused") {
+		t.Errorf("the copy did not adopt the packs of the killed one:\n%s", res.stderr)
+	}
+	t.Logf("after kill -9: %d chunks copied, %d reused, %d MiB written for a 48 MiB disk", out.ChunksCopied, out.ChunksReused, out.BytesWritten>>20)
+	if out.SnapshotsCopied != 1 || out.ChunksReused == 0 || out.BytesWritten >= 44<<20 {
+		t.Fatalf("copy after kill -9: %+v: it did not reuse the packs already stored", out)
+	}
+	e.checked(target)
+	e.restored("latest", img, "--repo", target)
 }
