@@ -198,6 +198,23 @@ func RunDisks(ctx context.Context, r Repository, srcs []Source, opts Options) (*
 	return res, nil
 }
 
+// Disk backs up one disk within the write session w, which the caller
+// opened on r and writes the manifest of, and returns the disk's entry
+// for it. It is the pipeline of Run without its session and manifest:
+// what copying a snapshot into a repository that names chunks otherwise
+// (another chunk size or ID key) does with each disk, read back through
+// the source repository's disk reader.
+func Disk(ctx context.Context, r Repository, w *repo.Writer, src Source, opts Options) (*repo.Disk, error) {
+	if src.Size < 0 {
+		return nil, errors.New("internal error: backup.Disk of a stream")
+	}
+	prog := opts.Progress
+	if prog == nil {
+		prog = new(Progress)
+	}
+	return backupDisk(ctx, r, w, src, opts, prog)
+}
+
 func checkNames(srcs []Source) error {
 	if len(srcs) == 0 {
 		return errors.New("no disk to back up")

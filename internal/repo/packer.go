@@ -29,8 +29,12 @@ type packer struct {
 	cancel context.CancelFunc // stops uploads at once (abort)
 	sealer *crypto.DataSealer
 
-	mu      sync.Mutex
-	cur     *packBuilder
+	mu  sync.Mutex
+	cur *packBuilder
+	// pending are the blobs claimed and not yet uploaded, under a lock
+	// of their own: an uploader must never wait for mu, which a writer
+	// holds while it waits for a pack buffer that only uploaders free.
+	pendMu  sync.Mutex
 	pending map[ID]struct{}
 	queue   chan *packBuilder
 	// stop is closed when the session ends: uploaders return and sends
@@ -108,8 +112,8 @@ func (p *packer) buffer() ([]byte, error) {
 // claim reserves id for the caller, unless it is being stored or stored
 // where this writer may reuse it (Index.Reusable).
 func (p *packer) claim(t BlobType, id ID) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.pendMu.Lock()
+	defer p.pendMu.Unlock()
 	if _, ok := p.pending[id]; ok {
 		return false
 	}
@@ -237,14 +241,17 @@ func (p *packer) uploadPack(pb *packBuilder) {
 	}
 	p.r.idx.SetPackSize(id, int64(len(data)))
 	p.r.idx.Add(info, p.r.self, p.r.selfTrust())
-	// Return the buffer before taking p.mu: add may hold p.mu while
-	// it waits for a buffer.
+	// Never p.mu here: add holds it while it waits for a buffer, and
+	// the buffer returned may be taken by another pack's blobs before
+	// this uploader gets p.mu (two uploaders, two full packs waiting for
+	// them, and a third writer waiting for a buffer under p.mu, was a
+	// deadlock seen with small packs and many concurrent writers).
 	p.free <- data[:0]
-	p.mu.Lock()
+	p.pendMu.Lock()
 	for _, b := range pb.blobs {
 		delete(p.pending, b.ID)
 	}
-	p.mu.Unlock()
+	p.pendMu.Unlock()
 
 	p.resMu.Lock()
 	p.packs++
