@@ -118,12 +118,12 @@ func TestPruneWriteOnlyKeyRefused(t *testing.T) {
 	w := newBareEnv(t)
 	w.setenv("SAUVE_REPO", e.repo)
 	w.setenv("SAUVE_KEY", wkey)
-	before := treeOf(t, e.repo)
+	before := strings.Join(treeOf(t, e.repo), "\n")
 	stderr := w.fail([]string{"owner's key"}, "prune")
 	if n := strings.Count(strings.TrimSpace(stderr), "\n"); n != 0 {
 		t.Fatalf("more than one error line:\n%s", stderr)
 	}
-	if after := treeOf(t, e.repo); after != before {
+	if after := strings.Join(treeOf(t, e.repo), "\n"); after != before {
 		t.Fatalf("a refused prune changed the repository:\n%s\n---\n%s", before, after)
 	}
 }
@@ -147,19 +147,6 @@ func repoBytes(t *testing.T, e *env) int64 {
 		return nil
 	})
 	return n
-}
-
-// treeOf lists a folder's files with their sizes.
-func treeOf(t *testing.T, dir string) string {
-	t.Helper()
-	var b strings.Builder
-	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
-		if err == nil && !fi.IsDir() {
-			fmt.Fprintf(&b, "%s %d\n", strings.TrimPrefix(p, dir), fi.Size())
-		}
-		return nil
-	})
-	return b.String()
 }
 
 // TestPruneKill9 kills prune (and forget) at random moments: every kept

@@ -87,6 +87,7 @@ the namespace of an isolated writer's key) on each side.`,
 	}
 	from.add(cmd, "repository to copy snapshots from")
 	f.add(cmd)
+	f.addDates(cmd)
 	return cmd
 }
 
@@ -152,10 +153,14 @@ func (g *globals) copySelection(ctx context.Context, src *repo.Repository, f *fi
 	if err != nil {
 		return nil, err
 	}
+	flt, err := f.filter()
+	if err != nil {
+		return nil, err
+	}
 	if len(args) > 0 {
 		var out []*repo.Snapshot
 		for _, a := range args {
-			sn, err := repo.FindSnapshot(all, a, f.filter())
+			sn, err := repo.FindSnapshot(all, a, flt)
 			if err != nil {
 				return nil, err
 			}
@@ -169,7 +174,7 @@ func (g *globals) copySelection(ctx context.Context, src *repo.Repository, f *fi
 	var out []*repo.Snapshot
 	matched, marked := 0, 0
 	for _, sn := range all {
-		if !f.filter().Match(sn) {
+		if !flt.Match(sn) {
 			continue
 		}
 		matched++
