@@ -167,6 +167,8 @@ def churn(mnt, day, churn_pct, bench_dir, pool):
     # 4) deletions
     while stats["deleted"] < 20 * MIB * k:
         p, sz = next(it)
+        if sz > 8 * MIB * k:  # keep the amount near make-disk.sh's (no 48 MiB blob at once)
+            continue
         os.unlink(p)
         stats["deleted"] += sz
     print(f"day {day} churn (MiB):", {a: round(b / MIB, 1) for a, b in stats.items()},

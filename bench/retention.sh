@@ -113,7 +113,7 @@ build_day() {
   "$PY" "$HELPER" churn "$MNT" "$n" "$CHURN" "$B" "$WORK/pool.list" >> "$WORK/churn.log"
   sync -f "$MNT"
   umount "$MNT"
-  e2fsck -fn "$LOOP" > /dev/null
+  e2fsck -fn "$LOOP" > "$WORK/e2fsck.txt" 2>&1 || { echo "e2fsck of day $n failed" >&2; cat "$WORK/e2fsck.txt" >&2; exit 1; }
   losetup -d "$LOOP"; LOOP=
 }
 
