@@ -26,8 +26,8 @@ func newExportCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "export SNAPSHOT OUTPUT",
 		Short: "Write a disk of a snapshot as a VM disk image (raw, qcow2, vmdk, vhd, vhdx, vdi, ova)",
-		Long: `Export a disk of SNAPSHOT (an ID prefix, or 'latest' with optional --host
-and --tag filters) straight from the repository into a VM disk image: a
+		Long: `Export a disk of SNAPSHOT (an ID prefix, or 'latest' with optional --host,
+--tag, --before and --after filters) straight from the repository into a VM disk image: a
 backed-up machine becomes a virtual machine without restoring it first (P2V).
 
 OUTPUT's format is --format, or guessed from its extension (.img .qcow2
@@ -75,6 +75,7 @@ one.`,
 	}
 	o.add(cmd)
 	ff.add(cmd)
+	ff.addDates(cmd)
 	cmd.Flags().StringVar(&diskName, "disk", "", "export only this disk of a multi-disk snapshot")
 	cmd.Flags().BoolVar(&skipFree, "skip-free", false, "leave the free space of ext2/3/4, XFS, NTFS, FAT and swap in the snapshot's disk unallocated (it reads as zeros)")
 	return cmd

@@ -58,7 +58,9 @@ bytes), need neither.
 'latest' is the newest snapshot of one machine's disk: when the snapshots
 that match are of several hosts or sources, restore lists them and asks for
 --host and --source, so that one machine's disk is never written with
-another's. It skips snapshots marked in 'sauve snapshots' (a host outside
+another's. --before and --after select by date ('latest --before
+2026-11-30' is the newest snapshot dated before that day, local time;
+--after 3d the snapshots of the last three days). It skips snapshots marked in 'sauve snapshots' (a host outside
 its writer's certificate, a date in the future, a revoked writer).
 Every chunk is read from the copy its snapshot's writer stored, else from
 any other copy that verifies.`,
@@ -103,6 +105,7 @@ any other copy that verifies.`,
 		},
 	}
 	ff.add(cmd)
+	ff.addDates(cmd)
 	cmd.Flags().BoolVar(&delta, "delta", false, "read the target and write only the chunks that differ")
 	cmd.Flags().BoolVarP(&force, "force", "f", false, "overwrite a target that holds another disk's partition table or filesystem")
 	cmd.Flags().StringVar(&diskName, "disk", "", "restore only this disk of a multi-disk snapshot")

@@ -16,6 +16,9 @@ type filterFlags struct {
 	host   string
 	tags   []string
 	source string
+	// before and after are --before and --after, for the commands that
+	// take them (addDates); empty otherwise.
+	before, after string
 }
 
 func (f *filterFlags) add(cmd *cobra.Command) {
@@ -24,8 +27,32 @@ func (f *filterFlags) add(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.source, "source", "", "only snapshots of this source (its path as backed up, e.g. /dev/vda, or the disk's name)")
 }
 
-func (f *filterFlags) filter() repo.Filter {
-	return repo.Filter{Host: f.host, Tags: f.tags, Path: f.source}
+// addDates adds --before and --after.
+func (f *filterFlags) addDates(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.before, "before", "", "only snapshots dated before this: 2026-11-30 (local midnight), '2026-11-30 14:00', RFC 3339, or a time ago such as 3d, 2w, 1y2m, 36h")
+	cmd.Flags().StringVar(&f.after, "after", "", "only snapshots dated at or after this (same forms as --before)")
+}
+
+func (f *filterFlags) filter() (repo.Filter, error) {
+	flt := repo.Filter{Host: f.host, Tags: f.tags, Path: f.source}
+	now := time.Now()
+	for _, d := range []struct {
+		name, val string
+		to        *time.Time
+	}{{"--before", f.before, &flt.Before}, {"--after", f.after, &flt.After}} {
+		if d.val == "" {
+			continue
+		}
+		t, err := parseWhen(d.val, now)
+		if err != nil {
+			return flt, usageError{fmt.Errorf("%s %w", d.name, err)}
+		}
+		*d.to = t
+	}
+	if !flt.Before.IsZero() && !flt.After.IsZero() && !flt.After.Before(flt.Before) {
+		return flt, usageError{fmt.Errorf("--after %s is not before --before %s: no snapshot can match", flt.After.Local().Format(time.RFC3339), flt.Before.Local().Format(time.RFC3339))}
+	}
+	return flt, nil
 }
 
 // snapshots loads every snapshot; those failing verification are warned
@@ -44,7 +71,11 @@ func (g *globals) findSnapshot(ctx context.Context, set *repoSet, spec string, f
 	if err != nil {
 		return nil, nil, err
 	}
-	sn, err := repo.FindSnapshot(all, spec, f.filter())
+	flt, err := f.filter()
+	if err != nil {
+		return nil, nil, err
+	}
+	sn, err := repo.FindSnapshot(all, spec, flt)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -187,7 +218,10 @@ so that its contents may be torn; 'sauve show' says where.`,
 			if err != nil {
 				return err
 			}
-			f := ff.filter()
+			f, err := ff.filter()
+			if err != nil {
+				return err
+			}
 			var list []*repo.Snapshot
 			for _, sn := range all {
 				if f.Match(sn) {

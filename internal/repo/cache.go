@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -147,4 +148,61 @@ func (c *Cache) OwnPacks() map[ID]bool {
 		}
 	}
 	return out
+}
+
+// cachePrunes holds a file per prune this machine runs, named by its
+// session, so that the next prune knows a session left by a prune that
+// was killed here (kill -9, a crash): such a session stays live for its
+// lifetime, and would otherwise keep every prune off for hours.
+const cachePrunes = "prunes"
+
+// RecordPrune notes that this process runs prune session id; the record
+// goes when the prune ends (ForgetPrune).
+func (c *Cache) RecordPrune(id string) {
+	if c == nil {
+		return
+	}
+	os.MkdirAll(filepath.Join(c.dir, cachePrunes), 0o700)
+	c.Put(cachePrunes, id, []byte(processTag(os.Getpid())))
+}
+
+// ForgetPrune removes the record of a prune session that ended.
+func (c *Cache) ForgetPrune(id string) { c.Remove(cachePrunes, id) }
+
+// DeadPrunes returns the prune sessions this machine recorded whose
+// process is gone.
+func (c *Cache) DeadPrunes() map[string]bool {
+	dead := map[string]bool{}
+	for _, name := range c.List(cachePrunes) {
+		b, ok := c.Get(cachePrunes, name)
+		if !ok {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscan(string(b), &pid); err != nil || processTag(pid) != string(b) {
+			dead[name] = true
+		}
+	}
+	return dead
+}
+
+// processTag names a process so that a reused PID, or one from before a
+// reboot, does not pass for it: PID, boot ID and start time.
+func processTag(pid int) string {
+	boot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return ""
+	}
+	// Field 22 (start time) follows the command name in parentheses.
+	rest := string(stat)
+	if i := strings.LastIndexByte(rest, ')'); i >= 0 {
+		rest = rest[i+1:]
+	}
+	f := strings.Fields(rest)
+	start := ""
+	if len(f) > 19 {
+		start = f[19]
+	}
+	return fmt.Sprintf("%d %s %s", pid, strings.TrimSpace(string(boot)), start)
 }

@@ -120,6 +120,10 @@ type checker struct {
 	lostLists  []LostList
 	// missing are the packs the index names that are not stored.
 	missing []ID
+	// whole are the snapshots none of whose disks lost anything, in the
+	// order walked: with every pack read and decrypted, they are
+	// verified (recorded as such by record).
+	whole []ID
 }
 
 // listKey names a chunk list blob walked where it must hold n entries.
@@ -275,10 +279,14 @@ func (c *checker) walkSnapshots(ctx context.Context) error {
 	}
 	c.rep.Snapshots = len(snaps)
 	for _, sn := range snaps {
+		damaged := len(c.rep.Damaged)
 		for di := range sn.Disks {
 			if err := c.walkDisk(ctx, sn, &sn.Disks[di]); err != nil {
 				return err
 			}
+		}
+		if len(c.rep.Damaged) == damaged {
+			c.whole = append(c.whole, sn.ID)
 		}
 	}
 	return nil
@@ -654,6 +662,14 @@ func (c *checker) record(ctx context.Context) error {
 			continue // recorded already
 		}
 		events = append(events, LedgerEvent{Kind: kind, Pack: &p, Reason: pp.Why})
+	}
+	// A snapshot is verified only when every pack was read and every
+	// chunk decrypted and checked against its ID: walking the snapshots
+	// after such a read judged each chunk by what reading found.
+	if c.readData && !c.rep.DataSkipped {
+		for _, id := range c.whole {
+			events = append(events, LedgerEvent{Kind: EventSnapshotVerified, Snapshot: &id})
+		}
 	}
 	var endorse []indexRecord
 	certs := map[[32]byte]*crypto.Cert{}

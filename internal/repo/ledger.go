@@ -36,6 +36,10 @@ const (
 	// EventSnapshotForgotten records a snapshot the owner removed, so
 	// that its disappearance is not reported as a loss.
 	EventSnapshotForgotten = "snapshot-forgotten"
+	// EventSnapshotVerified records that check --read-data read and
+	// verified every chunk of every disk of a snapshot, so that forget
+	// can keep the newest such snapshot of each group.
+	EventSnapshotVerified = "snapshot-verified"
 	// EventNamespace records an isolated namespace the owner created
 	// (docs/FORMAT.md, "Isolated namespaces").
 	EventNamespace = "namespace"
@@ -93,6 +97,10 @@ type Ledger struct {
 	SnapshotDamage map[ID][]LedgerEvent
 	// Forgotten lists the snapshots the owner removed.
 	Forgotten map[ID]bool
+	// Verified lists the snapshots check --read-data verified whole, with
+	// the time of the record that says so; a snapshot recorded damaged
+	// since is no longer listed.
+	Verified map[ID]time.Time
 	// Namespaces lists the isolated namespaces, in the order created.
 	Namespaces []string
 	// Condemned maps the packs prune condemned (and did not delete yet)
@@ -309,7 +317,7 @@ func buildLedger(recs []*LedgerRecord) *Ledger {
 		return bytes.Compare(a.ID[:], b.ID[:])
 	})
 	l := &Ledger{Packs: map[ID]LedgerEvent{}, Revoked: map[[32]byte]time.Time{}, SnapshotDamage: map[ID][]LedgerEvent{}, Forgotten: map[ID]bool{},
-		Condemned: map[ID]time.Time{}, Deleted: map[ID]bool{}, Records: len(recs)}
+		Verified: map[ID]time.Time{}, Condemned: map[ID]time.Time{}, Deleted: map[ID]bool{}, Records: len(recs)}
 	for _, rec := range recs {
 		// A record's findings about a snapshot replace older ones.
 		fresh := map[ID]bool{}
@@ -333,6 +341,9 @@ func buildLedger(recs []*LedgerRecord) *Ledger {
 						fresh[*e.Snapshot] = true
 					}
 					l.SnapshotDamage[*e.Snapshot] = append(l.SnapshotDamage[*e.Snapshot], e)
+					// Damage found after a verification wins: the
+					// snapshot is no longer known whole.
+					delete(l.Verified, *e.Snapshot)
 				}
 			case EventSnapshotOK:
 				if e.Snapshot != nil {
@@ -357,6 +368,10 @@ func buildLedger(recs []*LedgerRecord) *Ledger {
 			case EventPackDeleted:
 				if e.Pack != nil {
 					l.Deleted[*e.Pack] = true
+				}
+			case EventSnapshotVerified:
+				if e.Snapshot != nil {
+					l.Verified[*e.Snapshot] = rec.Time
 				}
 			}
 		}

@@ -125,6 +125,8 @@ func (r *Repository) Prune(ctx context.Context, opts PruneOptions) (*PruneReport
 	}
 	_, err := r.WithWriter(ctx, "prune", func(w *Writer) error {
 		p.w = w
+		r.cache.RecordPrune(w.Session())
+		defer r.cache.ForgetPrune(w.Session())
 		return p.run(ctx)
 	})
 	if err != nil {
@@ -220,7 +222,9 @@ func (p *pruner) run(ctx context.Context) error {
 		}
 	}
 	p.opts.Pause("deleting")
-	if err := p.deleteRipe(ctx); err != nil {
+	err = p.deleteRipe(ctx)
+	p.settle()
+	if err != nil {
 		return err
 	}
 	return p.cleanUp(ctx)
@@ -264,7 +268,9 @@ func (p *pruner) plan(ctx context.Context, now time.Time, self string) error {
 	return nil
 }
 
-// otherPrune refuses to run beside another live prune that started first.
+// otherPrune refuses to run beside another live prune that started
+// first. A prune killed on this machine (its process is gone) is not
+// waited for.
 func (p *pruner) otherPrune(self string) error {
 	var mine *SessionInfo
 	for i := range p.sessions.Sessions {
@@ -272,8 +278,13 @@ func (p *pruner) otherPrune(self string) error {
 			mine = &p.sessions.Sessions[i]
 		}
 	}
+	dead := p.r.cache.DeadPrunes()
 	for _, si := range p.sessions.Sessions {
-		if si.ID == self || si.Purpose != "prune" || si.State != SessionLive {
+		if si.ID == self || !p.ownerPrune(si) || si.State != SessionLive {
+			continue
+		}
+		if dead[si.ID] {
+			p.r.opts.Warn("the session of a prune killed on this machine (%s, %s) is ignored", si.ID[:8], si.First.Format(time.RFC3339))
 			continue
 		}
 		if mine == nil || si.First.Before(mine.First) || (si.First.Equal(mine.First) && si.ID < self) {
@@ -282,6 +293,15 @@ func (p *pruner) otherPrune(self string) error {
 		}
 	}
 	return nil
+}
+
+// ownerPrune reports whether a session is a prune signed by the owner.
+// Such a session neither blocks the deletions of this prune nor makes
+// packs young: one that announced itself before this one is either dead
+// or made this one refuse, and one that announced itself later refuses
+// to run.
+func (p *pruner) ownerPrune(si SessionInfo) bool {
+	return si.Purpose == "prune" && bytes.Equal(si.signer[:], p.r.keys.OwnerPublic)
 }
 
 // loadRefs reads every snapshot not recorded forgotten and every chunk
@@ -360,7 +380,7 @@ func (p *pruner) walkDisk(ctx context.Context, d *Disk, walked map[ID]bool, done
 func (p *pruner) youngFrom(now time.Time, self string) time.Time {
 	t := now
 	for _, si := range p.sessions.Sessions {
-		if si.ID != self && si.State == SessionLive && si.First.Before(t) {
+		if si.ID != self && si.State == SessionLive && !p.ownerPrune(si) && si.First.Before(t) {
 			t = si.First
 		}
 	}
@@ -369,9 +389,18 @@ func (p *pruner) youngFrom(now time.Time, self string) time.Time {
 			t = u.ModTime
 		}
 	}
-	// Storage times may be whole seconds: a pack stamped in the same
-	// second as the session's start may be its.
-	return t.Truncate(time.Second)
+	return t
+}
+
+// storedBefore reports whether storage time a is surely before b. Object
+// stores stamp whole seconds: a pack stamped in the same second as a
+// session's start may be that session's, and a session announced in the
+// same second as a condemnation may have read the ledger before it.
+func storedBefore(a, b time.Time) bool {
+	if a.Nanosecond() == 0 || b.Nanosecond() == 0 {
+		return a.Truncate(time.Second).Before(b.Truncate(time.Second))
+	}
+	return a.Before(b)
 }
 
 // usage decides, for every referenced blob, which copies are needed:
@@ -478,7 +507,7 @@ func (p *pruner) decide(self string) {
 			} else {
 				p.wait(u, blocking)
 			}
-		case !u.stored.Truncate(time.Second).Before(p.young):
+		case !storedBefore(u.stored, p.young):
 			if u.usedBytes == 0 {
 				p.rep.Young.add(u.size)
 			}
@@ -517,6 +546,14 @@ func (p *pruner) decide(self string) {
 	}
 }
 
+// settle states what stays stored after the run: what was, less what
+// was deleted, plus the packs written.
+func (p *pruner) settle() {
+	st := p.w.p.stats()
+	p.rep.BytesWritten = st.Bytes
+	p.rep.After = PackCount{Packs: p.rep.Stored.Packs - p.rep.Deleted.Packs + st.Packs, Bytes: p.rep.Stored.Bytes - p.rep.Deleted.Bytes + st.Bytes}
+}
+
 // sessionsKnown reports whether every live session object could be read:
 // an unreadable one may be an uninformed writer's, so nothing ripens
 // while it is live.
@@ -539,10 +576,10 @@ func (p *pruner) sessionsKnown() bool {
 func (p *pruner) blocking(tc time.Time, self string) []SessionInfo {
 	var out []SessionInfo
 	for _, si := range p.sessions.Sessions {
-		if si.ID == self || si.State != SessionLive {
+		if si.ID == self || si.State != SessionLive || p.ownerPrune(si) {
 			continue
 		}
-		if si.FirstSeq != 0 || !si.First.Truncate(time.Second).After(tc.Truncate(time.Second)) {
+		if si.FirstSeq != 0 || !storedBefore(tc, si.First) {
 			out = append(out, si)
 		}
 	}
@@ -587,7 +624,6 @@ func (p *pruner) repackAll(ctx context.Context) error {
 	if err := p.w.Flush(ctx); err != nil {
 		return fmt.Errorf("store the repacked blobs: %w", err)
 	}
-	p.rep.BytesWritten = p.w.p.stats().Bytes
 	return nil
 }
 
@@ -689,10 +725,6 @@ func (p *pruner) ripenNow(ctx context.Context, tc time.Time) error {
 		return nil
 	}
 	p.ripe = append(p.ripe, p.condemn...)
-	for _, id := range p.condemn {
-		p.rep.After.Packs--
-		p.rep.After.Bytes -= p.packs[id].size
-	}
 	return nil
 }
 

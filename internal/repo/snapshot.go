@@ -304,7 +304,8 @@ func (r *Repository) loadSnapshot(ctx context.Context, v snapView, id ID) (*Snap
 }
 
 // Snapshots loads every snapshot, oldest first, and marks those not to be
-// trusted as the latest of their host (see Snapshot.Marks). A snapshot
+// trusted as the latest of their host (see Snapshot.Marks). Snapshots the
+// ledger records forgotten are left out, stored or not. A snapshot
 // that fails verification is reported through bad (and left out) when bad
 // is not nil, and fails the call otherwise. A snapshot this machine saw
 // before (it is in the cache) that is no longer stored is reported through
@@ -347,6 +348,12 @@ func (r *Repository) snapshots(ctx context.Context, v snapView, names []string, 
 		g.Go(func() error {
 			id, err := ParseID(name)
 			if err != nil {
+				return nil
+			}
+			if v.led != nil && v.led.Forgotten[id] {
+				// The owner forgot it: a forget interrupted before its
+				// removal (or one that could not remove it) left the
+				// manifest, which RemoveForgotten deletes.
 				return nil
 			}
 			sn, err := r.loadSnapshot(gctx, v, id)
@@ -408,6 +415,9 @@ type Filter struct {
 	Tags []string // all must be present
 	// Path is a disk's source path or name.
 	Path string
+	// Before, when set, selects snapshots dated strictly before it;
+	// After, when set, those dated at or after it.
+	Before, After time.Time
 }
 
 // Match reports whether sn passes the filter.
@@ -419,6 +429,12 @@ func (f Filter) Match(sn *Snapshot) bool {
 		if !slices.Contains(sn.Tags, t) {
 			return false
 		}
+	}
+	if !f.Before.IsZero() && !sn.Time.Before(f.Before) {
+		return false
+	}
+	if !f.After.IsZero() && sn.Time.Before(f.After) {
+		return false
 	}
 	if f.Path != "" {
 		found := false
