@@ -24,20 +24,22 @@
 # day; repository growth is du -sb. Then both repositories and their
 # local caches are set aside as they are after day DAYS.
 #
-# prune: ROUNDS rounds; each round, in an order that rotates, runs on fresh
-# cp -a copies of the set-aside repositories and caches:
-#   sauve  forget --keep-last KEEP, then prune --json (each timed)
-#   restic forget --keep-last KEEP --prune (one command)
-#   restic forget --keep-last KEEP, then prune (each timed, another copy)
+# prune: ROUNDS rounds; each round runs four variants, in an order that
+# rotates, each on a fresh cp -a copy of the set-aside repository and cache:
+#   sauve   forget --keep-last KEEP, then prune --json (each timed)
+#   sauve1  forget --keep-last KEEP --prune (one command)
+#   restic  forget --keep-last KEEP --prune (one command)
+#   restic2 forget --keep-last KEEP, then prune (each timed)
 # Each step runs under /usr/bin/time (wall, user+sys CPU, peak RSS) inside
 # bench/retention.py io, which reports the process's /proc/PID/io counters:
 # rchar/wchar (bytes through read/write calls, page cache or not) and
 # read_bytes/write_bytes (bytes the block layer read / that were dirtied
-# for writeback). The report gives medians over the rounds. After the last
-# round: sauve check --read-data, sauve restore latest compared with the
-# day-DAYS image (byte-exact except free blocks of the partition, which
-# sauve's default backup skips and restores as zeros), restic check, and
-# restic dump latest compared with cmp.
+# for writeback). The report gives medians over the rounds. In the last
+# round every variant's result is checked: sauve check --read-data and
+# sauve restore latest compared with the day-DAYS image (byte-exact except
+# free blocks of the partition, which sauve's default backup skips and
+# restores as zeros: bench/retention.py cmpimg), restic check and restic
+# dump latest compared with cmp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${QUICK:-0}" = 1 ]; then DAYS=${DAYS:-4} KEEP=${KEEP:-2} ROUNDS=${ROUNDS:-1}; fi
@@ -65,7 +67,7 @@ go build -o "$WORK/bin/sauve" ./cmd/sauve
 SAUVE=$WORK/bin/sauve
 IMG=$WORK/disk.img            # the working image: day N after step N
 SET=$WORK/set                 # repositories and caches after the last day
-RUN=$WORK/run                 # $RUN-sauve, -restic, -restic2: the copies prune rounds work on
+RUN=$WORK/run                 # the copy a prune round works on
 export RESTIC_PASSWORD=bench XDG_CONFIG_HOME=$WORK/cfg SAUVE_PASSPHRASE=
 dsize() { du -sb "$1" 2> /dev/null | cut -f1; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
@@ -135,7 +137,7 @@ backup_restic() {
 
 if [[ " $STEPS " == *" days "* ]]; then
   log "days: DAYS=$DAYS CHURN=$CHURN in $WORK"
-  rm -rf "$SET" "$RUN"-* "$WORK/cfg" "$WORK/m" "$WORK/churn.log" "$IMG"
+  rm -rf "$SET" "$RUN" "$WORK/cfg" "$WORK/m" "$WORK/churn.log" "$IMG"
   mkdir -p "$SET"
   use "$SET"
   "$SAUVE" init > /dev/null
@@ -162,64 +164,80 @@ record() { # record KEY NAME [SIZE_DIR]
   [ -n "${3:-}" ] && s=$(dsize "$3")
   samples["$1"]+="$(cat "$WORK/m/$2.time") $(io_of "$2" rchar) $(io_of "$2" wchar) $(io_of "$2" read_bytes) $(io_of "$2" write_bytes) $s;"
 }
-fresh() { # fresh TOOL DIR — DIR gets a copy of SET's repository and cache of TOOL
-  rm -rf "$2"
-  mkdir -p "$2"
-  cp -a "$SET/$1" "$SET/$1-cache" "$2/"
-  use "$2"
+fresh() { # fresh TOOL — $RUN gets a copy of SET's repository and cache of TOOL
+  rm -rf "$RUN"
+  mkdir -p "$RUN"
+  cp -a "$SET/$1" "$SET/$1-cache" "$RUN/"
+  use "$RUN"
   sync
 }
-round_sauve() {
-  fresh sauve "$RUN-sauve"
+prune_json() { # prune_json NAME — bytes_read, bytes_written and after.bytes of sauve prune --json
+  "$PY" -c 'import json, sys
+j = json.load(open(sys.argv[1]))
+j = j.get("prune", j)  # forget --prune --json nests the prune report (if it does)
+print(j["bytes_read"], j["bytes_written"], j["after"]["bytes"])' "$WORK/m/$1.out"
+}
+verify_sauve() {
+  "$SAUVE" check --read-data > "$WORK/check-$1.txt" 2>&1 || { echo "sauve check --read-data failed ($1)" >&2; cat "$WORK/check-$1.txt" >&2; exit 1; }
+  SNAPS[$1]=$("$SAUVE" snapshots --json | "$PY" -c 'import json,sys; print(len(json.load(sys.stdin)))')
+  rm -f "$WORK/restore.img"
+  "$SAUVE" restore latest "$WORK/restore.img" > /dev/null
+  local l
+  l=$(losetup -f --show -r -o "$PART_OFFSET" --sizelimit "$PART_SIZE" "$IMG")
+  { echo "$PART_OFFSET $(dumpe2fs -h "$l" 2> /dev/null | awk -F: '/^Block size/ {gsub(/ /,"",$2); print $2}')"
+    dumpe2fs "$l" 2> /dev/null | sed -n 's/^  Free blocks: //p'; } > "$WORK/free.txt"
+  losetup -d "$l"
+  CMP[$1]=$("$PY" "$HELPER" cmpimg "$WORK/restore.img" "$IMG" "$WORK/free.txt") || { echo "sauve restore differs ($1): ${CMP[$1]}" >&2; exit 1; }
+  rm -f "$WORK/restore.img"
+}
+verify_restic() {
+  restic check > "$WORK/check-$1.txt" 2>&1 || { echo "restic check failed ($1)" >&2; cat "$WORK/check-$1.txt" >&2; exit 1; }
+  SNAPS[$1]=$(restic snapshots --json | "$PY" -c 'import json,sys; print(len(json.load(sys.stdin)))')
+  restic dump latest "$IMG" > "$WORK/restore.img"
+  cmp "$WORK/restore.img" "$IMG" > /dev/null || { echo "restic dump differs ($1)" >&2; exit 1; }
+  CMP[$1]="dump latest identical (cmp)"
+  rm -f "$WORK/restore.img"
+}
+declare -A SNAPS CMP
+# Each variant: a fresh copy, the timed steps; in the last round, the checks.
+variant_sauve() {
+  fresh sauve
   measure "r$1-sauve-forget" "$SAUVE" forget --keep-last "$KEEP"
   record "sauve forget" "r$1-sauve-forget"
   measure "r$1-sauve-prune" "$SAUVE" prune --json
   record "sauve prune" "r$1-sauve-prune" "$SAUVE_REPO"
-  samples["sauve prune json"]+="$("$PY" -c 'import json,sys; j = json.load(open(sys.argv[1])); print(j["bytes_read"], j["bytes_written"])' "$WORK/m/r$1-sauve-prune.out");"
+  samples["sauve prune json"]+="$(prune_json "r$1-sauve-prune");"
+  [ "$1" != "$ROUNDS" ] || verify_sauve sauve
 }
-round_restic() {
-  fresh restic "$RUN-restic"
+variant_sauve1() {
+  fresh sauve
+  measure "r$1-sauve-forget-prune" "$SAUVE" forget --keep-last "$KEEP" --prune
+  record "sauve forget --prune" "r$1-sauve-forget-prune" "$SAUVE_REPO"
+  [ "$1" != "$ROUNDS" ] || verify_sauve sauve1
+}
+variant_restic() {
+  fresh restic
   measure "r$1-restic-forget-prune" restic forget --keep-last "$KEEP" --prune
   record "restic forget --prune" "r$1-restic-forget-prune" "$RESTIC_REPOSITORY"
+  [ "$1" != "$ROUNDS" ] || verify_restic restic
 }
-round_restic2() {
-  fresh restic "$RUN-restic2"
+variant_restic2() {
+  fresh restic
   measure "r$1-restic-forget" restic forget --keep-last "$KEEP"
   record "restic forget" "r$1-restic-forget"
   measure "r$1-restic-prune" restic prune
   record "restic prune" "r$1-restic-prune" "$RESTIC_REPOSITORY"
+  [ "$1" != "$ROUNDS" ] || verify_restic restic2
 }
-order=(sauve restic restic2)
+order=(sauve restic sauve1 restic2)
 for r in $(seq "$ROUNDS"); do
-  for i in 0 1 2; do
-    t=${order[$(((i + r - 1) % 3))]}
+  for i in 0 1 2 3; do
+    t=${order[$(((i + r - 1) % 4))]}
     log "round $r: $t"
-    "round_$t" "$r"
+    "variant_$t" "$r"
   done
 done
-# Verify the last round's results.
-log "verify sauve"
-use "$RUN-sauve"
-"$SAUVE" check --read-data > "$WORK/check-sauve.txt" 2>&1 || { echo "sauve check --read-data failed" >&2; cat "$WORK/check-sauve.txt" >&2; exit 1; }
-SNAPS_SAUVE=$("$SAUVE" snapshots --json | "$PY" -c 'import json,sys; print(len(json.load(sys.stdin)))')
-rm -f "$WORK/restore.img"
-"$SAUVE" restore latest "$WORK/restore.img" > /dev/null
-L=$(losetup -f --show -r -o "$PART_OFFSET" --sizelimit "$PART_SIZE" "$IMG")
-{ echo "$PART_OFFSET $(dumpe2fs -h "$L" 2> /dev/null | awk -F: '/^Block size/ {gsub(/ /,"",$2); print $2}')"
-  dumpe2fs "$L" 2> /dev/null | sed -n 's/^  Free blocks: //p'; } > "$WORK/free.txt"
-losetup -d "$L"
-CMP_SAUVE=$("$PY" "$HELPER" cmpimg "$WORK/restore.img" "$IMG" "$WORK/free.txt") || { echo "sauve restore differs: $CMP_SAUVE" >&2; exit 1; }
-rm -f "$WORK/restore.img"
-for d in restic restic2; do
-  log "verify $d"
-  use "$RUN-$d"
-  restic check > "$WORK/check-$d.txt" 2>&1 || { echo "restic check failed ($d)" >&2; cat "$WORK/check-$d.txt" >&2; exit 1; }
-done
-use "$RUN-restic"
-SNAPS_RESTIC=$(restic snapshots --json | "$PY" -c 'import json,sys; print(len(json.load(sys.stdin)))')
-restic dump latest "$IMG" > "$WORK/restore.img"
-cmp "$WORK/restore.img" "$IMG" || { echo "restic dump differs" >&2; exit 1; }
-rm -f "$WORK/restore.img"
+rm -rf "$RUN"
 
 median() { tr ';' '\n' | grep -v '^$' | awk -v f="$1" '{print $f}' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 last() { tail -1 "$WORK/days.tsv" | cut -f"$1"; }
@@ -231,7 +249,7 @@ last() { tail -1 "$WORK/days.tsv" | cut -f"$1"; }
   echo
   echo "| step | wall s | CPU s | peak RSS MiB | rchar MiB | wchar MiB | read_bytes MiB | write_bytes MiB | repo before MiB | repo after MiB |"
   echo "|---|---|---|---|---|---|---|---|---|---|"
-  for key in "sauve forget" "sauve prune" "restic forget --prune" "restic forget" "restic prune"; do
+  for key in "sauve forget" "sauve prune" "sauve forget --prune" "restic forget" "restic prune" "restic forget --prune"; do
     s=${samples["$key"]}
     case $key in sauve*) before=$(last 3) ;; *) before=$(last 4) ;; esac
     after=$(echo "$s" | median 8)
@@ -241,8 +259,11 @@ last() { tail -1 "$WORK/days.tsv" | cut -f"$1"; }
       "$([ "$after" = - ] && echo - || mib "$after")"
   done
   echo
-  echo "Medians of $ROUNDS rounds. sauve prune --json bytes_read / bytes_written (MiB), per round: $(echo "${samples["sauve prune json"]}" | tr ';' '\n' | grep -v '^$' | awk '{printf "%s%.1f / %.1f", (NR > 1 ? ", " : ""), $1 / 1048576, $2 / 1048576}')."
-  echo "Verified after the last prune: sauve check --read-data passed, $SNAPS_SAUVE snapshots left, restore latest: $CMP_SAUVE; restic check passed, $SNAPS_RESTIC snapshots left, dump latest identical (cmp)."
+  echo "Medians of $ROUNDS rounds. sauve prune --json bytes_read / bytes_written / after.bytes (MiB), per round: $(echo "${samples["sauve prune json"]}" | tr ';' '\n' | grep -v '^$' | awk '{printf "%s%.1f / %.1f / %.1f", (NR > 1 ? ", " : ""), $1 / 1048576, $2 / 1048576, $3 / 1048576}')."
+  echo
+  echo "Checked after the last round's runs:"
+  for v in sauve sauve1; do echo "- $v: sauve check --read-data passed, ${SNAPS[$v]} snapshots left; restore latest: ${CMP[$v]}"; done
+  for v in restic restic2; do echo "- $v: restic check passed, ${SNAPS[$v]} snapshots left; ${CMP[$v]}"; done
   echo
   echo "| day | ext4 used MiB | sauve repo MiB | growth | restic repo MiB | growth | sauve backup wall s / CPU s / RSS MiB | restic backup wall s / CPU s / RSS MiB |"
   echo "|---|---|---|---|---|---|---|---|"
