@@ -4,7 +4,7 @@
 # repository, then `sauve forget --keep-last 7` + `sauve prune` against
 # `restic forget --keep-last 7 --prune`.
 #
-#   bash bench/retention.sh                  # as root; writes bench/out/retention.md (about 40 minutes)
+#   bash bench/retention.sh                  # as root; writes bench/out/retention.md (about 15 minutes on a quiet machine; ~20 GB under WORK)
 #   QUICK=1 bash bench/retention.sh          # smoke run: DAYS=4, KEEP=2, ROUNDS=1
 #   STEPS=prune bash bench/retention.sh      # only the forget/prune rounds, on the repositories of the last run
 #
@@ -174,7 +174,6 @@ fresh() { # fresh TOOL — $RUN gets a copy of SET's repository and cache of TOO
 prune_json() { # prune_json NAME — bytes_read, bytes_written and after.bytes of sauve prune --json
   "$PY" -c 'import json, sys
 j = json.load(open(sys.argv[1]))
-j = j.get("prune", j)  # forget --prune --json nests the prune report (if it does)
 print(j["bytes_read"], j["bytes_written"], j["after"]["bytes"])' "$WORK/m/$1.out"
 }
 verify_sauve() {
