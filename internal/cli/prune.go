@@ -133,9 +133,9 @@ func printPrune(g *globals, rep *repo.PruneReport) {
 		g.printf("%d unused packs (%s) left alone: stored after a running backup began\n", rep.Young.Packs, bytesIEC(rep.Young.Bytes))
 	}
 	if rep.DryRun {
-		g.printf("%d condemned packs would be deleted now; %s would stay stored\n", rep.Stored.Packs-rep.After.Packs, bytesIEC(rep.After.Bytes))
+		g.printf("about %s would be read and %s written; about %s would stay stored\n", bytesIEC(rep.BytesRead), bytesIEC(rep.BytesWritten), bytesIEC(rep.After.Bytes))
 		if rep.Condemned.Packs > 0 {
-			g.printf("packs condemned now are deleted at once if no backup runs meanwhile\n")
+			g.printf("(packs condemned now are deleted at once if no backup runs meanwhile, otherwise by the next prune)\n")
 		}
 		return
 	}

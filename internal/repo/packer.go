@@ -304,6 +304,22 @@ func (p *packer) saveBlob(ctx context.Context, t BlobType, id ID, plain []byte) 
 	return SaveResult{New: true, Coded: len(coded) - 1, Sealed: n}, nil
 }
 
+// saveCoded stores a blob already coded (a repack's copy of a stored
+// blob, verified), unless it is stored where this writer may reuse it.
+func (p *packer) saveCoded(t BlobType, id ID, coded []byte) (SaveResult, error) {
+	if err := p.failed(); err != nil {
+		return SaveResult{}, err
+	}
+	if !p.claim(t, id) {
+		return SaveResult{}, nil
+	}
+	n, err := p.add(t, id, coded)
+	if err != nil {
+		return SaveResult{}, err
+	}
+	return SaveResult{New: true, Coded: len(coded) - 1, Sealed: n}, nil
+}
+
 // WriteStats reports what a write session stored.
 type WriteStats struct {
 	Packs int

@@ -173,6 +173,9 @@ type pruner struct {
 	// young is the storage time from which packs are too new to touch.
 	young time.Time
 
+	// buf and plain are reused by every read of a repack.
+	buf, plain []byte
+
 	condemn  []ID // to condemn (repack first when used)
 	repack   []ID // to copy used blobs out of before deleting or condemning
 	ripe     []ID // condemned and ripe: delete now
@@ -544,6 +547,36 @@ func (p *pruner) decide(self string) {
 		p.rep.After.Packs--
 		p.rep.After.Bytes -= p.packs[id].size
 	}
+	if p.opts.DryRun {
+		p.estimate()
+	}
+}
+
+// estimate fills a dry run's figures as if nothing blocked the packs
+// condemned now: they go, and the needed blobs of repacked packs are
+// written again (their stored size; pack headers and trailers aside).
+func (p *pruner) estimate() {
+	var moved int64
+	for _, id := range p.repack {
+		u := p.packs[id]
+		for i := range u.blobs {
+			if u.need[i] {
+				p.rep.RepackedBlobs++
+			}
+		}
+		moved += u.usedBytes
+		p.rep.BytesRead += u.usedBytes
+	}
+	for _, id := range p.condemn {
+		p.rep.After.Packs--
+		p.rep.After.Bytes -= p.packs[id].size
+	}
+	p.rep.BytesWritten = moved
+	p.rep.After.Bytes += moved
+	if moved > 0 {
+		p.rep.After.Packs += int((moved + int64(p.r.cfg.PackSize) - 1) / int64(p.r.cfg.PackSize))
+	}
+	p.rep.Deleted = PackCount{Packs: p.rep.Stored.Packs - p.rep.After.Packs, Bytes: p.rep.Stored.Bytes - p.rep.After.Bytes}
 }
 
 // settle states what stays stored after the run: what was, less what
@@ -596,9 +629,9 @@ func (p *pruner) wait(u *packUse, blocking []SessionInfo) {
 }
 
 // repackAll copies the needed blobs of the packs to repack into new packs
-// of prune's session, each read whole once and every blob verified
-// against its ID: a damaged blob stops the prune before anything is
-// condemned or deleted. The packs are marked condemned first, so that
+// of prune's session, as stored (compressed: decrypted and sealed again,
+// never compressed again), each verified against its ID first: a damaged
+// blob stops the prune before anything is condemned or deleted. The packs are marked condemned first, so that
 // the session does not take their own copies as already stored.
 func (p *pruner) repackAll(ctx context.Context) error {
 	if p.opts.DryRun {
@@ -628,33 +661,64 @@ func (p *pruner) repackAll(ctx context.Context) error {
 }
 
 func (p *pruner) repackOne(ctx context.Context, u *packUse) error {
-	data, err := backend.ReadAll(ctx, p.r.be, backend.Handle{Type: backend.PackFile, Name: u.id.String()})
-	if err != nil {
-		return fmt.Errorf("read pack %s to repack it: %w; nothing was deleted", u.id.Short(), err)
-	}
-	p.rep.BytesRead += int64(len(data))
-	if Hash(data) != u.id {
-		return fmt.Errorf("pack %s is damaged (its content does not match its name); nothing was deleted: run 'sauve check --read-data' to record it and 'sauve repair' to recover what it held", u.id.Short())
-	}
-	var plain []byte
-	for i, c := range u.blobs {
-		if !u.need[i] {
-			continue
+	h := backend.Handle{Type: backend.PackFile, Name: u.id.String()}
+	for _, rg := range neededRanges(u) {
+		if rg.end > u.size {
+			return fmt.Errorf("pack %s is shorter than its index says (%d bytes, blobs up to %d); nothing was deleted", u.id.Short(), u.size, rg.end)
 		}
-		end := int64(c.Offset) + int64(c.Length)
-		if end > int64(len(data)) {
-			return fmt.Errorf("pack %s is shorter than its index says (blob %s at %d+%d); nothing was deleted", u.id.Short(), u.ids[i].Short(), c.Offset, c.Length)
+		p.buf = slices.Grow(p.buf[:0], int(rg.end-rg.start))[:rg.end-rg.start]
+		if err := backend.ReadRangeInto(ctx, p.r.be, h, rg.start, p.buf); err != nil {
+			return fmt.Errorf("read pack %s to repack it: %w; nothing was deleted", u.id.Short(), err)
 		}
-		plain, err = p.r.OpenBlob(plain[:0], u.ids[i], c.Location, data[c.Offset:end])
-		if err != nil {
-			return fmt.Errorf("pack %s: blob %s is damaged (%v); nothing was deleted: run 'sauve check --read-data'", u.id.Short(), u.ids[i].Short(), err)
+		p.rep.BytesRead += rg.end - rg.start
+		for _, i := range rg.blobs {
+			c := u.blobs[i]
+			off := int64(c.Offset) - rg.start
+			coded, err := p.r.openCoded(u.ids[i], c.Location, p.buf[off:off+int64(c.Length)], &p.plain)
+			if err != nil {
+				return fmt.Errorf("pack %s: blob %s is damaged (%v); nothing was deleted: run 'sauve check --read-data'", u.id.Short(), u.ids[i].Short(), err)
+			}
+			if _, err := p.w.p.saveCoded(c.Type, u.ids[i], coded); err != nil {
+				return fmt.Errorf("store blob %s of pack %s: %w", u.ids[i].Short(), u.id.Short(), err)
+			}
+			p.rep.RepackedBlobs++
 		}
-		if _, err := p.w.SaveBlob(ctx, c.Type, u.ids[i], plain); err != nil {
-			return fmt.Errorf("store blob %s of pack %s: %w", u.ids[i].Short(), u.id.Short(), err)
-		}
-		p.rep.RepackedBlobs++
 	}
 	return nil
+}
+
+// packRange is a stretch of a pack read at once, and the needed blobs in
+// it (indexes into the pack's blobs).
+type packRange struct {
+	start, end int64
+	blobs      []int
+}
+
+// neededRanges groups the needed blobs of a pack into ranges read at
+// once: blobs less than rangeGap apart share a read, so a mostly used
+// pack costs one request and a mostly unused one reads little more than
+// what it keeps.
+func neededRanges(u *packUse) []packRange {
+	const rangeGap = 1 << 20
+	idx := make([]int, 0, len(u.blobs))
+	for i := range u.blobs {
+		if u.need[i] {
+			idx = append(idx, i)
+		}
+	}
+	slices.SortFunc(idx, func(a, b int) int { return int(u.blobs[a].Offset) - int(u.blobs[b].Offset) })
+	var out []packRange
+	for _, i := range idx {
+		c := u.blobs[i]
+		start, end := int64(c.Offset), int64(c.Offset)+int64(c.Length)
+		if n := len(out); n > 0 && start-out[n-1].end <= rangeGap && start >= out[n-1].start {
+			out[n-1].end = max(out[n-1].end, end)
+			out[n-1].blobs = append(out[n-1].blobs, i)
+			continue
+		}
+		out = append(out, packRange{start: start, end: end, blobs: []int{i}})
+	}
+	return out
 }
 
 // recordCondemned stores the record condemning the packs decided on and

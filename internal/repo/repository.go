@@ -267,6 +267,41 @@ func (r *Repository) openBlob(dst []byte, id ID, loc Location, sealed []byte, in
 	return plain, nil
 }
 
+// openCoded decrypts a sealed blob (a data blob over sealed's own
+// storage) and verifies it, decoding it into *scratch, and returns its
+// coded form (coding byte and body), as a writer stores it again without
+// compressing it again.
+func (r *Repository) openCoded(id ID, loc Location, sealed []byte, scratch *[]byte) ([]byte, error) {
+	var coded []byte
+	var err error
+	switch loc.Type {
+	case DataBlob:
+		o, oerr := r.dataOpener()
+		if oerr != nil {
+			return nil, oerr
+		}
+		coded, err = o.OpenInPlace(loc.Ephemeral, sealed, id[:])
+	case MetaBlob:
+		coded, err = r.meta.Open(nil, sealed, id[:])
+	default:
+		err = fmt.Errorf("unknown blob type %d", loc.Type)
+	}
+	if err == nil {
+		limit := r.cfg.ChunkSize
+		if loc.Type == MetaBlob {
+			limit = maxMetaBlob
+		}
+		*scratch, err = r.comp.decode((*scratch)[:0], coded, limit)
+		if err == nil && r.blobID(loc.Type, *scratch) != id {
+			err = errors.New("content does not match its ID (damaged)")
+		}
+	}
+	if err != nil {
+		return nil, &BlobError{ID: id, Pack: loc.Pack, Offset: loc.Offset, Err: err}
+	}
+	return coded, nil
+}
+
 // ReadBlob reads one blob (chunk lists come from the cache when present),
 // trying every copy of it, best first, until one verifies.
 func (r *Repository) ReadBlob(ctx context.Context, t BlobType, id ID, dst []byte) ([]byte, error) {
