@@ -31,16 +31,19 @@ const (
 	// SessionFile objects announce running writers (docs/FORMAT.md,
 	// "Write sessions"), so that prune can wait for them.
 	SessionFile FileType = "sessions"
+	// ParityFile objects let a lost or damaged pack be rebuilt from the
+	// others of its group (docs/FORMAT.md, "Parity").
+	ParityFile FileType = "parity"
 )
 
 // AllTypes lists the kinds that hold many objects (everything but config).
-var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LedgerFile, LockFile, SessionFile}
+var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LedgerFile, LockFile, SessionFile, ParityFile}
 
 // ContentAddressed reports whether objects of kind t are named by the hash
 // of their bytes: saving one that exists stores the same bytes again, so a
 // backend may treat it as done.
 func ContentAddressed(t FileType) bool {
-	return t == PackFile || t == IndexFile || t == SnapshotFile || t == LedgerFile || t == SessionFile
+	return t == PackFile || t == IndexFile || t == SnapshotFile || t == LedgerFile || t == SessionFile || t == ParityFile
 }
 
 // ListPurpose says what listing objects of kind t is needed for, in the
@@ -57,6 +60,8 @@ func ListPurpose(t FileType) string {
 		return "to find the packs of an interrupted backup"
 	case SessionFile:
 		return "to find the backups running (write sessions)"
+	case ParityFile:
+		return "to find the parity of lost packs"
 	}
 	return "to list " + string(t)
 }

@@ -133,6 +133,8 @@ type Result struct {
 	Stats repo.DiskStats
 	Disks []repo.DiskStats
 	Packs int
+	// ParityBytes is the parity stored beside the packs (SetParity).
+	ParityBytes int64
 }
 
 // Run backs up src into r, in one write session, and writes the snapshot
@@ -187,7 +189,7 @@ func RunDisks(ctx context.Context, r Repository, srcs []Source, opts Options) (*
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{Snapshot: sn, Packs: ws.Packs}
+	res := &Result{Snapshot: sn, Packs: ws.Packs, ParityBytes: ws.ParityBytes}
 	for _, d := range sn.Disks {
 		res.Disks = append(res.Disks, d.Stats)
 		addStats(&res.Stats, d.Stats)

@@ -25,7 +25,63 @@ and never removes anything that still holds data.`,
   sauve repair index --read-data
   sauve repair snapshots --from /dev/vda --dry-run`,
 	}
-	cmd.AddCommand(newRepairIndexCmd(g), newRepairSnapshotsCmd(g))
+	cmd.AddCommand(newRepairIndexCmd(g), newRepairSnapshotsCmd(g), newRepairPacksCmd(g))
+	return cmd
+}
+
+func newRepairPacksCmd(g *globals) *cobra.Command {
+	var dry bool
+	cmd := &cobra.Command{
+		Use:   "packs",
+		Short: "Rebuild lost or damaged packs from parity ('backup --parity N')",
+		Long: `Rebuild from parity the packs the index names that are missing from the
+repository or that 'sauve check --read-data' recorded as damaged, and store
+them again. Backups made with --parity N store a parity object over every N
+packs they write: any one lost or damaged pack of each group comes back
+exactly (a rebuilt pack is kept only if it hashes to its own name), for
+1/N more space. Two lost packs of one group cannot be rebuilt; those are
+named, with why.
+
+With the owner's key the rebuilt packs are recorded sound in the ledger,
+so backups reuse their chunks again. Run 'sauve check --read-data' first
+to find packs damaged in place; missing packs are found without it.`,
+		Example: `  sauve backup /dev/vda --parity 8
+  sauve check --read-data; sauve repair packs --dry-run; sauve repair packs`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := g.openRepo(ctx, true)
+			if err != nil {
+				return err
+			}
+			rep, err := r.RepairPacks(ctx, dry)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.printJSON(rep)
+			}
+			verb := "rebuilt"
+			if dry {
+				verb = "would be rebuilt"
+			}
+			for _, id := range rep.Rebuilt {
+				g.printf("pack %s %s from parity\n", id.Short(), verb)
+			}
+			for id, why := range rep.Unrecoverable {
+				fmt.Fprintf(g.stderr, "sauve: pack %s cannot be rebuilt: %s\n", id[:8], why)
+			}
+			for name, why := range rep.BadParity {
+				g.warnf("parity object %s ignored: %s", name[:min(8, len(name))], why)
+			}
+			g.printf("%d packs, %d covered by parity; %d %s, %d cannot be\n", rep.Packs, rep.Protected, len(rep.Rebuilt), verb, len(rep.Unrecoverable))
+			if len(rep.Unrecoverable) > 0 {
+				return &ExitError{Code: 1}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&dry, "dry-run", false, "rebuild in memory and say what would be stored, storing nothing")
 	return cmd
 }
 

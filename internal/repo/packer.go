@@ -57,6 +57,9 @@ type packer struct {
 	unsaved  []indexRecord
 	packs    int
 	packSize int64
+
+	// parity, when the repository asks for it, XORs the packs uploaded.
+	parity *parityBuilder
 }
 
 // newPacker starts the uploaders of a write session; they run under ctx.
@@ -69,6 +72,9 @@ func (r *Repository) newPacker(ctx context.Context) (*packer, error) {
 	p := &packer{r: r, ctx: ctx, cancel: cancel, sealer: sealer, pending: map[ID]struct{}{},
 		queue: make(chan *packBuilder), stop: make(chan struct{})}
 	p.idle = sync.NewCond(&p.resMu)
+	if r.parityK > 0 {
+		p.parity = &parityBuilder{r: r, k: r.parityK}
+	}
 	p.bufMax = r.opts.Connections + 1
 	p.free = make(chan []byte, p.bufMax)
 	for i := 0; i < r.opts.Connections; i++ {
@@ -239,6 +245,14 @@ func (p *packer) uploadPack(pb *packBuilder) {
 			p.r.cache.Put(cacheBlobs, b.ID.String(), data[b.Offset:b.Offset+b.Length])
 		}
 	}
+	if p.parity != nil {
+		// Before the buffer goes back: the parity reads it.
+		if err := p.parity.save(p.ctx, p.parity.add(id, data)); err != nil {
+			p.free <- data[:0]
+			p.fail(err)
+			return
+		}
+	}
 	p.r.idx.SetPackSize(id, int64(len(data)))
 	p.r.idx.Add(info, p.r.self, p.r.selfTrust())
 	// Never p.mu here: add holds it while it waits for a buffer, and
@@ -324,6 +338,9 @@ func (p *packer) saveCoded(t BlobType, id ID, coded []byte) (SaveResult, error) 
 type WriteStats struct {
 	Packs int
 	Bytes int64
+	// ParityObjects and ParityBytes count the parity stored (SetParity).
+	ParityObjects int
+	ParityBytes   int64
 }
 
 // flush uploads the pack being filled, waits for every pack sent so far
@@ -343,7 +360,7 @@ func (p *packer) flush(ctx context.Context) (WriteStats, error) {
 	for p.finished < p.sent {
 		p.idle.Wait()
 	}
-	stats := WriteStats{Packs: p.packs, Bytes: p.packSize}
+	stats := p.statsLocked()
 	if p.err != nil {
 		err = p.err
 	}
@@ -358,18 +375,34 @@ func (p *packer) flush(ctx context.Context) (WriteStats, error) {
 	if err := ctx.Err(); err != nil {
 		return stats, err
 	}
+	if p.parity != nil {
+		if err := p.parity.save(ctx, p.parity.flush()); err != nil {
+			p.fail(err)
+			return stats, err
+		}
+	}
 	if err := p.r.saveIndex(ctx, batch, nil); err != nil {
 		p.fail(err)
 		return stats, err
 	}
-	return stats, nil
+	return p.stats(), nil
 }
 
 // stats reports what the session stored so far.
 func (p *packer) stats() WriteStats {
 	p.resMu.Lock()
 	defer p.resMu.Unlock()
-	return WriteStats{Packs: p.packs, Bytes: p.packSize}
+	return p.statsLocked()
+}
+
+func (p *packer) statsLocked() WriteStats {
+	st := WriteStats{Packs: p.packs, Bytes: p.packSize}
+	if p.parity != nil {
+		p.parity.mu.Lock()
+		st.ParityObjects, st.ParityBytes = p.parity.saved, p.parity.bytes
+		p.parity.mu.Unlock()
+	}
+	return st
 }
 
 // close ends the session's uploads: after a flush, there are none left;

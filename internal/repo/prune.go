@@ -38,6 +38,9 @@ type PruneOptions struct {
 	DryRun bool
 	// Progress reports the steps: the stage, and done of total.
 	Progress func(stage string, done, total int64)
+	// Parity, when not 0, stores a parity object over every Parity packs
+	// that repacking writes.
+	Parity int
 	// Pause, when set, is called at the named points of a run (tests
 	// force races with it): "planned", "repacked", "condemned",
 	// "deleting".
@@ -93,6 +96,10 @@ type PruneReport struct {
 	SessionsRemoved int `json:"sessions_removed"`
 	// SnapshotsRemoved counts manifests of forgotten snapshots removed.
 	SnapshotsRemoved int `json:"snapshots_removed"`
+	// ParityRemoved counts parity objects removed because they covered a
+	// deleted pack; Unprotected the kept packs they covered.
+	ParityRemoved int `json:"parity_removed"`
+	Unprotected   int `json:"packs_unprotected"`
 	// After is what stays stored once the deletions are done.
 	After PackCount `json:"after"`
 }
@@ -122,6 +129,9 @@ func (r *Repository) Prune(ctx context.Context, opts PruneOptions) (*PruneReport
 			return nil, err
 		}
 		return p.rep, p.plan(ctx, now, "")
+	}
+	if err := r.SetParity(opts.Parity); err != nil {
+		return nil, err
 	}
 	_, err := r.WithWriter(ctx, "prune", func(w *Writer) error {
 		p.w = w
@@ -871,6 +881,9 @@ func (p *pruner) cleanUp(ctx context.Context) error {
 	if err := p.cleanIndex(ctx); err != nil {
 		return err
 	}
+	if err := p.cleanParity(ctx); err != nil {
+		return err
+	}
 	for _, si := range p.sessions.Sessions {
 		if si.State == SessionLive || si.ID == p.w.Session() {
 			continue
@@ -886,6 +899,33 @@ func (p *pruner) cleanUp(ctx context.Context) error {
 	}
 	p.rep.SnapshotsRemoved = p.removeAll(ctx, backend.SnapshotFile, forgotten)
 	return ctx.Err()
+}
+
+// cleanParity removes the parity objects that cover a deleted pack: they
+// can no longer rebuild anything (every other pack of the group, and the
+// deleted one, would be needed). The kept packs of such a group lose
+// their parity; prune's own new packs get parity when asked (Parity).
+func (p *pruner) cleanParity(ctx context.Context) error {
+	groups, _, err := p.r.ParityGroups(ctx)
+	if err != nil {
+		return err
+	}
+	var gone []string
+	for _, g := range groups {
+		for _, id := range g.Packs {
+			if p.led.Deleted[id] || slices.Contains(p.ripe, id) {
+				gone = append(gone, g.Name)
+				for _, id := range g.Packs {
+					if !p.led.Deleted[id] && !slices.Contains(p.ripe, id) {
+						p.rep.Unprotected++
+					}
+				}
+				break
+			}
+		}
+	}
+	p.rep.ParityRemoved = p.removeAll(ctx, backend.ParityFile, gone)
+	return nil
 }
 
 // removeAll removes objects, best effort (a later prune retries), and

@@ -62,6 +62,10 @@ type Repository struct {
 	opener     *crypto.DataOpener
 	openerErr  error
 
+	// parityK is the size of the parity groups write sessions store (0:
+	// none; SetParity).
+	parityK int
+
 	// timing is how write sessions announce themselves (tests shorten
 	// it and drive its clock).
 	timing sessionTiming
