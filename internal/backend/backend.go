@@ -241,4 +241,30 @@ func StrayListerOf(be Backend) (StrayLister, bool) {
 // StrayDirs are the folders, relative to the root, that may hold stray
 // files: the root (config) and every object kind's folder (for packs,
 // also its fan-out folders, which ListStray implementations walk).
-var StrayDirs = []string{".", string(PackFile), string(IndexFile), string(SnapshotFile), string(LedgerFile), string(LockFile), string(SessionFile)}
+var StrayDirs = []string{".", string(PackFile), string(IndexFile), string(SnapshotFile), string(LedgerFile), string(LockFile), string(SessionFile), string(ParityFile)}
+
+// Limits are what a backend's credentials are known, before any request,
+// not to allow: a SAS token says its permissions and expiry.
+type Limits struct {
+	// NoList: objects cannot be listed (an Azure SAS without l).
+	NoList bool
+	// Expires is when the credentials stop working (zero: unknown).
+	Expires time.Time
+	// Credential names the credentials for messages (no secret).
+	Credential string
+}
+
+// LimitsOf returns the Limits of be or of a backend it wraps.
+func LimitsOf(be Backend) Limits {
+	for be != nil {
+		if l, ok := be.(interface{ Limits() Limits }); ok {
+			return l.Limits()
+		}
+		u, ok := be.(interface{ Unwrap() Backend })
+		if !ok {
+			break
+		}
+		be = u.Unwrap()
+	}
+	return Limits{}
+}

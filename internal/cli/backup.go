@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/backup"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
@@ -270,6 +271,11 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 	if err != nil {
 		return err
 	}
+	var total int64
+	for _, d := range disks {
+		total += d.src.Size
+	}
+	g.warnExpiry(backend.LimitsOf(r.Backend()), total)
 	// The point-in-time copies are taken once the repository is open and
 	// before anything of the sources is read.
 	prov := shadow.New(shadow.Options{Mode: o.mode, Warn: g.warn, FreezeTimeout: o.freezeTimeout, SnapshotSize: o.snapshotSize, NoFreeze: o.noFreeze,
@@ -358,13 +364,43 @@ func openBackupSources(ctx context.Context, args []string, o *backupOptions) ([]
 	return disks, nil
 }
 
+// assumedRate is the upload rate a backup's duration is estimated with,
+// to warn of credentials that expire before its end: a slow office link.
+const assumedRate = 10 << 20
+
+// warnExpiry warns when the credentials expire before the backup of total
+// bytes may end, with a quarter of an hour to spare.
+func (g *globals) warnExpiry(lim backend.Limits, total int64) {
+	if lim.Expires.IsZero() {
+		return
+	}
+	left := time.Until(lim.Expires)
+	need := time.Duration(total/assumedRate)*time.Second + 15*time.Minute
+	if left < need {
+		g.warnf("%s expires at %s, in %s: a backup of %s at %s/s takes about %s; it fails if it has not ended by then",
+			lim.Credential, lim.Expires.Local().Format(time.RFC3339), left.Round(time.Second), bytesIEC(total), bytesIEC(assumedRate), (need - 15*time.Minute).Round(time.Second))
+	}
+}
+
 // openForBackup opens the repository to write, indexes what an
 // interrupted backup left and finds the parent: the latest snapshot of
 // the host whose first disk came from path.
 func (g *globals) openForBackup(ctx context.Context, o *backupOptions, path string) (*repo.Repository, *repo.ID, error) {
 	host := o.host
-	r, err := g.openRepo(ctx, true, true)
+	r, err := g.openRepo(ctx, false, true)
 	if err != nil {
+		return nil, nil, err
+	}
+	if lim := backend.LimitsOf(r.Backend()); lim.NoList {
+		// The classic recipe's token (read, write, create; no list): the
+		// backup works, as dd | azcopy did, but knows nothing stored.
+		g.warnf("%s cannot list the repository: this backup cannot read its index, so it reuses nothing stored before (every chunk is stored again), has no parent snapshot, and cannot adopt the packs of an interrupted backup; give the token l for deduplication", lim.Credential)
+		if err := r.SetParity(o.parity); err != nil {
+			return nil, nil, usageError{fmt.Errorf("--parity: %w", err)}
+		}
+		return r, nil, nil
+	}
+	if err := r.LoadIndex(ctx); err != nil {
 		return nil, nil, err
 	}
 	if err := r.SetParity(o.parity); err != nil {

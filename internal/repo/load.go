@@ -164,6 +164,11 @@ func markCondemned(idx *Index, led *Ledger) {
 // announcement never reuses a blob a prune is about to delete
 // (docs/FORMAT.md, "Prune").
 func (r *Repository) refreshCondemned(ctx context.Context) error {
+	if blobs, _ := r.idx.Len(); r.load == nil && blobs == 0 {
+		// No index loaded (credentials that cannot list): nothing stored
+		// before can be reused, so no condemnation matters.
+		return nil
+	}
 	led, err := r.readLedgerWith(ctx, true)
 	if err != nil {
 		return fmt.Errorf("read the ledger after announcing the write session: %w", err)
