@@ -421,6 +421,9 @@ func (p *packer) close(abort error) {
 	p.mu.Lock()
 	p.cur = nil
 	p.mu.Unlock()
+	if p.parity != nil {
+		p.parity.release()
+	}
 }
 
 // storedMetaOK reports whether a chunk list blob is stored where this
