@@ -387,3 +387,54 @@ func TestPruneRefusals(t *testing.T) {
 		t.Fatalf("prune with an unreadable snapshot: %v", err)
 	}
 }
+
+// A backup that outlives its session (the machine was suspended past the
+// lifetime, so its announcement expired): prune takes it for dead and
+// deletes the packs it had reused, and the backup then refuses to write
+// its manifest. No snapshot ever names the deleted data.
+func TestBackupThatOutlivesItsSessionFailsClearly(t *testing.T) {
+	tm := newTimed(t)
+	ctx := context.Background()
+	old := backupChunks(t, tm.Repository, 0, 16)
+	if err := tm.SaveLedger(ctx, []repo.LedgerEvent{{Kind: repo.EventSnapshotForgotten, Snapshot: &old}}); err != nil {
+		t.Fatal(err)
+	}
+	tm.Backend.Remove(ctx, backend.Handle{Type: backend.SnapshotFile, Name: old.String()})
+	tm.advance(2 * time.Second)
+
+	wr := tm.Open(t, tm.WriteOnly(t, "web1"))
+	repo.SetSessionTiming(wr, testLifetime, testRenew, tm.writer)
+	var rep *repo.PruneReport
+	_, err := wr.WithWriter(ctx, "backup", func(w *repo.Writer) error {
+		var ids []repo.ID
+		for i := range uint64(16) {
+			data := chunkOf(i)
+			res, err := w.SaveBlob(ctx, repo.DataBlob, wr.ChunkID(data), data)
+			if err != nil || res.New {
+				t.Fatalf("the forgotten chunk %d was not reused: %v", i, err)
+			}
+			ids = append(ids, wr.ChunkID(data))
+		}
+		sn := snapshotOf(t, w, ids)
+		// Suspended: the storage's clock runs on, the writer's stands.
+		tm.storage.Advance(testLifetime + time.Minute)
+		owner := tm.Reopen(t)
+		repo.SetSessionTiming(owner, testLifetime, testRenew, tm.writer)
+		var perr error
+		rep, perr = owner.Prune(ctx, repo.PruneOptions{MaxUnused: 0.05})
+		if perr != nil {
+			t.Fatalf("prune: %v", perr)
+		}
+		_, err := w.SaveSnapshot(ctx, sn)
+		return err
+	})
+	if rep.Deleted.Packs == 0 || rep.Waiting.Packs != 0 {
+		t.Fatalf("prune kept waiting for an expired session: %+v", rep)
+	}
+	if !errors.Is(err, repo.ErrSessionExpired) {
+		t.Fatalf("the backup that outlived its session: %v, want it refused", err)
+	}
+	if n := len(tm.Backend.Names(backend.SnapshotFile)); n != 0 {
+		t.Fatalf("%d snapshots written, referencing deleted packs", n)
+	}
+}
