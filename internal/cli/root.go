@@ -169,6 +169,7 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.AddCommand(newExportCmd(g), newConvertCmd(g))
 	root.AddCommand(newThawGuardCmd())
 	root.AddCommand(newAgentCmd(g))
+	root.AddCommand(newStatsCmd(g))
 	return root
 }
 
