@@ -174,6 +174,7 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.AddCommand(newThawGuardCmd())
 	root.AddCommand(newAgentCmd(g))
 	root.AddCommand(newForgetCmd(g))
+	root.AddCommand(newStatsCmd(g))
 	return root
 }
 
