@@ -133,12 +133,19 @@ func (r *Repository) Prune(ctx context.Context, opts PruneOptions) (*PruneReport
 	if err := r.SetParity(opts.Parity); err != nil {
 		return nil, err
 	}
-	_, err := r.WithWriter(ctx, "prune", func(w *Writer) error {
+	// The record goes in before the first announcement: a prune killed
+	// right after announcing itself must not keep the next one off.
+	var session string
+	_, err := r.withWriter(ctx, "prune", func(id string) {
+		session = id
+		r.cache.RecordPrune(id)
+	}, func(w *Writer) error {
 		p.w = w
-		r.cache.RecordPrune(w.Session())
-		defer r.cache.ForgetPrune(w.Session())
 		return p.run(ctx)
 	})
+	if session != "" {
+		r.cache.ForgetPrune(session)
+	}
 	if err != nil {
 		return p.rep, err
 	}

@@ -10,6 +10,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -436,5 +438,34 @@ func TestBackupThatOutlivesItsSessionFailsClearly(t *testing.T) {
 	}
 	if n := len(tm.Backend.Names(backend.SnapshotFile)); n != 0 {
 		t.Fatalf("%d snapshots written, referencing deleted packs", n)
+	}
+}
+
+// A prune killed on this machine (its session announced, live, and its
+// local record naming a process that is gone) does not keep the next
+// prune off; one whose process is unknown here does.
+func TestPruneAfterAKilledPrune(t *testing.T) {
+	cache := t.TempDir()
+	tr := repotest.New(t, repotest.Options{CacheDir: cache})
+	tr.Backend.SetClock((&tickingClock{now: time.Date(2030, 1, 2, 3, 0, 0, 0, time.UTC)}).Now)
+	backupChunks(t, tr.Repository, 0, 8)
+	announce := func(session string) {
+		a := repo.Announcement{Session: session, Purpose: "prune", Host: "h", LifetimeSeconds: 21600}
+		data := repo.EncodeAnnouncement(tr.Repository, tr.Keys, &a)
+		tr.Backend.Put(backend.Handle{Type: backend.SessionFile, Name: repo.Hash(data).String()}, data)
+	}
+	other := strings.Repeat("cd", 16)
+	announce(other)
+	if _, err := tr.Reopen(t).Prune(context.Background(), repo.PruneOptions{}); err == nil || !strings.Contains(err.Error(), "another prune is running") {
+		t.Fatalf("prune beside another live prune: %v", err)
+	}
+	killed := strings.Repeat("ef", 16)
+	announce(killed)
+	dir := filepath.Join(cache, tr.Config().ID, "prunes")
+	os.MkdirAll(dir, 0o700)
+	os.WriteFile(filepath.Join(dir, killed), []byte("1 not-this-boot 0"), 0o600)
+	os.WriteFile(filepath.Join(dir, other), []byte("1 not-this-boot 0"), 0o600)
+	if _, err := tr.Reopen(t).Prune(context.Background(), repo.PruneOptions{}); err != nil {
+		t.Fatalf("prune after prunes killed on this machine: %v", err)
 	}
 }
