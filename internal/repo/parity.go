@@ -130,8 +130,15 @@ const parityRoom = 12 + MaxParityGroup*parityEntry
 // alloc maps a parity buffer outside Go's heap: the collector would let
 // the heap grow by twice the buffers' size on top of them (measured: 270
 // against 130 MiB peak RSS for a backup), and only the pages the XOR
-// touches become resident. Falls back to the heap.
+// touches become resident. Mappings are never unmapped (an HTTP transport
+// may still read an abandoned upload's body after the upload returned);
+// a finished session gives their pages back and leaves them to the next
+// session of the repository. Falls back to the heap.
 func (b *parityBuilder) alloc() []byte {
+	if m := b.r.parityPool.get(); m != nil {
+		b.mapped = append(b.mapped, m)
+		return m[:parityRoom]
+	}
 	size := parityRoom + int(b.r.maxParityPack())
 	m, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
 	if err != nil {
@@ -141,14 +148,39 @@ func (b *parityBuilder) alloc() []byte {
 	return m[:parityRoom]
 }
 
-// release unmaps the buffers once the session's uploads are over.
+// release gives the buffers' pages back once the session's uploads are
+// over, and the mappings to the repository's pool.
 func (b *parityBuilder) release() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, m := range b.mapped {
-		_ = unix.Munmap(m)
+		_ = unix.Madvise(m, unix.MADV_DONTNEED) // reads as zeros after
+		b.r.parityPool.put(m)
 	}
 	b.mapped, b.spare, b.cur = nil, nil, nil
+}
+
+// mapPool keeps parity mappings between sessions.
+type mapPool struct {
+	mu   sync.Mutex
+	free [][]byte
+}
+
+func (p *mapPool) get() []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if n := len(p.free); n > 0 {
+		m := p.free[n-1]
+		p.free = p.free[:n-1]
+		return m
+	}
+	return nil
+}
+
+func (p *mapPool) put(m []byte) {
+	p.mu.Lock()
+	p.free = append(p.free, m)
+	p.mu.Unlock()
 }
 
 // add folds an uploaded pack in, and returns a full group to store, if

@@ -64,7 +64,8 @@ type Repository struct {
 
 	// parityK is the size of the parity groups write sessions store (0:
 	// none; SetParity).
-	parityK int
+	parityK    int
+	parityPool mapPool
 
 	// timing is how write sessions announce themselves (tests shorten
 	// it and drive its clock).
