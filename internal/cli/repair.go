@@ -25,7 +25,58 @@ and never removes anything that still holds data.`,
   sauve repair index --read-data
   sauve repair snapshots --from /dev/vda --dry-run`,
 	}
-	cmd.AddCommand(newRepairIndexCmd(g), newRepairSnapshotsCmd(g), newRepairPacksCmd(g))
+	cmd.AddCommand(newRepairIndexCmd(g), newRepairSnapshotsCmd(g), newRepairPacksCmd(g), newRepairParityCmd(g))
+	return cmd
+}
+
+func newRepairParityCmd(g *globals) *cobra.Command {
+	var (
+		dry bool
+		k   int
+	)
+	cmd := &cobra.Command{
+		Use:   "parity",
+		Short: "Give parity to the packs that have none (written without --parity, or after a prune)",
+		Long: `Store parity objects over the stored packs that no parity object covers:
+those of backups made without --parity, and those whose group lost a
+member to prune. Packs are grouped --parity N at a time, in pack ID
+order, each read whole and checked against its name first (parity over a
+damaged pack would only rebuild the damage; such packs are named and left
+out). Afterwards 'sauve repair packs' can rebuild any one lost or damaged
+pack of each group. Reads every unprotected pack once; needs the right
+to create objects in parity/.`,
+		Example: `  sauve repair parity --parity 8 --dry-run
+  sauve repair parity --parity 8`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := g.openRepo(ctx, true)
+			if err != nil {
+				return err
+			}
+			progress, stop := g.countMeter("read packs", true)
+			rep, err := r.ProtectPacks(ctx, k, dry, progress)
+			stop()
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.printJSON(rep)
+			}
+			for _, id := range rep.Damaged {
+				g.warnf("pack %s does not match its name (damaged): left without parity; run 'sauve check --read-data' and 'sauve repair packs'", id.Short())
+			}
+			verb := "stored"
+			if dry {
+				verb = "would be stored"
+			}
+			g.printf("%d packs had parity; %d given parity now: %d parity objects (%s) %s, %s read\n",
+				rep.Covered, rep.Protected, rep.Groups, bytesIEC(rep.ParityBytes), verb, bytesIEC(rep.BytesRead))
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&k, "parity", 8, "packs per parity group (`N`, 2-64; 1/N more space)")
+	cmd.Flags().BoolVar(&dry, "dry-run", false, "read and compute, storing nothing")
 	return cmd
 }
 

@@ -455,3 +455,99 @@ func (r *Repository) storeRebuilt(ctx context.Context, id ID, data []byte) error
 	}
 	return nil
 }
+
+// ParityReport says what ProtectPacks did (or, with dryRun, would do).
+type ParityReport struct {
+	DryRun bool `json:"dry_run"`
+	// Covered are the stored packs some parity object covered already.
+	Covered int `json:"covered_packs"`
+	// Protected are the packs given parity now, in Groups objects.
+	Protected   int   `json:"protected_packs"`
+	Groups      int   `json:"parity_objects"`
+	ParityBytes int64 `json:"parity_bytes"`
+	BytesRead   int64 `json:"bytes_read"`
+	// Damaged are packs that did not match their name: left without
+	// parity (check --read-data records them; repair packs may rebuild
+	// them from an older parity object).
+	Damaged []ID `json:"damaged"`
+}
+
+// ProtectPacks stores parity objects over the stored packs that no parity
+// object covers (written without --parity, or whose group lost a member
+// to prune), k packs a group in pack ID order. Each pack is read whole
+// and checked against its name first: parity over a damaged pack would
+// rebuild the damage. The index must be loaded.
+func (r *Repository) ProtectPacks(ctx context.Context, k int, dryRun bool, progress func(done, total int)) (*ParityReport, error) {
+	if k < 2 || k > MaxParityGroup {
+		return nil, fmt.Errorf("parity groups of %d packs: give 2 to %d", k, MaxParityGroup)
+	}
+	if r.load == nil {
+		return nil, errors.New("internal error: ProtectPacks before LoadIndex")
+	}
+	groups, _, err := r.ParityGroups(ctx)
+	if err != nil {
+		return nil, err
+	}
+	covered := map[ID]bool{}
+	for _, g := range groups {
+		for _, id := range g.Packs {
+			covered[id] = true
+		}
+	}
+	rep := &ParityReport{DryRun: dryRun}
+	var todo []ID
+	for id := range r.load.stored {
+		if r.load.ledger.Deleted[id] {
+			continue
+		}
+		if covered[id] {
+			rep.Covered++
+		} else {
+			todo = append(todo, id)
+		}
+	}
+	slices.SortFunc(todo, func(a, b ID) int { return bytes.Compare(a[:], b[:]) })
+	b := &parityBuilder{r: r, k: k}
+	defer b.release()
+	for i, id := range todo {
+		if progress != nil {
+			progress(i, len(todo))
+		}
+		data, err := backend.ReadAll(ctx, r.be, backend.Handle{Type: backend.PackFile, Name: id.String()})
+		if err != nil {
+			return rep, fmt.Errorf("read pack %s to give it parity: %w", id.Short(), err)
+		}
+		rep.BytesRead += int64(len(data))
+		if Hash(data) != id {
+			rep.Damaged = append(rep.Damaged, id)
+			continue
+		}
+		rep.Protected++
+		if g := b.add(id, data); g != nil {
+			if err := r.saveParityGroup(ctx, b, g, dryRun, rep); err != nil {
+				return rep, err
+			}
+		}
+	}
+	if err := r.saveParityGroup(ctx, b, b.flush(), dryRun, rep); err != nil {
+		return rep, err
+	}
+	if progress != nil {
+		progress(len(todo), len(todo))
+	}
+	return rep, nil
+}
+
+func (r *Repository) saveParityGroup(ctx context.Context, b *parityBuilder, g *parityGroupData, dryRun bool, rep *ParityReport) error {
+	if g == nil {
+		return nil
+	}
+	rep.Groups++
+	rep.ParityBytes += int64(12 + len(g.packs)*parityEntry + g.n)
+	if dryRun {
+		g.packs, g.sizes, g.n = g.packs[:0], g.sizes[:0], 0
+		b.spare = append(b.spare, g)
+		return nil
+	}
+	return b.save(ctx, g)
+}

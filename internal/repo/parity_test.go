@@ -124,3 +124,35 @@ func TestPruneDropsParityOfDeletedPacks(t *testing.T) {
 	}
 	mustHold(t, tr, b, 100, 140)
 }
+
+// Packs written without parity get it afterwards, and a lost one then
+// comes back; a second run finds nothing to do.
+func TestProtectPacks(t *testing.T) {
+	tr := newPruneRepo(t)
+	snap := backupChunks(t, tr.Repository, 0, 100)
+	packs := packsOf(tr)
+	ctx := context.Background()
+	dry, err := tr.Reopen(t).ProtectPacks(ctx, 3, true, nil)
+	if err != nil || dry.Protected != len(packs) || len(tr.Backend.Names(backend.ParityFile)) != 0 {
+		t.Fatalf("dry run: %+v %v", dry, err)
+	}
+	rep, err := tr.Reopen(t).ProtectPacks(ctx, 3, false, nil)
+	if err != nil || rep.Protected != len(packs) || rep.Groups != (len(packs)+2)/3 || rep.ParityBytes != dry.ParityBytes {
+		t.Fatalf("protect: %+v %v", rep, err)
+	}
+	again, err := tr.Reopen(t).ProtectPacks(ctx, 3, false, nil)
+	if err != nil || again.Protected != 0 || again.Covered != len(packs) {
+		t.Fatalf("second run: %+v %v", again, err)
+	}
+	for name, want := range packs {
+		h := backend.Handle{Type: backend.PackFile, Name: name}
+		tr.Backend.Remove(ctx, h)
+		if _, err := tr.Reopen(t).RepairPacks(ctx, false); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := tr.Backend.Get(h); !bytes.Equal(got, want) {
+			t.Fatalf("pack %s not rebuilt", name[:8])
+		}
+	}
+	mustHold(t, tr, snap, 0, 100)
+}
