@@ -75,3 +75,26 @@ func TestParityRepairsLostAndDamagedPacks(t *testing.T) {
 		})
 	}
 }
+
+// TestRepairParity: packs backed up without parity get it afterwards,
+// and a lost one comes back.
+func TestRepairParity(t *testing.T) {
+	e := newEnv(t, "--pack-size", "1M")
+	src := e.path("disk.img")
+	writeFile(t, src, randomBytes(6<<20))
+	b := e.backup(src)
+	e.ok("repair", "parity", "--parity", "3")
+	if out := e.ok("repair", "parity", "--parity", "3"); !bytes.Contains([]byte(out), []byte("0 given parity now")) {
+		t.Fatalf("a second repair parity found work:\n%s", out)
+	}
+	packs := packFiles(t, e.repo)
+	want, _ := os.ReadFile(packs[0])
+	os.Remove(packs[0])
+	e.ok("repair", "packs")
+	if got, _ := os.ReadFile(packs[0]); !bytes.Equal(got, want) {
+		t.Fatal("the lost pack was not rebuilt from the parity given afterwards")
+	}
+	out := e.path("out.img")
+	e.ok("restore", b.Snapshot, out)
+	sameFile(t, src, out)
+}
