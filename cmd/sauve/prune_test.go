@@ -312,3 +312,45 @@ func TestForgetWithPrune(t *testing.T) {
 		t.Fatal("the kept snapshot does not restore byte-exact")
 	}
 }
+
+// TestPruneStopsOnUnreadableManifest: a damaged (or planted) manifest
+// stops prune with nothing deleted; forget by its full ID removes it, and
+// prune then runs.
+func TestPruneStopsOnUnreadableManifest(t *testing.T) {
+	e := newEnv(t)
+	src := e.path("disk.img")
+	writeFile(t, src, randomBytes(2<<20))
+	b := e.backup(src)
+	writeFile(t, src, randomBytes(2<<20))
+	e.backup(src)
+	time.Sleep(1100 * time.Millisecond)
+	manifest := filepath.Join(e.repo, "snapshots", b.Snapshot)
+	data, _ := os.ReadFile(manifest)
+	data[40] ^= 1
+	os.WriteFile(manifest, data, 0o600)
+	os.RemoveAll(filepath.Join(e.dir, "cache")) // no good copy to fall back on
+	// Apart from its own session's announcements, nothing is written.
+	objects := func() string {
+		var out []string
+		for _, p := range treeOf(t, e.repo) {
+			if !strings.HasPrefix(p, "/sessions/") {
+				out = append(out, p)
+			}
+		}
+		return strings.Join(out, "\n")
+	}
+	before := objects()
+	e.fail([]string{b.ShortID, "nothing was deleted", "sauve forget FULL-ID"}, "prune")
+	if after := objects(); after != before {
+		t.Fatalf("a prune that stopped changed the repository:\n%s\n---\n%s", before, after)
+	}
+	if out := e.ok("forget", b.Snapshot); !strings.Contains(out, "cannot be read") {
+		t.Fatalf("forget of an unreadable manifest:\n%s", out)
+	}
+	var p pruneOut
+	e.okJSON(&p, "prune")
+	if p.Deleted.Packs == 0 {
+		t.Fatalf("prune after the unreadable manifest went: %+v", p)
+	}
+	e.ok("check", "--read-data")
+}

@@ -339,14 +339,14 @@ func (p *pruner) loadRefs(ctx context.Context, names []string) error {
 		keep = append(keep, n)
 	}
 	snaps, err := r.snapshots(ctx, v, keep, func(id string, err error) {
-		bad = append(bad, fmt.Sprintf("snapshot %s: %v", shortName(id), err))
+		bad = append(bad, err.Error())
 	})
 	if err != nil {
 		return err
 	}
 	if len(bad) > 0 {
 		sort.Strings(bad)
-		return fmt.Errorf("%s; nothing was deleted: a prune must know every snapshot's chunks (remove a snapshot that cannot be read with 'sauve forget ID', or run 'sauve check')", strings.Join(bad, "; "))
+		return fmt.Errorf("%s; nothing was deleted: a prune must know every snapshot's chunks (remove a manifest that cannot be read with 'sauve forget FULL-ID', or run 'sauve check')", strings.Join(bad, "; "))
 	}
 	p.rep.Snapshots = len(snaps)
 	p.refs = map[ID]struct{}{}
