@@ -174,6 +174,7 @@ type backupOut struct {
 	Host           string
 	Tags           []string
 	BytesStoredRaw int64 `json:"bytes_stored"`
+	ParityBytes    int64 `json:"parity_bytes"`
 }
 
 func (e *env) backup(args ...string) backupOut {

@@ -118,12 +118,12 @@ func TestPruneWriteOnlyKeyRefused(t *testing.T) {
 	w := newBareEnv(t)
 	w.setenv("SAUVE_REPO", e.repo)
 	w.setenv("SAUVE_KEY", wkey)
-	before := treeOf(t, e.repo)
+	before := strings.Join(treeOf(t, e.repo), "\n")
 	stderr := w.fail([]string{"owner's key"}, "prune")
 	if n := strings.Count(strings.TrimSpace(stderr), "\n"); n != 0 {
 		t.Fatalf("more than one error line:\n%s", stderr)
 	}
-	if after := treeOf(t, e.repo); after != before {
+	if after := strings.Join(treeOf(t, e.repo), "\n"); after != before {
 		t.Fatalf("a refused prune changed the repository:\n%s\n---\n%s", before, after)
 	}
 }
@@ -147,19 +147,6 @@ func repoBytes(t *testing.T, e *env) int64 {
 		return nil
 	})
 	return n
-}
-
-// treeOf lists a folder's files with their sizes.
-func treeOf(t *testing.T, dir string) string {
-	t.Helper()
-	var b strings.Builder
-	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
-		if err == nil && !fi.IsDir() {
-			fmt.Fprintf(&b, "%s %d\n", strings.TrimPrefix(p, dir), fi.Size())
-		}
-		return nil
-	})
-	return b.String()
 }
 
 // TestPruneKill9 kills prune (and forget) at random moments: every kept
@@ -324,4 +311,46 @@ func TestForgetWithPrune(t *testing.T) {
 	if got, _ := os.ReadFile(img); !bytes.Equal(got, last) {
 		t.Fatal("the kept snapshot does not restore byte-exact")
 	}
+}
+
+// TestPruneStopsOnUnreadableManifest: a damaged (or planted) manifest
+// stops prune with nothing deleted; forget by its full ID removes it, and
+// prune then runs.
+func TestPruneStopsOnUnreadableManifest(t *testing.T) {
+	e := newEnv(t)
+	src := e.path("disk.img")
+	writeFile(t, src, randomBytes(2<<20))
+	b := e.backup(src)
+	writeFile(t, src, randomBytes(2<<20))
+	e.backup(src)
+	time.Sleep(1100 * time.Millisecond)
+	manifest := filepath.Join(e.repo, "snapshots", b.Snapshot)
+	data, _ := os.ReadFile(manifest)
+	data[40] ^= 1
+	os.WriteFile(manifest, data, 0o600)
+	os.RemoveAll(filepath.Join(e.dir, "cache")) // no good copy to fall back on
+	// Apart from its own session's announcements, nothing is written.
+	objects := func() string {
+		var out []string
+		for _, p := range treeOf(t, e.repo) {
+			if !strings.HasPrefix(p, "/sessions/") {
+				out = append(out, p)
+			}
+		}
+		return strings.Join(out, "\n")
+	}
+	before := objects()
+	e.fail([]string{b.ShortID, "nothing was deleted", "sauve forget FULL-ID"}, "prune")
+	if after := objects(); after != before {
+		t.Fatalf("a prune that stopped changed the repository:\n%s\n---\n%s", before, after)
+	}
+	if out := e.ok("forget", b.Snapshot); !strings.Contains(out, "cannot be read") {
+		t.Fatalf("forget of an unreadable manifest:\n%s", out)
+	}
+	var p pruneOut
+	e.okJSON(&p, "prune")
+	if p.Deleted.Packs == 0 {
+		t.Fatalf("prune after the unreadable manifest went: %+v", p)
+	}
+	e.ok("check", "--read-data")
 }

@@ -31,16 +31,19 @@ const (
 	// SessionFile objects announce running writers (docs/FORMAT.md,
 	// "Write sessions"), so that prune can wait for them.
 	SessionFile FileType = "sessions"
+	// ParityFile objects let a lost or damaged pack be rebuilt from the
+	// others of its group (docs/FORMAT.md, "Parity").
+	ParityFile FileType = "parity"
 )
 
 // AllTypes lists the kinds that hold many objects (everything but config).
-var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LedgerFile, LockFile, SessionFile}
+var AllTypes = []FileType{PackFile, IndexFile, SnapshotFile, LedgerFile, LockFile, SessionFile, ParityFile}
 
 // ContentAddressed reports whether objects of kind t are named by the hash
 // of their bytes: saving one that exists stores the same bytes again, so a
 // backend may treat it as done.
 func ContentAddressed(t FileType) bool {
-	return t == PackFile || t == IndexFile || t == SnapshotFile || t == LedgerFile || t == SessionFile
+	return t == PackFile || t == IndexFile || t == SnapshotFile || t == LedgerFile || t == SessionFile || t == ParityFile
 }
 
 // ListPurpose says what listing objects of kind t is needed for, in the
@@ -57,6 +60,8 @@ func ListPurpose(t FileType) string {
 		return "to find the packs of an interrupted backup"
 	case SessionFile:
 		return "to find the backups running (write sessions)"
+	case ParityFile:
+		return "to find the parity of lost packs"
 	}
 	return "to list " + string(t)
 }
@@ -236,4 +241,30 @@ func StrayListerOf(be Backend) (StrayLister, bool) {
 // StrayDirs are the folders, relative to the root, that may hold stray
 // files: the root (config) and every object kind's folder (for packs,
 // also its fan-out folders, which ListStray implementations walk).
-var StrayDirs = []string{".", string(PackFile), string(IndexFile), string(SnapshotFile), string(LedgerFile), string(LockFile), string(SessionFile)}
+var StrayDirs = []string{".", string(PackFile), string(IndexFile), string(SnapshotFile), string(LedgerFile), string(LockFile), string(SessionFile), string(ParityFile)}
+
+// Limits are what a backend's credentials are known, before any request,
+// not to allow: a SAS token says its permissions and expiry.
+type Limits struct {
+	// NoList: objects cannot be listed (an Azure SAS without l).
+	NoList bool
+	// Expires is when the credentials stop working (zero: unknown).
+	Expires time.Time
+	// Credential names the credentials for messages (no secret).
+	Credential string
+}
+
+// LimitsOf returns the Limits of be or of a backend it wraps.
+func LimitsOf(be Backend) Limits {
+	for be != nil {
+		if l, ok := be.(interface{ Limits() Limits }); ok {
+			return l.Limits()
+		}
+		u, ok := be.(interface{ Unwrap() Backend })
+		if !ok {
+			break
+		}
+		be = u.Unwrap()
+	}
+	return Limits{}
+}

@@ -133,6 +133,8 @@ type Result struct {
 	Stats repo.DiskStats
 	Disks []repo.DiskStats
 	Packs int
+	// ParityBytes is the parity stored beside the packs (SetParity).
+	ParityBytes int64
 }
 
 // Run backs up src into r, in one write session, and writes the snapshot
@@ -187,7 +189,7 @@ func RunDisks(ctx context.Context, r Repository, srcs []Source, opts Options) (*
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{Snapshot: sn, Packs: ws.Packs}
+	res := &Result{Snapshot: sn, Packs: ws.Packs, ParityBytes: ws.ParityBytes}
 	for _, d := range sn.Disks {
 		res.Disks = append(res.Disks, d.Stats)
 		addStats(&res.Stats, d.Stats)
@@ -196,6 +198,23 @@ func RunDisks(ctx context.Context, r Repository, srcs []Source, opts Options) (*
 	// result counts that wait too, which the manifest's Seconds cannot.
 	res.Stats.Seconds = time.Since(start).Seconds()
 	return res, nil
+}
+
+// Disk backs up one disk within the write session w, which the caller
+// opened on r and writes the manifest of, and returns the disk's entry
+// for it. It is the pipeline of Run without its session and manifest:
+// what copying a snapshot into a repository that names chunks otherwise
+// (another chunk size or ID key) does with each disk, read back through
+// the source repository's disk reader.
+func Disk(ctx context.Context, r Repository, w *repo.Writer, src Source, opts Options) (*repo.Disk, error) {
+	if src.Size < 0 {
+		return nil, errors.New("internal error: backup.Disk of a stream")
+	}
+	prog := opts.Progress
+	if prog == nil {
+		prog = new(Progress)
+	}
+	return backupDisk(ctx, r, w, src, opts, prog)
 }
 
 func checkNames(srcs []Source) error {

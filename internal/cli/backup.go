@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/backup"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
@@ -173,6 +174,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringVar(&stdinSize, "stdin-size", "", "expected size of standard input (e.g. 20G), for progress and ETA")
 	f.StringVar(&o.host, "host", "", "host name recorded in the snapshot (default: this machine's)")
 	f.StringArrayVar(&o.tags, "tag", nil, "tag the snapshot (repeatable)")
+	f.IntVar(&o.parity, "parity", 0, "store a parity object over every `N` packs the backup writes (2-64; 1/N more space), so that 'sauve repair packs' can rebuild any one lost or damaged pack of each group")
 	f.StringVar(&snapshot, "snapshot", "auto", "point-in-time copy to read: auto (what the source allows: an LVM snapshot of a logical volume, a btrfs snapshot or reflink copy of an image file on btrfs or XFS, else the source as it is), lvm, btrfs, reflink (fail where that copy cannot be made), qemu (for qemu: sources), none")
 	f.BoolVar(&o.requireConsistent, "require-consistent", false, "refuse to read a source that is in use (mounted read-write) when no point-in-time copy of it can be taken")
 	f.BoolVar(&o.noFreeze, "no-freeze", false, "take the point-in-time copies without freezing the filesystems mounted from the sources (when something else freezes them around the copy: --quiesce's agent on this machine, a hook)")
@@ -207,6 +209,7 @@ func copyName(v *source.View) string {
 
 // backupOptions are backup's flags, read once.
 type backupOptions struct {
+	parity            int
 	stdinName, host   string
 	at                string // --time
 	stdinSize         int64
@@ -264,10 +267,15 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 			return usageError{fmt.Errorf("--time: %w", err)}
 		}
 	}
-	r, parent, err := g.openForBackup(ctx, o.host, disks[0].path)
+	r, parent, err := g.openForBackup(ctx, o, disks[0].path)
 	if err != nil {
 		return err
 	}
+	var total int64
+	for _, d := range disks {
+		total += d.src.Size
+	}
+	g.warnExpiry(backend.LimitsOf(r.Backend()), total)
 	// The point-in-time copies are taken once the repository is open and
 	// before anything of the sources is read.
 	prov := shadow.New(shadow.Options{Mode: o.mode, Warn: g.warn, FreezeTimeout: o.freezeTimeout, SnapshotSize: o.snapshotSize, NoFreeze: o.noFreeze,
@@ -356,13 +364,47 @@ func openBackupSources(ctx context.Context, args []string, o *backupOptions) ([]
 	return disks, nil
 }
 
+// assumedRate is the upload rate a backup's duration is estimated with,
+// to warn of credentials that expire before its end: a slow office link.
+const assumedRate = 10 << 20
+
+// warnExpiry warns when the credentials expire before the backup of total
+// bytes may end, with a quarter of an hour to spare.
+func (g *globals) warnExpiry(lim backend.Limits, total int64) {
+	if lim.Expires.IsZero() {
+		return
+	}
+	left := time.Until(lim.Expires)
+	need := time.Duration(total/assumedRate)*time.Second + 15*time.Minute
+	if left < need {
+		g.warnf("%s expires at %s, in %s: a backup of %s at %s/s takes about %s; it fails if it has not ended by then",
+			lim.Credential, lim.Expires.Local().Format(time.RFC3339), left.Round(time.Second), bytesIEC(total), bytesIEC(assumedRate), (need - 15*time.Minute).Round(time.Second))
+	}
+}
+
 // openForBackup opens the repository to write, indexes what an
 // interrupted backup left and finds the parent: the latest snapshot of
 // the host whose first disk came from path.
-func (g *globals) openForBackup(ctx context.Context, host, path string) (*repo.Repository, *repo.ID, error) {
-	r, err := g.openRepo(ctx, true, true)
+func (g *globals) openForBackup(ctx context.Context, o *backupOptions, path string) (*repo.Repository, *repo.ID, error) {
+	host := o.host
+	r, err := g.openRepo(ctx, false, true)
 	if err != nil {
 		return nil, nil, err
+	}
+	if lim := backend.LimitsOf(r.Backend()); lim.NoList {
+		// The classic recipe's token (read, write, create; no list): the
+		// backup works, as dd | azcopy did, but knows nothing stored.
+		g.warnf("%s cannot list the repository: this backup cannot read its index, so it reuses nothing stored before (every chunk is stored again), has no parent snapshot, and cannot adopt the packs of an interrupted backup; give the token l for deduplication", lim.Credential)
+		if err := r.SetParity(o.parity); err != nil {
+			return nil, nil, usageError{fmt.Errorf("--parity: %w", err)}
+		}
+		return r, nil, nil
+	}
+	if err := r.LoadIndex(ctx); err != nil {
+		return nil, nil, err
+	}
+	if err := r.SetParity(o.parity); err != nil {
+		return nil, nil, usageError{fmt.Errorf("--parity: %w", err)}
 	}
 	if n, err := r.AdoptOrphanPacks(ctx); err != nil {
 		return nil, nil, err
@@ -520,7 +562,7 @@ func backupJSON(res *backup.Result, disks []*backupDisk, rep shadow.Report) map[
 	out := map[string]any{
 		"snapshot": sn.ID.String(), "short_id": sn.ID.Short(), "time": sn.Time, "host": sn.Host, "tags": tags, "quiesce": sn.Quiesce,
 		"bytes_new_compressed": st.BytesNewCoded, "bytes_stored": st.BytesStored,
-		"packs": res.Packs, "seconds": st.Seconds, "disks": list,
+		"packs": res.Packs, "parity_bytes": res.ParityBytes, "seconds": st.Seconds, "disks": list,
 		"frozen_seconds": rep.Frozen.Seconds(), "frozen_mounts": nonNil(rep.Mounts),
 	}
 	for _, k := range []string{"disk", "source", "size", "partition_table", "partitions", "bytes_skipped", "bytes_outside_partitions", "point_in_time_copy"} {

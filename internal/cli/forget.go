@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/retention"
 )
@@ -250,8 +251,14 @@ func (g *globals) forget(ctx context.Context, specs []string, p retention.Policy
 		_, ok := ledgers[in[sn]].Verified[sn.ID]
 		return ok
 	}
+	var unreadable []repo.ID
+	stored := func(id repo.ID) bool {
+		_, err := set.main.Backend().Stat(ctx, backend.Handle{Type: backend.SnapshotFile, Name: id.String()})
+		return err == nil
+	}
 	if len(specs) > 0 {
-		err = g.forgetNamed(rep, list, specs)
+		err = g.forgetNamed(rep, list, specs, stored, &unreadable)
+		rep.Removed += len(unreadable)
 	} else {
 		err = decideForget(rep, list, p, by, verified)
 	}
@@ -265,6 +272,7 @@ func (g *globals) forget(ctx context.Context, specs []string, p retention.Policy
 				byRepo[in[e.sn]] = append(byRepo[in[e.sn]], e.sn.ID)
 			}
 		}
+		byRepo[set.main] = append(byRepo[set.main], unreadable...)
 		// Every repository of the set, even with nothing to remove:
 		// Forget also deletes what an interrupted forget left.
 		for _, r := range set.all {
@@ -273,11 +281,23 @@ func (g *globals) forget(ctx context.Context, specs []string, p retention.Policy
 			}
 		}
 	}
+	for _, id := range unreadable {
+		verb := "removed"
+		if dryRun {
+			verb = "would remove"
+		}
+		g.printf("%s snapshot %s, whose manifest cannot be read\n", verb, id.Short())
+	}
 	return g.printForget(rep, by)
 }
 
 // forgetNamed puts the snapshots specs name in rep's removal list.
-func (g *globals) forgetNamed(rep *forgetReport, list []*repo.Snapshot, specs []string) error {
+//
+// A full ID may also name a manifest that is stored but cannot be read
+// (damaged, or forged by a holder of a write key): it cannot be listed,
+// and prune refuses to run while it is there, so forget must remove it.
+// Those go to unreadable, when stored says they are stored.
+func (g *globals) forgetNamed(rep *forgetReport, list []*repo.Snapshot, specs []string, stored func(repo.ID) bool, unreadable *[]repo.ID) error {
 	seen := map[repo.ID]bool{}
 	var gr forgetGroup
 	for _, spec := range specs {
@@ -286,6 +306,10 @@ func (g *globals) forgetNamed(rep *forgetReport, list []*repo.Snapshot, specs []
 		}
 		sn, err := repo.FindSnapshot(list, spec, repo.Filter{})
 		if err != nil {
+			if id, perr := repo.ParseID(spec); perr == nil && stored(id) {
+				*unreadable = append(*unreadable, id)
+				continue
+			}
 			return err
 		}
 		if !seen[sn.ID] {

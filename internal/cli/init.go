@@ -14,6 +14,7 @@ import (
 
 func newInitCmd(g *globals) *cobra.Command {
 	var chunkSize, packSize string
+	var from sourceFlags
 	cmd := &cobra.Command{
 		Use:   "init",
 		Short: "Create a repository and its key",
@@ -25,9 +26,18 @@ $XDG_CONFIG_HOME/sauve/keys/<repository id>.key (~/.config when XDG_CONFIG_HOME
 is unset). It is protected by a passphrase taken from $SAUVE_PASSPHRASE, or
 asked for on the terminal (leave it empty for none). Without the key the
 backups cannot be read: keep a copy somewhere other than the machine and the
-repository.`,
+repository.
+
+With --from-repo SOURCE, the new repository takes the chunk size (and, unless
+--pack-size says otherwise, the pack size) and the ID key of SOURCE, and
+fresh keys otherwise: chunks then have the same IDs in both, and 'sauve
+copy' between them carries chunk lists over without hashing anything again.
+It needs the key of SOURCE (--from-key; full or write-only: both hold the
+ID key). Whoever holds a key of either repository can then tell which
+chunks the other holds (see docs/SECURITY.md).`,
 		Example: `  sauve init --repo /srv/backup/sauve
-  SAUVE_PASSPHRASE='correct horse' sauve init --repo /mnt/usb/sauve --key /root/usb.key`,
+  SAUVE_PASSPHRASE='correct horse' sauve init --repo /mnt/usb/sauve --key /root/usb.key
+  sauve init --repo s3://offsite/sauve --from-repo /srv/backup/sauve`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
@@ -39,11 +49,29 @@ repository.`,
 			if err != nil {
 				return usageError{fmt.Errorf("--pack-size: %w", err)}
 			}
+			var idKey *[crypto.KeySize]byte
+			var fromID any // the source's ID in --json output, or null
+			if from.repo != "" {
+				src, err := from.openSource(ctx, g, false)
+				if err != nil {
+					return err
+				}
+				scs := int64(src.Config().ChunkSize)
+				if cmd.Flags().Changed("chunk-size") && cs != scs {
+					return usageError{fmt.Errorf("--chunk-size %s: the source repository's chunks are of %d bytes, which --from-repo takes", chunkSize, scs)}
+				}
+				cs = scs
+				if !cmd.Flags().Changed("pack-size") {
+					ps = int64(src.Config().PackSize)
+				}
+				k := src.Keys().IDKey
+				idKey, fromID = &k, src.Config().ID
+			}
 			be, err := g.openBackend()
 			if err != nil {
 				return err
 			}
-			info, err := g.initRepo(ctx, be, cs, ps)
+			info, err := g.initRepo(ctx, be, cs, ps, idKey)
 			if err != nil {
 				return err
 			}
@@ -52,9 +80,13 @@ repository.`,
 				return g.printJSON(map[string]any{
 					"id": cfg.ID, "location": be.Location(), "key_file": path,
 					"chunk_size": cfg.ChunkSize, "pack_size": cfg.PackSize, "passphrase": len(pass) > 0,
+					"same_chunk_ids_as": fromID,
 				})
 			}
 			g.printf("created repository %s at %s\n", cfg.ID, be.Location())
+			if from.repo != "" {
+				g.printf("chunk size %s and ID key taken from the source repository: 'sauve copy' from it keeps chunk IDs\n", bytesIEC(int64(cfg.ChunkSize)))
+			}
 			g.printf("key saved to %s\n", path)
 			if len(pass) == 0 {
 				g.printf("the key file has no passphrase: anyone who can read it can read the backups\n")
@@ -65,6 +97,7 @@ repository.`,
 	}
 	cmd.Flags().StringVar(&chunkSize, "chunk-size", fmt.Sprint(repo.DefaultChunkSize), "chunk size, a power of two from 4K to 8M (fixed for the repository's life)")
 	cmd.Flags().StringVar(&packSize, "pack-size", fmt.Sprint(repo.DefaultPackSize), "target size of pack objects")
+	from.add(cmd, "repository whose chunk size and ID key the new one takes, for copies between them")
 	return cmd
 }
 
@@ -74,8 +107,9 @@ type initInfo struct {
 	passphrase []byte
 }
 
-// initRepo creates a repository and its key file.
-func (g *globals) initRepo(ctx context.Context, be backend.Backend, chunkSize, packSize int64) (*initInfo, error) {
+// initRepo creates a repository and its key file. idKey, when set, is
+// the ID key to share with another repository (init --from-repo).
+func (g *globals) initRepo(ctx context.Context, be backend.Backend, chunkSize, packSize int64, idKey ...*[crypto.KeySize]byte) (*initInfo, error) {
 	cfg, err := repo.NewConfig(int(chunkSize), int(packSize))
 	if err != nil {
 		return nil, usageError{err}
@@ -86,6 +120,9 @@ func (g *globals) initRepo(ctx context.Context, be backend.Backend, chunkSize, p
 	keys, err := crypto.Generate(cfg.ID)
 	if err != nil {
 		return nil, err
+	}
+	if len(idKey) > 0 && idKey[0] != nil {
+		keys.IDKey = *idKey[0]
 	}
 	path := g.keyFile
 	if path == "" {

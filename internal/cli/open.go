@@ -97,10 +97,16 @@ func (g *globals) cacheBase() string {
 // passphrase returns the passphrase from the environment or the terminal.
 // confirm asks twice (for new passphrases).
 func passphrase(prompt string, confirm bool) ([]byte, error) {
-	if p, ok := os.LookupEnv("SAUVE_PASSPHRASE"); ok {
+	return passphraseFrom("SAUVE_PASSPHRASE", prompt, confirm)
+}
+
+// passphraseFrom is passphrase read from the variables env and env_FILE
+// (SAUVE_FROM_PASSPHRASE for the source of a copy).
+func passphraseFrom(env, prompt string, confirm bool) ([]byte, error) {
+	if p, ok := os.LookupEnv(env); ok {
 		return []byte(p), nil
 	}
-	if f := os.Getenv("SAUVE_PASSPHRASE_FILE"); f != "" {
+	if f := os.Getenv(env + "_FILE"); f != "" {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			return nil, fmt.Errorf("passphrase file: %w", err)
@@ -137,8 +143,26 @@ func passphrase(prompt string, confirm bool) ([]byte, error) {
 	return p1, nil
 }
 
+// keyNames are the flag and variables a repository's key is given with:
+// the target's (--key), or the source's of a copy (--from-key).
+type keyNames struct{ flag, keyVar, passVar string }
+
+var (
+	targetKeyNames = keyNames{"--key", "SAUVE_KEY", "SAUVE_PASSPHRASE"}
+	sourceKeyNames = keyNames{"--from-key", "SAUVE_FROM_KEY", "SAUVE_FROM_PASSPHRASE"}
+)
+
+// names are the flag and variables of g's key.
+func (g *globals) names() keyNames {
+	if g.keyNames.flag == "" {
+		return targetKeyNames
+	}
+	return g.keyNames
+}
+
 // loadKeys finds and decodes the key for the repository with ID repoID.
 func (g *globals) loadKeys(repoID string) (*crypto.Keys, string, error) {
+	names := g.names()
 	path := g.keyFile
 	if path == "" {
 		p, err := defaultKeyPath(repoID)
@@ -151,7 +175,7 @@ func (g *globals) loadKeys(repoID string) (*crypto.Keys, string, error) {
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			if g.keyFile == "" {
-				return nil, path, fmt.Errorf("no key for repository %s: expected %s; give the key file with --key or SAUVE_KEY", repoID, path)
+				return nil, path, fmt.Errorf("no key for repository %s: expected %s; give the key file with %s or %s", repoID, path, names.flag, names.keyVar)
 			}
 			return nil, path, fmt.Errorf("key file %s does not exist", path)
 		}
@@ -165,11 +189,11 @@ func (g *globals) loadKeys(repoID string) (*crypto.Keys, string, error) {
 		return nil, path, fmt.Errorf("key file %s belongs to repository %s, not to this repository (%s)", path, info.Repository, repoID)
 	}
 	keys, err := crypto.DecodeKeyFile(data, func() ([]byte, error) {
-		return passphrase(fmt.Sprintf("Passphrase for key %s: ", path), false)
+		return passphraseFrom(names.passVar, fmt.Sprintf("Passphrase for key %s: ", path), false)
 	})
 	if err != nil {
 		if errors.Is(err, crypto.ErrNeedPassphrase) {
-			return nil, path, fmt.Errorf("key file %s is protected by a passphrase: set SAUVE_PASSPHRASE or run from a terminal", path)
+			return nil, path, fmt.Errorf("key file %s is protected by a passphrase: set %s or run from a terminal", path, names.passVar)
 		}
 		return nil, path, fmt.Errorf("key file %s: %w", path, err)
 	}

@@ -16,11 +16,13 @@ import (
 type pruneFlags struct {
 	maxUnused, maxRepack string
 	dryRun               bool
+	parity               int
 }
 
 func (f *pruneFlags) add(cmd *cobra.Command, withDryRun bool) {
 	cmd.Flags().StringVar(&f.maxUnused, "max-unused", "5%", "repack a pack once more than this share of it is unused (`PERCENT`; 0% repacks every partly used pack)")
 	cmd.Flags().StringVar(&f.maxRepack, "max-repack-size", "", "copy at most this much of partly used packs in one run (`SIZE`, e.g. 10GiB; default: no bound)")
+	cmd.Flags().IntVar(&f.parity, "parity", 0, "store a parity object over every `N` packs that repacking writes (as 'backup --parity')")
 	if withDryRun {
 		cmd.Flags().BoolVar(&f.dryRun, "dry-run", false, "say what prune would delete, condemn and repack, changing nothing")
 	}
@@ -32,7 +34,7 @@ func (f *pruneFlags) options() (repo.PruneOptions, error) {
 	if err != nil || pct < 0 || pct > 100 {
 		return repo.PruneOptions{}, usageError{fmt.Errorf("--max-unused %q: give a percentage from 0%% to 100%%", f.maxUnused)}
 	}
-	opts := repo.PruneOptions{MaxUnused: pct / 100, DryRun: f.dryRun}
+	opts := repo.PruneOptions{MaxUnused: pct / 100, DryRun: f.dryRun, Parity: f.parity}
 	if f.maxRepack != "" {
 		if opts.MaxRepackBytes, err = parseSize(f.maxRepack); err != nil || opts.MaxRepackBytes <= 0 {
 			return repo.PruneOptions{}, usageError{fmt.Errorf("--max-repack-size %q: give a size such as 10GiB", f.maxRepack)}
@@ -133,9 +135,9 @@ func printPrune(g *globals, rep *repo.PruneReport) {
 		g.printf("%d unused packs (%s) left alone: stored after a running backup began\n", rep.Young.Packs, bytesIEC(rep.Young.Bytes))
 	}
 	if rep.DryRun {
-		g.printf("%d condemned packs would be deleted now; %s would stay stored\n", rep.Stored.Packs-rep.After.Packs, bytesIEC(rep.After.Bytes))
+		g.printf("about %s would be read and %s written; about %s would stay stored\n", bytesIEC(rep.BytesRead), bytesIEC(rep.BytesWritten), bytesIEC(rep.After.Bytes))
 		if rep.Condemned.Packs > 0 {
-			g.printf("packs condemned now are deleted at once if no backup runs meanwhile\n")
+			g.printf("(packs condemned now are deleted at once if no backup runs meanwhile, otherwise by the next prune)\n")
 		}
 		return
 	}

@@ -52,7 +52,7 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 		o.host = id.host
 	}
 	drives := qb.Drives()
-	r, parentID, err := g.openForBackup(ctx, o.host, id.path(drives[0].ID))
+	r, parentID, err := g.openForBackup(ctx, o, id.path(drives[0].ID))
 	if err != nil {
 		return err
 	}

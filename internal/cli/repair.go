@@ -25,7 +25,114 @@ and never removes anything that still holds data.`,
   sauve repair index --read-data
   sauve repair snapshots --from /dev/vda --dry-run`,
 	}
-	cmd.AddCommand(newRepairIndexCmd(g), newRepairSnapshotsCmd(g))
+	cmd.AddCommand(newRepairIndexCmd(g), newRepairSnapshotsCmd(g), newRepairPacksCmd(g), newRepairParityCmd(g))
+	return cmd
+}
+
+func newRepairParityCmd(g *globals) *cobra.Command {
+	var (
+		dry bool
+		k   int
+	)
+	cmd := &cobra.Command{
+		Use:   "parity",
+		Short: "Give parity to the packs that have none (written without --parity, or after a prune)",
+		Long: `Store parity objects over the stored packs that no parity object covers:
+those of backups made without --parity, and those whose group lost a
+member to prune. Packs are grouped --parity N at a time, in pack ID
+order, each read whole and checked against its name first (parity over a
+damaged pack would only rebuild the damage; such packs are named and left
+out). Afterwards 'sauve repair packs' can rebuild any one lost or damaged
+pack of each group. Reads every unprotected pack once; needs the right
+to create objects in parity/.`,
+		Example: `  sauve repair parity --parity 8 --dry-run
+  sauve repair parity --parity 8`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := g.openRepo(ctx, true)
+			if err != nil {
+				return err
+			}
+			progress, stop := g.countMeter("read packs", true)
+			rep, err := r.ProtectPacks(ctx, k, dry, progress)
+			stop()
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.printJSON(rep)
+			}
+			for _, id := range rep.Damaged {
+				g.warnf("pack %s does not match its name (damaged): left without parity; run 'sauve check --read-data' and 'sauve repair packs'", id.Short())
+			}
+			verb := "stored"
+			if dry {
+				verb = "would be stored"
+			}
+			g.printf("%d packs had parity; %d given parity now: %d parity objects (%s) %s, %s read\n",
+				rep.Covered, rep.Protected, rep.Groups, bytesIEC(rep.ParityBytes), verb, bytesIEC(rep.BytesRead))
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&k, "parity", 8, "packs per parity group (`N`, 2-64; 1/N more space)")
+	cmd.Flags().BoolVar(&dry, "dry-run", false, "read and compute, storing nothing")
+	return cmd
+}
+
+func newRepairPacksCmd(g *globals) *cobra.Command {
+	var dry bool
+	cmd := &cobra.Command{
+		Use:   "packs",
+		Short: "Rebuild lost or damaged packs from parity ('backup --parity N')",
+		Long: `Rebuild from parity the packs the index names that are missing from the
+repository or that 'sauve check --read-data' recorded as damaged, and store
+them again. Backups made with --parity N store a parity object over every N
+packs they write: any one lost or damaged pack of each group comes back
+exactly (a rebuilt pack is kept only if it hashes to its own name), for
+1/N more space. Two lost packs of one group cannot be rebuilt; those are
+named, with why.
+
+With the owner's key the rebuilt packs are recorded sound in the ledger,
+so backups reuse their chunks again. Run 'sauve check --read-data' first
+to find packs damaged in place; missing packs are found without it.`,
+		Example: `  sauve backup /dev/vda --parity 8
+  sauve check --read-data; sauve repair packs --dry-run; sauve repair packs`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := g.openRepo(ctx, true)
+			if err != nil {
+				return err
+			}
+			rep, err := r.RepairPacks(ctx, dry)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.printJSON(rep)
+			}
+			verb := "rebuilt"
+			if dry {
+				verb = "would be rebuilt"
+			}
+			for _, id := range rep.Rebuilt {
+				g.printf("pack %s %s from parity\n", id.Short(), verb)
+			}
+			for id, why := range rep.Unrecoverable {
+				fmt.Fprintf(g.stderr, "sauve: pack %s cannot be rebuilt: %s\n", id[:8], why)
+			}
+			for name, why := range rep.BadParity {
+				g.warnf("parity object %s ignored: %s", name[:min(8, len(name))], why)
+			}
+			g.printf("%d packs, %d covered by parity; %d %s, %d cannot be\n", rep.Packs, rep.Protected, len(rep.Rebuilt), verb, len(rep.Unrecoverable))
+			if len(rep.Unrecoverable) > 0 {
+				return &ExitError{Code: 1}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&dry, "dry-run", false, "rebuild in memory and say what would be stored, storing nothing")
 	return cmd
 }
 

@@ -37,6 +37,9 @@ type globals struct {
 	retryDelay  time.Duration
 
 	usingDefault bool // no --repo or SAUVE_REPO: the default repository
+	// keyNames name --key and its variables in messages (zero: the
+	// target's; the source of a copy has its own).
+	keyNames keyNames
 
 	stdout io.Writer
 	stderr io.Writer
@@ -167,9 +170,11 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.AddCommand(newInitCmd(g), newBackupCmd(g), newSnapshotsCmd(g), newRestoreCmd(g), newCheckCmd(g), newKeyCmd(g))
 	root.AddCommand(newShowCmd(g), newRepairCmd(g), newPruneCmd(g))
 	root.AddCommand(newExportCmd(g), newConvertCmd(g))
+	root.AddCommand(newCopyCmd(g))
 	root.AddCommand(newThawGuardCmd())
 	root.AddCommand(newAgentCmd(g))
 	root.AddCommand(newForgetCmd(g))
+	root.AddCommand(newStatsCmd(g))
 	return root
 }
 

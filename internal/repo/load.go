@@ -56,9 +56,6 @@ func (r *Repository) LoadIndex(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// The listing went into the index; only prune, check and repair,
-	// which load views of their own, use it afterwards.
-	st.stored, st.storedAt = nil, nil
 	r.load = st
 	names := make([]string, 0, len(st.damagedIndex))
 	for name := range st.damagedIndex {
@@ -206,6 +203,11 @@ func markCondemned(idx *Index, led *Ledger) {
 // announcement never reuses a blob a prune is about to delete
 // (docs/FORMAT.md, "Prune").
 func (r *Repository) refreshCondemned(ctx context.Context) error {
+	if blobs, _ := r.idx.Len(); r.load == nil && blobs == 0 {
+		// No index loaded (credentials that cannot list): nothing stored
+		// before can be reused, so no condemnation matters.
+		return nil
+	}
 	led, err := r.readLedgerWith(ctx, true)
 	if err != nil {
 		return fmt.Errorf("read the ledger after announcing the write session: %w", err)

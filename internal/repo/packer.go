@@ -29,8 +29,12 @@ type packer struct {
 	cancel context.CancelFunc // stops uploads at once (abort)
 	sealer *crypto.DataSealer
 
-	mu      sync.Mutex
-	cur     *packBuilder
+	mu  sync.Mutex
+	cur *packBuilder
+	// pending are the blobs claimed and not yet uploaded, under a lock
+	// of their own: an uploader must never wait for mu, which a writer
+	// holds while it waits for a pack buffer that only uploaders free.
+	pendMu  sync.Mutex
 	pending map[ID]struct{}
 	queue   chan *packBuilder
 	// stop is closed when the session ends: uploaders return and sends
@@ -53,6 +57,9 @@ type packer struct {
 	unsaved  []indexRecord
 	packs    int
 	packSize int64
+
+	// parity, when the repository asks for it, XORs the packs uploaded.
+	parity *parityBuilder
 }
 
 // newPacker starts the uploaders of a write session; they run under ctx.
@@ -65,6 +72,9 @@ func (r *Repository) newPacker(ctx context.Context) (*packer, error) {
 	p := &packer{r: r, ctx: ctx, cancel: cancel, sealer: sealer, pending: map[ID]struct{}{},
 		queue: make(chan *packBuilder), stop: make(chan struct{})}
 	p.idle = sync.NewCond(&p.resMu)
+	if r.parityK > 0 {
+		p.parity = &parityBuilder{r: r, k: r.parityK}
+	}
 	p.bufMax = r.opts.Connections + 1
 	p.free = make(chan []byte, p.bufMax)
 	for i := 0; i < r.opts.Connections; i++ {
@@ -108,8 +118,8 @@ func (p *packer) buffer() ([]byte, error) {
 // claim reserves id for the caller, unless it is being stored or stored
 // where this writer may reuse it (Index.Reusable).
 func (p *packer) claim(t BlobType, id ID) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.pendMu.Lock()
+	defer p.pendMu.Unlock()
 	if _, ok := p.pending[id]; ok {
 		return false
 	}
@@ -235,16 +245,27 @@ func (p *packer) uploadPack(pb *packBuilder) {
 			p.r.cache.Put(cacheBlobs, b.ID.String(), data[b.Offset:b.Offset+b.Length])
 		}
 	}
+	if p.parity != nil {
+		// Before the buffer goes back: the parity reads it.
+		if err := p.parity.save(p.ctx, p.parity.add(id, data)); err != nil {
+			p.free <- data[:0]
+			p.fail(err)
+			return
+		}
+	}
 	p.r.idx.SetPackSize(id, int64(len(data)))
 	p.r.idx.Add(info, p.r.self, p.r.selfTrust())
-	// Return the buffer before taking p.mu: add may hold p.mu while
-	// it waits for a buffer.
+	// Never p.mu here: add holds it while it waits for a buffer, and
+	// the buffer returned may be taken by another pack's blobs before
+	// this uploader gets p.mu (two uploaders, two full packs waiting for
+	// them, and a third writer waiting for a buffer under p.mu, was a
+	// deadlock seen with small packs and many concurrent writers).
 	p.free <- data[:0]
-	p.mu.Lock()
+	p.pendMu.Lock()
 	for _, b := range pb.blobs {
 		delete(p.pending, b.ID)
 	}
-	p.mu.Unlock()
+	p.pendMu.Unlock()
 
 	p.resMu.Lock()
 	p.packs++
@@ -297,10 +318,29 @@ func (p *packer) saveBlob(ctx context.Context, t BlobType, id ID, plain []byte) 
 	return SaveResult{New: true, Coded: len(coded) - 1, Sealed: n}, nil
 }
 
+// saveCoded stores a blob already coded (a repack's copy of a stored
+// blob, verified), unless it is stored where this writer may reuse it.
+func (p *packer) saveCoded(t BlobType, id ID, coded []byte) (SaveResult, error) {
+	if err := p.failed(); err != nil {
+		return SaveResult{}, err
+	}
+	if !p.claim(t, id) {
+		return SaveResult{}, nil
+	}
+	n, err := p.add(t, id, coded)
+	if err != nil {
+		return SaveResult{}, err
+	}
+	return SaveResult{New: true, Coded: len(coded) - 1, Sealed: n}, nil
+}
+
 // WriteStats reports what a write session stored.
 type WriteStats struct {
 	Packs int
 	Bytes int64
+	// ParityObjects and ParityBytes count the parity stored (SetParity).
+	ParityObjects int
+	ParityBytes   int64
 }
 
 // flush uploads the pack being filled, waits for every pack sent so far
@@ -320,7 +360,7 @@ func (p *packer) flush(ctx context.Context) (WriteStats, error) {
 	for p.finished < p.sent {
 		p.idle.Wait()
 	}
-	stats := WriteStats{Packs: p.packs, Bytes: p.packSize}
+	stats := p.statsLocked()
 	if p.err != nil {
 		err = p.err
 	}
@@ -335,18 +375,34 @@ func (p *packer) flush(ctx context.Context) (WriteStats, error) {
 	if err := ctx.Err(); err != nil {
 		return stats, err
 	}
+	if p.parity != nil {
+		if err := p.parity.save(ctx, p.parity.flush()); err != nil {
+			p.fail(err)
+			return stats, err
+		}
+	}
 	if err := p.r.saveIndex(ctx, batch, nil); err != nil {
 		p.fail(err)
 		return stats, err
 	}
-	return stats, nil
+	return p.stats(), nil
 }
 
 // stats reports what the session stored so far.
 func (p *packer) stats() WriteStats {
 	p.resMu.Lock()
 	defer p.resMu.Unlock()
-	return WriteStats{Packs: p.packs, Bytes: p.packSize}
+	return p.statsLocked()
+}
+
+func (p *packer) statsLocked() WriteStats {
+	st := WriteStats{Packs: p.packs, Bytes: p.packSize}
+	if p.parity != nil {
+		p.parity.mu.Lock()
+		st.ParityObjects, st.ParityBytes = p.parity.saved, p.parity.bytes
+		p.parity.mu.Unlock()
+	}
+	return st
 }
 
 // close ends the session's uploads: after a flush, there are none left;
@@ -365,6 +421,9 @@ func (p *packer) close(abort error) {
 	p.mu.Lock()
 	p.cur = nil
 	p.mu.Unlock()
+	if p.parity != nil {
+		p.parity.release()
+	}
 }
 
 // storedMetaOK reports whether a chunk list blob is stored where this

@@ -38,6 +38,9 @@ type PruneOptions struct {
 	DryRun bool
 	// Progress reports the steps: the stage, and done of total.
 	Progress func(stage string, done, total int64)
+	// Parity, when not 0, stores a parity object over every Parity packs
+	// that repacking writes.
+	Parity int
 	// Pause, when set, is called at the named points of a run (tests
 	// force races with it): "planned", "repacked", "condemned",
 	// "deleting".
@@ -93,6 +96,10 @@ type PruneReport struct {
 	SessionsRemoved int `json:"sessions_removed"`
 	// SnapshotsRemoved counts manifests of forgotten snapshots removed.
 	SnapshotsRemoved int `json:"snapshots_removed"`
+	// ParityRemoved counts parity objects removed because they covered a
+	// deleted pack; Unprotected the kept packs they covered.
+	ParityRemoved int `json:"parity_removed"`
+	Unprotected   int `json:"packs_unprotected"`
 	// After is what stays stored once the deletions are done.
 	After PackCount `json:"after"`
 }
@@ -123,12 +130,22 @@ func (r *Repository) Prune(ctx context.Context, opts PruneOptions) (*PruneReport
 		}
 		return p.rep, p.plan(ctx, now, "")
 	}
-	_, err := r.WithWriter(ctx, "prune", func(w *Writer) error {
+	if err := r.SetParity(opts.Parity); err != nil {
+		return nil, err
+	}
+	// The record goes in before the first announcement: a prune killed
+	// right after announcing itself must not keep the next one off.
+	var session string
+	_, err := r.withWriter(ctx, "prune", func(id string) {
+		session = id
+		r.cache.RecordPrune(id)
+	}, func(w *Writer) error {
 		p.w = w
-		r.cache.RecordPrune(w.Session())
-		defer r.cache.ForgetPrune(w.Session())
 		return p.run(ctx)
 	})
+	if session != "" {
+		r.cache.ForgetPrune(session)
+	}
 	if err != nil {
 		return p.rep, err
 	}
@@ -172,6 +189,9 @@ type pruner struct {
 	packs map[ID]*packUse
 	// young is the storage time from which packs are too new to touch.
 	young time.Time
+
+	// buf and plain are reused by every read of a repack.
+	buf, plain []byte
 
 	condemn  []ID // to condemn (repack first when used)
 	repack   []ID // to copy used blobs out of before deleting or condemning
@@ -319,14 +339,14 @@ func (p *pruner) loadRefs(ctx context.Context, names []string) error {
 		keep = append(keep, n)
 	}
 	snaps, err := r.snapshots(ctx, v, keep, func(id string, err error) {
-		bad = append(bad, fmt.Sprintf("snapshot %s: %v", shortName(id), err))
+		bad = append(bad, err.Error())
 	})
 	if err != nil {
 		return err
 	}
 	if len(bad) > 0 {
 		sort.Strings(bad)
-		return fmt.Errorf("%s; nothing was deleted: a prune must know every snapshot's chunks (remove a snapshot that cannot be read with 'sauve forget ID', or run 'sauve check')", strings.Join(bad, "; "))
+		return fmt.Errorf("%s; nothing was deleted: a prune must know every snapshot's chunks (remove a manifest that cannot be read with 'sauve forget FULL-ID', or run 'sauve check')", strings.Join(bad, "; "))
 	}
 	p.rep.Snapshots = len(snaps)
 	p.refs = map[ID]struct{}{}
@@ -544,6 +564,36 @@ func (p *pruner) decide(self string) {
 		p.rep.After.Packs--
 		p.rep.After.Bytes -= p.packs[id].size
 	}
+	if p.opts.DryRun {
+		p.estimate()
+	}
+}
+
+// estimate fills a dry run's figures as if nothing blocked the packs
+// condemned now: they go, and the needed blobs of repacked packs are
+// written again (their stored size; pack headers and trailers aside).
+func (p *pruner) estimate() {
+	var moved int64
+	for _, id := range p.repack {
+		u := p.packs[id]
+		for i := range u.blobs {
+			if u.need[i] {
+				p.rep.RepackedBlobs++
+			}
+		}
+		moved += u.usedBytes
+		p.rep.BytesRead += u.usedBytes
+	}
+	for _, id := range p.condemn {
+		p.rep.After.Packs--
+		p.rep.After.Bytes -= p.packs[id].size
+	}
+	p.rep.BytesWritten = moved
+	p.rep.After.Bytes += moved
+	if moved > 0 {
+		p.rep.After.Packs += int((moved + int64(p.r.cfg.PackSize) - 1) / int64(p.r.cfg.PackSize))
+	}
+	p.rep.Deleted = PackCount{Packs: p.rep.Stored.Packs - p.rep.After.Packs, Bytes: p.rep.Stored.Bytes - p.rep.After.Bytes}
 }
 
 // settle states what stays stored after the run: what was, less what
@@ -596,9 +646,9 @@ func (p *pruner) wait(u *packUse, blocking []SessionInfo) {
 }
 
 // repackAll copies the needed blobs of the packs to repack into new packs
-// of prune's session, each read whole once and every blob verified
-// against its ID: a damaged blob stops the prune before anything is
-// condemned or deleted. The packs are marked condemned first, so that
+// of prune's session, as stored (compressed: decrypted and sealed again,
+// never compressed again), each verified against its ID first: a damaged
+// blob stops the prune before anything is condemned or deleted. The packs are marked condemned first, so that
 // the session does not take their own copies as already stored.
 func (p *pruner) repackAll(ctx context.Context) error {
 	if p.opts.DryRun {
@@ -628,33 +678,64 @@ func (p *pruner) repackAll(ctx context.Context) error {
 }
 
 func (p *pruner) repackOne(ctx context.Context, u *packUse) error {
-	data, err := backend.ReadAll(ctx, p.r.be, backend.Handle{Type: backend.PackFile, Name: u.id.String()})
-	if err != nil {
-		return fmt.Errorf("read pack %s to repack it: %w; nothing was deleted", u.id.Short(), err)
-	}
-	p.rep.BytesRead += int64(len(data))
-	if Hash(data) != u.id {
-		return fmt.Errorf("pack %s is damaged (its content does not match its name); nothing was deleted: run 'sauve check --read-data' to record it and 'sauve repair' to recover what it held", u.id.Short())
-	}
-	var plain []byte
-	for i, c := range u.blobs {
-		if !u.need[i] {
-			continue
+	h := backend.Handle{Type: backend.PackFile, Name: u.id.String()}
+	for _, rg := range neededRanges(u) {
+		if rg.end > u.size {
+			return fmt.Errorf("pack %s is shorter than its index says (%d bytes, blobs up to %d); nothing was deleted", u.id.Short(), u.size, rg.end)
 		}
-		end := int64(c.Offset) + int64(c.Length)
-		if end > int64(len(data)) {
-			return fmt.Errorf("pack %s is shorter than its index says (blob %s at %d+%d); nothing was deleted", u.id.Short(), u.ids[i].Short(), c.Offset, c.Length)
+		p.buf = slices.Grow(p.buf[:0], int(rg.end-rg.start))[:rg.end-rg.start]
+		if err := backend.ReadRangeInto(ctx, p.r.be, h, rg.start, p.buf); err != nil {
+			return fmt.Errorf("read pack %s to repack it: %w; nothing was deleted", u.id.Short(), err)
 		}
-		plain, err = p.r.OpenBlob(plain[:0], u.ids[i], c.Location, data[c.Offset:end])
-		if err != nil {
-			return fmt.Errorf("pack %s: blob %s is damaged (%v); nothing was deleted: run 'sauve check --read-data'", u.id.Short(), u.ids[i].Short(), err)
+		p.rep.BytesRead += rg.end - rg.start
+		for _, i := range rg.blobs {
+			c := u.blobs[i]
+			off := int64(c.Offset) - rg.start
+			coded, err := p.r.openCoded(u.ids[i], c.Location, p.buf[off:off+int64(c.Length)], &p.plain)
+			if err != nil {
+				return fmt.Errorf("pack %s: blob %s is damaged (%v); nothing was deleted: run 'sauve check --read-data'", u.id.Short(), u.ids[i].Short(), err)
+			}
+			if _, err := p.w.p.saveCoded(c.Type, u.ids[i], coded); err != nil {
+				return fmt.Errorf("store blob %s of pack %s: %w", u.ids[i].Short(), u.id.Short(), err)
+			}
+			p.rep.RepackedBlobs++
 		}
-		if _, err := p.w.SaveBlob(ctx, c.Type, u.ids[i], plain); err != nil {
-			return fmt.Errorf("store blob %s of pack %s: %w", u.ids[i].Short(), u.id.Short(), err)
-		}
-		p.rep.RepackedBlobs++
 	}
 	return nil
+}
+
+// packRange is a stretch of a pack read at once, and the needed blobs in
+// it (indexes into the pack's blobs).
+type packRange struct {
+	start, end int64
+	blobs      []int
+}
+
+// neededRanges groups the needed blobs of a pack into ranges read at
+// once: blobs less than rangeGap apart share a read, so a mostly used
+// pack costs one request and a mostly unused one reads little more than
+// what it keeps.
+func neededRanges(u *packUse) []packRange {
+	const rangeGap = 1 << 20
+	idx := make([]int, 0, len(u.blobs))
+	for i := range u.blobs {
+		if u.need[i] {
+			idx = append(idx, i)
+		}
+	}
+	slices.SortFunc(idx, func(a, b int) int { return int(u.blobs[a].Offset) - int(u.blobs[b].Offset) })
+	var out []packRange
+	for _, i := range idx {
+		c := u.blobs[i]
+		start, end := int64(c.Offset), int64(c.Offset)+int64(c.Length)
+		if n := len(out); n > 0 && start-out[n-1].end <= rangeGap && start >= out[n-1].start {
+			out[n-1].end = max(out[n-1].end, end)
+			out[n-1].blobs = append(out[n-1].blobs, i)
+			continue
+		}
+		out = append(out, packRange{start: start, end: end, blobs: []int{i}})
+	}
+	return out
 }
 
 // recordCondemned stores the record condemning the packs decided on and
@@ -807,6 +888,9 @@ func (p *pruner) cleanUp(ctx context.Context) error {
 	if err := p.cleanIndex(ctx); err != nil {
 		return err
 	}
+	if err := p.cleanParity(ctx); err != nil {
+		return err
+	}
 	for _, si := range p.sessions.Sessions {
 		if si.State == SessionLive || si.ID == p.w.Session() {
 			continue
@@ -822,6 +906,33 @@ func (p *pruner) cleanUp(ctx context.Context) error {
 	}
 	p.rep.SnapshotsRemoved = p.removeAll(ctx, backend.SnapshotFile, forgotten)
 	return ctx.Err()
+}
+
+// cleanParity removes the parity objects that cover a deleted pack: they
+// can no longer rebuild anything (every other pack of the group, and the
+// deleted one, would be needed). The kept packs of such a group lose
+// their parity; prune's own new packs get parity when asked (Parity).
+func (p *pruner) cleanParity(ctx context.Context) error {
+	groups, _, err := p.r.ParityGroups(ctx)
+	if err != nil {
+		return err
+	}
+	var gone []string
+	for _, g := range groups {
+		for _, id := range g.Packs {
+			if p.led.Deleted[id] || slices.Contains(p.ripe, id) {
+				gone = append(gone, g.Name)
+				for _, id := range g.Packs {
+					if !p.led.Deleted[id] && !slices.Contains(p.ripe, id) {
+						p.rep.Unprotected++
+					}
+				}
+				break
+			}
+		}
+	}
+	p.rep.ParityRemoved = p.removeAll(ctx, backend.ParityFile, gone)
+	return nil
 }
 
 // removeAll removes objects, best effort (a later prune retries), and

@@ -10,6 +10,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -137,13 +139,18 @@ func TestPruneFreesWhatForgottenSnapshotsAloneHeld(t *testing.T) {
 	forget(t, tr, a)
 
 	dry := prune(t, tr.Reopen(t), repo.PruneOptions{DryRun: true})
-	if n, size := storedBytes(tr); size != before || dry.Deleted.Packs != 0 || dry.Condemned.Packs == 0 {
+	if n, size := storedBytes(tr); size != before || dry.Condemned.Packs == 0 {
 		t.Fatalf("dry run: %d packs %d bytes stored (was %d), report %+v", n, size, before, dry)
 	}
 
 	rep := prune(t, tr.Reopen(t), repo.PruneOptions{})
 	if rep.Deleted.Packs == 0 || rep.Waiting.Packs != 0 {
 		t.Fatalf("nothing deleted with no backup running: %+v", rep)
+	}
+	// The dry run's estimate is the run's figures but for pack overhead.
+	if dry.RepackedBlobs != rep.RepackedBlobs || dry.Condemned != rep.Condemned ||
+		dry.After.Bytes < rep.After.Bytes*9/10 || dry.After.Bytes > rep.After.Bytes*11/10 {
+		t.Fatalf("dry run estimated %+v, the run did %+v", dry, rep)
 	}
 	_, after := storedBytes(tr)
 	// What a alone held: 20 chunks of random data and its chunk list.
@@ -333,18 +340,38 @@ func TestPruneRefusals(t *testing.T) {
 		t.Fatalf("write-only prune: %v", err)
 	}
 
-	// A damaged pack that must be repacked stops the prune, naming it,
-	// with nothing condemned or deleted.
+	// A damaged chunk in a pack that must be repacked (chunk 20 is kept
+	// by b, in a pack mostly a's) stops the prune, naming the pack, with
+	// nothing condemned or deleted.
+	loc, ok := tr.Reopen(t).Index().Lookup(tr.ChunkID(chunkOf(20)))
+	if !ok {
+		t.Fatal("chunk 20 is not indexed")
+	}
+	before := tr.Backend.Names(backend.LedgerFile)
+	tr.Backend.Damage(backend.Handle{Type: backend.PackFile, Name: loc.Pack.String()}, int64(loc.Offset)+40)
+	_, err = tr.Reopen(t).Prune(context.Background(), repo.PruneOptions{MaxUnused: 0.05})
+	if err == nil || !strings.Contains(err.Error(), "pack "+loc.Pack.Short()+": blob") || !strings.Contains(err.Error(), "nothing was deleted") {
+		t.Fatalf("prune over a damaged chunk: %v", err)
+	}
+	if len(tr.Backend.Names(backend.LedgerFile)) != len(before) {
+		t.Fatal("prune over a damaged chunk recorded something")
+	}
+
+	// Damage everywhere (chunk lists too) stops it as well.
 	names := tr.Backend.Names(backend.PackFile)
 	packs := len(names)
 	ledger := len(tr.Backend.Names(backend.LedgerFile))
 	for _, name := range names {
-		tr.Backend.Damage(backend.Handle{Type: backend.PackFile, Name: name}, 100)
+		h := backend.Handle{Type: backend.PackFile, Name: name}
+		data, _ := tr.Backend.Get(h)
+		for off := int64(100); off < int64(len(data))-100; off += 1000 {
+			tr.Backend.Damage(h, off) // every blob of every pack
+		}
 	}
 	_, err = tr.Reopen(t).Prune(context.Background(), repo.PruneOptions{MaxUnused: 0.05})
 	named := false
 	for _, name := range names {
-		named = named || err != nil && strings.Contains(err.Error(), "pack "+name[:8]+" is damaged")
+		named = named || err != nil && strings.Contains(err.Error(), "pack "+name[:8])
 	}
 	if !named || !strings.Contains(err.Error(), "nothing was deleted") {
 		t.Fatalf("prune over a damaged pack: %v", err)
@@ -360,5 +387,85 @@ func TestPruneRefusals(t *testing.T) {
 	_, err = tr2.Reopen(t).Prune(context.Background(), repo.PruneOptions{})
 	if err == nil || !strings.Contains(err.Error(), "nothing was deleted") {
 		t.Fatalf("prune with an unreadable snapshot: %v", err)
+	}
+}
+
+// A backup that outlives its session (the machine was suspended past the
+// lifetime, so its announcement expired): prune takes it for dead and
+// deletes the packs it had reused, and the backup then refuses to write
+// its manifest. No snapshot ever names the deleted data.
+func TestBackupThatOutlivesItsSessionFailsClearly(t *testing.T) {
+	tm := newTimed(t)
+	ctx := context.Background()
+	old := backupChunks(t, tm.Repository, 0, 16)
+	if err := tm.SaveLedger(ctx, []repo.LedgerEvent{{Kind: repo.EventSnapshotForgotten, Snapshot: &old}}); err != nil {
+		t.Fatal(err)
+	}
+	tm.Backend.Remove(ctx, backend.Handle{Type: backend.SnapshotFile, Name: old.String()})
+	tm.advance(2 * time.Second)
+
+	wr := tm.Open(t, tm.WriteOnly(t, "web1"))
+	repo.SetSessionTiming(wr, testLifetime, testRenew, tm.writer)
+	var rep *repo.PruneReport
+	_, err := wr.WithWriter(ctx, "backup", func(w *repo.Writer) error {
+		var ids []repo.ID
+		for i := range uint64(16) {
+			data := chunkOf(i)
+			res, err := w.SaveBlob(ctx, repo.DataBlob, wr.ChunkID(data), data)
+			if err != nil || res.New {
+				t.Fatalf("the forgotten chunk %d was not reused: %v", i, err)
+			}
+			ids = append(ids, wr.ChunkID(data))
+		}
+		sn := snapshotOf(t, w, ids)
+		// Suspended: the storage's clock runs on, the writer's stands.
+		tm.storage.Advance(testLifetime + time.Minute)
+		owner := tm.Reopen(t)
+		repo.SetSessionTiming(owner, testLifetime, testRenew, tm.writer)
+		var perr error
+		rep, perr = owner.Prune(ctx, repo.PruneOptions{MaxUnused: 0.05})
+		if perr != nil {
+			t.Fatalf("prune: %v", perr)
+		}
+		_, err := w.SaveSnapshot(ctx, sn)
+		return err
+	})
+	if rep.Deleted.Packs == 0 || rep.Waiting.Packs != 0 {
+		t.Fatalf("prune kept waiting for an expired session: %+v", rep)
+	}
+	if !errors.Is(err, repo.ErrSessionExpired) {
+		t.Fatalf("the backup that outlived its session: %v, want it refused", err)
+	}
+	if n := len(tm.Backend.Names(backend.SnapshotFile)); n != 0 {
+		t.Fatalf("%d snapshots written, referencing deleted packs", n)
+	}
+}
+
+// A prune killed on this machine (its session announced, live, and its
+// local record naming a process that is gone) does not keep the next
+// prune off; one whose process is unknown here does.
+func TestPruneAfterAKilledPrune(t *testing.T) {
+	cache := t.TempDir()
+	tr := repotest.New(t, repotest.Options{CacheDir: cache})
+	tr.Backend.SetClock((&tickingClock{now: time.Date(2030, 1, 2, 3, 0, 0, 0, time.UTC)}).Now)
+	backupChunks(t, tr.Repository, 0, 8)
+	announce := func(session string) {
+		a := repo.Announcement{Session: session, Purpose: "prune", Host: "h", LifetimeSeconds: 21600}
+		data := repo.EncodeAnnouncement(tr.Repository, tr.Keys, &a)
+		tr.Backend.Put(backend.Handle{Type: backend.SessionFile, Name: repo.Hash(data).String()}, data)
+	}
+	other := strings.Repeat("cd", 16)
+	announce(other)
+	if _, err := tr.Reopen(t).Prune(context.Background(), repo.PruneOptions{}); err == nil || !strings.Contains(err.Error(), "another prune is running") {
+		t.Fatalf("prune beside another live prune: %v", err)
+	}
+	killed := strings.Repeat("ef", 16)
+	announce(killed)
+	dir := filepath.Join(cache, tr.Config().ID, "prunes")
+	os.MkdirAll(dir, 0o700)
+	os.WriteFile(filepath.Join(dir, killed), []byte("1 not-this-boot 0"), 0o600)
+	os.WriteFile(filepath.Join(dir, other), []byte("1 not-this-boot 0"), 0o600)
+	if _, err := tr.Reopen(t).Prune(context.Background(), repo.PruneOptions{}); err != nil {
+		t.Fatalf("prune after prunes killed on this machine: %v", err)
 	}
 }

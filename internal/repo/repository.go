@@ -62,6 +62,11 @@ type Repository struct {
 	opener     *crypto.DataOpener
 	openerErr  error
 
+	// parityK is the size of the parity groups write sessions store (0:
+	// none; SetParity).
+	parityK    int
+	parityPool mapPool
+
 	// timing is how write sessions announce themselves (tests shorten
 	// it and drive its clock).
 	timing sessionTiming
@@ -229,42 +234,70 @@ func (r *Repository) OpenBlobInPlace(dst []byte, id ID, loc Location, sealed []b
 }
 
 func (r *Repository) openBlob(dst []byte, id ID, loc Location, sealed []byte, inPlace bool) ([]byte, error) {
-	fail := func(err error) ([]byte, error) {
-		return nil, &BlobError{ID: id, Pack: loc.Pack, Offset: loc.Offset, Err: err}
+	if loc.Type == DataBlob {
+		if _, err := r.dataOpener(); err != nil {
+			return nil, err // the key's, not the blob's
+		}
 	}
-	var coded []byte
-	var err error
+	coded, err := r.decrypt(id, loc, sealed, inPlace)
+	if err == nil {
+		var plain []byte
+		if plain, err = r.decode(dst, id, loc.Type, coded); err == nil {
+			return plain, nil
+		}
+	}
+	return nil, &BlobError{ID: id, Pack: loc.Pack, Offset: loc.Offset, Err: err}
+}
+
+// decrypt opens a sealed blob into its coded form (coding byte and
+// body); a data blob in place over sealed when inPlace.
+func (r *Repository) decrypt(id ID, loc Location, sealed []byte, inPlace bool) ([]byte, error) {
 	switch loc.Type {
 	case DataBlob:
-		o, oerr := r.dataOpener()
-		if oerr != nil {
-			return nil, oerr
+		o, err := r.dataOpener()
+		if err != nil {
+			return nil, err
 		}
 		if inPlace {
-			coded, err = o.OpenInPlace(loc.Ephemeral, sealed, id[:])
-		} else {
-			coded, err = o.Open(nil, loc.Ephemeral, sealed, id[:])
+			return o.OpenInPlace(loc.Ephemeral, sealed, id[:])
 		}
+		return o.Open(nil, loc.Ephemeral, sealed, id[:])
 	case MetaBlob:
-		coded, err = r.meta.Open(nil, sealed, id[:])
-	default:
-		err = fmt.Errorf("unknown blob type %d", loc.Type)
+		return r.meta.Open(nil, sealed, id[:])
 	}
-	if err != nil {
-		return fail(err)
-	}
+	return nil, fmt.Errorf("unknown blob type %d", loc.Type)
+}
+
+// decode decompresses a coded blob, appending it to dst, bounded by what
+// a blob of its type may hold, and verifies it against its ID.
+func (r *Repository) decode(dst []byte, id ID, t BlobType, coded []byte) ([]byte, error) {
 	limit := r.cfg.ChunkSize
-	if loc.Type == MetaBlob {
+	if t == MetaBlob {
 		limit = maxMetaBlob
 	}
 	plain, err := r.comp.decode(dst, coded, limit)
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
-	if r.blobID(loc.Type, plain[len(dst):]) != id {
-		return fail(errors.New("content does not match its ID (damaged)"))
+	if r.blobID(t, plain[len(dst):]) != id {
+		return nil, errors.New("content does not match its ID (damaged)")
 	}
 	return plain, nil
+}
+
+// openCoded decrypts a sealed blob (a data blob over sealed's own
+// storage) and verifies it, decoding it into *scratch, and returns its
+// coded form (coding byte and body), as a writer stores it again without
+// compressing it again.
+func (r *Repository) openCoded(id ID, loc Location, sealed []byte, scratch *[]byte) ([]byte, error) {
+	coded, err := r.decrypt(id, loc, sealed, true)
+	if err == nil {
+		*scratch, err = r.decode((*scratch)[:0], id, loc.Type, coded)
+	}
+	if err != nil {
+		return nil, &BlobError{ID: id, Pack: loc.Pack, Offset: loc.Offset, Err: err}
+	}
+	return coded, nil
 }
 
 // ReadBlob reads one blob (chunk lists come from the cache when present),

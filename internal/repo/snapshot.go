@@ -29,6 +29,9 @@ type Snapshot struct {
 	// Quiesce says how applications were held still around the instant
 	// of the copies; nil when nothing was asked of them.
 	Quiesce *Quiescing `json:"quiesce,omitempty"`
+	// CopiedFrom says which snapshot of which repository 'sauve copy'
+	// made this one from; nil for a snapshot a backup wrote.
+	CopiedFrom *CopiedFrom `json:"copied_from,omitempty"`
 
 	// Filled in when loaded, not stored in the manifest.
 	ID ID `json:"-"`
@@ -52,6 +55,14 @@ type Quiescing struct {
 	Reason        string            `json:"reason,omitempty"`
 	Writers       []QuiescingWriter `json:"writers,omitempty"`
 	WindowSeconds float64           `json:"window_seconds,omitempty"`
+}
+
+// CopiedFrom names the snapshot a copy was made from: its repository's
+// ID and its manifest's ID there. A copy of a copy names the snapshot it
+// was read from, not the first one.
+type CopiedFrom struct {
+	Repository string `json:"repository"`
+	Snapshot   ID     `json:"snapshot"`
 }
 
 // QuiescingWriter is what one writer (hooks, a database, an agent) did.

@@ -223,12 +223,21 @@ type Writer struct {
 // sessions/ and to read them back); it renews the announcement while fn
 // runs, and announces its end when it is over.
 func (r *Repository) WithWriter(ctx context.Context, purpose string, fn func(w *Writer) error) (WriteStats, error) {
+	return r.withWriter(ctx, purpose, nil, fn)
+}
+
+// withWriter is WithWriter; before, when set, learns the session's ID
+// before its first announcement is stored.
+func (r *Repository) withWriter(ctx context.Context, purpose string, before func(session string), fn func(w *Writer) error) (WriteStats, error) {
 	if r.ReadOnly() {
 		return WriteStats{}, r.errReadOnly()
 	}
 	a, err := r.newAnnouncer(purpose)
 	if err != nil {
 		return WriteStats{}, err
+	}
+	if before != nil {
+		before(a.base.Session)
 	}
 	if err := a.announce(ctx, false); err != nil {
 		return WriteStats{}, announceError(err)

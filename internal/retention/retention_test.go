@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+	_ "time/tzdata" // Europe/Paris in any test environment
 )
 
 // series makes one snapshot of host h, source /dev/vda, every step from
@@ -167,5 +169,170 @@ func TestApplyRefuses(t *testing.T) {
 	}
 	if ds, err := Apply(nil, Policy{Last: 1}, DefaultGroupBy(), nil); err != nil || len(ds) != 0 {
 		t.Errorf("no snapshots: %v, %v", ds, err)
+	}
+}
+
+// oracle keeps, for one group sorted newest first, what the rules keep,
+// computed the plain way: for each calendar rule, walk from the newest and
+// keep the first snapshot of each new local period until n periods are
+// kept.
+func oracle(snaps []Snapshot, p Policy, loc *time.Location) map[string]bool {
+	keep := map[string]bool{}
+	for i := 0; i < p.Last && i < len(snaps); i++ {
+		keep[snaps[i].ID] = true
+	}
+	type key [4]int
+	rules := []struct {
+		n  int
+		of func(t time.Time) key
+	}{
+		{p.Hourly, func(t time.Time) key { y, m, d := t.Date(); return key{y, int(m), d, t.Hour()} }},
+		{p.Daily, func(t time.Time) key { y, m, d := t.Date(); return key{y, int(m), d} }},
+		{p.Weekly, func(t time.Time) key { y, w := t.ISOWeek(); return key{y, w} }},
+		{p.Monthly, func(t time.Time) key { return key{t.Year(), int(t.Month())} }},
+		{p.Yearly, func(t time.Time) key { return key{t.Year()} }},
+	}
+	for _, r := range rules {
+		seen := map[key]bool{}
+		for _, sn := range snaps {
+			if len(seen) >= r.n {
+				break
+			}
+			if k := r.of(sn.Time.In(loc)); !seen[k] {
+				seen[k] = true
+				keep[sn.ID] = true
+			}
+		}
+	}
+	for _, sn := range snaps {
+		if p.Within > 0 && snaps[0].Time.Sub(sn.Time) <= p.Within {
+			keep[sn.ID] = true
+		}
+		for _, tag := range p.Tags {
+			for _, t := range sn.Tags {
+				if t == tag {
+					keep[sn.ID] = true
+				}
+			}
+		}
+	}
+	return keep
+}
+
+// TestApplyYear: a leap year (2024) of snapshots in Europe/Paris (two DST
+// changes), three hosts backing up at different rates, two sources on one
+// host, tags, and two snapshots with identical times; every policy's
+// result equals the oracle's, whatever the input order.
+func TestApplyYear(t *testing.T) {
+	paris, err := time.LoadLocation("Europe/Paris")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(2024, 1))
+	var snaps []Snapshot
+	add := func(host, src string, t time.Time, tags ...string) {
+		snaps = append(snaps, Snapshot{ID: fmt.Sprintf("%s-%s-%05d", host, src[5:], len(snaps)), Time: t, Host: host, Sources: []string{src}, Tags: tags})
+	}
+	start := time.Date(2024, 1, 1, 0, 0, 0, 0, paris)
+	for d := 0; d < 366; d++ {
+		day := start.AddDate(0, 0, d)
+		// web1: nightly at 02:30 local (a time that does not exist on
+		// 31 March and happens twice on 27 October).
+		add("web1", "/dev/vda", day.Add(2*time.Hour+30*time.Minute), "nightly")
+		// web1's second disk: every 6 hours.
+		for h := 0; h < 24; h += 6 {
+			add("web1", "/dev/vdb", day.Add(time.Duration(h)*time.Hour+time.Duration(rng.IntN(50))*time.Minute))
+		}
+		// db1: at random hours, some days twice, some days not at all.
+		for n := rng.IntN(3); n > 0; n-- {
+			tags := []string{}
+			if day.Day() == 1 {
+				tags = append(tags, "monthly")
+			}
+			add("db1", "/dev/sda", day.Add(time.Duration(rng.IntN(24*60))*time.Minute), tags...)
+		}
+	}
+	// Both hours of the October change, and two snapshots at one instant.
+	fallBack := time.Date(2024, 10, 27, 0, 30, 0, 0, time.UTC) // 02:30 CEST
+	add("web2", "/dev/vda", fallBack)
+	add("web2", "/dev/vda", fallBack.Add(time.Hour)) // 02:30 CET
+	add("web2", "/dev/vda", fallBack.Add(2*time.Hour))
+	add("web2", "/dev/vda", fallBack.Add(2*time.Hour)) // identical time
+	add("web2", "/dev/vda", time.Date(2024, 2, 29, 23, 59, 0, 0, paris))
+	add("web2", "/dev/vda", time.Date(2024, 3, 1, 0, 1, 0, 0, paris))
+
+	policies := []Policy{
+		{Last: 3},
+		{Daily: 7, Weekly: 4, Monthly: 12, Yearly: 3},
+		{Hourly: 30},
+		{Daily: 400},
+		{Weekly: 60},
+		{Monthly: 6, Tags: []string{"monthly"}},
+		{Within: 30 * 24 * time.Hour, Last: 1},
+		{Last: 1000},
+	}
+	for _, p := range policies {
+		t.Run(fmt.Sprintf("%+v", p), func(t *testing.T) {
+			in := slices.Clone(snaps)
+			rng.Shuffle(len(in), func(i, j int) { in[i], in[j] = in[j], in[i] })
+			ds, err := Apply(in, p, DefaultGroupBy(), paris)
+			if err != nil {
+				t.Fatal(err)
+			}
+			groups := map[string][]Snapshot{}
+			for _, sn := range snaps {
+				k := sn.Host + " " + sn.Sources[0]
+				groups[k] = append(groups[k], sn)
+			}
+			want := map[string]bool{}
+			for _, g := range groups {
+				slices.SortStableFunc(g, func(a, b Snapshot) int {
+					if c := b.Time.Compare(a.Time); c != 0 {
+						return c
+					}
+					return strings.Compare(a.ID, b.ID)
+				})
+				for id := range oracle(g, p, paris) {
+					want[id] = true
+				}
+			}
+			if len(ds) != len(snaps) {
+				t.Fatalf("%d decisions for %d snapshots", len(ds), len(snaps))
+			}
+			for _, d := range ds {
+				if d.Keep != want[d.Snapshot.ID] {
+					t.Errorf("%s at %s: keep %v, oracle %v (reasons %q)", d.Snapshot.ID, d.Snapshot.Time.In(paris), d.Keep, want[d.Snapshot.ID], d.Reasons)
+				}
+			}
+		})
+	}
+
+	// The edge cases, by hand: the two 02:30 of 27 October are one local
+	// hour (as restic counts), the identical pair is broken by ID, and
+	// 29 February is a day of its own.
+	web2 := snaps[len(snaps)-6:]
+	ds, _ := Apply(web2, Policy{Hourly: 2, Daily: 3}, DefaultGroupBy(), paris)
+	got := map[string][]string{}
+	for _, d := range ds {
+		got[d.Snapshot.ID] = d.Reasons
+	}
+	ids := func(i int) string { return web2[i].ID }
+	if r := got[ids(2)]; len(r) != 2 || r[0] != "hourly 2024-10-27 03h" {
+		t.Errorf("newest of the identical pair (lower ID first): %q", r)
+	}
+	if r := got[ids(3)]; len(r) != 0 {
+		t.Errorf("the other of the identical pair: %q", r)
+	}
+	if r := got[ids(1)]; len(r) != 1 || r[0] != "hourly 2024-10-27 02h" {
+		t.Errorf("02:30 CET: %q", r)
+	}
+	if r := got[ids(0)]; len(r) != 0 {
+		t.Errorf("02:30 CEST shares the local hour 02h with 02:30 CET: %q", r)
+	}
+	if r := got[ids(4)]; len(r) != 1 || r[0] != "daily 2024-02-29" {
+		t.Errorf("29 February: %q", r)
+	}
+	if r := got[ids(5)]; len(r) != 1 || r[0] != "daily 2024-03-01" {
+		t.Errorf("1 March: %q", r)
 	}
 }

@@ -231,3 +231,11 @@ type scrubbed struct{ err error }
 
 func (s scrubbed) Error() string { return scrubSecrets(s.err.Error()) }
 func (s scrubbed) Unwrap() error { return s.err }
+
+// Limits implements the limits a SAS token states (backend.LimitsOf).
+func (b *Backend) Limits() backend.Limits {
+	if b.sas == nil {
+		return backend.Limits{}
+	}
+	return backend.Limits{NoList: b.sas.lacks(opList) != "", Expires: b.sas.expiry, Credential: "the SAS token (sp=" + b.sas.perms + ")"}
+}

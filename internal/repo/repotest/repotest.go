@@ -23,6 +23,9 @@ type Options struct {
 	Connections int // default 2
 	CacheDir    string
 	Warn        func(format string, args ...any)
+	// IDKey, when set, is the new repository's ID key, as 'sauve init
+	// --from-repo' shares one with another repository (default: fresh).
+	IDKey *[crypto.KeySize]byte
 }
 
 // Repo is a test repository: the open repository, the backend that
@@ -50,6 +53,9 @@ func New(t testing.TB, opts Options) *Repo {
 	keys, err := crypto.Generate(cfg.ID)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if opts.IDKey != nil {
+		keys.IDKey = *opts.IDKey
 	}
 	be := mem.New()
 	if err := repo.Init(context.Background(), be, keys, cfg); err != nil {
