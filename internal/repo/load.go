@@ -203,7 +203,8 @@ func markCondemned(idx *Index, led *Ledger) {
 // announcement never reuses a blob a prune is about to delete
 // (docs/FORMAT.md, "Prune").
 func (r *Repository) refreshCondemned(ctx context.Context) error {
-	if blobs, _ := r.idx.Len(); r.load == nil && blobs == 0 {
+	// r.load first: with the local index file, Len reads the whole file.
+	if r.load == nil && r.idxEmpty() {
 		// No index loaded (credentials that cannot list): nothing stored
 		// before can be reused, so no condemnation matters.
 		return nil
@@ -389,4 +390,10 @@ func (r *Repository) saveIndexTo(ctx context.Context, cache *Cache, records []in
 	}
 	cache.Put(cacheIndex, id.String(), data)
 	return nil
+}
+
+// idxEmpty reports whether the index holds no entry.
+func (r *Repository) idxEmpty() bool {
+	blobs, _ := r.idx.Len()
+	return blobs == 0
 }
