@@ -86,6 +86,11 @@ type packRecord struct {
 // one place; none hides another, and which one a reader uses is decided
 // per query, by trust and then by pack ID, so the answer never depends on
 // the order index objects were loaded in.
+//
+// With a local index file (indexdb.go), the entries the file holds are
+// read where a lookup needs them; Len, Each and PackStates, which walk
+// every entry, then read the whole file (about a second per 50 M
+// entries): the backup path must not call them.
 type Index struct {
 	mu      sync.RWMutex
 	packs   []packRecord
