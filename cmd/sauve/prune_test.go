@@ -192,13 +192,35 @@ func TestPruneKill9(t *testing.T) {
 					t.Fatalf("%s: the kept snapshot does not restore byte-exact", when)
 				}
 			}
+			if tg.name == "local" {
+				// Once right after the condemnation (usually before the deletions;
+				// the unit test stops at each point for sure).
+				ledger := filepath.Join(e.repo, "ledger")
+				n := len(treeOf(t, ledger))
+				c := e.cmd(nil, "prune", "--max-unused", "0%")
+				if err := c.Start(); err != nil {
+					t.Fatal(err)
+				}
+				for deadline := time.Now().Add(20 * time.Second); len(treeOf(t, ledger)) == n && time.Now().Before(deadline); {
+					time.Sleep(time.Millisecond)
+				}
+				c.Process.Signal(syscall.SIGKILL)
+				c.Wait()
+				if len(treeOf(t, ledger)) == n {
+					t.Fatal("prune wrote no condemnation record")
+				}
+				if len(packFiles(t, e.repo)) == 0 {
+					t.Fatal("no pack left")
+				}
+				verify("after a kill right after the condemnation")
+			}
 			for round := range 6 {
 				if kill("prune", "--max-unused", "0%") {
 					killed++
 				}
 				verify(fmt.Sprintf("after kill %d", round))
 			}
-			t.Logf("%d of 7 runs killed before they finished", killed)
+			t.Logf("%d of 7 runs at random moments killed before they finished", killed)
 			var p pruneOut
 			e.okJSON(&p, "prune", "--max-unused", "0%")
 			if p.Waiting.Packs != 0 {

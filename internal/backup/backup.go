@@ -192,7 +192,7 @@ func RunDisks(ctx context.Context, r Repository, srcs []Source, opts Options) (*
 	res := &Result{Snapshot: sn, Packs: ws.Packs, ParityBytes: ws.ParityBytes}
 	for _, d := range sn.Disks {
 		res.Disks = append(res.Disks, d.Stats)
-		addStats(&res.Stats, d.Stats)
+		res.Stats.Add(d.Stats)
 	}
 	// The manifest was written after its last pack had been uploaded: the
 	// result counts that wait too, which the manifest's Seconds cannot.
@@ -287,19 +287,6 @@ func newSnapshot(opts Options, start time.Time, disks []repo.Disk) *repo.Snapsho
 		Time: t.UTC(), Host: opts.Host, Tags: opts.Tags, Parent: opts.Parent, Program: opts.Program,
 		Disks: disks, Quiesce: opts.Quiesce,
 	}
-}
-
-// addStats sums b into a.
-func addStats(a *repo.DiskStats, b repo.DiskStats) {
-	a.BytesRead += b.BytesRead
-	a.BytesNew += b.BytesNew
-	a.BytesNewCoded += b.BytesNewCoded
-	a.BytesStored += b.BytesStored
-	a.ChunksNew += b.ChunksNew
-	a.ChunksReused += b.ChunksReused
-	a.ChunksZero += b.ChunksZero
-	a.ChunksUnchanged += b.ChunksUnchanged
-	a.BytesUnchanged += b.BytesUnchanged
 }
 
 // pipeline is one backup's stages and the state they share.

@@ -294,7 +294,8 @@ func (c *copier) snapshot(ctx context.Context, w *repo.Writer, sn *repo.Snapshot
 			return nil, fmt.Errorf("copy disk %s of snapshot %s: %w", sn.Disks[i].Name, sn.ID.Short(), err)
 		}
 		nsn.Disks = append(nsn.Disks, *d)
-		addStats(&c.res.Stats, d.Stats)
+		c.res.Stats.Add(d.Stats)
+		c.res.Stats.Seconds += d.Stats.Seconds // copied one after another
 	}
 	return nsn, nil
 }
@@ -505,15 +506,4 @@ func (c *copier) count(st *repo.DiskStats, fn func(*repo.DiskStats)) {
 	c.statsMu.Lock()
 	fn(st)
 	c.statsMu.Unlock()
-}
-
-func addStats(a *repo.DiskStats, b repo.DiskStats) {
-	a.BytesRead += b.BytesRead
-	a.BytesNew += b.BytesNew
-	a.BytesNewCoded += b.BytesNewCoded
-	a.BytesStored += b.BytesStored
-	a.ChunksNew += b.ChunksNew
-	a.ChunksReused += b.ChunksReused
-	a.ChunksZero += b.ChunksZero
-	a.Seconds += b.Seconds
 }

@@ -42,7 +42,7 @@ type ParityGroup struct {
 	Length int64
 }
 
-func (g *ParityGroup) headerLen() int64 { return int64(12 + len(g.Packs)*parityEntry) }
+func (g *ParityGroup) headerLen() int64 { return g.headerLenFor(len(g.Packs)) }
 
 // encodeParityHeader writes a parity object's header.
 func encodeParityHeader(packs []ID, sizes []int64) []byte {
@@ -426,7 +426,10 @@ func (r *Repository) RepairPacks(ctx context.Context, dryRun bool) (*PackRepairR
 			rep.Unrecoverable[id.String()] = err.Error()
 			continue
 		}
-		rep.BytesRead += g.Length + int64(len(g.Packs)-1)*int64(len(data))
+		rep.BytesRead += g.Length - int64(len(data))
+		for _, size := range g.Sizes {
+			rep.BytesRead += size
+		}
 		if !dryRun {
 			if err := r.storeRebuilt(ctx, id, data); err != nil {
 				return rep, err

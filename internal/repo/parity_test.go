@@ -156,3 +156,30 @@ func TestProtectPacks(t *testing.T) {
 	}
 	mustHold(t, tr, snap, 0, 100)
 }
+
+// A parity object forged or damaged (a holder of a write-only key can
+// store one under any name) never plants a pack: the rebuilt bytes must
+// hash to the lost pack's name, and nothing is stored otherwise.
+func TestParityForgedOrDamagedPlantsNothing(t *testing.T) {
+	tr, _ := parityRepo(t, 4)
+	ctx := context.Background()
+	groups, _, err := tr.ParityGroups(ctx)
+	if err != nil || len(groups) == 0 {
+		t.Fatal(groups, err)
+	}
+	g := groups[0]
+	lost := g.Packs[0]
+	tr.Backend.Remove(ctx, backend.Handle{Type: backend.PackFile, Name: lost.String()})
+	tr.Backend.Damage(backend.Handle{Type: backend.ParityFile, Name: g.Name}, g.Length/2+1000)
+	rep, err := tr.Reopen(t).RepairPacks(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	why := rep.Unrecoverable[lost.String()]
+	if len(rep.Rebuilt) != 0 || !strings.Contains(why, "parity object is damaged") {
+		t.Fatalf("repair from a damaged parity object: %+v", rep)
+	}
+	if _, ok := tr.Backend.Get(backend.Handle{Type: backend.PackFile, Name: lost.String()}); ok {
+		t.Fatal("a pack was stored from damaged parity")
+	}
+}

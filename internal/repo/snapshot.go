@@ -152,6 +152,20 @@ type DiskStats struct {
 	Seconds         float64 `json:"seconds"`
 }
 
+// Add sums the counts of b into s (not Seconds: disks read at once do
+// not add up their times).
+func (s *DiskStats) Add(b DiskStats) {
+	s.BytesRead += b.BytesRead
+	s.BytesNew += b.BytesNew
+	s.BytesNewCoded += b.BytesNewCoded
+	s.BytesStored += b.BytesStored
+	s.ChunksNew += b.ChunksNew
+	s.ChunksReused += b.ChunksReused
+	s.ChunksZero += b.ChunksZero
+	s.ChunksUnchanged += b.ChunksUnchanged
+	s.BytesUnchanged += b.BytesUnchanged
+}
+
 // envelope is what is sealed into a snapshot object: the manifest's exact
 // bytes and the signature over them.
 type envelope struct {
