@@ -469,3 +469,33 @@ func TestPruneAfterAKilledPrune(t *testing.T) {
 		t.Fatalf("prune after prunes killed on this machine: %v", err)
 	}
 }
+
+// Damage and forgery under prune: a damaged index object (its packs are
+// then known only from their trailers, which nobody vouches for) makes
+// prune keep every copy they hold; an unreadable session object (it may
+// be a running writer's, or planted by a write-only key) holds every
+// deletion off.
+func TestPruneUnderDamagedIndexAndForgedSession(t *testing.T) {
+	tr := newPruneRepo(t)
+	a := backupChunks(t, tr.Repository, 0, 40)
+	b := backupChunks(t, tr.Repository, 20, 60)
+	forget(t, tr, a)
+	for _, name := range tr.Backend.Names(backend.IndexFile) {
+		tr.Backend.Damage(backend.Handle{Type: backend.IndexFile, Name: name}, 30)
+	}
+	prune(t, tr.Reopen(t), repo.PruneOptions{})
+	mustHold(t, tr, b, 20, 60)
+
+	tr2 := newPruneRepo(t)
+	a2 := backupChunks(t, tr2.Repository, 0, 40)
+	b2 := backupChunks(t, tr2.Repository, 20, 60)
+	forget(t, tr2, a2)
+	garbage := []byte("not an announcement")
+	tr2.Backend.Put(backend.Handle{Type: backend.SessionFile, Name: repo.Hash(garbage).String()}, garbage)
+	rep := prune(t, tr2.Reopen(t), repo.PruneOptions{})
+	if rep.Condemned.Packs == 0 || rep.Deleted.Packs != 0 || !strings.Contains(rep.WaitReason, "cannot be read") {
+		t.Fatalf("prune beside an unreadable session object: %+v", rep)
+	}
+	mustHold(t, tr2, b2, 20, 60)
+	mustCheck(t, tr2)
+}
