@@ -178,6 +178,9 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringVar(&snapshot, "snapshot", "auto", "point-in-time copy to read: auto (what the source allows: an LVM snapshot of a logical volume, a btrfs snapshot or reflink copy of an image file on btrfs or XFS, else the source as it is), lvm, btrfs, reflink (fail where that copy cannot be made), qemu (for qemu: sources), none")
 	f.BoolVar(&o.requireConsistent, "require-consistent", false, "refuse to read a source that is in use (mounted read-write) when no point-in-time copy of it can be taken")
 	f.BoolVar(&o.noFreeze, "no-freeze", false, "take the point-in-time copies without freezing the filesystems mounted from the sources (when something else freezes them around the copy: --quiesce's agent on this machine, a hook)")
+	f.DurationVar(&o.listingAge, "pack-listing-max-age", 24*time.Hour, "in a repository of over 100000 packs (about 3 TiB), list its packs (a request per 1000) only when this machine's last listing is older than this: in between, packs prune deleted and packs 'sauve check' found missing or damaged are still avoided, but a pack lost outside sauve since that listing is reused until the next one (0: list at every backup; smaller repositories are listed at every backup)")
+	f.IntVar(&o.listingMin, "pack-listing-min-packs", listingMinPacks, "repositories of at most this many packs are listed at every backup")
+	_ = f.MarkHidden("pack-listing-min-packs") // for tests
 	f.DurationVar(&o.freezeTimeout, "freeze-timeout", shadow.DefaultFreezeTimeout, "longest time filesystems mounted from a source stay frozen while its copy is taken (thawed then even if sauve is killed)")
 	f.StringVar(&o.snapshotSize, "snapshot-size", "", "COW space of an LVM snapshot (e.g. 20G; default: a tenth of the volume, at least 1 GiB)")
 	f.BoolVar(&o.noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
@@ -210,6 +213,8 @@ func copyName(v *source.View) string {
 // backupOptions are backup's flags, read once.
 type backupOptions struct {
 	parity            int
+	listingAge        time.Duration
+	listingMin        int
 	stdinName, host   string
 	at                string // --time
 	stdinSize         int64
@@ -364,6 +369,10 @@ func openBackupSources(ctx context.Context, args []string, o *backupOptions) ([]
 	return disks, nil
 }
 
+// listingMinPacks is the size of repository from which a backup may skip
+// listing its packs: below it, the listing costs at most 100 requests.
+const listingMinPacks = 100_000
+
 // assumedRate is the upload rate a backup's duration is estimated with,
 // to warn of credentials that expire before its end: a slow office link.
 const assumedRate = 10 << 20
@@ -400,6 +409,7 @@ func (g *globals) openForBackup(ctx context.Context, o *backupOptions, path stri
 		}
 		return r, nil, nil
 	}
+	r.ReuseListing(o.listingAge, o.listingMin)
 	if err := r.LoadIndex(ctx); err != nil {
 		return nil, nil, err
 	}

@@ -5,11 +5,15 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
+	"time"
 )
 
 // Cache keeps copies of a repository's index objects, manifests and chunk
@@ -106,10 +110,16 @@ func (c *Cache) List(kind string) []string {
 	return names
 }
 
-// ownPacksFile journals the packs this machine uploaded, one hex name a
-// line, each written before its upload starts: after a kill -9 the next
-// backup knows which unindexed packs hold exactly what it wrote.
+// ownPacksFile journals the packs this machine uploaded, a line each
+// ("<hex name> <unix seconds>"; older sauve wrote the name alone), each
+// written before its upload starts: after a kill -9 the next backup knows
+// which unindexed packs hold exactly what it wrote. Processes sharing the
+// cache lock the file (flock) to append and to compact it.
 const ownPacksFile = "own-packs"
+
+// ownPackGrace is how long a journalled pack that is not stored is kept
+// in the journal: its upload may still be running in another process.
+const ownPackGrace = 7 * 24 * time.Hour
 
 // RecordOwnPack notes a pack about to be uploaded. It reports failure: a
 // pack it cannot record is still uploaded, but not adopted after a crash.
@@ -117,13 +127,25 @@ func (c *Cache) RecordOwnPack(id ID) error {
 	if c == nil {
 		return nil
 	}
+	return c.withOwnPacks(func(f *os.File) error {
+		_, err := f.WriteString(fmt.Sprintf("%s %d\n", id, time.Now().Unix()))
+		return err
+	})
+}
+
+// withOwnPacks runs fn with the journal open for appending and locked.
+func (c *Cache) withOwnPacks(fn func(f *os.File) error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	f, err := os.OpenFile(filepath.Join(c.dir, ownPacksFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	f, err := os.OpenFile(filepath.Join(c.dir, ownPacksFile), os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
 	}
-	_, err = f.WriteString(id.String() + "\n")
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return fmt.Errorf("lock %s: %w", f.Name(), err)
+	}
+	err = fn(f)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -136,18 +158,70 @@ func (c *Cache) OwnPacks() map[ID]bool {
 	if c == nil {
 		return out
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	b, err := os.ReadFile(filepath.Join(c.dir, ownPacksFile))
+	_ = c.withOwnPacks(func(f *os.File) error {
+		for id := range parseOwnPacks(f) {
+			out[id] = true
+		}
+		return nil
+	})
+	return out
+}
+
+// parseOwnPacks reads the journal: pack → when it was recorded (zero for
+// lines of older versions).
+func parseOwnPacks(f *os.File) map[ID]time.Time {
+	out := map[ID]time.Time{}
+	b, err := io.ReadAll(io.NewSectionReader(f, 0, 1<<62))
 	if err != nil {
 		return out
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if id, err := ParseID(strings.TrimSpace(line)); err == nil {
-			out[id] = true
+		name, when, _ := strings.Cut(strings.TrimSpace(line), " ")
+		id, err := ParseID(name)
+		if err != nil {
+			continue
+		}
+		var t time.Time
+		if sec, err := strconv.ParseInt(when, 10, 64); err == nil {
+			t = time.Unix(sec, 0)
+		}
+		if t.After(out[id]) || out[id].IsZero() {
+			out[id] = t
 		}
 	}
 	return out
+}
+
+// CompactOwnPacks rewrites the journal without the packs that need no
+// adoption any more: those indexed, and those not stored (stored reports
+// false) recorded longer ago than a week. A journal that only grew would
+// cost every backup a read of a line per pack this machine ever wrote.
+func (c *Cache) CompactOwnPacks(indexed, stored func(ID) bool, now time.Time) error {
+	if c == nil {
+		return nil
+	}
+	return c.withOwnPacks(func(f *os.File) error {
+		all := parseOwnPacks(f)
+		var b strings.Builder
+		dropped := 0
+		for id, t := range all {
+			if indexed(id) || (!stored(id) && now.Sub(t) > ownPackGrace) {
+				dropped++
+				continue
+			}
+			fmt.Fprintf(&b, "%s %d\n", id, t.Unix())
+		}
+		if dropped == 0 {
+			return nil
+		}
+		// Truncating in place under the lock: another process appends only
+		// while holding it, so nothing written meanwhile is lost.
+		if err := f.Truncate(0); err != nil {
+			return err
+		}
+		_, err := f.WriteString(b.String())
+		return err
+	})
 }
 
 // cachePrunes holds a file per prune this machine runs, named by its

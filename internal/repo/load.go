@@ -98,11 +98,19 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 		return nil, fmt.Errorf("list index: %w", err)
 	}
 	st.indexObjects = len(objs)
+	key := indexDBKey(r.keys.MetaKey)
+	var rec *listingRecord
+	if useFile {
+		rec = cache.recentListing(key, r.listingAge, r.listingMin, time.Now())
+	}
 	// Storage times are for prune, which reads the whole index anyway;
 	// a command with the index file keeps its memory for the disk.
-	stored, at, err := r.listPacks(ctx, !useFile)
-	if err != nil {
-		return nil, err
+	stored, at, listedAt := map[ID]int64{}, map[ID]time.Time{}, time.Now()
+	var err error
+	if rec == nil {
+		if stored, at, err = r.listPacks(ctx, !useFile); err != nil {
+			return nil, err
+		}
 	}
 	st.stored, st.storedAt = stored, at
 	todo, mapped := objs, false
@@ -117,7 +125,9 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 			}
 		}
 	}
-	idx.SetListing(stored)
+	if rec == nil {
+		idx.SetListing(stored)
+	}
 	led, err := ledger(ctx)
 	if err != nil {
 		return nil, err
@@ -135,6 +145,14 @@ func (r *Repository) loadInto(ctx context.Context, idx *Index, cache *Cache, max
 		for id := range led.Deleted {
 			idx.markGone(id)
 		}
+	}
+	switch {
+	case rec != nil:
+		if err := r.useListingRecord(ctx, idx, cache, rec, st); err != nil {
+			return nil, err
+		}
+	case useFile:
+		cache.saveListing(key, listingRecord{at: listedAt, listed: uint64(len(stored)), missing: idx.missingPacks()})
 	}
 	listed := make(map[string]bool, len(objs))
 	for _, fi := range objs {
@@ -359,6 +377,10 @@ func (r *Repository) AdoptOrphanPacks(ctx context.Context) (int, error) {
 		for _, rec := range batch {
 			r.idx.Add(rec.PackInfo, r.self, r.selfTrust())
 		}
+	}
+	stored := func(id ID) bool { _, ok := r.load.stored[id]; return ok }
+	if err := r.cache.CompactOwnPacks(r.idx.HasPack, stored, time.Now()); err != nil {
+		r.opts.Warn("compact the journal of this machine's uploads: %v", err)
 	}
 	return len(adopt), nil
 }

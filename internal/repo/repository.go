@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/crypto"
@@ -79,6 +80,10 @@ type Repository struct {
 
 	// load is what the last LoadIndex found.
 	load *loadState
+	// listingAge is how old a record of this machine's last listing of
+	// packs LoadIndex may use instead of listing (0: none; ReuseListing).
+	listingAge time.Duration
+	listingMin int
 	// metaOK remembers chunk lists whose stored copy a backup verified.
 	metaOK sync.Map
 

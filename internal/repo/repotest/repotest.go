@@ -26,6 +26,8 @@ type Options struct {
 	// IDKey, when set, is the new repository's ID key, as 'sauve init
 	// --from-repo' shares one with another repository (default: fresh).
 	IDKey *[crypto.KeySize]byte
+	// ListingAge is passed to ReuseListing before the index is loaded.
+	ListingAge time.Duration
 }
 
 // Repo is a test repository: the open repository, the backend that
@@ -80,6 +82,7 @@ func (tr *Repo) Open(t testing.TB, keys *crypto.Keys) *repo.Repository {
 	if err != nil {
 		t.Fatal(err)
 	}
+	r.ReuseListing(tr.opts.ListingAge, 0)
 	if err := r.LoadIndex(context.Background()); err != nil {
 		t.Fatal(err)
 	}
