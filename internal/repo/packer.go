@@ -91,6 +91,14 @@ func (p *packer) packCap() int {
 	return p.r.cfg.PackSize + max(p.r.cfg.ChunkSize, maxMetaBlob) + 1024
 }
 
+// limitBuffers lowers the number of pack buffers the session may hold
+// to n (at least 2: one filled while one uploads); before its first blob.
+func (p *packer) limitBuffers(n int) {
+	p.bufMu.Lock()
+	p.bufMax = min(p.bufMax, max(n, 2))
+	p.bufMu.Unlock()
+}
+
 // buffer returns a free pack buffer, allocating up to bufMax of them.
 func (p *packer) buffer() ([]byte, error) {
 	select {

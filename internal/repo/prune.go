@@ -664,6 +664,9 @@ func (p *pruner) repackAll(ctx context.Context) error {
 	for _, id := range p.repack {
 		total += p.packs[id].size
 	}
+	// One pack filled while one uploads: repacking is a single stream,
+	// and a third 32 MiB buffer would cost more memory than it saves time.
+	p.w.p.limitBuffers(2)
 	for _, id := range p.repack {
 		if err := p.repackOne(ctx, p.packs[id]); err != nil {
 			return err
@@ -713,10 +716,11 @@ type packRange struct {
 
 // neededRanges groups the needed blobs of a pack into ranges read at
 // once: blobs less than rangeGap apart share a read, so a mostly used
-// pack costs one request and a mostly unused one reads little more than
-// what it keeps.
+// pack costs a few requests and a mostly unused one reads little more
+// than what it keeps. A range grows to rangeMax at most (or one blob):
+// the buffer it is read into is prune's largest after the packs'.
 func neededRanges(u *packUse) []packRange {
-	const rangeGap = 1 << 20
+	const rangeGap, rangeMax = 1 << 20, 8 << 20
 	idx := make([]int, 0, len(u.blobs))
 	for i := range u.blobs {
 		if u.need[i] {
@@ -728,7 +732,7 @@ func neededRanges(u *packUse) []packRange {
 	for _, i := range idx {
 		c := u.blobs[i]
 		start, end := int64(c.Offset), int64(c.Offset)+int64(c.Length)
-		if n := len(out); n > 0 && start-out[n-1].end <= rangeGap && start >= out[n-1].start {
+		if n := len(out); n > 0 && start-out[n-1].end <= rangeGap && start >= out[n-1].start && end-out[n-1].start <= rangeMax {
 			out[n-1].end = max(out[n-1].end, end)
 			out[n-1].blobs = append(out[n-1].blobs, i)
 			continue
