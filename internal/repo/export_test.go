@@ -25,3 +25,7 @@ func EncodeAnnouncement(r *Repository, keys *crypto.Keys, a *Announcement) []byt
 	}
 	return data
 }
+
+// SetIndexBuildBatch bounds the entries a build of the local index file
+// holds in memory, so that a test builds it through many runs.
+func SetIndexBuildBatch(r *Repository, n int) { r.dbBuildEntries = n }

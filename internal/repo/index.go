@@ -116,6 +116,9 @@ type Index struct {
 	upgrade map[uint32]Trust
 	// ngone counts packs marked gone.
 	ngone int
+	// spilled are the runs of sorted entries a build of the local index
+	// file wrote out (indexdb_runs.go); merged reads them with the rest.
+	spilled []spilledRun
 
 	// listed is set once pack sizes come from a listing: a pack that was
 	// not listed is then missing, and its entries unusable.

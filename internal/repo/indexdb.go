@@ -575,7 +575,7 @@ func writeIndexDB(path string, key [32]byte, x *Index, objs []dbObject) (err err
 	}
 	align(64)
 	v[9] = pos
-	nmax := len(x.sorted)
+	nmax := len(x.sorted) + x.spilledLen()
 	if x.base != nil {
 		nmax += int(x.base.nent)
 	}
@@ -627,30 +627,6 @@ func writeIndexDB(path string, key [32]byte, x *Index, objs []dbObject) (err err
 		return err
 	}
 	return os.Rename(tmp, path)
-}
-
-// merged calls fn for every entry of the file and in sorted, in ID order,
-// whatever the ledger says of its pack; x.mu is held.
-func (x *Index) merged(fn func(e indexEntry)) error {
-	j := 0
-	if x.base != nil {
-		err := x.base.scan(func(i uint32, raw indexEntry) {
-			for j < len(x.sorted) && bytes.Compare(x.sorted[j].id[:], raw.id[:]) < 0 {
-				fn(x.sorted[j])
-				j++
-			}
-			if e, ok := x.fromBase(i, raw); ok {
-				fn(e)
-			}
-		})
-		if err != nil {
-			return err
-		}
-	}
-	for ; j < len(x.sorted); j++ {
-		fn(x.sorted[j])
-	}
-	return nil
 }
 
 // dbRebuildEntries is how many entries of index objects the file does not
@@ -728,6 +704,23 @@ func sizeOf(objs map[ID]int64) int64 {
 	return n
 }
 
+// buildBatches cuts objs into batches whose entries (estimated from the
+// objects' sizes) stay under max, an object too large alone in one.
+func buildBatches(objs []backend.Info, max int) [][]backend.Info {
+	var out [][]backend.Info
+	var est int64
+	for i, fi := range objs {
+		n := fi.Size / indexBlobEntry
+		if i == 0 || est+n > int64(max) {
+			out = append(out, nil)
+			est = 0
+		}
+		out[len(out)-1] = append(out[len(out)-1], fi)
+		est += n
+	}
+	return out
+}
+
 // buildIndexFile writes the index file covering what old covers (nil:
 // nothing) and the index objects rest, and opens it. The objects of rest
 // are loaded into memory for that, once; those that cannot be used are
@@ -745,10 +738,22 @@ func (r *Repository) buildIndexFile(ctx context.Context, path string, key [32]by
 		todo = append(todo, backend.Info{Name: id.String(), Size: size})
 		ids = append(ids, id)
 	}
-	scratch.reserve(int(sizeOf(rest) / indexBlobEntry))
+	defer scratch.dropSpilled()
 	// Records of deleted packs are kept: the ledger is applied per run.
-	if err := r.loadObjects(ctx, scratch, cache, todo, st, false); err != nil {
-		return nil, err
+	for i, batch := range buildBatches(todo, r.dbBuildEntries) {
+		if i > 0 {
+			if err := scratch.spill(filepath.Dir(path)); err != nil {
+				return nil, err
+			}
+		}
+		var size int64
+		for _, fi := range batch {
+			size += fi.Size
+		}
+		scratch.reserve(int(size / indexBlobEntry))
+		if err := r.loadObjects(ctx, scratch, cache, batch, st, false); err != nil {
+			return nil, err
+		}
 	}
 	for i, fi := range todo {
 		if st.damagedIndex[fi.Name] == nil {

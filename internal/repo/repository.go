@@ -84,6 +84,9 @@ type Repository struct {
 	// packs LoadIndex may use instead of listing (0: none; ReuseListing).
 	listingAge time.Duration
 	listingMin int
+	// dbBuildEntries bounds the entries a build of the local index file
+	// holds in memory (tests lower it).
+	dbBuildEntries int
 	// metaOK remembers chunk lists whose stored copy a backup verified.
 	metaOK sync.Map
 
@@ -135,11 +138,12 @@ func Open(ctx context.Context, be backend.Backend, keys *crypto.Keys, opts Optio
 	}
 	r := &Repository{
 		be: be, cfg: cfg, keys: keys, opts: opts,
-		ids:     crypto.NewHasher(keys.IDKey),
-		metaIDs: crypto.NewHasher(crypto.NewHasher(keys.IDKey).Sum([]byte("sauve meta blob ids"))),
-		meta:    crypto.NewMetaSealer(keys.MetaKey),
-		comp:    newCompressor(max(cfg.ChunkSize, maxMetaBlob)),
-		timing:  defaultSessionTiming(),
+		ids:            crypto.NewHasher(keys.IDKey),
+		metaIDs:        crypto.NewHasher(crypto.NewHasher(keys.IDKey).Sum([]byte("sauve meta blob ids"))),
+		meta:           crypto.NewMetaSealer(keys.MetaKey),
+		comp:           newCompressor(max(cfg.ChunkSize, maxMetaBlob)),
+		timing:         defaultSessionTiming(),
+		dbBuildEntries: dbBuildEntries,
 	}
 	r.writers = NewWriters()
 	r.writers.SetOwner([32]byte(keys.OwnerPublic))
