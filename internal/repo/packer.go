@@ -92,10 +92,11 @@ func (p *packer) packCap() int {
 }
 
 // limitBuffers lowers the number of pack buffers the session may hold
-// to n (at least 2: one filled while one uploads); before its first blob.
+// to n (at least 1); before its first blob. With one buffer, filling the
+// next pack waits for the previous upload to finish.
 func (p *packer) limitBuffers(n int) {
 	p.bufMu.Lock()
-	p.bufMax = min(p.bufMax, max(n, 2))
+	p.bufMax = min(p.bufMax, max(n, 1))
 	p.bufMu.Unlock()
 }
 
