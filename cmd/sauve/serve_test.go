@@ -100,3 +100,47 @@ func TestServeNBDRefusesTCP(t *testing.T) {
 		t.Errorf("tcp: exit %d, stderr %q", r.code, r.stderr)
 	}
 }
+
+// TestServeNBDPartitions serves a disk's partitions as exports of their
+// own, on the default socket under $XDG_RUNTIME_DIR.
+func TestServeNBDPartitions(t *testing.T) {
+	needTools(t, "qemu-img", "nbdinfo", "sfdisk")
+	e := newEnv(t)
+	img := e.path("disk.img")
+	const mib = 1 << 20
+	writeFile(t, img, make([]byte, 16*mib))
+	sfdisk(t, img, "label: dos\nstart=2048, size=16384, type=83\nstart=18432, type=83\n")
+	part := randomBytes(8 * mib)
+	writeAt(t, img, mib, part)
+	partFile := e.path("part1.img")
+	writeFile(t, partFile, part)
+	b := e.backup(img)
+
+	dir, err := os.MkdirTemp("", "sauve-xdg")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	e.setenv("XDG_RUNTIME_DIR", dir)
+	sock := filepath.Join(dir, "sauve", "nbd-"+b.ShortID+".sock")
+	d := startDaemon(t, "sauve serve nbd", e.cmd(nil, "serve", "nbd", b.ShortID), e.path("serve.log"), syscall.SIGTERM, func() bool {
+		_, err := os.Stat(sock)
+		return err == nil
+	})
+	name := b.Disk + ":1"
+	out, err := exec.Command("nbdinfo", "--list", "nbd+unix://?socket="+sock).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), name) {
+		t.Fatalf("nbdinfo --list: %v\n%s\n%s", err, out, d.logText())
+	}
+	uri := "nbd+unix:///" + name + "?socket=" + sock
+	if out, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", partFile, uri).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img compare of partition 1: %v\n%s\n%s", err, out, d.logText())
+	}
+	d.stop(t, syscall.SIGTERM)
+	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("sauve serve nbd exited %d after SIGTERM:\n%s", code, d.logText())
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("the socket is still there: %v", err)
+	}
+}

@@ -86,18 +86,30 @@ func Serve(ctx context.Context, ln net.Listener, exports []Export, o Options) er
 	defer stop()
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	var backoff time.Duration
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("nbd server: accept on %s: %w", ln.Addr(), err)
 			}
-			return fmt.Errorf("nbd server: accept on %s: %w", ln.Addr(), err)
+			// Out of file descriptors, say: the connections being
+			// served will end and free some.
+			backoff = min(max(2*backoff, 10*time.Millisecond), time.Second)
+			if s.o.Logf != nil {
+				s.o.Logf("nbd server: accept on %s: %v; retrying in %v", ln.Addr(), err, backoff)
+			}
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(backoff):
+			}
+			continue
 		}
+		backoff = 0
 		wg.Go(func() {
 			closeConn := context.AfterFunc(ctx, func() { conn.Close() })
 			defer closeConn()
