@@ -62,9 +62,10 @@ const baseAllocation = "base:allocation"
 
 // transmissionFlags says the export is read-only, so clients send no
 // writes, and that concurrent connections see the same data (it never
-// changes).
+// changes). NBD_FLAG_SEND_DF only goes with structured replies, as the
+// protocol requires.
 const transmissionFlags = nbd.TFlagHasFlags | nbd.TFlagReadOnly | nbd.TFlagSendFlush |
-	nbd.TFlagSendCache | nbd.TFlagMultiConn | nbd.TFlagSendDF
+	nbd.TFlagSendCache | nbd.TFlagMultiConn
 
 // Serve accepts connections on ln and serves exports on each until ctx is
 // cancelled, which closes ln and every connection; it returns nil then, or
@@ -295,7 +296,7 @@ func (c *session) option(opt uint32, data []byte) (*Export, error) {
 		}
 		var b []byte
 		b = be.AppendUint64(b, uint64(e.Size))
-		b = be.AppendUint16(b, transmissionFlags)
+		b = be.AppendUint16(b, c.flags())
 		if !c.noZeroes {
 			b = append(b, make([]byte, 124)...)
 		}
@@ -365,7 +366,7 @@ func (c *session) infoGo(opt uint32, data []byte) (*Export, error) {
 	var b []byte
 	b = be.AppendUint16(b, nbd.InfoExport)
 	b = be.AppendUint64(b, uint64(e.Size))
-	b = be.AppendUint16(b, transmissionFlags)
+	b = be.AppendUint16(b, c.flags())
 	c.reply(opt, nbd.RepInfo, b)
 	// Sent whether asked or not: the maximum tells clients to split
 	// their requests, and a minimum of 1 constrains nothing.
@@ -426,6 +427,14 @@ func (c *session) metaContext(opt uint32, data []byte) error {
 		c.reply(opt, nbd.RepMetaContext, append(be.AppendUint32(nil, metaAllocation), baseAllocation...))
 	}
 	return c.ack(opt)
+}
+
+// flags are the transmission flags of this connection.
+func (c *session) flags() uint16 {
+	if c.structured {
+		return transmissionFlags | nbd.TFlagSendDF
+	}
+	return transmissionFlags
 }
 
 // printable keeps a client's name fit for a message.

@@ -361,8 +361,12 @@ func goStructured(t *testing.T, sock, name string) *rawClient {
 	if len(r) != 2 || be.Uint32(r[0].data) != metaAllocation {
 		t.Fatalf("SET_META_CONTEXT: %v", r)
 	}
-	if r := c.option(nbd.OptGo, nameData(name)); r[len(r)-1].typ != nbd.RepAck {
+	r = c.option(nbd.OptGo, nameData(name))
+	if r[len(r)-1].typ != nbd.RepAck {
 		t.Fatalf("GO: %v", r)
+	}
+	if d := r[0].data; be.Uint16(d) != nbd.InfoExport || be.Uint16(d[10:]) != transmissionFlags|nbd.TFlagSendDF {
+		t.Fatalf("GO: NBD_INFO_EXPORT %x, want the DF flag with structured replies", d)
 	}
 	return c
 }
