@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/nbd"
 )
@@ -35,6 +37,10 @@ type Options struct {
 	// HandshakeTimeout bounds a connection's handshake (30 s when 0), so
 	// a client that connects and says nothing does not hold it for ever.
 	HandshakeTimeout time.Duration
+	// ReadBudget bounds the bytes of read replies held at once across
+	// all connections (256 MiB when 0; at least 32 MiB), so that many
+	// clients asking for 32 MiB each wait rather than exhaust memory.
+	ReadBudget int64
 	// Logf, when set, is told why connections ended abnormally.
 	Logf func(format string, args ...any)
 }
@@ -74,15 +80,9 @@ func Serve(ctx context.Context, ln net.Listener, exports []Export, o Options) er
 	if err := checkExports(exports); err != nil {
 		return err
 	}
-	if o.Workers <= 0 {
-		o.Workers = 4
-	}
-	if o.HandshakeTimeout <= 0 {
-		o.HandshakeTimeout = 30 * time.Second
-	}
-	s := &server{exports: exports, o: o}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	s := newServer(ctx, exports, o)
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	var wg sync.WaitGroup
@@ -148,8 +148,24 @@ func checkExports(exports []Export) error {
 }
 
 type server struct {
+	ctx     context.Context // ends with Serve
 	exports []Export
 	o       Options
+	budget  *semaphore.Weighted // of ReadBudget
+}
+
+func newServer(ctx context.Context, exports []Export, o Options) *server {
+	if o.Workers <= 0 {
+		o.Workers = 4
+	}
+	if o.HandshakeTimeout <= 0 {
+		o.HandshakeTimeout = 30 * time.Second
+	}
+	if o.ReadBudget <= 0 {
+		o.ReadBudget = 256 << 20
+	}
+	o.ReadBudget = max(o.ReadBudget, maxRequest)
+	return &server{ctx: ctx, exports: exports, o: o, budget: semaphore.NewWeighted(o.ReadBudget)}
 }
 
 // find returns the export named name; "" falls back to the first.

@@ -620,7 +620,7 @@ func FuzzServeHandshake(f *testing.F) {
 	f.Add(g)
 	f.Add(opt(seed, nbd.OptExportName, []byte("vdb")))
 	exports, _ := twoExports()
-	s := &server{exports: exports, o: Options{Workers: 2, HandshakeTimeout: 2 * time.Second}}
+	s := newServer(context.Background(), exports, Options{Workers: 2, HandshakeTimeout: 2 * time.Second})
 	f.Fuzz(func(t *testing.T, in []byte) {
 		srv, cli := net.Pipe()
 		deadline := time.Now().Add(5 * time.Second)

@@ -181,6 +181,10 @@ func (c *session) read(r request) error {
 		// asks for them in one chunk.
 		ranges = []extent.Range{{Start: off, End: end}}
 	}
+	if err := c.s.budget.Acquire(c.s.ctx, int64(r.length)); err != nil {
+		return err // the server is stopping
+	}
+	defer c.s.budget.Release(int64(r.length))
 	buf := make([]byte, r.length)
 	if err == nil {
 		for _, rg := range ranges {
