@@ -93,11 +93,14 @@ func TestServeNBD(t *testing.T) {
 	}
 }
 
-func TestServeNBDRefusesTCP(t *testing.T) {
+func TestServeNBDListenUsage(t *testing.T) {
 	e := newEnv(t)
 	r := e.run("serve", "nbd", "latest", "--listen", "tcp:127.0.0.1:10809")
 	if r.code != 2 || !strings.Contains(r.stderr, "needs TLS") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
 		t.Errorf("tcp: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if r := e.run("serve", "nbd", "latest", "--listen", "/tmp/x.sock"); r.code != 2 || !strings.Contains(r.stderr, "want unix:PATH") {
+		t.Errorf("--listen without unix: exit %d, stderr %q", r.code, r.stderr)
 	}
 }
 
