@@ -158,7 +158,7 @@ func newClient(conn net.Conn, addr string, info *exportInfo, o Options) *Client 
 func (c *Client) Size() int64 { return c.info.size }
 
 // ReadOnly says whether the server refuses writes to the export.
-func (c *Client) ReadOnly() bool { return c.info.flags&tflagReadOnly != 0 }
+func (c *Client) ReadOnly() bool { return c.info.flags&TFlagReadOnly != 0 }
 
 // Contexts returns the meta contexts the server agreed to.
 func (c *Client) Contexts() []string {
@@ -247,7 +247,7 @@ func (c *Client) sendPieces(p []byte, off int64) []piece {
 		} else {
 			pc.buf, pc.bounce = make([]byte, astop-start), true
 		}
-		pc.req, pc.err = c.send(&request{cmd: cmdRead, off: start, length: uint32(len(pc.buf)), buf: pc.buf})
+		pc.req, pc.err = c.send(&request{cmd: CmdRead, off: start, length: uint32(len(pc.buf)), buf: pc.buf})
 		pieces = append(pieces, pc)
 		if pc.err != nil {
 			break
@@ -271,14 +271,14 @@ func (c *Client) send(r *request) (*request, error) {
 	c.cookie++
 	cookie := c.cookie
 	c.pending[cookie] = r
-	if r.cmd == cmdBlockStatus {
+	if r.cmd == CmdBlockStatus {
 		c.statusRequests++
 	}
 	c.mu.Unlock()
 
 	var flags uint16
 	b := make([]byte, 0, 28)
-	b = binary.BigEndian.AppendUint32(b, requestMagic)
+	b = binary.BigEndian.AppendUint32(b, RequestMagic)
 	b = binary.BigEndian.AppendUint16(b, flags)
 	b = binary.BigEndian.AppendUint16(b, r.cmd)
 	b = binary.BigEndian.AppendUint64(b, cookie)
@@ -356,9 +356,9 @@ func (c *Client) Close() error {
 func (c *Client) disconnect() {
 	c.conn.SetWriteDeadline(time.Now().Add(discTimeout))
 	b := make([]byte, 0, 28)
-	b = binary.BigEndian.AppendUint32(b, requestMagic)
+	b = binary.BigEndian.AppendUint32(b, RequestMagic)
 	b = binary.BigEndian.AppendUint16(b, 0)
-	b = binary.BigEndian.AppendUint16(b, cmdDisc)
+	b = binary.BigEndian.AppendUint16(b, CmdDisc)
 	b = append(b, make([]byte, 20)...)
 	c.wmu.Lock()
 	c.conn.Write(b)

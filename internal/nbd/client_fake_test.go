@@ -86,9 +86,9 @@ func (fs *fakeServer) start(t *testing.T) string {
 
 func (fs *fakeServer) serve(conn net.Conn) {
 	defer conn.Close()
-	flags := uint16(flagFixedNewstyle)
+	flags := uint16(FlagFixedNewstyle)
 	if fs.noZeroes {
-		flags |= flagNoZeroes
+		flags |= FlagNoZeroes
 	}
 	conn.Write(greetingMsg(flags))
 	var cf [4]byte
@@ -99,7 +99,7 @@ func (fs *fakeServer) serve(conn net.Conn) {
 		if !fs.options(conn) {
 			return
 		}
-	} else if !fs.negotiate(conn, binary.BigEndian.Uint32(cf[:])&flagCNoZeroes != 0) {
+	} else if !fs.negotiate(conn, binary.BigEndian.Uint32(cf[:])&FlagCNoZeroes != 0) {
 		return
 	}
 	fs.transmit(conn)
@@ -117,34 +117,34 @@ func (fs *fakeServer) negotiate(conn net.Conn, noZeroes bool) bool {
 			return false
 		}
 		switch {
-		case opt == optStructuredReply && fs.structured:
-			conn.Write(optReplyMsg(opt, repAck, nil))
-		case opt == optSetMetaContext:
+		case opt == OptStructuredReply && fs.structured:
+			conn.Write(optReplyMsg(opt, RepAck, nil))
+		case opt == OptSetMetaContext:
 			fs.setMeta(conn, data)
-		case opt == optGo && !fs.noGo:
+		case opt == OptGo && !fs.noGo:
 			n := binary.BigEndian.Uint32(data)
 			if string(data[4:4+n]) != fs.export {
-				conn.Write(optReplyMsg(opt, repErrUnknown, []byte("no such export")))
+				conn.Write(optReplyMsg(opt, RepErrUnknown, []byte("no such export")))
 				continue
 			}
-			conn.Write(infoExportMsg(uint64(len(fs.data)), tflagHasFlags|tflagReadOnly))
+			conn.Write(infoExportMsg(uint64(len(fs.data)), TFlagHasFlags|TFlagReadOnly))
 			if fs.minBlock > 0 {
 				conn.Write(infoBlockSizeMsg(fs.minBlock, max(fs.minBlock, 4096), fs.maxBlock))
 			}
-			conn.Write(optReplyMsg(opt, repAck, nil))
+			conn.Write(optReplyMsg(opt, RepAck, nil))
 			return true
-		case opt == optExportName:
+		case opt == OptExportName:
 			if string(data) != fs.export {
 				return false
 			}
-			b := be16(be64(nil, uint64(len(fs.data))), tflagHasFlags)
+			b := be16(be64(nil, uint64(len(fs.data))), TFlagHasFlags)
 			if !noZeroes {
 				b = append(b, make([]byte, 124)...)
 			}
 			conn.Write(b)
 			return true
 		default:
-			conn.Write(optReplyMsg(opt, repErrUnsup, nil))
+			conn.Write(optReplyMsg(opt, RepErrUnsup, nil))
 		}
 	}
 }
@@ -168,7 +168,7 @@ func (fs *fakeServer) setMeta(conn net.Conn, data []byte) {
 			}
 		}
 	}
-	conn.Write(optReplyMsg(optSetMetaContext, repAck, nil))
+	conn.Write(optReplyMsg(OptSetMetaContext, RepAck, nil))
 }
 
 func (fs *fakeServer) transmit(conn net.Conn) {
@@ -184,25 +184,25 @@ func (fs *fakeServer) transmit(conn net.Conn) {
 			off:    binary.BigEndian.Uint64(b[16:]),
 			length: binary.BigEndian.Uint32(b[24:]),
 		}
-		if binary.BigEndian.Uint32(b[:]) != requestMagic || r.typ == cmdDisc {
+		if binary.BigEndian.Uint32(b[:]) != RequestMagic || r.typ == CmdDisc {
 			return
 		}
 		if fs.misaligned(r) {
-			conn.Write(fs.fail(r, errInval))
+			conn.Write(fs.fail(r, ErrnoInval))
 			continue
 		}
 		switch r.typ {
-		case cmdRead:
+		case CmdRead:
 			n := int(fs.reads.Add(1)) - 1
 			if fs.read != nil {
 				fs.read(conn, r, n)
 			} else {
 				conn.Write(fs.readReply(r))
 			}
-		case cmdBlockStatus:
+		case CmdBlockStatus:
 			conn.Write(fs.statusReply(r))
 		default:
-			conn.Write(fs.fail(r, errInval))
+			conn.Write(fs.fail(r, ErrnoInval))
 		}
 	}
 }
@@ -217,14 +217,14 @@ func (fs *fakeServer) misaligned(r fakeReq) bool {
 	}
 	m := uint64(fs.minBlock)
 	tail := r.off+uint64(r.length) == uint64(len(fs.data)) // the export's last, partial block
-	return r.off%m != 0 || uint64(r.length)%m != 0 && !tail || r.typ == cmdRead && r.length > fs.maxBlock
+	return r.off%m != 0 || uint64(r.length)%m != 0 && !tail || r.typ == CmdRead && r.length > fs.maxBlock
 }
 
 func (fs *fakeServer) fail(r fakeReq, errno uint32) []byte {
 	if !fs.structured {
 		return simpleMsg(errno, r.cookie)
 	}
-	return errorChunkMsg(replyFlagDone, r.cookie, errno, "refused", -1)
+	return errorChunkMsg(ReplyFlagDone, r.cookie, errno, "refused", -1)
 }
 
 func (fs *fakeServer) readReply(r fakeReq) []byte {
@@ -232,7 +232,7 @@ func (fs *fakeServer) readReply(r fakeReq) []byte {
 	if !fs.structured {
 		return append(simpleMsg(0, r.cookie), data...)
 	}
-	return dataChunk(replyFlagDone, r.cookie, r.off, data)
+	return dataChunk(ReplyFlagDone, r.cookie, r.off, data)
 }
 
 func (fs *fakeServer) statusReply(r fakeReq) []byte {
@@ -247,7 +247,7 @@ func (fs *fakeServer) statusReply(r fakeReq) []byte {
 	for i, id := range ids {
 		flags := uint16(0)
 		if i == len(ids)-1 {
-			flags = replyFlagDone
+			flags = ReplyFlagDone
 		}
 		b = append(b, statusChunk(flags, r.cookie, id, exts...)...)
 	}
@@ -400,15 +400,15 @@ func TestServerErrors(t *testing.T) {
 	}{
 		{"error at offset", true, func(r fakeReq) []byte {
 			b := dataChunk(0, r.cookie, r.off, data[r.off:r.off+100])
-			return append(b, errorChunkMsg(replyFlagDone, r.cookie, errIO, "bad sector", int64(r.off)+100)...)
+			return append(b, errorChunkMsg(ReplyFlagDone, r.cookie, ErrnoIO, "bad sector", int64(r.off)+100)...)
 		}, []string{"EIO (errno 5)", "at offset 5100", "bad sector"}, 5100},
 		{"error without offset", true, func(r fakeReq) []byte {
-			return errorChunkMsg(replyFlagDone, r.cookie, errInval, "", -1)
+			return errorChunkMsg(ReplyFlagDone, r.cookie, ErrnoInval, "", -1)
 		}, []string{"EINVAL (errno 22)", "at offset 5000"}, -1},
 		{"unknown error type", true, func(r fakeReq) []byte {
-			return chunkMsg(replyFlagDone, chunkErrBit+77, r.cookie, append(be16(be32(nil, errNoMem), 2), "oh"...))
+			return chunkMsg(ReplyFlagDone, ChunkErrBit+77, r.cookie, append(be16(be32(nil, ErrnoNoMem), 2), "oh"...))
 		}, []string{"ENOMEM", "unknown error chunk type 0x804d oh"}, -1},
-		{"simple reply error", false, func(r fakeReq) []byte { return simpleMsg(errPerm, r.cookie) },
+		{"simple reply error", false, func(r fakeReq) []byte { return simpleMsg(ErrnoPerm, r.cookie) },
 			[]string{"EPERM (errno 1)"}, -1},
 	}
 	for _, tt := range tests {
@@ -447,27 +447,27 @@ func TestProtocolViolations(t *testing.T) {
 		reply func(r fakeReq) []byte
 		want  string
 	}{
-		{"unknown cookie", func(r fakeReq) []byte { return dataChunk(replyFlagDone, r.cookie+1000, r.off, data[r.off:r.off+10]) }, "unknown cookie"},
-		{"data before the request", func(r fakeReq) []byte { return dataChunk(replyFlagDone, r.cookie, r.off-1, data[:r.length]) }, "outside the request"},
-		{"data past the request", func(r fakeReq) []byte { return dataChunk(replyFlagDone, r.cookie, r.off, data[:r.length+1]) }, "outside the request"},
+		{"unknown cookie", func(r fakeReq) []byte { return dataChunk(ReplyFlagDone, r.cookie+1000, r.off, data[r.off:r.off+10]) }, "unknown cookie"},
+		{"data before the request", func(r fakeReq) []byte { return dataChunk(ReplyFlagDone, r.cookie, r.off-1, data[:r.length]) }, "outside the request"},
+		{"data past the request", func(r fakeReq) []byte { return dataChunk(ReplyFlagDone, r.cookie, r.off, data[:r.length+1]) }, "outside the request"},
 		{"overlapping data", func(r fakeReq) []byte {
 			b := dataChunk(0, r.cookie, r.off, data[:r.length/2+1])
-			return append(b, dataChunk(replyFlagDone, r.cookie, r.off+uint64(r.length)/2, data[:r.length/2])...)
+			return append(b, dataChunk(ReplyFlagDone, r.cookie, r.off+uint64(r.length)/2, data[:r.length/2])...)
 		}, "overlaps"},
-		{"done without all the data", func(r fakeReq) []byte { return dataChunk(replyFlagDone, r.cookie, r.off, data[:r.length-1]) }, "done with"},
-		{"hole of length 0", func(r fakeReq) []byte { return holeChunk(replyFlagDone, r.cookie, r.off, 0) }, "hole of length 0"},
+		{"done without all the data", func(r fakeReq) []byte { return dataChunk(ReplyFlagDone, r.cookie, r.off, data[:r.length-1]) }, "done with"},
+		{"hole of length 0", func(r fakeReq) []byte { return holeChunk(ReplyFlagDone, r.cookie, r.off, 0) }, "hole of length 0"},
 		{"bad magic", func(r fakeReq) []byte { return []byte("HTTP/1.1 400 Bad Request\r\n\r\n") }, "bad reply magic"},
 		{"simple reply to a structured read", func(r fakeReq) []byte { return simpleMsg(0, r.cookie) }, "simple reply to a read"},
-		{"status chunk to a read", func(r fakeReq) []byte { return statusChunk(replyFlagDone, r.cookie, 10, r.length, 0) }, "chunk type 5"},
+		{"status chunk to a read", func(r fakeReq) []byte { return statusChunk(ReplyFlagDone, r.cookie, 10, r.length, 0) }, "chunk type 5"},
 		{"huge error chunk", func(r fakeReq) []byte {
-			return append(be32(be64(be16(be16(be32(nil, structuredReplyMagic), replyFlagDone), chunkError), r.cookie), 1<<30), 0, 0, 0, 5)
+			return append(be32(be64(be16(be16(be32(nil, StructuredReplyMagic), ReplyFlagDone), ChunkError), r.cookie), 1<<30), 0, 0, 0, 5)
 		}, "limit"},
 		{"error message longer than its chunk", func(r fakeReq) []byte {
-			return chunkMsg(replyFlagDone, chunkError, r.cookie, append(be16(be32(nil, errIO), 100), "short"...))
+			return chunkMsg(ReplyFlagDone, ChunkError, r.cookie, append(be16(be32(nil, ErrnoIO), 100), "short"...))
 		}, "error message of 100 bytes"},
-		{"error offset outside the request", func(r fakeReq) []byte { return errorChunkMsg(replyFlagDone, r.cookie, errIO, "", 0) }, "outside the request"},
-		{"none without done", func(r fakeReq) []byte { return chunkMsg(0, chunkNone, r.cookie, nil) }, "NBD_REPLY_TYPE_NONE"},
-		{"truncated reply", func(r fakeReq) []byte { return dataChunk(replyFlagDone, r.cookie, r.off, data[:r.length])[:50] }, ""},
+		{"error offset outside the request", func(r fakeReq) []byte { return errorChunkMsg(ReplyFlagDone, r.cookie, ErrnoIO, "", 0) }, "outside the request"},
+		{"none without done", func(r fakeReq) []byte { return chunkMsg(0, ChunkNone, r.cookie, nil) }, "NBD_REPLY_TYPE_NONE"},
+		{"truncated reply", func(r fakeReq) []byte { return dataChunk(ReplyFlagDone, r.cookie, r.off, data[:r.length])[:50] }, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -547,28 +547,28 @@ func TestHandshakeViolations(t *testing.T) {
 		hangUp  bool // close at once rather than wait for the client
 	}{
 		{"option reply too long", func() []byte {
-			return be32(be32(be32(be64(nil, repMagic), optStructuredReply), repAck), 1<<20)
+			return be32(be32(be32(be64(nil, RepMagic), OptStructuredReply), RepAck), 1<<20)
 		}, "exceeds the 65536-byte limit", false},
-		{"reply to another option", func() []byte { return optReplyMsg(optList, repAck, nil) }, "reply to option 3", false},
+		{"reply to another option", func() []byte { return optReplyMsg(OptList, RepAck, nil) }, "reply to option 3", false},
 		{"bad reply magic", func() []byte { return []byte("garbage garbage garbage garbage") }, "bad option reply magic", false},
 		{"endless info", func() []byte {
-			b := optReplyMsg(optStructuredReply, repAck, nil)
+			b := optReplyMsg(OptStructuredReply, RepAck, nil)
 			for range maxOptReplies + 1 {
-				b = append(b, optReplyMsg(optGo, repInfo, be16(nil, 99))...)
+				b = append(b, optReplyMsg(OptGo, RepInfo, be16(nil, 99))...)
 			}
 			return b
 		}, "more than 1024 replies", false},
 		{"go without export info", func() []byte {
-			return append(optReplyMsg(optStructuredReply, repAck, nil), optReplyMsg(optGo, repAck, nil)...)
+			return append(optReplyMsg(OptStructuredReply, RepAck, nil), optReplyMsg(OptGo, RepAck, nil)...)
 		}, "without NBD_INFO_EXPORT", false},
 		{"bad block size", func() []byte {
-			b := optReplyMsg(optStructuredReply, repAck, nil)
+			b := optReplyMsg(OptStructuredReply, RepAck, nil)
 			return append(b, infoBlockSizeMsg(3, 4096, 1<<20)...)
 		}, "not a power of 2", false},
 		{"server requires TLS", func() []byte {
-			return optReplyMsg(optStructuredReply, repErrTLSReqd, []byte("use TLS\x00\x01"))
+			return optReplyMsg(OptStructuredReply, RepErrTLSReqd, []byte("use TLS\x00\x01"))
 		}, "requires TLS): use TLS", false},
-		{"closes mid-handshake", func() []byte { return optReplyMsg(optStructuredReply, repAck, nil)[:7] }, "closed the connection", true},
+		{"closes mid-handshake", func() []byte { return optReplyMsg(OptStructuredReply, RepAck, nil)[:7] }, "closed the connection", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -12,14 +12,14 @@ import (
 func FuzzHandshake(f *testing.F) {
 	f.Add(goodHandshake(1 << 20))
 	f.Add(goodHandshake(1 << 20)[:60])
-	fallback := greetingMsg(flagFixedNewstyle)
-	fallback = append(fallback, optReplyMsg(optStructuredReply, repErrUnsup, nil)...)
-	fallback = append(fallback, optReplyMsg(optGo, repErrUnsup, []byte("old"))...)
-	f.Add(append(be16(be64(fallback, 1<<30), tflagHasFlags), make([]byte, 124)...))
-	unknown := greetingMsg(flagFixedNewstyle | flagNoZeroes)
-	unknown = append(unknown, optReplyMsg(optStructuredReply, repAck, nil)...)
-	f.Add(append(unknown, optReplyMsg(optSetMetaContext, repErrUnknown, []byte("no export"))...))
-	f.Add(append(be64(be64(nil, nbdMagic), cliservMagic), make([]byte, 134)...))
+	fallback := greetingMsg(FlagFixedNewstyle)
+	fallback = append(fallback, optReplyMsg(OptStructuredReply, RepErrUnsup, nil)...)
+	fallback = append(fallback, optReplyMsg(OptGo, RepErrUnsup, []byte("old"))...)
+	f.Add(append(be16(be64(fallback, 1<<30), TFlagHasFlags), make([]byte, 124)...))
+	unknown := greetingMsg(FlagFixedNewstyle | FlagNoZeroes)
+	unknown = append(unknown, optReplyMsg(OptStructuredReply, RepAck, nil)...)
+	f.Add(append(unknown, optReplyMsg(OptSetMetaContext, RepErrUnknown, []byte("no export"))...))
+	f.Add(append(be64(be64(nil, NBDMagic), CliservMagic), make([]byte, 134)...))
 	f.Add([]byte("HTTP/1.1 400 Bad Request\r\n\r\n"))
 	o := Options{Export: "e", MetaContexts: []string{"base:allocation", "qemu:dirty-bitmap:b"}}
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -42,15 +42,15 @@ func FuzzHandshake(f *testing.F) {
 // completes without error must have got all it asked.
 func FuzzReply(f *testing.F) {
 	data := bytes.Repeat([]byte{7}, 8192)
-	f.Add(append([]byte{1}, dataChunk(replyFlagDone, 1, 4096, data)...))
+	f.Add(append([]byte{1}, dataChunk(ReplyFlagDone, 1, 4096, data)...))
 	two := append(holeChunk(0, 1, 4096, 4096), dataChunk(0, 1, 8192, data[:4096])...)
 	two = append(two, noneChunk(1)...)
 	f.Add(append([]byte{1}, two...))
-	st := append(statusChunk(0, 2, 2, 65536, 1), statusChunk(replyFlagDone, 2, 1, 4096, 3, 8192, 0)...)
+	st := append(statusChunk(0, 2, 2, 65536, 1), statusChunk(ReplyFlagDone, 2, 1, 4096, 3, 8192, 0)...)
 	f.Add(append([]byte{1}, st...))
-	f.Add(append([]byte{1}, errorChunkMsg(replyFlagDone, 1, errIO, "bad", 5000)...))
+	f.Add(append([]byte{1}, errorChunkMsg(ReplyFlagDone, 1, ErrnoIO, "bad", 5000)...))
 	f.Add(append([]byte{0}, append(simpleMsg(0, 1), data...)...))
-	f.Add(append([]byte{0}, simpleMsg(errInval, 2)...))
+	f.Add(append([]byte{0}, simpleMsg(ErrnoInval, 2)...))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if len(b) == 0 {
 			return
@@ -58,8 +58,8 @@ func FuzzReply(f *testing.F) {
 		info := &exportInfo{size: 1 << 20, structured: b[0]&1 != 0,
 			contexts: []metaContext{{1, "base:allocation"}, {2, "qemu:dirty-bitmap:b"}}}
 		c := newClient(nil, "fuzz", info, Options{})
-		rd := &request{cmd: cmdRead, off: 4096, length: 8192, buf: make([]byte, 8192), done: make(chan struct{})}
-		bs := &request{cmd: cmdBlockStatus, off: 0, length: 65536, ctxID: 1, done: make(chan struct{})}
+		rd := &request{cmd: CmdRead, off: 4096, length: 8192, buf: make([]byte, 8192), done: make(chan struct{})}
+		bs := &request{cmd: CmdBlockStatus, off: 0, length: 65536, ctxID: 1, done: make(chan struct{})}
 		c.pending[1], c.pending[2] = rd, bs
 		br := bufio.NewReader(bytes.NewReader(b[1:]))
 		for c.readReply(br) == nil {

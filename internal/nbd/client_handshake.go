@@ -78,23 +78,23 @@ func (h *handshaker) greeting() error {
 	if err != nil {
 		return fmt.Errorf("not an NBD server? %w", err)
 	}
-	if m := binary.BigEndian.Uint64(b); m != nbdMagic {
+	if m := binary.BigEndian.Uint64(b); m != NBDMagic {
 		return fmt.Errorf("not an NBD server: bad magic %#016x (want NBDMAGIC)", m)
 	}
 	switch m := binary.BigEndian.Uint64(b[8:]); m {
-	case optMagic:
-	case cliservMagic:
+	case OptMagic:
+	case CliservMagic:
 		return errors.New("the server speaks oldstyle NBD negotiation, which is not supported (use a newstyle server, e.g. qemu-nbd without --old-style)")
 	default:
 		return fmt.Errorf("not an NBD server: bad second magic %#016x (want IHAVEOPT)", m)
 	}
 	flags := binary.BigEndian.Uint16(b[16:])
-	if flags&flagFixedNewstyle == 0 {
+	if flags&FlagFixedNewstyle == 0 {
 		return errors.New("the server does not offer fixed newstyle negotiation, which is required")
 	}
-	cf := uint32(flagCFixedNewstyle)
-	if flags&flagNoZeroes != 0 {
-		cf |= flagCNoZeroes
+	cf := uint32(FlagCFixedNewstyle)
+	if flags&FlagNoZeroes != 0 {
+		cf |= FlagCNoZeroes
 		h.noZeroes = true
 	}
 	return h.write("client flags", binary.BigEndian.AppendUint32(nil, cf))
@@ -108,7 +108,7 @@ func (h *handshaker) write(what string, b []byte) error {
 }
 
 func (h *handshaker) sendOption(opt uint32, data []byte) error {
-	b := binary.BigEndian.AppendUint64(make([]byte, 0, 16+len(data)), optMagic)
+	b := binary.BigEndian.AppendUint64(make([]byte, 0, 16+len(data)), OptMagic)
 	b = binary.BigEndian.AppendUint32(b, opt)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
 	return h.write(optName(opt), append(b, data...))
@@ -152,21 +152,21 @@ func unexpected(opt, typ uint32) error {
 // structuredReply asks for structured replies; a server that does not have
 // them (or will not) is still read, with simple replies.
 func (h *handshaker) structuredReply() (bool, error) {
-	if err := h.sendOption(optStructuredReply, nil); err != nil {
+	if err := h.sendOption(OptStructuredReply, nil); err != nil {
 		return false, err
 	}
-	typ, data, err := h.reply(optStructuredReply)
+	typ, data, err := h.reply(OptStructuredReply)
 	switch {
 	case err != nil:
 		return false, err
-	case typ == repAck:
+	case typ == RepAck:
 		return true, nil
-	case typ == repErrUnsup, typ == repErrPolicy, typ == repErrInvalid:
+	case typ == RepErrUnsup, typ == RepErrPolicy, typ == RepErrInvalid:
 		return false, nil
-	case typ&repErrBit != 0:
-		return false, refused(optStructuredReply, typ, data)
+	case typ&RepErrBit != 0:
+		return false, refused(OptStructuredReply, typ, data)
 	}
-	return false, unexpected(optStructuredReply, typ)
+	return false, unexpected(OptStructuredReply, typ)
 }
 
 // appendString appends a 32-bit length and s.
@@ -182,32 +182,32 @@ func (h *handshaker) setMetaContext() ([]metaContext, error) {
 	for _, q := range h.o.MetaContexts {
 		data = appendString(data, q)
 	}
-	if err := h.sendOption(optSetMetaContext, data); err != nil {
+	if err := h.sendOption(OptSetMetaContext, data); err != nil {
 		return nil, err
 	}
 	var out []metaContext
 	for range maxOptReplies {
-		typ, data, err := h.reply(optSetMetaContext)
+		typ, data, err := h.reply(OptSetMetaContext)
 		switch {
 		case err != nil:
 			return nil, err
-		case typ == repAck:
+		case typ == RepAck:
 			return out, nil
-		case typ == repMetaContext:
+		case typ == RepMetaContext:
 			if out, err = addContext(out, data); err != nil {
 				return nil, err
 			}
-		case typ == repErrUnsup, typ == repErrPolicy:
+		case typ == RepErrUnsup, typ == RepErrPolicy:
 			return nil, nil
-		case typ == repErrUnknown:
+		case typ == RepErrUnknown:
 			return nil, fmt.Errorf("export %q not found on the server", h.o.Export)
-		case typ&repErrBit != 0:
-			return nil, refused(optSetMetaContext, typ, data)
+		case typ&RepErrBit != 0:
+			return nil, refused(OptSetMetaContext, typ, data)
 		default:
-			return nil, unexpected(optSetMetaContext, typ)
+			return nil, unexpected(OptSetMetaContext, typ)
 		}
 	}
-	return nil, protoErr("more than %d replies to %s", maxOptReplies, optName(optSetMetaContext))
+	return nil, protoErr("more than %d replies to %s", maxOptReplies, optName(OptSetMetaContext))
 }
 
 func addContext(have []metaContext, data []byte) ([]metaContext, error) {
@@ -232,36 +232,36 @@ func addContext(have []metaContext, data []byte) ([]metaContext, error) {
 func (h *handshaker) goExport(info *exportInfo) (fallback bool, err error) {
 	data := appendString(nil, h.o.Export)
 	data = binary.BigEndian.AppendUint16(data, 1)
-	data = binary.BigEndian.AppendUint16(data, infoBlockSize)
-	if err := h.sendOption(optGo, data); err != nil {
+	data = binary.BigEndian.AppendUint16(data, InfoBlockSize)
+	if err := h.sendOption(OptGo, data); err != nil {
 		return false, err
 	}
 	gotExport := false
 	for range maxOptReplies {
-		typ, data, err := h.reply(optGo)
+		typ, data, err := h.reply(OptGo)
 		switch {
 		case err != nil:
 			return false, err
-		case typ == repInfo:
+		case typ == RepInfo:
 			if err := h.info(info, data, &gotExport); err != nil {
 				return false, err
 			}
-		case typ == repAck:
+		case typ == RepAck:
 			if !gotExport {
 				return false, protoErr("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
 			}
 			return false, nil
-		case typ == repErrUnsup:
+		case typ == RepErrUnsup:
 			return true, nil
-		case typ == repErrUnknown:
+		case typ == RepErrUnknown:
 			return false, fmt.Errorf("export %q not found on the server%s", h.o.Export, serverSays(data))
-		case typ&repErrBit != 0:
-			return false, refused(optGo, typ, data)
+		case typ&RepErrBit != 0:
+			return false, refused(OptGo, typ, data)
 		default:
-			return false, unexpected(optGo, typ)
+			return false, unexpected(OptGo, typ)
 		}
 	}
-	return false, protoErr("more than %d replies to %s", maxOptReplies, optName(optGo))
+	return false, protoErr("more than %d replies to %s", maxOptReplies, optName(OptGo))
 }
 
 func serverSays(data []byte) string {
@@ -278,10 +278,10 @@ func (h *handshaker) info(info *exportInfo, data []byte, gotExport *bool) error 
 	}
 	var err error
 	switch binary.BigEndian.Uint16(data) {
-	case infoExport:
+	case InfoExport:
 		info.size, info.flags, err = parseInfoExport(data[2:])
 		*gotExport = err == nil
-	case infoBlockSize:
+	case InfoBlockSize:
 		info.blocks, err = parseBlockSize(data[2:])
 		info.hasBlocks = err == nil
 	}
@@ -291,7 +291,7 @@ func (h *handshaker) info(info *exportInfo, data []byte, gotExport *bool) error 
 // exportName enters transmission with the old NBD_OPT_EXPORT_NAME, whose
 // only answer to an unknown export is a closed connection.
 func (h *handshaker) exportName(info *exportInfo) error {
-	if err := h.sendOption(optExportName, []byte(h.o.Export)); err != nil {
+	if err := h.sendOption(OptExportName, []byte(h.o.Export)); err != nil {
 		return err
 	}
 	n := 10

@@ -68,7 +68,7 @@ func (c *Client) blockStatusOnce(ctx context.Context, id uint32, pos, end int64)
 	a := c.align
 	start := pos / a * a
 	stop := min((end+a-1)/a*a, c.info.size, start+maxStatusLength/a*a)
-	r, err := c.send(&request{cmd: cmdBlockStatus, off: start, length: uint32(stop - start), ctxID: id})
+	r, err := c.send(&request{cmd: CmdBlockStatus, off: start, length: uint32(stop - start), ctxID: id})
 	if err != nil {
 		return nil, err
 	}

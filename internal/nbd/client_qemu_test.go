@@ -363,7 +363,7 @@ func TestNotNBDServers(t *testing.T) {
 	}{
 		{"HTTP server", func(c net.Conn) { c.Write([]byte("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")) }, "not an NBD server: bad magic"},
 		{"oldstyle NBD", func(c net.Conn) {
-			c.Write(append(be32(be64(be64(be64(nil, nbdMagic), cliservMagic), mib), 1), make([]byte, 124)...))
+			c.Write(append(be32(be64(be64(be64(nil, NBDMagic), CliservMagic), mib), 1), make([]byte, 124)...))
 		}, "oldstyle"},
 		{"plain newstyle", func(c net.Conn) { c.Write(greetingMsg(0)) }, "fixed newstyle"},
 		{"closes at once", func(c net.Conn) {}, "closed the connection"},

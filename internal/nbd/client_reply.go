@@ -18,12 +18,12 @@ func (c *Client) readReply(br *bufio.Reader) error {
 		return err
 	}
 	switch m := binary.BigEndian.Uint32(b[:4]); m {
-	case simpleReplyMagic:
+	case SimpleReplyMagic:
 		if _, err := io.ReadFull(br, b[4:16]); err != nil {
 			return noEOF(err)
 		}
 		return c.simpleReply(br, binary.BigEndian.Uint32(b[4:]), binary.BigEndian.Uint64(b[8:]))
-	case structuredReplyMagic:
+	case StructuredReplyMagic:
 		if !c.info.structured {
 			return protoErr("structured reply chunk, but structured replies were not negotiated")
 		}
@@ -71,13 +71,13 @@ func (c *Client) simpleReply(br *bufio.Reader, errno uint32, cookie uint64) erro
 	switch {
 	case errno != 0:
 		r.err = &ServerError{Errno: errno, Offset: -1}
-	case r.cmd == cmdRead && c.info.structured:
+	case r.cmd == CmdRead && c.info.structured:
 		return protoErr("simple reply to a read after structured replies were negotiated")
-	case r.cmd == cmdRead:
+	case r.cmd == CmdRead:
 		if _, err := io.ReadFull(br, r.buf); err != nil {
 			return noEOF(err)
 		}
-	case r.cmd == cmdBlockStatus:
+	case r.cmd == CmdBlockStatus:
 		return protoErr("simple reply without status to a block status request")
 	}
 	c.complete(cookie, r)
@@ -91,17 +91,17 @@ func (c *Client) chunk(br *bufio.Reader, h chunkHeader) error {
 		return err
 	}
 	switch {
-	case h.typ == chunkNone:
-		if h.length != 0 || h.flags&replyFlagDone == 0 {
+	case h.typ == ChunkNone:
+		if h.length != 0 || h.flags&ReplyFlagDone == 0 {
 			return protoErr("NBD_REPLY_TYPE_NONE of %d bytes, flags %#x", h.length, h.flags)
 		}
-	case h.typ == chunkOffsetData && r.cmd == cmdRead:
+	case h.typ == ChunkOffsetData && r.cmd == CmdRead:
 		err = r.data(br, h.length)
-	case h.typ == chunkOffsetHole && r.cmd == cmdRead:
+	case h.typ == ChunkOffsetHole && r.cmd == CmdRead:
 		err = r.hole(br, h.length)
-	case h.typ == chunkBlockStatus && r.cmd == cmdBlockStatus:
+	case h.typ == ChunkBlockStatus && r.cmd == CmdBlockStatus:
 		err = c.status(br, r, h.length)
-	case h.typ&chunkErrBit != 0:
+	case h.typ&ChunkErrBit != 0:
 		err = r.errorChunk(br, h)
 	default:
 		return protoErr("reply chunk type %d to command %d", h.typ, r.cmd)
@@ -109,7 +109,7 @@ func (c *Client) chunk(br *bufio.Reader, h chunkHeader) error {
 	if err != nil {
 		return err
 	}
-	if h.flags&replyFlagDone == 0 {
+	if h.flags&ReplyFlagDone == 0 {
 		return nil
 	}
 	if err := r.finish(); err != nil {
@@ -249,11 +249,11 @@ func (r *request) finish() error {
 		return nil
 	}
 	switch r.cmd {
-	case cmdRead:
+	case CmdRead:
 		if r.got.total != int64(r.length) {
 			return protoErr("read reply [%d, +%d) done with %d bytes of it sent", r.off, r.length, r.got.total)
 		}
-	case cmdBlockStatus:
+	case CmdBlockStatus:
 		if !slices.Contains(r.seen, r.ctxID) {
 			return protoErr("block status reply without the status of meta context ID %d", r.ctxID)
 		}

@@ -2,9 +2,9 @@
 // QEMU VM's disks through the exports that qemu (its NBD server, or
 // qemu-nbd, or qemu-storage-daemon) serves for fleecing backups: data with
 // NBD_CMD_READ, and allocation and dirty bitmaps with NBD_CMD_BLOCK_STATUS
-// over negotiated meta contexts. proto.go holds the protocol's constants and
-// the parsers of untrusted bytes that the client (and the package's server,
-// later) share.
+// over negotiated meta contexts. proto.go holds the protocol's constants,
+// exported because the server of package nbdserve speaks the same wire, and
+// the parsers of untrusted bytes the client uses.
 //
 // The client is written here rather than taken from a library: libnbd's Go
 // bindings need cgo and libnbd on the host, which a static sauve binary must

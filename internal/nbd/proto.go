@@ -10,117 +10,117 @@ import (
 
 // Magic numbers of the handshake and of transmission messages.
 const (
-	nbdMagic             = 0x4e42444d41474943 // "NBDMAGIC"
-	optMagic             = 0x49484156454f5054 // "IHAVEOPT"
-	cliservMagic         = 0x00420281861253   // oldstyle negotiation
-	repMagic             = 0x0003e889045565a9 // option replies
-	requestMagic         = 0x25609513
-	simpleReplyMagic     = 0x67446698
-	structuredReplyMagic = 0x668e33ef
+	NBDMagic             = 0x4e42444d41474943 // "NBDMAGIC"
+	OptMagic             = 0x49484156454f5054 // "IHAVEOPT"
+	CliservMagic         = 0x00420281861253   // oldstyle negotiation
+	RepMagic             = 0x0003e889045565a9 // option replies
+	RequestMagic         = 0x25609513
+	SimpleReplyMagic     = 0x67446698
+	StructuredReplyMagic = 0x668e33ef
 )
 
 // Handshake flags (server) and client flags.
 const (
-	flagFixedNewstyle  = 1 << 0
-	flagNoZeroes       = 1 << 1
-	flagCFixedNewstyle = 1 << 0
-	flagCNoZeroes      = 1 << 1
+	FlagFixedNewstyle  = 1 << 0
+	FlagNoZeroes       = 1 << 1
+	FlagCFixedNewstyle = 1 << 0
+	FlagCNoZeroes      = 1 << 1
 )
 
 // Transmission flags.
 const (
-	tflagHasFlags    = 1 << 0
-	tflagReadOnly    = 1 << 1
-	tflagSendFlush   = 1 << 2
-	tflagSendFUA     = 1 << 3
-	tflagRotational  = 1 << 4
-	tflagSendTrim    = 1 << 5
-	tflagWriteZeroes = 1 << 6
-	tflagSendDF      = 1 << 7
-	tflagMultiConn   = 1 << 8
-	tflagSendCache   = 1 << 10
-	tflagFastZero    = 1 << 11
+	TFlagHasFlags    = 1 << 0
+	TFlagReadOnly    = 1 << 1
+	TFlagSendFlush   = 1 << 2
+	TFlagSendFUA     = 1 << 3
+	TFlagRotational  = 1 << 4
+	TFlagSendTrim    = 1 << 5
+	TFlagWriteZeroes = 1 << 6
+	TFlagSendDF      = 1 << 7
+	TFlagMultiConn   = 1 << 8
+	TFlagSendCache   = 1 << 10
+	TFlagFastZero    = 1 << 11
 )
 
 // Options of the handshake.
 const (
-	optExportName      = 1
-	optAbort           = 2
-	optList            = 3
-	optStartTLS        = 5
-	optInfo            = 6
-	optGo              = 7
-	optStructuredReply = 8
-	optListMetaContext = 9
-	optSetMetaContext  = 10
+	OptExportName      = 1
+	OptAbort           = 2
+	OptList            = 3
+	OptStartTLS        = 5
+	OptInfo            = 6
+	OptGo              = 7
+	OptStructuredReply = 8
+	OptListMetaContext = 9
+	OptSetMetaContext  = 10
 )
 
 // Option reply types; errors have bit 31 set.
 const (
-	repAck              = 1
-	repServer           = 2
-	repInfo             = 3
-	repMetaContext      = 4
-	repErrBit           = 1 << 31
-	repErrUnsup         = repErrBit + 1
-	repErrPolicy        = repErrBit + 2
-	repErrInvalid       = repErrBit + 3
-	repErrPlatform      = repErrBit + 4
-	repErrTLSReqd       = repErrBit + 5
-	repErrUnknown       = repErrBit + 6
-	repErrShutdown      = repErrBit + 7
-	repErrBlockSizeReqd = repErrBit + 8
-	repErrTooBig        = repErrBit + 9
+	RepAck              = 1
+	RepServer           = 2
+	RepInfo             = 3
+	RepMetaContext      = 4
+	RepErrBit           = 1 << 31
+	RepErrUnsup         = RepErrBit + 1
+	RepErrPolicy        = RepErrBit + 2
+	RepErrInvalid       = RepErrBit + 3
+	RepErrPlatform      = RepErrBit + 4
+	RepErrTLSReqd       = RepErrBit + 5
+	RepErrUnknown       = RepErrBit + 6
+	RepErrShutdown      = RepErrBit + 7
+	RepErrBlockSizeReqd = RepErrBit + 8
+	RepErrTooBig        = RepErrBit + 9
 )
 
 // Information types of NBD_REP_INFO.
 const (
-	infoExport      = 0
-	infoName        = 1
-	infoDescription = 2
-	infoBlockSize   = 3
+	InfoExport      = 0
+	InfoName        = 1
+	InfoDescription = 2
+	InfoBlockSize   = 3
 )
 
 // Commands and command flags.
 const (
-	cmdRead         = 0
-	cmdWrite        = 1
-	cmdDisc         = 2
-	cmdFlush        = 3
-	cmdTrim         = 4
-	cmdCache        = 5
-	cmdWriteZeroes  = 6
-	cmdBlockStatus  = 7
-	cmdFlagFUA      = 1 << 0 // command flags from here on
-	cmdFlagNoHole   = 1 << 1
-	cmdFlagDF       = 1 << 2
-	cmdFlagReqOne   = 1 << 3
-	cmdFlagFastZero = 1 << 4
+	CmdRead         = 0
+	CmdWrite        = 1
+	CmdDisc         = 2
+	CmdFlush        = 3
+	CmdTrim         = 4
+	CmdCache        = 5
+	CmdWriteZeroes  = 6
+	CmdBlockStatus  = 7
+	CmdFlagFUA      = 1 << 0 // command flags from here on
+	CmdFlagNoHole   = 1 << 1
+	CmdFlagDF       = 1 << 2
+	CmdFlagReqOne   = 1 << 3
+	CmdFlagFastZero = 1 << 4
 )
 
 // Structured reply flags and chunk types; error chunks have bit 15 set.
 const (
-	replyFlagDone = 1 << 0
+	ReplyFlagDone = 1 << 0
 
-	chunkNone        = 0
-	chunkOffsetData  = 1
-	chunkOffsetHole  = 2
-	chunkBlockStatus = 5
-	chunkErrBit      = 1 << 15
-	chunkError       = chunkErrBit + 1
-	chunkErrorOffset = chunkErrBit + 2
+	ChunkNone        = 0
+	ChunkOffsetData  = 1
+	ChunkOffsetHole  = 2
+	ChunkBlockStatus = 5
+	ChunkErrBit      = 1 << 15
+	ChunkError       = ChunkErrBit + 1
+	ChunkErrorOffset = ChunkErrBit + 2
 )
 
 // Error values of replies.
 const (
-	errPerm     = 1
-	errIO       = 5
-	errNoMem    = 12
-	errInval    = 22
-	errNoSpc    = 28
-	errOverflow = 75
-	errNotSup   = 95
-	errShutdown = 108
+	ErrnoPerm     = 1
+	ErrnoIO       = 5
+	ErrnoNoMem    = 12
+	ErrnoInval    = 22
+	ErrnoNoSpc    = 28
+	ErrnoOverflow = 75
+	ErrnoNotSup   = 95
+	ErrnoShutdown = 108
 )
 
 // Flags of the base:allocation context, and of qemu:dirty-bitmap contexts.
@@ -199,21 +199,21 @@ func (e *ServerError) Error() string {
 
 func errnoName(e uint32) string {
 	switch e {
-	case errPerm:
+	case ErrnoPerm:
 		return "EPERM"
-	case errIO:
+	case ErrnoIO:
 		return "EIO"
-	case errNoMem:
+	case ErrnoNoMem:
 		return "ENOMEM"
-	case errInval:
+	case ErrnoInval:
 		return "EINVAL"
-	case errNoSpc:
+	case ErrnoNoSpc:
 		return "ENOSPC"
-	case errOverflow:
+	case ErrnoOverflow:
 		return "EOVERFLOW"
-	case errNotSup:
+	case ErrnoNotSup:
 		return "ENOTSUP"
-	case errShutdown:
+	case ErrnoShutdown:
 		return "ESHUTDOWN"
 	}
 	return "unknown error"
@@ -221,31 +221,31 @@ func errnoName(e uint32) string {
 
 func repName(t uint32) string {
 	switch t {
-	case repAck:
+	case RepAck:
 		return "NBD_REP_ACK"
-	case repServer:
+	case RepServer:
 		return "NBD_REP_SERVER"
-	case repInfo:
+	case RepInfo:
 		return "NBD_REP_INFO"
-	case repMetaContext:
+	case RepMetaContext:
 		return "NBD_REP_META_CONTEXT"
-	case repErrUnsup:
+	case RepErrUnsup:
 		return "NBD_REP_ERR_UNSUP (not supported)"
-	case repErrPolicy:
+	case RepErrPolicy:
 		return "NBD_REP_ERR_POLICY (forbidden by policy)"
-	case repErrInvalid:
+	case RepErrInvalid:
 		return "NBD_REP_ERR_INVALID (invalid)"
-	case repErrPlatform:
+	case RepErrPlatform:
 		return "NBD_REP_ERR_PLATFORM (not supported on the server's platform)"
-	case repErrTLSReqd:
+	case RepErrTLSReqd:
 		return "NBD_REP_ERR_TLS_REQD (the server requires TLS)"
-	case repErrUnknown:
+	case RepErrUnknown:
 		return "NBD_REP_ERR_UNKNOWN (no such export)"
-	case repErrShutdown:
+	case RepErrShutdown:
 		return "NBD_REP_ERR_SHUTDOWN (the server is shutting down)"
-	case repErrBlockSizeReqd:
+	case RepErrBlockSizeReqd:
 		return "NBD_REP_ERR_BLOCK_SIZE_REQD"
-	case repErrTooBig:
+	case RepErrTooBig:
 		return "NBD_REP_ERR_TOO_BIG (too large)"
 	}
 	return fmt.Sprintf("reply type %#x", t)
@@ -253,13 +253,13 @@ func repName(t uint32) string {
 
 func optName(o uint32) string {
 	switch o {
-	case optExportName:
+	case OptExportName:
 		return "NBD_OPT_EXPORT_NAME"
-	case optGo:
+	case OptGo:
 		return "NBD_OPT_GO"
-	case optStructuredReply:
+	case OptStructuredReply:
 		return "NBD_OPT_STRUCTURED_REPLY"
-	case optSetMetaContext:
+	case OptSetMetaContext:
 		return "NBD_OPT_SET_META_CONTEXT"
 	}
 	return fmt.Sprintf("option %d", o)
@@ -291,7 +291,7 @@ type optReplyHeader struct {
 const optReplyHeaderLen = 20
 
 func parseOptReplyHeader(b []byte) (optReplyHeader, error) {
-	if m := binary.BigEndian.Uint64(b); m != repMagic {
+	if m := binary.BigEndian.Uint64(b); m != RepMagic {
 		return optReplyHeader{}, fmt.Errorf("bad option reply magic %#x: not an NBD server, or out of step", m)
 	}
 	h := optReplyHeader{
@@ -391,7 +391,7 @@ func parseErrorChunk(typ uint16, b []byte) (*ServerError, error) {
 	if e.Errno == 0 {
 		return nil, protoErr("error chunk with error value 0")
 	}
-	if typ == chunkErrorOffset {
+	if typ == ChunkErrorOffset {
 		rest := b[6+n:]
 		if len(rest) != 8 {
 			return nil, protoErr("NBD_REPLY_TYPE_ERROR_OFFSET with %d bytes after its message, want 8", len(rest))
@@ -401,7 +401,7 @@ func parseErrorChunk(typ uint16, b []byte) (*ServerError, error) {
 			return nil, protoErr("error offset %d is out of range", off)
 		}
 		e.Offset = int64(off)
-	} else if typ != chunkError {
+	} else if typ != ChunkError {
 		e.Message = strings.TrimSpace(fmt.Sprintf("unknown error chunk type %#x %s", typ, e.Message))
 	}
 	return e, nil
