@@ -69,14 +69,8 @@ func extTree(t *testing.T, dir string) {
 // (label "data") holding files' tree.
 func partitionedExt4(t *testing.T, e *env, files string) string {
 	raw := e.path("disk.raw")
-	f, _ := os.Create(raw)
-	f.Truncate(80 << 20)
-	f.Close()
-	c := exec.Command("sfdisk", "-q", raw)
-	c.Stdin = strings.NewReader("label: dos\nstart=2048, type=83\n")
-	if out, err := c.CombinedOutput(); err != nil {
-		t.Fatalf("sfdisk: %v\n%s", err, out)
-	}
+	sh(t, "truncate", "-s", "80M", raw)
+	sh(t, "sh", "-c", "echo 'start=2048, type=83' | sfdisk -q --label dos "+raw)
 	sh(t, "mkfs.ext4", "-q", "-F", "-L", "data", "-E", "offset=1048576", "-d", files, raw, "78M")
 	return raw
 }

@@ -39,6 +39,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/sauve-backup/sauve/internal/blockmap"
 	"github.com/sauve-backup/sauve/internal/fsread"
 )
 
@@ -52,7 +53,7 @@ const (
 	incompatJournalDev  = 0x8
 	incompatMetaBG      = 0x10
 	incompatExtents     = 0x40
-	incompat64Bit       = 0x80
+	incompat64Bit       = 0x80 // read by blockmap.ExtGeometry
 	incompatMMP         = 0x100
 	incompatFlexBG      = 0x200
 	incompatEAInode     = 0x400
@@ -222,14 +223,9 @@ func (f *FS) readSuper() error {
 		return fmt.Errorf("ext superblock damaged: block size 2^%d", 10+logBS)
 	}
 	s.bs = 1024 << logBS
-	s.blocks = uint64(le32(sb, 4))
-	s.descSize = 32
-	if s.incompat&incompat64Bit != 0 {
-		s.blocks |= uint64(le32(sb, 336)) << 32
-		s.descSize = int(le16(sb, 254))
-		if s.descSize < 64 || s.descSize > 1024 || s.descSize&(s.descSize-1) != 0 {
-			return fmt.Errorf("ext superblock damaged: group descriptor size %d", s.descSize)
-		}
+	var damaged string
+	if s.blocks, s.descSize, damaged = blockmap.ExtGeometry(sb); damaged != "" {
+		return fmt.Errorf("ext superblock damaged: %s", damaged)
 	}
 	s.inodes, s.ipg, s.bpg = uint64(le32(sb, 0)), uint64(le32(sb, 40)), uint64(le32(sb, 32))
 	s.fdb = uint64(le32(sb, 20))

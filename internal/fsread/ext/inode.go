@@ -223,6 +223,9 @@ func (f *FS) extentRuns(in *inode) ([]run, error) {
 				if lblk >= nb || l == 0 {
 					continue // past the end (preallocated), or empty
 				}
+				if uint64(len(rs)) >= nb {
+					return errors.New("more extents than the file has blocks (damaged)")
+				}
 				rs = append(rs, run{lblk: lblk, pblk: p, n: min(l, nb-lblk), unwritten: unwritten})
 				continue
 			}

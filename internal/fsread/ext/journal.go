@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
 )
 
 // jbd2 block types and features.
@@ -16,13 +17,15 @@ const (
 	jbdSuperV2    = 4
 	jbdRevoke     = 5
 
-	jbdRevokeFeat  = 0x1
-	jbd64Bit       = 0x2
-	jbdAsyncCommit = 0x4
-	jbdCsumV2      = 0x8
-	jbdCsumV3      = 0x10
-	jbdFastCommit  = 0x20
-	jbdKnown       = jbdRevokeFeat | jbd64Bit | jbdAsyncCommit | jbdCsumV2 | jbdCsumV3 | jbdFastCommit
+	jbdRevokeFeat     = 0x1
+	jbd64Bit          = 0x2
+	jbdAsyncCommit    = 0x4
+	jbdCsumV2         = 0x8
+	jbdCsumV3         = 0x10
+	jbdFastCommit     = 0x20
+	jbdCompatChecksum = 0x1 // compat: v1 checksums (crc32 of each transaction)
+
+	jbdKnown = jbdRevokeFeat | jbd64Bit | jbdAsyncCommit | jbdCsumV2 | jbdCsumV3 | jbdFastCommit
 
 	tagEscape   = 0x1
 	tagSameUUID = 0x2
@@ -112,10 +115,9 @@ func (f *FS) replay(warn func(string)) (*overlay, error) {
 	}
 	// phys maps a journal block to the filesystem block holding it.
 	phys := func(j uint64) (uint64, error) {
-		for _, r := range rs {
-			if j >= r.lblk && j < r.lblk+r.n {
-				return r.pblk + j - r.lblk, nil
-			}
+		i := sort.Search(len(rs), func(i int) bool { return rs[i].lblk+rs[i].n > j })
+		if i < len(rs) && j >= rs[i].lblk {
+			return rs[i].pblk + j - rs[i].lblk, nil
 		}
 		return 0, fmt.Errorf("journal block %d is not mapped by the journal inode %d", j, f.sb.journal)
 	}
@@ -189,6 +191,12 @@ func (f *FS) replay(warn func(string)) (*overlay, error) {
 		return j + 1
 	}
 
+	var compat uint32
+	if be32(jsb, 4) == jbdSuperV2 {
+		compat = be32(jsb, 36)
+	}
+	csumSeed := crc32c(^uint32(0), jsb[48:64])
+	sum := ^uint32(0) // v1 checksum of the transaction so far
 	var txs []transaction
 	cur := transaction{seq: seq}
 	j := start
@@ -209,11 +217,19 @@ func (f *FS) replay(warn func(string)) (*overlay, error) {
 			if err != nil {
 				return nil, fmt.Errorf("journal descriptor block %d: %w", j, err)
 			}
+			sum = crc32be(sum, b)
 			for _, t := range tags {
 				j = next(j)
 				steps++
 				t.jblock = j
 				cur.tags = append(cur.tags, t)
+				if compat&jbdCompatChecksum != 0 {
+					d, err := read(j)
+					if err != nil {
+						return nil, fmt.Errorf("journal block %d: %w", j, err)
+					}
+					sum = crc32be(sum, d)
+				}
 			}
 			j = next(j)
 		case jbdRevoke:
@@ -224,6 +240,11 @@ func (f *FS) replay(warn func(string)) (*overlay, error) {
 			cur.revokes = append(cur.revokes, recs...)
 			j = next(j)
 		case jbdCommit:
+			if !commitOK(b, incompat, sum, csumSeed, compat) {
+				steps = last // as jbd2: a commit that fails its checksum ends the log
+				break
+			}
+			sum = ^uint32(0)
 			txs = append(txs, cur)
 			cur = transaction{seq: cur.seq + 1}
 			j = next(j)
@@ -310,4 +331,50 @@ func parseRevoke(b []byte, is64 bool) ([]uint64, error) {
 		}
 	}
 	return out, nil
+}
+
+// commitOK checks a commit block's checksum as jbd2's recovery does: with
+// csum v2/v3, crc32c of the block with its checksum zeroed; with v1, the
+// big-endian crc32 of the transaction's descriptor and data blocks (a
+// commit without one is accepted only before any had one, which the
+// reader simplifies to: accepted).
+func commitOK(b []byte, incompat, sum, seed, compat uint32) bool {
+	stored := be32(b, 16)
+	switch {
+	case incompat&(jbdCsumV2|jbdCsumV3) != 0:
+		c := append([]byte(nil), b...)
+		binary.BigEndian.PutUint32(c[16:], 0)
+		return crc32c(seed, c) == stored
+	case compat&jbdCompatChecksum != 0:
+		if b[12] == 0 && b[13] == 0 && stored == 0 {
+			return true
+		}
+		return b[12] == 1 && b[13] == 4 && stored == sum
+	}
+	return true
+}
+
+// crc32beTable is the table of the big-endian (unreflected) CRC-32 of
+// polynomial 0x04C11DB7 that jbd2's v1 checksums use.
+var crc32beTable = func() (t [256]uint32) {
+	for i := range t {
+		c := uint32(i) << 24
+		for range 8 {
+			if c&0x80000000 != 0 {
+				c = c<<1 ^ 0x04C11DB7
+			} else {
+				c <<= 1
+			}
+		}
+		t[i] = c
+	}
+	return t
+}()
+
+// crc32be is the kernel's crc32_be(crc, p): no inversion.
+func crc32be(crc uint32, p []byte) uint32 {
+	for _, b := range p {
+		crc = crc<<8 ^ crc32beTable[byte(crc>>24)^b]
+	}
+	return crc
 }
