@@ -153,6 +153,34 @@ func TestExtLsGetFind(t *testing.T) {
 	// Nothing is overwritten: a second get into the same folder fails
 	// file by file and leaves the files as they were.
 	e.fail([]string{"could not be extracted"}, "get", snap+":1/etc", dest)
+	// A symlink already in DEST where a folder is to be made is not
+	// written through.
+	outside, trap := e.path("outside"), e.path("trap")
+	os.Mkdir(outside, 0o755)
+	os.Mkdir(trap, 0o755)
+	os.Symlink(outside, filepath.Join(trap, "app"))
+	e.fail([]string{"could not be extracted"}, "get", snap+":1/etc/app", trap)
+	if ents, _ := os.ReadDir(outside); len(ents) != 0 {
+		t.Fatalf("get wrote through a symlink in DEST: %v", ents)
+	}
+
+	// As an unprivileged user: the files come out, and what could not
+	// be restored (owners, trusted.* attributes) is summed up.
+	{
+		sh(t, "chmod", "-R", "a+rwX", e.dir)
+		sh(t, "chmod", "a+rx", filepath.Dir(sauveBin), filepath.Dir(e.dir))
+		c := e.cmd(nil, "get", snap+":1/home", e.path("as-nobody"))
+		c.Args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sauveBin}, c.Args[1:]...)
+		c.Path, _ = exec.LookPath("setpriv")
+		out, err := c.CombinedOutput()
+		if err != nil {
+			t.Fatalf("get as nobody: %v\n%s", err, out)
+		}
+		if !strings.Contains(string(out), "not restored: owners (not root)") {
+			t.Fatalf("get as nobody should say owners were not restored:\n%s", out)
+		}
+		sameFile(t, filepath.Join(files, "home/ann/notes.txt"), e.path("as-nobody/ann/notes.txt"))
+	}
 
 	// One file, to stdout and to a new name; only its chunks fetched.
 	if got := e.ok("get", snap+":1/home/ann/notes.txt", "-"); got != string(textBytes(5, 30000)) {

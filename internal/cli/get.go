@@ -91,7 +91,11 @@ not overwritten. PART and PATH are as in 'sauve ls'.`,
 				if err != nil {
 					return err
 				}
-				x.fs, x.links = v.fs, map[uint64]string{}
+				// Hard links are kept within each filesystem's files.
+				if x.linksOf[v] == nil {
+					x.linksOf[v] = map[uint64]string{}
+				}
+				x.fs, x.links = v.fs, x.linksOf[v]
 				name := x.name
 				if name == "" {
 					name = path.Base(spec.path)
@@ -121,6 +125,7 @@ type extractor struct {
 	rootDir string
 	name    string            // the copy's name when DEST does not exist
 	links   map[uint64]string // inode → where it was extracted, for hard links
+	linksOf map[*fileView]map[uint64]string
 	asRoot  bool
 	files   int
 	bytes   int64
@@ -131,7 +136,7 @@ type extractor struct {
 }
 
 func newExtractor(dest string, nsrc int) (*extractor, error) {
-	x := &extractor{asRoot: os.Geteuid() == 0, lost: map[string]int{}}
+	x := &extractor{asRoot: os.Geteuid() == 0, lost: map[string]int{}, linksOf: map[*fileView]map[uint64]string{}}
 	dir := dest
 	if fi, err := os.Stat(dest); errors.Is(err, os.ErrNotExist) {
 		if nsrc > 1 {
