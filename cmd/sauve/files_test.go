@@ -257,3 +257,25 @@ func TestExtOtherFilesystem(t *testing.T) {
 	snap := e.backup(img).ShortID
 	e.fail([]string{"not supported yet for file access"}, "ls", snap+"/")
 }
+
+// TestExtDamaged: a damaged filesystem (a directory linked into itself,
+// an extent pointing outside the filesystem) gets an error naming the
+// file and what is wrong.
+func TestExtDamaged(t *testing.T) {
+	needTools(t, "mkfs.ext4", "debugfs")
+	e := newEnv(t)
+	tree := e.path("tree")
+	writeTree(t, filepath.Join(tree, "a/b/keep"), []byte("kept\n"))
+	writeTree(t, filepath.Join(tree, "a/file"), []byte("hi\n"))
+	img := e.path("fs.img")
+	sh(t, "truncate", "-s", "8M", img)
+	sh(t, "mkfs.ext4", "-q", "-F", "-d", tree, img)
+	sh(t, "debugfs", "-w", "-R", "ln /a /a/b/loop", img)
+	sh(t, "debugfs", "-w", "-R", "sif /a/file block[5] 0x7fffffff", img)
+	snap := e.backup(img).ShortID
+	e.fail([]string{"/a/b/loop", "directory loop"}, "find", snap+"/", "*")
+	e.fail([]string{"/a/file", "outside the filesystem"}, "get", snap+"/a/file", "-")
+	if got := e.ok("get", snap+"/a/b/keep", "-"); got != "kept\n" {
+		t.Fatalf("an undamaged file: %q", got)
+	}
+}

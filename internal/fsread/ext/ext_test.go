@@ -354,8 +354,20 @@ func TestExtAgainstKernel(t *testing.T) {
 			mountImage(t, img, "rw", func(dir string) { populate(t, dir, bigDir) })
 			var want map[string]node
 			mountImage(t, img, "ro,noatime", func(dir string) { want = kernelTree(t, dir) })
-			got := readerTree(t, openImage(t, img, Options{}))
+			f := openImage(t, img, Options{})
+			got := readerTree(t, f)
 			compareTrees(t, want, got)
+			// The fragmented file has a deep extent tree, or, under
+			// ext2/3, double indirect blocks.
+			in, err := f.lookup("/frag-a")
+			must(t, err)
+			if in.flags&flagExtents != 0 {
+				if d := le16(in.iblock(), 6); d == 0 {
+					t.Errorf("frag-a's extent tree has depth 0 (%d extents): the test reads no index node", le16(in.iblock(), 2))
+				}
+			} else if le32(in.iblock(), 52) == 0 && f.sb.bs == 1024 {
+				t.Error("frag-a uses no double indirect block")
+			}
 		})
 	}
 }

@@ -292,7 +292,7 @@ func parseTags(b []byte, size int, is64 bool) ([]jtag, error) {
 			}
 		} else {
 			flags = uint32(be16(b, off+6))
-			if is64 {
+			if is64 && size >= 12 {
 				t.fsBlock |= uint64(be32(b, off+8)) << 32
 			}
 		}
