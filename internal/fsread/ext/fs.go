@@ -370,98 +370,76 @@ func (f *FS) names(in *inode) (map[string]uint64, error) {
 	return m, nil
 }
 
-// Lstat returns the metadata of the file at p (a symlink itself).
-func (f *FS) Lstat(p string) (fsread.Stat, error) {
-	in, err := f.lookup(p)
+// at runs fn on the inode at path p; its errors name p.
+func at[T any](f *FS, p string, fn func(*inode) (T, error)) (T, error) {
+	var zero T
+	ino, err := f.resolve(p)
 	if err != nil {
-		return fsread.Stat{}, err
+		return zero, err
 	}
-	return in.stat(), nil
+	in, err := f.inode(ino)
+	if err == nil {
+		var v T
+		if v, err = fn(in); err == nil {
+			return v, nil
+		}
+	}
+	return zero, fmt.Errorf("%s: %w", p, err)
 }
 
 func (f *FS) lookup(p string) (*inode, error) {
-	ino, err := f.resolve(p)
-	if err != nil {
-		return nil, err
-	}
-	in, err := f.inode(ino)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", p, err)
-	}
-	return in, nil
+	return at(f, p, func(in *inode) (*inode, error) { return in, nil })
+}
+
+// Lstat returns the metadata of the file at p (a symlink itself).
+func (f *FS) Lstat(p string) (fsread.Stat, error) {
+	return at(f, p, func(in *inode) (fsread.Stat, error) { return in.stat(), nil })
 }
 
 // ReadDir lists the directory at p, without "." and "..", in on-disk
 // order.
 func (f *FS) ReadDir(p string) ([]fsread.DirEntry, error) {
-	in, err := f.lookup(p)
-	if err != nil {
-		return nil, err
-	}
-	if in.mode&fsread.TypeMask != fsread.TypeDir {
-		return nil, fmt.Errorf("%s: not a directory", p)
-	}
-	var out []fsread.DirEntry
-	err = f.readDir(in, func(name string, ino uint64) error {
-		child, err := f.inode(ino)
-		if err != nil {
-			return fmt.Errorf("%s: %w", path.Join(p, name), err)
+	return at(f, p, func(in *inode) ([]fsread.DirEntry, error) {
+		if in.mode&fsread.TypeMask != fsread.TypeDir {
+			return nil, errors.New("not a directory")
 		}
-		out = append(out, fsread.DirEntry{Name: name, Stat: child.stat()})
-		return nil
+		var out []fsread.DirEntry
+		err := f.readDir(in, func(name string, ino uint64) error {
+			child, err := f.inode(ino)
+			if err != nil {
+				return fmt.Errorf("entry %q: %w", name, err)
+			}
+			out = append(out, fsread.DirEntry{Name: name, Stat: child.stat()})
+			return nil
+		})
+		return out, err
 	})
-	if err != nil {
-		return nil, fmt.Errorf("directory %s: %w", p, err)
-	}
-	return out, nil
 }
 
 // Readlink returns the target of the symlink at p.
-func (f *FS) Readlink(p string) (string, error) {
-	in, err := f.lookup(p)
-	if err != nil {
-		return "", err
-	}
-	t, err := f.readlink(in)
-	if err != nil {
-		return "", fmt.Errorf("%s: %w", p, err)
-	}
-	return t, nil
-}
+func (f *FS) Readlink(p string) (string, error) { return at(f, p, f.readlink) }
 
 // Open opens the regular file at p.
 func (f *FS) Open(p string) (fsread.File, error) {
-	in, err := f.lookup(p)
-	if err != nil {
-		return nil, err
-	}
-	if in.mode&fsread.TypeMask != fsread.TypeRegular {
-		return nil, fmt.Errorf("%s: not a regular file", p)
-	}
-	file, err := f.open(in)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", p, err)
-	}
-	return file, nil
-}
-
-// Xattrs returns the extended attributes of the file at p.
-func (f *FS) Xattrs(p string) ([]fsread.Xattr, error) {
-	in, err := f.lookup(p)
-	if err != nil {
-		return nil, err
-	}
-	xs, err := f.xattrs(in)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", p, err)
-	}
-	out := xs[:0]
-	for _, x := range xs {
-		if x.Name != "system.data" { // inline data, not an attribute
-			out = append(out, x)
+	return at(f, p, func(in *inode) (fsread.File, error) {
+		if in.mode&fsread.TypeMask != fsread.TypeRegular {
+			return nil, errors.New("not a regular file")
 		}
-	}
-	return out, nil
+		return f.open(in)
+	})
 }
 
-var ioEOF = io.EOF
+// Xattrs returns the extended attributes of the file at p, but the
+// system.data attribute that holds inline data.
+func (f *FS) Xattrs(p string) ([]fsread.Xattr, error) {
+	return at(f, p, func(in *inode) ([]fsread.Xattr, error) {
+		xs, err := f.xattrs(in)
+		out := xs[:0]
+		for _, x := range xs {
+			if x.Name != "system.data" {
+				out = append(out, x)
+			}
+		}
+		return out, err
+	})
+}

@@ -3,6 +3,7 @@ package ext
 import (
 	"errors"
 	"fmt"
+	"io"
 	"sort"
 	"time"
 
@@ -355,7 +356,7 @@ func (fl *file) ReadAt(p []byte, off int64) (int, error) {
 		return 0, fmt.Errorf("inode %d: negative offset", fl.ino)
 	}
 	if off >= fl.size {
-		return 0, ioEOF
+		return 0, io.EOF
 	}
 	n := len(p)
 	short := false
@@ -369,7 +370,7 @@ func (fl *file) ReadAt(p []byte, off int64) (int, error) {
 		return 0, fmt.Errorf("inode %d at %d: %w", fl.ino, off, err)
 	}
 	if short {
-		return n, ioEOF
+		return n, io.EOF
 	}
 	return n, nil
 }
