@@ -137,6 +137,9 @@ func populate(t *testing.T, dir string, bigDir int) {
 	must(t, os.Symlink("one", filepath.Join(dir, "link-short")))
 	must(t, os.Symlink(strings.Repeat("long/", 40)+"target", filepath.Join(dir, "link-long")))
 	must(t, os.Symlink("/etc/passwd", filepath.Join(dir, "link-abs")))
+	must(t, os.Symlink("../../a", filepath.Join(dir, "a/b/up")))
+	must(t, os.Symlink("/a/b/c", filepath.Join(dir, "abs-dir")))
+	must(t, os.Symlink("loop", filepath.Join(dir, "loop")))
 	must(t, os.Link(filepath.Join(dir, "one"), filepath.Join(dir, "a/hard1")))
 	must(t, os.Link(filepath.Join(dir, "one"), filepath.Join(dir, "a/b/hard2")))
 	must(t, unix.Mkfifo(filepath.Join(dir, "fifo"), 0o640))
@@ -357,6 +360,16 @@ func TestExtAgainstKernel(t *testing.T) {
 			f := openImage(t, img, Options{})
 			got := readerTree(t, f)
 			compareTrees(t, want, got)
+			// Symlinks in the directories of a path are followed, an
+			// absolute one from this filesystem's root.
+			for _, p := range []string{"/a/b/up/b/c/d/e/deep.txt", "/abs-dir/d/e/deep.txt"} {
+				if st, err := f.Lstat(p); err != nil || st.Size != 5 {
+					t.Errorf("%s: %v %+v", p, err, st)
+				}
+			}
+			if _, err := f.Lstat("/loop/x"); err == nil || !strings.Contains(err.Error(), "too many levels") {
+				t.Errorf("a symlink loop: %v", err)
+			}
 			// The fragmented file has a deep extent tree, or, under
 			// ext2/3, double indirect blocks.
 			in, err := f.lookup("/frag-a")

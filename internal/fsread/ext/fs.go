@@ -312,12 +312,27 @@ func (f *FS) inodeTable(g uint64) (uint64, error) {
 	return t, nil
 }
 
-// resolve finds the inode of the absolute slash-separated path p, without
-// following symlinks.
+// maxHops bounds the symlinks followed in one path (Linux's limit).
+const maxHops = 40
+
+// resolve finds the inode of the absolute slash-separated path p. Like
+// lstat(2), it follows symlinks in the directories of the path (an
+// absolute target starts again from this filesystem's root, whatever the
+// snapshot's machine mounted there) but not in its last component.
 func (f *FS) resolve(p string) (uint64, error) {
+	comps := strings.Split(strings.TrimPrefix(path.Clean("/"+p), "/"), "/")
 	ino := uint64(rootIno)
-	for _, name := range strings.Split(strings.TrimPrefix(path.Clean("/"+p), "/"), "/") {
-		if name == "" {
+	var up []uint64 // the directories walked through, for ".."
+	hops := 0
+	for i := 0; i < len(comps); i++ {
+		name := comps[i]
+		switch name {
+		case "", ".":
+			continue
+		case "..":
+			if len(up) > 0 {
+				ino, up = up[len(up)-1], up[:len(up)-1]
+			}
 			continue
 		}
 		in, err := f.inode(ino)
@@ -325,9 +340,6 @@ func (f *FS) resolve(p string) (uint64, error) {
 			return 0, err
 		}
 		if in.mode&fsread.TypeMask != fsread.TypeDir {
-			if in.mode&fsread.TypeMask == fsread.TypeSymlink {
-				return 0, fmt.Errorf("%s: a component of the path is a symbolic link (not followed)", p)
-			}
 			return 0, fmt.Errorf("%s: a component of the path is not a directory", p)
 		}
 		names, err := f.names(in)
@@ -338,6 +350,28 @@ func (f *FS) resolve(p string) (uint64, error) {
 		if !ok {
 			return 0, fmt.Errorf("%s: %w", p, fsread.ErrNotExist)
 		}
+		if i < len(comps)-1 {
+			child, err := f.inode(next)
+			if err != nil {
+				return 0, err
+			}
+			if child.mode&fsread.TypeMask == fsread.TypeSymlink {
+				if hops++; hops > maxHops {
+					return 0, fmt.Errorf("%s: too many levels of symbolic links", p)
+				}
+				t, err := f.readlink(child)
+				if err != nil {
+					return 0, err
+				}
+				if strings.HasPrefix(t, "/") {
+					ino, up = rootIno, nil
+				}
+				comps = append(strings.Split(t, "/"), comps[i+1:]...)
+				i = -1
+				continue
+			}
+		}
+		up = append(up, ino)
 		ino = next
 	}
 	return ino, nil

@@ -99,6 +99,9 @@ func seedImages(f *testing.F) [][]byte {
 		if err != nil {
 			f.Fatalf("seed %v: %v", mk, err)
 		}
+		if i == 4 && fs.Replayed() == 0 {
+			f.Fatal("the journal seed replays nothing")
+		}
 		explore(fs)
 		out = append(out, fuzzimg.Encode(tr.Keep(b)))
 	}
