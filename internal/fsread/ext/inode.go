@@ -224,7 +224,7 @@ func (f *FS) extentRuns(in *inode) ([]run, error) {
 				if lblk >= nb || l == 0 {
 					continue // past the end (preallocated), or empty
 				}
-				if uint64(len(rs)) >= nb {
+				if uint64(len(rs)) >= nb || uint64(len(rs)) >= f.sb.blocks {
 					return errors.New("more extents than the file has blocks (damaged)")
 				}
 				rs = append(rs, run{lblk: lblk, pblk: p, n: min(l, nb-lblk), unwritten: unwritten})
@@ -275,6 +275,11 @@ func (f *FS) mapRuns(in *inode) ([]run, error) {
 			return nil
 		}
 		if level == 0 {
+			// A sane map points at distinct blocks: no more than
+			// the filesystem has.
+			if uint64(len(rs)) >= f.sb.blocks {
+				return errors.New("block map maps more blocks than the filesystem has (damaged)")
+			}
 			add(l, p)
 			return nil
 		}
