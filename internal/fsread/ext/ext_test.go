@@ -475,3 +475,45 @@ func TestExtRefuses(t *testing.T) {
 		t.Fatalf("zeros: %v", err)
 	}
 }
+
+// TestExtChecksums: under metadata_csum, a damaged inode, directory block
+// or extent node is reported as failing its checksum.
+func TestExtChecksums(t *testing.T) {
+	if _, err := exec.LookPath("mke2fs"); err != nil {
+		t.Skip("needs mke2fs")
+	}
+	tree := t.TempDir()
+	os.WriteFile(filepath.Join(tree, "file"), []byte("x"), 0o644)
+	img := mkImage(t, 8<<20, "-t", "ext4", "-d", tree)
+	b, err := os.ReadFile(img)
+	must(t, err)
+	f, err := Open(bytes.NewReader(b), int64(len(b)), Options{})
+	must(t, err)
+	root, err := f.inode(rootIno)
+	must(t, err)
+	fl, err := f.open(root)
+	must(t, err)
+	dirBlock := int64(fl.rs[0].pblk) * f.sb.bs
+	file, err := f.lookup("/file")
+	must(t, err)
+	g, idx := (file.ino-1)/f.sb.ipg, (file.ino-1)%f.sb.ipg
+	table, err := f.inodeTable(g)
+	must(t, err)
+	inodeAt := int64(table)*f.sb.bs + int64(idx)*int64(f.sb.isize)
+	for _, c := range []struct {
+		what string
+		off  int64
+		try  func(*FS) error
+	}{
+		{"directory block", dirBlock + 30, func(f *FS) error { _, err := f.ReadDir("/"); return err }},
+		{"inode", inodeAt + 8, func(f *FS) error { _, err := f.Lstat("/file"); return err }},
+	} {
+		bad := append([]byte(nil), b...)
+		bad[c.off] ^= 0x55
+		f, err := Open(bytes.NewReader(bad), int64(len(bad)), Options{})
+		must(t, err)
+		if err := c.try(f); err == nil || !strings.Contains(err.Error(), "checksum") {
+			t.Errorf("a damaged %s: %v", c.what, err)
+		}
+	}
+}

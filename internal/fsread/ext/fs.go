@@ -3,9 +3,14 @@
 // a restore of the disk: the file-level restore of sauve (ls, get, find)
 // reads snapshots through it, fetching only the chunks the files use.
 //
+// Under metadata_csum it verifies the checksums of the superblock,
+// inodes, extent tree blocks and directory leaf blocks (not those of
+// group descriptors, htree index blocks, xattr blocks or bitmaps, which
+// it does not need or trusts less).
+//
 // It reads the superblock (refusing incompatible features it does not
-// know), group descriptors (meta_bg, flex_bg, 64bit), inodes of any size
-// (checked against their checksum under metadata_csum), extent trees of
+// know), group descriptors (meta_bg, flex_bg, 64bit), inodes of any size,
+// extent trees of
 // any depth, ext2/3 block maps (direct, indirect, double and triple),
 // sparse files and unwritten extents (holes), inline data, linear and
 // htree directories (an htree's leaves are plain directory blocks, and its

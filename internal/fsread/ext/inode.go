@@ -14,6 +14,7 @@ import (
 // Inode flags this reader acts on.
 const (
 	flagEncrypt    = 0x800
+	flagIndex      = 0x1000 // htree directory
 	flagHugeFile   = 0x40000
 	flagExtents    = 0x80000
 	flagEAInode    = 0x200000
@@ -33,9 +34,12 @@ type inode struct {
 	blocks  uint64 // i_blocks, in 512-byte units
 	fileACL uint64
 	extra   int // i_extra_isize
-	atime   time.Time
-	mtime   time.Time
-	ctime   time.Time
+	// seed starts the metadata_csum checksums of the inode's extent
+	// and directory blocks; 0 without metadata_csum.
+	seed  uint32
+	atime time.Time
+	mtime time.Time
+	ctime time.Time
 }
 
 // iblock is the inode's i_block area (block map, extent root, inline
@@ -98,6 +102,7 @@ func (in *inode) checkCsum(seed uint32) error {
 	le(num[:4], uint32(in.ino))
 	le(num[4:], le32(in.raw, 100))
 	c := crc32c(seed, num[:])
+	in.seed = c
 	cp := append([]byte(nil), in.raw...)
 	cp[124], cp[125] = 0, 0
 	stored := uint32(le16(in.raw, 124))
@@ -240,6 +245,13 @@ func (f *FS) extentRuns(in *inode) ([]run, error) {
 			b, err := f.block(child)
 			if err != nil {
 				return fmt.Errorf("extent node at block %d: %w", child, err)
+			}
+			if in.seed != 0 {
+				// The tail after the node's room for entries.
+				tail := 12 + 12*int(le16(b, 4))
+				if tail+4 > len(b) || crc32c(in.seed, b[:tail]) != le32(b, tail) {
+					return fmt.Errorf("extent node at block %d fails its checksum (damaged)", child)
+				}
 			}
 			if err := walk(b, d-1, fmt.Sprintf("at block %d", child)); err != nil {
 				return err
