@@ -4,9 +4,9 @@
 // reads snapshots through it, fetching only the chunks the files use.
 //
 // Under metadata_csum it verifies the checksums of the superblock,
-// inodes, extent tree blocks and directory leaf blocks (not those of
-// group descriptors, htree index blocks, xattr blocks or bitmaps, which
-// it does not need or trusts less).
+// inodes, extent tree blocks and directory leaf blocks, and of journal
+// commit blocks; not yet those of group descriptors, htree index blocks,
+// xattr blocks, or journal descriptor and data blocks.
 //
 // It reads the superblock (refusing incompatible features it does not
 // know), group descriptors (meta_bg, flex_bg, 64bit), inodes of any size,
