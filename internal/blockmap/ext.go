@@ -142,14 +142,9 @@ func (e *extFS) parse(sb []byte, size int64) string {
 	case state&1 == 0:
 		return "it was not cleanly unmounted (or is mounted): the bitmaps may be stale"
 	}
-	e.blocks = uint64(le32(sb, 4))
-	e.descSize = 32
-	if e.incompat&extIncompat64Bit != 0 {
-		e.blocks |= uint64(le32(sb, 336)) << 32
-		e.descSize = int(le16(sb, 254))
-		if e.descSize < 64 || e.descSize > 1024 || e.descSize&(e.descSize-1) != 0 {
-			return fmt.Sprintf("superblock damaged: group descriptor size %d", e.descSize)
-		}
+	var damaged string
+	if e.blocks, e.descSize, damaged = ExtGeometry(sb); damaged != "" {
+		return "superblock damaged: " + damaged
 	}
 	e.fdb = uint64(le32(sb, 20))
 	e.bpg = uint64(le32(sb, 32))
@@ -196,6 +191,21 @@ func (e *extFS) parse(sb []byte, size int64) string {
 	}
 	e.csumUninit = e.ro&(extROMetadataCsum|extROGdtCsum) != 0
 	return ""
+}
+
+// ExtGeometry reads the block count and the group descriptor size of an
+// ext2/3/4 superblock sb (1024 bytes); damaged says what is wrong with
+// them, or is "". The file reader (fsread/ext) shares it.
+func ExtGeometry(sb []byte) (blocks uint64, descSize int, damaged string) {
+	blocks, descSize = uint64(le32(sb, 4)), 32
+	if le32(sb, 96)&extIncompat64Bit != 0 {
+		blocks |= uint64(le32(sb, 336)) << 32
+		descSize = int(le16(sb, 254))
+		if descSize < 64 || descSize > 1024 || descSize&(descSize-1) != 0 {
+			return 0, 0, fmt.Sprintf("group descriptor size %d", descSize)
+		}
+	}
+	return blocks, descSize, ""
 }
 
 func (e *extFS) hasSuper(g uint64) bool {

@@ -175,6 +175,7 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.AddCommand(newAgentCmd(g))
 	root.AddCommand(newForgetCmd(g))
 	root.AddCommand(newStatsCmd(g))
+	root.AddCommand(newLsCmd(g), newGetCmd(g), newFindCmd(g))
 	return root
 }
 
