@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"encoding/binary"
 	"fmt"
 	"io"
 	"path"
@@ -15,13 +14,12 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/sauve-backup/sauve/internal/fsread"
-	"github.com/sauve-backup/sauve/internal/fsread/ext"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
 // fileSystem is what file-level restore needs of a filesystem reader;
 // paths are absolute and slash-separated. A reader for another
-// filesystem (XFS, NTFS, FAT) implements it and is added to openFS.
+// filesystem (XFS, NTFS, FAT) implements it and is added to fsReaders (fsopen.go).
 type fileSystem interface {
 	Lstat(p string) (fsread.Stat, error)
 	ReadDir(p string) ([]fsread.DirEntry, error)
@@ -169,19 +167,6 @@ func pickPartition(sn *repo.Snapshot, d *repo.Disk, spec fileSpec) (repo.Partiti
 		return found[0], nil
 	}
 	return repo.Partition{}, fmt.Errorf("disk %s of snapshot %s has %d partitions labelled %q: name one by number", d.Name, sn.ID.Short(), len(found), spec.part)
-}
-
-// openFS detects the filesystem of a partition by its magic.
-func openFS(r *io.SectionReader, p repo.Partition, noReplay bool, warn func(string)) (fileSystem, error) {
-	var magic [2]byte
-	if _, err := r.ReadAt(magic[:], 1024+56); err == nil && binary.LittleEndian.Uint16(magic[:]) == 0xEF53 {
-		return ext.Open(r, r.Size(), ext.Options{NoReplay: noReplay, Warn: warn})
-	}
-	name := p.Filesystem
-	if name == "" {
-		return nil, fmt.Errorf("no filesystem this version reads files from (ext2/3/4) was found")
-	}
-	return nil, fmt.Errorf("filesystem %s not supported yet for file access (ext2/3/4 only)", name)
 }
 
 // lsEntry is a file as ls --json prints it.
