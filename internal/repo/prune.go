@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"sort"
 	"strings"
@@ -683,29 +684,48 @@ func (p *pruner) repackAll(ctx context.Context) error {
 }
 
 func (p *pruner) repackOne(ctx context.Context, u *packUse) error {
-	h := backend.Handle{Type: backend.PackFile, Name: u.id.String()}
 	for _, rg := range neededRanges(u) {
 		if rg.end > u.size {
 			return fmt.Errorf("pack %s is shorter than its index says (%d bytes, blobs up to %d); nothing was deleted", u.id.Short(), u.size, rg.end)
 		}
-		p.buf = slices.Grow(p.buf[:0], int(rg.end-rg.start))[:rg.end-rg.start]
-		if err := backend.ReadRangeInto(ctx, p.r.be, h, rg.start, p.buf); err != nil {
-			return fmt.Errorf("read pack %s to repack it: %w; nothing was deleted", u.id.Short(), err)
-		}
-		p.rep.BytesRead += rg.end - rg.start
-		for _, i := range rg.blobs {
-			c := u.blobs[i]
-			off := int64(c.Offset) - rg.start
-			coded, err := p.r.openCoded(u.ids[i], c.Location, p.buf[off:off+int64(c.Length)], &p.plain)
-			if err != nil {
-				return fmt.Errorf("pack %s: blob %s is damaged (%v); nothing was deleted: run 'sauve check --read-data'", u.id.Short(), u.ids[i].Short(), err)
-			}
-			if _, err := p.w.p.saveCoded(c.Type, u.ids[i], coded); err != nil {
-				return fmt.Errorf("store blob %s of pack %s: %w", u.ids[i].Short(), u.id.Short(), err)
-			}
-			p.rep.RepackedBlobs++
+		if err := p.repackRange(ctx, u, rg); err != nil {
+			return err
 		}
 	}
+	return nil
+}
+
+// repackRange streams one range of a pack and stores its needed blobs
+// again: one request per range, and one blob in memory at a time, so
+// that prune's memory is its pack buffer's and not the range's.
+func (p *pruner) repackRange(ctx context.Context, u *packUse, rg packRange) error {
+	h := backend.Handle{Type: backend.PackFile, Name: u.id.String()}
+	rd, err := p.r.be.Load(ctx, h, rg.start, rg.end-rg.start)
+	if err != nil {
+		return fmt.Errorf("read pack %s to repack it: %w; nothing was deleted", u.id.Short(), err)
+	}
+	defer rd.Close()
+	pos := rg.start
+	for _, i := range rg.blobs {
+		c := u.blobs[i]
+		if _, err := io.CopyN(io.Discard, rd, int64(c.Offset)-pos); err != nil {
+			return fmt.Errorf("read pack %s at %d to repack it: %w; nothing was deleted", u.id.Short(), pos, err)
+		}
+		p.buf = slices.Grow(p.buf[:0], int(c.Length))[:c.Length]
+		if _, err := io.ReadFull(rd, p.buf); err != nil {
+			return fmt.Errorf("read blob %s at %d of pack %s to repack it: %w; nothing was deleted", u.ids[i].Short(), c.Offset, u.id.Short(), err)
+		}
+		pos = int64(c.Offset) + int64(c.Length)
+		coded, err := p.r.openCoded(u.ids[i], c.Location, p.buf, &p.plain)
+		if err != nil {
+			return fmt.Errorf("pack %s: blob %s is damaged (%v); nothing was deleted: run 'sauve check --read-data'", u.id.Short(), u.ids[i].Short(), err)
+		}
+		if _, err := p.w.p.saveCoded(c.Type, u.ids[i], coded); err != nil {
+			return fmt.Errorf("store blob %s of pack %s: %w", u.ids[i].Short(), u.id.Short(), err)
+		}
+		p.rep.RepackedBlobs++
+	}
+	p.rep.BytesRead += rg.end - rg.start
 	return nil
 }
 
@@ -718,11 +738,13 @@ type packRange struct {
 
 // neededRanges groups the needed blobs of a pack into ranges read at
 // once: blobs less than rangeGap apart share a read, so a mostly used
-// pack costs a few requests and a mostly unused one reads little more
-// than what it keeps. A range grows to rangeMax at most (or one blob):
-// the buffer it is read into is prune's largest after the packs'.
+// pack costs a request or two and a mostly unused one reads little more
+// than what it keeps. A range is streamed (repackRange), so its length
+// costs no memory; rangeMax only bounds how long one request runs.
+// Blobs that overlap (a forged index may say so) start a range of their
+// own.
 func neededRanges(u *packUse) []packRange {
-	const rangeGap, rangeMax = 1 << 20, 8 << 20
+	const rangeGap, rangeMax = 1 << 20, 64 << 20
 	idx := make([]int, 0, len(u.blobs))
 	for i := range u.blobs {
 		if u.need[i] {
@@ -734,8 +756,8 @@ func neededRanges(u *packUse) []packRange {
 	for _, i := range idx {
 		c := u.blobs[i]
 		start, end := int64(c.Offset), int64(c.Offset)+int64(c.Length)
-		if n := len(out); n > 0 && start-out[n-1].end <= rangeGap && start >= out[n-1].start && end-out[n-1].start <= rangeMax {
-			out[n-1].end = max(out[n-1].end, end)
+		if n := len(out); n > 0 && start >= out[n-1].end && start-out[n-1].end <= rangeGap && end-out[n-1].start <= rangeMax {
+			out[n-1].end = end
 			out[n-1].blobs = append(out[n-1].blobs, i)
 			continue
 		}

@@ -2,8 +2,8 @@ package repo
 
 import "testing"
 
-// Needed blobs close together share a read, within rangeMax: the buffer
-// prune reads them into stays small whatever the pack size.
+// Needed blobs close together share a read (streamed, so a range costs
+// no memory), within rangeMax; overlapping blobs never share one.
 func TestNeededRanges(t *testing.T) {
 	const mib = 1 << 20
 	blob := func(off, n int64) Copy {
@@ -18,9 +18,11 @@ func TestNeededRanges(t *testing.T) {
 		{"adjacent, one read", []Copy{blob(0, mib), blob(mib, mib)}, []bool{true, true}, [][2]int64{{0, 2 * mib}}},
 		{"gap over 1 MiB", []Copy{blob(0, mib), blob(3*mib, mib)}, []bool{true, true}, [][2]int64{{0, mib}, {3 * mib, 4 * mib}}},
 		{"unneeded skipped", []Copy{blob(0, mib), blob(mib, 5*mib), blob(6*mib, mib)}, []bool{true, false, true}, [][2]int64{{0, mib}, {6 * mib, 7 * mib}}},
-		{"capped at 8 MiB", []Copy{blob(0, 3*mib), blob(3*mib, 3*mib), blob(6*mib, 3*mib), blob(9*mib, 3*mib)}, []bool{true, true, true, true},
-			[][2]int64{{0, 6 * mib}, {6 * mib, 12 * mib}}},
-		{"one blob over the cap", []Copy{blob(0, 9*mib), blob(9*mib, mib)}, []bool{true, true}, [][2]int64{{0, 9 * mib}, {9 * mib, 10 * mib}}},
+		{"a whole used pack, one read", []Copy{blob(0, 3*mib), blob(3*mib, 3*mib), blob(6*mib, 3*mib), blob(9*mib, 3*mib)}, []bool{true, true, true, true},
+			[][2]int64{{0, 12 * mib}}},
+		{"capped at 64 MiB", []Copy{blob(0, 40*mib), blob(40*mib, 30*mib)}, []bool{true, true}, [][2]int64{{0, 40 * mib}, {40 * mib, 70 * mib}}},
+		{"one blob over the cap", []Copy{blob(0, 70*mib), blob(70*mib, mib)}, []bool{true, true}, [][2]int64{{0, 70 * mib}, {70 * mib, 71 * mib}}},
+		{"overlapping blobs, own ranges", []Copy{blob(0, 2*mib), blob(mib, 2*mib)}, []bool{true, true}, [][2]int64{{0, 2 * mib}, {mib, 3 * mib}}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
