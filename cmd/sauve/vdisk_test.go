@@ -740,11 +740,21 @@ func bootDisk(t *testing.T, path, line string) {
 // the serial port.
 func boot(t *testing.T, img, qemuFormat, line string) {
 	t.Helper()
+	bootDrive(t, "file="+img+",format="+qemuFormat+",if=ide", true, line)
+}
+
+// bootDrive boots QEMU on a -drive spec, under -snapshot or not, and
+// waits for line on the serial port.
+func bootDrive(t *testing.T, drive string, snapshot bool, line string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "tcg", "-nographic", "-monitor", "none",
-		"-serial", "stdio", "-m", "32", "-net", "none", "-no-reboot",
-		"-drive", "file="+img+",format="+qemuFormat+",if=ide", "-snapshot")
+	args := []string{"-accel", "tcg", "-nographic", "-monitor", "none",
+		"-serial", "stdio", "-m", "32", "-net", "none", "-no-reboot", "-drive", drive}
+	if snapshot {
+		args = append(args, "-snapshot")
+	}
+	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -769,7 +779,7 @@ func boot(t *testing.T, img, qemuFormat, line string) {
 			break
 		}
 	}
-	t.Fatalf("%s (format=%s) did not print %q on the serial port:\n%s\n%s", img, qemuFormat, line, seen.String(), stderr.String())
+	t.Fatalf("-drive %s did not print %q on the serial port:\n%s\n%s", drive, line, seen.String(), stderr.String())
 }
 
 // TestBootExported exports a bootable disk to every format, and QEMU

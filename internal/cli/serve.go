@@ -33,6 +33,7 @@ func newServeNBDCmd(g *globals) *cobra.Command {
 		ff       filterFlags
 		diskName string
 		listen   string
+		ov       overlayFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "nbd SNAPSHOT",
@@ -53,21 +54,33 @@ $XDG_RUNTIME_DIR/sauve/nbd-ID.sock (the temporary folder without
 XDG_RUNTIME_DIR), or --listen unix:PATH, and prints the URI of each export.
 Anyone who can open the socket reads the disks: it is made mode 0600.
 Serving over TCP needs TLS with client certificates and is not available
-yet. Ctrl-C (or SIGTERM) stops the server and removes the socket.`,
+yet. Ctrl-C (or SIGTERM) stops the server and removes the socket.
+
+--writable lets clients write, so a VM can boot from the backup (instant
+recovery): every write goes to a local copy-on-write overlay file, never to
+the repository. The overlay is temporary (deleted when the server stops)
+unless --overlay FILE names it: then it survives a restart and the next
+'serve nbd --writable --overlay FILE' of the same snapshot goes on from it
+(a file made for another snapshot or disk is refused). With several disks
+each gets FILE.DISK. Writes are durable once the client flushes.`,
 		Example: `  sauve serve nbd latest --host web1 --listen unix:/run/web1.sock
   qemu-img convert -O qcow2 'nbd+unix:///vda?socket=/run/web1.sock' web1.qcow2
   nbdinfo --map 'nbd+unix:///vda?socket=/run/web1.sock'
   nbdfuse /mnt/web1 'nbd+unix:///vda:1?socket=/run/web1.sock'   # partition 1 as /mnt/web1/nbd
-  qemu-system-x86_64 -snapshot -drive file=nbd:unix:/run/web1.sock:exportname=vda,format=raw`,
+  qemu-system-x86_64 -snapshot -drive file=nbd:unix:/run/web1.sock:exportname=vda,format=raw
+  sauve serve nbd latest --writable --overlay /var/tmp/web1.overlay --listen unix:/run/web1.sock &
+  qemu-system-x86_64 -m 2G -drive file=nbd:unix:/run/web1.sock:exportname=vda,format=raw,cache=writeback`,
 		Args: exactArgs(1, "SNAPSHOT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.serveNBD(cmd.Context(), args[0], &ff, diskName, listen)
+			return g.serveNBD(cmd.Context(), args[0], &ff, diskName, listen, &ov)
 		},
 	}
 	ff.add(cmd)
 	ff.addDates(cmd)
 	cmd.Flags().StringVar(&diskName, "disk", "", "the disk that is the default export (the first one if not given)")
 	cmd.Flags().StringVar(&listen, "listen", "", "where to listen: unix:PATH (default $XDG_RUNTIME_DIR/sauve/nbd-ID.sock)")
+	cmd.Flags().BoolVar(&ov.writable, "writable", false, "let clients write; writes go to a local overlay file, never to the repository")
+	cmd.Flags().StringVar(&ov.path, "overlay", "", "the overlay file of --writable, kept after the server stops (temporary if not given)")
 	return cmd
 }
 
@@ -75,7 +88,10 @@ yet. Ctrl-C (or SIGTERM) stops the server and removes the socket.`,
 // random as often as in order, so it holds more than an export's.
 const serveCache = 64 << 20
 
-func (g *globals) serveNBD(ctx context.Context, spec string, ff *filterFlags, diskName, listen string) error {
+func (g *globals) serveNBD(ctx context.Context, spec string, ff *filterFlags, diskName, listen string, ov *overlayFlags) error {
+	if ov.path != "" && !ov.writable {
+		return usageError{errors.New("--overlay goes with --writable")}
+	}
 	socket, err := parseListen(listen)
 	if errors.Is(err, errTCPListen) {
 		fmt.Fprintf(g.stderr, "sauve: %v\n", err)
@@ -110,7 +126,17 @@ func (g *globals) serveNBD(ctx context.Context, spec string, ff *filterFlags, di
 			return fail(err)
 		}
 		defer dr.Close()
-		exports = append(exports, diskExports(sn, d, dr)...)
+		var disk diskView = dr
+		if ov.writable {
+			o, err := ov.open(sn, d, dr, len(disks) > 1)
+			if err != nil {
+				return fail(err)
+			}
+			defer g.closeOverlay(o, ov.path == "")
+			disk = o
+			fmt.Fprintf(g.stderr, "disk %s: writes go to %s\n", d.Name, ov.describe(o))
+		}
+		exports = append(exports, diskExports(sn, d, disk, ov.writable)...)
 	}
 	if socket == "" {
 		dir := os.Getenv("XDG_RUNTIME_DIR")
@@ -130,7 +156,11 @@ func (g *globals) serveNBD(ctx context.Context, spec string, ff *filterFlags, di
 	for _, e := range exports {
 		fmt.Fprintf(g.stderr, "export %-12s nbd+unix:///%s?socket=%s\n", e.Name, url.PathEscape(e.Name), socket)
 	}
-	fmt.Fprintf(g.stderr, "serving snapshot %s read-only (default export: %s); Ctrl-C stops\n", sn.ID.Short(), exports[0].Name)
+	mode := "read-only"
+	if ov.writable {
+		mode = "writable (the repository is never written)"
+	}
+	fmt.Fprintf(g.stderr, "serving snapshot %s %s (default export: %s); Ctrl-C stops\n", sn.ID.Short(), mode, exports[0].Name)
 	if err := nbdserve.Serve(ctx, ln, exports, nbdserve.Options{Logf: g.warnf}); err != nil {
 		return fail(err)
 	}
@@ -178,12 +208,24 @@ func listenUnix(socket string) (net.Listener, error) {
 	return ln, nil
 }
 
-// diskExports returns the export of disk d and those of its partitions.
-func diskExports(sn *repo.Snapshot, d *repo.Disk, dr *repo.DiskReader) []nbdserve.Export {
+// diskView is what an export reads a disk through: the snapshot's disk
+// reader, or the overlay over it.
+type diskView interface {
+	io.ReaderAt
+	extent.Map
+}
+
+// diskExports returns the export of disk d and those of its partitions;
+// writable, disk also takes their writes.
+func diskExports(sn *repo.Snapshot, d *repo.Disk, disk diskView, writable bool) []nbdserve.Export {
+	var w nbdserve.Writer
+	if writable {
+		w = disk.(nbdserve.Writer)
+	}
 	out := []nbdserve.Export{{
 		Name:        d.Name,
 		Description: fmt.Sprintf("disk %s of snapshot %s", d.Name, sn.ID.Short()),
-		Size:        d.Size, ReaderAt: dr, Data: dr.Data,
+		Size:        d.Size, ReaderAt: disk, Data: disk.Data, Writer: w,
 	}}
 	for _, p := range d.Partitions {
 		if p.Number <= 0 || p.Extended || p.Size <= 0 || p.Start < 0 || p.Start > d.Size-p.Size {
@@ -193,12 +235,30 @@ func diskExports(sn *repo.Snapshot, d *repo.Disk, dr *repo.DiskReader) []nbdserv
 			Name:        fmt.Sprintf("%s:%d", d.Name, p.Number),
 			Description: fmt.Sprintf("partition %d of disk %s of snapshot %s", p.Number, d.Name, sn.ID.Short()),
 			Size:        p.Size,
-			ReaderAt:    io.NewSectionReader(dr, p.Start, p.Size),
-			Data:        shiftedData(dr, p.Start),
+			ReaderAt:    io.NewSectionReader(disk, p.Start, p.Size),
+			Data:        shiftedData(disk, p.Start),
+			Writer:      shiftedWriter(w, p.Start),
 		})
 	}
 	return out
 }
+
+// shiftedWriter is w for the window starting at start; nil for nil.
+func shiftedWriter(w nbdserve.Writer, start int64) nbdserve.Writer {
+	if w == nil {
+		return nil
+	}
+	return windowWriter{w, start}
+}
+
+type windowWriter struct {
+	w     nbdserve.Writer
+	start int64
+}
+
+func (ww windowWriter) WriteAt(p []byte, off int64) (int, error) { return ww.w.WriteAt(p, ww.start+off) }
+func (ww windowWriter) Zero(off, n int64) error                  { return ww.w.Zero(ww.start+off, n) }
+func (ww windowWriter) Flush() error                             { return ww.w.Flush() }
 
 // shiftedData is the data map of the window of m starting at start.
 func shiftedData(m extent.Map, start int64) func(off, n int64) ([]extent.Range, error) {

@@ -27,6 +27,18 @@ type Export struct {
 	// Data returns the ranges of [off, off+n) that hold data, in order;
 	// the rest reads as zeros. Nil means all of the export holds data.
 	Data func(off, n int64) ([]extent.Range, error)
+	// Writer, when set, makes the export writable: writes, trims and
+	// write-zeroes go to it, and what is read must be what it holds.
+	Writer Writer
+}
+
+// Writer takes the writes of a writable export.
+type Writer interface {
+	io.WriterAt
+	// Zero makes [off, off+n) read as zeros.
+	Zero(off, n int64) error
+	// Flush makes every write that returned before it durable.
+	Flush() error
 }
 
 // Options tune Serve; the zero value is fine.
@@ -72,6 +84,12 @@ const baseAllocation = "base:allocation"
 // protocol requires.
 const transmissionFlags = nbd.TFlagHasFlags | nbd.TFlagReadOnly | nbd.TFlagSendFlush |
 	nbd.TFlagSendCache | nbd.TFlagMultiConn
+
+// writableFlags are those of a writable export. Multi-conn still holds:
+// every connection writes through the same Writer, whose Flush covers
+// all of them.
+const writableFlags = nbd.TFlagHasFlags | nbd.TFlagSendFlush | nbd.TFlagSendFUA |
+	nbd.TFlagSendTrim | nbd.TFlagWriteZeroes | nbd.TFlagSendCache | nbd.TFlagMultiConn
 
 // Serve accepts connections on ln and serves exports on each until ctx is
 // cancelled, which closes ln and every connection; it returns nil then, or
@@ -312,7 +330,7 @@ func (c *session) option(opt uint32, data []byte) (*Export, error) {
 		}
 		var b []byte
 		b = be.AppendUint64(b, uint64(e.Size))
-		b = be.AppendUint16(b, c.flags())
+		b = be.AppendUint16(b, c.flags(e))
 		if !c.noZeroes {
 			b = append(b, make([]byte, 124)...)
 		}
@@ -382,7 +400,7 @@ func (c *session) infoGo(opt uint32, data []byte) (*Export, error) {
 	var b []byte
 	b = be.AppendUint16(b, nbd.InfoExport)
 	b = be.AppendUint64(b, uint64(e.Size))
-	b = be.AppendUint16(b, c.flags())
+	b = be.AppendUint16(b, c.flags(e))
 	c.reply(opt, nbd.RepInfo, b)
 	// Sent whether asked or not: the maximum tells clients to split
 	// their requests, and a minimum of 1 constrains nothing.
@@ -445,12 +463,16 @@ func (c *session) metaContext(opt uint32, data []byte) error {
 	return c.ack(opt)
 }
 
-// flags are the transmission flags of this connection.
-func (c *session) flags() uint16 {
-	if c.structured {
-		return transmissionFlags | nbd.TFlagSendDF
+// flags are the transmission flags of export e on this connection.
+func (c *session) flags(e *Export) uint16 {
+	f := uint16(transmissionFlags)
+	if e.Writer != nil {
+		f = writableFlags
 	}
-	return transmissionFlags
+	if c.structured {
+		f |= nbd.TFlagSendDF
+	}
+	return f
 }
 
 // printable keeps a client's name fit for a message.

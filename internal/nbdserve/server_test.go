@@ -641,3 +641,88 @@ func FuzzServeHandshake(f *testing.F) {
 		}
 	})
 }
+
+// memDisk is a writable export's disk in memory.
+type memDisk struct {
+	mu      sync.Mutex
+	b       []byte
+	flushes int
+}
+
+func (m *memDisk) ReadAt(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return copy(p, m.b[off:]), nil
+}
+
+func (m *memDisk) WriteAt(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return copy(m.b[off:], p), nil
+}
+
+func (m *memDisk) Zero(off, n int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	clear(m.b[off : off+n])
+	return nil
+}
+
+func (m *memDisk) Flush() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.flushes++
+	return nil
+}
+
+func TestServeWritable(t *testing.T) {
+	d := &memDisk{b: make([]byte, testSize)}
+	sock := serve(t, []Export{{Name: "vda", Size: testSize, ReaderAt: d, Writer: d}}, Options{})
+	c := rawDial(t, sock)
+	r := c.option(nbd.OptGo, nameData("vda"))
+	if be.Uint16(r[0].data) != nbd.InfoExport || be.Uint16(r[0].data[10:]) != writableFlags {
+		t.Fatalf("GO: NBD_INFO_EXPORT %x, want the writable flags", r[0].data)
+	}
+	payload := bytes.Repeat([]byte("sauve"), 1000)
+	c.request(nbd.CmdWrite, 0, 1, 4093, uint32(len(payload)), payload)
+	c.request(nbd.CmdWrite, nbd.CmdFlagFUA, 2, 100, 3, []byte("abc"))
+	c.request(nbd.CmdWriteZeroes, 0, 3, 4096, 10, nil)
+	c.request(nbd.CmdFlush, 0, 4, 0, 0, nil)
+	got := map[uint64]uint32{}
+	for range 4 {
+		errno, cookie := c.simple()
+		got[cookie] = errno
+	}
+	if fmt.Sprint(got) != fmt.Sprint(map[uint64]uint32{1: 0, 2: 0, 3: 0, 4: 0}) {
+		t.Fatalf("write, FUA write, zeroes, flush: %v", got)
+	}
+	want := make([]byte, testSize)
+	copy(want[4093:], payload)
+	copy(want[100:], "abc")
+	clear(want[4096:4106])
+	if !bytes.Equal(d.b, want) {
+		t.Fatal("the disk does not hold what was written")
+	}
+	if d.flushes != 2 {
+		t.Errorf("%d flushes, want 2 (FUA and FLUSH)", d.flushes)
+	}
+	c.request(nbd.CmdRead, 0, 5, 4090, 10, nil)
+	if errno, _ := c.simple(); errno != 0 || !bytes.Equal(c.read(10), want[4090:4100]) {
+		t.Fatal("read back of a write differs")
+	}
+	// Writes out of bounds or too long are refused, their payload
+	// skipped: the next request is still understood.
+	c.request(nbd.CmdWrite, 0, 6, testSize-1, 2, []byte("xy"))
+	if errno, _ := c.simple(); errno != nbd.ErrnoInval {
+		t.Errorf("write past the end: errno %d", errno)
+	}
+	big := make([]byte, maxRequest+1)
+	c.request(nbd.CmdWrite, 0, 7, 0, uint32(len(big)), big)
+	if errno, _ := c.simple(); errno != nbd.ErrnoInval {
+		t.Errorf("write over 32 MiB: errno %d", errno)
+	}
+	c.request(nbd.CmdRead, 0, 8, 100, 3, nil)
+	if errno, cookie := c.simple(); errno != 0 || cookie != 8 || string(c.read(3)) != "abc" {
+		t.Fatal("read after refused writes")
+	}
+}

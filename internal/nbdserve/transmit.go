@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"syscall"
 
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/nbd"
@@ -16,6 +17,8 @@ type request struct {
 	cookie     uint64
 	off        uint64
 	length     uint32
+	// data is a write's payload, held against the read budget.
+	data []byte
 }
 
 // transmit reads requests until the client disconnects and hands them
@@ -59,14 +62,33 @@ func (c *session) readRequests(work chan<- request) error {
 		case nbd.CmdDisc:
 			return nil
 		case nbd.CmdWrite:
-			// The payload follows the header whatever we answer: skip it
-			// so the next request is framed right.
-			if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
-				return fmt.Errorf("skip a write's payload: %w", err)
+			if err := c.readPayload(&r); err != nil {
+				return err
 			}
 		}
 		work <- r
 	}
+}
+
+// readPayload reads a write's payload when the export takes it and
+// skips it otherwise: it follows the header whatever the answer, and
+// the next request must be framed right.
+func (c *session) readPayload(r *request) error {
+	if c.export.Writer == nil || c.check(*r) != 0 || r.length > maxRequest {
+		if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
+			return fmt.Errorf("skip a write's payload: %w", err)
+		}
+		return nil
+	}
+	if err := c.s.budget.Acquire(c.s.ctx, int64(r.length)); err != nil {
+		return err // the server is stopping
+	}
+	r.data = make([]byte, r.length)
+	if _, err := io.ReadFull(c.br, r.data); err != nil {
+		c.s.budget.Release(int64(r.length))
+		return fmt.Errorf("read a write's payload: %w", err)
+	}
+	return nil
 }
 
 // handle answers one request; a failure to send closes the connection,
@@ -79,17 +101,70 @@ func (c *session) handle(r request) {
 	case nbd.CmdBlockStatus:
 		err = c.blockStatus(r)
 	case nbd.CmdFlush:
-		err = c.simple(r.cookie, 0)
+		err = c.simple(r.cookie, c.flushExport())
 	case nbd.CmdCache:
 		err = c.simple(r.cookie, c.check(r))
 	case nbd.CmdWrite, nbd.CmdTrim, nbd.CmdWriteZeroes:
-		err = c.simple(r.cookie, nbd.ErrnoPerm)
+		err = c.simple(r.cookie, c.write(r))
 	default:
 		err = c.simple(r.cookie, nbd.ErrnoInval)
 	}
 	if err != nil {
 		c.conn.Close()
 	}
+}
+
+// write carries out a write, trim or write-zeroes, and a flush after
+// it when the client asked for FUA; it returns the errno to answer.
+func (c *session) write(r request) uint32 {
+	w := c.export.Writer
+	if r.data != nil {
+		defer c.s.budget.Release(int64(len(r.data)))
+	}
+	if w == nil {
+		return nbd.ErrnoPerm
+	}
+	if e := c.check(r); e != 0 {
+		return e
+	}
+	if r.typ == nbd.CmdWrite && r.data == nil {
+		return nbd.ErrnoInval // longer than a read may be: skipped
+	}
+	var err error
+	switch r.typ {
+	case nbd.CmdWrite:
+		_, err = w.WriteAt(r.data, int64(r.off))
+	default:
+		// A trim need not zero, but zeroing is what keeps the
+		// overlay's space small, so both do it.
+		err = w.Zero(int64(r.off), int64(r.length))
+	}
+	if err == nil && r.flags&nbd.CmdFlagFUA != 0 {
+		err = w.Flush()
+	}
+	return c.errno(err, "write")
+}
+
+// flushExport flushes a writable export; it returns the errno to answer.
+func (c *session) flushExport() uint32 {
+	if c.export.Writer == nil {
+		return 0
+	}
+	return c.errno(c.export.Writer.Flush(), "flush")
+}
+
+// errno maps a Writer's error to the errno a client gets, and logs it.
+func (c *session) errno(err error, what string) uint32 {
+	if err == nil {
+		return 0
+	}
+	if c.s.o.Logf != nil {
+		c.s.o.Logf("nbd server: %s to export %q: %v", what, c.export.Name, err)
+	}
+	if errors.Is(err, syscall.ENOSPC) {
+		return nbd.ErrnoNoSpc
+	}
+	return nbd.ErrnoIO
 }
 
 // check returns EINVAL for a range outside the export or too long to
