@@ -256,9 +256,11 @@ type windowWriter struct {
 	start int64
 }
 
-func (ww windowWriter) WriteAt(p []byte, off int64) (int, error) { return ww.w.WriteAt(p, ww.start+off) }
-func (ww windowWriter) Zero(off, n int64) error                  { return ww.w.Zero(ww.start+off, n) }
-func (ww windowWriter) Flush() error                             { return ww.w.Flush() }
+func (ww windowWriter) WriteAt(p []byte, off int64) (int, error) {
+	return ww.w.WriteAt(p, ww.start+off)
+}
+func (ww windowWriter) Zero(off, n int64) error { return ww.w.Zero(ww.start+off, n) }
+func (ww windowWriter) Flush() error            { return ww.w.Flush() }
 
 // shiftedData is the data map of the window of m starting at start.
 func shiftedData(m extent.Map, start int64) func(off, n int64) ([]extent.Range, error) {
