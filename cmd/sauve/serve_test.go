@@ -5,10 +5,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/sauve-backup/sauve/internal/testpki"
 )
 
 // TestServeNBD serves a backed-up image and reads it back with the qemu
@@ -96,10 +99,10 @@ func TestServeNBD(t *testing.T) {
 func TestServeNBDListenUsage(t *testing.T) {
 	e := newEnv(t)
 	r := e.run("serve", "nbd", "latest", "--listen", "tcp:127.0.0.1:10809")
-	if r.code != 2 || !strings.Contains(r.stderr, "needs TLS") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+	if r.code != 2 || !strings.HasPrefix(r.stderr, "sauve: --listen tcp: serves decrypted disks to the network and needs --tls-creds DIR") {
 		t.Errorf("tcp: exit %d, stderr %q", r.code, r.stderr)
 	}
-	if r := e.run("serve", "nbd", "latest", "--listen", "/tmp/x.sock"); r.code != 2 || !strings.Contains(r.stderr, "want unix:PATH") {
+	if r := e.run("serve", "nbd", "latest", "--listen", "/tmp/x.sock"); r.code != 2 || !strings.Contains(r.stderr, "want unix:PATH or tcp:HOST:PORT") {
 		t.Errorf("--listen without unix: exit %d, stderr %q", r.code, r.stderr)
 	}
 }
@@ -145,5 +148,78 @@ func TestServeNBDPartitions(t *testing.T) {
 	}
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Errorf("the socket is still there: %v", err)
+	}
+}
+
+// TestServeNBDTLS serves over TCP with TLS and client certificates:
+// nbdinfo, nbdcopy and qemu-img with the CA's client certificate read
+// the disk; without TLS, without a certificate, or with one of another
+// CA they are refused, and the server goes on.
+func TestServeNBDTLS(t *testing.T) {
+	needTools(t, "nbdinfo", "nbdcopy", "qemu-img")
+	e := newEnv(t)
+	img := e.path("disk.img")
+	data := randomBytes(3 << 20)
+	writeFile(t, img, data)
+	b := e.backup(img)
+	pki := func(name string) *testpki.CA {
+		ca, err := testpki.NewCA(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ca
+	}
+	ca, other := pki("sauve test CA"), pki("another CA")
+	srv, cli, bad := e.path("srv"), e.path("cli"), e.path("bad")
+	for _, err := range []error{ca.WriteServer(srv), ca.WriteClient(cli), other.WriteClient(bad)} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	log := e.path("serve.log")
+	d := startDaemon(t, "sauve serve nbd (tcp)", e.cmd(nil, "serve", "nbd", "latest", "--listen", "tcp:127.0.0.1:0", "--tls-creds", srv), log, syscall.SIGINT, func() bool {
+		b, _ := os.ReadFile(log)
+		return bytes.Contains(b, []byte("Ctrl-C stops"))
+	})
+	m := regexp.MustCompile(`nbds://127\.0\.0\.1:(\d+)/` + regexp.QuoteMeta(b.Disk) + `\b`).FindStringSubmatch(d.logText())
+	if m == nil {
+		t.Fatalf("no nbds:// URI in the server's output:\n%s", d.logText())
+	}
+	port := m[1]
+	uri := "nbds://127.0.0.1:" + port + "/" + b.Disk
+	run := func(name string, args ...string) (string, error) {
+		out, err := exec.Command(name, args...).CombinedOutput()
+		return string(out), err
+	}
+	if out, err := run("nbdinfo", "--size", uri+"?tls-certificates="+cli); err != nil || strings.TrimSpace(out) != strconv.Itoa(len(data)) {
+		t.Fatalf("nbdinfo over TLS: %v\n%s\n%s", err, out, d.logText())
+	}
+	copyOut := e.path("copy.img")
+	if out, err := run("nbdcopy", uri+"?tls-certificates="+cli, copyOut); err != nil {
+		t.Fatalf("nbdcopy over TLS: %v\n%s", err, out)
+	}
+	if got, _ := os.ReadFile(copyOut); !bytes.Equal(got, data) {
+		t.Error("nbdcopy over TLS copied other bytes")
+	}
+	out, err := run("qemu-img", "info", "--object", "tls-creds-x509,id=tls0,endpoint=client,dir="+cli,
+		"--image-opts", "driver=nbd,host=127.0.0.1,port="+port+",export="+b.Disk+",tls-creds=tls0")
+	if err != nil || !strings.Contains(out, "("+strconv.Itoa(len(data))+" bytes)") {
+		t.Errorf("qemu-img info over TLS: %v\n%s", err, out)
+	}
+	for _, c := range []struct{ what, uri string }{
+		{"no TLS", "nbd://127.0.0.1:" + port + "/" + b.Disk},
+		{"no client certificate", uri + "?tls-verify-peer=false"},
+		{"another CA's certificate", uri + "?tls-certificates=" + bad},
+	} {
+		if out, err := run("nbdinfo", "--size", c.uri); err == nil {
+			t.Errorf("%s: nbdinfo was served:\n%s", c.what, out)
+		}
+	}
+	if out, err := run("nbdinfo", "--size", uri+"?tls-certificates="+cli); err != nil {
+		t.Fatalf("nbdinfo after refused clients: %v\n%s\n%s", err, out, d.logText())
+	}
+	d.stop(t, syscall.SIGINT)
+	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("exit %d:\n%s", code, d.logText())
 	}
 }

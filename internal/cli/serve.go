@@ -29,12 +29,7 @@ func newServeCmd(g *globals) *cobra.Command {
 }
 
 func newServeNBDCmd(g *globals) *cobra.Command {
-	var (
-		ff       filterFlags
-		diskName string
-		listen   string
-		ov       overlayFlags
-	)
+	var f nbdFlags
 	cmd := &cobra.Command{
 		Use:   "nbd SNAPSHOT",
 		Short: "Serve the disks of a snapshot read-only over NBD, without restoring them",
@@ -53,8 +48,14 @@ The server listens on a unix socket, by default
 $XDG_RUNTIME_DIR/sauve/nbd-ID.sock (the temporary folder without
 XDG_RUNTIME_DIR), or --listen unix:PATH, and prints the URI of each export.
 Anyone who can open the socket reads the disks: it is made mode 0600.
-Serving over TCP needs TLS with client certificates and is not available
-yet. Ctrl-C (or SIGTERM) stops the server and removes the socket.
+Ctrl-C (or SIGTERM) stops the server and removes the socket.
+
+Over TCP (--listen tcp:HOST:PORT) the disks leave the machine decrypted, so
+TLS is required, with client certificates: --tls-creds DIR holds
+ca-cert.pem, server-cert.pem and server-key.pem, the layout qemu-nbd's
+tls-creds-x509 uses, and only clients whose certificate ca-cert.pem signed
+are served (nbdinfo 'nbds://HOST:PORT/vda?tls-certificates=CLIENTDIR',
+qemu with a tls-creds-x509 object of endpoint=client).
 
 --writable lets clients write, so a VM can boot from the backup (instant
 recovery): every write goes to a local copy-on-write overlay file, never to
@@ -69,18 +70,22 @@ each gets FILE.DISK. Writes are durable once the client flushes.`,
   nbdfuse /mnt/web1 'nbd+unix:///vda:1?socket=/run/web1.sock'   # partition 1 as /mnt/web1/nbd
   qemu-system-x86_64 -snapshot -drive file=nbd:unix:/run/web1.sock:exportname=vda,format=raw
   sauve serve nbd latest --writable --overlay /var/tmp/web1.overlay --listen unix:/run/web1.sock &
-  qemu-system-x86_64 -m 2G -drive file=nbd:unix:/run/web1.sock:exportname=vda,format=raw,cache=writeback`,
+  qemu-system-x86_64 -m 2G -drive file=nbd:unix:/run/web1.sock:exportname=vda,format=raw,cache=writeback
+  sauve serve nbd latest --listen tcp:0.0.0.0:10809 --tls-creds /etc/pki/sauve-nbd
+  nbdinfo 'nbds://backup1:10809/vda?tls-certificates=/etc/pki/qemu'`,
 		Args: exactArgs(1, "SNAPSHOT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.serveNBD(cmd.Context(), args[0], &ff, diskName, listen, &ov)
+			return g.serveNBD(cmd.Context(), args[0], &f)
 		},
 	}
-	ff.add(cmd)
-	ff.addDates(cmd)
-	cmd.Flags().StringVar(&diskName, "disk", "", "the disk that is the default export (the first one if not given)")
-	cmd.Flags().StringVar(&listen, "listen", "", "where to listen: unix:PATH (default $XDG_RUNTIME_DIR/sauve/nbd-ID.sock)")
-	cmd.Flags().BoolVar(&ov.writable, "writable", false, "let clients write; writes go to a local overlay file, never to the repository")
-	cmd.Flags().StringVar(&ov.path, "overlay", "", "the overlay file of --writable, kept after the server stops (temporary if not given)")
+	f.ff.add(cmd)
+	f.ff.addDates(cmd)
+	cmd.Flags().StringVar(&f.diskName, "disk", "", "the disk that is the default export (the first one if not given)")
+	cmd.Flags().StringVar(&f.listen, "listen", "", "where to listen: unix:PATH (default $XDG_RUNTIME_DIR/sauve/nbd-ID.sock) or tcp:HOST:PORT (needs --tls-creds)")
+	cmd.Flags().StringVar(&f.tlsCreds, "tls-creds", "", "folder of PEM files ca-cert.pem, server-cert.pem, server-key.pem (as qemu-nbd's): require TLS, and client certificates signed by ca-cert.pem")
+	cmd.Flags().IntVar(&f.maxConns, "max-connections", 16, "connections served at once; more are refused")
+	cmd.Flags().BoolVar(&f.ov.writable, "writable", false, "let clients write; writes go to a local overlay file, never to the repository")
+	cmd.Flags().StringVar(&f.ov.path, "overlay", "", "the overlay file of --writable, kept after the server stops (temporary if not given)")
 	return cmd
 }
 
@@ -88,56 +93,143 @@ each gets FILE.DISK. Writes are durable once the client flushes.`,
 // random as often as in order, so it holds more than an export's.
 const serveCache = 64 << 20
 
-func (g *globals) serveNBD(ctx context.Context, spec string, ff *filterFlags, diskName, listen string, ov *overlayFlags) error {
-	if ov.path != "" && !ov.writable {
+// nbdFlags are serve nbd's options.
+type nbdFlags struct {
+	ff       filterFlags
+	diskName string
+	listen   string
+	tlsCreds string
+	maxConns int
+	ov       overlayFlags
+}
+
+func (g *globals) serveNBD(ctx context.Context, spec string, f *nbdFlags) error {
+	if f.ov.path != "" && !f.ov.writable {
 		return usageError{errors.New("--overlay goes with --writable")}
 	}
-	socket, err := parseListen(listen)
-	if errors.Is(err, errTCPListen) {
-		fmt.Fprintf(g.stderr, "sauve: %v\n", err)
-		return &ExitError{Code: 2}
-	}
+	l, err := parseListen(f.listen, f.tlsCreds)
 	if err != nil {
 		return err
 	}
-	r, sn, disks, err := g.openDisks(ctx, "serve", spec, ff, "")
+	tlsConf, err := loadTLSCreds(f.tlsCreds)
 	if err != nil {
 		return err
 	}
-	def := 0
-	if diskName != "" {
-		d, err := pickDisk(sn, diskName)
+	r, sn, disks, err := g.openDisks(ctx, "serve", spec, &f.ff, "")
+	if err != nil {
+		return err
+	}
+	fail := func(err error) error { return fmt.Errorf("serve snapshot %s over NBD: %w", sn.ID.Short(), err) }
+	exports, closeAll, err := g.nbdExports(ctx, r, sn, disks, f)
+	defer closeAll()
+	if err != nil {
+		return fail(err)
+	}
+	ln, where, err := l.open(sn)
+	if err != nil {
+		return fail(err)
+	}
+	defer l.cleanup()
+	for _, e := range exports {
+		fmt.Fprintf(g.stderr, "export %-12s %s\n", e.Name, where(e.Name))
+	}
+	mode := "read-only"
+	if f.ov.writable {
+		mode = "writable (the repository is never written)"
+	}
+	fmt.Fprintf(g.stderr, "serving snapshot %s %s (default export: %s); Ctrl-C stops\n", sn.ID.Short(), mode, exports[0].Name)
+	o := nbdserve.Options{Logf: g.warnf, TLS: tlsConf, MaxConns: f.maxConns}
+	if err := nbdserve.Serve(ctx, ln, exports, o); err != nil {
+		return fail(err)
+	}
+	return nil
+}
+
+// nbdExports opens a reader (and, writable, an overlay) for each disk
+// and returns their exports, the default disk's first; closeAll closes
+// what was opened, whatever the error.
+func (g *globals) nbdExports(ctx context.Context, r *repo.Repository, sn *repo.Snapshot, disks []*repo.Disk, f *nbdFlags) (exports []nbdserve.Export, closeAll func(), err error) {
+	var closers []func()
+	closeAll = func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
+		}
+	}
+	if f.diskName != "" {
+		d, err := pickDisk(sn, f.diskName)
 		if err != nil {
-			return err
+			return nil, closeAll, err
 		}
 		for i := range disks {
 			if disks[i] == d {
-				def = i
+				// The default export leads: the server takes the
+				// first for "".
+				disks[0], disks[i] = disks[i], disks[0]
 			}
 		}
 	}
-	// The default export leads: the server takes the first for "".
-	disks[0], disks[def] = disks[def], disks[0]
-	fail := func(err error) error { return fmt.Errorf("serve snapshot %s over NBD: %w", sn.ID.Short(), err) }
-	var exports []nbdserve.Export
 	for _, d := range disks {
 		dr, err := r.NewDiskReader(ctx, d, repo.ReaderOptions{CacheSize: serveCache, ReadAhead: serveCache / 4, Warn: g.warnf})
 		if err != nil {
-			return fail(err)
+			return nil, closeAll, err
 		}
-		defer dr.Close()
+		closers = append(closers, func() { dr.Close() })
 		var disk diskView = dr
-		if ov.writable {
-			o, err := ov.open(sn, d, dr, len(disks) > 1)
+		if f.ov.writable {
+			o, err := f.ov.open(sn, d, dr, len(disks) > 1)
 			if err != nil {
-				return fail(err)
+				return nil, closeAll, err
 			}
-			defer g.closeOverlay(o, ov.path == "")
+			closers = append(closers, func() { g.closeOverlay(o, f.ov.path == "") })
 			disk = o
-			fmt.Fprintf(g.stderr, "disk %s: writes go to %s\n", d.Name, ov.describe(o))
+			fmt.Fprintf(g.stderr, "disk %s: writes go to %s\n", d.Name, f.ov.describe(o))
 		}
-		exports = append(exports, diskExports(sn, d, disk, ov.writable)...)
+		exports = append(exports, diskExports(sn, d, disk, f.ov.writable)...)
 	}
+	return exports, closeAll, nil
+}
+
+// listenSpec is a parsed --listen: a unix socket (path "" for the
+// default one) or a TCP address.
+type listenSpec struct {
+	network, addr string
+	tls           bool
+	cleanup       func()
+}
+
+// parseListen checks --listen against --tls-creds: TCP serves decrypted
+// disks to a network, so it needs TLS with client certificates.
+func parseListen(listen, tlsCreds string) (*listenSpec, error) {
+	l := &listenSpec{network: "unix", tls: tlsCreds != "", cleanup: func() {}}
+	switch {
+	case listen == "":
+	case strings.HasPrefix(listen, "unix:") && len(listen) > len("unix:"):
+		l.addr = strings.TrimPrefix(listen, "unix:")
+	case strings.HasPrefix(listen, "tcp:") && len(listen) > len("tcp:"):
+		if tlsCreds == "" {
+			return nil, usageError{errors.New("--listen tcp: serves decrypted disks to the network and needs --tls-creds DIR (TLS with client certificates)")}
+		}
+		l.network, l.addr = "tcp", strings.TrimPrefix(listen, "tcp:")
+		if _, _, err := net.SplitHostPort(l.addr); err != nil {
+			return nil, usageError{fmt.Errorf("--listen %q: want tcp:HOST:PORT: %v", listen, err)}
+		}
+	default:
+		return nil, usageError{fmt.Errorf("--listen %q: want unix:PATH or tcp:HOST:PORT", listen)}
+	}
+	return l, nil
+}
+
+// open listens, and returns the function that gives an export's URI.
+func (l *listenSpec) open(sn *repo.Snapshot) (net.Listener, func(name string) string, error) {
+	if l.network == "tcp" {
+		ln, err := net.Listen("tcp", l.addr)
+		if err != nil {
+			return nil, nil, fmt.Errorf("listen on %s: %w", l.addr, err)
+		}
+		addr := ln.Addr().String()
+		return ln, func(name string) string { return "nbds://" + addr + "/" + url.PathEscape(name) }, nil
+	}
+	socket := l.addr
 	if socket == "" {
 		dir := os.Getenv("XDG_RUNTIME_DIR")
 		if dir == "" {
@@ -145,41 +237,21 @@ func (g *globals) serveNBD(ctx context.Context, spec string, ff *filterFlags, di
 		}
 		socket = filepath.Join(dir, "sauve", "nbd-"+sn.ID.Short()+".sock")
 		if err := os.MkdirAll(filepath.Dir(socket), 0o700); err != nil {
-			return fail(err)
+			return nil, nil, err
 		}
 	}
 	ln, err := listenUnix(socket)
 	if err != nil {
-		return fail(err)
+		return nil, nil, err
 	}
-	defer os.Remove(socket)
-	for _, e := range exports {
-		fmt.Fprintf(g.stderr, "export %-12s nbd+unix:///%s?socket=%s\n", e.Name, url.PathEscape(e.Name), socket)
+	l.cleanup = func() { os.Remove(socket) }
+	scheme := "nbd+unix"
+	if l.tls {
+		scheme = "nbds+unix"
 	}
-	mode := "read-only"
-	if ov.writable {
-		mode = "writable (the repository is never written)"
-	}
-	fmt.Fprintf(g.stderr, "serving snapshot %s %s (default export: %s); Ctrl-C stops\n", sn.ID.Short(), mode, exports[0].Name)
-	if err := nbdserve.Serve(ctx, ln, exports, nbdserve.Options{Logf: g.warnf}); err != nil {
-		return fail(err)
-	}
-	return nil
-}
-
-var errTCPListen = errors.New("serving over TCP needs TLS with client certificates, not available yet; use unix:PATH")
-
-// parseListen returns the socket path of --listen ("" for the default).
-func parseListen(listen string) (string, error) {
-	switch {
-	case listen == "":
-		return "", nil
-	case strings.HasPrefix(listen, "unix:") && len(listen) > len("unix:"):
-		return strings.TrimPrefix(listen, "unix:"), nil
-	case strings.HasPrefix(listen, "tcp:"):
-		return "", errTCPListen
-	}
-	return "", usageError{fmt.Errorf("--listen %q: want unix:PATH", listen)}
+	return ln, func(name string) string {
+		return scheme + ":///" + url.PathEscape(name) + "?socket=" + socket
+	}, nil
 }
 
 // listenUnix listens on socket, replacing a socket file no server

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"crypto/tls"
 	"net"
 	"sync"
 	"time"
@@ -55,6 +56,13 @@ type Options struct {
 	ReadBudget int64
 	// Logf, when set, is told why connections ended abnormally.
 	Logf func(format string, args ...any)
+	// TLS, when set, is required: a client must upgrade with
+	// NBD_OPT_STARTTLS before any other option, and the config decides
+	// whom it accepts (client certificates, for sauve serve).
+	TLS *tls.Config
+	// MaxConns bounds the connections served at once (64 when 0); more
+	// are closed as they come, so a client cannot exhaust the server.
+	MaxConns int
 }
 
 // Limits of what a client may make the server hold or do.
@@ -129,7 +137,15 @@ func Serve(ctx context.Context, ln net.Listener, exports []Export, o Options) er
 			continue
 		}
 		backoff = 0
+		if !s.conns.TryAcquire(1) {
+			if s.o.Logf != nil {
+				s.o.Logf("nbd server: refused a connection from %s: %d connections are being served already", remote(conn), s.o.MaxConns)
+			}
+			conn.Close()
+			continue
+		}
 		wg.Go(func() {
+			defer s.conns.Release(1)
 			closeConn := context.AfterFunc(ctx, func() { conn.Close() })
 			defer closeConn()
 			if err := s.serveConn(conn); err != nil && ctx.Err() == nil && s.o.Logf != nil {
@@ -170,6 +186,7 @@ type server struct {
 	exports []Export
 	o       Options
 	budget  *semaphore.Weighted // of ReadBudget
+	conns   *semaphore.Weighted // of MaxConns
 }
 
 func newServer(ctx context.Context, exports []Export, o Options) *server {
@@ -183,7 +200,11 @@ func newServer(ctx context.Context, exports []Export, o Options) *server {
 		o.ReadBudget = 256 << 20
 	}
 	o.ReadBudget = max(o.ReadBudget, maxRequest)
-	return &server{ctx: ctx, exports: exports, o: o, budget: semaphore.NewWeighted(o.ReadBudget)}
+	if o.MaxConns <= 0 {
+		o.MaxConns = 64
+	}
+	return &server{ctx: ctx, exports: exports, o: o, budget: semaphore.NewWeighted(o.ReadBudget),
+		conns: semaphore.NewWeighted(int64(o.MaxConns))}
 }
 
 // find returns the export named name; "" falls back to the first.
@@ -228,6 +249,7 @@ type session struct {
 	bw  *bufio.Writer
 
 	noZeroes   bool
+	tls        bool // the connection was upgraded with STARTTLS
 	structured bool
 	allocation bool // base:allocation was selected
 	export     *Export
@@ -318,6 +340,18 @@ func (c *session) ack(opt uint32) error {
 // option answers one option; it returns the export when the client
 // chose one and transmission starts.
 func (c *session) option(opt uint32, data []byte) (*Export, error) {
+	if c.s.o.TLS != nil && !c.tls {
+		switch opt {
+		case nbd.OptStartTLS:
+			return nil, c.startTLS(opt, data)
+		case nbd.OptAbort:
+		case nbd.OptExportName:
+			// No error reply exists for it: close.
+			return nil, errors.New("NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS")
+		default:
+			return nil, c.refuse(opt, nbd.RepErrTLSReqd, "this server requires TLS: send NBD_OPT_STARTTLS first")
+		}
+	}
 	switch opt {
 	case nbd.OptExportName:
 		if len(data) > maxName {
@@ -352,6 +386,9 @@ func (c *session) option(opt uint32, data []byte) (*Export, error) {
 		}
 		return nil, c.ack(opt)
 	case nbd.OptStartTLS:
+		if c.tls {
+			return nil, c.refuse(opt, nbd.RepErrInvalid, "TLS is already on")
+		}
 		return nil, c.refuse(opt, nbd.RepErrPolicy, "TLS is not offered on this socket")
 	case nbd.OptInfo, nbd.OptGo:
 		return c.infoGo(opt, data)
@@ -365,6 +402,31 @@ func (c *session) option(opt uint32, data []byte) (*Export, error) {
 		return nil, c.metaContext(opt, data)
 	}
 	return nil, c.refuse(opt, nbd.RepErrUnsup, "option %d is not supported", opt)
+}
+
+// startTLS acknowledges NBD_OPT_STARTTLS and runs the TLS handshake;
+// negotiation starts again over TLS, forgetting what came before, as
+// the protocol requires.
+func (c *session) startTLS(opt uint32, data []byte) error {
+	if len(data) != 0 {
+		return c.refuse(opt, nbd.RepErrInvalid, "NBD_OPT_STARTTLS takes no data")
+	}
+	if err := c.ack(opt); err != nil {
+		return err
+	}
+	if c.br.Buffered() != 0 {
+		// Bytes sent before the reply would be read as plain text
+		// while the client thinks them encrypted.
+		return errors.New("data sent after NBD_OPT_STARTTLS before its reply")
+	}
+	tc := tls.Server(c.conn, c.s.o.TLS)
+	if err := tc.HandshakeContext(c.s.ctx); err != nil {
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	c.conn, c.tls = tc, true
+	c.br, c.bw = bufio.NewReaderSize(tc, 64<<10), bufio.NewWriterSize(tc, 64<<10)
+	c.structured, c.allocation = false, false
+	return nil
 }
 
 // parseName reads a 32-bit length and that many bytes of name off b.

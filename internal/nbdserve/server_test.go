@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/nbd"
+	"github.com/sauve-backup/sauve/internal/testpki"
 )
 
 // testSize is odd so the last chunk of a read is short.
@@ -724,5 +727,104 @@ func TestServeWritable(t *testing.T) {
 	c.request(nbd.CmdRead, 0, 8, 100, 3, nil)
 	if errno, cookie := c.simple(); errno != 0 || cookie != 8 || string(c.read(3)) != "abc" {
 		t.Fatal("read after refused writes")
+	}
+}
+
+// tlsConfigs returns a server config requiring a client certificate and
+// the config of a client holding one.
+func tlsConfigs(t *testing.T) (server, client *tls.Config) {
+	t.Helper()
+	dir := t.TempDir()
+	ca, err := testpki.NewCA("test CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.WriteServer(filepath.Join(dir, "s")); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.WriteClient(filepath.Join(dir, "c")); err != nil {
+		t.Fatal(err)
+	}
+	load := func(role string) (tls.Certificate, *x509.CertPool) {
+		cert, err := tls.LoadX509KeyPair(filepath.Join(dir, role[:1], role+"-cert.pem"), filepath.Join(dir, role[:1], role+"-key.pem"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pem, _ := os.ReadFile(filepath.Join(dir, role[:1], "ca-cert.pem"))
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pem)
+		return cert, pool
+	}
+	sc, sp := load("server")
+	cc, cp := load("client")
+	return &tls.Config{Certificates: []tls.Certificate{sc}, ClientCAs: sp, ClientAuth: tls.RequireAndVerifyClientCert},
+		&tls.Config{Certificates: []tls.Certificate{cc}, RootCAs: cp, ServerName: "localhost"}
+}
+
+func TestServeRequiresTLS(t *testing.T) {
+	e, want := memExport("vda", testSize, testData, 1)
+	sconf, cconf := tlsConfigs(t)
+	sock := serve(t, []Export{e}, Options{TLS: sconf})
+
+	c := rawDial(t, sock)
+	for _, opt := range []uint32{nbd.OptList, nbd.OptGo, nbd.OptStructuredReply} {
+		if r := c.option(opt, nameData("vda")); r[0].typ != nbd.RepErrTLSReqd {
+			t.Errorf("option %d before STARTTLS: reply %#x, want TLS required", opt, r[0].typ)
+		}
+	}
+	if r := c.option(nbd.OptStartTLS, nil); r[0].typ != nbd.RepAck {
+		t.Fatalf("STARTTLS: %#x", r[0].typ)
+	}
+	tc := tls.Client(c.conn, cconf)
+	if err := tc.Handshake(); err != nil {
+		t.Fatalf("TLS handshake: %v", err)
+	}
+	c.conn, c.br = tc, bufio.NewReader(tc)
+	if r := c.option(nbd.OptStartTLS, nil); r[0].typ != nbd.RepErrInvalid {
+		t.Errorf("a second STARTTLS: %#x", r[0].typ)
+	}
+	if r := c.option(nbd.OptGo, nameData("vda")); r[len(r)-1].typ != nbd.RepAck {
+		t.Fatalf("GO over TLS: %v", r)
+	}
+	c.request(nbd.CmdRead, 0, 1, 0, 100, nil)
+	if errno, _ := c.simple(); errno != 0 || !bytes.Equal(c.read(100), want[:100]) {
+		t.Fatal("read over TLS")
+	}
+
+	// Without a client certificate the handshake fails; EXPORT_NAME
+	// before TLS closes the connection.
+	c = rawDial(t, sock)
+	c.option(nbd.OptStartTLS, nil)
+	anon := cconf.Clone()
+	anon.Certificates = nil
+	tc = tls.Client(c.conn, anon)
+	if err := tc.Handshake(); err == nil {
+		if _, err = tc.Read(make([]byte, 1)); err == nil {
+			t.Error("a client without a certificate was let in")
+		}
+	}
+	c = rawDial(t, sock)
+	b := be.AppendUint64(nil, nbd.OptMagic)
+	b = be.AppendUint32(b, nbd.OptExportName)
+	b = be.AppendUint32(b, 3)
+	c.write(append(b, "vda"...))
+	if _, err := c.br.ReadByte(); err == nil {
+		t.Error("EXPORT_NAME before STARTTLS was answered")
+	}
+}
+
+func TestServeMaxConns(t *testing.T) {
+	e, _ := memExport("vda", testSize, testData, 1)
+	sock := serve(t, []Export{e}, Options{MaxConns: 2})
+	rawDial(t, sock)
+	rawDial(t, sock)
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := conn.Read(make([]byte, 1)); err != io.EOF {
+		t.Errorf("a third connection over the limit of 2: %v, want it closed", err)
 	}
 }
