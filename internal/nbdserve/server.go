@@ -3,11 +3,11 @@ package nbdserve
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
-	"crypto/tls"
 	"net"
 	"sync"
 	"time"

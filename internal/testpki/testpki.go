@@ -56,10 +56,14 @@ func NewCA(name string) (*CA, error) {
 
 // WriteServer writes ca-cert.pem and a server pair for 127.0.0.1 and
 // localhost into dir.
-func (ca *CA) WriteServer(dir string) error { return ca.write(dir, "server", x509.ExtKeyUsageServerAuth) }
+func (ca *CA) WriteServer(dir string) error {
+	return ca.write(dir, "server", x509.ExtKeyUsageServerAuth)
+}
 
 // WriteClient writes ca-cert.pem and a client pair into dir.
-func (ca *CA) WriteClient(dir string) error { return ca.write(dir, "client", x509.ExtKeyUsageClientAuth) }
+func (ca *CA) WriteClient(dir string) error {
+	return ca.write(dir, "client", x509.ExtKeyUsageClientAuth)
+}
 
 func (ca *CA) write(dir, role string, usage x509.ExtKeyUsage) error {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
