@@ -21,9 +21,10 @@ func newRestoreCmd(g *globals) *cobra.Command {
 		delta    bool
 		force    bool
 		diskName string
+		bootOnly bool
 	)
 	cmd := &cobra.Command{
-		Use:   "restore SNAPSHOT TARGET...",
+		Use:   "restore SNAPSHOT[:PART] TARGET...",
 		Short: "Restore a disk from a snapshot to a file, a device or stdout",
 		Long: `Restore a disk of SNAPSHOT (an ID prefix, or 'latest' with optional --host,
 --source and --tag filters) to TARGET. A snapshot of several disks
@@ -63,14 +64,27 @@ another's. --before and --after select by date ('latest --before
 --after 3d the snapshots of the last three days). It skips snapshots marked in 'sauve snapshots' (a host outside
 its writer's certificate, a date in the future, a revoked writer).
 Every chunk is read from the copy its snapshot's writer stored, else from
-any other copy that verifies.`,
+any other copy that verifies.
+
+SNAPSHOT:PART restores one partition alone (a number, or a label or GPT
+name, as in 'sauve ls') onto a partition, a device or a file of its own,
+as 'ntfsclone --restore-image' would: only that partition's chunks are
+fetched, the target must hold its size, and --delta works as for disks.
+--boot-only restores the boot areas of a partitioned disk in place and
+nothing else: the MBR or the GPT (protective MBR, header, entries and the
+backup at the end), the gaps between partitions (boot loaders such as
+GRUB's core image, EBRs) and BIOS boot partitions, what 'dd' of the first
+sectors saved before; the partitions' contents are left as they are.`,
 		Example: `  sauve restore latest /var/tmp/vda.img
   sauve restore 1a2b3c4d /dev/vdb
   sauve restore latest --host web1 /dev/vda --delta
   sauve restore latest /dev/sdb --force       # /dev/sdb holds another disk: overwrite it
   sauve restore latest --host vm1 /dev/vdc /dev/vdd   # a snapshot of two disks
   sauve restore latest --host vm1 --disk vdb /var/tmp/vdb.img
-  sauve restore latest - | qemu-img convert -f raw -O qcow2 /dev/stdin web.qcow2`,
+  sauve restore latest - | qemu-img convert -f raw -O qcow2 /dev/stdin web.qcow2
+  sauve restore latest:2 /dev/sda2                   # partition 2 alone
+  sauve restore latest:root /var/tmp/root.img        # the partition labelled root
+  sauve restore latest --boot-only /dev/sda          # MBR/GPT and boot loader only`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) < 2 {
 				return usageError{fmt.Errorf("%s: expects SNAPSHOT and TARGET (or a folder, or one TARGET per disk)", cmd.CommandPath())}
@@ -79,9 +93,27 @@ any other copy that verifies.`,
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, sn, disks, err := g.openDisks(ctx, "restore", args[0], &ff, diskName)
+			spec := parseFileSpec(args[0])
+			if spec.hasPart && (spec.path != "/" || bootOnly) {
+				return usageError{fmt.Errorf("%s: SNAPSHOT:PART restores a partition whole: no PATH (see 'sauve get'), no --boot-only", args[0])}
+			}
+			r, sn, disks, err := g.openDisks(ctx, "restore", spec.snap, &ff, diskName)
 			if err != nil {
 				return err
+			}
+			if spec.hasPart || bootOnly {
+				if len(disks) != 1 || len(args) != 2 {
+					return usageError{fmt.Errorf("a partition or the boot areas are restored from one disk onto one TARGET: choose the disk with --disk (snapshot %s holds %s)", sn.ID.Short(), diskNames(disks))}
+				}
+				job, err := partialJob(sn, disks[0], spec, bootOnly)
+				if err != nil {
+					return err
+				}
+				res, err := g.restoreDisk(ctx, r, sn, job, args[1], delta, force)
+				if err != nil {
+					return err
+				}
+				return g.maybeJSON(res)
 			}
 			targets, err := restoreTargets(sn, disks, args[1:])
 			if err != nil {
@@ -89,19 +121,16 @@ any other copy that verifies.`,
 			}
 			var results []any
 			for i, d := range disks {
-				res, err := g.restoreDisk(ctx, r, sn, d, targets[i], delta, force)
+				res, err := g.restoreDisk(ctx, r, sn, wholeDisk(d), targets[i], delta, force)
 				if err != nil {
 					return err
 				}
 				results = append(results, res)
 			}
-			if g.json {
-				if len(results) == 1 {
-					return g.printJSON(results[0])
-				}
-				return g.printJSON(map[string]any{"snapshot": sn.ID.String(), "disks": results})
+			if len(results) == 1 {
+				return g.maybeJSON(results[0])
 			}
-			return nil
+			return g.maybeJSON(map[string]any{"snapshot": sn.ID.String(), "disks": results})
 		},
 	}
 	ff.add(cmd)
@@ -109,7 +138,15 @@ any other copy that verifies.`,
 	cmd.Flags().BoolVar(&delta, "delta", false, "read the target and write only the chunks that differ")
 	cmd.Flags().BoolVarP(&force, "force", "f", false, "overwrite a target that holds another disk's partition table or filesystem")
 	cmd.Flags().StringVar(&diskName, "disk", "", "restore only this disk of a multi-disk snapshot")
+	cmd.Flags().BoolVar(&bootOnly, "boot-only", false, "restore only the partition table, boot code and gaps between partitions, in place")
 	return cmd
+}
+
+func (g *globals) maybeJSON(v any) error {
+	if g.json {
+		return g.printJSON(v)
+	}
+	return nil
 }
 
 // restoreTargets pairs the disks to restore with their targets: one
@@ -161,9 +198,13 @@ func diskNames(disks []*repo.Disk) string {
 	return strings.Join(names, ", ")
 }
 
-// restoreDisk restores one disk of sn to target and says what it did; it
-// returns the disk's --json result.
-func (g *globals) restoreDisk(ctx context.Context, r *repo.Repository, sn *repo.Snapshot, d *repo.Disk, target string, delta, force bool) (map[string]any, error) {
+// restoreDisk restores a disk of sn, or the part of it job says, to
+// target and says what it did; it returns the --json result.
+func (g *globals) restoreDisk(ctx context.Context, r *repo.Repository, sn *repo.Snapshot, job restoreJob, target string, delta, force bool) (map[string]any, error) {
+	d := job.disk
+	if target == "-" && job.only != nil {
+		return nil, usageError{fmt.Errorf("restore of %s needs a file or device target, not stdout", job.what)}
+	}
 	if target == "-" {
 		if delta {
 			return nil, usageError{errors.New("--delta needs a file or device target, not stdout")}
@@ -176,36 +217,44 @@ func (g *globals) restoreDisk(ctx context.Context, r *repo.Repository, sn *repo.
 	var err error
 	if target != "-" {
 		// Before the progress bar starts: this may ask the user.
-		if t, err = openRestoreTarget(target, d, overwriteCheck{force: force, confirm: g.terminalConfirm(ctx)}); err != nil {
+		if t, err = openRestoreTarget(target, job.target, overwriteCheck{force: force, confirm: g.terminalConfirm(ctx)}); err != nil {
 			return nil, fmt.Errorf("restore of snapshot %s to %s: %w", sn.ID.Short(), target, err)
 		}
 	}
 	prog := new(restore.Progress)
 	prog.Total.Store(d.Size)
 	m := startMeter(g.stderr, g.showProgress(), meterSource{
-		label: "restore " + d.Name, total: prog.Total.Load, current: prog.Done.Load,
+		label: "restore " + job.what, total: prog.Total.Load, current: prog.Done.Load,
 		extra: func() string { return "written " + bytesIEC(prog.Written.Load()) },
 	})
 	var res *restore.Result
 	if target == "-" {
 		res, err = restore.ToStream(ctx, r, d, os.Stdout, restore.Options{Progress: prog, Warn: g.warnf})
 	} else {
-		res, err = restoreToTarget(ctx, r, d, t, delta, prog, g.warnf)
+		res, err = restoreToTarget(ctx, r, job, t, delta, prog, g.warnf)
 	}
 	m.Stop()
 	if err != nil {
 		return nil, fmt.Errorf("restore of snapshot %s to %s: %w", sn.ID.Short(), target, err)
 	}
-	g.printRestore(sn, d, target, delta, res)
-	return map[string]any{
+	g.printRestore(sn, job, target, delta, res)
+	out := map[string]any{
 		"snapshot": sn.ID.String(), "disk": d.Name, "target": target, "delta": delta,
-		"size": res.Size, "bytes_written": res.BytesWritten, "bytes_fetched": res.BytesFetched,
+		"size": job.target.Size, "bytes_written": res.BytesWritten, "bytes_fetched": res.BytesFetched,
 		"chunks_written": res.ChunksWritten, "chunks_unchanged": res.ChunksSame, "chunks_zero": res.ChunksZero,
 		"seconds": res.Seconds,
-	}, nil
+	}
+	if job.partition != nil {
+		out["partition"] = job.partition.Number
+	}
+	if job.only != nil && job.partition == nil {
+		out["boot_only"] = true
+	}
+	return out, nil
 }
 
-func (g *globals) printRestore(sn *repo.Snapshot, d *repo.Disk, target string, delta bool, res *restore.Result) {
+func (g *globals) printRestore(sn *repo.Snapshot, job restoreJob, target string, delta bool, res *restore.Result) {
+	d := job.disk
 	if g.json {
 		return
 	}
@@ -215,13 +264,13 @@ func (g *globals) printRestore(sn *repo.Snapshot, d *repo.Disk, target string, d
 		}
 		return
 	}
-	g.printf("restored snapshot %s (%s, %s, host %s, signed by %s) to %s\n", sn.ID.Short(), d.Name, bytesIEC(d.Size), sn.Host, sn.Signer, target)
+	g.printf("restored snapshot %s (%s, %s, host %s, signed by %s) to %s\n", sn.ID.Short(), job.what, bytesIEC(job.target.Size), sn.Host, sn.Signer, target)
 	if delta {
 		g.printf("  delta: %d chunks unchanged, %d written, %s written in all\n", res.ChunksSame, res.ChunksWritten, bytesIEC(res.BytesWritten))
 	} else {
 		g.printf("  wrote %s (%d chunks, %d zero), fetched %s\n", bytesIEC(res.BytesWritten), res.ChunksWritten, res.ChunksZero, bytesIEC(res.BytesFetched))
 	}
-	g.printf("  took %s (%s)\n", seconds(res.Seconds), rate(d.Size, res.Seconds))
+	g.printf("  took %s (%s)\n", seconds(res.Seconds), rate(job.size(), res.Seconds))
 }
 
 // openDisks is openDisk for commands that take every disk of a snapshot
@@ -283,18 +332,19 @@ func pickDisk(sn *repo.Snapshot, name string) (*repo.Disk, error) {
 	return nil, fmt.Errorf("snapshot %s has no disk %q (it has: %s)", sn.ID.Short(), name, strings.Join(names, ", "))
 }
 
-// restoreToTarget restores d onto t (see openRestoreTarget) and
+// restoreToTarget restores job onto t (see openRestoreTarget) and
 // completes it, or, on failure, leaves no new file behind.
-func restoreToTarget(ctx context.Context, r *repo.Repository, d *repo.Disk, t *restoreTarget, delta bool, prog *restore.Progress, warn func(string, ...any)) (*restore.Result, error) {
+func restoreToTarget(ctx context.Context, r *repo.Repository, job restoreJob, t *restoreTarget, delta bool, prog *restore.Progress, warn func(string, ...any)) (*restore.Result, error) {
 	if delta && t.Created {
 		delta = false // nothing to compare against
 	}
-	res, err := restore.ToTarget(ctx, r, d, t.Target, restore.Options{Delta: delta, Fresh: t.Created, Progress: prog, Warn: warn})
+	o := restore.Options{Delta: delta, Fresh: t.Created, Progress: prog, Warn: warn, Only: job.only, Shift: job.shift}
+	res, err := restore.ToTarget(ctx, r, job.disk, t.Target, o)
 	if err != nil {
 		t.abort()
 		return nil, err
 	}
-	if err := t.finish(d.Size); err != nil {
+	if err := t.finish(job.target.Size); err != nil {
 		return nil, err
 	}
 	return res, nil

@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -82,7 +83,7 @@ func (e *executor) run(ctx context.Context, compare stage, ordered bool, deliver
 		if order != nil {
 			defer close(order)
 		}
-		return plan(gctx, e.r, e.d, func(j *job) error { return dispatch(gctx, j, work, order) })
+		return plan(gctx, e.r, e.d, e.opts.Only, func(j *job) error { return dispatch(gctx, j, work, order) })
 	})
 	for range e.opts.Workers {
 		g.Go(func() error {
@@ -183,16 +184,30 @@ func (e *executor) finish(j *job, f fetched, s *scratch, deliver deliverFunc) er
 		return err
 	}
 	p := e.opts.Progress
-	p.Done.Add(j.len)
+	p.Done.Add(overlap(e.opts.Only, j.off, j.len))
 	p.Written.Store(e.c.written.Load())
 	p.Fetched.Store(e.c.fetched.Load())
 	return nil
 }
 
+// overlap is how much of [off, off+n) falls inside only (all of it when
+// only is nil).
+func overlap(only []extent.Range, off, n int64) int64 {
+	if only == nil {
+		return n
+	}
+	var sum int64
+	for _, w := range only {
+		sum += max(0, min(w.End, off+n)-max(w.Start, off))
+	}
+	return sum
+}
+
 // plan walks the chunk list and groups it into jobs: runs of zero chunks,
 // and runs of chunks stored next to each other in one pack, which one
-// ranged read fetches (repo.RunPlanner).
-func plan(ctx context.Context, r Repository, d *repo.Disk, emit func(*job) error) error {
+// ranged read fetches (repo.RunPlanner). Chunks outside only (when set)
+// are left out.
+func plan(ctx context.Context, r Repository, d *repo.Disk, only []extent.Range, emit func(*job) error) error {
 	list := r.ChunkList(d)
 	cs := int64(d.ChunkSize)
 	runs := repo.NewRunPlanner(d.ChunkSize)
@@ -204,13 +219,30 @@ func plan(ctx context.Context, r Repository, d *repo.Disk, emit func(*job) error
 		last := run[len(run)-1]
 		return emit(&job{off: run[0].Off, len: last.Off + int64(last.N) - run[0].Off, chunks: run})
 	}
-	for i := int64(0); i < list.Len(); i++ {
+	first, end := int64(0), list.Len()
+	if len(only) > 0 {
+		first, end = only[0].Start/cs, min(end, (only[len(only)-1].End+cs-1)/cs)
+	}
+	for i := first; i < end; i++ {
 		id, err := list.At(ctx, i)
 		if err != nil {
 			return err
 		}
 		off := i * cs
 		n := min(cs, d.Size-off)
+		if overlap(only, off, n) == 0 {
+			// Jobs are contiguous on the disk: end those under way.
+			if err := emitRun(runs.Flush()); err != nil {
+				return err
+			}
+			if zero != nil {
+				if err := emit(zero); err != nil {
+					return err
+				}
+				zero = nil
+			}
+			continue
+		}
 		if id.IsZero() {
 			if err := emitRun(runs.Flush()); err != nil {
 				return err

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -58,6 +59,13 @@ type Options struct {
 	// Warn, when set, hears of copies of chunks that failed and were
 	// read from another copy.
 	Warn func(format string, args ...any)
+	// Only, when set, restores just these ranges of the disk (sorted,
+	// apart): chunks outside them are neither fetched nor written, and
+	// the target is written inside them alone. ToTarget only.
+	Only []extent.Range
+	// Shift is subtracted from the disk's offsets on the target, so
+	// that a partition restored alone (Only its range) starts at 0.
+	Shift int64
 }
 
 // Progress is read by the caller while the restore runs.
@@ -84,6 +92,9 @@ func ToTarget(ctx context.Context, r Repository, d *repo.Disk, t Target, opts Op
 	e, err := newExecutor(r, d, opts)
 	if err != nil {
 		return nil, err
+	}
+	if opts.Only != nil {
+		t = &windowTarget{t: t, only: opts.Only, shift: opts.Shift}
 	}
 	tw := &targetWriter{t: t, fresh: opts.Fresh, c: &e.c}
 	var cmp stage
@@ -128,7 +139,7 @@ type EachFunc func(off, n int64, data []byte) error
 // parallel. Memory stays bounded: at most a fixed window of fetched runs
 // waits for fn.
 func Each(ctx context.Context, r Repository, d *repo.Disk, opts Options, fn EachFunc) (*Result, error) {
-	opts.Delta, opts.Fresh = false, false
+	opts.Delta, opts.Fresh, opts.Only, opts.Shift = false, false, nil, 0
 	e, err := newExecutor(r, d, opts)
 	if err != nil {
 		return nil, err
@@ -169,6 +180,16 @@ func setup(r Repository, d *repo.Disk, opts *Options) error {
 		opts.Warn = func(string, ...any) {}
 	}
 	opts.Progress.Total.Store(d.Size)
+	if opts.Only != nil {
+		var n int64
+		for i, w := range opts.Only {
+			if w.Start < 0 || w.End > d.Size || w.Start >= w.End || i > 0 && w.Start < opts.Only[i-1].End {
+				return fmt.Errorf("restore of disk %s: ranges %v are not sorted, apart and inside its %d bytes", d.Name, opts.Only, d.Size)
+			}
+			n += w.Len()
+		}
+		opts.Progress.Total.Store(n)
+	}
 	return nil
 }
 

@@ -661,3 +661,59 @@ func starts(rs []extent.Range) []int64 {
 	slices.Sort(out)
 	return slices.Compact(out)
 }
+
+// TestOnlyWindows restores parts of a disk: a partition alone, shifted
+// to 0 (whole, onto a fresh target, then delta), and scattered ranges in
+// place; chunks outside are not fetched, bytes outside not touched.
+func TestOnlyWindows(t *testing.T) {
+	tr := repotest.New(t, repotest.Options{})
+	data := diskData(4, 200, 500)
+	d := backupDisk(t, tr, data, nil)
+	part := extent.Range{Start: 3*chunk + 1000, End: 9*chunk - 77}
+	s := &spy{Repository: tr.Repository}
+	tgt := &memTarget{}
+	prog := new(restore.Progress)
+	opts := restore.Options{Only: []extent.Range{part}, Shift: part.Start, Fresh: true, Progress: prog}
+	if _, err := restore.ToTarget(context.Background(), s, d, tgt, opts); err != nil {
+		t.Fatal(err)
+	}
+	if got := tgt.bytes(int(part.Len())); !bytes.Equal(got, data[part.Start:part.End]) || len(tgt.b) > int(part.Len()) {
+		t.Fatalf("partition restore: %d bytes, content equal %v", len(tgt.b), bytes.Equal(got, data[part.Start:part.End]))
+	}
+	for off := range s.fetched() {
+		if off+chunk <= part.Start || off >= part.End {
+			t.Errorf("fetched the chunk at %d, outside %v", off, part)
+		}
+	}
+	if prog.Total.Load() != part.Len() || prog.Done.Load() != part.Len() {
+		t.Errorf("progress %d of %d, want %d", prog.Done.Load(), prog.Total.Load(), part.Len())
+	}
+	// Delta onto the partition with one byte changed: one chunk written,
+	// within the partition's bounds.
+	tgt.b[chunk] ^= 1
+	tgt.writes = nil
+	opts.Fresh, opts.Delta = false, true
+	if _, err := restore.ToTarget(context.Background(), tr.Repository, d, tgt, opts); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(tgt.bytes(int(part.Len())), data[part.Start:part.End]) || len(tgt.writes) != 1 {
+		t.Fatalf("delta partition restore: %d writes %v", len(tgt.writes), tgt.writes)
+	}
+	// Two ranges in place onto a disk of other bytes: only they change.
+	only := []extent.Range{{Start: 0, End: 512}, {Start: int64(len(data)) - 3*chunk - 5, End: int64(len(data))}}
+	tgt = &memTarget{b: bytes.Repeat([]byte{0x5a}, len(data))}
+	if _, err := restore.ToTarget(context.Background(), tr.Repository, d, tgt, restore.Options{Only: only}); err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Repeat([]byte{0x5a}, len(data))
+	for _, r := range only {
+		copy(want[r.Start:r.End], data[r.Start:r.End])
+	}
+	if !bytes.Equal(tgt.bytes(len(data)), want) {
+		t.Fatal("ranges restored in place: bytes outside them changed, or inside them differ")
+	}
+	bad := restore.Options{Only: []extent.Range{{Start: 10, End: 5}}}
+	if _, err := restore.ToTarget(context.Background(), tr.Repository, d, &memTarget{}, bad); err == nil {
+		t.Error("an empty range was taken")
+	}
+}

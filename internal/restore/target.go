@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -149,4 +150,48 @@ func (cm *comparer) read(s *scratch, off, n int64) ([]byte, int64, error) {
 	}
 	clear(buf[k:])
 	return buf, int64(k), nil
+}
+
+// windowTarget is a target restored within some ranges of the disk
+// only, at the disk's offsets less shift: writes and zeros outside them
+// are dropped, reads there give zeros (a delta compare of a chunk that
+// spans a range's edge then matches only if the snapshot's bytes outside
+// are zeros too, which is what it would have written).
+type windowTarget struct {
+	t     Target
+	only  []extent.Range
+	shift int64
+}
+
+// pieces calls fn for each part of [off, off+n) inside the ranges.
+func (w *windowTarget) pieces(off, n int64, fn func(s, e int64) error) error {
+	for _, r := range w.only {
+		s, e := max(r.Start, off), min(r.End, off+n)
+		if s >= e {
+			continue
+		}
+		if err := fn(s, e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (w *windowTarget) WriteAt(p []byte, off int64) (int, error) {
+	return len(p), w.pieces(off, int64(len(p)), func(s, e int64) error {
+		_, err := w.t.WriteAt(p[s-off:e-off], s-w.shift)
+		return err
+	})
+}
+
+func (w *windowTarget) ReadAt(p []byte, off int64) (int, error) {
+	clear(p)
+	return len(p), w.pieces(off, int64(len(p)), func(s, e int64) error {
+		_, err := w.t.ReadAt(p[s-off:e-off], s-w.shift)
+		return err
+	})
+}
+
+func (w *windowTarget) Zero(off, n int64, zeros []byte) error {
+	return w.pieces(off, n, func(s, e int64) error { return w.t.Zero(s-w.shift, e-s, zeros) })
 }
