@@ -695,3 +695,68 @@ func TestFATSurrogates(t *testing.T) {
 		t.Errorf("a lone surrogate: %v", ents)
 	}
 }
+
+// TestFATProbe: the boot sectors of other filesystems made by their own
+// tools are not taken for FAT.
+func TestFATProbe(t *testing.T) {
+	for _, c := range []struct {
+		tool string
+		args []string
+	}{
+		{"mkfs.ntfs", []string{"-q", "-F", "-f"}},
+		{"mkfs.exfat", nil},
+		{"mke2fs", []string{"-q", "-F", "-t", "ext4"}},
+	} {
+		if _, err := exec.LookPath(c.tool); err != nil {
+			t.Logf("%s is not installed: not probed", c.tool)
+			continue
+		}
+		img := filepath.Join(t.TempDir(), "img")
+		must(t, os.WriteFile(img, nil, 0o644))
+		must(t, os.Truncate(img, 16<<20))
+		if out, err := exec.Command(c.tool, append(c.args, img)...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", c.tool, err, out)
+		}
+		b, err := os.ReadFile(img)
+		must(t, err)
+		if Probe(bytes.NewReader(b)) {
+			t.Errorf("a %s image is probed as FAT", c.tool)
+		}
+		if _, err := Open(bytes.NewReader(b), int64(len(b)), Options{}); err == nil {
+			t.Errorf("a %s image opens as FAT", c.tool)
+		}
+	}
+}
+
+// TestFATTimes: FAT dates and times, and the creation time's hundredths,
+// read as UTC; out-of-range fields clamped as Linux does.
+func TestFATTimes(t *testing.T) {
+	date := uint16(2024-1980)<<9 | 5<<5 | 6
+	tm := uint16(7)<<11 | 8<<5 | 5 // 07:08:10
+	for _, c := range []struct {
+		date, tm uint16
+		cs       byte
+		want     time.Time
+	}{
+		{date, tm, 0, time.Date(2024, 5, 6, 7, 8, 10, 0, time.UTC)},
+		{date, tm, 150, time.Date(2024, 5, 6, 7, 8, 11, 500e6, time.UTC)},
+		{date, tm, 199, time.Date(2024, 5, 6, 7, 8, 11, 990e6, time.UTC)},
+		{date, tm, 200, time.Date(2024, 5, 6, 7, 8, 10, 0, time.UTC)},
+		{0, 0, 0, time.Date(1980, 1, 1, 0, 0, 0, 0, time.UTC)},
+	} {
+		if got := fatTime(c.date, c.tm, c.cs); !got.Equal(c.want) {
+			t.Errorf("fatTime(%#x, %#x, %d) = %v, want %v", c.date, c.tm, c.cs, got, c.want)
+		}
+	}
+	var e entry
+	binary.LittleEndian.PutUint16(e.raw[24:], date)
+	binary.LittleEndian.PutUint16(e.raw[22:], tm)
+	binary.LittleEndian.PutUint16(e.raw[16:], date)
+	binary.LittleEndian.PutUint16(e.raw[14:], tm-1)
+	e.raw[13] = 123
+	binary.LittleEndian.PutUint16(e.raw[18:], date+1)
+	if e.mtime() != time.Date(2024, 5, 6, 7, 8, 10, 0, time.UTC) || e.ctime() != time.Date(2024, 5, 6, 7, 8, 9, 230e6, time.UTC) ||
+		e.atime() != time.Date(2024, 5, 7, 0, 0, 0, 0, time.UTC) {
+		t.Errorf("mtime %v ctime %v atime %v", e.mtime(), e.ctime(), e.atime())
+	}
+}
