@@ -119,8 +119,10 @@ func (f *FS) readDir(c uint32) ([]entry, error) {
 		}
 		e.short = shortName(d)
 		e.name = e.short
-		if n, ok := lfn.name(checksum(d[:11])); ok {
+		if n, ok := lfn.name(checksum(d[:11])); ok && goodName(n) && n != "." && n != ".." {
 			e.name = n
+		} else if ok {
+			f.warn(fmt.Sprintf("fat: the long name %q of %q cannot name a file: the short name is used", n, e.short))
 		} else if lfn.slots > 0 {
 			f.warn(fmt.Sprintf("fat: a long name before %q does not match it (a short-name-only tool changed the entry?): the short name is used", e.short))
 		}

@@ -644,6 +644,21 @@ func TestFATLongNameChecksum(t *testing.T) {
 	if !found || !strings.Contains(e.short, "~") {
 		t.Errorf("the short name %q is not listed", e.short)
 	}
+	// A long name with a slash cannot name a file: the short name too.
+	b = append([]byte(nil), d.b...)
+	binary.LittleEndian.PutUint16(b[e.pos-32+1:], '/')
+	ents, err = reopen(t, b).ReadDir("/dir/sub")
+	must(t, err)
+	found = false
+	for _, x := range ents {
+		if strings.Contains(x.Name, "/") {
+			t.Errorf("a name with a slash is listed: %q", x.Name)
+		}
+		found = found || x.Name == e.short
+	}
+	if !found {
+		t.Errorf("the short name %q is not listed instead of a long name with a slash", e.short)
+	}
 }
 
 // TestFATSurrogates: long names are UTF-16, characters beyond the BMP
