@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/sauve-backup/sauve/internal/fsread/ext"
+	"github.com/sauve-backup/sauve/internal/fsread/fat"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -33,6 +34,9 @@ func fsReaders() []fsReader {
 	return []fsReader{
 		{name: "ext2/3/4", probe: probeExt, open: func(r *io.SectionReader, o fsOpenOptions) (fileSystem, error) {
 			return ext.Open(r, r.Size(), ext.Options{NoReplay: o.NoReplay, Warn: o.Warn})
+		}},
+		{name: "FAT12/16/32", probe: fat.Probe, open: func(r *io.SectionReader, o fsOpenOptions) (fileSystem, error) {
+			return fat.Open(r, r.Size(), fat.Options{Warn: o.Warn})
 		}},
 	}
 }
