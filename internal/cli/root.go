@@ -88,8 +88,21 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		_ = json.NewEncoder(g.stdout).Encode(map[string]string{"error": err.Error()})
 	}
 	fmt.Fprintf(g.stderr, "sauve: error: %v\n", err)
+	var ce codedError
+	if errors.As(err, &ce) {
+		return ce.code
+	}
 	return 1
 }
+
+// codedError is a failure that ends sauve with another status than 1:
+// diff's 2, as diff(1) and cmp(1), where 1 means "they differ".
+type codedError struct {
+	error
+	code int
+}
+
+func (e codedError) Unwrap() error { return e.error }
 
 func newRoot(g *globals) *cobra.Command {
 	root := &cobra.Command{
@@ -175,7 +188,7 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.AddCommand(newAgentCmd(g))
 	root.AddCommand(newForgetCmd(g))
 	root.AddCommand(newStatsCmd(g))
-	root.AddCommand(newLsCmd(g), newGetCmd(g), newFindCmd(g))
+	root.AddCommand(newLsCmd(g), newGetCmd(g), newFindCmd(g), newDiffCmd(g))
 	return root
 }
 
