@@ -133,6 +133,9 @@ type extractor struct {
 	// lost counts what could not be restored, by what.
 	lost map[string]int
 	errs []string
+	// buf is the copy buffer of regular files, made once: 10 000 small
+	// files must not allocate (and zero) a MiB each.
+	buf []byte
 }
 
 func newExtractor(dest string, nsrc int) (*extractor, error) {
@@ -283,7 +286,10 @@ func (x *extractor) regular(src, rel string, st fsread.Stat) error {
 		return err
 	}
 	defer out.Close()
-	buf := make([]byte, 1<<20)
+	if x.buf == nil {
+		x.buf = make([]byte, 1<<20)
+	}
+	buf := x.buf
 	for _, r := range data {
 		for off := r.Start; off < r.End; {
 			n := min(int64(len(buf)), r.End-off)

@@ -29,7 +29,9 @@
 # with SAUVE_GUEST_STDIN=1, gives QEMU this script's standard input, which
 # the guest reads on its console (by default it reads nothing);
 # SAUVE_GUEST_PAYLOAD=DIR adds DIR's files to the payload (the sauve
-# agent test's keys, in DIR/agent).
+# agent test's keys, in DIR/agent). SAUVE_GUEST_ROOT=DRIVE replaces the
+# root disk's -drive options (the instant-boot test boots the root disk
+# from a writable NBD export of a snapshot of it: no snapshot=on then).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -73,7 +75,7 @@ fi
 for tool in seqblk seqfile; do
 	(cd "$top" && CGO_ENABLED=0 go build -o "$tmp/payload/$tool" "./test/guest/$tool")
 done
-install -m 0755 "$here/guest-test.sh" "$here/guest-qga.sh" "$tmp/payload/"
+install -m 0755 "$here/guest-test.sh" "$here/guest-qga.sh" "$here/guest-writes.sh" "$tmp/payload/"
 install -m 0644 "$here/steps.sh" "$tmp/payload/"
 [ -n "${SAUVE_GUEST_PAYLOAD:-}" ] && cp -a "$SAUVE_GUEST_PAYLOAD/." "$tmp/payload/"
 [ -x "$tmp/payload/$script" ] || { log "no test script $script in $here"; exit 2; }
@@ -93,7 +95,7 @@ timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
 	-nographic -no-reboot -nic none \
 	-kernel "$base/vmlinuz" -initrd "$base/initrd.img" \
 	-append "root=/dev/vda rw rootfstype=ext4 console=ttyS0 init=/guest-init.sh sauve.script=$script panic=1 quiet" \
-	-drive "file=$base/root.img,format=raw,if=virtio,snapshot=on" \
+	-drive "${SAUVE_GUEST_ROOT:-file=$base/root.img,format=raw,if=virtio,snapshot=on}" \
 	-drive "file=$tmp/scratch.img,format=raw,if=virtio,cache=unsafe" \
 	-drive "file=$tmp/payload.img,format=raw,if=virtio,readonly=on" \
 	"$@" <"$input" 2>&1 | sed -u 's/\r//g' | tee "$console"
