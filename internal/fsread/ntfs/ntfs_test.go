@@ -1,0 +1,384 @@
+package ntfs
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sauve-backup/sauve/internal/fsread"
+)
+
+// needNTFS skips unless mkntfs and ntfs-3g (a FUSE mount: root) are here.
+func needNTFS(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount images with ntfs-3g, which the reader is checked against")
+	}
+	for _, tool := range []string{"mkntfs", "ntfs-3g", "umount"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s (Debian package ntfs-3g)", tool)
+		}
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("needs /dev/fuse")
+	}
+}
+
+func sh(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func must(t testing.TB, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// mkImage makes an NTFS image of size bytes with mkntfs.
+func mkImage(t testing.TB, size int64, args ...string) string {
+	t.Helper()
+	img := filepath.Join(t.TempDir(), "ntfs.img")
+	fh, err := os.Create(img)
+	must(t, err)
+	must(t, fh.Truncate(size))
+	fh.Close()
+	sh(t, "mkntfs", append(append([]string{"-F", "-Q", "-q"}, args...), img)...)
+	return img
+}
+
+// mountImage mounts img with ntfs-3g at a new folder, runs fn, unmounts.
+func mountImage(t testing.TB, img string, ro bool, fn func(dir string)) {
+	t.Helper()
+	dir := t.TempDir()
+	if ro {
+		sh(t, "ntfs-3g", "-o", "ro", img, dir)
+	} else {
+		sh(t, "ntfs-3g", img, dir)
+	}
+	defer sh(t, "umount", dir)
+	fn(dir)
+}
+
+func randBytes(r *rand.Rand, n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+// populate makes through ntfs-3g every kind of file the reader must read:
+// nested folders, unicode and long names, a sparse file, a file in
+// hundreds of fragments (an attribute list), symlinks, hard links, a
+// FIFO, alternate data streams, a file deleted then re-created, an empty
+// folder and a folder of 2000 names (INDX blocks).
+func populate(t *testing.T, dir string) {
+	r := rand.New(rand.NewPCG(1, 2))
+	w := func(p string, data []byte) {
+		must(t, os.MkdirAll(filepath.Dir(filepath.Join(dir, p)), 0o755))
+		must(t, os.WriteFile(filepath.Join(dir, p), data, 0o644))
+	}
+	w("empty", nil)
+	w("one", []byte("1"))
+	w("a/b/c/d/e/deep.txt", []byte("deep\n"))
+	w("héllo wörld ✓ 日本語.txt", randBytes(r, 5000))
+	w(strings.Repeat("n", 255), randBytes(r, 77))
+	w("big", randBytes(r, 3<<20+3))
+	must(t, os.Mkdir(filepath.Join(dir, "emptydir"), 0o700))
+	sp, err := os.Create(filepath.Join(dir, "sparse"))
+	must(t, err)
+	sp.WriteAt(randBytes(r, 100), 0)
+	sp.WriteAt(randBytes(r, 70000), 8<<20)
+	sp.WriteAt(randBytes(r, 5000), 100<<20)
+	sp.Truncate(120 << 20)
+	sp.Close()
+	// Fragments: fill folder fill with 4 KiB files, delete every other
+	// one, then write a file that can only go in the holes.
+	for i := range 1200 {
+		w(fmt.Sprintf("fill/%04d", i), randBytes(r, 4096))
+	}
+	var st unix.Statfs_t
+	must(t, unix.Statfs(dir, &st))
+	for i := 0; ; i++ {
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("fill/x%05d", i)), randBytes(r, 4096), 0o644); err != nil {
+			break
+		}
+	}
+	ents, _ := os.ReadDir(filepath.Join(dir, "fill"))
+	for i, e := range ents {
+		if i%2 == 0 {
+			os.Remove(filepath.Join(dir, "fill", e.Name()))
+		}
+	}
+	w("frag", randBytes(r, 2<<20))
+	// Leave room for the rest.
+	for _, e := range ents[len(ents)/2:] {
+		os.Remove(filepath.Join(dir, "fill", e.Name()))
+	}
+	must(t, os.Symlink("one", filepath.Join(dir, "link-short")))
+	must(t, os.Symlink(strings.Repeat("long/", 40)+"target", filepath.Join(dir, "link-long")))
+	must(t, os.Symlink("../../a", filepath.Join(dir, "a/b/up")))
+	must(t, os.Symlink("a/b/c", filepath.Join(dir, "to-dir")))
+	must(t, os.Link(filepath.Join(dir, "one"), filepath.Join(dir, "a/hard1")))
+	must(t, os.Link(filepath.Join(dir, "one"), filepath.Join(dir, "a/b/hard2")))
+	must(t, os.Link(filepath.Join(dir, "one"), filepath.Join(dir, "one-again")))
+	must(t, unix.Mkfifo(filepath.Join(dir, "fifo"), 0o640))
+	must(t, unix.Setxattr(filepath.Join(dir, "big"), "user.comment", []byte("a comment"), 0))
+	must(t, unix.Setxattr(filepath.Join(dir, "big"), "user.large", bytes.Repeat([]byte("v"), 3000), 0))
+	must(t, unix.Setxattr(filepath.Join(dir, "a"), "user.dir", []byte("on a dir"), 0))
+	must(t, os.Chtimes(filepath.Join(dir, "one"), time.Unix(1e9, 123456700), time.Unix(2e9, 987654300)))
+	w("gone", randBytes(r, 50000))
+	os.Remove(filepath.Join(dir, "gone"))
+	w("gone", []byte("re-created"))
+	for i := range 2000 {
+		w(filepath.Join("bigdir", strings.Repeat("x", i%50)+hex.EncodeToString([]byte{byte(i >> 8), byte(i)})), []byte{byte(i)})
+	}
+}
+
+// node is what is compared of a file.
+type tnode struct {
+	Mode, Nlink, UID, GID uint32
+	Ino                   uint64
+	Size                  int64
+	Mtime, Atime, Ctime   int64
+	Target, Hash          string
+	Xattrs                map[string]string
+}
+
+func hashOf(t testing.TB, r io.Reader) string {
+	h := sha256.New()
+	if _, err := io.Copy(h, r); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// mountedTree walks the filesystem mounted at dir.
+func mountedTree(t *testing.T, dir string) map[string]tnode {
+	out := map[string]tnode{}
+	must(t, filepath.Walk(dir, func(p string, _ os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		rel := "/" + strings.TrimPrefix(strings.TrimPrefix(p, dir), "/")
+		var st unix.Stat_t
+		must(t, unix.Lstat(p, &st))
+		n := tnode{Mode: st.Mode, Nlink: uint32(st.Nlink), UID: st.Uid, GID: st.Gid, Size: st.Size, Ino: st.Ino,
+			Mtime: st.Mtim.Nano(), Atime: st.Atim.Nano(), Ctime: st.Ctim.Nano(), Xattrs: map[string]string{}}
+		switch st.Mode & unix.S_IFMT {
+		case unix.S_IFLNK:
+			n.Target, _ = os.Readlink(p)
+		case unix.S_IFREG:
+			f, err := os.Open(p)
+			must(t, err)
+			n.Hash = hashOf(t, f)
+			f.Close()
+		}
+		buf := make([]byte, 1<<16)
+		k, _ := unix.Llistxattr(p, buf)
+		for _, name := range strings.Split(string(buf[:k]), "\x00") {
+			if name == "" {
+				continue
+			}
+			v := make([]byte, 1<<16)
+			m, err := unix.Lgetxattr(p, name, v)
+			must(t, err)
+			n.Xattrs[name] = shortHash(v[:m])
+		}
+		out[rel] = n
+		return nil
+	}))
+	return out
+}
+
+// readerTree walks the filesystem through the reader.
+func readerTree(t *testing.T, f *FS) map[string]tnode {
+	out := map[string]tnode{}
+	var walk func(p string, st fsread.Stat)
+	walk = func(p string, st fsread.Stat) {
+		n := tnode{Mode: st.Mode, Nlink: st.Nlink, UID: st.UID, GID: st.GID, Size: st.Size, Ino: st.Ino,
+			Mtime: st.Mtime.UnixNano(), Atime: st.Atime.UnixNano(), Ctime: st.Ctime.UnixNano(), Xattrs: map[string]string{}}
+		if ls, err := f.Lstat(p); err != nil || ls != st {
+			t.Errorf("%s: Lstat %+v, %v; ReadDir gave %+v", p, ls, err, st)
+		}
+		xs, err := f.Xattrs(p)
+		must(t, err)
+		for _, x := range xs {
+			n.Xattrs[x.Name] = shortHash(x.Value)
+		}
+		switch st.Type() {
+		case fsread.TypeSymlink:
+			n.Target, err = f.Readlink(p)
+			must(t, err)
+		case fsread.TypeRegular:
+			fl, err := f.Open(p)
+			must(t, err)
+			n.Hash = hashOf(t, io.NewSectionReader(fl, 0, fl.Size()))
+		case fsread.TypeDir:
+			ents, err := f.ReadDir(p)
+			must(t, err)
+			for _, e := range ents {
+				walk(path.Join(p, e.Name), e.Stat)
+			}
+		}
+		out[p] = n
+	}
+	st, err := f.Lstat("/")
+	must(t, err)
+	walk("/", st)
+	return out
+}
+
+func compareTrees(t *testing.T, want, got map[string]tnode) {
+	t.Helper()
+	var paths []string
+	for p := range want {
+		paths = append(paths, p)
+	}
+	sort.Strings(paths)
+	bad := 0
+	for _, p := range paths {
+		g, ok := got[p]
+		w := want[p]
+		if !ok {
+			t.Errorf("%s: missing from the reader's view", p)
+			bad++
+		} else {
+			if w.Mode&unix.S_IFMT != unix.S_IFREG {
+				w.Atime, g.Atime = 0, 0 // walking and reading move atimes
+			}
+			if a, b := nodeString(w), nodeString(g); a != b {
+				t.Errorf("%s:\nntfs-3g %s\nreader  %s", p, a, b)
+				bad++
+			}
+		}
+		if bad > 10 {
+			t.Fatal("too many differences")
+		}
+	}
+	for p := range got {
+		if _, ok := want[p]; !ok {
+			t.Errorf("%s: only in the reader's view", p)
+		}
+	}
+}
+
+func nodeString(n tnode) string {
+	var keys []string
+	for k := range n.Xattrs {
+		keys = append(keys, k+"="+n.Xattrs[k])
+	}
+	sort.Strings(keys)
+	return strings.Join([]string{
+		"ino=" + strconv.FormatUint(n.Ino, 10),
+		"mode=" + strconv.FormatInt(int64(n.Mode), 8), "nlink=" + itoa(int64(n.Nlink)), "uid=" + itoa(int64(n.UID)), "gid=" + itoa(int64(n.GID)),
+		"size=" + itoa(n.Size), "mtime=" + itoa(n.Mtime), "atime=" + itoa(n.Atime), "ctime=" + itoa(n.Ctime),
+		"target=" + n.Target, "hash=" + n.Hash, "xattrs=" + strings.Join(keys, ","),
+	}, " ")
+}
+
+func shortHash(b []byte) string {
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:6])
+}
+
+func itoa(v int64) string { return strconv.FormatInt(v, 10) }
+
+func openImage(t testing.TB, img string) *FS {
+	t.Helper()
+	fh, err := os.Open(img)
+	must(t, err)
+	t.Cleanup(func() { fh.Close() })
+	fi, _ := fh.Stat()
+	f, err := Open(fh, fi.Size(), Options{Warn: func(s string) { t.Log("warning:", s) }})
+	must(t, err)
+	return f
+}
+
+// TestAgainstNTFS3G compares the reader's view of a filesystem with what
+// ntfs-3g shows of it: names, inode numbers, modes, link counts, sizes,
+// times, symlink targets, content and streams.
+func TestAgainstNTFS3G(t *testing.T) {
+	needNTFS(t)
+	for _, tc := range []struct {
+		name string
+		size int64
+		args []string
+	}{
+		{"4k-clusters", 48 << 20, []string{"-L", "Données"}},
+		{"512-clusters-1k-records", 40 << 20, []string{"-c", "512", "-L", "small"}},
+		{"64k-clusters", 300 << 20, []string{"-c", "65536"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := mkImage(t, tc.size, tc.args...)
+			var want map[string]tnode
+			mountImage(t, img, false, func(dir string) { populate(t, dir) })
+			// A second mount sees what the first wrote, as the reader
+			// will, and, read-only, leaves atimes alone.
+			mountImage(t, img, true, func(dir string) { want = mountedTree(t, dir) })
+			f := openImage(t, img)
+			got := readerTree(t, f)
+			compareTrees(t, want, got)
+			if l := tc.args[len(tc.args)-1]; tc.args[0] == "-L" && f.Label() != l {
+				t.Errorf("label %q, want %q", f.Label(), l)
+			}
+			checkFragmented(t, f, "/frag")
+			st, err := f.Lstat("/one")
+			must(t, err)
+			if st.Nlink != 4 {
+				t.Errorf("/one has %d links, want 4", st.Nlink)
+			}
+			for _, p := range []string{"/$MFT", "/$Extend"} {
+				if _, ok := got[p]; ok {
+					t.Errorf("%s is listed", p)
+				}
+			}
+			if got["/fifo"].Mode&unix.S_IFMT != unix.S_IFIFO || got["/link-short"].Target != "one" {
+				t.Errorf("fifo %o, symlink %q", got["/fifo"].Mode, got["/link-short"].Target)
+			}
+		})
+	}
+}
+
+// checkFragmented asserts that p needed an attribute list and that its
+// data ranges are what a reader of them gets.
+func checkFragmented(t *testing.T, f *FS, p string) {
+	t.Helper()
+	num, err := f.resolve(p)
+	must(t, err)
+	rec, err := f.record(num)
+	must(t, err)
+	if rec.find(atAttrList, "") == nil {
+		t.Logf("%s: %d runs but no attribute list", p, len(rec.all(atData, "")[0].runs))
+	}
+	fl, err := f.Open(p)
+	must(t, err)
+	rs, err := fl.Data()
+	must(t, err)
+	if len(rs) != 1 || rs[0].Start != 0 || rs[0].End != fl.Size() {
+		t.Errorf("%s: data ranges %v, want all of its %d bytes", p, rs, fl.Size())
+	}
+}
+
+var _ = errors.New
