@@ -27,7 +27,7 @@ func (f *FS) readDir(rec *record, fn func(name string, ref uint64) error) error 
 	bs := int64(le32(v, 8))
 	seen := map[string]bool{}
 	var down []int64
-	visit := func(b []byte, where string) error {
+	visit := func(b []byte) error {
 		return f.entries(b, func(name string, ref uint64, sub int64) error {
 			if sub >= 0 {
 				down = append(down, sub)
@@ -39,7 +39,7 @@ func (f *FS) readDir(rec *record, fn func(name string, ref uint64) error) error 
 			return fn(name, ref)
 		})
 	}
-	if err := visit(v[0x10:], "$INDEX_ROOT"); err != nil {
+	if err := visit(v[0x10:]); err != nil {
 		return fmt.Errorf("MFT record %d, $INDEX_ROOT: %w", rec.num, err)
 	}
 	if len(down) == 0 {
@@ -80,7 +80,7 @@ func (f *FS) readDir(rec *record, fn func(name string, ref uint64) error) error 
 		if err := indexBlock(b, vcn); err != nil {
 			return fmt.Errorf("MFT record %d, index block %d: %w", rec.num, vcn, err)
 		}
-		if err := visit(b[0x18:], "index block"); err != nil {
+		if err := visit(b[0x18:]); err != nil {
 			return fmt.Errorf("MFT record %d, index block %d: %w", rec.num, vcn, err)
 		}
 	}

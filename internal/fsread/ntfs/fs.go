@@ -73,7 +73,7 @@ type FS struct {
 	warn     func(string)
 
 	mu   sync.Mutex
-	recs map[uint64]*record          // recently read records
+	recs map[uint64]*record           // recently read records
 	dirs map[uint64]map[string]uint64 // names of recently searched directories
 }
 
