@@ -328,7 +328,7 @@ func openImage(t testing.TB, img string) *FS {
 func TestAgainstNTFS3G(t *testing.T) {
 	needNTFS(t)
 	for _, tc := range []struct {
-		name string
+		name    string
 		size    int64
 		cluster int
 		args    []string
