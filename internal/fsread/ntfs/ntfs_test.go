@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/fsread"
 )
 
@@ -74,7 +75,7 @@ func mountImage(t testing.TB, img string, ro bool, fn func(dir string)) {
 	if ro {
 		sh(t, "ntfs-3g", "-o", "ro", img, dir)
 	} else {
-		sh(t, "ntfs-3g", img, dir)
+		sh(t, "ntfs-3g", "-o", "compression", img, dir)
 	}
 	defer sh(t, "umount", dir)
 	fn(dir)
@@ -93,7 +94,7 @@ func randBytes(r *rand.Rand, n int) []byte {
 // hundreds of fragments (an attribute list), symlinks, hard links, a
 // FIFO, alternate data streams, a file deleted then re-created, an empty
 // folder and a folder of 2000 names (INDX blocks).
-func populate(t *testing.T, dir string, cluster int) {
+func populate(t *testing.T, dir string, cluster, frags int) {
 	r := rand.New(rand.NewPCG(1, 2))
 	w := func(p string, data []byte) {
 		must(t, os.MkdirAll(filepath.Dir(filepath.Join(dir, p)), 0o755))
@@ -118,13 +119,16 @@ func populate(t *testing.T, dir string, cluster int) {
 	// record holds, so an attribute list and extension records.
 	fa, err := os.OpenFile(filepath.Join(dir, "frag"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	must(t, err)
-	for i := range 800 {
+	for i := range frags {
 		_, err := fa.Write(randBytes(r, max(cluster, 4096)))
 		must(t, err)
 		must(t, fa.Sync())
 		w(fmt.Sprintf("fill/%04d", i), randBytes(r, max(cluster, 4096)))
 	}
 	fa.Close()
+	if cluster <= 4096 { // ntfs-3g compresses under clusters of 4 KiB at most
+		compressed(t, r, filepath.Join(dir, "comp"))
+	}
 	must(t, os.Symlink("one", filepath.Join(dir, "link-short")))
 	must(t, os.Symlink(strings.Repeat("long/", 40)+"target", filepath.Join(dir, "link-long")))
 	must(t, os.Symlink("../../a", filepath.Join(dir, "a/b/up")))
@@ -160,6 +164,31 @@ func populate(t *testing.T, dir string, cluster int) {
 	for i := 1; i < len(fillers); i += 2 {
 		must(t, os.Remove(fillers[i]))
 	}
+}
+
+// compressed makes folder dir, marked for compression, and files in it
+// that ntfs-3g compresses (LZNT1): text, random bytes (units stored as
+// they are), holes between compressed data, a file of many units.
+func compressed(t *testing.T, r *rand.Rand, dir string) {
+	must(t, os.Mkdir(dir, 0o755))
+	var a [4]byte
+	_, err := unix.Getxattr(dir, "system.ntfs_attrib_be", a[:])
+	must(t, err)
+	a[2] |= 0x08 // FILE_ATTRIBUTE_COMPRESSED
+	must(t, unix.Setxattr(dir, "system.ntfs_attrib_be", a[:], 0))
+	must(t, os.WriteFile(filepath.Join(dir, "text"), bytes.Repeat([]byte("hello world "), 20000), 0o644))
+	must(t, os.WriteFile(filepath.Join(dir, "random"), randBytes(r, 100000), 0o644))
+	var mixed []byte
+	for i := range 3000 {
+		mixed = fmt.Appendf(mixed, "line %d of a file in many units %x\n", i, randBytes(r, i%7))
+	}
+	must(t, os.WriteFile(filepath.Join(dir, "lines"), mixed, 0o644))
+	fh, err := os.Create(filepath.Join(dir, "holes"))
+	must(t, err)
+	fh.Write(bytes.Repeat([]byte("a"), 70000))
+	fh.WriteAt(append(randBytes(r, 5000), bytes.Repeat([]byte("z"), 60000)...), 500000)
+	fh.Truncate(2 << 20)
+	must(t, fh.Close())
 }
 
 // node is what is compared of a file.
@@ -331,16 +360,20 @@ func TestAgainstNTFS3G(t *testing.T) {
 		name    string
 		size    int64
 		cluster int
+		frags   int // appends to /frag
 		args    []string
 	}{
-		{"4k-clusters", 48 << 20, 4096, []string{"-L", "Données"}},
-		{"512-clusters", 40 << 20, 512, []string{"-c", "512", "-L", "small"}},
-		{"64k-clusters", 400 << 20, 65536, []string{"-c", "65536"}},
+		{"4k-clusters", 48 << 20, 4096, 800, []string{"-L", "Données"}},
+		{"512-clusters", 40 << 20, 512, 800, []string{"-c", "512", "-L", "small"}},
+		{"64k-clusters", 400 << 20, 65536, 800, []string{"-c", "65536"}},
+		// Over 64 KiB, sectors per cluster are coded as a negative
+		// power of two.
+		{"128k-clusters", 300 << 20, 128 << 10, 100, []string{"-c", "131072"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			img := mkImage(t, tc.size, tc.args...)
 			var want map[string]tnode
-			mountImage(t, img, false, func(dir string) { populate(t, dir, tc.cluster) })
+			mountImage(t, img, false, func(dir string) { populate(t, dir, tc.cluster, tc.frags) })
 			// A second mount sees what the first wrote, as the reader
 			// will, and, read-only, leaves atimes alone.
 			mountImage(t, img, true, func(dir string) { want = mountedTree(t, dir) })
@@ -350,7 +383,7 @@ func TestAgainstNTFS3G(t *testing.T) {
 			if l := tc.args[len(tc.args)-1]; tc.args[0] == "-L" && f.Label() != l {
 				t.Errorf("label %q, want %q", f.Label(), l)
 			}
-			checkFragmented(t, f, "/frag", tc.cluster >= 4096) // ntfs-3g keeps frag in few runs under small clusters
+			checkFragmented(t, f, "/frag", tc.cluster >= 4096 && tc.frags >= 800) // ntfs-3g keeps frag in few runs under small clusters
 			if len(f.mft.runs) < 4 {
 				t.Errorf("$MFT in %d runs: the test meant to fragment it", len(f.mft.runs))
 			}
@@ -364,10 +397,51 @@ func TestAgainstNTFS3G(t *testing.T) {
 					t.Errorf("%s is listed", p)
 				}
 			}
+			checkHoles(t, f, "/sparse", 75000, 2<<20)
+			if tc.cluster <= 4096 {
+				checkCompressed(t, f, "/comp/text")
+				checkHoles(t, f, "/comp/holes", 135000, 400<<10)
+			}
 			if got["/fifo"].Mode&unix.S_IFMT != unix.S_IFIFO || got["/link-short"].Target != "one" {
 				t.Errorf("fifo %o, symlink %q", got["/fifo"].Mode, got["/link-short"].Target)
 			}
 		})
+	}
+}
+
+// checkHoles asserts that the data ranges of p hold between min and max
+// bytes, and that what lies outside them reads as zeros.
+func checkHoles(t *testing.T, f *FS, p string, minData, maxData int64) {
+	t.Helper()
+	fl, err := f.Open(p)
+	must(t, err)
+	rs, err := fl.Data()
+	must(t, err)
+	var n, last int64
+	buf := make([]byte, 1<<20)
+	for _, r := range append(rs, extent.Range{Start: fl.Size(), End: fl.Size()}) {
+		n += r.Len()
+		for off := last; off < r.Start; off += int64(len(buf)) {
+			k, _ := fl.ReadAt(buf[:min(int64(len(buf)), r.Start-off)], off)
+			if !bytes.Equal(buf[:k], make([]byte, k)) {
+				t.Errorf("%s: the hole at %d does not read as zeros", p, off)
+			}
+		}
+		last = r.End
+	}
+	if n < minData || n > maxData {
+		t.Errorf("%s: %d bytes of data in %v, want %d to %d", p, n, rs, minData, maxData)
+	}
+}
+
+// checkCompressed asserts that p is compressed, so that comparing it
+// with ntfs-3g tested LZNT1.
+func checkCompressed(t *testing.T, f *FS, p string) {
+	t.Helper()
+	fl, err := f.Open(p)
+	must(t, err)
+	if fl.(*stream).unit == 0 {
+		t.Errorf("%s is not compressed", p)
 	}
 }
 
