@@ -291,3 +291,29 @@ func TestInitializedSize(t *testing.T) {
 		t.Errorf("data ranges %v, %v; want [0,100)", rs, err)
 	}
 }
+
+// TestDirtyVolume: an image of a volume marked dirty (a snapshot of a
+// mounted Windows volume) is read with a warning that its $LogFile is
+// not replayed; a clean one without.
+func TestDirtyVolume(t *testing.T) {
+	needNTFS(t)
+	base, err := os.ReadFile(mkImage(t, 16<<20))
+	must(t, err)
+	open := func(img []byte) []string {
+		var warned []string
+		_, err := Open(bytes.NewReader(img), int64(len(img)), Options{Warn: func(s string) { warned = append(warned, s) }})
+		must(t, err)
+		return warned
+	}
+	if w := open(base); len(w) != 0 {
+		t.Errorf("warnings on a clean volume: %q", w)
+	}
+	f, err := Open(bytes.NewReader(base), int64(len(base)), Options{})
+	must(t, err)
+	a := where{t, f, base}.attr("/$Volume", atVolumeInfo)
+	img := bytes.Clone(base)
+	img[a+int64(le16(img, int(a)+0x14))+10] |= volDirty
+	if w := open(img); len(w) != 1 || !strings.Contains(w[0], "$LogFile is not replayed") {
+		t.Errorf("warnings %q", w)
+	}
+}

@@ -4,20 +4,33 @@
 // reads snapshots of Windows disks through it, fetching only the chunks
 // the files use.
 //
-// It reads the boot sector, MFT records (their update sequence fixups
-// checked), resident and non-resident attributes, runlists (sparse runs
-// included), attribute lists (files and an $MFT in many fragments),
-// directory indexes ($INDEX_ROOT and the INDX blocks of
-// $INDEX_ALLOCATION, every entry of the tree walked), the unnamed $DATA
-// stream (sparse, LZNT1-compressed, beyond the initialized size read as
-// zeros), hard links, symlinks and junctions (reparse points, and the
-// Interix symlinks and device files ntfs-3g makes) and alternate data
-// streams, which it gives as user.NAME extended attributes the way
-// ntfs-3g does with streams_interface=xattr. It shows files as ntfs-3g
-// mounted with no options shows them: mode 0777, owner root, the times
-// of $STANDARD_INFORMATION, the system files (MFT records below 16,
-// $Extend among them) left out of listings. Encrypted (EFS) files are
-// an error.
+// It reads the boot sector (clusters up to 2 MiB, the negative size codes
+// included), MFT records (their update sequence fixups checked),
+// resident and non-resident attributes, runlists (sparse runs included),
+// attribute lists (files, and an $MFT, in many fragments), directory
+// indexes ($INDEX_ROOT and the INDX blocks of $INDEX_ALLOCATION: the
+// whole tree is walked, each block once, DOS 8.3 names left out), the
+// unnamed $DATA stream (sparse, LZNT1-compressed, read as zeros past its
+// initialized size), hard links (one MFT record under several names: one
+// Ino), Windows symlinks and junctions (reparse points), the Interix
+// symlinks, devices, FIFOs and sockets ntfs-3g makes, and alternate data
+// streams, given as user.NAME extended attributes as ntfs-3g does with
+// its default streams_interface=xattr. Encrypted (EFS) files are an
+// error.
+//
+// It shows files as ntfs-3g mounted as root with no options shows them:
+// mode 0777, owner and group 0, st_nlink the record's link count (a DOS
+// name beside a long one counts), the times of $STANDARD_INFORMATION, a
+// directory's size that of its INDX blocks, and the system files (MFT
+// records below 16, $MFT to $Extend) left out of listings, though their
+// paths resolve. One difference: the absolute target of a symlink or
+// junction (\??\C:\dir) reads as a path from this filesystem's root
+// (/dir), where ntfs-3g prefixes its mount point, which a restore does
+// not have.
+//
+// The $LogFile is not replayed: an image of a volume marked dirty (in
+// use, or not cleanly unmounted) is read as it is on disk, with a
+// warning.
 //
 // It is written here rather than taken from a library: the maintained Go
 // reader, www.velocidex.com/golang/go-ntfs (v0.2.1), is a forensic tool
@@ -99,6 +112,9 @@ func Open(r io.ReaderAt, size int64, opts Options) (*FS, error) {
 	}
 	if a := vol.find(atVolumeName, ""); a != nil && a.resident {
 		f.label = utf16String(a.value)
+	}
+	if a := vol.find(atVolumeInfo, ""); a != nil && a.resident && len(a.value) >= 12 && le16(a.value, 10)&volDirty != 0 {
+		f.warn("the NTFS volume is marked dirty (a snapshot of a mounted volume, or one not cleanly unmounted): its $LogFile is not replayed, so the latest changes may be missing")
 	}
 	if _, err := f.record(recRoot); err != nil {
 		return nil, fmt.Errorf("ntfs: root directory: %w", err)

@@ -105,6 +105,10 @@ func populate(t *testing.T, dir string, cluster, frags int) {
 	w("a/b/c/d/e/deep.txt", []byte("deep\n"))
 	w("héllo wörld ✓ 日本語.txt", randBytes(r, 5000))
 	w(strings.Repeat("n", 255), randBytes(r, 77))
+	// A DOS 8.3 name beside the long one: a second index entry, not
+	// listed.
+	w("Long File Name.txt", []byte("long"))
+	must(t, unix.Setxattr(filepath.Join(dir, "Long File Name.txt"), "system.ntfs_dos_name", []byte("LONGFI~1.TXT"), 0))
 	w("big", randBytes(r, 3<<20+3))
 	must(t, os.Mkdir(filepath.Join(dir, "emptydir"), 0o700))
 	sp, err := os.Create(filepath.Join(dir, "sparse"))

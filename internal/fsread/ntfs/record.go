@@ -12,6 +12,7 @@ const (
 	atAttrList   = 0x20
 	atFileName   = 0x30
 	atVolumeName = 0x60
+	atVolumeInfo = 0x70
 	atData       = 0x80
 	atIndexRoot  = 0x90
 	atIndexAlloc = 0xA0
@@ -31,6 +32,14 @@ const (
 	recInUse = 0x1
 	recDir   = 0x2
 )
+
+// volDirty is the flag of $VOLUME_INFORMATION set while the volume is
+// mounted.
+const volDirty = 0x1
+
+// maxExtensionBytes bounds the extension records of one file kept in
+// memory (a 256 KiB attribute list names at most ~10,000 of them).
+const maxExtensionBytes = 64 << 20
 
 // maxAttrList bounds an attribute list (Windows keeps them under 256 KiB).
 const maxAttrList = 256 << 10
@@ -327,6 +336,9 @@ func (f *FS) loadExtensions(r *record) error {
 			continue
 		}
 		seen[ext] = true
+		if int64(len(seen))*f.recSize > maxExtensionBytes {
+			return fmt.Errorf("MFT record %d: more than %d extension records (damaged attribute list?)", r.num, maxExtensionBytes/f.recSize)
+		}
 		x, err := f.readRecord(ext)
 		if err != nil {
 			return fmt.Errorf("MFT record %d's extension: %w", r.num, err)
