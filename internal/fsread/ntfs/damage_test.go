@@ -136,7 +136,8 @@ func (w where) phys(s *stream, off int64) int64 {
 // attr is the partition offset of the first attribute of type typ in
 // the record of path p.
 func (w where) attr(p string, typ uint32) int64 {
-	num, err := w.f.resolve(p)
+	ref, err := w.f.resolve(p)
+	num := refNum(ref)
 	must(w.t, err)
 	rec := w.phys(w.f.mft, int64(num)*w.f.recSize)
 	off := int64(le16(w.img, int(rec)+0x14))
@@ -198,6 +199,12 @@ func TestDamaged(t *testing.T) {
 			a := w.attr("/small", atStdInfo)
 			return map[int64][]byte{a - a%w.f.recSize + 0x2C: {0x77, 0x77}}
 		}, func(f *FS) error { _, err := f.Lstat("/small"); return err }, "says it is record"},
+		{"stale entry", func() map[int64][]byte {
+			// The sequence number of /small's record moves on, as if
+			// it were deleted and reused.
+			a := w.attr("/small", atStdInfo)
+			return map[int64][]byte{a - a%w.f.recSize + 0x10: {0x55, 0x55}}
+		}, func(f *FS) error { _, err := f.Lstat("/small"); return err }, "stale directory entry"},
 		{"index block outside", func() map[int64][]byte {
 			a := w.attr("/bigdir", atIndexRoot)
 			e := w.firstEntry(a + int64(le16(base, int(a)+0x14)) + 0x10)
@@ -208,7 +215,8 @@ func TestDamaged(t *testing.T) {
 			a := w.attr("/bigdir", atIndexRoot)
 			e := w.firstEntry(a + int64(le16(base, int(a)+0x14)) + 0x10)
 			vcn := le64(base, int(e)+int(le16(base, int(e)+8))-8)
-			num, _ := w.f.resolve("/bigdir")
+			ref, _ := w.f.resolve("/bigdir")
+			num := refNum(ref)
 			rec, _ := w.f.record(num)
 			s, err := w.f.newStream(num, rec.all(atIndexAlloc, "$I30"))
 			must(t, err)

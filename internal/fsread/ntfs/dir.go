@@ -12,8 +12,8 @@ const (
 	nsDOS        = 2 // a file's 8.3 name, beside its long one
 )
 
-// readDir calls fn for each name in directory rec but "." (the root's own
-// entry) and DOS 8.3 names. It walks the whole index tree, the root and
+// readDir calls fn for each name in directory rec, with its file
+// reference, but "." (the root's own entry) and DOS 8.3 names. It walks the whole index tree, the root and
 // every INDX block its entries point down to, each block once.
 func (f *FS) readDir(rec *record, fn func(name string, ref uint64) error) error {
 	root := rec.find(atIndexRoot, "$I30")
@@ -144,7 +144,7 @@ func (f *FS) entries(h []byte, fn func(name string, ref uint64, sub int64) error
 				name = ""
 			}
 		}
-		if err := fn(name, refNum(ref), sub); err != nil {
+		if err := fn(name, ref, sub); err != nil {
 			return err
 		}
 		if flags&entryLast != 0 {

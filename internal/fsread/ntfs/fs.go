@@ -250,7 +250,21 @@ func (f *FS) openMFT() error {
 // maxHops bounds the symlinks followed in one path (Linux's limit).
 const maxHops = 40
 
-// resolve finds the MFT record of the absolute slash-separated path p.
+// child returns the record a directory entry's file reference names,
+// checking its sequence number: a mismatch means the entry outlived its
+// file and the record was reused.
+func (f *FS) child(ref uint64) (*record, error) {
+	rec, err := f.record(refNum(ref))
+	if err != nil {
+		return nil, err
+	}
+	if seq := uint16(ref >> 48); seq != 0 && seq != rec.seq {
+		return nil, fmt.Errorf("stale directory entry: MFT record %d is now another file (sequence number %d, the entry has %d)", rec.num, rec.seq, seq)
+	}
+	return rec, nil
+}
+
+// resolve finds the file reference of the absolute slash-separated path p.
 // Like lstat(2), it follows symlinks in the directories of the path (an
 // absolute target starts again from this filesystem's root) but not in
 // its last component.
@@ -270,7 +284,7 @@ func (f *FS) resolve(p string) (uint64, error) {
 			}
 			continue
 		}
-		rec, err := f.record(ino)
+		rec, err := f.child(ino)
 		if err != nil {
 			return 0, err
 		}
@@ -286,7 +300,7 @@ func (f *FS) resolve(p string) (uint64, error) {
 			return 0, fmt.Errorf("%s: %w", p, fsread.ErrNotExist)
 		}
 		if i < len(comps)-1 {
-			child, err := f.record(next)
+			child, err := f.child(next)
 			if err != nil {
 				return 0, err
 			}
@@ -311,7 +325,7 @@ func (f *FS) resolve(p string) (uint64, error) {
 	return ino, nil
 }
 
-// names maps the names of directory rec to their records; the last few
+// names maps the names of directory rec to their file references; the last few
 // directories searched are kept, so that extracting a tree does not read
 // each directory once per file.
 func (f *FS) names(rec *record) (map[string]uint64, error) {
@@ -341,11 +355,11 @@ func (f *FS) names(rec *record) (map[string]uint64, error) {
 // at runs fn on the file at path p; its errors name p.
 func at[T any](f *FS, p string, fn func(*node) (T, error)) (T, error) {
 	var zero T
-	num, err := f.resolve(p)
+	ref, err := f.resolve(p)
 	if err != nil {
 		return zero, err
 	}
-	rec, err := f.record(num)
+	rec, err := f.child(ref)
 	if err == nil {
 		var n *node
 		if n, err = f.node(rec); err == nil {
@@ -372,10 +386,10 @@ func (f *FS) ReadDir(p string) ([]fsread.DirEntry, error) {
 		}
 		var out []fsread.DirEntry
 		err := f.readDir(n.rec, func(name string, ref uint64) error {
-			if ref < firstUser {
+			if refNum(ref) < firstUser {
 				return nil
 			}
-			rec, err := f.record(ref)
+			rec, err := f.child(ref)
 			if err != nil {
 				return fmt.Errorf("entry %q: %w", name, err)
 			}

@@ -453,7 +453,8 @@ func checkCompressed(t *testing.T, f *FS, p string) {
 // data ranges are what a reader of them gets.
 func checkFragmented(t *testing.T, f *FS, p string, wantList bool) {
 	t.Helper()
-	num, err := f.resolve(p)
+	ref, err := f.resolve(p)
+	num := refNum(ref)
 	must(t, err)
 	rec, err := f.record(num)
 	must(t, err)
