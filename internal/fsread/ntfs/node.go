@@ -168,8 +168,7 @@ func (f *FS) interix(n *node) error {
 		st.Mode = fsread.TypeFIFO | 0o777
 		return nil
 	case st.Size == 1:
-		st.Mode = fsread.TypeSocket | 0o777
-		st.Size = 0
+		st.Mode = fsread.TypeSocket | 0o777 // ntfs-3g keeps st_size 1, and 24 for devices
 		return nil
 	case st.Size < 8 || st.Size > 8+maxTarget:
 		return nil
@@ -187,7 +186,7 @@ func (f *FS) interix(n *node) error {
 		n.target = utf16String(b[8:])
 		st.Mode, st.Size = fsread.TypeSymlink|0o777, int64(len(n.target))
 	case (bytes.HasPrefix(b, []byte("IntxCHR\x00")) || bytes.HasPrefix(b, []byte("IntxBLK\x00"))) && len(b) == 24:
-		st.Mode, st.Size = fsread.TypeChar|0o777, 0
+		st.Mode = fsread.TypeChar | 0o777
 		if b[4] == 'B' {
 			st.Mode = fsread.TypeBlock | 0o777
 		}

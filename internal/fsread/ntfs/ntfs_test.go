@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path"
@@ -141,6 +142,12 @@ func populate(t *testing.T, dir string, cluster, frags int) {
 	must(t, os.Link(filepath.Join(dir, "one"), filepath.Join(dir, "a/b/hard2")))
 	must(t, os.Link(filepath.Join(dir, "one"), filepath.Join(dir, "one-again")))
 	must(t, unix.Mkfifo(filepath.Join(dir, "fifo"), 0o640))
+	must(t, unix.Mknod(filepath.Join(dir, "null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))))
+	must(t, unix.Mknod(filepath.Join(dir, "blk"), unix.S_IFBLK|0o600, int(unix.Mkdev(259, 70000))))
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(dir, "sock"), Net: "unix"})
+	must(t, err)
+	l.SetUnlinkOnClose(false)
+	l.Close()
 	must(t, unix.Setxattr(filepath.Join(dir, "big"), "user.comment", []byte("a comment"), 0))
 	must(t, unix.Setxattr(filepath.Join(dir, "big"), "user.large", bytes.Repeat([]byte("v"), 3000), 0))
 	must(t, unix.Setxattr(filepath.Join(dir, "a"), "user.dir", []byte("on a dir"), 0))
@@ -201,6 +208,7 @@ type tnode struct {
 	Ino                   uint64
 	Size                  int64
 	Mtime, Atime, Ctime   int64
+	Rdev                  [2]uint32
 	Target, Hash          string
 	Xattrs                map[string]string
 }
@@ -226,6 +234,8 @@ func mountedTree(t *testing.T, dir string) map[string]tnode {
 		n := tnode{Mode: st.Mode, Nlink: uint32(st.Nlink), UID: st.Uid, GID: st.Gid, Size: st.Size, Ino: st.Ino,
 			Mtime: st.Mtim.Nano(), Atime: st.Atim.Nano(), Ctime: st.Ctim.Nano(), Xattrs: map[string]string{}}
 		switch st.Mode & unix.S_IFMT {
+		case unix.S_IFCHR, unix.S_IFBLK:
+			n.Rdev = [2]uint32{unix.Major(st.Rdev), unix.Minor(st.Rdev)}
 		case unix.S_IFLNK:
 			n.Target, _ = os.Readlink(p)
 		case unix.S_IFREG:
@@ -257,7 +267,7 @@ func readerTree(t *testing.T, f *FS) map[string]tnode {
 	var walk func(p string, st fsread.Stat)
 	walk = func(p string, st fsread.Stat) {
 		n := tnode{Mode: st.Mode, Nlink: st.Nlink, UID: st.UID, GID: st.GID, Size: st.Size, Ino: st.Ino,
-			Mtime: st.Mtime.UnixNano(), Atime: st.Atime.UnixNano(), Ctime: st.Ctime.UnixNano(), Xattrs: map[string]string{}}
+			Mtime: st.Mtime.UnixNano(), Atime: st.Atime.UnixNano(), Ctime: st.Ctime.UnixNano(), Rdev: [2]uint32{st.Major, st.Minor}, Xattrs: map[string]string{}}
 		if ls, err := f.Lstat(p); err != nil || ls != st {
 			t.Errorf("%s: Lstat %+v, %v; ReadDir gave %+v", p, ls, err, st)
 		}
@@ -333,7 +343,7 @@ func nodeString(n tnode) string {
 		"ino=" + strconv.FormatUint(n.Ino, 10),
 		"mode=" + strconv.FormatInt(int64(n.Mode), 8), "nlink=" + itoa(int64(n.Nlink)), "uid=" + itoa(int64(n.UID)), "gid=" + itoa(int64(n.GID)),
 		"size=" + itoa(n.Size), "mtime=" + itoa(n.Mtime), "atime=" + itoa(n.Atime), "ctime=" + itoa(n.Ctime),
-		"target=" + n.Target, "hash=" + n.Hash, "xattrs=" + strings.Join(keys, ","),
+		"rdev=" + itoa(int64(n.Rdev[0])) + ":" + itoa(int64(n.Rdev[1])), "target=" + n.Target, "hash=" + n.Hash, "xattrs=" + strings.Join(keys, ","),
 	}, " ")
 }
 
