@@ -2,6 +2,7 @@ package ntfs
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path"
@@ -70,9 +71,26 @@ func seedImages(f *testing.F) [][]byte {
 		}
 	}
 	var out [][]byte
-	for _, args := range [][]string{{"-c", "4096", "-L", "seed"}, {"-c", "512"}} {
-		img := mkImage(f, 2<<20, args...)
+	for i, args := range [][]string{{"-c", "4096", "-L", "seed"}, {"-c", "512"}} {
+		img := mkImage(f, 40<<20, args...)
 		mountImage(f, img, false, func(dir string) {
+			if i == 0 {
+				// A compressed file, and one in more runs than its
+				// record holds (an attribute list).
+				os.Mkdir(filepath.Join(dir, "c"), 0o755)
+				unix.Setxattr(filepath.Join(dir, "c"), "system.ntfs_attrib_be", []byte{0, 0, 0x08, 0x10}, 0)
+				os.WriteFile(filepath.Join(dir, "c/z"), bytes.Repeat([]byte("compress me "), 2000), 0o644)
+				fa, _ := os.OpenFile(filepath.Join(dir, "frag"), os.O_CREATE|os.O_WRONLY, 0o644)
+				for k := range 1200 {
+					fa.Write(bytes.Repeat([]byte{byte(k)}, 4096))
+					fa.Sync()
+					os.WriteFile(filepath.Join(dir, fmt.Sprint("f", k)), bytes.Repeat([]byte{1}, 4096), 0o644)
+				}
+				fa.Close()
+				for k := range 1200 {
+					os.Remove(filepath.Join(dir, fmt.Sprint("f", k)))
+				}
+			}
 			os.MkdirAll(filepath.Join(dir, "d/e"), 0o755)
 			os.WriteFile(filepath.Join(dir, "small"), []byte("hello"), 0o644)
 			os.WriteFile(filepath.Join(dir, "d/e/big"), bytes.Repeat([]byte("0123456789"), 300), 0o644)
@@ -94,6 +112,15 @@ func seedImages(f *testing.F) [][]byte {
 			f.Fatalf("seed %v: %v", args, err)
 		}
 		explore(fs)
+		if i == 0 {
+			ref, err := fs.resolve("/frag")
+			if err != nil {
+				f.Fatal(err)
+			}
+			if rec, _ := fs.record(refNum(ref)); rec == nil || rec.find(atAttrList, "") == nil {
+				f.Fatalf("the seed's /frag has no attribute list: %d runs", len(rec.all(atData, "")[0].runs))
+			}
+		}
 		out = append(out, fuzzimg.Encode(tr.Keep(b)))
 	}
 	return out
