@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -59,17 +60,24 @@ func explore(f *FS) {
 	walk("/", 0)
 }
 
-// seedImages makes small filesystems with mkntfs, fills them through
-// ntfs-3g, and keeps of each the bytes the reader reads.
-func seedImages(f *testing.F) [][]byte {
-	if os.Geteuid() != 0 {
-		return nil
+// TestSeedImages makes the seeds of FuzzOpen: small filesystems made
+// with mkntfs, filled through ntfs-3g, of which it keeps the bytes the
+// reader reads. With SAUVE_WRITE_SEEDS=1 it writes them to
+// testdata/fuzz/FuzzOpen. (FuzzOpen does not make them itself: every
+// fuzzing worker would run the mounts again.)
+func TestSeedImages(t *testing.T) {
+	needNTFS(t)
+	seeds := seedImages(t)
+	if os.Getenv("SAUVE_WRITE_SEEDS") == "" {
+		return
 	}
-	for _, tool := range []string{"mkntfs", "ntfs-3g"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return nil
-		}
+	for i, s := range seeds {
+		b := []byte("go test fuzz v1\n[]byte(" + strconv.Quote(string(s)) + ")\n")
+		must(t, os.WriteFile(filepath.Join("testdata/fuzz/FuzzOpen", fmt.Sprint("seed", i)), b, 0o644))
 	}
+}
+
+func seedImages(f *testing.T) [][]byte {
 	var out [][]byte
 	for i, args := range [][]string{{"-c", "4096", "-L", "seed"}, {"-c", "512"}} {
 		img := mkImage(f, 40<<20, args...)
@@ -126,11 +134,9 @@ func seedImages(f *testing.F) [][]byte {
 	return out
 }
 
-// FuzzOpen opens an image, walks it and reads every file.
+// FuzzOpen opens an image, walks it and reads every file. Its seeds are
+// in testdata (see TestSeedImages).
 func FuzzOpen(f *testing.F) {
-	for _, s := range seedImages(f) {
-		f.Add(s)
-	}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		img := fuzzimg.Decode(in, fuzzMaxImage, fuzzBudget)
 		fs, err := Open(img, img.Size(), Options{})
