@@ -8,6 +8,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/fsread/ext"
 	"github.com/sauve-backup/sauve/internal/fsread/fat"
+	"github.com/sauve-backup/sauve/internal/fsread/ntfs"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -35,6 +36,9 @@ func fsReaders() []fsReader {
 		{name: "ext2/3/4", probe: probeExt, open: func(r *io.SectionReader, o fsOpenOptions) (fileSystem, error) {
 			return ext.Open(r, r.Size(), ext.Options{NoReplay: o.NoReplay, Warn: o.Warn})
 		}},
+		{name: "NTFS", probe: probeNTFS, open: func(r *io.SectionReader, o fsOpenOptions) (fileSystem, error) {
+			return ntfs.Open(r, r.Size(), ntfs.Options{Warn: o.Warn})
+		}},
 		{name: "FAT12/16/32", probe: fat.Probe, open: func(r *io.SectionReader, o fsOpenOptions) (fileSystem, error) {
 			return fat.Open(r, r.Size(), fat.Options{Warn: o.Warn})
 		}},
@@ -45,6 +49,12 @@ func probeExt(r io.ReaderAt) bool {
 	var magic [2]byte
 	_, err := r.ReadAt(magic[:], 1024+56)
 	return err == nil && binary.LittleEndian.Uint16(magic[:]) == 0xEF53
+}
+
+func probeNTFS(r io.ReaderAt) bool {
+	var oem [8]byte
+	_, err := r.ReadAt(oem[:], 3)
+	return err == nil && string(oem[:]) == "NTFS    "
 }
 
 // openFS detects the filesystem of a partition by its magic.
