@@ -34,6 +34,7 @@ type view struct {
 	open  func(r *io.SectionReader, p Partition, what string) (FileSystem, error)
 	attrs attrs
 	base  uint64
+	root  *fsNode // the view's folder
 
 	mu     sync.Mutex
 	fsys   FileSystem
@@ -60,6 +61,10 @@ func (v *view) get() (FileSystem, syscall.Errno) {
 		var fsys FileSystem
 		if fsys, err = v.open(io.NewSectionReader(r, v.p.Start, v.p.Size), v.p, v.what()); err == nil {
 			v.fsys = fsys
+			// The kernel holds the folder's attributes from before: have
+			// it ask again, for those of the filesystem's root. Not from
+			// within this request.
+			go v.root.NotifyContent(-1, 0)
 			return fsys, 0
 		}
 	}

@@ -69,6 +69,8 @@ type Partition struct {
 	Number      int
 	Start, Size int64
 	Extended    bool
+	// Filesystem is the filesystem the backup found there, for OpenFS.
+	Filesystem string
 	// Files asks for a folder presenting the partition's files (with
 	// Options.OpenFS).
 	Files bool
@@ -139,7 +141,8 @@ func (r *root) fillSnapshot(ctx context.Context, dir *fs.Inode, sn *Snapshot) {
 			if p.Files && r.opts.OpenFS != nil {
 				r.views++
 				v := &view{d: d, p: p, open: r.opts.OpenFS, attrs: a, base: uint64(r.views) << viewShift}
-				add(viewName(base, p.Number), &fsNode{v: v, path: "/"}, syscall.S_IFDIR)
+				v.root = &fsNode{v: v, path: "/"}
+				add(viewName(base, p.Number), v.root, syscall.S_IFDIR)
 			}
 		}
 	}
