@@ -76,6 +76,7 @@ func TestMount(t *testing.T) {
 	sh(t, "mkfs.ext4", "-q", "-F", "-d", files2, whole)
 	b2 := e.backup(whole)
 
+	d1, d2 := imageBase(b1.Disk), imageBase(b2.Disk)
 	dir := e.path("mnt")
 	os.Mkdir(dir, 0o755)
 	d := startMount(t, e, dir, "--files")
@@ -87,12 +88,12 @@ func TestMount(t *testing.T) {
 		t.Fatalf("snapshot folders: %q (want one per snapshot, oldest first, named by time and ID)", snaps)
 	}
 	s1, s2 := filepath.Join(dir, snaps[0]), filepath.Join(dir, snaps[1])
-	if got, want := dirNames(t, s1), []string{b1.Disk + "-part1", b1.Disk + "-part1.img", b1.Disk + ".img"}; strings.Join(got, " ") != strings.Join(want, " ") {
+	if got, want := dirNames(t, s1), []string{d1 + "-part1", d1 + "-part1.img", d1 + ".img"}; strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Fatalf("snapshot folder: %q, want %q", got, want)
 	}
 
 	// The disk image is the original.
-	img := filepath.Join(s1, b1.Disk+".img")
+	img := filepath.Join(s1, d1+".img")
 	sh(t, "cmp", raw, img)
 
 	// Several readers at once, at different places, agree with it.
@@ -126,7 +127,7 @@ func TestMount(t *testing.T) {
 	// The partition image loop-mounts: the kernel's ext4 reads the files.
 	p1 := e.path("p1")
 	os.Mkdir(p1, 0o755)
-	sh(t, "mount", "-o", "loop,ro", filepath.Join(s1, b1.Disk+"-part1.img"), p1)
+	sh(t, "mount", "-o", "loop,ro", filepath.Join(s1, d1+"-part1.img"), p1)
 	loopMounted := true
 	defer func() {
 		if loopMounted {
@@ -136,7 +137,7 @@ func TestMount(t *testing.T) {
 	sameTree(t, hashTree(t, files), hashTree(t, p1))
 	// The files view: contents, and the metadata ls and stat show, as
 	// the kernel's ext4 shows them.
-	view := filepath.Join(s1, b1.Disk+"-part1")
+	view := filepath.Join(s1, d1+"-part1")
 	// Its folder shows the filesystem's root once that is open.
 	dirNames(t, view)
 	waitFor(t, "the files view's folder to show the filesystem's root", func() bool {
@@ -163,11 +164,11 @@ func TestMount(t *testing.T) {
 		t.Fatal("wrote a file into the mount")
 	}
 	// The snapshot without a partition table: its files, under -files.
-	if got := dirNames(t, s2); strings.Join(got, " ") != b2.Disk+"-files "+b2.Disk+".img" {
+	if got := dirNames(t, s2); strings.Join(got, " ") != d2+"-files "+d2+".img" {
 		t.Fatalf("folder of an unpartitioned disk: %q", got)
 	}
-	sameTree(t, hashTree(t, files2), hashTree(t, filepath.Join(s2, b2.Disk+"-files")))
-	sh(t, "cmp", whole, filepath.Join(s2, b2.Disk+".img"))
+	sameTree(t, hashTree(t, files2), hashTree(t, filepath.Join(s2, d2+"-files")))
+	sh(t, "cmp", whole, filepath.Join(s2, d2+".img"))
 
 	// Busy: a file open in the mount keeps it mounted and served.
 	f, err := os.Open(img)
@@ -216,13 +217,14 @@ func TestMountOne(t *testing.T) {
 	sh(t, "mkfs.ext4", "-q", "-F", img)
 	e.backup(img)
 	b := e.backup(img)
+	db := imageBase(b.Disk)
 	dir := e.path("mnt")
 	os.Mkdir(dir, 0o755)
 	d := startMount(t, e, dir, b.ShortID)
 	if got := dirNames(t, dir); len(got) != 1 || !strings.HasSuffix(got[0], "_"+b.ShortID) {
 		t.Fatalf("one snapshot named: %q", got)
 	}
-	if got := dirNames(t, filepath.Join(dir, dirNames(t, dir)[0])); strings.Join(got, " ") != b.Disk+".img" {
+	if got := dirNames(t, filepath.Join(dir, dirNames(t, dir)[0])); strings.Join(got, " ") != db+".img" {
 		t.Fatalf("without --files: %q", got)
 	}
 	sh(t, "umount", dir)
@@ -349,6 +351,11 @@ func xattrs(t *testing.T, p string) string {
 	return strings.Join(out, ",")
 }
 
+// imageBase is a disk's name as its image files are named after it.
+func imageBase(disk string) string {
+	return strings.TrimSuffix(strings.TrimSuffix(disk, ".raw"), ".img")
+}
+
 func dirNames(t *testing.T, dir string) []string {
 	t.Helper()
 	ents, err := os.ReadDir(dir)
@@ -370,5 +377,65 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestMountUnprivileged: a user other than root mounts through
+// fusermount3 and unmounts on SIGTERM; where /dev/fuse is closed to
+// other users (some containers), the error says so.
+func TestMountUnprivileged(t *testing.T) {
+	needTools(t, "setpriv", "fusermount3")
+	fi, err := os.Stat("/dev/fuse")
+	if err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	e := newEnv(t)
+	img := e.path("d.img")
+	data := randomBytes(3 << 20)
+	writeFile(t, img, data)
+	snap := e.backup(img).ShortID
+	dir := e.path("mnt")
+	os.Mkdir(dir, 0o755)
+	sh(t, "chmod", "-R", "a+rwX", e.dir)
+	sh(t, "chmod", "a+rx", filepath.Dir(sauveBin), filepath.Dir(e.dir))
+	os.Chown(dir, 65534, 65534)
+	asNobody := func(c *exec.Cmd) *exec.Cmd {
+		c.Args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sauveBin}, c.Args[1:]...)
+		c.Path, _ = exec.LookPath("setpriv")
+		return c
+	}
+	if fi.Mode().Perm()&0o006 != 0o006 {
+		out, err := asNobody(e.cmd(nil, "mount", snap, dir)).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "FUSE is not available to this user") || strings.Count(string(out), "\n") != 1 {
+			t.Fatalf("mount as nobody with /dev/fuse closed to it: %v\n%s", err, out)
+		}
+		return
+	}
+	t.Cleanup(func() {
+		if _, _, _, ok := mountEntry(dir); ok {
+			exec.Command("umount", "-l", dir).Run()
+		}
+	})
+	d := startDaemon(t, "sauve mount as nobody", asNobody(e.cmd(nil, "mount", snap, dir)), e.path("mount.log"), syscall.SIGTERM, func() bool {
+		_, _, _, ok := mountEntry(dir)
+		return ok
+	})
+	names := dirNames(t, dir)
+	if len(names) != 1 {
+		t.Fatalf("mount: %q", names)
+	}
+	if _, err := os.ReadFile(filepath.Join(dir, names[0], "d.img")); err == nil {
+		t.Fatal("root read a mount of another user without --allow-other")
+	}
+	out, err := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cmp", img, filepath.Join(dir, names[0], "d.img")).CombinedOutput()
+	if err != nil {
+		t.Fatalf("cmp as nobody: %v\n%s", err, out)
+	}
+	d.stop(t, syscall.SIGTERM)
+	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Fatalf("exit %d:\n%s", code, d.logText())
+	}
+	if _, _, _, ok := mountEntry(dir); ok {
+		t.Fatal("still mounted")
 	}
 }

@@ -139,7 +139,7 @@ func (g *globals) mount(ctx context.Context, spec, dir string, f *mountFlags) er
 		return err
 	}
 	what := fmt.Sprintf("%d snapshots", len(snaps))
-	if spec != "" {
+	if len(snaps) == 1 {
 		what = "snapshot " + snaps[0].sn.ID.Short()
 	}
 	g.note("mounted %s read-only on %s; Ctrl-C unmounts", what, dir)

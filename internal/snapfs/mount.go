@@ -84,9 +84,16 @@ func Unmount(srv *fuse.Server, dir string) error {
 // CheckMountPoint says why dir cannot be mounted on, if it cannot: FUSE
 // missing, or dir not an empty folder.
 func CheckMountPoint(dir string) error {
-	if _, err := os.Stat("/dev/fuse"); err != nil {
+	dev, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
 		return errors.New("FUSE is not available: /dev/fuse is missing (load the module with 'modprobe fuse'; in a container, pass the device /dev/fuse)")
+	case errors.Is(err, os.ErrPermission):
+		return errors.New("FUSE is not available to this user: /dev/fuse cannot be opened (it is normally mode 0666; or mount as root)")
+	case err != nil:
+		return fmt.Errorf("FUSE is not available: %w", err)
 	}
+	dev.Close()
 	fi, err := os.Stat(dir)
 	switch {
 	case errors.Is(err, syscall.ENOTCONN):

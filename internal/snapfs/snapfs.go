@@ -128,7 +128,7 @@ func (r *root) fillSnapshot(ctx context.Context, dir *fs.Inode, sn *Snapshot) {
 	}
 	for i := range sn.Disks {
 		d := &disk{Disk: sn.Disks[i], warn: r.opts.Warn}
-		base := safeName(d.Name, "disk")
+		base := diskBase(d.Name)
 		a := r.attrs(sn.Time)
 		add(base+".img", &image{d: d, size: max(d.Size, 0), attrs: a}, syscall.S_IFREG)
 		for _, p := range d.Partitions {
@@ -151,6 +151,18 @@ func (r *root) fillSnapshot(ctx context.Context, dir *fs.Inode, sn *Snapshot) {
 // validPartition says whether p is a range of a disk of size bytes.
 func validPartition(p Partition, size int64) bool {
 	return !p.Extended && p.Size > 0 && p.Start >= 0 && p.Start <= size-p.Size
+}
+
+// diskBase is what a disk's files are named after: its name, safe, less
+// an image file's extension (disk.raw gives disk.img, not disk.raw.img).
+func diskBase(name string) string {
+	base := safeName(name, "disk")
+	for _, ext := range []string{".img", ".raw", ".bin", ".iso"} {
+		if len(base) > len(ext) && strings.EqualFold(base[len(base)-len(ext):], ext) {
+			return base[:len(base)-len(ext)]
+		}
+	}
+	return base
 }
 
 // viewName is the folder of the files of partition n of a disk (0: of

@@ -50,6 +50,11 @@ func TestSafeName(t *testing.T) {
 			t.Errorf("safeName(%q) = %q, want %q", in, got, want)
 		}
 	}
+	for in, want := range map[string]string{"vda": "vda", "disk.raw": "disk", "big.IMG": "big", ".img": "img", "a.iso.img": "a.iso", "../x.img": "x"} {
+		if got := diskBase(in); got != want {
+			t.Errorf("diskBase(%q) = %q, want %q", in, got, want)
+		}
+	}
 	seen := map[string]bool{}
 	if a, b, c := uniqueName(seen, "x"), uniqueName(seen, "x"), uniqueName(seen, "x"); a != "x" || b != "x~2" || c != "x~3" {
 		t.Errorf("uniqueName: %q %q %q", a, b, c)
