@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
+	"errors"
 	"io"
 	"io/fs"
 	"os"
@@ -437,5 +439,67 @@ func TestMountUnprivileged(t *testing.T) {
 	}
 	if _, _, _, ok := mountEntry(dir); ok {
 		t.Fatal("still mounted")
+	}
+}
+
+// TestMountDamaged: a chunk that fails verification reads as an I/O
+// error, with a warning naming the disk; the rest of the disk reads, and
+// the mount goes on serving.
+func TestMountDamaged(t *testing.T) {
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	requireRoot(t)
+	e := newEnv(t)
+	src := e.path("disk.img")
+	data := textBytes(11, 6<<20)
+	writeFile(t, src, data)
+	b := e.backup(src)
+	packs := packFiles(t, e.repo)
+	if len(packs) != 1 {
+		t.Fatalf("%d packs", len(packs))
+	}
+	pack := mustRead(t, packs[0])
+	pack[len(pack)/2] ^= 0x40
+	os.Chmod(packs[0], 0o600)
+	writeFile(t, packs[0], pack)
+	var rep struct {
+		Damaged []struct{ Ranges []struct{ Offset, Length int64 } }
+	}
+	r := e.run("check", "--read-data", "--json")
+	if json.Unmarshal([]byte(r.stdout), &rep) != nil || len(rep.Damaged) != 1 || len(rep.Damaged[0].Ranges) != 1 {
+		t.Fatalf("check --json: %s", r.stdout)
+	}
+	bad := rep.Damaged[0].Ranges[0]
+
+	dir := e.path("mnt")
+	os.Mkdir(dir, 0o755)
+	d := startMount(t, e, dir, b.ShortID)
+	img := filepath.Join(dir, dirNames(t, dir)[0], "disk.img")
+	if err := exec.Command("cmp", src, img).Run(); err == nil {
+		t.Fatal("a damaged disk read back whole")
+	}
+	f, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 4096)
+	if _, err := f.ReadAt(buf, bad.Offset); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read of the damaged chunk at %d: %v, want EIO", bad.Offset, err)
+	}
+	for _, off := range []int64{0, bad.Offset + bad.Length, int64(len(data)) - 4096} {
+		if off < 0 || off+4096 > int64(len(data)) || (off >= bad.Offset && off < bad.Offset+bad.Length) {
+			continue
+		}
+		if n, err := f.ReadAt(buf, off); n != 4096 || !bytes.Equal(buf, data[off:off+4096]) {
+			t.Fatalf("read at %d, outside the damage: %d bytes, %v", off, n, err)
+		}
+	}
+	f.Close()
+	waitFor(t, "a warning", func() bool { return strings.Contains(d.logText(), "warning: read disk disk.img of snapshot "+b.ShortID) })
+	d.stop(t, syscall.SIGTERM)
+	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Fatalf("exit %d:\n%s", code, d.logText())
 	}
 }

@@ -260,7 +260,7 @@ func (n *fsNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off in
 	}
 	want := int(min(int64(len(dest)), size-off))
 	k, err := h.f.ReadAt(dest[:want], off)
-	if k == want || k > 0 {
+	if k == want { // never short: see readWindow
 		return fuse.ReadResultData(dest[:k]), 0
 	}
 	if err == nil {

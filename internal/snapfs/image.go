@@ -56,9 +56,10 @@ func readWindow(d *disk, start, size int64, dest []byte, off int64) (int, syscal
 		d.warn("%v", err)
 		return 0, syscall.EIO
 	}
+	// Never a short read: the kernel takes one for the end of the file,
+	// and shrinks the size it caches.
 	n, err := r.ReadAt(dest[:want], start+off)
-	if n == want || n > 0 {
-		// A short read: the next one, at the failing byte, reports.
+	if n == want {
 		return n, 0
 	}
 	if err == nil {

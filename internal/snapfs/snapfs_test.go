@@ -305,6 +305,18 @@ func TestTree(t *testing.T) {
 	if _, err := os.ReadFile(filepath.Join(s1, "vda.img")); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("reading a disk whose last chunk fails: %v, want EIO", err)
 	}
+	// Not a short read: the kernel would shrink the file.
+	if fi, err := os.Stat(filepath.Join(s1, "vda.img")); err != nil || fi.Size() != int64(len(data)) {
+		t.Fatalf("after a failed read, the disk image is %d bytes (%v), want %d", fi.Size(), err, len(data))
+	}
+	g, err := os.Open(filepath.Join(s1, "vda.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if n, err := g.ReadAt(buf, 3<<20-100); n != 100 || !bytes.Equal(buf[:n], data[3<<20-100:3<<20]) {
+		t.Fatalf("read before the failing chunk: %d %v", n, err)
+	}
 	if _, err := os.ReadFile(filepath.Join(dir, top[1], "vda.img")); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("reading a disk that does not open: %v, want EIO", err)
 	}
