@@ -464,7 +464,9 @@ func TestMountDamaged(t *testing.T) {
 	os.Chmod(packs[0], 0o600)
 	writeFile(t, packs[0], pack)
 	var rep struct {
-		Damaged []struct{ Ranges []struct{ Offset, Length int64 } }
+		Damaged []struct {
+			Ranges []struct{ Offset, Length int64 }
+		}
 	}
 	r := e.run("check", "--read-data", "--json")
 	if json.Unmarshal([]byte(r.stdout), &rep) != nil || len(rep.Damaged) != 1 || len(rep.Damaged[0].Ranges) != 1 {
@@ -497,7 +499,9 @@ func TestMountDamaged(t *testing.T) {
 		}
 	}
 	f.Close()
-	waitFor(t, "a warning", func() bool { return strings.Contains(d.logText(), "warning: read disk disk.img of snapshot "+b.ShortID) })
+	waitFor(t, "a warning", func() bool {
+		return strings.Contains(d.logText(), "warning: read disk disk.img of snapshot "+b.ShortID)
+	})
 	d.stop(t, syscall.SIGTERM)
 	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
 		t.Fatalf("exit %d:\n%s", code, d.logText())
