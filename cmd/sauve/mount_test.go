@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -505,5 +506,52 @@ func TestMountDamaged(t *testing.T) {
 	d.stop(t, syscall.SIGTERM)
 	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
 		t.Fatalf("exit %d:\n%s", code, d.logText())
+	}
+}
+
+// TestMountAllowOther: without --allow-other only the user who mounted
+// reads the mount; with it, others read the images, and the files view
+// keeps the filesystem's own permissions.
+func TestMountAllowOther(t *testing.T) {
+	needTools(t, "mkfs.ext4", "sfdisk", "setpriv")
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	e := newEnv(t)
+	files := e.path("files")
+	extTree(t, files)
+	raw := partitionedExt4(t, e, files)
+	b := e.backup(raw)
+	db := imageBase(b.Disk)
+	sh(t, "chmod", "a+rx", e.dir, filepath.Dir(e.dir))
+	asNobody := func(args ...string) error {
+		return exec.Command("setpriv", append([]string{"--reuid=65534", "--regid=65534", "--clear-groups"}, args...)...).Run()
+	}
+	for _, allow := range []bool{false, true} {
+		dir := e.path(fmt.Sprintf("mnt-%v", allow))
+		os.Mkdir(dir, 0o755)
+		args := []string{"--files", b.ShortID}
+		if allow {
+			args = append(args, "--allow-other")
+		}
+		d := startMount(t, e, dir, args...)
+		snap := filepath.Join(dir, dirNames(t, dir)[0])
+		img, view := filepath.Join(snap, db+".img"), filepath.Join(snap, db+"-part1")
+		if err := asNobody("cmp", raw, img); (err == nil) != allow {
+			t.Errorf("--allow-other %v: another user reading the disk image: %v", allow, err)
+		}
+		if allow {
+			out, err := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", filepath.Join(view, "etc/app/app.conf")).Output()
+			if err != nil || string(out) != "key = value\n" {
+				t.Errorf("another user reading a file of mode 0644: %q %v", out, err)
+			}
+			if err := asNobody("cat", filepath.Join(view, "home/ann/notes.txt")); err == nil {
+				t.Error("another user read a file of mode 0640 owned by 1000:1001")
+			}
+		}
+		d.stop(t, syscall.SIGTERM)
+		if code := d.cmd.ProcessState.ExitCode(); code != 0 {
+			t.Fatalf("exit %d:\n%s", code, d.logText())
+		}
 	}
 }
