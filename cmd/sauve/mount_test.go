@@ -555,3 +555,22 @@ func TestMountAllowOther(t *testing.T) {
 		}
 	}
 }
+
+// TestMountStale: a mount whose sauve was killed is named as such when
+// mounting on it again.
+func TestMountStale(t *testing.T) {
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	requireRoot(t)
+	e := newEnv(t)
+	img := e.path("d.img")
+	writeFile(t, img, randomBytes(1<<20))
+	snap := e.backup(img).ShortID
+	dir := e.path("mnt")
+	os.Mkdir(dir, 0o755)
+	d := startMount(t, e, dir, snap)
+	d.stop(t, syscall.SIGKILL)
+	defer exec.Command("umount", "-l", dir).Run()
+	e.fail([]string{"whose server is gone", "fusermount3 -u " + dir}, "mount", snap, dir)
+}

@@ -94,10 +94,11 @@ func CheckMountPoint(dir string) error {
 		return fmt.Errorf("FUSE is not available: %w", err)
 	}
 	dev.Close()
+	stale := fmt.Errorf("%s is a mount whose server is gone: unmount it first (fusermount3 -u %s)", dir, dir)
 	fi, err := os.Stat(dir)
 	switch {
 	case errors.Is(err, syscall.ENOTCONN):
-		return fmt.Errorf("%s is a mount whose server is gone: unmount it first (fusermount3 -u %s)", dir, dir)
+		return stale
 	case errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("mount point %s does not exist: create an empty folder to mount on", dir)
 	case err != nil:
@@ -106,6 +107,9 @@ func CheckMountPoint(dir string) error {
 		return fmt.Errorf("mount point %s is not a folder", dir)
 	}
 	f, err := os.Open(dir)
+	if errors.Is(err, syscall.ENOTCONN) {
+		return stale
+	}
 	if err != nil {
 		return fmt.Errorf("mount point: %w", err)
 	}
