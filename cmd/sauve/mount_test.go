@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -151,8 +152,17 @@ func TestMount(t *testing.T) {
 	sh(t, "umount", p1)
 	loopMounted = false
 
-	// And as they went in.
-	sameTree(t, hashTree(t, files), hashTree(t, view))
+	// And as they went in, to several readers at once.
+	want := hashTree(t, files)
+	errs := make(chan error, 4)
+	for range 4 {
+		go func() { errs <- sameTreeErr(want, view) }()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
 	sameMetadata(t, files, view, false)
 	var a, h syscall.Stat_t
 	syscall.Lstat(filepath.Join(view, "etc/app/app.conf"), &a)
@@ -573,4 +583,52 @@ func TestMountStale(t *testing.T) {
 	d.stop(t, syscall.SIGKILL)
 	defer exec.Command("umount", "-l", dir).Run()
 	e.fail([]string{"whose server is gone", "fusermount3 -u " + dir}, "mount", snap, dir)
+}
+
+// sameTreeErr is sameTree for another goroutine than the test's: the
+// files under dir have the checksums in want.
+func sameTreeErr(want map[string]string, dir string) error {
+	n := 0
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		if fmt.Sprintf("%x", sha256.Sum256(b)) != want[rel] {
+			return fmt.Errorf("%s differs", rel)
+		}
+		n++
+		return nil
+	})
+	if err == nil && n != len(want) {
+		err = fmt.Errorf("%d files, want %d", n, len(want))
+	}
+	return err
+}
+
+// TestMountFilesUnsupported: --files on a filesystem without a reader:
+// its folder is an I/O error, and sauve mount says why.
+func TestMountFilesUnsupported(t *testing.T) {
+	needTools(t, "mkfs.vfat")
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	e := newEnv(t)
+	img := e.path("fat.img")
+	sh(t, "truncate", "-s", "32M", img)
+	sh(t, "mkfs.vfat", img)
+	b := e.backup(img)
+	dir := e.path("mnt")
+	os.Mkdir(dir, 0o755)
+	d := startMount(t, e, dir, "--files", b.ShortID)
+	view := filepath.Join(dir, dirNames(t, dir)[0], imageBase(b.Disk)+"-files")
+	if _, err := os.ReadDir(view); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("files of a FAT filesystem: %v, want EIO", err)
+	}
+	waitFor(t, "the reason", func() bool { return strings.Contains(d.logText(), "not supported yet for file access") })
+	sh(t, "cmp", img, filepath.Join(dir, dirNames(t, dir)[0], imageBase(b.Disk)+".img"))
 }
