@@ -632,3 +632,35 @@ func TestMountFilesUnsupported(t *testing.T) {
 	waitFor(t, "the reason", func() bool { return strings.Contains(d.logText(), "not supported yet for file access") })
 	sh(t, "cmp", img, filepath.Join(dir, dirNames(t, dir)[0], imageBase(b.Disk)+".img"))
 }
+
+// TestMountKernelCache: what was read once is read again from the
+// kernel's page cache, across opens: with every pack gone, a disk larger
+// than sauve's own cache reads back whole.
+func TestMountKernelCache(t *testing.T) {
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	requireRoot(t)
+	e := newEnv(t)
+	img := e.path("d.img")
+	randomFile(t, img, 80<<20) // more than mountCache
+	snap := e.backup(img).ShortID
+	dir := e.path("mnt")
+	os.Mkdir(dir, 0o755)
+	startMount(t, e, dir, snap)
+	mimg := filepath.Join(dir, dirNames(t, dir)[0], "d.img")
+	want := fileHash(t, img, -1)
+	if got := fileHash(t, mimg, -1); got != want {
+		t.Fatal("the image differs")
+	}
+	packs := packFiles(t, e.repo)
+	for _, p := range packs {
+		if err := os.Rename(p, p+".away"); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Rename(p+".away", p)
+	}
+	if got := fileHash(t, mimg, -1); got != want {
+		t.Fatal("with the packs gone, the image did not read back from the kernel's cache")
+	}
+}
