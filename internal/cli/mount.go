@@ -204,8 +204,7 @@ func (g *globals) snapTree(ctx context.Context, s mountedSnap, f *mountFlags, re
 				if err != nil {
 					return nil, err
 				}
-				readers.add(dr)
-				return dr, nil
+				return readers.add(dr), nil
 			},
 		}
 		for _, p := range d.Partitions {
@@ -220,24 +219,44 @@ func (g *globals) snapTree(ctx context.Context, s mountedSnap, f *mountFlags, re
 	return out
 }
 
-// openReaders are the disk readers a mount opened, closed when it ends.
+// openReaders are the disk readers of a mount that are open: snapfs
+// closes a reader when nothing uses it, and the mount's end closes the
+// rest.
 type openReaders struct {
 	mu  sync.Mutex
-	all []*repo.DiskReader
+	all map[*repo.DiskReader]bool
 }
 
-func (o *openReaders) add(dr *repo.DiskReader) {
+// mountReader is a disk reader that leaves the set when closed.
+type mountReader struct {
+	*repo.DiskReader
+	set *openReaders
+}
+
+func (m mountReader) Close() error {
+	m.set.mu.Lock()
+	delete(m.set.all, m.DiskReader)
+	m.set.mu.Unlock()
+	return m.DiskReader.Close()
+}
+
+func (o *openReaders) add(dr *repo.DiskReader) mountReader {
 	o.mu.Lock()
-	o.all = append(o.all, dr)
-	o.mu.Unlock()
+	defer o.mu.Unlock()
+	if o.all == nil {
+		o.all = map[*repo.DiskReader]bool{}
+	}
+	o.all[dr] = true
+	return mountReader{dr, o}
 }
 
 func (o *openReaders) closeAll() {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	for _, dr := range o.all {
+	for dr := range o.all {
 		dr.Close()
 	}
+	clear(o.all)
 }
 
 // serveMount serves until dir is unmounted: on Ctrl-C or SIGTERM it

@@ -56,20 +56,32 @@ func (v *view) get() (FileSystem, syscall.Errno) {
 	if v.fsys != nil {
 		return v.fsys, 0
 	}
-	r, err := v.d.reader()
-	if err == nil {
-		var fsys FileSystem
-		if fsys, err = v.open(io.NewSectionReader(r, v.p.Start, v.p.Size), v.p, v.what()); err == nil {
-			v.fsys = fsys
-			// The kernel holds the folder's attributes from before: have
-			// it ask again, for those of the filesystem's root. Not from
-			// within this request.
-			go v.root.NotifyContent(-1, 0)
-			return fsys, 0
-		}
+	fsys, err := v.openFS()
+	if err != nil {
+		v.warnLocked("%s: %v", v.what(), err)
+		return nil, syscall.EIO
 	}
-	v.warnLocked("%s: %v", v.what(), err)
-	return nil, syscall.EIO
+	v.fsys = fsys
+	// The kernel holds the folder's attributes from before: have it ask
+	// again, for those of the filesystem's root. Not from within this
+	// request.
+	go v.root.NotifyContent(-1, 0)
+	return fsys, 0
+}
+
+// openFS opens the filesystem, which holds its disk's reader until the
+// unmount.
+func (v *view) openFS() (FileSystem, error) {
+	r, err := v.d.acquire()
+	if err != nil {
+		return nil, err
+	}
+	fsys, err := v.open(io.NewSectionReader(r, v.p.Start, v.p.Size), v.p, v.what())
+	if err != nil {
+		v.d.release()
+		return nil, err
+	}
+	return fsys, nil
 }
 
 // opened returns the filesystem if it is open already.

@@ -20,7 +20,6 @@ type image struct {
 var (
 	_ fs.NodeGetattrer = (*image)(nil)
 	_ fs.NodeOpener    = (*image)(nil)
-	_ fs.NodeReader    = (*image)(nil)
 )
 
 func (m *image) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -34,16 +33,43 @@ func (m *image) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, 
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0 {
 		return nil, 0, syscall.EROFS
 	}
-	return nil, fuse.FOPEN_KEEP_CACHE, 0
+	r, err := m.d.acquire()
+	if err != nil {
+		m.d.warn("%v", err)
+		return nil, 0, syscall.EIO
+	}
+	return &imageHandle{m: m, r: r}, fuse.FOPEN_KEEP_CACHE, 0
 }
 
-func (m *image) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	n, errno := readWindow(m.d, m.start, m.size, dest, off)
-	return fuse.ReadResultData(dest[:n]), errno
+// imageHandle is an open image file. The kernel reads through one (a
+// mapping or a loop device holds it open), so the disk's reader lives as
+// long as one does.
+type imageHandle struct {
+	m *image
+	r io.ReaderAt
 }
 
-// readWindow reads into dest at off of the size bytes of d from start.
-func readWindow(d *disk, start, size int64, dest []byte, off int64) (int, syscall.Errno) {
+var (
+	_ fs.FileReader   = (*imageHandle)(nil)
+	_ fs.FileReleaser = (*imageHandle)(nil)
+)
+
+func (h *imageHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	n, errno := readWindow(h.m.d, h.r, h.m.start, h.m.size, dest, off)
+	if errno != 0 {
+		return nil, errno
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+func (h *imageHandle) Release(ctx context.Context) syscall.Errno {
+	h.m.d.release()
+	return 0
+}
+
+// readWindow reads into dest at off of the size bytes of d (read with
+// r) from start.
+func readWindow(d *disk, r io.ReaderAt, start, size int64, dest []byte, off int64) (int, syscall.Errno) {
 	if off < 0 {
 		return 0, syscall.EINVAL
 	}
@@ -51,11 +77,6 @@ func readWindow(d *disk, start, size int64, dest []byte, off int64) (int, syscal
 		return 0, 0
 	}
 	want := int(min(int64(len(dest)), size-off))
-	r, err := d.reader()
-	if err != nil {
-		d.warn("%v", err)
-		return 0, syscall.EIO
-	}
 	// Never a short read: the kernel takes one for the end of the file,
 	// and shrinks the size it caches.
 	n, err := r.ReadAt(dest[:want], start+off)

@@ -216,27 +216,45 @@ func (d *synthDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrO
 	return 0
 }
 
-// disk is a Disk opened on first need.
+// disk is a Disk opened on first need, and closed when nothing uses it:
+// a mount of every snapshot must not hold a reader, and its cache, for
+// each disk ever read.
 type disk struct {
 	Disk
 	warn func(format string, args ...any)
 
-	mu sync.Mutex
-	r  io.ReaderAt
+	mu   sync.Mutex
+	r    io.ReaderAt
+	refs int // open image files, and files views
 }
 
-func (d *disk) reader() (io.ReaderAt, error) {
+// acquire returns the disk's reader, opening it if need be; release it
+// when done.
+func (d *disk) acquire() (io.ReaderAt, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.r != nil {
-		return d.r, nil
+	if d.r == nil {
+		r, err := d.Open()
+		if err != nil {
+			return nil, fmt.Errorf("open %s: %w", d.What, err)
+		}
+		d.r = r
 	}
-	r, err := d.Open()
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", d.What, err)
+	d.refs++
+	return d.r, nil
+}
+
+// release closes the reader (if it is an io.Closer) once unused.
+func (d *disk) release() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.refs--; d.refs > 0 || d.r == nil {
+		return
 	}
-	d.r = r
-	return r, nil
+	if c, ok := d.r.(io.Closer); ok {
+		c.Close()
+	}
+	d.r = nil
 }
 
 // FolderName is the name of a snapshot's folder: its time in UTC, host,

@@ -146,11 +146,14 @@ func (brokenFile) ReadAt([]byte, int64) (int, error) {
 func (brokenFile) Size() int64                   { return 10 }
 func (brokenFile) Data() ([]extent.Range, error) { return nil, nil }
 
-// failingDisk fails reads from bad on.
+// failingDisk fails reads from bad on, and counts its closes.
 type failingDisk struct {
-	r   io.ReaderAt
-	bad int64
+	r      io.ReaderAt
+	bad    int64
+	closes *atomic.Int32
 }
+
+func (d failingDisk) Close() error { d.closes.Add(1); return nil }
 
 func (d failingDisk) ReadAt(p []byte, off int64) (int, error) {
 	if off+int64(len(p)) > d.bad {
@@ -215,7 +218,7 @@ func mountTest(t *testing.T, snaps []Snapshot, opts Options) string {
 
 func TestTree(t *testing.T) {
 	data := testDisk()
-	var opens, fsOpens atomic.Int32
+	var opens, closes, fsOpens atomic.Int32
 	var warnings []string
 	var wmu sync.Mutex
 	tm := time.Date(2026, 12, 3, 5, 30, 0, 0, time.UTC)
@@ -225,7 +228,7 @@ func TestTree(t *testing.T) {
 			Name: "vda", Size: int64(len(data)), What: "disk vda of snapshot 1a2b3c4d",
 			Open: func() (io.ReaderAt, error) {
 				opens.Add(1)
-				return failingDisk{bytes.NewReader(data), 3 << 20}, nil
+				return failingDisk{bytes.NewReader(data), 3 << 20, &closes}, nil
 			},
 			Partitions: []Partition{
 				{Number: 1, Start: 4096, Size: 1 << 20, Files: true},
@@ -282,6 +285,14 @@ func TestTree(t *testing.T) {
 			t.Errorf("%s: size %d mode %o owner %d:%d mtime %d; want size %d", name, st.Size, st.Mode, st.Uid, st.Gid, st.Mtim.Sec, size)
 		}
 	}
+	// While a file is open, every reader of the disk shares one reader.
+	hold, err := os.Open(filepath.Join(s1, "vda.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opens.Load() != 1 {
+		t.Fatalf("opening an image opened the disk %d times", opens.Load())
+	}
 	// Reads: whole, at partition offsets, at and past the end.
 	if got, err := os.ReadFile(filepath.Join(s1, "vda-part1.img")); err != nil || !bytes.Equal(got, data[4096:4096+1<<20]) {
 		t.Fatalf("partition 1: %d bytes, %v", len(got), err)
@@ -320,8 +331,8 @@ func TestTree(t *testing.T) {
 	if _, err := os.ReadFile(filepath.Join(dir, top[1], "vda.img")); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("reading a disk that does not open: %v, want EIO", err)
 	}
-	if opens.Load() != 1 {
-		t.Fatalf("the disk was opened %d times, want once", opens.Load())
+	if opens.Load() != 1 || closes.Load() != 0 {
+		t.Fatalf("the disk was opened %d times and closed %d while a file was open, want once and never", opens.Load(), closes.Load())
 	}
 	// Concurrent readers of one image.
 	var wg sync.WaitGroup
@@ -347,9 +358,26 @@ func TestTree(t *testing.T) {
 	}
 	wg.Wait()
 
+	// Once nothing is open, the reader is closed (the kernel releases
+	// files after close returns).
+	hold.Close()
+	f.Close()
+	g.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for closes.Load() != opens.Load() && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if closes.Load() != opens.Load() {
+		t.Fatalf("with no file open, the disk was opened %d times and closed %d", opens.Load(), closes.Load())
+	}
+
 	testFilesView(t, filepath.Join(s1, "vda-part1"))
 	if fsOpens.Load() != 1 {
 		t.Fatalf("the filesystem was opened %d times, want once", fsOpens.Load())
+	}
+	// An open filesystem holds its disk's reader.
+	if opens.Load() != 2 || closes.Load() != 1 {
+		t.Fatalf("after the files view: %d opens, %d closes of the disk, want 2 and 1", opens.Load(), closes.Load())
 	}
 	// A filesystem whose disk does not open: EIO, reported.
 	if _, err := os.ReadDir(filepath.Join(dir, top[1], "vda-files")); !errors.Is(err, syscall.EIO) {
