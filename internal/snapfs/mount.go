@@ -84,16 +84,9 @@ func Unmount(srv *fuse.Server, dir string) error {
 // CheckMountPoint says why dir cannot be mounted on, if it cannot: FUSE
 // missing, or dir not an empty folder.
 func CheckMountPoint(dir string) error {
-	dev, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-		return errors.New("FUSE is not available: /dev/fuse is missing (load the module with 'modprobe fuse'; in a container, pass the device /dev/fuse)")
-	case errors.Is(err, os.ErrPermission):
-		return errors.New("FUSE is not available to this user: /dev/fuse cannot be opened (it is normally mode 0666; or mount as root)")
-	case err != nil:
-		return fmt.Errorf("FUSE is not available: %w", err)
+	if err := checkDevice("/dev/fuse"); err != nil {
+		return err
 	}
-	dev.Close()
 	stale := fmt.Errorf("%s is a mount whose server is gone: unmount it first (fusermount3 -u %s)", dir, dir)
 	fi, err := os.Stat(dir)
 	switch {
@@ -121,4 +114,19 @@ func CheckMountPoint(dir string) error {
 		return fmt.Errorf("mount point: %w", err)
 	}
 	return nil
+}
+
+// checkDevice says why the FUSE device dev cannot be opened, if it
+// cannot.
+func checkDevice(dev string) error {
+	f, err := os.OpenFile(dev, os.O_RDWR, 0)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("FUSE is not available: %s is missing (load the module with 'modprobe fuse'; in a container, pass the device %s)", dev, dev)
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("FUSE is not available to this user: %s cannot be opened (it is normally mode 0666; or mount as root)", dev)
+	case err != nil:
+		return fmt.Errorf("FUSE is not available: %w", err)
+	}
+	return f.Close()
 }

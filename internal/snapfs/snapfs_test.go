@@ -494,6 +494,9 @@ func TestCheckMountPoint(t *testing.T) {
 	if err := CheckMountPoint(empty); err != nil {
 		t.Errorf("an empty folder: %v", err)
 	}
+	if err := checkDevice(filepath.Join(dir, "fuse")); err == nil || !strings.Contains(err.Error(), "FUSE is not available: "+dir+"/fuse is missing (load the module") {
+		t.Errorf("no FUSE device: %v", err)
+	}
 }
 
 // TestUnmountBusy: a mount with a file open in it stays mounted and
