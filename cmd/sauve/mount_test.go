@@ -610,27 +610,43 @@ func sameTreeErr(want map[string]string, dir string) error {
 	return err
 }
 
-// TestMountFilesUnsupported: --files on a filesystem without a reader:
-// its folder is an I/O error, and sauve mount says why.
-func TestMountFilesUnsupported(t *testing.T) {
-	needTools(t, "mkfs.vfat")
+// TestMountFilesOtherFilesystems: --files presents a FAT filesystem's
+// files; one without a reader (NTFS) is an I/O error, and sauve mount
+// says why.
+func TestMountFilesOtherFilesystems(t *testing.T) {
+	needTools(t, "mkfs.fat", "mcopy", "mmd", "mkfs.ntfs")
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		t.Skip("no /dev/fuse")
 	}
 	e := newEnv(t)
-	img := e.path("fat.img")
-	sh(t, "truncate", "-s", "32M", img)
-	sh(t, "mkfs.vfat", img)
-	b := e.backup(img)
+	files := e.path("files")
+	fatTree(t, files)
+	fat := e.path("fat.img")
+	sh(t, "truncate", "-s", "32M", fat)
+	sh(t, "mkfs.fat", "-F", "16", fat)
+	mtoolsAt(t, fat, 0, "mmd", "::/EFI", "::/EFI/BOOT", "::/EFI/debian", "::/Long Folder Name", "::/empty")
+	for _, p := range []string{"EFI/BOOT/BOOTX64.EFI", "EFI/debian/grub.cfg", "Long Folder Name/ünïcødé file name.txt", "big.bin", "readonly.txt"} {
+		mtoolsAt(t, fat, 0, "mcopy", "-m", filepath.Join(files, p), "::/"+p)
+	}
+	bf := e.backup(fat)
+	ntfs := e.path("ntfs.img")
+	sh(t, "truncate", "-s", "16M", ntfs)
+	sh(t, "mkfs.ntfs", "-q", "-F", "-Q", ntfs)
+	bn := e.backup(ntfs)
 	dir := e.path("mnt")
 	os.Mkdir(dir, 0o755)
-	d := startMount(t, e, dir, "--files", b.ShortID)
-	view := filepath.Join(dir, dirNames(t, dir)[0], imageBase(b.Disk)+"-files")
-	if _, err := os.ReadDir(view); !errors.Is(err, syscall.EIO) {
-		t.Fatalf("files of a FAT filesystem: %v, want EIO", err)
+	d := startMount(t, e, dir, "--files")
+	snaps := dirNames(t, dir)
+	if len(snaps) != 2 {
+		t.Fatalf("folders: %q", snaps)
 	}
-	waitFor(t, "the reason", func() bool { return strings.Contains(d.logText(), "not supported yet for file access") })
-	sh(t, "cmp", img, filepath.Join(dir, dirNames(t, dir)[0], imageBase(b.Disk)+".img"))
+	sameTree(t, hashTree(t, files), hashTree(t, filepath.Join(dir, snaps[0], imageBase(bf.Disk)+"-files")))
+	view := filepath.Join(dir, snaps[1], imageBase(bn.Disk)+"-files")
+	if _, err := os.ReadDir(view); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("files of an NTFS filesystem: %v, want EIO", err)
+	}
+	waitFor(t, "the reason", func() bool { return strings.Contains(d.logText(), "filesystem ntfs not supported yet for file access") })
+	sh(t, "cmp", ntfs, filepath.Join(dir, snaps[1], imageBase(bn.Disk)+".img"))
 }
 
 // TestMountKernelCache: what was read once is read again from the

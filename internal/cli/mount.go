@@ -34,7 +34,7 @@ func newMountCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "mount [SNAPSHOT] DIR",
 		Short: "Mount snapshots read-only as disk image files (FUSE), without restoring them",
-		Long: `Mount the snapshots of the repository (those --host, --tag, --source,
+		Long: fmt.Sprintf(`Mount the snapshots of the repository (those --host, --tag, --source,
 --before and --after let through), or SNAPSHOT alone (an ID prefix, or
 'latest'), read-only on DIR, an empty folder, with FUSE. DIR holds a folder
 per snapshot, named by its time (UTC), host, disks and short ID:
@@ -53,10 +53,11 @@ verified as they are read, and the kernel keeps what it read in its page
 cache; nothing is written anywhere. A read that fails verification gets
 an I/O error, and a warning here.
 
---files also presents the files of the ext2/3/4 partitions, with their
-modes, owners, times, symlinks and extended attributes; the kernel checks
-modes and owners as for any filesystem. A filesystem backed up while
-mounted has its journal replayed in memory (--no-replay: read as on disk).
+--files also presents the files of each partition whose filesystem sauve
+reads (%s), with their modes, owners, times, symlinks and extended
+attributes; the kernel checks modes and owners as for any filesystem. A
+filesystem backed up while mounted has its journal replayed in memory
+(--no-replay: read as on disk).
 
 Only the user who mounts can read the tree, unless --allow-other (for a
 user other than root, /etc/fuse.conf needs user_allow_other): the images
@@ -67,7 +68,7 @@ sauve mount stays in the foreground until Ctrl-C or SIGTERM, then
 unmounts. While a program uses the mount (an open file, a working folder,
 a loop device on an image) it cannot: it says so and keeps serving; stop
 those and press Ctrl-C again. Unmounting DIR from elsewhere (umount,
-fusermount3 -u) ends it too.`,
+fusermount3 -u) ends it too.`, readerNames()),
 		Example: `  mkdir -p /mnt/backup /mnt/p1
   sauve mount latest /mnt/backup &
   mount -o loop,ro /mnt/backup/2026-12-03T053000Z_web1_vda_1a2b3c4d/vda-part1.img /mnt/p1
@@ -89,12 +90,21 @@ fusermount3 -u) ends it too.`,
 	}
 	f.ff.add(cmd)
 	f.ff.addDates(cmd)
-	cmd.Flags().BoolVar(&f.files, "files", false, "also present the files of each partition (ext2/3/4)")
+	cmd.Flags().BoolVar(&f.files, "files", false, "also present the files of each partition ("+readerNames()+")")
 	cmd.Flags().BoolVar(&f.noReplay, "no-replay", false, "with --files: do not replay the journal of a filesystem backed up while mounted (its metadata may be stale)")
 	cmd.Flags().BoolVar(&f.allowOther, "allow-other", false, "let other users read the mount (FUSE allow_other), within the files' own permissions")
 	cmd.Flags().BoolVar(&f.debug, "debug-fuse", false, "log every FUSE request on stderr")
 	cmd.Flags().MarkHidden("debug-fuse")
 	return cmd
+}
+
+// readerNames lists the filesystems files views read.
+func readerNames() string {
+	var names []string
+	for _, r := range fsReaders() {
+		names = append(names, r.name)
+	}
+	return strings.Join(names, ", ")
 }
 
 // mountCache is the cache budget of each disk's reader: a mount reads
