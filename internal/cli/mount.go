@@ -37,7 +37,8 @@ func newMountCmd(g *globals) *cobra.Command {
 		Long: fmt.Sprintf(`Mount the snapshots of the repository (those --host, --tag, --source,
 --before and --after let through), or SNAPSHOT alone (an ID prefix, or
 'latest'), read-only on DIR, an empty folder, with FUSE. DIR holds a folder
-per snapshot, named by its time (UTC), host, disks and short ID:
+per snapshot, named by its time (UTC), host, disks and short ID (those
+backed up later appear at the next mount):
 
   DIR/2026-12-03T053000Z_web1_vda_1a2b3c4d/
     vda.img          the whole disk, a raw image
@@ -54,10 +55,11 @@ cache; nothing is written anywhere. A read that fails verification gets
 an I/O error, and a warning here.
 
 --files also presents the files of each partition whose filesystem sauve
-reads (%s), with their modes, owners, times, symlinks and extended
-attributes; the kernel checks modes and owners as for any filesystem. A
-filesystem backed up while mounted has its journal replayed in memory
-(--no-replay: read as on disk).
+reads, with their modes, owners, times, symlinks and extended attributes;
+the kernel checks modes and owners as for any filesystem (mount as root
+to read every file). Filesystems read: %s. One backed up
+while mounted has its journal replayed in memory (--no-replay: read it as
+on disk).
 
 Only the user who mounts can read the tree, unless --allow-other (for a
 user other than root, /etc/fuse.conf needs user_allow_other): the images
