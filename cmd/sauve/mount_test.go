@@ -300,6 +300,9 @@ func sameMetadata(t *testing.T, want, got string, exact bool) {
 			return err
 		}
 		rel, _ := filepath.Rel(want, p)
+		if rel == "." && !exact {
+			return nil // made by mkfs, not copied from the folder
+		}
 		q := filepath.Join(got, rel)
 		var a, b syscall.Stat_t
 		if err := syscall.Lstat(p, &a); err != nil {
