@@ -617,7 +617,7 @@ func sameTreeErr(want map[string]string, dir string) error {
 // files; one without a reader (NTFS) is an I/O error, and sauve mount
 // says why.
 func TestMountFilesOtherFilesystems(t *testing.T) {
-	needTools(t, "mkfs.fat", "mcopy", "mmd", "mkfs.ntfs")
+	needTools(t, "mkfs.fat", "mcopy", "mmd", "mkfs.ntfs", "mkfs.btrfs")
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		t.Skip("no /dev/fuse")
 	}
@@ -636,20 +636,40 @@ func TestMountFilesOtherFilesystems(t *testing.T) {
 	sh(t, "truncate", "-s", "16M", ntfs)
 	sh(t, "mkfs.ntfs", "-q", "-F", "-Q", ntfs)
 	bn := e.backup(ntfs)
+	// btrfs: a filesystem sauve knows by name but reads no files from.
+	btrfs := e.path("btrfs.img")
+	sh(t, "truncate", "-s", "128M", btrfs)
+	sh(t, "mkfs.btrfs", "-q", "-f", btrfs)
+	bb := e.backup(btrfs)
 	dir := e.path("mnt")
 	os.Mkdir(dir, 0o755)
 	d := startMount(t, e, dir, "--files")
 	snaps := dirNames(t, dir)
-	if len(snaps) != 2 {
+	if len(snaps) != 3 {
 		t.Fatalf("folders: %q", snaps)
 	}
-	sameTree(t, hashTree(t, files), hashTree(t, filepath.Join(dir, snaps[0], imageBase(bf.Disk)+"-files")))
-	view := filepath.Join(dir, snaps[1], imageBase(bn.Disk)+"-files")
-	if _, err := os.ReadDir(view); !errors.Is(err, syscall.EIO) {
-		t.Fatalf("files of an NTFS filesystem: %v, want EIO", err)
+	// Backed up within a second, the folders sort by disk name: find
+	// each by its snapshot's ID.
+	folder := func(id string) string {
+		for _, s := range snaps {
+			if strings.HasSuffix(s, "_"+id) {
+				return filepath.Join(dir, s)
+			}
+		}
+		t.Fatalf("no folder of snapshot %s in %q", id, snaps)
+		return ""
 	}
-	waitFor(t, "the reason", func() bool { return strings.Contains(d.logText(), "filesystem ntfs not supported yet for file access") })
-	sh(t, "cmp", ntfs, filepath.Join(dir, snaps[1], imageBase(bn.Disk)+".img"))
+	sameTree(t, hashTree(t, files), hashTree(t, filepath.Join(folder(bf.ShortID), imageBase(bf.Disk)+"-files")))
+	// A fresh NTFS volume: its system files are hidden, nothing else.
+	if ents, err := os.ReadDir(filepath.Join(folder(bn.ShortID), imageBase(bn.Disk)+"-files")); err != nil || len(ents) != 0 {
+		t.Fatalf("files of an empty NTFS filesystem: %v, %v", ents, err)
+	}
+	sh(t, "cmp", ntfs, filepath.Join(folder(bn.ShortID), imageBase(bn.Disk)+".img"))
+	view := filepath.Join(folder(bb.ShortID), imageBase(bb.Disk)+"-files")
+	if _, err := os.ReadDir(view); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("files of a btrfs filesystem: %v, want EIO", err)
+	}
+	waitFor(t, "the reason", func() bool { return strings.Contains(d.logText(), "filesystem btrfs not supported yet for file access") })
 }
 
 // TestMountKernelCache: what was read once is read again from the
