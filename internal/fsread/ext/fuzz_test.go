@@ -4,12 +4,11 @@ import (
 	"bytes"
 	"os"
 	"os/exec"
-	"path"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/sauve-backup/sauve/internal/fsread"
+	"github.com/sauve-backup/sauve/internal/fsread/fsreadtest"
 	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
 
@@ -22,39 +21,8 @@ const (
 	fuzzBudget   = 16 << 20
 )
 
-// explore reads everything a user could ask of f, within bounds: a bad
-// image must give errors, never a panic, a hang or a huge allocation.
-func explore(f *FS) {
-	budget := 400
-	var walk func(p string, depth int)
-	walk = func(p string, depth int) {
-		if budget--; budget < 0 || depth > 8 {
-			return
-		}
-		st, err := f.Lstat(p)
-		if err != nil {
-			return
-		}
-		f.Xattrs(p)
-		switch st.Type() {
-		case fsread.TypeSymlink:
-			f.Readlink(p)
-		case fsread.TypeRegular:
-			if fl, err := f.Open(p); err == nil {
-				fl.Data()
-				buf := make([]byte, 64<<10)
-				fl.ReadAt(buf, 0)
-				fl.ReadAt(buf[:100], max(fl.Size()-50, 0))
-			}
-		case fsread.TypeDir:
-			ents, _ := f.ReadDir(p)
-			for _, e := range ents {
-				walk(path.Join(p, e.Name), depth+1)
-			}
-		}
-	}
-	walk("/", 0)
-}
+// explore reads everything a user could ask of f, within bounds.
+func explore(f *FS) { fsreadtest.Explore(f) }
 
 // seedImages makes small filesystems with mke2fs -d (and a journal that
 // needs recovery, written by debugfs) and keeps of each the bytes the

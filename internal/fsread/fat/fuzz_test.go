@@ -5,11 +5,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path"
 	"strings"
 	"testing"
 
 	"github.com/sauve-backup/sauve/internal/fsread"
+	"github.com/sauve-backup/sauve/internal/fsread/fsreadtest"
 	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
 
@@ -22,39 +22,20 @@ const (
 	fuzzBudget   = 16 << 20
 )
 
-// explore reads everything a user could ask of f, within bounds: a bad
-// image must give errors, never a panic, a hang or a huge allocation.
+// explore reads everything a user could ask of f, within bounds, with
+// what only FAT has: its label, lookups in another case, and Readlink
+// of files that cannot be symlinks.
 func explore(f *FS) {
-	budget := 400
 	f.Label()
-	var walk func(p string, depth int)
-	walk = func(p string, depth int) {
-		if budget--; budget < 0 || depth > 8 {
-			return
-		}
-		st, err := f.Lstat(p)
-		if err != nil {
-			return
-		}
-		f.Xattrs(p)
-		f.Readlink(p)
-		f.Lstat(strings.ToUpper(p))
-		switch st.Type() {
-		case fsread.TypeRegular:
-			if fl, err := f.Open(p); err == nil {
-				fl.Data()
-				buf := make([]byte, 64<<10)
-				fl.ReadAt(buf, 0)
-				fl.ReadAt(buf[:100], max(fl.Size()-50, 0))
-			}
-		case fsread.TypeDir:
-			ents, _ := f.ReadDir(p)
-			for _, e := range ents {
-				walk(path.Join(p, e.Name), depth+1)
-			}
-		}
-	}
-	walk("/", 0)
+	fsreadtest.Explore(exploreFAT{f})
+}
+
+type exploreFAT struct{ *FS }
+
+func (e exploreFAT) Lstat(p string) (fsread.Stat, error) {
+	e.FS.Lstat(strings.ToUpper(p))
+	e.FS.Readlink(p)
+	return e.FS.Lstat(p)
 }
 
 // seedImages makes small filesystems of each FAT type with mkfs.fat and

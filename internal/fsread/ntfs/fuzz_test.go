@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -13,7 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sauve-backup/sauve/internal/fsread"
+	"github.com/sauve-backup/sauve/internal/fsread/fsreadtest"
 	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
 
@@ -26,39 +25,8 @@ const (
 	fuzzBudget   = 16 << 20
 )
 
-// explore reads everything a user could ask of f, within bounds: a bad
-// image must give errors, never a panic, a hang or a huge allocation.
-func explore(f *FS) {
-	budget := 400
-	var walk func(p string, depth int)
-	walk = func(p string, depth int) {
-		if budget--; budget < 0 || depth > 8 {
-			return
-		}
-		st, err := f.Lstat(p)
-		if err != nil {
-			return
-		}
-		f.Xattrs(p)
-		switch st.Type() {
-		case fsread.TypeSymlink:
-			f.Readlink(p)
-		case fsread.TypeRegular:
-			if fl, err := f.Open(p); err == nil {
-				fl.Data()
-				buf := make([]byte, 64<<10)
-				fl.ReadAt(buf, 0)
-				fl.ReadAt(buf[:100], max(fl.Size()-50, 0))
-			}
-		case fsread.TypeDir:
-			ents, _ := f.ReadDir(p)
-			for _, e := range ents {
-				walk(path.Join(p, e.Name), depth+1)
-			}
-		}
-	}
-	walk("/", 0)
-}
+// explore reads everything a user could ask of f, within bounds.
+func explore(f *FS) { fsreadtest.Explore(f) }
 
 // TestSeedImages makes the seeds of FuzzOpen: small filesystems made
 // with mkntfs, filled through ntfs-3g, of which it keeps the bytes the
