@@ -669,7 +669,9 @@ func TestMountFilesOtherFilesystems(t *testing.T) {
 	if _, err := os.ReadDir(view); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("files of a btrfs filesystem: %v, want EIO", err)
 	}
-	waitFor(t, "the reason", func() bool { return strings.Contains(d.logText(), "filesystem btrfs not supported yet for file access") })
+	waitFor(t, "the reason", func() bool {
+		return strings.Contains(d.logText(), "filesystem btrfs not supported yet for file access")
+	})
 }
 
 // TestMountKernelCache: what was read once is read again from the
