@@ -93,7 +93,7 @@ func FuzzExtImage(f *testing.F) {
 // fuzzFS is a filesystem around the byte-level parsers.
 func fuzzFS(bs int64, incompat uint32) *FS {
 	zeros := fuzzimg.Decode([]byte{0, 0, 0, 1}, fuzzMaxImage, fuzzBudget) // 16 MiB of zeros
-	return &FS{r: zeros, size: zeros.Size(), sb: super{bs: bs, blocks: 1 << 14, incompat: incompat, inodes: 1 << 14, ipg: 8192, bpg: 8192, isize: 256, descSize: 32}, dirs: map[uint64]map[string]uint64{}}
+	return &FS{r: zeros, size: zeros.Size(), sb: super{bs: bs, blocks: 1 << 14, incompat: incompat, inodes: 1 << 14, ipg: 8192, bpg: 8192, isize: 256, descSize: 32}}
 }
 
 func FuzzExtDirents(f *testing.F) {

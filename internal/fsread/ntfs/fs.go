@@ -48,8 +48,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"path"
-	"strings"
 	"sync"
 
 	"github.com/sauve-backup/sauve/internal/fsread"
@@ -86,8 +84,8 @@ type FS struct {
 	warn     func(string)
 
 	mu   sync.Mutex
-	recs map[uint64]*record           // recently read records
-	dirs map[uint64]map[string]uint64 // names of recently searched directories
+	recs map[uint64]*record // recently read records
+	dirs fsread.DirCache
 }
 
 func le16(b []byte, off int) uint16 { return binary.LittleEndian.Uint16(b[off:]) }
@@ -96,7 +94,7 @@ func le64(b []byte, off int) uint64 { return binary.LittleEndian.Uint64(b[off:])
 
 // Open reads the filesystem of the size bytes of r.
 func Open(r io.ReaderAt, size int64, opts Options) (*FS, error) {
-	f := &FS{r: r, size: size, warn: opts.Warn, recs: map[uint64]*record{}, dirs: map[uint64]map[string]uint64{}}
+	f := &FS{r: r, size: size, warn: opts.Warn, recs: map[uint64]*record{}}
 	if f.warn == nil {
 		f.warn = func(string) {}
 	}
@@ -247,9 +245,6 @@ func (f *FS) openMFT() error {
 	return nil
 }
 
-// maxHops bounds the symlinks followed in one path (Linux's limit).
-const maxHops = 40
-
 // child returns the record a directory entry's file reference names,
 // checking its sequence number: a mismatch means the entry outlived its
 // file and the record was reused.
@@ -264,92 +259,37 @@ func (f *FS) child(ref uint64) (*record, error) {
 	return rec, nil
 }
 
-// resolve finds the file reference of the absolute slash-separated path p.
-// Like lstat(2), it follows symlinks in the directories of the path (an
-// absolute target starts again from this filesystem's root) but not in
-// its last component.
-func (f *FS) resolve(p string) (uint64, error) {
-	comps := strings.Split(strings.TrimPrefix(path.Clean("/"+p), "/"), "/")
-	ino := uint64(recRoot)
-	var up []uint64 // the directories walked through, for ".."
-	hops := 0
-	for i := 0; i < len(comps); i++ {
-		name := comps[i]
-		switch name {
-		case "", ".":
-			continue
-		case "..":
-			if len(up) > 0 {
-				ino, up = up[len(up)-1], up[:len(up)-1]
-			}
-			continue
-		}
-		rec, err := f.child(ino)
-		if err != nil {
-			return 0, err
-		}
-		if !rec.isDir() {
-			return 0, fmt.Errorf("%s: a component of the path is not a directory", p)
-		}
-		names, err := f.names(rec)
-		if err != nil {
-			return 0, err
-		}
-		next, ok := names[name]
-		if !ok {
-			return 0, fmt.Errorf("%s: %w", p, fsread.ErrNotExist)
-		}
-		if i < len(comps)-1 {
-			child, err := f.child(next)
-			if err != nil {
-				return 0, err
-			}
-			if n, err := f.node(child); err != nil {
-				return 0, err
-			} else if n.stat.Type() == fsread.TypeSymlink {
-				if hops++; hops > maxHops {
-					return 0, fmt.Errorf("%s: too many levels of symbolic links", p)
-				}
-				t := n.target
-				if strings.HasPrefix(t, "/") {
-					ino, up = recRoot, nil
-				}
-				comps = append(strings.Split(t, "/"), comps[i+1:]...)
-				i = -1
-				continue
-			}
-		}
-		up = append(up, ino)
-		ino = next
+// resolve finds the file reference of the absolute slash-separated
+// path p (see fsread.Resolve).
+func (f *FS) resolve(p string) (uint64, error) { return fsread.Resolve(tree{f}, recRoot, p) }
+
+// tree is f as fsread.Resolve walks it.
+type tree struct{ f *FS }
+
+func (t tree) Names(ref uint64) (map[string]uint64, bool, error) {
+	rec, err := t.f.child(ref)
+	if err != nil || !rec.isDir() {
+		return nil, false, err
 	}
-	return ino, nil
+	m, err := t.f.names(rec)
+	return m, true, err
 }
 
-// names maps the names of directory rec to their file references; the last few
-// directories searched are kept, so that extracting a tree does not read
-// each directory once per file.
-func (f *FS) names(rec *record) (map[string]uint64, error) {
-	f.mu.Lock()
-	m, ok := f.dirs[rec.num]
-	f.mu.Unlock()
-	if ok {
-		return m, nil
-	}
-	m = map[string]uint64{}
-	err := f.readDir(rec, func(name string, ref uint64) error {
-		m[name] = ref
-		return nil
-	})
+func (t tree) Link(ref uint64) (string, bool, error) {
+	rec, err := t.f.child(ref)
 	if err != nil {
-		return nil, err
+		return "", false, err
 	}
-	f.mu.Lock()
-	if len(f.dirs) >= 16 {
-		clear(f.dirs)
+	n, err := t.f.node(rec)
+	if err != nil || n.stat.Type() != fsread.TypeSymlink {
+		return "", false, err
 	}
-	f.dirs[rec.num] = m
-	f.mu.Unlock()
-	return m, nil
+	return n.target, true, nil
+}
+
+// names maps the names of directory rec to their file references.
+func (f *FS) names(rec *record) (map[string]uint64, error) {
+	return f.dirs.Names(rec.num, func(add func(string, uint64) error) error { return f.readDir(rec, add) })
 }
 
 // at runs fn on the file at path p; its errors name p.

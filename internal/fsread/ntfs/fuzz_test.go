@@ -119,7 +119,7 @@ func FuzzOpen(f *testing.F) {
 func fuzzFS() *FS {
 	zeros := fuzzimg.Decode([]byte{0, 0, 0, 1}, fuzzMaxImage, fuzzBudget) // 16 MiB of zeros
 	f := &FS{r: zeros, size: zeros.Size(), sectSize: 512, cs: 4096, clusters: zeros.Size() / 4096, recSize: 1024, idxSize: 4096,
-		warn: func(string) {}, recs: map[uint64]*record{}, dirs: map[uint64]map[string]uint64{}}
+		warn: func(string) {}, recs: map[uint64]*record{}}
 	f.mft = &stream{f: f, size: 1 << 20, init: 1 << 20, runs: []run{{0, 16, 256}}, cached: -1}
 	return f
 }
