@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/zeebo/blake3"
 )
@@ -70,6 +71,10 @@ type Header struct {
 	ChunkSize int      `json:"-"`
 	Source    Identity `json:"source"`
 	Target    Identity `json:"target"`
+	// Passes counts the passes completed, LastStart is when the last
+	// one started: the next pass's rate of change is measured from it.
+	Passes    int       `json:"passes,omitempty"`
+	LastStart time.Time `json:"last_start,omitzero"`
 }
 
 // Chunks is the number of chunks of the source.
