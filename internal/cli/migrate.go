@@ -150,14 +150,14 @@ type migration struct {
 // refuseMigrateTarget refuses the targets that later versions will take.
 func refuseMigrateTarget(path string) error {
 	if strings.Contains(path, "://") {
-		return usageError{fmt.Errorf("target %s: remote targets (ssh://) are not available yet: migrate writes a raw image file or a block device on this machine", path)}
+		return fmt.Errorf("target %s: remote targets (ssh://) are not available yet: migrate writes a raw image file or a block device on this machine", path)
 	}
 	if path == "-" {
-		return usageError{errors.New("target -: a migration writes its target again at every pass, not to standard output")}
+		return errors.New("target -: a migration writes its target again at every pass, not to standard output")
 	}
 	switch strings.ToLower(filepath.Ext(path)) {
 	case ".qcow2", ".qcow", ".vmdk", ".vhd", ".vhdx", ".vdi", ".ova":
-		return usageError{fmt.Errorf("target %s: VM disk targets are not available yet: migrate into a raw image (.img) and convert it after the final pass ('sauve convert')", path)}
+		return fmt.Errorf("target %s: VM disk targets are not available yet: migrate into a raw image (.img) and convert it after the final pass ('sauve convert')", path)
 	}
 	return nil
 }
