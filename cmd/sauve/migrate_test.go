@@ -341,3 +341,34 @@ func TestMigrateRefusals(t *testing.T) {
 		t.Error("the migrated target was written by a refused command")
 	}
 }
+
+// A block device target (a loop device over a larger file of old
+// bytes): its zero chunks are zeroed at the first pass, and the final
+// pass leaves the same files; a source whose filesystem was made again
+// (another UUID, the same file) is refused with the state of the old one.
+func TestMigrateOntoBlockDevice(t *testing.T) {
+	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
+	e := newBareEnv(t)
+	img, mnt := mountedExt4(t, e, "src", 32<<20, 4)
+	back := e.path("disk.raw")
+	randomFile(t, back, 40<<20)
+	dev := losetup(t, back)
+	passes, _ := parseMigrate(t, e.ok("migrate", img, dev, "--json"))
+	if p := passes[0]; p.BytesChanged != 32<<20 {
+		t.Errorf("first pass onto a device of old bytes changed %d bytes, want all %d", p.BytesChanged, 32<<20)
+	}
+	writeFile(t, filepath.Join(mnt, "late"), randomBytes(300<<10))
+	e.ok("migrate", img, dev, "--final")
+	checkTarget(t, dev, hashTree(t, mnt))
+	sh(t, "umount", mnt)
+	sh(t, "mkfs.ext4", "-q", "-F", img)
+	before := fileHash(t, dev, -1)
+	e.fail([]string{"of another source", "filesystem UUIDs"}, "migrate", img, dev)
+	if fileHash(t, dev, -1) != before {
+		t.Error("the target was written with the state of another filesystem")
+	}
+	e.ok("migrate", img, dev, "--reset")
+	if out := sh(t, "cmp", "-n", fmt.Sprint(32<<20), img, dev); out != "" {
+		t.Errorf("cmp: %s", out)
+	}
+}

@@ -414,3 +414,18 @@ func TestMigrateConvergence(t *testing.T) {
 		t.Errorf("first pass rates %+v", r)
 	}
 }
+
+// A limited pass takes the time its bytes need at the rate.
+func TestMigrateLimitRate(t *testing.T) {
+	size := int64(16 * cs) // 1 MiB read, 1 MiB written
+	d := newDisk(size, 8)
+	start := time.Now()
+	run(t, d, newTarget(t, size), newState(t, size, true), Options{Limit: NewLimiter(4 << 20)})
+	// 2 MiB at 4 MiB/s, less the quarter second of burst allowed.
+	if took := time.Since(start); took < 200*time.Millisecond || took > 3*time.Second {
+		t.Errorf("2 MiB at 4 MiB/s took %s", took)
+	}
+	if NewLimiter(0) != nil {
+		t.Error("rate 0 limits")
+	}
+}
