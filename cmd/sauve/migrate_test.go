@@ -249,6 +249,13 @@ func TestMigrateUntilDelta(t *testing.T) {
 	if len(passes) < 2 || passes[len(passes)-1].BytesChanged > 4<<20 {
 		t.Fatalf("--until-delta 4M on an idle source: %+v", passes)
 	}
+	// With --final: passes until the goal, then the frozen one.
+	writeFile(t, filepath.Join(mnt, "more"), randomBytes(8<<20))
+	sh(t, "sync")
+	passes, sum := parseMigrate(t, e.ok("migrate", img, target, "--until-delta", "4M", "--final", "--json"))
+	if n := len(passes); n < 2 || passes[0].BytesChanged < 8<<20 || passes[n-2].BytesChanged > 4<<20 || !passes[n-1].Final || passes[n-2].Final || sum.FrozenSeconds <= 0 {
+		t.Fatalf("--until-delta 4M --final: %+v, %+v", passes, sum)
+	}
 	// A writer rewriting 4 MiB every 40 ms outruns passes throttled to
 	// about 2 s each.
 	stop := make(chan struct{})
@@ -277,7 +284,7 @@ func TestMigrateUntilDelta(t *testing.T) {
 	if r.code != 3 || !strings.Contains(r.stderr, "--until-delta") && !strings.Contains(r.stderr, "faster than the copy") {
 		t.Fatalf("a source changing faster than the copy: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
-	passes, sum := parseMigrate(t, r.stdout)
+	passes, sum = parseMigrate(t, r.stdout)
 	if len(passes) < 4 || sum.Final {
 		t.Errorf("non-convergence after %d passes: %+v", len(passes), sum)
 	}
@@ -339,6 +346,19 @@ func TestMigrateRefusals(t *testing.T) {
 	}
 	if fileHash(t, done, -1) != doneHash {
 		t.Error("the migrated target was written by a refused command")
+	}
+	// A state in use by another migration.
+	lock, err := os.OpenFile(state+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	e.fail([]string{"in use by another sauve migrate"}, "migrate", other, done, "--state", state)
+	if fileHash(t, done, -1) != doneHash {
+		t.Error("the target was written while its state was locked")
 	}
 }
 

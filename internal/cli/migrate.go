@@ -141,6 +141,7 @@ type migration struct {
 	target *disk.Target
 	state  *migrate.State
 	limit  *migrate.Limiter
+	lock   *os.File // held while the state is in use
 	warned map[string]bool
 	// prevStart is when the previous pass started (zero: unknown).
 	prevStart time.Time
@@ -173,7 +174,9 @@ func (g *globals) migrate(ctx context.Context, srcPath, tgtPath string, o *migra
 	if err != nil {
 		return err
 	}
-	if m.state.Header.Passes == 0 || !o.final {
+	// --final alone after earlier passes goes straight to the frozen
+	// pass; a first pass is never run frozen.
+	if !o.final || o.untilDelta >= 0 || m.state.Header.Passes == 0 {
 		if err := g.migratePasses(ctx, m); err != nil {
 			return err
 		}
@@ -272,6 +275,9 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 	if err != nil {
 		return m, err
 	}
+	if m.lock, err = lockState(statePath); err != nil {
+		return m, err
+	}
 	if m.state, err = loadMigrateState(statePath, srcID, tgtPath, exists, o.reset); err != nil {
 		return m, err
 	}
@@ -312,7 +318,31 @@ func (m *migration) close() {
 	if m.disk != nil {
 		m.disk.Close()
 	}
+	if m.lock != nil {
+		m.lock.Close()
+	}
 	m.src.Close()
+}
+
+// lockState takes the lock of the state file at path (a file beside it:
+// the state itself is replaced by renames), so that two migrations never
+// write one state at once.
+func lockState(path string) (*os.File, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("create state folder: %w", err)
+	}
+	f, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock migration state: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("state file %s is in use by another sauve migrate", path)
+		}
+		return nil, fmt.Errorf("lock migration state %s: %w", path, err)
+	}
+	return f, nil
 }
 
 // sourceIdentity says which source this is: its device or inode, size,
