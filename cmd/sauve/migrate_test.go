@@ -393,16 +393,30 @@ func TestMigrateOntoBlockDevice(t *testing.T) {
 	}
 }
 
-// A block device source mounted read-write: each pass reads what the
-// filesystem wrote since the previous one, not the device's page cache
-// of the previous pass.
+// A block device source mounted read-write, and an image file mounted
+// through a loop device that writes around the file's page cache: each
+// pass reads what the filesystem wrote since the previous one, not the
+// page cache of the previous pass.
 func TestMigrateMountedDevice(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		device bool
+	}{{"device", true}, {"image under a direct-io loop device", false}} {
+		t.Run(c.name, func(t *testing.T) { testMigrateMounted(t, c.device) })
+	}
+}
+
+func testMigrateMounted(t *testing.T, device bool) {
 	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
 	e := newBareEnv(t)
 	img := e.path("src.img")
 	sh(t, "truncate", "-s", "48M", img)
 	sh(t, "mkfs.ext4", "-q", "-F", img)
-	dev := losetup(t, img)
+	dev := losetup(t, img, "--direct-io=on")
+	src := img
+	if device {
+		src = dev
+	}
 	mnt := e.path("src")
 	os.Mkdir(mnt, 0o755)
 	sh(t, "mount", dev, mnt)
@@ -412,20 +426,20 @@ func TestMigrateMountedDevice(t *testing.T) {
 	}
 	sh(t, "sync")
 	target := e.path("target.img")
-	e.ok("migrate", dev, target)
+	e.ok("migrate", src, target)
 	// Rewrite the files in place: the same blocks, new bytes.
 	for i := 0; i < 8; i++ {
 		writeAt(t, filepath.Join(mnt, fmt.Sprintf("f%d", i)), 0, randomBytes(1<<20))
 	}
 	sh(t, "sync")
-	passes, _ := parseMigrate(t, e.ok("migrate", dev, target, "--json"))
+	passes, _ := parseMigrate(t, e.ok("migrate", src, target, "--json"))
 	if passes[0].BytesChanged < 8<<20 {
 		t.Errorf("8 MiB rewritten in place, the pass found %d bytes changed", passes[0].BytesChanged)
 	}
 	for i := 0; i < 4; i++ {
 		writeAt(t, filepath.Join(mnt, fmt.Sprintf("f%d", i)), 4096, randomBytes(64<<10))
 	}
-	out := e.ok("migrate", dev, target, "--final")
+	out := e.ok("migrate", src, target, "--final")
 	if !strings.Contains(out, "frozen for") {
 		t.Errorf("final pass:\n%s", out)
 	}
