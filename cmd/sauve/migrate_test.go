@@ -378,11 +378,17 @@ func TestMigrateOntoBlockDevice(t *testing.T) {
 		t.Errorf("first pass onto a device of old bytes changed %d bytes, want all %d", p.BytesChanged, 32<<20)
 	}
 	writeFile(t, filepath.Join(mnt, "late"), randomBytes(300<<10))
+	// A state on the filesystem to freeze would block the final pass.
+	before := fileHash(t, dev, -1)
+	e.fail([]string{"which the final pass freezes"}, "migrate", img, dev, "--final", "--state", filepath.Join(mnt, "s.state"))
+	if fileHash(t, dev, -1) != before {
+		t.Error("the target was written by a refused final pass")
+	}
 	e.ok("migrate", img, dev, "--final")
 	checkTarget(t, dev, hashTree(t, mnt))
 	sh(t, "umount", mnt)
 	sh(t, "mkfs.ext4", "-q", "-F", img)
-	before := fileHash(t, dev, -1)
+	before = fileHash(t, dev, -1)
 	e.fail([]string{"of another source", "filesystem UUIDs"}, "migrate", img, dev)
 	if fileHash(t, dev, -1) != before {
 		t.Error("the target was written with the state of another filesystem")

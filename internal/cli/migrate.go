@@ -79,8 +79,8 @@ changes while it runs), or after --max-passes, sauve says so and exits
 with status 3 (no final pass is run). --limit-rate throttles reads and
 writes together, for disks and links shared with production.
 
-The state file ($XDG_CACHE_HOME/sauve/migrate/, one per SOURCE and
-TARGET, or --state) records which source and target it is of (device
+The state file (in $XDG_CACHE_HOME/sauve/migrate/ or --cache-dir, one
+per SOURCE and TARGET, or --state) records which source and target it is of (device
 numbers or inode, size, disk ID, filesystem UUIDs): a state of another
 source or target is refused, nothing written; --reset starts over with a
 full pass. A pass interrupted at any instant (Ctrl-C, kill -9, a crash)
@@ -127,7 +127,7 @@ pass reads all used blocks), repository snapshots as SOURCE, and
 	f.BoolVar(&o.final, "final", false, "freeze the filesystems mounted from SOURCE for the last pass, and report the cut-over time")
 	f.StringVar(&untilDelta, "until-delta", "", "repeat passes until one changes at most this `SIZE` (e.g. 64M); exit status 3 when the delta stops shrinking")
 	f.StringVar(&limitRate, "limit-rate", "", "throttle reads and writes together to this many bytes a second (e.g. 50M)")
-	f.StringVar(&o.statePath, "state", "", "the state `FILE` of the passes (default: $XDG_CACHE_HOME/sauve/migrate/ID.state)")
+	f.StringVar(&o.statePath, "state", "", "the state `FILE` of the passes (default: migrate/ID.state in the cache folder, --cache-dir or $XDG_CACHE_HOME/sauve)")
 	f.BoolVar(&o.reset, "reset", false, "forget the state file's passes (or a state of another source or target) and copy everything again")
 	f.BoolVar(&o.noFSSkip, "no-fs-skip", false, "read and copy free space too")
 	f.IntVar(&o.maxPasses, "max-passes", 20, "with --until-delta: give up after this many passes (exit status 3)")
@@ -176,6 +176,16 @@ func (g *globals) migrate(ctx context.Context, srcPath, tgtPath string, o *migra
 	}
 	if err != nil {
 		return err
+	}
+	if o.final {
+		// Before any pass: the final one could not write these.
+		mounts, err := shadow.MountsToFreeze(m.src)
+		if err != nil {
+			return err
+		}
+		if err := refuseFrozenPaths(mounts, m.target.Path, filepath.Dir(m.state.Path())); err != nil {
+			return err
+		}
 	}
 	// --final alone after earlier passes goes straight to the frozen
 	// pass; a first pass is never run frozen.
