@@ -210,7 +210,7 @@ func TestMigrateKill9Resume(t *testing.T) {
 		if err := c.Start(); err != nil {
 			t.Fatal(err)
 		}
-		after := time.Duration(100+rng.IntN(1200)) * time.Millisecond
+		after := time.Duration(100+rng.IntN(700)) * time.Millisecond // a pass takes over 1 s at 16M/s
 		time.Sleep(after)
 		c.Process.Signal(syscall.SIGKILL)
 		if err := c.Wait(); err == nil {
