@@ -183,7 +183,7 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.AddCommand(newInitCmd(g), newBackupCmd(g), newSnapshotsCmd(g), newRestoreCmd(g), newCheckCmd(g), newKeyCmd(g))
 	root.AddCommand(newShowCmd(g), newRepairCmd(g), newPruneCmd(g))
 	root.AddCommand(newExportCmd(g), newConvertCmd(g), newServeCmd(g), newMountCmd(g))
-	root.AddCommand(newCopyCmd(g))
+	root.AddCommand(newCopyCmd(g), newMigrateCmd(g))
 	root.AddCommand(newThawGuardCmd())
 	root.AddCommand(newAgentCmd(g))
 	root.AddCommand(newForgetCmd(g))

@@ -3,6 +3,8 @@ package shadow
 import (
 	"context"
 	"time"
+
+	"github.com/sauve-backup/sauve/internal/source"
 )
 
 // Frozen is a set of filesystems frozen under a thaw guard, for callers
@@ -34,3 +36,9 @@ func (z *Frozen) Done() <-chan struct{} { return z.f.done }
 // fails when they were thawed before it was called (the timeout passed,
 // or the guard died): what was done meanwhile was not frozen.
 func (z *Frozen) Thaw() (time.Duration, error) { return z.f.thaw() }
+
+// MountsToFreeze lists the mount points of the filesystems mounted
+// read-write from src (through loop devices and partitions), one per
+// filesystem: what a freeze of src must hold, for callers that freeze
+// with FreezeMounts (a migration's final pass).
+func MountsToFreeze(src *source.Source) ([]string, error) { return mountsToFreeze(src) }

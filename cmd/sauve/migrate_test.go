@@ -1,0 +1,453 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// migratePass is a pass's --json line, migrateSummary the last line.
+type migratePass struct {
+	Pass          int     `json:"pass"`
+	BytesRead     int64   `json:"bytes_read"`
+	BytesWritten  int64   `json:"bytes_written"`
+	BytesChanged  int64   `json:"bytes_changed"`
+	ChunksChanged int64   `json:"chunks_changed"`
+	Seconds       float64 `json:"seconds"`
+	ChangeRate    float64 `json:"change_rate"`
+	CopyRate      float64 `json:"copy_rate"`
+	NextSeconds   float64 `json:"next_seconds"`
+	Final         bool    `json:"final"`
+}
+
+type migrateSummary struct {
+	Summary       bool     `json:"summary"`
+	Passes        int      `json:"passes"`
+	Final         bool     `json:"final"`
+	FrozenSeconds float64  `json:"frozen_seconds"`
+	FrozenMounts  []string `json:"frozen_mounts"`
+	BytesWritten  int64    `json:"bytes_written"`
+}
+
+// parseMigrate reads migrate's --json output: a line a pass, then the
+// summary.
+func parseMigrate(t *testing.T, out string) ([]migratePass, migrateSummary) {
+	t.Helper()
+	var passes []migratePass
+	var sum migrateSummary
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, `{"error":`) {
+			continue
+		}
+		if strings.Contains(line, `"summary":true`) {
+			if err := jsonUnmarshal(line, &sum); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		var p migratePass
+		if err := jsonUnmarshal(line, &p); err != nil {
+			t.Fatalf("migrate --json line %q: %v", line, err)
+		}
+		passes = append(passes, p)
+	}
+	if !sum.Summary || len(passes) != sum.Passes {
+		t.Fatalf("migrate --json: %d passes, summary %+v:\n%s", len(passes), sum, out)
+	}
+	return passes, sum
+}
+
+// mountedExt4 makes an ext4 image of size bytes, mounts it read-write
+// through a loop device and fills it with data MiB of random files.
+func mountedExt4(t *testing.T, e *env, name string, size int64, data int) (img, mnt string) {
+	t.Helper()
+	img = e.path(name + ".img")
+	sh(t, "truncate", "-s", fmt.Sprint(size), img)
+	sh(t, "mkfs.ext4", "-q", "-F", img)
+	mnt = e.path(name)
+	os.Mkdir(mnt, 0o755)
+	sh(t, "mount", "-o", "loop", img, mnt)
+	t.Cleanup(func() { exec.Command("fsfreeze", "-u", mnt).Run(); exec.Command("umount", mnt).Run() })
+	for i := 0; i < data; i++ {
+		writeFile(t, filepath.Join(mnt, fmt.Sprintf("data%02d", i)), randomBytes(1<<20))
+	}
+	sh(t, "sync")
+	return img, mnt
+}
+
+// writer writes and rewrites files in dir until stopped, each synced so
+// that passes see it (what stays in the page cache reaches the image
+// only at the freeze).
+type writer struct {
+	stop atomic.Bool
+	wg   sync.WaitGroup
+	n    atomic.Int64
+}
+
+func startWriter(dir string, pause time.Duration) *writer {
+	w := &writer{}
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		for i := 0; !w.stop.Load(); i++ {
+			if f, err := os.Create(filepath.Join(dir, fmt.Sprintf("busy%d", i%16))); err == nil {
+				f.Write(randomBytes(256 << 10))
+				if i%2 == 0 {
+					f.Sync()
+				}
+				f.Close()
+			}
+			w.n.Add(1)
+			time.Sleep(pause)
+		}
+	}()
+	return w
+}
+
+func (w *writer) halt() {
+	w.stop.Store(true)
+	w.wg.Wait()
+}
+
+// checkTarget checks that the target's filesystem is clean and, when
+// want is set, holds the same files.
+func checkTarget(t *testing.T, target string, want map[string]string) {
+	t.Helper()
+	if out, err := exec.Command("e2fsck", "-fn", target).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn of the target: %v\n%s", err, out)
+	}
+	if want == nil {
+		return
+	}
+	dir, err := os.MkdirTemp("", "sauve-mig")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(dir)
+	// noload: the frozen journal is flushed; nothing is replayed.
+	sh(t, "mount", "-o", "ro,loop,noload", target, dir)
+	got := hashTree(t, dir)
+	sh(t, "umount", dir)
+	sameTree(t, want, got)
+}
+
+// A loop-mounted ext4 written to during the passes: the first pass
+// copies it, a delta pass writes much less for a small change, --final
+// freezes it (the target then checks clean though the writer runs), and
+// once writes stop a last --final leaves every file equal.
+func TestMigrateLoopMountedExt4(t *testing.T) {
+	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
+	e := newBareEnv(t)
+	img, mnt := mountedExt4(t, e, "src", 96<<20, 24)
+	target := e.path("target.img")
+	w := startWriter(mnt, 20*time.Millisecond)
+	defer w.halt()
+	first, _ := parseMigrate(t, e.ok("migrate", img, target, "--json"))
+	if first[0].BytesWritten < 24<<20 || first[0].Pass != 1 {
+		t.Fatalf("first pass: %+v", first[0])
+	}
+	second, _ := parseMigrate(t, e.ok("migrate", img, target, "--json"))
+	if second[0].Pass != 2 || second[0].ChangeRate <= 0 || second[0].CopyRate <= 0 || second[0].NextSeconds <= 0 {
+		t.Errorf("second pass while written: %+v", second[0])
+	}
+	w.halt()
+	sh(t, "sync")
+	// Let the journal commit what the writer left, then change 1 MiB.
+	parseMigrate(t, e.ok("migrate", img, target, "--json"))
+	writeFile(t, filepath.Join(mnt, "small"), randomBytes(1<<20))
+	sh(t, "sync")
+	delta, _ := parseMigrate(t, e.ok("migrate", img, target, "--json"))
+	if d := delta[0]; d.BytesWritten == 0 || d.BytesWritten > first[0].BytesWritten/6 || d.BytesRead < 24<<20 {
+		t.Errorf("delta pass for a 1 MiB file: wrote %d bytes (first pass %d), read %d", d.BytesWritten, first[0].BytesWritten, d.BytesRead)
+	}
+	// The final pass while the writer runs: the target is the frozen
+	// filesystem, consistent.
+	w = startWriter(mnt, 5*time.Millisecond)
+	passes, sum := parseMigrate(t, e.ok("migrate", img, target, "--final", "--json"))
+	w.halt()
+	if len(passes) != 1 || !passes[0].Final || !sum.Final || sum.FrozenSeconds <= 0 || sum.FrozenSeconds > 10 || len(sum.FrozenMounts) != 1 || sum.FrozenMounts[0] != mnt {
+		t.Fatalf("final pass: %+v, summary %+v", passes, sum)
+	}
+	before := w.n.Load()
+	checkTarget(t, target, nil)
+	// Thawed: writes go on.
+	writeFile(t, filepath.Join(mnt, "after"), []byte("after the cut-over"))
+	out := e.ok("migrate", img, target, "--final")
+	if !strings.Contains(out, "cut-over: writes to "+mnt+" were frozen for ") {
+		t.Errorf("final pass output:\n%s", out)
+	}
+	checkTarget(t, target, hashTree(t, mnt))
+	if before == 0 {
+		t.Error("the writer wrote nothing")
+	}
+}
+
+// kill -9 of a pass at a random instant, of the copy and of the final
+// pass: the filesystem is thawed, and the next passes make the target
+// exact.
+func TestMigrateKill9Resume(t *testing.T) {
+	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
+	e := newBareEnv(t)
+	img, mnt := mountedExt4(t, e, "src", 64<<20, 16)
+	target := e.path("target.img")
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	w := startWriter(mnt, 10*time.Millisecond)
+	defer w.halt()
+	kill := func(args ...string) {
+		t.Helper()
+		c := e.cmd(nil, append([]string{"migrate", img, target, "--limit-rate", "16M"}, args...)...)
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		after := time.Duration(100+rng.IntN(700)) * time.Millisecond // a pass takes over 1 s at 16M/s
+		time.Sleep(after)
+		c.Process.Signal(syscall.SIGKILL)
+		if err := c.Wait(); err == nil {
+			t.Fatalf("the pass ended before kill -9 after %s", after)
+		}
+		t.Logf("killed %v after %s", args, after)
+	}
+	kill()
+	e.ok("migrate", img, target)
+	kill()
+	kill("--final")
+	// The guard thawed the filesystem.
+	done := make(chan error, 1)
+	go func() { done <- os.WriteFile(filepath.Join(mnt, "thawed"), []byte("x"), 0o644) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the filesystem stayed frozen after the final pass was killed")
+	}
+	w.halt()
+	e.ok("migrate", img, target, "--final")
+	checkTarget(t, target, hashTree(t, mnt))
+}
+
+// --until-delta stops once a pass changes little, and exits 3 when the
+// source changes faster than the copy.
+func TestMigrateUntilDelta(t *testing.T) {
+	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
+	e := newBareEnv(t)
+	img, mnt := mountedExt4(t, e, "src", 64<<20, 8)
+	target := e.path("target.img")
+	passes, _ := parseMigrate(t, e.ok("migrate", img, target, "--until-delta", "4M", "--json"))
+	if len(passes) < 2 || passes[len(passes)-1].BytesChanged > 4<<20 {
+		t.Fatalf("--until-delta 4M on an idle source: %+v", passes)
+	}
+	// With --final: passes until the goal, then the frozen one.
+	writeFile(t, filepath.Join(mnt, "more"), randomBytes(8<<20))
+	sh(t, "sync")
+	passes, sum := parseMigrate(t, e.ok("migrate", img, target, "--until-delta", "4M", "--final", "--json"))
+	if n := len(passes); n < 2 || passes[0].BytesChanged < 8<<20 || passes[n-2].BytesChanged > 4<<20 || !passes[n-1].Final || passes[n-2].Final || sum.FrozenSeconds <= 0 {
+		t.Fatalf("--until-delta 4M --final: %+v, %+v", passes, sum)
+	}
+	// A writer rewriting 4 MiB every 40 ms outruns passes throttled to
+	// about 2 s each.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			f, err := os.Create(filepath.Join(mnt, fmt.Sprintf("churn%d", i%4)))
+			if err == nil {
+				f.Write(randomBytes(4 << 20))
+				f.Sync()
+				f.Close()
+			}
+			time.Sleep(40 * time.Millisecond)
+		}
+	}()
+	r := e.run("migrate", img, target, "--until-delta", "1M", "--limit-rate", "48M", "--max-passes", "7", "--json")
+	close(stop)
+	wg.Wait()
+	if r.code != 3 || !strings.Contains(r.stderr, "--until-delta") && !strings.Contains(r.stderr, "faster than the copy") {
+		t.Fatalf("a source changing faster than the copy: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	passes, sum = parseMigrate(t, r.stdout)
+	if len(passes) < 4 || sum.Final {
+		t.Errorf("non-convergence after %d passes: %+v", len(passes), sum)
+	}
+}
+
+// Bad input: a one-line error, a non-zero exit, and nothing written.
+func TestMigrateRefusals(t *testing.T) {
+	needTools(t, "mkfs.ext4")
+	e := newBareEnv(t)
+	src := e.path("src.img")
+	randomFile(t, src, 8<<20)
+	other := e.path("other.img")
+	randomFile(t, other, 8<<20)
+	small := e.path("small.img")
+	randomFile(t, small, 4<<20)
+	_, mnt := mountedExt4(t, e, "busy", 16<<20, 0)
+	busy := e.path("busy.img")
+	_ = mnt
+	loop := losetup(t, src)
+	state := e.path("s.state")
+	done := e.path("done.img")
+	e.ok("migrate", other, done, "--state", state)
+	doneHash := fileHash(t, done, -1)
+	fifo := e.path("fifo")
+	syscall.Mkfifo(fifo, 0o600)
+	for _, c := range []struct {
+		name   string
+		args   []string
+		target string // must be left as it was (or not created)
+		want   string
+	}{
+		{"smaller target", []string{src, small}, small, "would not fit"},
+		{"mounted target", []string{src, busy}, busy, "mounted"},
+		{"target is the source", []string{src, src}, src, "is the source"},
+		{"loop device over the source", []string{src, loop}, src, "loop device over the source"},
+		{"state of another source", []string{src, done, "--state", state}, done, "of another source"},
+		{"stream source", []string{fifo, e.path("new1.img")}, e.path("new1.img"), "is a stream"},
+		{"VM format target", []string{src, e.path("vm.qcow2")}, e.path("vm.qcow2"), "not available yet"},
+		{"remote target", []string{src, "ssh://root@host/dev/vdb"}, "", "not available yet"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var before string
+			if _, err := os.Stat(c.target); err == nil {
+				before = fileHash(t, c.target, -1)
+			}
+			stderr := e.fail([]string{c.want}, append([]string{"migrate"}, c.args...)...)
+			if n := strings.Count(strings.TrimSpace(stderr), "\n"); n != 0 {
+				t.Errorf("a %d-line error:\n%s", n+1, stderr)
+			}
+			if c.target == "" {
+				return
+			}
+			if _, err := os.Stat(c.target); before == "" && err == nil {
+				t.Errorf("%s was created", c.target)
+			} else if before != "" && fileHash(t, c.target, -1) != before {
+				t.Errorf("%s was written", c.target)
+			}
+		})
+	}
+	if fileHash(t, done, -1) != doneHash {
+		t.Error("the migrated target was written by a refused command")
+	}
+	// A state in use by another migration.
+	lock, err := os.OpenFile(state+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	e.fail([]string{"in use by another sauve migrate"}, "migrate", other, done, "--state", state)
+	if fileHash(t, done, -1) != doneHash {
+		t.Error("the target was written while its state was locked")
+	}
+}
+
+// A block device target (a loop device over a larger file of old
+// bytes): its zero chunks are zeroed at the first pass, and the final
+// pass leaves the same files; a source whose filesystem was made again
+// (another UUID, the same file) is refused with the state of the old one.
+func TestMigrateOntoBlockDevice(t *testing.T) {
+	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
+	e := newBareEnv(t)
+	img, mnt := mountedExt4(t, e, "src", 32<<20, 4)
+	back := e.path("disk.raw")
+	randomFile(t, back, 40<<20)
+	dev := losetup(t, back)
+	passes, _ := parseMigrate(t, e.ok("migrate", img, dev, "--json"))
+	if p := passes[0]; p.BytesChanged != 32<<20 {
+		t.Errorf("first pass onto a device of old bytes changed %d bytes, want all %d", p.BytesChanged, 32<<20)
+	}
+	writeFile(t, filepath.Join(mnt, "late"), randomBytes(300<<10))
+	// A state on the filesystem to freeze would block the final pass.
+	before := fileHash(t, dev, -1)
+	e.fail([]string{"which the final pass freezes"}, "migrate", img, dev, "--final", "--state", filepath.Join(mnt, "s.state"))
+	if fileHash(t, dev, -1) != before {
+		t.Error("the target was written by a refused final pass")
+	}
+	e.ok("migrate", img, dev, "--final")
+	checkTarget(t, dev, hashTree(t, mnt))
+	sh(t, "umount", mnt)
+	sh(t, "mkfs.ext4", "-q", "-F", img)
+	before = fileHash(t, dev, -1)
+	e.fail([]string{"of another source", "filesystem UUIDs"}, "migrate", img, dev)
+	if fileHash(t, dev, -1) != before {
+		t.Error("the target was written with the state of another filesystem")
+	}
+	e.ok("migrate", img, dev, "--reset")
+	if out := sh(t, "cmp", "-n", fmt.Sprint(32<<20), img, dev); out != "" {
+		t.Errorf("cmp: %s", out)
+	}
+}
+
+// A block device source mounted read-write, and an image file mounted
+// through a loop device that writes around the file's page cache: each
+// pass reads what the filesystem wrote since the previous one, not the
+// page cache of the previous pass.
+func TestMigrateMountedDevice(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		device bool
+	}{{"device", true}, {"image under a direct-io loop device", false}} {
+		t.Run(c.name, func(t *testing.T) { testMigrateMounted(t, c.device) })
+	}
+}
+
+func testMigrateMounted(t *testing.T, device bool) {
+	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
+	e := newBareEnv(t)
+	img := e.path("src.img")
+	sh(t, "truncate", "-s", "48M", img)
+	sh(t, "mkfs.ext4", "-q", "-F", img)
+	dev := losetup(t, img, "--direct-io=on")
+	src := img
+	if device {
+		src = dev
+	}
+	mnt := e.path("src")
+	os.Mkdir(mnt, 0o755)
+	sh(t, "mount", dev, mnt)
+	t.Cleanup(func() { exec.Command("fsfreeze", "-u", mnt).Run(); exec.Command("umount", mnt).Run() })
+	for i := 0; i < 8; i++ {
+		writeFile(t, filepath.Join(mnt, fmt.Sprintf("f%d", i)), randomBytes(1<<20))
+	}
+	sh(t, "sync")
+	target := e.path("target.img")
+	e.ok("migrate", src, target)
+	// Rewrite the files in place: the same blocks, new bytes.
+	for i := 0; i < 8; i++ {
+		writeAt(t, filepath.Join(mnt, fmt.Sprintf("f%d", i)), 0, randomBytes(1<<20))
+	}
+	sh(t, "sync")
+	passes, _ := parseMigrate(t, e.ok("migrate", src, target, "--json"))
+	if passes[0].BytesChanged < 8<<20 {
+		t.Errorf("8 MiB rewritten in place, the pass found %d bytes changed", passes[0].BytesChanged)
+	}
+	for i := 0; i < 4; i++ {
+		writeAt(t, filepath.Join(mnt, fmt.Sprintf("f%d", i)), 4096, randomBytes(64<<10))
+	}
+	out := e.ok("migrate", src, target, "--final")
+	if !strings.Contains(out, "frozen for") {
+		t.Errorf("final pass:\n%s", out)
+	}
+	checkTarget(t, target, hashTree(t, mnt))
+}

@@ -1,0 +1,744 @@
+package cli
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/spf13/cobra"
+	"github.com/zeebo/blake3"
+	"golang.org/x/sys/unix"
+
+	"github.com/sauve-backup/sauve/internal/disk"
+	"github.com/sauve-backup/sauve/internal/migrate"
+	"github.com/sauve-backup/sauve/internal/repo"
+	"github.com/sauve-backup/sauve/internal/shadow"
+	"github.com/sauve-backup/sauve/internal/source"
+)
+
+// migrateOptions are migrate's flags, read once.
+type migrateOptions struct {
+	final         bool
+	untilDelta    int64 // -1: one pass
+	limitRate     int64
+	statePath     string
+	reset         bool
+	noFSSkip      bool
+	maxPasses     int
+	freezeTimeout time.Duration
+}
+
+// exitDiverging is migrate's exit status when --until-delta is not
+// reached because the source changes faster than the copy.
+const exitDiverging = 3
+
+func newMigrateCmd(g *globals) *cobra.Command {
+	var (
+		o          migrateOptions
+		untilDelta string
+		limitRate  string
+	)
+	cmd := &cobra.Command{
+		Use:   "migrate SOURCE TARGET",
+		Short: "Copy a disk in use onto another by delta passes, with a short final cut-over",
+		Long: `Copy SOURCE (a block device or a disk image file, in use or not) onto TARGET
+(a raw image file, created if missing, or a block device) by passes, as a
+migration of a running machine does. The first pass copies every used
+block of SOURCE; each later pass reads and hashes SOURCE again and writes
+only the chunks (1 MiB) whose BLAKE3 hash changed since the previous
+pass, known from a local state file: TARGET is never read back. Free
+space is skipped as backups skip it (it is zeros on TARGET), except in
+filesystems mounted read-write from SOURCE, whose free space changes
+while they are read: those are read in full.
+
+--final quiesces SOURCE for the last pass: the filesystems mounted
+read-write from it are frozen (fsfreeze, under the same thaw guard as
+backups: they are thawed at the end, on error, on Ctrl-C, after
+--freeze-timeout, and even if sauve is killed), the delta is applied, and
+the cut-over time is reported: how long writes were frozen. TARGET then
+holds SOURCE as it was frozen. Without an earlier pass, --final runs a
+first pass unfrozen before it.
+
+After each pass sauve prints what it read and wrote, the chunks changed,
+the source's rate of change since the previous pass against the copy
+rate, and an estimate of the next pass; with --json, one JSON object per
+pass and one summary, a line each. --until-delta SIZE repeats passes
+until a pass changes at most SIZE; when the delta has not shrunk by a
+tenth over 3 passes (the source changes faster than the copy: without
+change tracking every pass reads all used blocks, so its delta is what
+changes while it runs), or after --max-passes, sauve says so and exits
+with status 3 (no final pass is run). --limit-rate throttles reads and
+writes together, for disks and links shared with production.
+
+The state file (in $XDG_CACHE_HOME/sauve/migrate/ or --cache-dir, one
+per SOURCE and TARGET, or --state) records which source and target it is of (device
+numbers or inode, size, disk ID, filesystem UUIDs): a state of another
+source or target is refused, nothing written; --reset starts over with a
+full pass. A pass interrupted at any instant (Ctrl-C, kill -9, a crash)
+leaves a target that the next pass makes exact: a chunk's hash is kept
+only once its write is durable.
+
+Refused, each with nothing written: a TARGET smaller than SOURCE, a
+TARGET in use (mounted, a partition of it mounted, or backing a mounted
+loop device), TARGET being SOURCE, and a SOURCE that is a stream.
+
+Not available yet (later versions): VM disk targets (qcow2, VMDK, VHD,
+VHDX, VDI: migrate into a raw image and 'sauve convert' it), remote
+targets over SSH, growing the target (--size), QEMU dirty bitmaps (every
+pass reads all used blocks), repository snapshots as SOURCE, and
+--test-boot.`,
+		Example: `  sauve migrate /dev/sda /dev/sdb                        # first pass; rerun for a delta pass
+  sauve migrate /dev/vg0/web /srv/web.img --until-delta 64M --limit-rate 50M
+  sauve migrate /dev/vg0/web /srv/web.img --final         # freeze, last delta, thaw
+  sauve migrate /var/lib/images/db.img /dev/vdc --until-delta 32M --final --json`,
+		Args: exactArgs(2, "SOURCE and TARGET"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o.untilDelta = -1
+			if untilDelta != "" {
+				n, err := parseSize(untilDelta)
+				if err != nil {
+					return usageError{fmt.Errorf("--until-delta: %w", err)}
+				}
+				o.untilDelta = n
+			}
+			if limitRate != "" {
+				n, err := parseSize(strings.TrimSuffix(strings.TrimSuffix(limitRate, "/s"), "ps"))
+				if err != nil || n <= 0 {
+					return usageError{fmt.Errorf("--limit-rate %q: want a rate such as 50M (bytes a second)", limitRate)}
+				}
+				o.limitRate = n
+			}
+			if o.maxPasses < 1 {
+				return usageError{errors.New("--max-passes: at least 1")}
+			}
+			return g.migrate(cmd.Context(), args[0], args[1], &o)
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVar(&o.final, "final", false, "freeze the filesystems mounted from SOURCE for the last pass, and report the cut-over time")
+	f.StringVar(&untilDelta, "until-delta", "", "repeat passes until one changes at most this `SIZE` (e.g. 64M); exit status 3 when the delta stops shrinking")
+	f.StringVar(&limitRate, "limit-rate", "", "throttle reads and writes together to this many bytes a second (e.g. 50M)")
+	f.StringVar(&o.statePath, "state", "", "the state `FILE` of the passes (default: migrate/ID.state in the cache folder, --cache-dir or $XDG_CACHE_HOME/sauve)")
+	f.BoolVar(&o.reset, "reset", false, "forget the state file's passes (or a state of another source or target) and copy everything again")
+	f.BoolVar(&o.noFSSkip, "no-fs-skip", false, "read and copy free space too")
+	f.IntVar(&o.maxPasses, "max-passes", 20, "with --until-delta: give up after this many passes (exit status 3)")
+	f.DurationVar(&o.freezeTimeout, "freeze-timeout", 5*time.Minute, "with --final: longest time the filesystems stay frozen (they are thawed then even if sauve is killed, and the final pass fails)")
+	return cmd
+}
+
+// migration is one migrate command's source, target and state.
+type migration struct {
+	o      *migrateOptions
+	src    *source.Source
+	disk   *source.Disk
+	target *disk.Target
+	state  *migrate.State
+	limit  *migrate.Limiter
+	lock   *os.File // held while the state is in use
+	direct *directReader
+	warned map[string]bool
+	// prevStart is when the previous pass started (zero: unknown).
+	prevStart time.Time
+	passes    []migrate.Pass
+}
+
+// refuseMigrateTarget refuses the targets that later versions will take.
+func refuseMigrateTarget(path string) error {
+	if strings.Contains(path, "://") {
+		return fmt.Errorf("target %s: remote targets (ssh://) are not available yet: migrate writes a raw image file or a block device on this machine", path)
+	}
+	if path == "-" {
+		return errors.New("target -: a migration writes its target again at every pass, not to standard output")
+	}
+	switch strings.ToLower(filepath.Ext(path)) {
+	case ".qcow2", ".qcow", ".vmdk", ".vhd", ".vhdx", ".vdi", ".ova":
+		return fmt.Errorf("target %s: VM disk targets are not available yet: migrate into a raw image (.img) and convert it after the final pass ('sauve convert')", path)
+	}
+	return nil
+}
+
+func (g *globals) migrate(ctx context.Context, srcPath, tgtPath string, o *migrateOptions) error {
+	if err := refuseMigrateTarget(tgtPath); err != nil {
+		return err
+	}
+	m, err := g.openMigration(ctx, srcPath, tgtPath, o)
+	if m != nil {
+		defer m.close()
+	}
+	if err != nil {
+		return err
+	}
+	if o.final {
+		// Before any pass: the final one could not write these.
+		mounts, err := shadow.MountsToFreeze(m.src)
+		if err != nil {
+			return err
+		}
+		if err := refuseFrozenPaths(mounts, m.target.Path, filepath.Dir(m.state.Path())); err != nil {
+			return err
+		}
+	}
+	// --final alone after earlier passes goes straight to the frozen
+	// pass; a first pass is never run frozen.
+	if !o.final || o.untilDelta >= 0 || m.state.Header.Passes == 0 {
+		if err := g.migratePasses(ctx, m); err != nil {
+			return err
+		}
+	}
+	if !o.final {
+		return g.printMigrateSummary(m, nil)
+	}
+	fr, err := g.finalPass(ctx, m)
+	if err != nil {
+		return err
+	}
+	return g.printMigrateSummary(m, fr)
+}
+
+// migratePasses runs one pass, or passes until --until-delta.
+func (g *globals) migratePasses(ctx context.Context, m *migration) error {
+	conv := migrate.Convergence{Goal: m.o.untilDelta}
+	for n := 1; ; n++ {
+		p, err := g.migratePass(ctx, m, false)
+		if err != nil {
+			return err
+		}
+		if m.o.untilDelta < 0 {
+			return nil
+		}
+		switch conv.Add(p.BytesChanged) {
+		case migrate.Converged:
+			g.printf("delta %s is at most --until-delta %s: converged after %d passes\n", bytesIEC(p.BytesChanged), bytesIEC(m.o.untilDelta), n)
+			return nil
+		case migrate.Diverging:
+			return g.diverging(m, fmt.Sprintf("the delta has not shrunk over %d passes (%s): the source changes faster than the copy (each pass reads every used block again, so its delta is what changes while it runs); stop or slow the writers, raise --until-delta, or cut over with --final", migrate.Stalls, m.lastDeltas(migrate.Stalls+1)))
+		}
+		if n >= m.o.maxPasses {
+			return g.diverging(m, fmt.Sprintf("no pass reached --until-delta %s in %d passes (%s)", bytesIEC(m.o.untilDelta), n, m.lastDeltas(4)))
+		}
+	}
+}
+
+func (m *migration) lastDeltas(k int) string {
+	var s []string
+	for _, p := range m.passes[max(0, len(m.passes)-k):] {
+		s = append(s, bytesIEC(p.BytesChanged))
+	}
+	return strings.Join(s, ", ")
+}
+
+func (g *globals) diverging(m *migration, why string) error {
+	if err := g.printMigrateSummary(m, nil); err != nil {
+		return err
+	}
+	return codedError{errors.New(why), exitDiverging}
+}
+
+// openMigration opens the source, the target and the state, and refuses
+// what must not be migrated before anything is written. It returns what
+// it opened also on error, for close.
+func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o *migrateOptions) (*migration, error) {
+	src, err := source.Open(ctx, srcPath)
+	if err != nil {
+		return nil, err
+	}
+	m := &migration{o: o, src: src, limit: migrate.NewLimiter(o.limitRate), warned: map[string]bool{}}
+	if src.Kind == source.Stream {
+		return m, fmt.Errorf("source %s is a stream (standard input, a FIFO or a character device): a migration reads its source again at every pass; give a block device or an image file", srcPath)
+	}
+	if err := src.RefuseEmpty("migrate it", "nothing to migrate"); err != nil {
+		return m, err
+	}
+	v := source.Live(src)
+	if src.Kind == source.Device {
+		if m.direct, err = openDirectReader(src); err != nil {
+			return m, err
+		}
+		v.At = m.direct
+	}
+	if m.disk, err = source.OpenDisk(v, source.Options{}); err != nil {
+		return m, err
+	}
+	if err := m.disk.RefuseEmpty("migrate it", "nothing to migrate"); err != nil {
+		return m, err
+	}
+	srcID, err := g.sourceIdentity(m)
+	if err != nil {
+		return m, err
+	}
+	tgtFI, err := os.Stat(tgtPath)
+	exists := err == nil
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return m, fmt.Errorf("target: %w", err)
+	}
+	if exists {
+		if err := refuseSame(src, tgtPath, tgtFI); err != nil {
+			return m, err
+		}
+		if m.target, err = disk.OpenTarget(tgtPath, disk.TargetOptions{}); err != nil {
+			return m, err
+		}
+		if m.target.Size < m.disk.Size {
+			return m, fmt.Errorf("target %s holds %d bytes, source %s %d: refusing a migration that would not fit (growing the target comes in a later version)", tgtPath, m.target.Size, srcPath, m.disk.Size)
+		}
+	}
+	statePath, err := g.migrateStatePath(o, src.Path, tgtPath)
+	if err != nil {
+		return m, err
+	}
+	if m.lock, err = lockState(statePath); err != nil {
+		return m, err
+	}
+	if m.state, err = loadMigrateState(statePath, srcID, tgtPath, exists, o.reset); err != nil {
+		return m, err
+	}
+	if !exists {
+		if m.target, err = createMigrateTarget(tgtPath, m.disk.Size); err != nil {
+			return m, err
+		}
+	}
+	tgtID, err := fileIdentity(m.target.Path, m.target.Size)
+	if err != nil {
+		return m, err
+	}
+	if m.state != nil {
+		if why := m.state.Header.Target.Mismatch(tgtID); why != "" {
+			return m, fmt.Errorf("state file %s is of another target than %s (it has %s): give another --state, or --reset to copy everything again", statePath, tgtPath, why)
+		}
+		return m, nil
+	}
+	h := migrate.Header{ChunkSize: migrate.DefaultChunkSize, Source: srcID, Target: tgtID}
+	var initial func(int64) migrate.Hash
+	if !exists {
+		// A new file reads as zeros: its zero chunks need no write.
+		initial = func(i int64) migrate.Hash {
+			return migrate.ZeroHash(int(min(int64(h.ChunkSize), srcID.Size-i*int64(h.ChunkSize))))
+		}
+	}
+	m.state, err = migrate.Create(statePath, h, initial)
+	return m, err
+}
+
+func (m *migration) close() {
+	if m.state != nil {
+		m.state.Close()
+	}
+	if m.target != nil {
+		m.target.Close()
+	}
+	if m.disk != nil {
+		m.disk.Close()
+	}
+	if m.lock != nil {
+		m.lock.Close()
+	}
+	if m.direct != nil {
+		m.direct.f.Close()
+	}
+	m.src.Close()
+}
+
+// directAlign is the alignment of O_DIRECT reads: a multiple of every
+// logical sector size.
+const directAlign = 4096
+
+// directReader reads a block device with O_DIRECT. A filesystem mounted
+// from the device writes its data around the device's page cache, so
+// that what a buffered read cached at the previous pass would be read
+// again, stale; dropping the cache (FADV_DONTNEED) leaves the pages that
+// hold the filesystem's metadata buffers too, and the data blocks beside
+// them in the same page.
+type directReader struct {
+	f    *os.File
+	size int64
+	buf  []byte // aligned scratch space
+}
+
+func openDirectReader(src *source.Source) (*directReader, error) {
+	f, err := os.OpenFile("/proc/self/fd/"+fmt.Sprint(src.File().Fd()), os.O_RDONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s with O_DIRECT: %w", src.Path, err)
+	}
+	return &directReader{f: f, size: src.Size}, nil
+}
+
+// ReadAt reads the aligned span around p through the scratch buffer. It
+// is not safe for concurrent use: a pass reads in order.
+func (r *directReader) ReadAt(p []byte, off int64) (int, error) {
+	if off >= r.size {
+		return 0, io.EOF
+	}
+	end := min(off+int64(len(p)), r.size)
+	from := off &^ (directAlign - 1)
+	to := min((end+directAlign-1)&^(directAlign-1), (r.size+directAlign-1)&^(directAlign-1))
+	need := int(to - from)
+	if len(r.buf) < need {
+		raw := make([]byte, need+directAlign)
+		pad := int(-uintptr(unsafe.Pointer(unsafe.SliceData(raw))) & (directAlign - 1))
+		r.buf = raw[pad : pad+need]
+	}
+	n, err := r.f.ReadAt(r.buf[:need], from)
+	if int64(n) < end-from && err == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	got := max(0, min(int64(n), end-from)-(off-from))
+	copy(p, r.buf[off-from:off-from+got])
+	if got == int64(len(p)) {
+		return len(p), nil
+	}
+	if err == nil || errors.Is(err, io.ErrUnexpectedEOF) && end == r.size {
+		err = io.EOF
+	}
+	return int(got), err
+}
+
+// lockState takes the lock of the state file at path (a file beside it:
+// the state itself is replaced by renames), so that two migrations never
+// write one state at once.
+func lockState(path string) (*os.File, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("create state folder: %w", err)
+	}
+	f, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock migration state: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("state file %s is in use by another sauve migrate", path)
+		}
+		return nil, fmt.Errorf("lock migration state %s: %w", path, err)
+	}
+	return f, nil
+}
+
+// sourceIdentity says which source this is: its device or inode, size,
+// and the disk ID and filesystem UUIDs its layout holds.
+func (g *globals) sourceIdentity(m *migration) (migrate.Identity, error) {
+	id, err := fileIdentity("/proc/self/fd/"+fmt.Sprint(m.src.File().Fd()), m.disk.Size)
+	if err != nil {
+		return id, err
+	}
+	id.Path = m.src.Path
+	if abs, err := filepath.Abs(m.src.Path); err == nil {
+		id.Path = abs
+	}
+	layout, err := m.disk.Map(source.MapOptions{NoSkip: true})
+	if err != nil {
+		return id, err
+	}
+	var d repo.Disk
+	layout.Describe(&d)
+	id.DiskID = d.DiskID
+	for _, p := range d.Partitions {
+		if p.FSUUID != "" {
+			id.FSUUIDs = append(id.FSUUIDs, p.FSUUID)
+		}
+	}
+	return id, nil
+}
+
+// fileIdentity identifies the file or device at path, of size bytes.
+func fileIdentity(path string, size int64) (migrate.Identity, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return migrate.Identity{}, fmt.Errorf("stat %s: %w", path, err)
+	}
+	id := migrate.Identity{Path: path, Size: size}
+	if abs, err := filepath.Abs(path); err == nil {
+		id.Path = abs
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFBLK {
+		id.Device = fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	} else {
+		id.FileDev, id.Inode = st.Dev, st.Ino
+	}
+	return id, nil
+}
+
+// refuseSame refuses a target that is the source: the same file or
+// device, a partition of the other, or a loop device backed by it.
+func refuseSame(src *source.Source, tgtPath string, tfi os.FileInfo) error {
+	sfi, err := src.File().Stat()
+	if err != nil {
+		return fmt.Errorf("stat source: %w", err)
+	}
+	same := fmt.Errorf("target %s is the source %s: refusing to migrate a disk onto itself", tgtPath, src.Path)
+	if os.SameFile(sfi, tfi) {
+		return same
+	}
+	ss, ts := sfi.Sys().(*syscall.Stat_t), tfi.Sys().(*syscall.Stat_t)
+	if ss == nil || ts == nil || tfi.Mode()&os.ModeDevice == 0 {
+		return nil
+	}
+	tdev := sysBlockPath(ts.Rdev)
+	if sfi.Mode()&os.ModeDevice != 0 {
+		if sdev := sysBlockPath(ss.Rdev); sdev != "" && tdev != "" && (strings.HasPrefix(sdev, tdev+"/") || strings.HasPrefix(tdev, sdev+"/") || sdev == tdev) {
+			return same
+		}
+		return nil
+	}
+	// A loop device over the source file.
+	b, err := os.ReadFile(filepath.Join("/sys/dev/block", fmt.Sprintf("%d:%d", unix.Major(ts.Rdev), unix.Minor(ts.Rdev)), "loop", "backing_file"))
+	if err != nil {
+		return nil
+	}
+	if bfi, err := os.Stat(strings.TrimSpace(string(b))); err == nil && os.SameFile(bfi, sfi) {
+		return fmt.Errorf("target %s is a loop device over the source %s: refusing to migrate a disk onto itself", tgtPath, src.Path)
+	}
+	return nil
+}
+
+// sysBlockPath is the sysfs path of a block device ("" if unknown): a
+// partition's lies under its disk's.
+func sysBlockPath(rdev uint64) string {
+	p, err := filepath.EvalSymlinks(fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(rdev), unix.Minor(rdev)))
+	if err != nil {
+		return ""
+	}
+	return p
+}
+
+// migrateStatePath is --state, or the default state file of the pair.
+func (g *globals) migrateStatePath(o *migrateOptions, src, tgt string) (string, error) {
+	if o.statePath != "" {
+		return o.statePath, nil
+	}
+	base := g.cacheBase()
+	if base == "" {
+		return "", usageError{errors.New("no cache folder for the migration's state (--no-cache, or no $HOME): give --state FILE")}
+	}
+	a, _ := filepath.Abs(src)
+	b, _ := filepath.Abs(tgt)
+	sum := blake3.Sum256([]byte("sauve migrate\x00" + a + "\x00" + b))
+	return filepath.Join(base, "migrate", hex.EncodeToString(sum[:16])+".state"), nil
+}
+
+// loadMigrateState loads the state at path and checks it is of the
+// source srcID; nil when there is none (or --reset).
+func loadMigrateState(path string, srcID migrate.Identity, tgtPath string, tgtExists, reset bool) (*migrate.State, error) {
+	if reset {
+		return nil, nil
+	}
+	st, err := migrate.Load(path)
+	if errors.Is(err, migrate.ErrNoState) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if why := st.Header.Source.Mismatch(srcID); why != "" {
+		st.Close()
+		return nil, fmt.Errorf("state file %s is of another source than %s (it has %s; the state's is %s): give another --state, or --reset to copy everything again", path, srcID.Path, why, st.Header.Source.Path)
+	}
+	if !tgtExists {
+		st.Close()
+		return nil, fmt.Errorf("state file %s records passes onto %s, which no longer exists: --reset to copy everything again", path, tgtPath)
+	}
+	return st, nil
+}
+
+// createMigrateTarget creates a new raw file target of size bytes, all
+// holes, durably.
+func createMigrateTarget(path string, size int64) (*disk.Target, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("create target: %w", err)
+	}
+	err = f.Truncate(size)
+	if err == nil {
+		err = f.Sync()
+	}
+	f.Close()
+	if err == nil {
+		var d *os.File
+		if d, err = os.Open(filepath.Dir(path)); err == nil {
+			err = d.Sync()
+			d.Close()
+		}
+	}
+	if err != nil {
+		os.Remove(path)
+		return nil, fmt.Errorf("create target %s: %w", path, err)
+	}
+	return disk.OpenTarget(path, disk.TargetOptions{})
+}
+
+// migrateTarget is a disk.Target as a pass writes it.
+type migrateTarget struct {
+	t     *disk.Target
+	zeros []byte
+}
+
+func (w migrateTarget) WriteAt(p []byte, off int64) (int, error) { return w.t.WriteAt(p, off) }
+func (w migrateTarget) Zero(off, n int64) error                  { return w.t.Zero(off, n, w.zeros) }
+func (w migrateTarget) Sync() error                              { return w.t.Finish(w.t.Size) }
+
+// migratePass runs a pass: the source mapped again (its free space
+// changes), read, and its changed chunks written.
+func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (migrate.Pass, error) {
+	layout, err := m.disk.Map(source.MapOptions{NoSkip: m.o.noFSSkip, Warn: func(w string) {
+		if !m.warned[w] {
+			m.warned[w] = true
+			g.warn(w)
+		}
+	}})
+	if err != nil {
+		return migrate.Pass{}, err
+	}
+	prog := new(migrate.Progress)
+	label := "pass"
+	if final {
+		label = "final pass"
+	}
+	meter := startMeter(g.stderr, g.showProgress(), meterSource{
+		label: label + " " + filepath.Base(m.src.Path), total: func() int64 { return m.disk.Size }, current: prog.Done.Load,
+		extra: func() string {
+			return fmt.Sprintf("changed %s, written %s", bytesIEC(prog.Changed.Load()), bytesIEC(prog.Written.Load()))
+		},
+	})
+	src := migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map()}
+	p, err := migrate.Run(ctx, src, migrateTarget{t: m.target, zeros: make([]byte, 1<<20)}, m.state, migrate.Options{Limit: m.limit, Progress: prog})
+	meter.Stop()
+	if err != nil {
+		return p, fmt.Errorf("migrate %s to %s: %w", m.src.Path, m.target.Path, err)
+	}
+	layout.WarnLate()
+	h := &m.state.Header
+	if m.prevStart.IsZero() && h.Passes > 0 {
+		m.prevStart = h.LastStart
+	}
+	h.Passes++
+	p.Number = h.Passes
+	h.LastStart = p.Start
+	if err := m.state.Compact(); err != nil {
+		return p, err
+	}
+	rates := migrate.Estimate(m.prevStart, p)
+	m.prevStart = p.Start
+	m.passes = append(m.passes, p)
+	return p, g.printPass(p, rates, final)
+}
+
+// passJSON is a pass's --json line.
+type passJSON struct {
+	migrate.Pass
+	migrate.Rates
+	Final bool `json:"final"`
+}
+
+func (g *globals) printPass(p migrate.Pass, r migrate.Rates, final bool) error {
+	if g.json {
+		return g.printJSONLine(passJSON{p, r, final})
+	}
+	name := fmt.Sprintf("pass %d", p.Number)
+	if final {
+		name = "final pass (" + name + ")"
+	}
+	g.printf("%s: read %s, wrote %s, zeroed %s; %d of %d chunks changed (%s) in %s (%s)\n", name,
+		bytesIEC(p.BytesRead), bytesIEC(p.BytesWritten), bytesIEC(p.BytesZeroed), p.ChunksChanged, p.Chunks, bytesIEC(p.BytesChanged),
+		seconds(p.Seconds), rate(p.BytesRead+p.BytesWritten+p.BytesZeroed, p.Seconds))
+	if r.ChangeRate > 0 || p.Number > 1 {
+		g.printf("  source changed at %s/s since the previous pass, copied at %s/s; next pass about %s\n",
+			bytesIEC(int64(r.ChangeRate)), bytesIEC(int64(r.CopyRate)), seconds(r.NextSeconds))
+	} else {
+		g.printf("  copied at %s/s; next pass about %s\n", bytesIEC(int64(r.CopyRate)), seconds(r.NextSeconds))
+	}
+	return nil
+}
+
+func (g *globals) printJSONLine(v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(g.stdout, "%s\n", b)
+	return err
+}
+
+// finalResult is what the final pass froze.
+type finalResult struct {
+	frozen time.Duration
+	mounts []string
+}
+
+// finalPass freezes the filesystems mounted read-write from the source,
+// runs a pass and thaws them, whatever happens.
+func (g *globals) finalPass(ctx context.Context, m *migration) (*finalResult, error) {
+	mounts, err := shadow.MountsToFreeze(m.src)
+	if err != nil {
+		return nil, err
+	}
+	if err := refuseFrozenPaths(mounts, m.target.Path, m.state.Path()); err != nil {
+		return nil, err
+	}
+	if len(mounts) == 0 {
+		g.printf("no filesystem is mounted read-write from %s: nothing to freeze\n", m.src.Path)
+		_, err := g.migratePass(ctx, m, true)
+		return &finalResult{}, err
+	}
+	z, err := shadow.FreezeMounts(ctx, mounts, shadow.Options{FreezeTimeout: m.o.freezeTimeout, Warn: g.warn})
+	if err != nil {
+		return nil, err
+	}
+	_, perr := g.migratePass(ctx, m, true)
+	took, terr := z.Thaw()
+	if perr != nil {
+		return nil, perr
+	}
+	if terr != nil {
+		return nil, fmt.Errorf("%w: the final pass was not of one instant; run it again, with a longer --freeze-timeout", terr)
+	}
+	return &finalResult{frozen: took, mounts: mounts}, nil
+}
+
+// refuseFrozenPaths refuses a final pass whose target or state file lies
+// on a filesystem it freezes: its writes would wait for the thaw.
+func refuseFrozenPaths(mounts []string, paths ...string) error {
+	for _, mp := range mounts {
+		var ms unix.Stat_t
+		if unix.Stat(mp, &ms) != nil {
+			continue
+		}
+		for _, p := range paths {
+			var ps unix.Stat_t
+			if unix.Stat(p, &ps) == nil && ps.Dev == ms.Dev && ps.Mode&unix.S_IFMT != unix.S_IFBLK {
+				return fmt.Errorf("%s is on %s, which the final pass freezes: put the target and the state (--state) on another filesystem", p, mp)
+			}
+		}
+	}
+	return nil
+}
+
+// printMigrateSummary says what the passes of this command did.
+func (g *globals) printMigrateSummary(m *migration, fr *finalResult) error {
+	var read, written, zeroed int64
+	for _, p := range m.passes {
+		read, written, zeroed = read+p.BytesRead, written+p.BytesWritten, zeroed+p.BytesZeroed
+	}
+	if g.json {
+		out := map[string]any{"summary": true, "source": m.src.Path, "target": m.target.Path, "state": m.state.Path(),
+			"passes": len(m.passes), "passes_total": m.state.Header.Passes, "bytes_read": read, "bytes_written": written, "bytes_zeroed": zeroed,
+			"final": fr != nil, "frozen_seconds": 0.0, "frozen_mounts": []string{}}
+		if fr != nil {
+			out["frozen_seconds"], out["frozen_mounts"] = fr.frozen.Seconds(), nonNil(fr.mounts)
+		}
+		return g.printJSONLine(out)
+	}
+	if fr != nil && len(fr.mounts) > 0 {
+		g.printf("cut-over: writes to %s were frozen for %s; %s now holds %s as it was frozen\n", strings.Join(fr.mounts, ", "), seconds(fr.frozen.Seconds()), m.target.Path, m.src.Path)
+	} else if fr != nil {
+		g.printf("%s now holds %s\n", m.target.Path, m.src.Path)
+	}
+	return nil
+}

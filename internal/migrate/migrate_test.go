@@ -1,0 +1,431 @@
+package migrate
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/zeebo/blake3"
+
+	"github.com/sauve-backup/sauve/internal/extent"
+)
+
+const cs = 64 << 10
+
+// memMap is a source's data ranges, as a layout gives them.
+type memMap []extent.Range
+
+func (m memMap) Data(off, n int64) ([]extent.Range, error) {
+	var out []extent.Range
+	for _, r := range m {
+		s, e := max(r.Start, off), min(r.End, off+n)
+		if s < e {
+			out = append(out, extent.Range{Start: s, End: e})
+		}
+	}
+	return out, nil
+}
+
+// memTarget keeps what is synced apart from what is only written, so
+// that a crash (drop) loses the latter; it fails the test if read.
+type memTarget struct {
+	t          *testing.T
+	durable    []byte
+	volatile   map[int64][]byte // offset: data (nil for zeros), in order below
+	order      []int64
+	writes     []int64 // chunk indexes written or zeroed, in order
+	zeroed     []int64
+	failWrites int // fail this write, counting from 1 (0: never)
+	failSync   bool
+}
+
+func newTarget(t *testing.T, size int64) *memTarget {
+	return &memTarget{t: t, durable: make([]byte, size), volatile: map[int64][]byte{}}
+}
+
+func (m *memTarget) ReadAt([]byte, int64) (int, error) {
+	m.t.Fatal("the target was read")
+	return 0, nil
+}
+
+func (m *memTarget) WriteAt(p []byte, off int64) (int, error) {
+	if m.failWrites > 0 && len(m.writes)+1 >= m.failWrites {
+		return 0, errors.New("injected write failure")
+	}
+	m.volatile[off] = append([]byte(nil), p...)
+	m.order = append(m.order, off)
+	m.writes = append(m.writes, off/cs)
+	return len(p), nil
+}
+
+func (m *memTarget) Zero(off, n int64) error {
+	if m.failWrites > 0 && len(m.writes)+1 >= m.failWrites {
+		return errors.New("injected write failure")
+	}
+	m.volatile[off] = make([]byte, n)
+	m.order = append(m.order, off)
+	m.writes = append(m.writes, off/cs)
+	m.zeroed = append(m.zeroed, off/cs)
+	return nil
+}
+
+func (m *memTarget) Sync() error {
+	if m.failSync {
+		return errors.New("injected sync failure")
+	}
+	for _, off := range m.order {
+		copy(m.durable[off:], m.volatile[off])
+	}
+	m.volatile, m.order = map[int64][]byte{}, nil
+	return nil
+}
+
+// crash loses what was not synced, except for a random part of it: a
+// write may or may not have reached the disk.
+func (m *memTarget) crash(rng *rand.Rand) {
+	for _, off := range m.order {
+		if rng.IntN(2) == 0 {
+			copy(m.durable[off:], m.volatile[off])
+		}
+	}
+	m.volatile, m.order, m.writes, m.zeroed = map[int64][]byte{}, nil, nil, nil
+	m.failWrites, m.failSync = 0, false
+}
+
+// disk is a source disk with garbage in its free ranges.
+type disk struct {
+	data []byte
+	free memMap // the complement is what the map gives
+}
+
+func newDisk(size int64, seed uint64) *disk {
+	rng := rand.New(rand.NewPCG(seed, 1))
+	d := &disk{data: make([]byte, size)}
+	for i := range d.data {
+		d.data[i] = byte(rng.Uint32())
+	}
+	return d
+}
+
+func (d *disk) source() Source {
+	var m memMap
+	pos := int64(0)
+	for _, f := range d.free {
+		if f.Start > pos {
+			m = append(m, extent.Range{Start: pos, End: f.Start})
+		}
+		pos = f.End
+	}
+	if pos < int64(len(d.data)) {
+		m = append(m, extent.Range{Start: pos, End: int64(len(d.data))})
+	}
+	return Source{At: bytes.NewReader(d.data), Size: int64(len(d.data)), Map: m}
+}
+
+// want is what the target must hold: the data with free ranges zeroed.
+func (d *disk) want() []byte {
+	w := append([]byte(nil), d.data...)
+	for _, f := range d.free {
+		clear(w[f.Start:f.End])
+	}
+	return w
+}
+
+func newState(t *testing.T, size int64, fresh bool) *State {
+	t.Helper()
+	h := Header{ChunkSize: cs, Source: Identity{Path: "src", Size: size, Inode: 7}, Target: Identity{Path: "tgt", Size: size, Inode: 8}}
+	var init func(int64) Hash
+	if fresh {
+		// A new target reads as zeros everywhere.
+		init = func(i int64) Hash { return ZeroHash(chunkLen(i, cs, size)) }
+	}
+	st, err := Create(filepath.Join(t.TempDir(), "m.state"), h, init)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func reload(t *testing.T, st *State) *State {
+	t.Helper()
+	st.Close()
+	s, err := Load(st.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func run(t *testing.T, d *disk, tg *memTarget, st *State, o Options) Pass {
+	t.Helper()
+	p, err := Run(context.Background(), d.source(), tg, st, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func sameBytes(t *testing.T, what string, got, want []byte) {
+	t.Helper()
+	if !bytes.Equal(got, want) {
+		for i := range want {
+			if got[i] != want[i] {
+				t.Fatalf("%s: target differs from the source at %d (chunk %d)", what, i, i/cs)
+			}
+		}
+	}
+}
+
+// The first pass writes every chunk holding data, skips the zero chunks
+// of a new target and reads no free space; a second pass over an
+// unchanged source writes nothing.
+func TestMigrateFirstPass(t *testing.T) {
+	size := int64(8*cs + 1000) // a short last chunk
+	d := newDisk(size, 1)
+	clear(d.data[3*cs : 4*cs])                                                          // a zero chunk
+	d.free = memMap{{Start: 5 * cs, End: 6 * cs}, {Start: 6*cs + 100, End: 7*cs - 100}} // a free chunk, a mostly free one
+	tg := newTarget(t, size)
+	st := newState(t, size, true)
+	p := run(t, d, tg, st, Options{})
+	sameBytes(t, "first pass", tg.durable, d.want())
+	if want := []int64{0, 1, 2, 4, 6, 7, 8}; !slices.Equal(tg.writes, want) {
+		t.Errorf("first pass wrote chunks %v, want %v", tg.writes, want)
+	}
+	if want := size - cs - (cs - 200); p.BytesRead != want {
+		t.Errorf("read %d bytes, want %d (free space skipped)", p.BytesRead, want)
+	}
+	if p.BytesWritten != 6*cs+1000 || p.ChunksChanged != 7 || p.Chunks != 9 {
+		t.Errorf("first pass: %+v", p)
+	}
+	st = reload(t, st)
+	tg.writes = nil
+	p = run(t, d, tg, st, Options{})
+	if len(tg.writes) != 0 || p.BytesChanged != 0 || p.BytesWritten != 0 {
+		t.Errorf("unchanged source: wrote chunks %v (%+v)", tg.writes, p)
+	}
+}
+
+// A delta pass writes exactly the chunks that changed: data changed, a
+// chunk become zeros (zeroed, not written), a chunk become free; not
+// those whose free space alone changed. An existing target's zero
+// chunks are zeroed at the first pass.
+func TestMigrateDeltaWritesOnlyChanged(t *testing.T) {
+	size := int64(10 * cs)
+	d := newDisk(size, 2)
+	d.free = memMap{{Start: 8*cs + 10, End: 8*cs + 500}}
+	clear(d.data[9*cs:])
+	tg := newTarget(t, size)
+	for i := range tg.durable {
+		tg.durable[i] = 0xee // an old disk's bytes
+	}
+	st := newState(t, size, false)
+	run(t, d, tg, st, Options{Batch: 3 * cs})
+	sameBytes(t, "first pass", tg.durable, d.want())
+	if !slices.Equal(tg.zeroed, []int64{9}) {
+		t.Errorf("first pass zeroed %v, want [9]", tg.zeroed)
+	}
+	d.data[2*cs+77] ^= 1
+	d.data[5*cs] ^= 0x80
+	clear(d.data[6*cs : 7*cs])
+	d.data[8*cs+20] ^= 1 // in free space
+	d.free = append(d.free, extent.Range{Start: 3 * cs, End: 4 * cs})
+	slices.SortFunc(d.free, func(a, b extent.Range) int { return int(a.Start - b.Start) })
+	st = reload(t, st)
+	tg.writes, tg.zeroed = nil, nil
+	p := run(t, d, tg, st, Options{Batch: 3 * cs})
+	sameBytes(t, "delta pass", tg.durable, d.want())
+	if want := []int64{2, 3, 5, 6}; !slices.Equal(tg.writes, want) {
+		t.Errorf("delta pass wrote chunks %v, want %v", tg.writes, want)
+	}
+	if want := []int64{3, 6}; !slices.Equal(tg.zeroed, want) {
+		t.Errorf("delta pass zeroed chunks %v, want %v", tg.zeroed, want)
+	}
+	if p.ChunksChanged != 4 || p.BytesChanged != 4*cs || p.BytesWritten != 2*cs || p.BytesZeroed != 2*cs {
+		t.Errorf("delta pass: %+v", p)
+	}
+}
+
+// checkClaims fails if the state claims a hash for a chunk that the
+// target's durable bytes do not have.
+func checkClaims(t *testing.T, st *State, durable []byte, what string) {
+	t.Helper()
+	for i, h := range st.Hashes() {
+		if h == (Hash{}) {
+			continue
+		}
+		c := durable[int64(i)*cs : min(int64(i+1)*cs, int64(len(durable)))]
+		if got := Hash(blake3.Sum256(c)); got != h {
+			t.Fatalf("%s: the state claims chunk %d, which the target does not hold", what, i)
+		}
+	}
+}
+
+// A pass killed at any write or at a sync, whose unsynced writes reach
+// the target or not, leaves a state that claims no chunk the target
+// does not hold; the next pass makes the target exact, also where the
+// source went back to what the state held before the killed pass (a
+// stale claim would skip that chunk).
+func TestMigrateResumeAfterCrash(t *testing.T) {
+	size := int64(12 * cs)
+	for kill := 1; kill <= 12; kill++ {
+		for _, atSync := range []bool{false, true} {
+			t.Run(fmt.Sprintf("write%d-sync%v", kill, atSync), func(t *testing.T) {
+				rng := rand.New(rand.NewPCG(uint64(kill), 3))
+				d := newDisk(size, 4)
+				tg := newTarget(t, size)
+				st := newState(t, size, true)
+				run(t, d, tg, st, Options{Batch: 4 * cs})
+				old := append([]byte(nil), d.data...)
+				for i := range d.data {
+					d.data[i] ^= 0x5a // every chunk changes
+				}
+				clear(d.data[7*cs : 8*cs])
+				st = reload(t, st)
+				tg.writes = nil
+				if atSync {
+					tg.failSync = true
+				} else {
+					tg.failWrites = kill
+				}
+				if _, err := Run(context.Background(), d.source(), tg, st, Options{Batch: 4 * cs}); err == nil {
+					t.Fatal("the killed pass did not fail")
+				}
+				tg.crash(rng)
+				st = reload(t, st)
+				checkClaims(t, st, tg.durable, "after the crash")
+				// The source goes back to its old bytes in half the chunks.
+				for i := int64(0); i < 12; i += 2 {
+					copy(d.data[i*cs:(i+1)*cs], old[i*cs:])
+				}
+				run(t, d, tg, st, Options{Batch: 4 * cs})
+				sameBytes(t, "resumed pass", tg.durable, d.want())
+				checkClaims(t, reload(t, st), tg.durable, "after the resumed pass")
+			})
+		}
+	}
+}
+
+// A state file is refused when damaged, and used up to a torn last
+// journal record; identities that differ say how.
+func TestMigrateStateRefusals(t *testing.T) {
+	size := int64(4 * cs)
+	st := newState(t, size, true)
+	if err := st.Set([]int64{1, 2}, []Hash{{1}, {2}}); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	b0, _ := os.ReadFile(st.Path())
+	j, _ := os.ReadFile(st.Path() + ".journal")
+	os.WriteFile(st.Path()+".journal", j[:len(j)-5], 0o600) // the last record torn
+	s, err := Load(st.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Hashes()[1] != (Hash{1}) || s.Hashes()[2] != ZeroHash(cs) {
+		t.Errorf("torn journal: chunks 1, 2 = %x, %x", s.Hashes()[1][:2], s.Hashes()[2][:2])
+	}
+	s.Close()
+	if _, err := os.Stat(st.Path() + ".journal"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the journal was not folded into the state: %v", err)
+	}
+	os.WriteFile(st.Path(), b0, 0o600)
+	j[journalHeader+3] ^= 1 // the first record damaged, a whole one after it
+	os.WriteFile(st.Path()+".journal", j, 0o600)
+	if _, err := Load(st.Path()); err == nil {
+		t.Error("a journal damaged in its middle was used")
+	}
+	b0[30] ^= 1
+	os.WriteFile(st.Path(), b0, 0o600)
+	if _, err := Load(st.Path()); err == nil {
+		t.Error("a damaged state file was used")
+	}
+	if _, err := Load(filepath.Join(t.TempDir(), "none")); !errors.Is(err, ErrNoState) {
+		t.Errorf("missing state: %v", err)
+	}
+	a := Identity{Path: "/dev/sda", Size: 100, Device: "8:0", DiskID: "x", FSUUIDs: []string{"u1"}}
+	for _, c := range []struct {
+		b    Identity
+		want bool
+	}{
+		{a, false},
+		{Identity{Path: "/dev/disk/by-id/x", Size: 100, Device: "8:0", DiskID: "x", FSUUIDs: []string{"u1"}}, false},
+		{Identity{Path: "/dev/sda", Size: 101, Device: "8:0", DiskID: "x", FSUUIDs: []string{"u1"}}, true},
+		{Identity{Path: "/dev/sda", Size: 100, Device: "8:16", DiskID: "x", FSUUIDs: []string{"u1"}}, true},
+		{Identity{Path: "/dev/sda", Size: 100, Device: "8:0", DiskID: "y", FSUUIDs: []string{"u1"}}, true},
+		{Identity{Path: "/dev/sda", Size: 100, Device: "8:0", DiskID: "x", FSUUIDs: []string{"u2"}}, true},
+		{Identity{Path: "/dev/sda", Size: 100, Device: "8:0", DiskID: "x"}, true},
+	} {
+		if got := a.Mismatch(c.b) != ""; got != c.want {
+			t.Errorf("%+v: mismatch %v, want %v (%q)", c.b, got, c.want, a.Mismatch(c.b))
+		}
+	}
+	// A pass refuses a source of another size than the state's.
+	d := newDisk(size+cs, 5)
+	if _, err := Run(context.Background(), d.source(), newTarget(t, size+cs), reload(t, newState(t, size, true)), Options{}); err == nil {
+		t.Error("a source of another size was migrated")
+	}
+}
+
+// --until-delta: a source changing a little converges; one changing as
+// much at every pass is found not to, after Stalls passes.
+func TestMigrateConvergence(t *testing.T) {
+	size := int64(32 * cs)
+	for _, c := range []struct {
+		name    string
+		churn   func(pass int) int // chunks changed before the pass
+		want    Verdict
+		byPass  int
+		maxPass int
+	}{
+		{"shrinking", func(p int) int { return 16 >> p }, Converged, 3, 10},
+		{"faster than the copy", func(int) int { return 10 }, Diverging, 5, 10},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			d := newDisk(size, 6)
+			tg := newTarget(t, size)
+			st := newState(t, size, true)
+			conv := Convergence{Goal: 2 * cs}
+			var v Verdict
+			pass := 0
+			for pass = 1; pass <= c.maxPass; pass++ {
+				for k := 0; k < c.churn(pass) && pass > 1; k++ {
+					d.data[int64(k)*cs] ^= 0xff
+				}
+				p := run(t, d, tg, st, Options{})
+				if v = conv.Add(p.BytesChanged); v != Continue {
+					break
+				}
+			}
+			if v != c.want || pass != c.byPass {
+				t.Fatalf("verdict %v at pass %d, want %v at pass %d", v, pass, c.want, c.byPass)
+			}
+			sameBytes(t, "last pass", tg.durable, d.want())
+		})
+	}
+	r := Estimate(time.Time{}, Pass{BytesRead: 100, Seconds: 1, ReadSeconds: 1})
+	if r.CopyRate != 100 || r.ChangeRate != 0 || r.NextSeconds != 1 {
+		t.Errorf("first pass rates %+v", r)
+	}
+}
+
+// A limited pass takes the time its bytes need at the rate.
+func TestMigrateLimitRate(t *testing.T) {
+	size := int64(16 * cs) // 1 MiB read, 1 MiB written
+	d := newDisk(size, 8)
+	start := time.Now()
+	run(t, d, newTarget(t, size), newState(t, size, true), Options{Limit: NewLimiter(4 << 20)})
+	// 2 MiB at 4 MiB/s, less the quarter second of burst allowed.
+	if took := time.Since(start); took < 200*time.Millisecond || took > 3*time.Second {
+		t.Errorf("2 MiB at 4 MiB/s took %s", took)
+	}
+	if NewLimiter(0) != nil {
+		t.Error("rate 0 limits")
+	}
+}
