@@ -169,7 +169,7 @@ func (f *FS) dataBlock(ino, l uint64, b []byte, fn func(name string, ino uint64)
 const maxSymlink = 1024
 
 // readlink returns a symlink's target: in the inode (local), or in
-// blocks (remote), each with a header on v5.
+// blocks (remote), each extent of them with a header on v5.
 func (f *FS) readlink(in *inode) (string, error) {
 	if in.mode&fsread.TypeMask != fsread.TypeSymlink {
 		return "", errors.New("not a symbolic link")
@@ -192,21 +192,32 @@ func (f *FS) readlink(in *inode) (string, error) {
 	if f.sb.v5 {
 		hdr = 56
 	}
-	per := int(f.sb.bs) - hdr
+	// A header starts each extent (not each block) of the target.
 	out := make([]byte, 0, size)
-	for l := uint64(0); len(out) < size; l++ {
-		b, err := f.readBlocks(rs, l, 1)
+	next := uint64(0)
+	for _, r := range rs {
+		if len(out) == size {
+			break
+		}
+		if r.lblk != next || r.n > uint64(maxSymlink) || r.unwritten {
+			return "", fmt.Errorf("symlink inode %d: damaged block map", in.ino)
+		}
+		b, err := f.readBlocks(rs, r.lblk, r.n)
 		if err != nil {
 			return "", fmt.Errorf("symlink inode %d: %w", in.ino, err)
 		}
-		n := min(per, size-len(out))
+		n := min(len(b)-hdr, size-len(out))
 		if f.sb.v5 {
 			if string(b[:4]) != "XSLM" || !crcOK(b, 12) || be64(b, 32) != in.ino ||
 				int(be32(b, 4)) != len(out) || int(be32(b, 8)) != n {
-				return "", fmt.Errorf("symlink inode %d, block %d: bad header or CRC (damaged)", in.ino, l)
+				return "", fmt.Errorf("symlink inode %d, block %d: bad header or CRC (damaged)", in.ino, r.lblk)
 			}
 		}
 		out = append(out, b[hdr:hdr+n]...)
+		next += r.n
+	}
+	if len(out) != size {
+		return "", fmt.Errorf("symlink inode %d: target of %d bytes, %d mapped (damaged)", in.ino, size, len(out))
 	}
 	return string(out), nil
 }
