@@ -432,3 +432,43 @@ func TestXFSAgainstKernel(t *testing.T) {
 		})
 	}
 }
+
+// TestXFSDirtyLog: a filesystem shut down while mounted (as a snapshot
+// of a running machine is) has a dirty log: the reader says so, and still
+// reads what was written in place before.
+func TestXFSDirtyLog(t *testing.T) {
+	requireRoot(t)
+	img := mkImage(t, 320<<20)
+	mountImage(t, img, "rw", func(dir string) {
+		must(t, os.WriteFile(filepath.Join(dir, "before"), []byte("in place"), 0o644))
+	})
+	dir := t.TempDir()
+	sh(t, "mount", "-o", "loop", img, dir)
+	must(t, os.WriteFile(filepath.Join(dir, "late"), []byte("in the log"), 0o644))
+	sh(t, "sync")
+	// Shut down without flushing the log: no unmount record.
+	sh(t, "xfs_io", "-x", "-c", "shutdown", dir)
+	sh(t, "umount", dir)
+	if out := sh(t, "xfs_logprint", "-t", img); !strings.Contains(out, "DIRTY") {
+		t.Fatalf("the log should be dirty; xfs_logprint says:\n%s", out)
+	}
+	for _, noReplay := range []bool{false, true} {
+		var warned []string
+		f := openImage(t, img, Options{NoReplay: noReplay, Warn: func(s string) { warned = append(warned, s) }})
+		if len(warned) != 1 || !strings.Contains(warned[0], "XFS log not replayed: metadata may be stale") || !f.DirtyLog() {
+			t.Fatalf("NoReplay %v: warnings %q", noReplay, warned)
+		}
+		fl, err := f.Open("/before")
+		must(t, err)
+		b := make([]byte, 8)
+		if _, err := fl.ReadAt(b, 0); err != nil || string(b) != "in place" {
+			t.Fatalf("a file written before: %q %v", b, err)
+		}
+	}
+	// The kernel replays the log (it refuses to mount it read-only).
+	mountImage(t, img, "rw", func(dir string) {
+		if b, err := os.ReadFile(filepath.Join(dir, "late")); err != nil || string(b) != "in the log" {
+			t.Fatalf("after the kernel's replay: %q %v", b, err)
+		}
+	})
+}
