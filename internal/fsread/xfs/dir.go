@@ -113,7 +113,7 @@ func (f *FS) dataBlock(ino, l uint64, b []byte, fn func(name string, ino uint64)
 		if magic != magicBlock5 && magic != magicData5 {
 			return where("bad magic %q", magic)
 		}
-		if !crcOK(b, 4) {
+		if !f.crcOK(b, 4) {
 			return where("CRC mismatch (damaged)")
 		}
 		if be64(b, 40) != ino {
@@ -146,6 +146,9 @@ func (f *FS) dataBlock(ino, l uint64, b []byte, fn func(name string, ino uint64)
 			}
 			off += n
 			continue
+		}
+		if end-off < 16 {
+			return where("entry at %d truncated", off)
 		}
 		nl := int(b[off+8])
 		n := (8 + 1 + nl + ft + 2 + 7) &^ 7
@@ -208,7 +211,7 @@ func (f *FS) readlink(in *inode) (string, error) {
 		}
 		n := min(len(b)-hdr, size-len(out))
 		if f.sb.v5 {
-			if string(b[:4]) != "XSLM" || !crcOK(b, 12) || be64(b, 32) != in.ino ||
+			if string(b[:4]) != "XSLM" || !f.crcOK(b, 12) || be64(b, 32) != in.ino ||
 				int(be32(b, 4)) != len(out) || int(be32(b, 8)) != n {
 				return "", fmt.Errorf("symlink inode %d, block %d: bad header or CRC (damaged)", in.ino, r.lblk)
 			}

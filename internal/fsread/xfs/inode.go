@@ -85,7 +85,7 @@ func (f *FS) parseInode(ino uint64, raw []byte) (*inode, error) {
 		if !f.sb.v5 {
 			return nil, errors.New("a v3 inode on a v4 filesystem (damaged)")
 		}
-		if !crcOK(raw, 100) {
+		if !f.crcOK(raw, 100) {
 			return nil, errors.New("CRC mismatch (damaged inode)")
 		}
 		if be64(raw, 152) != ino {
@@ -249,7 +249,7 @@ func (f *FS) btreeRuns(in *inode, root []byte) ([]run, error) {
 		if string(b[:4]) != magic {
 			return fmt.Errorf("btree block %d: bad magic", ptr)
 		}
-		if f.sb.v5 && (!crcOK(b, 64) || be64(b, 56) != in.ino) {
+		if f.sb.v5 && (!f.crcOK(b, 64) || be64(b, 56) != in.ino) {
 			return fmt.Errorf("btree block %d: CRC mismatch or wrong owner (damaged)", ptr)
 		}
 		lv, n := int(be16(b, 4)), int(be16(b, 6))

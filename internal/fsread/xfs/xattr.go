@@ -142,7 +142,7 @@ func (f *FS) leafAttrs(in *inode, add func(flags byte, name, value []byte) error
 		if m := be16(b, 8); m != nodeMagic && m != leafMagic {
 			return nil, fmt.Errorf("block %d: bad magic %#x", l, m)
 		}
-		if f.sb.v5 && (!crcOK(b, 12) || be64(b, 48) != in.ino) {
+		if f.sb.v5 && (!f.crcOK(b, 12) || be64(b, 48) != in.ino) {
 			return nil, fmt.Errorf("block %d: CRC mismatch or wrong owner (damaged)", l)
 		}
 		return b, nil
@@ -245,7 +245,7 @@ func (f *FS) remoteValue(in *inode, rs []run, l uint64, size int) ([]byte, error
 			return nil, err
 		}
 		n := min(per, size-len(out))
-		if f.sb.v5 && (string(b[:4]) != "XARM" || !crcOK(b, 12) || be64(b, 32) != in.ino ||
+		if f.sb.v5 && (string(b[:4]) != "XARM" || !f.crcOK(b, 12) || be64(b, 32) != in.ino ||
 			int(be32(b, 4)) != len(out) || int(be32(b, 8)) != n) {
 			return nil, fmt.Errorf("remote value block %d: bad header or CRC (damaged)", l)
 		}
