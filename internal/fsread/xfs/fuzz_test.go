@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -105,7 +106,11 @@ func protoImage(t testing.TB, size int64, nfiles, big int, mkfs ...string) (stri
 	}
 	// Symlinks at the root, then the files.
 	proto.WriteString("fast l--777 0 0 small\n")
-	fmt.Fprintf(&proto, "slow l--777 0 0 %s\n", strings.Repeat("x/", 300))
+	if slices.Contains(mkfs, "crc=0") {
+		// mkfs.xfs 6.1 writes a v5 remote symlink without its block
+		// header (xfs_db then reports a CRC error), so only v4 gets one.
+		fmt.Fprintf(&proto, "slow l--777 0 0 %s\n", strings.Repeat("x/", 300))
+	}
 	emit("/", 0)
 	pf := filepath.Join(dir, "proto")
 	must(t, os.WriteFile(pf, []byte(proto.String()), 0o644))

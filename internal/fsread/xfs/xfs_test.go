@@ -472,3 +472,51 @@ func TestXFSDirtyLog(t *testing.T) {
 		}
 	})
 }
+
+// TestXFSProto: images made by mkfs.xfs from a prototype file, v5 and v4
+// (which the kernel no longer mounts), read as described, with no root.
+func TestXFSProto(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		mkfs []string
+	}{
+		{"v5", nil},
+		{"v5-1k", []string{"-b", "size=1024"}},
+		{"v4", []string{"-m", "crc=0"}},
+		{"v4-1k-dir4k", []string{"-m", "crc=0", "-b", "size=1024", "-n", "size=4096"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			img, files := protoImage(t, 32<<20, 400, 200000, c.mkfs...)
+			f := openImage(t, img, Options{})
+			if f.sb.v5 == (c.name[:2] == "v4") {
+				t.Fatalf("superblock version: v5 %v", f.sb.v5)
+			}
+			got := readerTree(t, f)
+			for p, data := range files {
+				sum := sha256.Sum256(data)
+				if n := got[p]; n.Hash != hex.EncodeToString(sum[:]) || n.UID != 1000 || n.GID != 100 || n.Mode != 0o100644 {
+					t.Errorf("%s: %+v", p, n)
+				}
+			}
+			if n := got["/d"]; n.Mode != 0o40750 || n.Nlink != 3 {
+				t.Errorf("/d: %+v", n)
+			}
+			links := 1
+			if got["/fast"].Target != "small" {
+				t.Errorf("local symlink: %q", got["/fast"].Target)
+			}
+			if !f.sb.v5 {
+				links++
+				if got["/slow"].Target != strings.Repeat("x/", 300) {
+					t.Errorf("remote symlink: %q", got["/slow"].Target)
+				}
+			}
+			if x := got["/small"].Xattrs; len(x) != 2 || len(x["user.short"]) != 40 || len(x["trusted.remote"]) != 6000 {
+				t.Errorf("xattrs of /small: %v", x)
+			}
+			if len(got) != len(files)+4+links { // and /, /d, /d/e, /many
+				t.Errorf("%d files read, %d made", len(got), len(files)+4+links)
+			}
+		})
+	}
+}
