@@ -520,3 +520,87 @@ func TestXFSProto(t *testing.T) {
 		})
 	}
 }
+
+// TestXFSDamaged: damaged metadata gets an error naming the file and
+// what is wrong; a huge size allocates nothing.
+func TestXFSDamaged(t *testing.T) {
+	img, _ := protoImage(t, 32<<20, 400, 20000)
+	orig, err := os.ReadFile(img)
+	must(t, err)
+	f, err := Open(bytes.NewReader(orig), int64(len(orig)), Options{})
+	must(t, err)
+	small, err := f.lookup("/small")
+	must(t, err)
+	inodeAt, err := f.inoOffset(small.ino)
+	must(t, err)
+	many, err := f.lookup("/many")
+	must(t, err)
+	rs, err := f.forkRuns(many, false)
+	must(t, err)
+	dirAt, err := f.fsbOffset(rs[0].fsb, 1)
+	must(t, err)
+	var attrAt int64
+	if rs, err := f.forkRuns(small, true); err == nil && len(rs) > 0 {
+		attrAt, _ = f.fsbOffset(rs[0].fsb, 1)
+	}
+	if attrAt == 0 {
+		t.Fatal("/small has no attribute block")
+	}
+	for _, c := range []struct {
+		what string
+		off  int64
+		try  func(*FS) error
+		want []string
+	}{
+		{"superblock", 110, nil, []string{"superblock", "CRC"}},
+		{"inode", inodeAt + 9, func(f *FS) error { _, err := f.Lstat("/small"); return err }, []string{"/small", "inode", "CRC"}},
+		{"directory block", dirAt + 100, func(f *FS) error { _, err := f.ReadDir("/many"); return err }, []string{"/many", "directory inode", "CRC"}},
+		{"attribute block", attrAt + 100, func(f *FS) error { _, err := f.Xattrs("/small"); return err }, []string{"/small", "attributes", "CRC"}},
+	} {
+		bad := append([]byte(nil), orig...)
+		bad[c.off] ^= 0x55
+		f, err := Open(bytes.NewReader(bad), int64(len(bad)), Options{})
+		if c.try != nil {
+			must(t, err)
+			err = c.try(f)
+		}
+		for _, w := range c.want {
+			if err == nil || !strings.Contains(err.Error(), w) {
+				t.Errorf("a damaged %s: %v (want %q)", c.what, err, w)
+				break
+			}
+		}
+	}
+
+	// Through xfs_db, which keeps the CRCs right: what the checks
+	// behind the CRCs catch.
+	damage := func(path string, cmds ...string) *FS {
+		t.Helper()
+		cp := filepath.Join(t.TempDir(), "bad.img")
+		must(t, os.WriteFile(cp, orig, 0o644))
+		args := []string{"-x", "-c", "path " + path}
+		for _, c := range cmds {
+			args = append(args, "-c", c)
+		}
+		sh(t, "xfs_db", append(args, cp)...)
+		return openImage(t, cp, Options{})
+	}
+	f = damage("/d/e/big", "write u3.bmx[0].startblock 4000000")
+	if _, err := f.Open("/d/e/big"); err == nil || !strings.Contains(err.Error(), "/d/e/big") || !strings.Contains(err.Error(), "outside the filesystem") {
+		t.Errorf("an extent outside the filesystem: %v", err)
+	}
+	f = damage("/small", "write core.size 1125899906842624")
+	fl, err := f.Open("/small")
+	must(t, err)
+	b := make([]byte, 100)
+	if n, err := fl.ReadAt(b, fl.Size()-50); n != 50 || err != io.EOF || !bytes.Equal(b[:50], make([]byte, 50)) {
+		t.Errorf("the end of a 1 PiB file: %d %v", n, err)
+	}
+	if rs, err := fl.Data(); err != nil || len(rs) != 1 || rs[0].End > 4096 {
+		t.Errorf("the data of a 1 PiB file with one block: %v %v", rs, err)
+	}
+	f = damage("/many", "write core.size 1125899906842624", "write core.nextents 5000000")
+	if _, err := f.ReadDir("/many"); err == nil || !strings.Contains(err.Error(), "/many") {
+		t.Errorf("a directory claiming 5 million extents: %v", err)
+	}
+}
