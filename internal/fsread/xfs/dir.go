@@ -202,7 +202,7 @@ func (f *FS) readlink(in *inode) (string, error) {
 		if len(out) == size {
 			break
 		}
-		if r.lblk != next || r.n > uint64(maxSymlink) || r.unwritten {
+		if r.lblk != next || r.n*uint64(f.sb.bs) > uint64(maxSymlink+hdr)+uint64(f.sb.bs) || r.unwritten {
 			return "", fmt.Errorf("symlink inode %d: damaged block map", in.ino)
 		}
 		b, err := f.readBlocks(rs, r.lblk, r.n)

@@ -172,6 +172,12 @@ func (f *FS) forkRuns(in *inode, attr bool) ([]run, error) {
 	if attr {
 		fork, format, n, which = in.attr, in.aformat, in.anextents, "attribute"
 	}
+	// Only a file's blocks below its size are read (the rest are
+	// preallocated); a directory's leaf blocks lie past its size.
+	nb := maxFileBlocks(f.sb.bs)
+	if !attr && !in.isDir() {
+		nb = (uint64(in.size) + uint64(f.sb.bs) - 1) / uint64(f.sb.bs)
+	}
 	var rs []run
 	var err error
 	switch format {
@@ -179,9 +185,9 @@ func (f *FS) forkRuns(in *inode, attr bool) ([]run, error) {
 		if n > uint64(len(fork)/16) {
 			return nil, fmt.Errorf("inode %d: %d extents do not fit in its %s fork", in.ino, n, which)
 		}
-		rs = appendRecs(rs, fork, int(n))
+		rs = appendRecs(rs, fork, int(n), nb)
 	case fmtBtree:
-		rs, err = f.btreeRuns(in, fork)
+		rs, err = f.btreeRuns(in, fork, nb)
 	default:
 		return nil, fmt.Errorf("inode %d: %s fork of format %d holds no extents", in.ino, which, format)
 	}
@@ -208,12 +214,13 @@ func (f *FS) forkRuns(in *inode, attr bool) ([]run, error) {
 func maxFileBlocks(bs int64) uint64 { return uint64(1<<62) / uint64(bs) }
 
 // appendRecs decodes n bmbt records (128 bits: unwritten flag, 54-bit
-// file offset, 52-bit block, 21-bit length), skipping empty ones.
-func appendRecs(rs []run, b []byte, n int) []run {
+// file offset, 52-bit block, 21-bit length), skipping empty ones and
+// those from block nb.
+func appendRecs(rs []run, b []byte, n int, nb uint64) []run {
 	for i := range n {
 		l0, l1 := be64(b, 16*i), be64(b, 16*i+8)
 		r := run{unwritten: l0>>63 != 0, lblk: (l0 &^ (1 << 63)) >> 9, fsb: (l0&0x1FF)<<43 | l1>>21, n: l1 & 0x1FFFFF}
-		if r.n != 0 {
+		if r.n != 0 && r.lblk < nb {
 			rs = append(rs, r)
 		}
 	}
@@ -221,8 +228,8 @@ func appendRecs(rs []run, b []byte, n int) []run {
 }
 
 // btreeRuns walks a fork in B+tree format: a root in the inode, then
-// BMAP/BMA3 blocks.
-func (f *FS) btreeRuns(in *inode, root []byte) ([]run, error) {
+// BMAP/BMA3 blocks; only the subtrees mapping blocks below nb.
+func (f *FS) btreeRuns(in *inode, root []byte, nb uint64) ([]run, error) {
 	if len(root) < 4 {
 		return nil, errors.New("btree root does not fit")
 	}
@@ -258,13 +265,16 @@ func (f *FS) btreeRuns(in *inode, root []byte) ([]run, error) {
 			return fmt.Errorf("btree block %d: damaged (level %d, expected %d; %d records)", ptr, lv, level, n)
 		}
 		if lv == 0 {
-			if uint64(len(rs)+n) > f.sb.dblocks {
-				return errors.New("more extents than the filesystem has blocks (damaged)")
+			rs = appendRecs(rs, b[hdr:], n, nb)
+			if uint64(len(rs)) > min(f.sb.dblocks, nb) {
+				return errors.New("more extents than the file or the filesystem has blocks (damaged)")
 			}
-			rs = appendRecs(rs, b[hdr:], n)
 			return nil
 		}
 		for i := range n {
+			if be64(b, hdr+8*i) >= nb {
+				break // the keys are the first file blocks the subtrees map
+			}
 			if err := walk(be64(b, hdr+8*maxn+8*i), lv-1); err != nil {
 				return err
 			}
@@ -272,6 +282,9 @@ func (f *FS) btreeRuns(in *inode, root []byte) ([]run, error) {
 		return nil
 	}
 	for i := range nrecs {
+		if be64(root, 4+8*i) >= nb {
+			break
+		}
 		if err := walk(be64(root, 4+8*maxr+8*i), level-1); err != nil {
 			return nil, err
 		}
