@@ -147,3 +147,24 @@ func TestXFSLiveSnapshot(t *testing.T) {
 		t.Fatalf("get from a dirty XFS: stdout %q stderr %q", r.stdout, r.stderr)
 	}
 }
+
+// TestXFSDamaged: an XFS with an extent pointing outside it gets an
+// error naming the file and what is wrong; the rest reads.
+func TestXFSDamaged(t *testing.T) {
+	needTools(t, "mkfs.xfs", "xfs_db")
+	e := newEnv(t)
+	img := e.path("fs.img")
+	sh(t, "truncate", "-s", "320M", img)
+	proto := e.path("proto")
+	writeTree(t, e.path("src/keep"), []byte("kept\n"))
+	writeTree(t, e.path("src/big"), randomBytes(100000))
+	writeFile(t, proto, []byte("/dev/null\n0 0\nd--755 0 0\na d--755 0 0\nkeep ---644 0 0 "+e.path("src/keep")+
+		"\nbig ---644 0 0 "+e.path("src/big")+"\n$\n$\n"))
+	sh(t, "mkfs.xfs", "-q", "-f", "-p", proto, img)
+	sh(t, "xfs_db", "-x", "-c", "path /a/big", "-c", "write u3.bmx[0].startblock 40000000", img)
+	snap := e.backup(img).ShortID
+	e.fail([]string{"/a/big", "outside the filesystem"}, "get", snap+"/a/big", "-")
+	if got := e.ok("get", snap+"/a/keep", "-"); got != "kept\n" {
+		t.Fatalf("an undamaged file: %q", got)
+	}
+}

@@ -484,12 +484,13 @@ func TestXFSProto(t *testing.T) {
 		{"v5-1k", []string{"-b", "size=1024"}},
 		{"v4", []string{"-m", "crc=0"}},
 		{"v4-1k-dir4k", []string{"-m", "crc=0", "-b", "size=1024", "-n", "size=4096"}},
+		{"v4-noftype", []string{"-m", "crc=0", "-n", "ftype=0"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			img, files := protoImage(t, 32<<20, 400, 200000, c.mkfs...)
 			f := openImage(t, img, Options{})
-			if f.sb.v5 == (c.name[:2] == "v4") {
-				t.Fatalf("superblock version: v5 %v", f.sb.v5)
+			if f.sb.v5 == (c.name[:2] == "v4") || f.sb.ftype == strings.HasSuffix(c.name, "noftype") {
+				t.Fatalf("superblock: v5 %v, ftype %v", f.sb.v5, f.sb.ftype)
 			}
 			got := readerTree(t, f)
 			for p, data := range files {
