@@ -243,12 +243,18 @@ func (f *FS) btreeRuns(in *inode, root []byte, nb uint64) ([]run, error) {
 		hdr, magic = 72, "BMA3"
 	}
 	var rs []run
-	nodes := 0
+	// A tree reaches each block once: a block met again is a loop, or
+	// a damaged tree that would map the same extents over and over.
+	seen := map[uint64]bool{}
 	var walk func(ptr uint64, level int) error
 	walk = func(ptr uint64, level int) error {
-		if nodes++; nodes > maxNodes || uint64(nodes) > f.sb.dblocks {
+		if len(seen) >= maxNodes || uint64(len(seen)) >= f.sb.dblocks {
 			return errors.New("btree has too many blocks (damaged)")
 		}
+		if seen[ptr] {
+			return fmt.Errorf("btree block %d reached twice (damaged)", ptr)
+		}
+		seen[ptr] = true
 		b, err := f.block(ptr)
 		if err != nil {
 			return fmt.Errorf("btree block %d: %w", ptr, err)
