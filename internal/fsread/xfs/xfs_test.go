@@ -178,6 +178,10 @@ func populate(t *testing.T, dir string) {
 	w("gone", randBytes(r, 50000))
 	os.Remove(filepath.Join(dir, "gone"))
 	w("gone", []byte("re-created"))
+	// Directories spread over the allocation groups, holding a file.
+	for i := range 8 {
+		w(fmt.Sprintf("spread/d%d/f", i), []byte{byte(i)})
+	}
 	// Block, leaf and node directories.
 	for _, d := range []struct {
 		name string
@@ -372,9 +376,16 @@ func TestXFSAgainstKernel(t *testing.T) {
 		{"v5-1k-dir8k", []string{"-b", "size=1024", "-n", "size=8192"}},
 		{"v5-i2k-dir64k", []string{"-i", "size=2048", "-n", "size=65536"}},
 		{"v5-nobigtime-agcount7-nrext64", []string{"-m", "bigtime=0", "-d", "agcount=7", "-i", "nrext64=1"}},
+		// Inode numbers past 2^32 (8-byte numbers in short-form
+		// directories), in a sparse 4.5 TiB image.
+		{"v5-inode64", []string{"-d", "agcount=5", "-l", "size=64m"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			img := mkImage(t, 600<<20, c.mkfs...)
+			size := int64(600 << 20)
+			if c.name == "v5-inode64" {
+				size = 4600 << 30
+			}
+			img := mkImage(t, size, c.mkfs...)
 			mountImage(t, img, "rw", func(dir string) { populate(t, dir) })
 			var want map[string]node
 			mountImage(t, img, "ro,noatime", func(dir string) { want = kernelTree(t, dir) })
@@ -385,6 +396,9 @@ func TestXFSAgainstKernel(t *testing.T) {
 			}
 			got := readerTree(t, f)
 			compareTrees(t, want, got)
+			if c.name == "v5-inode64" && !bigInodeDir(t, f) {
+				t.Error("no short-form directory holds an inode number past 2^32")
+			}
 			for p, format := range map[string]byte{"/frag": fmtBtree, "/big": fmtExtents, "/emptydir": fmtLocal,
 				"/link-short": fmtLocal, "/link-long": fmtExtents, "/dir-node": fmtBtree} {
 				in, err := f.lookup(p)
@@ -604,4 +618,17 @@ func TestXFSDamaged(t *testing.T) {
 	if _, err := f.ReadDir("/many"); err == nil || !strings.Contains(err.Error(), "/many") {
 		t.Errorf("a directory claiming 5 million extents: %v", err)
 	}
+}
+
+// bigInodeDir says whether a short-form directory of f's /spread keeps
+// 8-byte inode numbers.
+func bigInodeDir(t *testing.T, f *FS) bool {
+	ents, err := f.ReadDir("/spread")
+	must(t, err)
+	for _, e := range ents {
+		if in, err := f.inode(e.Stat.Ino); err == nil && in.isDir() && in.format == fmtLocal && in.data[1] != 0 {
+			return true
+		}
+	}
+	return false
 }
