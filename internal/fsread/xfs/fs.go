@@ -85,6 +85,8 @@ type FS struct {
 	sb   super
 	// dirtyLog says the log has no unmount record at its head.
 	dirtyLog bool
+	// replayed counts the sectors the log's replay overlays.
+	replayed int
 	skipCRC  bool
 
 	mu   sync.Mutex
@@ -122,13 +124,25 @@ func Open(r io.ReaderAt, size int64, opts Options) (*FS, error) {
 	if err := f.readSuper(); err != nil {
 		return nil, err
 	}
-	clean, err := f.logClean()
+	clean, lg, err := f.logClean()
 	switch {
 	case err != nil:
 		warn(fmt.Sprintf("XFS log not checked (%v): metadata may be stale", err))
 	case !clean:
 		f.dirtyLog = true
-		warn("XFS log not replayed: metadata may be stale (a snapshot of a mounted filesystem, or one not cleanly unmounted)")
+		if opts.NoReplay {
+			warn("XFS log not replayed: metadata may be stale (the filesystem was not cleanly unmounted: a snapshot of a mounted filesystem?)")
+			break
+		}
+		o, err := f.replay(lg)
+		if err != nil {
+			warn(fmt.Sprintf("XFS log not replayed (%v): metadata may be stale", err))
+			break
+		}
+		f.r, f.replayed = o, len(o.m)
+		if err := f.readSuper(); err != nil {
+			return nil, fmt.Errorf("after replaying the log: %w", err)
+		}
 	}
 	return f, nil
 }
@@ -136,8 +150,11 @@ func Open(r io.ReaderAt, size int64, opts Options) (*FS, error) {
 // Label is the filesystem's volume label.
 func (f *FS) Label() string { return f.sb.label }
 
-// DirtyLog says whether the log needed recovery (and was not replayed).
+// DirtyLog says whether the log needed recovery.
 func (f *FS) DirtyLog() bool { return f.dirtyLog }
+
+// Replayed is how many 512-byte sectors the replay of the log supersedes.
+func (f *FS) Replayed() int { return f.replayed }
 
 func be16(b []byte, off int) uint16 { return binary.BigEndian.Uint16(b[off:]) }
 func be32(b []byte, off int) uint32 { return binary.BigEndian.Uint32(b[off:]) }
@@ -159,6 +176,8 @@ func (f *FS) crcOK(b []byte, off int) bool {
 	c = crc32.Update(c, castagnoli, b[off+4:])
 	return c == binary.LittleEndian.Uint32(b[off:])
 }
+
+func crc32cOf(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
 
 // readAt reads len(p) bytes at off of the partition.
 func (f *FS) readAt(p []byte, off int64) error {
