@@ -242,34 +242,29 @@ func (f *FS) apply(o *overlay, ts []*logTrans) error {
 			}
 		}
 	}
-	cancelled := func(blk, n int64, flags uint16) bool {
-		k := key{blk, n}
-		c := cancels[k]
-		if c > 0 && flags&blfCancel != 0 {
-			if cancels[k]--; cancels[k] == 0 {
-				delete(cancels, k)
-			}
-		}
-		return c > 0
-	}
+	isCancelled := func(blk, n int64) bool { return cancels[key{blk, n}] > 0 }
 	for _, t := range ts {
-		// Buffers before inodes, as the kernel orders a transaction.
-		for pass := 0; pass < 2; pass++ {
+		// Buffers, then inodes (which may be written into buffers
+		// replayed), then the cancellations, which may end a buffer's
+		// cancelled span: the kernel's order.
+		for pass := 0; pass < 3; pass++ {
 			for _, it := range t.items {
 				if len(it.regions[0]) < 4 {
 					continue
 				}
 				typ := binary.LittleEndian.Uint16(it.regions[0])
+				blk, n, flags, isBuf := bufFormat(it)
 				var err error
 				switch {
-				case pass == 0 && typ == itemBuf:
-					blk, n, flags, ok := bufFormat(it)
-					if !ok || cancelled(blk, n, flags) || flags&(blfInodeBuf|blfCancel) != 0 {
-						continue
-					}
+				case pass == 0 && isBuf && flags&(blfInodeBuf|blfCancel) == 0 && !isCancelled(blk, n):
 					err = f.applyBuf(o, it, blk, n)
 				case pass == 1 && typ == itemInode:
-					err = f.applyInode(o, it, t.lsn, func(blk, n int64) bool { return cancels[key{blk, n}] > 0 })
+					err = f.applyInode(o, it, t.lsn, isCancelled)
+				case pass == 2 && isBuf && flags&blfCancel != 0:
+					k := key{blk, n}
+					if cancels[k]--; cancels[k] <= 0 {
+						delete(cancels, k)
+					}
 				}
 				if err != nil {
 					return err
