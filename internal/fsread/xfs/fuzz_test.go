@@ -126,15 +126,43 @@ func protoImage(t testing.TB, size int64, nfiles, big int, mkfs ...string) (stri
 	return img, files
 }
 
-// seedImages makes small filesystems, v5 and v4, and keeps of each the
-// bytes the reader reads.
+// dirtyImage makes a small filesystem whose log needs recovery: written
+// while mounted, then shut down. It needs root; "" without.
+func dirtyImage(t testing.TB) string {
+	if os.Geteuid() != 0 {
+		return ""
+	}
+	img, _ := protoImage(t, 16<<20, 0, 100, "-b", "size=1024")
+	dir := t.TempDir()
+	sh(t, "mount", "-o", "loop", img, dir)
+	os.MkdirAll(filepath.Join(dir, "logged/sub"), 0o755)
+	for i := range 30 {
+		os.WriteFile(filepath.Join(dir, "logged", fmt.Sprintf("file-%02d", i)), []byte{byte(i)}, 0o644)
+	}
+	os.Symlink(strings.Repeat("s", 500), filepath.Join(dir, "logged/link"))
+	os.RemoveAll(filepath.Join(dir, "d"))
+	sh(t, "sync")
+	sh(t, "xfs_io", "-x", "-c", "shutdown", dir)
+	sh(t, "umount", dir)
+	return img
+}
+
+// seedImages makes small filesystems, v5 and v4, one with a log to
+// replay, and keeps of each the bytes the reader reads.
 func seedImages(f *testing.F) [][]byte {
 	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
 		return nil
 	}
 	var out [][]byte
-	for _, mk := range [][]string{{"-b", "size=1024"}, {"-b", "size=1024", "-m", "crc=0"}} {
-		img, _ := protoImage(f, 16<<20, 40, 3000, mk...)
+	for _, mk := range [][]string{{"-b", "size=1024"}, {"-b", "size=1024", "-m", "crc=0"}, {"dirty"}} {
+		var img string
+		if mk[0] == "dirty" {
+			if img = dirtyImage(f); img == "" {
+				continue
+			}
+		} else {
+			img, _ = protoImage(f, 16<<20, 40, 3000, mk...)
+		}
 		b, err := os.ReadFile(img)
 		must(f, err)
 		tr := &fuzzimg.Trace{R: bytes.NewReader(b)}
@@ -225,15 +253,59 @@ func TestWriteSeeds(t *testing.T) {
 	}
 	dir := filepath.Join("testdata", "fuzz", "FuzzOpen")
 	must(t, os.MkdirAll(dir, 0o755))
-	for i, mk := range [][]string{{"-b", "size=1024"}, {"-b", "size=1024", "-m", "crc=0"}} {
-		img, _ := protoImage(t, 16<<20, 40, 3000, mk...)
+	for i, mk := range [][]string{{"-b", "size=1024"}, {"-b", "size=1024", "-m", "crc=0"}, {"dirty"}} {
+		var img string
+		if mk[0] == "dirty" {
+			if img = dirtyImage(t); img == "" {
+				t.Fatal("the seed of a dirty log needs root")
+			}
+		} else {
+			img, _ = protoImage(t, 16<<20, 40, 3000, mk...)
+		}
 		b, err := os.ReadFile(img)
 		must(t, err)
 		tr := &fuzzimg.Trace{R: bytes.NewReader(b)}
 		fs, err := Open(tr, int64(len(b)), Options{})
 		must(t, err)
+		if mk[0] == "dirty" && fs.Replayed() == 0 {
+			t.Fatal("the dirty seed replays nothing")
+		}
 		explore(fs)
 		seed := fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", fuzzimg.Encode(tr.Keep(b)))
 		must(t, os.WriteFile(filepath.Join(dir, fmt.Sprintf("proto-%d", i)), []byte(seed), 0o644))
 	}
+}
+
+// FuzzLogItems replays a transaction of any items over a filesystem of
+// zeros: each region is a 16-bit length and its bytes.
+func FuzzLogItems(f *testing.F) {
+	item := func(regions ...[]byte) []byte {
+		var out []byte
+		for _, r := range regions {
+			out = append(out, byte(len(r)), byte(len(r)>>8))
+			out = append(out, r...)
+		}
+		return out
+	}
+	buf := make([]byte, 24)
+	copy(buf, []byte{0x3c, 0x12, 2, 0, 0, 0, 8, 0, 16, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0})
+	ino := make([]byte, 56)
+	copy(ino, []byte{0x3b, 0x12, 3, 0, 5, 0, 0, 0, 0, 0, 16})
+	ino[40], ino[48] = 64, 16
+	core := make([]byte, 176)
+	copy(core, []byte{0x4e, 0x49, 0xa4, 0x81, 3, 2})
+	f.Add(item([]byte("NART\x00\x00\x00\x00"), buf, make([]byte, 128), ino, core, make([]byte, 16)))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		fs := fuzzFS(len(in)%2 == 0)
+		tr := &logTrans{}
+		for len(in) >= 2 {
+			n := min(int(in[0])|int(in[1])<<8, len(in)-2)
+			if tr.add(in[2:2+n], n%7 == 3) != nil {
+				return
+			}
+			in = in[2+n:]
+		}
+		o := &overlay{base: fs.r, m: map[int64][]byte{}}
+		fs.apply(o, []*logTrans{tr})
+	})
 }
