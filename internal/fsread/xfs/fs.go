@@ -5,28 +5,40 @@
 //
 // What it reads: the superblock of v5 (CRC-enabled) and v4 filesystems,
 // refusing incompatible features it does not know; inodes v1 to v3
-// (bigtime timestamps, large extent counters); data and attribute forks
-// in local, extent-list and B+tree (bmbt) form, unwritten extents read as
-// zeros and holes; directories in short form, block, leaf and node form
-// (their data blocks below the 32 GiB leaf offset hold every entry, so the
-// hash, leaf and free-index blocks are not read); local and remote
-// symlinks; extended attributes of the user, trusted and security
-// namespaces in short form, leaf and node attribute forks, with values
-// local or remote, and POSIX ACLs as system.posix_acl_access and
-// system.posix_acl_default (as getxattr(2) returns them). On v5 it verifies
-// the CRCs of the superblock, inodes, bmbt blocks, directory data blocks,
-// attribute leaf, node and remote blocks and remote symlink blocks.
+// (bigtime timestamps, large extent counters), located from their number
+// (no inode btree is read); data and attribute forks in local,
+// extent-list and B+tree (bmbt) form, unwritten extents read as zeros,
+// like holes; directories in short form, block, leaf and node form (their
+// data blocks below the 32 GiB leaf offset hold every entry, so hash, leaf
+// and free-index blocks are not read); local and remote symlinks; extended
+// attributes of the user, trusted and security namespaces in short form,
+// leaf and node attribute forks, with values local or remote, and POSIX
+// ACLs as system.posix_acl_access and system.posix_acl_default (as
+// getxattr(2) returns them). On v5 it verifies the CRCs of the
+// superblock, inodes, bmbt blocks, directory data blocks, attribute leaf,
+// node and remote blocks and remote symlink blocks.
+//
+// A snapshot of a mounted XFS has a dirty log (no unmount record at its
+// head). The reader replays it in memory, never writing the source
+// (replay.go): the committed transactions' buffer and inode items, in the
+// kernel's order, skipping cancelled (freed) buffers and inodes written
+// back after the transaction. Not replayed: intents left unfinished
+// (extents to free, deferred mapping, reference count and reverse map
+// updates), so a reflink or exchange-range operation cut short shows as
+// it was before; inode cluster buffers (unlinked lists); logs written by
+// a big-endian machine; an external log. When the log cannot be replayed,
+// or with Options.NoReplay, the reader warns that metadata may be stale
+// and reads the filesystem as it is on disk.
 //
 // What it does not read: the realtime device (files flagged realtime are
-// refused), an external log, parent pointers (skipped), the metadir tree,
-// quotas. It does not replay the log: a snapshot of a mounted XFS has a
-// dirty log (no unmount record at its head), and then the reader warns that
-// metadata may be stale and reads the filesystem as it is on disk.
+// refused), parent pointers (skipped), the metadir tree (an unknown
+// incompatible feature: refused), quotas, and CRCs of the AG headers,
+// which it never reads.
 //
 // It is written here rather than taken from a library: no maintained Go
-// package reads XFS (github.com/masahiro331/go-xfs-filesystem reads v5
+// package reads XFS well enough (the XFS readers on GitHub read v5
 // extent-list files only: no B+tree forks, remote symlinks, attributes or
-// log check).
+// log replay).
 //
 // Every count and length read from the disk is bounded before it is used:
 // a damaged or hostile image gives an error naming the inode and what is
@@ -68,9 +80,9 @@ const (
 // Options tune Open.
 type Options struct {
 	// NoReplay reads the filesystem as it is on disk even when its log
-	// is dirty. This reader never replays the log, so a dirty log is
-	// always read as it is, with a warning; the option is kept so that
-	// every reader takes the same options.
+	// is dirty (metadata may then be stale), with a warning. Without
+	// it, a dirty log is replayed in memory; one that cannot be is
+	// warned of, and the filesystem read as it is on disk.
 	NoReplay bool
 	// Warn hears of what was read with less certainty; nil: silence.
 	Warn func(string)

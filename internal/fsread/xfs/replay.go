@@ -10,12 +10,14 @@ import (
 // Replaying the log in memory: the committed transactions between the
 // log's tail and its head are read, and their buffer and inode items laid
 // over the partition's bytes (an overlay; the source is never written),
-// as the kernel's log recovery would write them. Only what reading files
-// needs is replayed: buffers (directory, attribute, bmbt and symlink
-// blocks, allocation group headers) and inodes; intents (extents to free,
-// reference counts, reverse maps) are not finished, which leaves some
-// space allocated, and inode cluster buffers (their unlinked lists) are
-// not replayed.
+// as the kernel's log recovery would write them, the CRCs of replayed
+// blocks recomputed as the kernel does when it writes them back. Only
+// what reading files needs is replayed: buffers (directory, attribute,
+// bmbt and symlink blocks, allocation group headers, the superblock) and
+// inodes; intents (extents to free, deferred mappings, reference counts,
+// reverse maps) are not finished, and inode cluster buffers (their
+// unlinked lists) are not replayed. Log record CRCs are not verified: a
+// torn record is recognised by its blocks' cycle numbers.
 
 // Log operation flags and client.
 const (
