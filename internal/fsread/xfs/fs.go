@@ -35,10 +35,10 @@
 // incompatible feature: refused), quotas, and CRCs of the AG headers,
 // which it never reads.
 //
-// It is written here rather than taken from a library: no maintained Go
-// package reads XFS well enough (the XFS readers on GitHub read v5
-// extent-list files only: no B+tree forks, remote symlinks, attributes or
-// log replay).
+// It is written here rather than taken from a library: the one Go XFS
+// reader in use, github.com/masahiro331/go-xfs-filesystem (made for image
+// scanners), reads v5 only, no extended attributes and no remote
+// symlinks, replays no log, and allocates what the image's sizes say.
 //
 // Every count and length read from the disk is bounded before it is used:
 // a damaged or hostile image gives an error naming the inode and what is
