@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -457,7 +458,7 @@ func TestXFSAgainstKernel(t *testing.T) {
 // liveImage makes a filesystem, lets fn write to it while mounted, and
 // shuts it down without flushing its log (as a snapshot of a running
 // machine sees it): the log holds what fn did and needs recovery.
-func liveImage(t *testing.T, size int64, fn func(dir string)) string {
+func liveImage(t *testing.T, size int64, opts string, fn func(dir string)) string {
 	t.Helper()
 	img := mkImage(t, size)
 	mountImage(t, img, "rw", func(dir string) {
@@ -468,7 +469,7 @@ func liveImage(t *testing.T, size int64, fn func(dir string)) string {
 		}
 	})
 	dir := t.TempDir()
-	sh(t, "mount", "-o", "loop", img, dir)
+	sh(t, "mount", "-o", "loop"+opts, img, dir)
 	fn(dir)
 	sh(t, "sync")
 	// Shut down without flushing the log: no unmount record.
@@ -500,10 +501,13 @@ func TestXFSLogReplay(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		size int64
+		opts string
 		fn   func(t *testing.T, dir string)
 	}{
-		{"populate", 600 << 20, func(t *testing.T, dir string) { populate(t, dir) }},
-		{"cancelled-buffers", 24 << 20, func(t *testing.T, dir string) {
+		{"populate", 600 << 20, "", func(t *testing.T, dir string) { populate(t, dir) }},
+		// Log records of up to 256 KiB: several header blocks each.
+		{"populate-logbsize256k", 600 << 20, ",logbsize=256k", func(t *testing.T, dir string) { populate(t, dir) }},
+		{"cancelled-buffers", 24 << 20, "", func(t *testing.T, dir string) {
 			// Directory blocks logged, then freed (their buffers
 			// cancelled) and their space reused by file data: a
 			// replay of the old buffers would overwrite the data.
@@ -521,7 +525,7 @@ func TestXFSLogReplay(t *testing.T) {
 				}
 			}
 		}},
-		{"remove-and-rewrite", 600 << 20, func(t *testing.T, dir string) {
+		{"remove-and-rewrite", 600 << 20, "", func(t *testing.T, dir string) {
 			// Freed directory blocks (cancelled buffers), then
 			// their space reused by file data.
 			must(t, os.RemoveAll(filepath.Join(dir, "old")))
@@ -536,7 +540,14 @@ func TestXFSLogReplay(t *testing.T) {
 		}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			img := liveImage(t, c.size, func(dir string) { c.fn(t, dir) })
+			img := liveImage(t, c.size, c.opts, func(dir string) { c.fn(t, dir) })
+			if c.opts != "" {
+				// Records longer than one header block describes.
+				out := sh(t, "xfs_logprint", img)
+				if !strings.Contains(out, "h_size: 262144") || !regexp.MustCompile(`length of Log Record: (3[3-9]|[4-9]\d|\d{3})\d{3}\b`).MatchString(out) {
+					t.Fatal("no log record over 32 KiB")
+				}
+			}
 			before := hashFile(t, img)
 			var warned []string
 			stale := openImage(t, img, Options{NoReplay: true, Warn: func(s string) { warned = append(warned, s) }})
