@@ -175,3 +175,28 @@ func TestXFSDamaged(t *testing.T) {
 		t.Fatalf("an undamaged file: %q", got)
 	}
 }
+
+// TestXFSMountFiles: sauve mount --files shows the files of an XFS
+// partition as the kernel wrote them.
+func TestXFSMountFiles(t *testing.T) {
+	needTools(t, "mkfs.xfs", "sfdisk")
+	requireRoot(t)
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	e := newEnv(t, "--chunk-size", "64K")
+	raw, want := partitionedXFS(t, e)
+	b := e.backup(raw)
+	dir := e.path("view")
+	os.Mkdir(dir, 0o755)
+	startMount(t, e, dir, "--files")
+	snaps := dirNames(t, dir)
+	if len(snaps) != 1 {
+		t.Fatalf("folders: %q", snaps)
+	}
+	view := filepath.Join(dir, snaps[0], imageBase(b.Disk)+"-part1")
+	sameTree(t, want, hashTree(t, view))
+	if l, err := os.Readlink(filepath.Join(view, "home/ann/long-link")); err != nil || l != strings.Repeat("far/", 150)+"away" {
+		t.Fatalf("remote symlink: %q %v", l, err)
+	}
+}
