@@ -525,6 +525,20 @@ func TestXFSLogReplay(t *testing.T) {
 				}
 			}
 		}},
+		{"wrapped", 24 << 20, "", func(t *testing.T, dir string) {
+			// Enough log forces (fsync) to go round the log several
+			// times: records split at its end, the tail past the head.
+			for i := range 6000 {
+				fh, err := os.Create(filepath.Join(dir, "old/sub", fmt.Sprintf("churn-%04d", i)))
+				must(t, err)
+				fh.Write([]byte{byte(i)})
+				must(t, fh.Sync())
+				fh.Close()
+				if i%3 != 0 {
+					must(t, os.Remove(filepath.Join(dir, "old/sub", fmt.Sprintf("churn-%04d", i))))
+				}
+			}
+		}},
 		{"remove-and-rewrite", 600 << 20, "", func(t *testing.T, dir string) {
 			// Freed directory blocks (cancelled buffers), then
 			// their space reused by file data.
@@ -546,6 +560,13 @@ func TestXFSLogReplay(t *testing.T) {
 				out := sh(t, "xfs_logprint", img)
 				if !strings.Contains(out, "h_size: 262144") || !regexp.MustCompile(`length of Log Record: (3[3-9]|[4-9]\d|\d{3})\d{3}\b`).MatchString(out) {
 					t.Fatal("no log record over 32 KiB")
+				}
+			}
+			if c.name == "wrapped" {
+				_, lg, err := stale0(t, img).logClean()
+				must(t, err)
+				if cy, err := lg.cycle(0); err != nil || cy < 3 {
+					t.Fatalf("the log went round %d times, the test means several (%v)", cy-1, err)
 				}
 			}
 			before := hashFile(t, img)
@@ -732,4 +753,9 @@ func bigInodeDir(t *testing.T, f *FS) bool {
 		}
 	}
 	return false
+}
+
+// stale0 opens img without replaying its log.
+func stale0(t *testing.T, img string) *FS {
+	return openImage(t, img, Options{NoReplay: true})
 }
