@@ -9,6 +9,7 @@ import (
 	"github.com/sauve-backup/sauve/internal/fsread/ext"
 	"github.com/sauve-backup/sauve/internal/fsread/fat"
 	"github.com/sauve-backup/sauve/internal/fsread/ntfs"
+	"github.com/sauve-backup/sauve/internal/fsread/xfs"
 	"github.com/sauve-backup/sauve/internal/repo"
 )
 
@@ -36,6 +37,9 @@ func fsReaders() []fsReader {
 		{name: "ext2/3/4", probe: probeExt, open: func(r *io.SectionReader, o fsOpenOptions) (fileSystem, error) {
 			return ext.Open(r, r.Size(), ext.Options{NoReplay: o.NoReplay, Warn: o.Warn})
 		}},
+		{name: "XFS", probe: probeXFS, open: func(r *io.SectionReader, o fsOpenOptions) (fileSystem, error) {
+			return xfs.Open(r, r.Size(), xfs.Options{NoReplay: o.NoReplay, Warn: o.Warn})
+		}},
 		{name: "NTFS", probe: probeNTFS, open: func(r *io.SectionReader, o fsOpenOptions) (fileSystem, error) {
 			return ntfs.Open(r, r.Size(), ntfs.Options{Warn: o.Warn})
 		}},
@@ -49,6 +53,12 @@ func probeExt(r io.ReaderAt) bool {
 	var magic [2]byte
 	_, err := r.ReadAt(magic[:], 1024+56)
 	return err == nil && binary.LittleEndian.Uint16(magic[:]) == 0xEF53
+}
+
+func probeXFS(r io.ReaderAt) bool {
+	var magic [4]byte
+	_, err := r.ReadAt(magic[:], 0)
+	return err == nil && string(magic[:]) == "XFSB"
 }
 
 func probeNTFS(r io.ReaderAt) bool {
