@@ -51,9 +51,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
-	"path"
 	"strings"
-	"sync"
 
 	"github.com/sauve-backup/sauve/internal/fsread"
 )
@@ -101,8 +99,7 @@ type FS struct {
 	replayed int
 	skipCRC  bool
 
-	mu   sync.Mutex
-	dirs map[uint64]map[string]uint64 // names of recently searched directories
+	dirs fsread.DirCache
 }
 
 // super holds what the reader needs from the superblock.
@@ -132,7 +129,7 @@ func Open(r io.ReaderAt, size int64, opts Options) (*FS, error) {
 	if warn == nil {
 		warn = func(string) {}
 	}
-	f := &FS{r: r, size: size, skipCRC: opts.skipCRC, dirs: map[uint64]map[string]uint64{}}
+	f := &FS{r: r, size: size, skipCRC: opts.skipCRC}
 	if err := f.readSuper(); err != nil {
 		return nil, err
 	}
@@ -307,97 +304,34 @@ func (f *FS) inoOffset(ino uint64) (int64, error) {
 	return int64(ag*s.agblocks+agbno)*s.bs + int64(idx)*int64(s.isize), nil
 }
 
-// maxHops bounds the symlinks followed in one path (Linux's limit).
-const maxHops = 40
+// resolve finds the inode of the absolute slash-separated path p (see
+// fsread.Resolve).
+func (f *FS) resolve(p string) (uint64, error) { return fsread.Resolve(tree{f}, f.sb.rootino, p) }
 
-// resolve finds the inode of the absolute slash-separated path p. Like
-// lstat(2), it follows symlinks in the directories of the path (an
-// absolute target starts again from this filesystem's root, whatever the
-// snapshot's machine mounted there) but not in its last component.
-func (f *FS) resolve(p string) (uint64, error) {
-	comps := strings.Split(strings.TrimPrefix(path.Clean("/"+p), "/"), "/")
-	root := f.sb.rootino
-	ino := root
-	var up []uint64 // the directories walked through, for ".."
-	hops := 0
-	for i := 0; i < len(comps); i++ {
-		name := comps[i]
-		switch name {
-		case "", ".":
-			continue
-		case "..":
-			if len(up) > 0 {
-				ino, up = up[len(up)-1], up[:len(up)-1]
-			}
-			continue
-		}
-		in, err := f.inode(ino)
-		if err != nil {
-			return 0, err
-		}
-		if !in.isDir() {
-			return 0, fmt.Errorf("%s: a component of the path is not a directory", p)
-		}
-		names, err := f.names(in)
-		if err != nil {
-			return 0, err
-		}
-		next, ok := names[name]
-		if !ok {
-			return 0, fmt.Errorf("%s: %w", p, fsread.ErrNotExist)
-		}
-		if i < len(comps)-1 {
-			child, err := f.inode(next)
-			if err != nil {
-				return 0, err
-			}
-			if child.mode&fsread.TypeMask == fsread.TypeSymlink {
-				if hops++; hops > maxHops {
-					return 0, fmt.Errorf("%s: too many levels of symbolic links", p)
-				}
-				t, err := f.readlink(child)
-				if err != nil {
-					return 0, err
-				}
-				if strings.HasPrefix(t, "/") {
-					ino, up = root, nil
-				}
-				comps = append(strings.Split(t, "/"), comps[i+1:]...)
-				i = -1
-				continue
-			}
-		}
-		up = append(up, ino)
-		ino = next
+// tree is f as fsread.Resolve walks it.
+type tree struct{ f *FS }
+
+func (t tree) Names(ino uint64) (map[string]uint64, bool, error) {
+	in, err := t.f.inode(ino)
+	if err != nil || !in.isDir() {
+		return nil, false, err
 	}
-	return ino, nil
+	m, err := t.f.names(in)
+	return m, true, err
 }
 
-// names maps the names of directory in to their inodes; the last few
-// directories searched are kept, so that extracting a tree does not read
-// each directory once per file.
+func (t tree) Link(ino uint64) (string, bool, error) {
+	in, err := t.f.inode(ino)
+	if err != nil || in.mode&fsread.TypeMask != fsread.TypeSymlink {
+		return "", false, err
+	}
+	target, err := t.f.readlink(in)
+	return target, true, err
+}
+
+// names maps the names of directory in to their inodes.
 func (f *FS) names(in *inode) (map[string]uint64, error) {
-	f.mu.Lock()
-	m, ok := f.dirs[in.ino]
-	f.mu.Unlock()
-	if ok {
-		return m, nil
-	}
-	m = map[string]uint64{}
-	err := f.readDir(in, func(name string, ino uint64) error {
-		m[name] = ino
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	f.mu.Lock()
-	if len(f.dirs) >= 16 {
-		clear(f.dirs)
-	}
-	f.dirs[in.ino] = m
-	f.mu.Unlock()
-	return m, nil
+	return f.dirs.Names(in.ino, func(add func(string, uint64) error) error { return f.readDir(in, add) })
 }
 
 // at runs fn on the inode at path p; its errors name p.

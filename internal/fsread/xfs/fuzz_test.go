@@ -5,13 +5,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
-	"github.com/sauve-backup/sauve/internal/fsread"
+	"github.com/sauve-backup/sauve/internal/fsread/fsreadtest"
 	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
 
@@ -24,39 +23,8 @@ const (
 	fuzzBudget   = 16 << 20
 )
 
-// explore reads everything a user could ask of f, within bounds: a bad
-// image must give errors, never a panic, a hang or a huge allocation.
-func explore(f *FS) {
-	budget := 400
-	var walk func(p string, depth int)
-	walk = func(p string, depth int) {
-		if budget--; budget < 0 || depth > 8 {
-			return
-		}
-		st, err := f.Lstat(p)
-		if err != nil {
-			return
-		}
-		f.Xattrs(p)
-		switch st.Type() {
-		case fsread.TypeSymlink:
-			f.Readlink(p)
-		case fsread.TypeRegular:
-			if fl, err := f.Open(p); err == nil {
-				fl.Data()
-				buf := make([]byte, 64<<10)
-				fl.ReadAt(buf, 0)
-				fl.ReadAt(buf[:100], max(fl.Size()-50, 0))
-			}
-		case fsread.TypeDir:
-			ents, _ := f.ReadDir(p)
-			for _, e := range ents {
-				walk(path.Join(p, e.Name), depth+1)
-			}
-		}
-	}
-	walk("/", 0)
-}
+// explore reads everything a user could ask of f, within bounds.
+func explore(f *FS) { fsreadtest.Explore(f) }
 
 // protoImage makes a small XFS image (below mkfs.xfs's 300 MB minimum,
 // allowed to fstests) holding the tree a prototype file describes, with
@@ -196,7 +164,7 @@ func FuzzOpen(f *testing.F) {
 // fuzzFS is a v5 filesystem of zeros around the byte-level parsers.
 func fuzzFS(v5 bool) *FS {
 	zeros := fuzzimg.Decode([]byte{0, 0, 0, 1}, fuzzMaxImage, fuzzBudget) // 16 MiB of zeros
-	return &FS{r: zeros, size: zeros.Size(), skipCRC: true, dirs: map[uint64]map[string]uint64{}, sb: super{v5: v5, bs: 1024, blocklog: 10,
+	return &FS{r: zeros, size: zeros.Size(), skipCRC: true, sb: super{v5: v5, bs: 1024, blocklog: 10,
 		dblocks: 1 << 14, agblocks: 1 << 13, agcount: 2, agblklog: 13, inopblog: 1, isize: 512, sectsize: 512, ftype: true, rootino: 64}}
 }
 
