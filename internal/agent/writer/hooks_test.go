@@ -131,8 +131,10 @@ func TestHooksPreFreezeFails(t *testing.T) {
 		command string
 		timeout time.Duration // Hooks.Timeout
 		ctx     func(context.Context) (context.Context, context.CancelFunc)
-		want    string // in the error
-		is      error
+		// cancelOnChild cancels the context once the command has started.
+		cancelOnChild bool
+		want          string // in the error
+		is            error
 	}{{
 		name:    "exit status",
 		command: `echo out-line; echo err-line >&2; exit 3`,
@@ -148,27 +150,26 @@ func TestHooksPreFreezeFails(t *testing.T) {
 	}, {
 		name:    "hook timeout",
 		command: `echo waiting; sleep 30 & echo $! > "$CHILD"; wait`,
-		timeout: 300 * time.Millisecond,
-		want:    "timed out after 300ms (process group killed): waiting",
+		timeout: time.Second, // long enough for the first hook on a loaded machine
+		want:    "timed out after 1s (process group killed): waiting",
 		is:      context.DeadlineExceeded,
 	}, {
 		name:    "freeze deadline",
 		command: `echo waiting; sleep 30 & echo $! > "$CHILD"; wait`,
 		ctx: func(ctx context.Context) (context.Context, context.CancelFunc) {
-			return context.WithTimeout(ctx, 300*time.Millisecond)
+			return context.WithTimeout(ctx, time.Second)
 		},
 		want: "did not finish by the freeze deadline (process group killed): waiting",
 		is:   context.DeadlineExceeded,
 	}, {
 		name:    "cancelled",
 		command: `echo waiting; sleep 30 & echo $! > "$CHILD"; wait`,
-		ctx: func(ctx context.Context) (context.Context, context.CancelFunc) {
-			ctx, cancel := context.WithCancel(ctx)
-			go func() { time.Sleep(300 * time.Millisecond); cancel() }()
-			return ctx, cancel
-		},
-		want: "cancelled (process group killed): waiting",
-		is:   context.Canceled,
+		// Cancelled once the command runs (its child's pid is written),
+		// not after a fixed time that a loaded machine may spend on the
+		// first hook.
+		cancelOnChild: true,
+		want:          "cancelled (process group killed): waiting",
+		is:            context.Canceled,
 	}} {
 		t.Run(tc.name, func(t *testing.T) {
 			log := newLog(t)
@@ -182,6 +183,18 @@ func TestHooksPreFreezeFails(t *testing.T) {
 			ctx, cancel := t.Context(), context.CancelFunc(func() {})
 			if tc.ctx != nil {
 				ctx, cancel = tc.ctx(ctx)
+			}
+			if tc.cancelOnChild {
+				ctx, cancel = context.WithCancel(ctx)
+				go func() {
+					for range 1000 {
+						if b, err := os.ReadFile(child); err == nil && len(b) > 0 {
+							break
+						}
+						time.Sleep(10 * time.Millisecond)
+					}
+					cancel()
+				}()
 			}
 			defer cancel()
 			t0 := time.Now()
