@@ -18,7 +18,6 @@ import (
 	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
 
-	"github.com/sauve-backup/sauve/internal/disk"
 	"github.com/sauve-backup/sauve/internal/migrate"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
@@ -140,7 +139,7 @@ type migration struct {
 	o      *migrateOptions
 	src    *source.Source
 	disk   *source.Disk
-	target *disk.Target
+	target migrationTarget
 	state  *migrate.State
 	limit  *migrate.Limiter
 	lock   *os.File // held while the state is in use
@@ -151,17 +150,14 @@ type migration struct {
 	passes    []migrate.Pass
 }
 
-// refuseMigrateTarget refuses the targets that later versions will take.
+// refuseMigrateTarget refuses what cannot be a migration's target at
+// all; the kinds of targets (migrationTargetKinds) refuse the rest.
 func refuseMigrateTarget(path string) error {
-	if strings.Contains(path, "://") {
-		return fmt.Errorf("target %s: remote targets (ssh://) are not available yet: migrate writes a raw image file or a block device on this machine", path)
-	}
 	if path == "-" {
 		return errors.New("target -: a migration writes its target again at every pass, not to standard output")
 	}
-	switch strings.ToLower(filepath.Ext(path)) {
-	case ".qcow2", ".qcow", ".vmdk", ".vhd", ".vhdx", ".vdi", ".ova":
-		return fmt.Errorf("target %s: VM disk targets are not available yet: migrate into a raw image (.img) and convert it after the final pass ('sauve convert')", path)
+	if strings.ToLower(filepath.Ext(path)) == ".ova" {
+		return fmt.Errorf("target %s: an OVA is an archive written once: migrate into a VM disk image or a raw image, then 'sauve export' or 'sauve convert' it to an OVA", path)
 	}
 	return nil
 }
@@ -183,7 +179,7 @@ func (g *globals) migrate(ctx context.Context, srcPath, tgtPath string, o *migra
 		if err != nil {
 			return err
 		}
-		if err := refuseFrozenPaths(mounts, m.target.Path, filepath.Dir(m.state.Path())); err != nil {
+		if err := refuseFrozenPaths(mounts, m.target.Path(), filepath.Dir(m.state.Path())); err != nil {
 			return err
 		}
 	}
@@ -275,6 +271,7 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 	if err != nil {
 		return m, err
 	}
+	kind := migrationTargetKind(tgtPath)
 	tgtFI, err := os.Stat(tgtPath)
 	exists := err == nil
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -284,11 +281,11 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 		if err := refuseSame(src, tgtPath, tgtFI); err != nil {
 			return m, err
 		}
-		if m.target, err = disk.OpenTarget(tgtPath, disk.TargetOptions{}); err != nil {
+		if m.target, err = kind.open(tgtPath); err != nil {
 			return m, err
 		}
-		if m.target.Size < m.disk.Size {
-			return m, fmt.Errorf("target %s holds %d bytes, source %s %d: refusing a migration that would not fit (growing the target comes in a later version)", tgtPath, m.target.Size, srcPath, m.disk.Size)
+		if m.target.Size() < m.disk.Size {
+			return m, fmt.Errorf("target %s holds %d bytes, source %s %d: refusing a migration that would not fit (growing the target comes in a later version)", tgtPath, m.target.Size(), srcPath, m.disk.Size)
 		}
 	}
 	statePath, err := g.migrateStatePath(o, src.Path, tgtPath)
@@ -302,11 +299,11 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 		return m, err
 	}
 	if !exists {
-		if m.target, err = createMigrateTarget(tgtPath, m.disk.Size); err != nil {
+		if m.target, err = kind.create(tgtPath, m.disk.Size); err != nil {
 			return m, err
 		}
 	}
-	tgtID, err := fileIdentity(m.target.Path, m.target.Size)
+	tgtID, err := m.target.Identity()
 	if err != nil {
 		return m, err
 	}
@@ -548,9 +545,9 @@ func loadMigrateState(path string, srcID migrate.Identity, tgtPath string, tgtEx
 	return st, nil
 }
 
-// createMigrateTarget creates a new raw file target of size bytes, all
+// createRawTarget creates a new raw file target of size bytes, all
 // holes, durably.
-func createMigrateTarget(path string, size int64) (*disk.Target, error) {
+func createRawTarget(path string, size int64) (migrationTarget, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create target: %w", err)
@@ -571,18 +568,8 @@ func createMigrateTarget(path string, size int64) (*disk.Target, error) {
 		os.Remove(path)
 		return nil, fmt.Errorf("create target %s: %w", path, err)
 	}
-	return disk.OpenTarget(path, disk.TargetOptions{})
+	return openRawTarget(path)
 }
-
-// migrateTarget is a disk.Target as a pass writes it.
-type migrateTarget struct {
-	t     *disk.Target
-	zeros []byte
-}
-
-func (w migrateTarget) WriteAt(p []byte, off int64) (int, error) { return w.t.WriteAt(p, off) }
-func (w migrateTarget) Zero(off, n int64) error                  { return w.t.Zero(off, n, w.zeros) }
-func (w migrateTarget) Sync() error                              { return w.t.Finish(w.t.Size) }
 
 // migratePass runs a pass: the source mapped again (its free space
 // changes), read, and its changed chunks written.
@@ -608,10 +595,10 @@ func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (mi
 		},
 	})
 	src := migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map()}
-	p, err := migrate.Run(ctx, src, migrateTarget{t: m.target, zeros: make([]byte, 1<<20)}, m.state, migrate.Options{Limit: m.limit, Progress: prog})
+	p, err := migrate.Run(ctx, src, m.target, m.state, migrate.Options{Limit: m.limit, Progress: prog})
 	meter.Stop()
 	if err != nil {
-		return p, fmt.Errorf("migrate %s to %s: %w", m.src.Path, m.target.Path, err)
+		return p, fmt.Errorf("migrate %s to %s: %w", m.src.Path, m.target.Path(), err)
 	}
 	layout.WarnLate()
 	h := &m.state.Header
@@ -679,7 +666,7 @@ func (g *globals) finalPass(ctx context.Context, m *migration) (*finalResult, er
 	if err != nil {
 		return nil, err
 	}
-	if err := refuseFrozenPaths(mounts, m.target.Path, m.state.Path()); err != nil {
+	if err := refuseFrozenPaths(mounts, m.target.Path(), m.state.Path()); err != nil {
 		return nil, err
 	}
 	if len(mounts) == 0 {
@@ -727,7 +714,7 @@ func (g *globals) printMigrateSummary(m *migration, fr *finalResult) error {
 		read, written, zeroed = read+p.BytesRead, written+p.BytesWritten, zeroed+p.BytesZeroed
 	}
 	if g.json {
-		out := map[string]any{"summary": true, "source": m.src.Path, "target": m.target.Path, "state": m.state.Path(),
+		out := map[string]any{"summary": true, "source": m.src.Path, "target": m.target.Path(), "state": m.state.Path(),
 			"passes": len(m.passes), "passes_total": m.state.Header.Passes, "bytes_read": read, "bytes_written": written, "bytes_zeroed": zeroed,
 			"final": fr != nil, "frozen_seconds": 0.0, "frozen_mounts": []string{}}
 		if fr != nil {
@@ -736,9 +723,9 @@ func (g *globals) printMigrateSummary(m *migration, fr *finalResult) error {
 		return g.printJSONLine(out)
 	}
 	if fr != nil && len(fr.mounts) > 0 {
-		g.printf("cut-over: writes to %s were frozen for %s; %s now holds %s as it was frozen\n", strings.Join(fr.mounts, ", "), seconds(fr.frozen.Seconds()), m.target.Path, m.src.Path)
+		g.printf("cut-over: writes to %s were frozen for %s; %s now holds %s as it was frozen\n", strings.Join(fr.mounts, ", "), seconds(fr.frozen.Seconds()), m.target.Path(), m.src.Path)
 	} else if fr != nil {
-		g.printf("%s now holds %s\n", m.target.Path, m.src.Path)
+		g.printf("%s now holds %s\n", m.target.Path(), m.src.Path)
 	}
 	return nil
 }
