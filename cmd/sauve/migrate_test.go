@@ -193,9 +193,9 @@ func TestMigrateLoopMountedExt4(t *testing.T) {
 	}
 }
 
-// kill -9 of a pass at a random instant, of the copy and of the final
-// pass: the filesystem is thawed, and the next passes make the target
-// exact.
+// TestMigrateKill9Resume kills passes (-9) at random moments, copy and
+// final ones, while a writer writes: the filesystem is thawed after each
+// killed final pass, and the next --final leaves an exact target.
 func TestMigrateKill9Resume(t *testing.T) {
 	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
 	e := newBareEnv(t)
@@ -218,20 +218,30 @@ func TestMigrateKill9Resume(t *testing.T) {
 		}
 		t.Logf("killed %v after %s", args, after)
 	}
-	kill()
-	e.ok("migrate", img, target)
-	kill()
-	kill("--final")
-	// The guard thawed the filesystem.
-	done := make(chan error, 1)
-	go func() { done <- os.WriteFile(filepath.Join(mnt, "thawed"), []byte("x"), 0o644) }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
+	// One round here; 8 with SAUVE_SOAK=1, each killing a copy pass
+	// twice and a final pass once at random moments.
+	rounds := 1
+	if os.Getenv("SAUVE_SOAK") == "1" {
+		rounds = 8
+	}
+	for round := range rounds {
+		kill()
+		if round == 0 {
+			e.ok("migrate", img, target)
 		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the filesystem stayed frozen after the final pass was killed")
+		kill()
+		kill("--final")
+		// The guard thawed the filesystem.
+		done := make(chan error, 1)
+		go func() { done <- os.WriteFile(filepath.Join(mnt, "thawed"), []byte("x"), 0o644) }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("round %d: the filesystem stayed frozen after the final pass was killed", round)
+		}
 	}
 	w.halt()
 	e.ok("migrate", img, target, "--final")
