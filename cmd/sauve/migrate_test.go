@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/hex"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -460,4 +461,29 @@ func testMigrateMounted(t *testing.T, device bool) {
 		t.Errorf("final pass:\n%s", out)
 	}
 	checkTarget(t, target, hashTree(t, mnt))
+}
+
+// TestMigrateTestBoot migrates the serial-printing boot disk and boots
+// the target under QEMU (TCG) with --test-boot: the guest's line is
+// seen, the target is left as it was; a target that does not boot
+// exits 4 with the console's tail.
+func TestMigrateTestBoot(t *testing.T) {
+	needTools(t, "qemu-system-x86_64")
+	e := newBareEnv(t)
+	src := e.path("boot.img")
+	line := "SAUVE MIGRATED BOOT " + hex.EncodeToString(randomBytes(4))
+	bootDisk(t, src, line)
+	target := e.path("target.img")
+	out := e.ok("migrate", src, target, "--test-boot", "--boot-marker", line, "--boot-accel", "tcg", "--boot-memory", "32", "--boot-timeout", "60s")
+	if !strings.Contains(out, "test boot: "+target+" reached") {
+		t.Fatalf("--test-boot did not report the boot:\n%s", out)
+	}
+	before := fileHash(t, target, -1)
+	r := e.run("migrate", src, target, "--test-boot", "--boot-marker", "never printed", "--boot-accel", "tcg", "--boot-memory", "32", "--boot-timeout", "5s")
+	if r.code != 4 || !strings.Contains(r.stdout, "did not reach") || !strings.Contains(r.stdout, line) {
+		t.Errorf("a marker never printed: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	if fileHash(t, target, -1) != before {
+		t.Error("the test boot wrote the target")
+	}
 }

@@ -34,6 +34,7 @@ type migrateOptions struct {
 	noFSSkip      bool
 	maxPasses     int
 	freezeTimeout time.Duration
+	boot          testBootFlags
 }
 
 // exitDiverging is migrate's exit status when --until-delta is not
@@ -93,12 +94,20 @@ loop device), TARGET being SOURCE, and a SOURCE that is a stream.
 Not available yet (later versions): VM disk targets (qcow2, VMDK, VHD,
 VHDX, VDI: migrate into a raw image and 'sauve convert' it), remote
 targets over SSH, growing the target (--size), QEMU dirty bitmaps (every
-pass reads all used blocks), repository snapshots as SOURCE, and
---test-boot.`,
+pass reads all used blocks), and repository snapshots as SOURCE.
+
+--test-boot boots TARGET after the passes under QEMU, with no network and
+its writes going to a throw-away overlay (TARGET is not changed), while
+SOURCE keeps running, and reports whether the guest printed --boot-marker
+("login:") on its first serial port within --boot-timeout: a Linux guest
+does when its console is on ttyS0 (console=ttyS0, as cloud images have);
+one that writes only to its screen never does, and the report shows the
+serial console's last lines. Exit status 4 when the marker was not seen.`,
 		Example: `  sauve migrate /dev/sda /dev/sdb                        # first pass; rerun for a delta pass
   sauve migrate /dev/vg0/web /srv/web.img --until-delta 64M --limit-rate 50M
   sauve migrate /dev/vg0/web /srv/web.img --final         # freeze, last delta, thaw
-  sauve migrate /var/lib/images/db.img /dev/vdc --until-delta 32M --final --json`,
+  sauve migrate /var/lib/images/db.img /dev/vdc --until-delta 32M --final --json
+  sauve migrate /dev/sda /srv/p2v/web1.img --test-boot --boot-marker 'web1 login:'`,
 		Args: exactArgs(2, "SOURCE and TARGET"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.untilDelta = -1
@@ -131,6 +140,7 @@ pass reads all used blocks), repository snapshots as SOURCE, and
 	f.BoolVar(&o.noFSSkip, "no-fs-skip", false, "read and copy free space too")
 	f.IntVar(&o.maxPasses, "max-passes", 20, "with --until-delta: give up after this many passes (exit status 3)")
 	f.DurationVar(&o.freezeTimeout, "freeze-timeout", 5*time.Minute, "with --final: longest time the filesystems stay frozen (they are thawed then even if sauve is killed, and the final pass fails)")
+	addTestBootFlags(cmd, &o.boot)
 	return cmd
 }
 
@@ -190,14 +200,16 @@ func (g *globals) migrate(ctx context.Context, srcPath, tgtPath string, o *migra
 			return err
 		}
 	}
-	if !o.final {
-		return g.printMigrateSummary(m, nil)
+	var fr *finalResult
+	if o.final {
+		if fr, err = g.finalPass(ctx, m); err != nil {
+			return err
+		}
 	}
-	fr, err := g.finalPass(ctx, m)
-	if err != nil {
+	if err := g.printMigrateSummary(m, fr); err != nil || !o.boot.enabled {
 		return err
 	}
-	return g.printMigrateSummary(m, fr)
+	return g.testBoot(ctx, m, &o.boot)
 }
 
 // migratePasses runs one pass, or passes until --until-delta.
