@@ -1,10 +1,13 @@
 package main
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"encoding/json"
+	"encoding/xml"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -196,5 +199,77 @@ func TestBackupRunningQEMU(t *testing.T) {
 	e.okJSON(&list, "snapshots", "--host", "vm1")
 	if len(list) != 2 {
 		t.Errorf("%d snapshots of vm1", len(list))
+	}
+}
+
+// TestBackupRecordsMachine: a VM backed up through its monitor is
+// recorded with what it is made of (CPUs, memory, controllers, network
+// cards), and an OVA exported from the snapshot defines that machine.
+func TestBackupRecordsMachine(t *testing.T) {
+	e := newEnv(t)
+	const mac = "52:54:00:12:34:56"
+	vm := startLiveVM(t, e.dir, "-machine", "pc", "-smp", "2", "-m", "256", "-S",
+		"-nic", "user,model=e1000,mac="+mac, "-device", "virtio-blk-pci,drive=drive0,id=vda")
+	var b qemuBackupOut
+	e.okJSON(&b, "backup", "qemu:"+vm.sock)
+	var sn struct {
+		Machine *struct {
+			Kind        string
+			CPUs        int   `json:"cpus"`
+			MemoryMiB   int64 `json:"memory_mib"`
+			Firmware    string
+			Controllers map[string]string
+			NICs        []struct{ MAC, Model string } `json:"nics"`
+		}
+	}
+	e.okJSON(&sn, "show", b.Snapshot[:8])
+	m := sn.Machine
+	if m == nil || m.Kind != "qemu" || m.CPUs != 2 || m.MemoryMiB != 256 || m.Firmware != "bios" ||
+		m.Controllers["drive0"] != "virtio" || len(m.NICs) != 1 || m.NICs[0].MAC != mac || m.NICs[0].Model != "e1000" {
+		t.Fatalf("the snapshot's machine: %+v", m)
+	}
+	if out := e.ok("show", b.Snapshot[:8]); !strings.Contains(out, "machine (qemu): 2 CPUs, 256.0 MiB memory, BIOS, NIC "+mac+" e1000") {
+		t.Errorf("show does not describe the machine:\n%s", out)
+	}
+	// The OVA's descriptor has the machine's CPUs, memory and NIC.
+	ova := e.path("vm.ova")
+	e.ok("export", b.Snapshot[:8], "--disk", "drive0", ova)
+	desc := ovfOf(t, ova)
+	for dec := xml.NewDecoder(strings.NewReader(desc)); ; {
+		if _, err := dec.Token(); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatalf("the OVF is not well-formed XML: %v\n%s", err, desc)
+		}
+	}
+	for _, want := range []string{"<rasd:VirtualQuantity>2</rasd:VirtualQuantity>", "<rasd:VirtualQuantity>256</rasd:VirtualQuantity>",
+		"<rasd:Address>" + mac + "</rasd:Address>", "<rasd:ResourceSubType>E1000</rasd:ResourceSubType>"} {
+		if !strings.Contains(desc, want) {
+			t.Errorf("the OVF lacks %s:\n%s", want, desc)
+		}
+	}
+}
+
+// ovfOf returns the OVF descriptor inside an OVA.
+func ovfOf(t *testing.T, ova string) string {
+	t.Helper()
+	f, err := os.Open(ova)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			t.Fatalf("no .ovf in %s: %v", ova, err)
+		}
+		if strings.HasSuffix(h.Name, ".ovf") {
+			b, err := io.ReadAll(tr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return string(b)
+		}
 	}
 }

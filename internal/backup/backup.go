@@ -107,6 +107,8 @@ type Options struct {
 	// Quiesce, when set, is recorded in the manifest: how applications
 	// were held still around the instant of the copies.
 	Quiesce *repo.Quiescing
+	// Machine, when set, is recorded in the snapshot.
+	Machine *repo.Machine
 	// Warn hears what went wrong without failing the backup: a base
 	// whose chunk list cannot be read, so the rest of its disk is read
 	// in full.
@@ -285,7 +287,7 @@ func newSnapshot(opts Options, start time.Time, disks []repo.Disk) *repo.Snapsho
 	}
 	return &repo.Snapshot{
 		Time: t.UTC(), Host: opts.Host, Tags: opts.Tags, Parent: opts.Parent, Program: opts.Program,
-		Disks: disks, Quiesce: opts.Quiesce,
+		Disks: disks, Quiesce: opts.Quiesce, Machine: opts.Machine,
 	}
 }
 

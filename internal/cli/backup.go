@@ -13,6 +13,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/backup"
+	"github.com/sauve-backup/sauve/internal/machine"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
 	"github.com/sauve-backup/sauve/internal/source"
@@ -248,6 +249,22 @@ type backupDisk struct {
 	fullRead string
 }
 
+// localMachine describes this machine when a disk backed up is one of
+// its block devices (nil for image files and streams: their machine is
+// not this one).
+func localMachine(disks []*backupDisk) *repo.Machine {
+	devs := map[string]string{}
+	for _, d := range disks {
+		if d.src.Kind == source.Device {
+			devs[d.name] = d.src.Path
+		}
+	}
+	if len(devs) == 0 {
+		return nil
+	}
+	return machine.Local(machine.DefaultRoots(), devs)
+}
+
 // backup backs up the sources named by args into one snapshot.
 func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) error {
 	disks, err := openBackupSources(ctx, args, o)
@@ -319,7 +336,7 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 	})
 	res, err := backup.RunDisks(ctx, r, bss, backup.Options{
 		Host: o.host, Tags: o.tags, Parent: parent, Progress: prog, Program: "sauve " + Version, Warn: g.warn,
-		Quiesce: o.quiesce.record(), Time: at,
+		Quiesce: o.quiesce.record(), Time: at, Machine: localMachine(disks),
 	})
 	m.Stop()
 	if err != nil {

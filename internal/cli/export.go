@@ -115,6 +115,9 @@ func (g *globals) exportDisk(ctx context.Context, r *repo.Repository, sn *repo.S
 	if err != nil {
 		return err
 	}
+	if opts.Format == vdisk.OVA {
+		machineDefaults(&opts.OVA, sn.Machine, d.Name, flags)
+	}
 	fail := func(err error) error {
 		return fmt.Errorf("export of snapshot %s to %s: %w", sn.ID.Short(), output, err)
 	}

@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/sauve-backup/sauve/internal/backup"
+	"github.com/sauve-backup/sauve/internal/machine"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
 )
@@ -93,8 +94,12 @@ func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOption
 			return fmt.Sprintf("read %s, new %s, unchanged or dedup %s", bytesIEC(prog.Read.Load()), bytesIEC(prog.New.Load()), bytesIEC(prog.Reused.Load()))
 		},
 	})
+	qdevs := make(map[string]string, len(drives))
+	for _, d := range drives {
+		qdevs[d.ID] = d.QDev
+	}
 	res, err := backup.RunDisks(ctx, r, bss, backup.Options{Host: o.host, Tags: o.tags, Parent: parentID, Progress: prog, Program: "sauve " + Version, Warn: g.warn,
-		Quiesce: o.quiesce.record()})
+		Quiesce: o.quiesce.record(), Machine: machine.QEMU(ctx, qb.QMP(), qdevs)})
 	m.Stop()
 	if err != nil {
 		return fmt.Errorf("backup of VM %s: %w", id.host, err)

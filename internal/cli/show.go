@@ -2,9 +2,12 @@ package cli
 
 import (
 	"fmt"
+	"io"
 	"strings"
 
 	"github.com/spf13/cobra"
+
+	"github.com/sauve-backup/sauve/internal/repo"
 )
 
 func newShowCmd(g *globals) *cobra.Command {
@@ -48,6 +51,7 @@ read and stored (unknown or damaged filesystem, mounted read-write,
 				fmt.Fprintf(w, "  ! %s\n", m)
 			}
 			printQuiescing(w, "  ", sn.Quiesce)
+			printMachine(w, sn.Machine)
 			for _, d := range sn.Disks {
 				fmt.Fprintf(w, "\ndisk %s: %s (%d bytes), %s %s\n", d.Name, bytesIEC(d.Size), d.Size, d.Kind, d.Source)
 				switch {
@@ -75,4 +79,25 @@ read and stored (unknown or damaged filesystem, mounted read-write,
 	}
 	ff.add(cmd)
 	return cmd
+}
+
+// printMachine says what the backed-up machine was, when recorded.
+func printMachine(w io.Writer, m *repo.Machine) {
+	if m == nil {
+		return
+	}
+	var parts []string
+	if m.CPUs > 0 {
+		parts = append(parts, fmt.Sprintf("%d CPUs", m.CPUs))
+	}
+	if m.MemoryMiB > 0 {
+		parts = append(parts, bytesIEC(m.MemoryMiB<<20)+" memory")
+	}
+	if m.Firmware != "" {
+		parts = append(parts, strings.ToUpper(m.Firmware))
+	}
+	for _, n := range m.NICs {
+		parts = append(parts, strings.TrimSpace("NIC "+n.MAC+" "+n.Model))
+	}
+	fmt.Fprintf(w, "  machine (%s): %s\n", m.Kind, strings.Join(parts, ", "))
 }

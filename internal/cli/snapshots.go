@@ -110,6 +110,7 @@ type snapshotJSON struct {
 	// Quiesce says how applications were held around the copy; null
 	// when nothing was asked of them.
 	Quiesce *repo.Quiescing `json:"quiesce"`
+	Machine *repo.Machine   `json:"machine,omitempty"`
 }
 
 type diskJSON struct {
@@ -131,7 +132,7 @@ type diskJSON struct {
 
 func toJSON(sn *repo.Snapshot) snapshotJSON {
 	out := snapshotJSON{ID: sn.ID.String(), Short: sn.ID.Short(), Time: sn.Time, Host: sn.Host, Tags: sn.Tags, Signer: sn.Signer,
-		SignerKind: signerKind(sn), SignerKey: fmt.Sprintf("%x", sn.SignerKey[:8]), Marks: sn.Marks, Quiesce: sn.Quiesce}
+		SignerKind: signerKind(sn), SignerKey: fmt.Sprintf("%x", sn.SignerKey[:8]), Marks: sn.Marks, Quiesce: sn.Quiesce, Machine: sn.Machine}
 	if out.Tags == nil {
 		out.Tags = []string{}
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/source"
 	"github.com/sauve-backup/sauve/internal/vdisk"
 	"github.com/sauve-backup/sauve/internal/vdisk/ova"
@@ -89,6 +90,30 @@ func (o *outFlags) resolve(output string, diskSize int64, flags *pflag.FlagSet) 
 	}
 	opts.OVA = ova.Options{Name: name, CPUs: o.cpus, MemoryMiB: mem >> 20, Controller: o.controller}
 	return opts, nil
+}
+
+// machineDefaults fills an OVA's machine from what the snapshot
+// recorded of the backed-up machine, where flags did not say: CPUs,
+// memory, the disk's controller (OVF has IDE, SCSI and SATA: a virtio
+// disk becomes SCSI, an NVMe one SATA), and always its network cards
+// and firmware.
+func machineDefaults(o *ova.Options, m *repo.Machine, disk string, flags *pflag.FlagSet) {
+	if m == nil {
+		return
+	}
+	if m.CPUs > 0 && !flags.Changed("cpus") {
+		o.CPUs = min(m.CPUs, 768)
+	}
+	if m.MemoryMiB >= 4 && !flags.Changed("memory") {
+		o.MemoryMiB = m.MemoryMiB
+	}
+	if c, ok := m.Controllers[disk]; ok && !flags.Changed("controller") {
+		o.Controller = map[string]string{"ide": "ide", "sata": "sata", "scsi": "scsi", "virtio": "scsi", "nvme": "sata"}[c]
+	}
+	for _, n := range m.NICs {
+		o.NICs = append(o.NICs, ova.NIC{MAC: n.MAC, Model: n.Model})
+	}
+	o.UEFI = m.Firmware == "uefi"
 }
 
 // outputFile is an image being written: a temporary file beside OUTPUT,

@@ -32,6 +32,9 @@ type Snapshot struct {
 	// CopiedFrom says which snapshot of which repository 'sauve copy'
 	// made this one from; nil for a snapshot a backup wrote.
 	CopiedFrom *CopiedFrom `json:"copied_from,omitempty"`
+	// Machine is what the backed-up machine was (CPUs, memory, firmware,
+	// controllers, network cards); nil when unknown (image files).
+	Machine *Machine `json:"machine,omitempty"`
 
 	// Filled in when loaded, not stored in the manifest.
 	ID ID `json:"-"`

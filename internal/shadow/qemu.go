@@ -218,6 +218,10 @@ func (q *QEMUBackup) pickAgent(ctx context.Context) error {
 // VM returns the VM's UUID and name (either may be empty).
 func (q *QEMUBackup) VM() (uuid, name string) { return q.uuid, q.name }
 
+// QMP is the VM's monitor, for the queries of other packages (what the
+// machine is made of).
+func (q *QEMUBackup) QMP() *qmp.Client { return q.c }
+
 // Drives returns the drives backed up, in the order of the views.
 func (q *QEMUBackup) Drives() []QEMUDrive {
 	out := make([]QEMUDrive, len(q.drives))

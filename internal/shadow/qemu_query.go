@@ -95,6 +95,8 @@ type QEMUDrive struct {
 	// Format is the top node's driver: "qcow2", "raw".
 	Format string
 	Size   int64
+	// QDev is the QOM path of the device the drive is attached to.
+	QDev string
 }
 
 // qdrive is a drive with what sauve needs to know of it.
@@ -130,7 +132,7 @@ func (q *QEMUBackup) selectDrives(ctx context.Context) error {
 	}
 	all := make([]*qdrive, 0, len(blocks))
 	for _, b := range blocks {
-		d := &qdrive{QEMUDrive: QEMUDrive{ID: driveID(b)}}
+		d := &qdrive{QEMUDrive: QEMUDrive{ID: driveID(b), QDev: b.QDev}}
 		d.names = []string{d.ID, b.Device, b.QDev}
 		if in := b.Inserted; in != nil {
 			d.Node, d.Format, d.Size, d.readOnly = in.NodeName, in.Drv, in.Image.VirtualSize, in.RO

@@ -36,8 +36,12 @@ func TestQEMUViews(t *testing.T) {
 	if uuid, name := q.VM(); uuid != testUUID || name != "vm1" {
 		t.Errorf("VM() = %q, %q", uuid, name)
 	}
-	want := []QEMUDrive{{"drive0", "node-drive0", "qcow2", 16 * mib}, {"drive1", "node-drive1", "raw", 16 * mib}}
-	if got := q.Drives(); !reflect.DeepEqual(got, want) {
+	want := []QEMUDrive{{ID: "drive0", Node: "node-drive0", Format: "qcow2", Size: 16 * mib}, {ID: "drive1", Node: "node-drive1", Format: "raw", Size: 16 * mib}}
+	got := q.Drives()
+	for i := range got {
+		got[i].QDev = "" // the device's QOM path is QEMU's choice
+	}
+	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Drives() = %+v, want %+v", got, want)
 	}
 	vs := views(t, q)
@@ -546,7 +550,7 @@ func TestQEMUDevices(t *testing.T) {
 		"-device", "ide-cd,drive=cdx,id=cd0,bus=ide.0",
 		"-device", "ide-cd,id=cd1,bus=ide.1"})
 	q, warns := vm.open(QEMUOptions{Bitmaps: true})
-	if d := q.Drives(); len(d) != 1 || d[0] != (QEMUDrive{"vdisk0", "disk-fmt", "qcow2", 8 * mib}) {
+	if d := q.Drives(); len(d) != 1 || d[0] != (QEMUDrive{ID: "vdisk0", Node: "disk-fmt", Format: "qcow2", Size: 8 * mib, QDev: d[0].QDev}) || d[0].QDev == "" {
 		t.Errorf("drives %+v", d)
 	}
 	want := []string{"VM vm1: drive cdx (a CD-ROM) is read-only: skipped (name it with --drive to back it up)",

@@ -33,6 +33,9 @@ func TestOptions(t *testing.T) {
 		{Name: "vm", CPUs: 0, MemoryMiB: 1024, Controller: "ide"},
 		{Name: "vm", CPUs: 1, MemoryMiB: 1, Controller: "ide"},
 		{Name: "vm", CPUs: 1, MemoryMiB: 1024, Controller: "floppy"},
+		{Name: "vm", CPUs: 1, MemoryMiB: 1024, Controller: "ide", NICs: []NIC{{MAC: "52:54:00:12:34"}}},
+		{Name: "vm", CPUs: 1, MemoryMiB: 1024, Controller: "ide", NICs: []NIC{{MAC: "52:54:00:12:34:56</rasd:Address>"}}},
+		{Name: "vm", CPUs: 1, MemoryMiB: 1024, Controller: "ide", NICs: make([]NIC, maxNICs+1)},
 	} {
 		if _, err := NewWriter(&f, 1<<20, o); err == nil {
 			t.Errorf("%+v accepted", o)
