@@ -413,3 +413,37 @@ func TestProgressOnlyWhenAsked(t *testing.T) {
 		t.Fatalf("progress bar missing: %q", r.stderr)
 	}
 }
+
+// TestBackupDeviceRecordsMachine: a backup of one of this machine's
+// block devices records this machine; one of an image file records none.
+func TestBackupDeviceRecordsMachine(t *testing.T) {
+	requireRoot(t)
+	e := newEnv(t)
+	img := e.path("d.img")
+	writeFile(t, img, randomBytes(1<<20))
+	type machineOut struct {
+		Machine *struct {
+			Kind      string
+			CPUs      int   `json:"cpus"`
+			MemoryMiB int64 `json:"memory_mib"`
+			Firmware  string
+		}
+	}
+	b := e.backup(img)
+	var sn machineOut
+	e.okJSON(&sn, "show", b.ShortID)
+	if sn.Machine != nil {
+		t.Errorf("an image file's snapshot records a machine: %+v", sn.Machine)
+	}
+	dev := losetup(t, img)
+	b = e.backup(dev)
+	sn = machineOut{}
+	e.okJSON(&sn, "show", b.ShortID)
+	m := sn.Machine
+	if m == nil || m.Kind != "physical" || m.CPUs < 1 || m.MemoryMiB < 64 || (m.Firmware != "bios" && m.Firmware != "uefi") {
+		t.Fatalf("a device's snapshot: machine %+v", m)
+	}
+	if _, err := os.Stat("/sys/firmware/efi"); (err == nil) != (m.Firmware == "uefi") {
+		t.Errorf("firmware %q, /sys/firmware/efi: %v", m.Firmware, err)
+	}
+}
