@@ -29,6 +29,27 @@ func sshTargetKind() targetKind {
 		create: openSSHTarget}
 }
 
+// remote says whether targets of kind k are on another machine, where
+// only the other end can say whether they exist.
+func (k targetKind) remote() bool { return k.name == "ssh" }
+
+// openRemoteTarget opens a remote target if it exists (on the other
+// end): nothing for a local kind, whose existence os.Stat says.
+func (m *migration) openRemoteTarget(k targetKind, path string) (bool, error) {
+	if !k.remote() {
+		return false, nil
+	}
+	t, err := k.open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	m.target = t
+	return true, nil
+}
+
 // sshDialTimeout bounds connecting and signing in.
 const sshDialTimeout = time.Minute
 
@@ -69,6 +90,21 @@ type sshTarget struct {
 	stdin  io.WriteCloser
 	c      *remote.Client
 	stderr *tailBuffer
+	once   sync.Once
+	exited chan struct{} // closed when the remote command has ended
+}
+
+// waitExit waits at most d for the remote command to end (a session is
+// waited for once).
+func (t *sshTarget) waitExit(d time.Duration) {
+	t.once.Do(func() {
+		t.exited = make(chan struct{})
+		go func() { t.sess.Wait(); close(t.exited) }()
+	})
+	select {
+	case <-t.exited:
+	case <-time.After(d):
+	}
 }
 
 // openSSHTarget connects, starts the remote end and opens the target
@@ -148,12 +184,7 @@ func (t *sshTarget) start(create int64) error {
 // startError explains a remote end that did not answer: most often sauve
 // is not installed there, or not in the PATH of a non-interactive shell.
 func (t *sshTarget) startError(bin string, err error) error {
-	done := make(chan struct{})
-	go func() { t.sess.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-	}
+	t.waitExit(5 * time.Second)
 	msg := strings.TrimSpace(t.stderr.String())
 	if msg == "" {
 		msg = err.Error()
@@ -161,11 +192,26 @@ func (t *sshTarget) startError(bin string, err error) error {
 	return fmt.Errorf("%q on %s did not answer as sauve migrate-receive: %s (install the same sauve version there, or name it with --remote-sauve or $SAUVE_REMOTE_SAUVE)", bin, t.loc.host, msg)
 }
 
-func (t *sshTarget) WriteAt(p []byte, off int64) (int, error) { return t.c.WriteAt(p, off) }
-func (t *sshTarget) Zero(off, n int64) error                  { return t.c.Zero(off, n) }
-func (t *sshTarget) Sync() error                              { return t.c.Sync() }
-func (t *sshTarget) Path() string                             { return t.url }
-func (t *sshTarget) Size() int64                              { return t.c.Info().Size }
+func (t *sshTarget) WriteAt(p []byte, off int64) (int, error) {
+	n, err := t.c.WriteAt(p, off)
+	return n, t.withStderr(err)
+}
+func (t *sshTarget) Zero(off, n int64) error { return t.withStderr(t.c.Zero(off, n)) }
+func (t *sshTarget) Sync() error             { return t.withStderr(t.c.Sync()) }
+
+// withStderr adds to err what the remote command said on its standard
+// error (a crash there, a kill), if anything.
+func (t *sshTarget) withStderr(err error) error {
+	if err == nil {
+		return nil
+	}
+	if msg := strings.TrimSpace(t.stderr.String()); msg != "" {
+		return fmt.Errorf("%w (%s said: %s)", err, remoteSauve(), msg)
+	}
+	return err
+}
+func (t *sshTarget) Path() string { return t.url }
+func (t *sshTarget) Size() int64  { return t.c.Info().Size }
 
 // Identity is the remote target's device or inode: the URL names the
 // machine.
@@ -184,12 +230,7 @@ func (t *sshTarget) Close() error {
 		t.stdin.Close()
 	}
 	if t.sess != nil {
-		done := make(chan struct{})
-		go func() { t.sess.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-		}
+		t.waitExit(10 * time.Second)
 		t.sess.Close()
 	}
 	return t.client.Close()

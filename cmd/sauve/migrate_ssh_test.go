@@ -1,0 +1,141 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sauve-backup/sauve/internal/backend/faultproxy"
+	"github.com/sauve-backup/sauve/internal/backend/testsrv"
+)
+
+// sshTarget is a remote migration target: OpenSSH's sshd on 127.0.0.1
+// reached through a fault proxy, and the environment that trusts it.
+type sshTargetSetup struct {
+	srv   *testsrv.SSHD
+	proxy *faultproxy.Proxy
+	e     *env
+}
+
+func startSSHTarget(t *testing.T) *sshTargetSetup {
+	srv := testsrv.StartSSHD(t)
+	p := startProxy(t, srv.Port)
+	e := newBareEnv(t)
+	host, port, _ := strings.Cut(p.Addr, ":")
+	kh := e.path("known_hosts")
+	hostKey := strings.SplitN(srv.HostKeyLine, " ", 2)[1]
+	writeFile(t, kh, []byte(fmt.Sprintf("[%s]:%s %s\n", host, port, hostKey)))
+	e.setenv("SAUVE_SSH_KEY", srv.Key)
+	e.setenv("SAUVE_SSH_KNOWN_HOSTS", kh)
+	// sshd's sessions do not have the test's PATH: name the binary.
+	e.setenv("SAUVE_REMOTE_SAUVE", sauveBin)
+	return &sshTargetSetup{srv: srv, proxy: p, e: e}
+}
+
+func (s *sshTargetSetup) url(path string) string {
+	return fmt.Sprintf("ssh://%s@%s%s", s.srv.User, s.proxy.Addr, path)
+}
+
+// A loop-mounted ext4 migrated over SSH: the first pass sends less than
+// it writes (compressible files), a delta pass little, a pass cut by the
+// network fails clearly and the next resumes; after --final the remote
+// file holds the same files as the source.
+func TestMigrateSSH(t *testing.T) {
+	requireRoot(t)
+	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
+	s := startSSHTarget(t)
+	e := s.e
+	img, mnt := mountedExt4(t, e, "src", 96<<20, 8)
+	for i := 0; i < 16; i++ {
+		writeFile(t, filepath.Join(mnt, fmt.Sprintf("text%02d", i)), textBytes(uint64(i), 1<<20))
+	}
+	sh(t, "sync")
+	target := filepath.Join(t.TempDir(), "remote.img")
+	url := s.url(target)
+
+	s.proxy.ResetStats()
+	first, _ := parseMigrate(t, e.ok("migrate", img, url, "--json"))
+	wire := s.proxy.Stats().Up
+	if first[0].BytesWritten < 24<<20 {
+		t.Fatalf("first pass: %+v", first[0])
+	}
+	t.Logf("first pass: %d bytes written, %d bytes on the wire (%.0f%%)", first[0].BytesWritten, wire, 100*float64(wire)/float64(first[0].BytesWritten))
+	if wire >= first[0].BytesWritten*3/4 {
+		t.Errorf("first pass sent %d bytes for %d written, of which 16 MiB text: not compressed", wire, first[0].BytesWritten)
+	}
+	if fi, err := os.Stat(target); err != nil || fi.Size() != 96<<20 {
+		t.Fatalf("remote target: %v", err)
+	}
+
+	// A delta pass.
+	writeFile(t, filepath.Join(mnt, "small"), randomBytes(1<<20))
+	sh(t, "sync")
+	delta, _ := parseMigrate(t, e.ok("migrate", img, url, "--json"))
+	if d := delta[0]; d.Pass != 2 || d.BytesWritten == 0 || d.BytesWritten > first[0].BytesWritten/4 {
+		t.Errorf("delta pass for a 1 MiB file: %+v (first pass wrote %d)", d, first[0].BytesWritten)
+	}
+
+	// A pass cut by the network midway fails, and says so.
+	for i := 0; i < 12; i++ {
+		writeFile(t, filepath.Join(mnt, fmt.Sprintf("more%02d", i)), randomBytes(1<<20))
+	}
+	sh(t, "sync")
+	s.proxy.SetFaults(faultproxy.Faults{First: 4 << 20, Drop: 1})
+	r := e.run("migrate", img, url)
+	if r.code == 0 || !strings.Contains(r.stderr, "remote end") {
+		t.Fatalf("a pass over a cut connection: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	t.Logf("the cut pass: %s", strings.TrimSpace(r.stderr))
+	if s.proxy.Stats().Struck == 0 {
+		t.Fatal("the proxy struck nothing")
+	}
+	s.proxy.SetFaults(faultproxy.Faults{})
+	// The next pass resumes from the state; --final makes it exact.
+	resumed, _ := parseMigrate(t, e.ok("migrate", img, url, "--json"))
+	if p := resumed[0]; p.Pass != 3 || p.BytesWritten < 8<<20 {
+		t.Errorf("pass after the cut: %+v", p)
+	}
+	writeFile(t, filepath.Join(mnt, "last"), []byte("written before the cut-over"))
+	out := e.ok("migrate", img, url, "--final")
+	if !strings.Contains(out, "cut-over: writes to "+mnt+" were frozen for ") {
+		t.Errorf("final pass output:\n%s", out)
+	}
+	checkTarget(t, target, hashTree(t, mnt))
+}
+
+// An unknown host key is refused before anything is sent, as the SFTP
+// backend refuses it; so is a mounted target on the remote machine, and a
+// remote end that is not sauve.
+func TestMigrateSSHRefusals(t *testing.T) {
+	requireRoot(t)
+	needTools(t, "mkfs.ext4")
+	s := startSSHTarget(t)
+	e := s.e
+	img, _ := mountedExt4(t, e, "src", 32<<20, 1)
+	target := filepath.Join(t.TempDir(), "remote.img")
+
+	stranger := e.path("other_known_hosts")
+	writeFile(t, stranger, []byte("[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n"))
+	e.setenv("SAUVE_SSH_KNOWN_HOSTS", stranger)
+	e.fail([]string{"host key", "not known"}, "migrate", img, s.url(target))
+	if _, err := os.Stat(target); !os.IsNotExist(err) {
+		t.Errorf("the remote target was made despite the unknown host key: %v", err)
+	}
+	e.setenv("SAUVE_SSH_KNOWN_HOSTS", e.path("known_hosts"))
+
+	// A target mounted on the remote machine.
+	busy, _ := mountedExt4(t, e, "busy", 32<<20, 0)
+	e.fail([]string{"mounted"}, "migrate", img, s.url(busy))
+
+	// No sauve there.
+	t0 := time.Now()
+	t.Logf("no sauve: %s", e.fail([]string{"did not answer as sauve migrate-receive", "--remote-sauve"}, "migrate", img, s.url(target), "--remote-sauve", "/nonexistent/sauve"))
+	if d := time.Since(t0); d > 8*time.Second {
+		t.Errorf("a missing remote sauve took %v to report", d)
+	}
+	// Not an ssh:// URL.
+	e.fail([]string{"ssh://USER@HOST"}, "migrate", img, "ftp://host/x")
+}
