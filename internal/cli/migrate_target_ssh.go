@@ -50,8 +50,15 @@ func (m *migration) openRemoteTarget(k targetKind, path string) (bool, error) {
 	return true, nil
 }
 
-// sshDialTimeout bounds connecting and signing in.
+// sshDialTimeout bounds connecting and signing in, and any silence of
+// the connection after (netx's idle timeout): a stalled link fails the
+// pass instead of hanging it.
 const sshDialTimeout = time.Minute
+
+// sshKeepalive is how often a request crosses the connection, so that a
+// pass reading unchanged chunks for minutes, or a long sync there, is
+// not taken for a stalled link.
+const sshKeepalive = 15 * time.Second
 
 // sshLocation is a parsed ssh://USER@HOST[:PORT]/PATH.
 type sshLocation struct {
@@ -90,6 +97,7 @@ type sshTarget struct {
 	stdin  io.WriteCloser
 	c      *remote.Client
 	stderr *tailBuffer
+	stop   chan struct{} // closed by Close: ends keepalive
 	once   sync.Once
 	exited chan struct{} // closed when the remote command has ended
 }
@@ -129,7 +137,8 @@ func openSSHTarget(p string, create int64) (migrationTarget, error) {
 	if err != nil {
 		return nil, fmt.Errorf("target %s: %w", p, err)
 	}
-	t := &sshTarget{url: p, loc: loc, client: client, stderr: &tailBuffer{max: 4096}}
+	t := &sshTarget{url: p, loc: loc, client: client, stderr: &tailBuffer{max: 4096}, stop: make(chan struct{})}
+	go t.keepalive(sshKeepalive)
 	if err := t.start(create); err != nil {
 		t.Close()
 		return nil, fmt.Errorf("target %s: %w", p, err)
@@ -181,6 +190,22 @@ func (t *sshTarget) start(create int64) error {
 	return nil
 }
 
+// keepalive sends a request every period until Close.
+func (t *sshTarget) keepalive(every time.Duration) {
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.stop:
+			return
+		case <-tick.C:
+			if _, _, err := t.client.SendRequest("keepalive@openssh.com", true, nil); err != nil {
+				return
+			}
+		}
+	}
+}
+
 // startError explains a remote end that did not answer: most often sauve
 // is not installed there, or not in the PATH of a non-interactive shell.
 func (t *sshTarget) startError(bin string, err error) error {
@@ -223,6 +248,12 @@ func (t *sshTarget) Identity() (migrate.Identity, error) {
 // Close ends the session: the remote end sees its input close, closes
 // the target and exits.
 func (t *sshTarget) Close() error {
+	select {
+	case <-t.stop:
+		return nil // closed already
+	default:
+		close(t.stop)
+	}
 	if t.c != nil {
 		t.c.Close()
 	}
