@@ -104,6 +104,31 @@ func TestMigrateSSH(t *testing.T) {
 		t.Errorf("final pass output:\n%s", out)
 	}
 	checkTarget(t, target, hashTree(t, mnt))
+
+	// Another file in the remote target's place: the state, of the old
+	// one's inode, is refused.
+	os.Remove(target)
+	sh(t, "truncate", "-s", fmt.Sprint(96<<20), target)
+	e.fail([]string{"of another target"}, "migrate", img, url)
+}
+
+// A block device on the remote machine (a loop device over a file of old
+// bytes, larger than the source): every chunk is written or zeroed over
+// the wire, and the device then holds the source's files.
+func TestMigrateSSHOntoBlockDevice(t *testing.T) {
+	requireRoot(t)
+	needTools(t, "mkfs.ext4", "e2fsck", "losetup")
+	s := startSSHTarget(t)
+	e := s.e
+	img, mnt := mountedExt4(t, e, "src", 48<<20, 4)
+	backing := filepath.Join(t.TempDir(), "old.img")
+	writeFile(t, backing, textBytes(7, 64<<20))
+	dev := losetup(t, backing)
+	passes, _ := parseMigrate(t, e.ok("migrate", img, s.url(dev), "--json", "--final"))
+	if p := passes[len(passes)-1]; p.ChunksChanged == 0 {
+		t.Fatalf("passes onto the device: %+v", passes)
+	}
+	checkTarget(t, dev, hashTree(t, mnt))
 }
 
 // An unknown host key is refused before anything is sent, as the SFTP
