@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -163,4 +164,59 @@ func TestMigrateSSHRefusals(t *testing.T) {
 	}
 	// Not an ssh:// URL.
 	e.fail([]string{"ssh://USER@HOST"}, "migrate", img, "ftp://host/x")
+}
+
+// kill -9 of the local sauve mid-pass: the remote end sees its input
+// close and exits (it holds nothing), and the next passes make the
+// target exact.
+func TestMigrateSSHKill9(t *testing.T) {
+	requireRoot(t)
+	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze", "pgrep")
+	s := startSSHTarget(t)
+	e := s.e
+	img, mnt := mountedExt4(t, e, "src", 96<<20, 32)
+	target := filepath.Join(t.TempDir(), "remote.img")
+	url := s.url(target)
+	running := func() bool { return exec.Command("pgrep", "-f", "migrate-receive "+target).Run() == nil }
+	midPass := 0
+	for i, delay := range []time.Duration{200 * time.Millisecond, 50 * time.Millisecond} {
+		if i > 0 {
+			writeFile(t, filepath.Join(mnt, "data00"), randomBytes(8<<20))
+			sh(t, "sync")
+		}
+		c := e.cmd(nil, "migrate", img, url, "--json")
+		var out strings.Builder
+		c.Stdout = &out
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// Killed once the remote end runs: mid-session.
+		for deadline := time.Now().Add(20 * time.Second); !running() && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if !running() {
+			t.Fatal("sauve migrate-receive never ran on the remote machine")
+		}
+		time.Sleep(delay)
+		c.Process.Kill()
+		c.Wait()
+		if !strings.Contains(out.String(), `"pass"`) {
+			midPass++
+		}
+		// The remote end is gone as soon as sshd sees the connection
+		// close.
+		deadline := time.Now().Add(20 * time.Second)
+		for running() {
+			if time.Now().After(deadline) {
+				t.Fatal("sauve migrate-receive still runs on the remote machine after the local sauve was killed")
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	if midPass == 0 {
+		t.Fatal("both passes ended before they were killed")
+	}
+	e.ok("migrate", img, url)
+	e.ok("migrate", img, url, "--final")
+	checkTarget(t, target, hashTree(t, mnt))
 }
