@@ -190,12 +190,15 @@ func TestMigrateSSHKill9(t *testing.T) {
 		if err := c.Start(); err != nil {
 			t.Fatal(err)
 		}
-		// Killed once the remote end runs: mid-session.
-		for deadline := time.Now().Add(20 * time.Second); !running() && time.Now().Before(deadline); {
-			time.Sleep(10 * time.Millisecond)
-		}
-		if !running() {
-			t.Fatal("sauve migrate-receive never ran on the remote machine")
+		// Killed once the remote end runs: mid-session (the first pass
+		// asks, in a session of its own, whether the target exists,
+		// before it creates it in another).
+		deadline := time.Now().Add(20 * time.Second)
+		for !(running() && fileExists(target)) {
+			if time.Now().After(deadline) {
+				t.Fatal("sauve migrate-receive never ran on the remote machine")
+			}
+			time.Sleep(5 * time.Millisecond)
 		}
 		time.Sleep(delay)
 		c.Process.Kill()
@@ -205,7 +208,7 @@ func TestMigrateSSHKill9(t *testing.T) {
 		}
 		// The remote end is gone as soon as sshd sees the connection
 		// close.
-		deadline := time.Now().Add(20 * time.Second)
+		deadline = time.Now().Add(20 * time.Second)
 		for running() {
 			if time.Now().After(deadline) {
 				t.Fatal("sauve migrate-receive still runs on the remote machine after the local sauve was killed")
@@ -220,3 +223,5 @@ func TestMigrateSSHKill9(t *testing.T) {
 	e.ok("migrate", img, url, "--final")
 	checkTarget(t, target, hashTree(t, mnt))
 }
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
