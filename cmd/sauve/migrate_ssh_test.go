@@ -54,7 +54,8 @@ func TestMigrateSSH(t *testing.T) {
 		writeFile(t, filepath.Join(mnt, fmt.Sprintf("text%02d", i)), textBytes(uint64(i), 1<<20))
 	}
 	sh(t, "sync")
-	target := filepath.Join(t.TempDir(), "remote.img")
+	// A name the remote shell must be given quoted.
+	target := filepath.Join(t.TempDir(), "it's a $(disk).img")
 	url := s.url(target)
 
 	s.proxy.ResetStats()
@@ -108,8 +109,11 @@ func TestMigrateSSH(t *testing.T) {
 
 	// Another file in the remote target's place: the state, of the old
 	// one's inode, is refused.
-	os.Remove(target)
-	sh(t, "truncate", "-s", fmt.Sprint(96<<20), target)
+	// (Made before the old one goes, so that its inode differs.)
+	sh(t, "truncate", "-s", fmt.Sprint(96<<20), target+".new")
+	if err := os.Rename(target+".new", target); err != nil {
+		t.Fatal(err)
+	}
 	e.fail([]string{"of another target"}, "migrate", img, url)
 }
 

@@ -165,7 +165,15 @@ func (t *sshTarget) start(create int64) error {
 	if err := t.sess.Start(bin + " migrate-receive " + shellQuote(t.loc.path)); err != nil {
 		return fmt.Errorf("start %s on %s: %w", bin, t.loc.host, err)
 	}
-	if t.c, err = remote.Dial(stdout, t.stdin, t.loc.path, create); err != nil {
+	// A remote command that never answers (waiting for a password, a
+	// shell stuck in its profile) must not hang the migration: the
+	// connection is kept alive, so only this timer ends it.
+	timer := time.AfterFunc(sshDialTimeout, func() { t.sess.Close() })
+	t.c, err = remote.Dial(stdout, t.stdin, t.loc.path, create)
+	if !timer.Stop() && err != nil {
+		err = fmt.Errorf("no answer in %v: %w", sshDialTimeout, err)
+	}
+	if err != nil {
 		var re *remote.RemoteError
 		if errors.As(err, &re) {
 			if strings.Contains(re.Text, "no such file or directory") {
@@ -227,8 +235,9 @@ func (t *sshTarget) Sync() error             { return t.withStderr(t.c.Sync()) }
 // withStderr adds to err what the remote command said on its standard
 // error (a crash there, a kill), if anything.
 func (t *sshTarget) withStderr(err error) error {
-	if err == nil {
-		return nil
+	var re *remote.RemoteError
+	if err == nil || errors.As(err, &re) {
+		return err // the remote end's own words already
 	}
 	if msg := strings.TrimSpace(t.stderr.String()); msg != "" {
 		return fmt.Errorf("%w (%s said: %s)", err, remoteSauve(), msg)
