@@ -100,6 +100,17 @@ func TestMigrateSSH(t *testing.T) {
 	if p := resumed[0]; p.Pass != 3 || p.BytesWritten < 8<<20 {
 		t.Errorf("pass after the cut: %+v", p)
 	}
+	// From another directory: the same state (the URL is not a path
+	// relative to here).
+	c := e.cmd(nil, "migrate", img, url, "--json")
+	c.Dir = t.TempDir()
+	elsewhere, err := c.Output()
+	if err != nil {
+		t.Fatalf("a pass from another directory: %v", err)
+	}
+	if p, _ := parseMigrate(t, string(elsewhere)); p[0].Pass != 4 {
+		t.Errorf("a pass from another directory: %+v (another state?)", p[0])
+	}
 	writeFile(t, filepath.Join(mnt, "last"), []byte("written before the cut-over"))
 	out := e.ok("migrate", img, url, "--final")
 	if !strings.Contains(out, "cut-over: writes to "+mnt+" were frozen for ") {

@@ -537,7 +537,10 @@ func (g *globals) migrateStatePath(o *migrateOptions, src, tgt string) (string, 
 		return "", usageError{errors.New("no cache folder for the migration's state (--no-cache, or no $HOME): give --state FILE")}
 	}
 	a, _ := filepath.Abs(src)
-	b, _ := filepath.Abs(tgt)
+	b := tgt // a remote target's URL is not relative to here
+	if !migrationTargetKind(tgt).remote() {
+		b, _ = filepath.Abs(tgt)
+	}
 	sum := blake3.Sum256([]byte("sauve migrate\x00" + a + "\x00" + b))
 	return filepath.Join(base, "migrate", hex.EncodeToString(sum[:16])+".state"), nil
 }
