@@ -240,3 +240,33 @@ func TestMigrateSSHKill9(t *testing.T) {
 }
 
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// A link that goes silent mid-pass (a stalled middlebox, no reset) fails
+// the pass after the idle timeout (60 s) instead of hanging it, and the
+// next pass resumes.
+func TestMigrateSSHStall(t *testing.T) {
+	requireRoot(t)
+	needTools(t, "mkfs.ext4", "e2fsck", "fsfreeze")
+	if testing.Short() {
+		t.Skip("waits for the 60 s idle timeout")
+	}
+	s := startSSHTarget(t)
+	e := s.e
+	img, mnt := mountedExt4(t, e, "src", 64<<20, 16)
+	target := filepath.Join(t.TempDir(), "remote.img")
+	url := s.url(target)
+	s.proxy.SetFaults(faultproxy.Faults{First: 4 << 20, Stall: 1, StallFor: 3 * time.Minute})
+	t0 := time.Now()
+	r := e.run("migrate", img, url)
+	took := time.Since(t0)
+	if r.code == 0 || !strings.Contains(r.stderr, "remote end") {
+		t.Fatalf("a pass over a stalled link: exit %d after %v\n%s%s", r.code, took, r.stdout, r.stderr)
+	}
+	if took < 50*time.Second || took > 100*time.Second {
+		t.Errorf("a pass over a stalled link failed after %v, not the idle timeout", took)
+	}
+	t.Logf("stalled pass failed after %v: %s", took.Round(time.Second), strings.TrimSpace(r.stderr))
+	s.proxy.SetFaults(faultproxy.Faults{})
+	e.ok("migrate", img, url, "--final")
+	checkTarget(t, target, hashTree(t, mnt))
+}

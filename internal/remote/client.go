@@ -96,7 +96,7 @@ func (c *Client) read(br *bufio.Reader) {
 				err = fmt.Errorf("unexpected message of type %q from the remote end", f.typ)
 			}
 		} else if errors.Is(err, io.EOF) {
-			err = errors.New("the remote end closed the connection")
+			err = errors.New("the connection to the remote end was lost (closed, reset, or silent for the idle timeout)")
 		} else {
 			err = fmt.Errorf("connection to the remote end lost: %w", err)
 		}
