@@ -284,17 +284,26 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 		return m, err
 	}
 	kind := migrationTargetKind(tgtPath)
-	tgtFI, err := os.Stat(tgtPath)
-	exists := err == nil
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return m, fmt.Errorf("target: %w", err)
+	exists, err := m.openRemoteTarget(kind, tgtPath)
+	if err != nil {
+		return m, err
+	}
+	var tgtFI os.FileInfo
+	if !kind.remote() {
+		tgtFI, err = os.Stat(tgtPath)
+		exists = err == nil
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return m, fmt.Errorf("target: %w", err)
+		}
 	}
 	if exists {
-		if err := refuseSame(src, tgtPath, tgtFI); err != nil {
-			return m, err
-		}
-		if m.target, err = kind.open(tgtPath); err != nil {
-			return m, err
+		if tgtFI != nil {
+			if err := refuseSame(src, tgtPath, tgtFI); err != nil {
+				return m, err
+			}
+			if m.target, err = kind.open(tgtPath); err != nil {
+				return m, err
+			}
 		}
 		if m.target.Size() < m.disk.Size {
 			return m, fmt.Errorf("target %s holds %d bytes, source %s %d: refusing a migration that would not fit (growing the target comes in a later version)", tgtPath, m.target.Size(), srcPath, m.disk.Size)
@@ -528,7 +537,10 @@ func (g *globals) migrateStatePath(o *migrateOptions, src, tgt string) (string, 
 		return "", usageError{errors.New("no cache folder for the migration's state (--no-cache, or no $HOME): give --state FILE")}
 	}
 	a, _ := filepath.Abs(src)
-	b, _ := filepath.Abs(tgt)
+	b := tgt // a remote target's URL is not relative to here
+	if !migrationTargetKind(tgt).remote() {
+		b, _ = filepath.Abs(tgt)
+	}
 	sum := blake3.Sum256([]byte("sauve migrate\x00" + a + "\x00" + b))
 	return filepath.Join(base, "migrate", hex.EncodeToString(sum[:16])+".state"), nil
 }

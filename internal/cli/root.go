@@ -185,6 +185,7 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	root.AddCommand(newExportCmd(g), newConvertCmd(g), newServeCmd(g), newMountCmd(g))
 	root.AddCommand(newCopyCmd(g), newMigrateCmd(g))
 	root.AddCommand(newThawGuardCmd())
+	addMigrateRemote(root)
 	root.AddCommand(newAgentCmd(g))
 	root.AddCommand(newForgetCmd(g))
 	root.AddCommand(newStatsCmd(g))
