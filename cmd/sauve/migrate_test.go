@@ -322,7 +322,6 @@ func TestMigrateRefusals(t *testing.T) {
 		{"loop device over the source", []string{src, loop}, src, "loop device over the source"},
 		{"state of another source", []string{src, done, "--state", state}, done, "of another source"},
 		{"stream source", []string{fifo, e.path("new1.img")}, e.path("new1.img"), "is a stream"},
-		{"VM format target", []string{src, e.path("vm.qcow2")}, e.path("vm.qcow2"), "not available yet"},
 		{"remote target", []string{src, "ssh://root@host/dev/vdb"}, "", "not available yet"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
