@@ -63,6 +63,7 @@ type Updater struct {
 	zeros      []byte
 	buf        []byte
 	closed     bool
+	used       []uint64 // at open: a bit a cluster, for overlaps
 }
 
 // OpenUpdate opens the qcow2 image in f for updates. It refuses, with
@@ -98,12 +99,21 @@ func OpenUpdate(f UpdateFile, name string) (*Updater, error) {
 	u.next = (fsize + u.cluster - 1) / u.cluster * u.cluster
 	u.rtOff = int64(vdio.BE.Uint64(h[48:]))
 	u.rtClusters = int64(vdio.BE.Uint32(h[56:]))
+	u.used = make([]uint64, u.next/u.cluster/64+1)
+	l1Bytes := max(int64(len(u.l1))*8, 1)
+	if err := u.claim(0, 1, "header"); err != nil {
+		return nil, err
+	}
+	if err := u.claim(u.l1Off, (l1Bytes+u.cluster-1)/u.cluster, "L1 table"); err != nil {
+		return nil, err
+	}
 	if err := u.readRefcounts(fsize); err != nil {
 		return nil, err
 	}
 	if err := u.checkClusters(fsize); err != nil {
 		return nil, err
 	}
+	u.used = nil
 	if vdio.BE.Uint64(h[88:]) != 0 {
 		// Autoclear features (bitmaps) describe data this update
 		// changes: the specification says to clear them.
@@ -136,10 +146,26 @@ func refuseUpdate(h []byte, name string) error {
 	return nil
 }
 
+// claim marks n clusters from off as used by what, refusing an image
+// where two things share a cluster: an update of one would change the
+// other.
+func (u *Updater) claim(off, n int64, what string) error {
+	for c := off / u.cluster; c < off/u.cluster+n; c++ {
+		if c >= int64(len(u.used))*64 || u.used[c/64]&(1<<(c%64)) != 0 {
+			return vdio.Unsupported(u.name, format, off, "%s at %d overlaps other metadata or data, or lies outside the file: check it with 'qemu-img check'", what, off)
+		}
+		u.used[c/64] |= 1 << (c % 64)
+	}
+	return nil
+}
+
 // readRefcounts loads the refcount table and blocks.
 func (u *Updater) readRefcounts(fsize int64) error {
 	if u.rtOff <= 0 || u.rtOff%u.cluster != 0 || u.rtClusters <= 0 || u.rtClusters > fsize/u.cluster || u.rtOff > fsize-u.rtClusters*u.cluster {
 		return vdio.Errorf(u.name, format, 48, "refcount table at %d (%d clusters) is not inside the file", u.rtOff, u.rtClusters)
+	}
+	if err := u.claim(u.rtOff, u.rtClusters, "refcount table"); err != nil {
+		return err
 	}
 	tb := make([]byte, u.rtClusters*u.cluster)
 	if err := vdio.ReadFull(u.f, fsize, tb, u.rtOff, u.name, format, "refcount table"); err != nil {
@@ -159,6 +185,9 @@ func (u *Updater) readRefcounts(fsize int64) error {
 			u.rt = append(u.rt, 0)
 		}
 		u.rt[i] = uint64(off)
+		if err := u.claim(off, 1, "refcount block"); err != nil {
+			return err
+		}
 		if err := vdio.ReadFull(u.f, fsize, blk, off, u.name, format, "refcount block"); err != nil {
 			return err
 		}
@@ -182,6 +211,9 @@ func (u *Updater) checkClusters(fsize int64) error {
 		if int64(off) > fsize-u.cluster || u.ref(int64(off)) != 1 {
 			return vdio.Unsupported(u.name, format, u.l1Off+8*int64(i), "L2 table %d at %d is outside the file or shared", i, off)
 		}
+		if err := u.claim(int64(off), 1, "L2 table"); err != nil {
+			return err
+		}
 		t, err := u.readL2(int64(off))
 		if err != nil {
 			return err
@@ -196,6 +228,9 @@ func (u *Updater) checkClusters(fsize int64) error {
 			}
 			if h%u.cluster != 0 || h > fsize-u.cluster || u.ref(h) != 1 {
 				return vdio.Unsupported(u.name, format, int64(off)+8*int64(j), "cluster at %d is unaligned, outside the file or shared", h)
+			}
+			if err := u.claim(h, 1, "data cluster"); err != nil {
+				return err
 			}
 		}
 	}
@@ -483,9 +518,12 @@ func (u *Updater) growTable() []int64 {
 	for int64(len(u.rt))*8 > u.rtClusters*u.cluster {
 		// Room to spare: the new table's own refcounts may need blocks.
 		n := (int64(len(u.rt))*8+u.cluster-1)/u.cluster + 1
+		// Contiguous: the clusters are taken before their refcounts
+		// (which may take blocks) are set.
 		u.rtOff, u.rtClusters = u.next, n
-		for range n {
-			u.alloc()
+		u.next += n * u.cluster
+		for k := range n {
+			u.setRef(u.rtOff+k*u.cluster, 1)
 		}
 	}
 	for i := range u.rt {
@@ -514,7 +552,7 @@ func (u *Updater) writeBlocks() error {
 
 func (u *Updater) writeTable() error {
 	if u.rtDirty[-1] {
-		tb := make([]byte, u.rtClusters*u.cluster)
+	tb := make([]byte, u.rtClusters*u.cluster)
 		for i, e := range u.rt {
 			vdio.BE.PutUint64(tb[8*i:], e)
 		}

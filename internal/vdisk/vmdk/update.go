@@ -52,6 +52,7 @@ type Updater struct {
 	gdOff   int64 // bytes
 	rgdOff  int64 // bytes, 0 without a redundant directory
 	gd, rgd []uint32
+	first   int64 // sector of the first grain (the header's overhead)
 	gdDirty map[int64]bool
 	gt      map[int64][]uint32
 	gtDirty map[int64]bool
@@ -85,6 +86,7 @@ func OpenUpdate(f UpdateFile, name string) (*Updater, error) {
 		gdDirty: map[int64]bool{}, gt: map[int64][]uint32{}, gtDirty: map[int64]bool{},
 		zeros: make([]byte, r.grain), buf: make([]byte, r.grain)}
 	u.gtBytes = (u.gtes*4 + sector - 1) / sector * sector
+	u.first = int64(min(r.h.overhead, uint64(fsize)))
 	u.next = (fsize + sector - 1) / sector * sector
 	if r.h.flags&flagRGD != 0 {
 		u.rgdOff = int64(r.h.rgdOff) * sector
@@ -128,8 +130,8 @@ func (u *Updater) checkTable(i, fsize int64) error {
 		return err
 	}
 	for j, e := range t {
-		if e == 1 && !u.zeroGTE || int64(e)*sector > fsize-u.grain && e > 1 {
-			return vdio.Unsupported(u.name, format, int64(u.gd[i])*sector+4*int64(j), "grain table %d entry %d (%d) is outside the file", i, j, e)
+		if e == 1 && !u.zeroGTE || e > 1 && (int64(e)*sector > fsize-u.grain || int64(e) < u.first) {
+			return vdio.Unsupported(u.name, format, int64(u.gd[i])*sector+4*int64(j), "grain table %d entry %d (sector %d) is outside the grains of the file", i, j, e)
 		}
 	}
 	return nil
