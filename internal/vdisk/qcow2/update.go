@@ -552,7 +552,7 @@ func (u *Updater) writeBlocks() error {
 
 func (u *Updater) writeTable() error {
 	if u.rtDirty[-1] {
-	tb := make([]byte, u.rtClusters*u.cluster)
+		tb := make([]byte, u.rtClusters*u.cluster)
 		for i, e := range u.rt {
 			vdio.BE.PutUint64(tb[8*i:], e)
 		}
