@@ -1,6 +1,8 @@
 package qcow2
 
 import (
+	"bytes"
+	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -246,3 +248,47 @@ func (nopUpdater) WriteAt(p []byte, _ int64) (int, error) { return len(p), nil }
 func (nopUpdater) Zero(int64, int64) error                { return nil }
 func (nopUpdater) Sync() error                            { return nil }
 func (nopUpdater) Close() error                           { return nil }
+
+func fuzzOpenUpdate(m *vdiotest.MemUpdate) (vdiotest.SizedUpdater, error) {
+	return OpenUpdate(m, "fuzz.qcow2")
+}
+
+func FuzzUpdate(f *testing.F) {
+	vdiotest.FuzzUpdate(f, fuzzOpenUpdate, func(b []byte) (io.ReaderAt, error) {
+		return Open(bytes.NewReader(b), int64(len(b)), "fuzz.qcow2")
+	})
+}
+
+// TestUpdateCorpus checks that the seeds of FuzzUpdate open for update,
+// and refreshes them first when SAUVE_WRITE_CORPUS is set: an image
+// made by CreateUpdate and written, and one of qemu-img.
+func TestUpdateCorpus(t *testing.T) {
+	vdiotest.UpdateCorpus(t, fuzzOpenUpdate, func() map[string][]byte {
+		dir := t.TempDir()
+		ours := filepath.Join(dir, "ours")
+		f, err := os.OpenFile(ours, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		u, err := CreateUpdate(f, 1<<20, ours)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vdiotest.Apply(t, u, nil, vdiotest.RandomOps(rand.New(rand.NewPCG(1, 2)), 1<<20, 512, 4, false))
+		if err := u.Close(); err != nil {
+			t.Fatal(err)
+		}
+		raw := filepath.Join(dir, "src.raw")
+		os.WriteFile(raw, vdiotest.SeedDisk(300000, 7), 0o644)
+		qemu := filepath.Join(dir, "qemu")
+		qemuImg(t, "convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", raw, qemu)
+		s := map[string][]byte{}
+		for name, p := range map[string]string{"ours": ours, "qemu": qemu} {
+			if s[name], err = os.ReadFile(p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return s
+	})
+}

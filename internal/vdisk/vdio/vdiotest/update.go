@@ -3,11 +3,15 @@ package vdiotest
 import (
 	"bytes"
 	"errors"
-	"math/rand/v2"
+	"io"
+	mrand "math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
+
+	"github.com/sauve-backup/sauve/internal/fuzzimg"
 )
 
 // Updater is an image updated in place (qcow2.Updater, vmdk.Updater).
@@ -28,7 +32,7 @@ type Op struct {
 // RandomOps returns n writes and zeroings over a disk of size bytes,
 // sized up to three units of unit bytes, some aligned, some not. With
 // distinct, no two ops touch the same unit.
-func RandomOps(rng *rand.Rand, size, unit int64, n int, distinct bool) []Op {
+func RandomOps(rng *mrand.Rand, size, unit int64, n int, distinct bool) []Op {
 	var ops []Op
 	used := map[int64]bool{}
 	for len(ops) < n {
@@ -66,7 +70,7 @@ func RandomOps(rng *rand.Rand, size, unit int64, n int, distinct bool) []Op {
 	return ops
 }
 
-// Apply does ops on u and on model.
+// Apply does ops on u and on model (when not nil).
 func Apply(t testing.TB, u Updater, model []byte, ops []Op) {
 	t.Helper()
 	for _, op := range ops {
@@ -74,13 +78,17 @@ func Apply(t testing.TB, u Updater, model []byte, ops []Op) {
 			if err := u.Zero(op.Off, op.Len); err != nil {
 				t.Fatalf("zero %d at %d: %v", op.Len, op.Off, err)
 			}
-			clear(model[op.Off : op.Off+op.Len])
+			if model != nil {
+				clear(model[op.Off : op.Off+op.Len])
+			}
 			continue
 		}
 		if n, err := u.WriteAt(op.Data, op.Off); err != nil || n != len(op.Data) {
 			t.Fatalf("write %d at %d: %d, %v", op.Len, op.Off, n, err)
 		}
-		copy(model[op.Off:], op.Data)
+		if model != nil {
+			copy(model[op.Off:], op.Data)
+		}
 	}
 }
 
@@ -179,5 +187,113 @@ func OldOrNew(t testing.TB, got, old, new []byte, unit int64) {
 func NeedQemuImg(t testing.TB) {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		t.Fatal("qemu-img not installed (Debian package qemu-utils)")
+	}
+}
+
+// MemUpdate is an in-memory image file open for update.
+type MemUpdate struct{ MemFile }
+
+// ReadAt implements io.ReaderAt.
+func (m *MemUpdate) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off >= int64(len(m.B)) {
+		return 0, io.EOF
+	}
+	n := copy(p, m.B[off:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// Sync does nothing: the file is in memory.
+func (m *MemUpdate) Sync() error { return nil }
+
+// Stat returns the file's size.
+func (m *MemUpdate) Stat() (os.FileInfo, error) { return memInfo(len(m.B)), nil }
+
+type memInfo int64
+
+func (s memInfo) Name() string       { return "mem" }
+func (s memInfo) Size() int64        { return int64(s) }
+func (s memInfo) Mode() os.FileMode  { return 0o600 }
+func (s memInfo) ModTime() time.Time { return time.Time{} }
+func (s memInfo) IsDir() bool        { return false }
+func (s memInfo) Sys() any           { return nil }
+
+// SizedUpdater is an Updater of a disk of Size bytes.
+type SizedUpdater interface {
+	Updater
+	Size() int64
+}
+
+// FuzzUpdate is the fuzz target of an updater: it opens an input
+// (FuzzFile, read whole) for update with open, does a few writes and
+// zeroings that at seeds, and syncs; the result must open for update
+// again and read back (through read, the format's reader) what was
+// written.
+func FuzzUpdate(f *testing.F, open func(*MemUpdate) (SizedUpdater, error), read func([]byte) (io.ReaderAt, error)) {
+	f.Fuzz(func(t *testing.T, in []byte, at uint64) {
+		img := fuzzimg.Decode(in, FuzzMaxFile, FuzzMaxFile)
+		b := make([]byte, img.Size())
+		img.ReadAt(b, 0)
+		m := &MemUpdate{MemFile{B: b}}
+		u, err := open(m)
+		if err != nil || u.Size() == 0 {
+			return
+		}
+		n := 6
+		if u.Size() < 64*4096 {
+			n = 1
+		}
+		ops := RandomOps(mrand.New(mrand.NewPCG(at, 1)), u.Size(), 4096, n, true)
+		Apply(t, u, nil, ops)
+		if err := u.Close(); err != nil {
+			t.Fatalf("sync: %v", err)
+		}
+		if _, err := open(m); err != nil {
+			t.Fatalf("reopen after a sync: %v", err)
+		}
+		r, err := read(m.B)
+		if err != nil {
+			t.Fatalf("read after a sync: %v", err)
+		}
+		for _, op := range ops {
+			got := make([]byte, op.Len)
+			if k, err := r.ReadAt(got, op.Off); int64(k) != op.Len {
+				t.Fatalf("read back %d at %d: %d, %v", op.Len, op.Off, k, err)
+			}
+			want := op.Data
+			if op.Zero {
+				want = make([]byte, op.Len)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("%d bytes at %d read back wrong", op.Len, op.Off)
+			}
+		}
+	})
+}
+
+// UpdateCorpus checks that every seed of the committed corpus of
+// FuzzUpdate, testdata/fuzz/FuzzUpdate, opens for update; when
+// SAUVE_WRITE_CORPUS is set, it first rewrites the seeds from the image
+// files seeds returns.
+func UpdateCorpus(t *testing.T, open func(*MemUpdate) (SizedUpdater, error), seeds func() map[string][]byte) {
+	if os.Getenv("SAUVE_WRITE_CORPUS") != "" {
+		in := map[string][][]byte{}
+		for name, img := range seeds() {
+			in[name] = [][]byte{fuzzimg.Encode(img)}
+		}
+		WriteCorpus(t, "FuzzUpdate", in, "uint64(5000)")
+	}
+	for name, args := range Corpus(t, "FuzzUpdate") {
+		if found.MatchString(name) {
+			continue
+		}
+		img := fuzzimg.Decode(args[0], FuzzMaxFile, FuzzMaxFile)
+		b := make([]byte, img.Size())
+		img.ReadAt(b, 0)
+		if _, err := open(&MemUpdate{MemFile{B: b}}); err != nil {
+			t.Errorf("seed %s: %v", name, err)
+		}
 	}
 }
