@@ -2,7 +2,9 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -112,22 +114,36 @@ func TestMigrateVDiskKill9(t *testing.T) {
 	}
 }
 
-// A bootable disk migrated into qcow2 and vmdk boots under QEMU.
+// A bootable disk migrated into qcow2 and vmdk boots under QEMU, into a
+// new image and into one qemu-img made.
 func TestMigrateVDiskBoots(t *testing.T) {
 	needTools(t, "qemu-img", "qemu-system-x86_64")
 	for _, tc := range vdiskTargets {
-		t.Run(tc.ext, func(t *testing.T) {
-			e := newBareEnv(t)
-			src := e.path("boot.img")
-			line := "sauve migrated " + tc.ext
-			bootDisk(t, src, line)
-			target := e.path("boot." + tc.ext)
-			e.ok("migrate", src, target)
-			e.ok("migrate", src, target, "--final")
-			qemuCheck(t, target, tc.format, false)
-			boot(t, target, tc.format, line)
-		})
+		for _, made := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/qemu-made=%v", tc.ext, made), func(t *testing.T) {
+				bootInto(t, tc.ext, tc.format, made)
+			})
+		}
 	}
+}
+
+func bootInto(t *testing.T, ext, format string, made bool) {
+	e := newBareEnv(t)
+	src := e.path("boot.img")
+	line := "sauve migrated " + ext
+	bootDisk(t, src, line)
+	target := e.path("boot." + ext)
+	if made {
+		fi, err := os.Stat(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sh(t, "qemu-img", "create", "-f", format, target, fmt.Sprint(fi.Size()))
+	}
+	e.ok("migrate", src, target)
+	e.ok("migrate", src, target, "--final")
+	qemuCheck(t, target, format, false)
+	boot(t, target, format, line)
 }
 
 // Images that cannot be updated in place are refused with one line and
