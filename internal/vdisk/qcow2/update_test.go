@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"encoding/binary"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -99,12 +100,21 @@ func TestUpdateRandom(t *testing.T) {
 			}
 			if c.cluster == 512 {
 				fi, _ := os.Stat(path)
-				if fi.Size() < 9<<20 {
-					t.Fatalf("file of %d bytes did not outgrow the first refcount table", fi.Size())
+				if fi.Size() < 9<<20 || rtOff(t, path) < 8<<20 {
+					t.Fatalf("file of %d bytes, refcount table at %d: the table did not grow and move", fi.Size(), rtOff(t, path))
 				}
 			}
 		})
 	}
+}
+
+// rtOff returns the refcount table offset of the image at path.
+func rtOff(t *testing.T, path string) int64 {
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) < 56 {
+		t.Fatalf("read %s: %v", path, err)
+	}
+	return int64(binary.BigEndian.Uint64(b[48:]))
 }
 
 // TestUpdateRefuses: images that cannot be updated safely are refused
@@ -162,57 +172,110 @@ func TestUpdateRefuses(t *testing.T) {
 	}
 }
 
-// TestUpdateCrash stops the disk at every write of one Sync: the image
-// reopens, qemu-img check finds at worst leaked clusters, each cluster
-// reads as before or after the interrupted Sync, and later writes land
-// right.
+// TestUpdateCrash stops the disk at writes of one Sync (every one, or,
+// for the Sync that moves the refcount table, a spread and those around
+// the header's): the image reopens, qemu-img check finds at worst
+// leaked clusters, each cluster reads as before or after the
+// interrupted Sync, and later writes land right, leaking no more.
 func TestUpdateCrash(t *testing.T) {
 	vdiotest.NeedQemuImg(t)
-	const size, cluster = 2<<20 + 4096, 65536
-	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(7, 7))
 	// The ops of the interrupted Sync touch distinct clusters, so each
 	// reads as a whole as before or after.
-	rng := rand.New(rand.NewPCG(7, 7))
-	first := vdiotest.RandomOps(rng, size, cluster, 12, false)
-	second := vdiotest.RandomOps(rng, size, cluster, 10, true)
-	// Count the writes of the second round.
-	count := func(budget int) (*vdiotest.Dropping, string) {
+	big := make([]byte, 1<<20)
+	for i := range big {
+		big[i] = byte(i*5 + 3)
+	}
+	for _, c := range []struct {
+		name          string
+		size, cluster int64
+		qemu          []string // qemu-img create options, or CreateUpdate
+		first, second []vdiotest.Op
+		moves         bool
+	}{
+		{name: "ours", size: 2<<20 + 4096, cluster: 65536,
+			first:  vdiotest.RandomOps(rng, 2<<20+4096, 65536, 12, false),
+			second: vdiotest.RandomOps(rng, 2<<20+4096, 65536, 10, true)},
+		// The first round fills the file up to what the refcount table
+		// covers (8 MiB of 512-byte clusters); the second outgrows it.
+		{name: "table-moves", size: 10 << 20, cluster: 512, qemu: []string{"-o", "cluster_size=512"},
+			first:  []vdiotest.Op{{Off: 0, Len: 7 << 20, Data: bytes.Repeat([]byte{9, 8, 7, 6}, 7<<18)}},
+			second: []vdiotest.Op{{Off: 8 << 20, Len: 1 << 20, Data: big}, {Off: 100, Len: 3000, Zero: true}},
+			moves:  true},
+	} {
+		t.Run(c.name, func(t *testing.T) { crash(t, rng, c.size, c.cluster, c.qemu, c.first, c.second, c.moves) })
+	}
+}
+
+func crash(t *testing.T, rng *rand.Rand, size, cluster int64, qemu []string, first, second []vdiotest.Op, moves bool) {
+	dir := t.TempDir()
+	run := func(budget int) (*vdiotest.Dropping, string) {
 		p := filepath.Join(dir, "crash.qcow2")
 		os.Remove(p)
-		f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		var u *Updater
+		var f *os.File
+		var err error
+		if qemu == nil {
+			if f, err = os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { f.Close() })
+			u, err = CreateUpdate(f, size, p)
+		} else {
+			qemuImg(t, append(append([]string{"create", "-q", "-f", "qcow2"}, qemu...), p, strconv.FormatInt(size, 10))...)
+			f = openFile(t, p)
+			u, err = OpenUpdate(f, p)
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { f.Close() })
-		u, err := CreateUpdate(f, size, p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		vdiotest.Apply(t, u, make([]byte, size), first)
+		vdiotest.Apply(t, u, nil, first)
 		if err := u.Sync(); err != nil {
 			t.Fatal(err)
 		}
 		d := &vdiotest.Dropping{File: f, Budget: budget}
 		u.f = d
-		vdiotest.Apply(t, u, make([]byte, size), second)
+		vdiotest.Apply(t, u, nil, second)
 		if err := u.Sync(); err != nil {
 			t.Fatal(err)
 		}
 		return d, p
 	}
 	const lots = 1 << 30
-	d, _ := count(lots)
+	d, _ := run(lots)
 	total := lots - d.Budget
 	if total < 5 {
 		t.Fatalf("only %d writes in a Sync", total)
+	}
+	budgets := map[int]bool{total: true}
+	if !moves {
+		for b := range total {
+			budgets[b] = true
+		}
+	} else {
+		header := -1
+		for i, off := range d.Offsets {
+			if off == 48 {
+				header = i
+			}
+		}
+		if header < 0 {
+			t.Fatal("the Sync did not move the refcount table")
+		}
+		for b := max(0, header-3); b <= min(total, header+3); b++ {
+			budgets[b] = true
+		}
+		for b := 0; b < total; b += total/12 + 1 {
+			budgets[b] = true
+		}
 	}
 	old := make([]byte, size)
 	vdiotest.Apply(t, nopUpdater{}, old, first)
 	nw := append([]byte(nil), old...)
 	vdiotest.Apply(t, nopUpdater{}, nw, second)
 	leaked := 0 // crash points that leave leaked clusters
-	for budget := 0; budget <= total; budget++ {
-		_, p := count(budget)
+	for budget := range budgets {
+		_, p := run(budget)
 		code, out := vdiotest.QemuCheck(t, p, "qcow2")
 		if code != 0 && code != 3 {
 			t.Fatalf("crash after %d of %d writes: qemu-img check exit %d:\n%s", budget, total, code, out)
@@ -248,7 +311,7 @@ func TestUpdateCrash(t *testing.T) {
 	if leaked == 0 {
 		t.Error("no crash point left leaked clusters: the test does not reach the window it is for")
 	}
-	t.Logf("%d of %d crash points leave leaked clusters", leaked, total+1)
+	t.Logf("%d of %d crash points leave leaked clusters", leaked, len(budgets))
 }
 
 // leaks returns the number of leaked clusters qemu-img check reports.

@@ -148,9 +148,12 @@ func QemuCompare(t testing.TB, path, format string, model []byte) {
 type Dropping struct {
 	*os.File
 	Budget int
+	// Offsets of the writes asked for, done or dropped.
+	Offsets []int64
 }
 
 func (d *Dropping) WriteAt(p []byte, off int64) (int, error) {
+	d.Offsets = append(d.Offsets, off)
 	if d.Budget <= 0 {
 		return len(p), nil
 	}
