@@ -108,16 +108,42 @@ func OpenUpdate(f UpdateFile, name string) (*Updater, error) {
 			return nil, err
 		}
 	}
+	for i := range u.rgd {
+		if (u.rgd[i] == 0) != (u.gd[i] == 0) {
+			if err := u.repairRedundant(int64(i)); err != nil {
+				return nil, err
+			}
+		}
+	}
 	return u, nil
+}
+
+// repairRedundant makes redundant grain directory entry i agree with
+// the primary (what readers use) at the next Sync: they differ after a
+// crash between the two writes of a new table's entries.
+func (u *Updater) repairRedundant(i int64) error {
+	u.gdDirty[i] = true
+	if u.gd[i] == 0 {
+		u.rgd[i] = 0
+		return nil
+	}
+	t, err := u.table(i, false)
+	if err != nil {
+		return err
+	}
+	off, err := u.alloc(u.gtBytes)
+	if err != nil {
+		return err
+	}
+	u.rgd[i] = uint32(off / sector)
+	u.gt[i], u.gtDirty[i] = t, true
+	return nil
 }
 
 // checkTable refuses a grain directory entry whose tables lie outside the
 // file, or a table with entries outside it.
 func (u *Updater) checkTable(i, fsize int64) error {
 	for _, d := range [][]uint32{u.gd, u.rgd} {
-		if d != nil && (d[i] == 0) != (u.gd[i] == 0) {
-			return vdio.Unsupported(u.name, format, u.gdOff+4*i, "grain directory entry %d is set in one copy only", i)
-		}
 		if d != nil && int64(d[i])*sector > fsize-u.gtBytes {
 			return vdio.Errorf(u.name, format, u.gdOff+4*i, "grain table %d lies outside the file", i)
 		}
@@ -332,7 +358,7 @@ func (u *Updater) Sync() error {
 	if u.closed {
 		return errors.New("vmdk: updater is closed")
 	}
-	if !u.data && len(u.gtDirty) == 0 {
+	if !u.data && len(u.gtDirty)+len(u.gdDirty) == 0 {
 		return nil
 	}
 	fi, err := u.f.Stat()

@@ -2,6 +2,7 @@ package vmdk
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -142,12 +143,23 @@ func dropTables(t *testing.T, path string) {
 // right.
 func TestUpdateCrash(t *testing.T) {
 	vdiotest.NeedQemuImg(t)
+	// With no grain table, the interrupted Sync allocates one and sets
+	// its grain directory entries.
+	for _, drop := range []bool{false, true} {
+		t.Run(fmt.Sprintf("no-tables=%v", drop), func(t *testing.T) { crash(t, drop) })
+	}
+}
+
+func crash(t *testing.T, drop bool) {
 	const size, cluster = 2<<20 + 4096, 65536
 	dir := t.TempDir()
 	// The ops of the interrupted Sync touch distinct clusters, so each
 	// reads as a whole as before or after.
 	rng := rand.New(rand.NewPCG(7, 7))
 	first := vdiotest.RandomOps(rng, size, cluster, 12, false)
+	if drop {
+		first = nil
+	}
 	second := vdiotest.RandomOps(rng, size, cluster, 10, true)
 	// Count the writes of the second round.
 	count := func(budget int) (*vdiotest.Dropping, string) {
@@ -161,6 +173,13 @@ func TestUpdateCrash(t *testing.T) {
 		u, err := CreateUpdate(f, size, p)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if drop {
+			u.Close()
+			dropTables(t, p)
+			if u, err = OpenUpdate(f, p); err != nil {
+				t.Fatal(err)
+			}
 		}
 		vdiotest.Apply(t, u, make([]byte, size), first)
 		if err := u.Sync(); err != nil {
@@ -203,6 +222,15 @@ func TestUpdateCrash(t *testing.T) {
 		vdiotest.Apply(t, u, got, third)
 		if err := u.Close(); err != nil {
 			t.Fatal(err)
+		}
+		u2, err := OpenUpdate(openFile(t, p), p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range u2.gd {
+			if (u2.gd[i] == 0) != (u2.rgd[i] == 0) {
+				t.Fatalf("after a crash after %d writes and the next writes, grain directory entry %d is set in one copy only", budget, i)
+			}
 		}
 		code2, out2 := vdiotest.QemuCheck(t, p, "vmdk")
 		if code2 != 0 {
