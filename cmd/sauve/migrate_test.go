@@ -333,7 +333,6 @@ func TestMigrateRefusals(t *testing.T) {
 		{"loop device over the source", []string{src, loop}, src, "loop device over the source"},
 		{"state of another source", []string{src, done, "--state", state}, done, "of another source"},
 		{"stream source", []string{fifo, e.path("new1.img")}, e.path("new1.img"), "is a stream"},
-		{"VM format target", []string{src, e.path("vm.qcow2")}, e.path("vm.qcow2"), "not available yet"},
 		{"remote target out of reach", []string{src, "ssh://root@127.0.0.1:1/dev/vdb"}, "", "target ssh://root@127.0.0.1:1/dev/vdb: "},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -1,7 +1,28 @@
 package cli
 
-// vmdkTargetKind is a vmdk image as a migration's target.
+import (
+	"os"
+	"path/filepath"
+
+	"github.com/sauve-backup/sauve/internal/vdisk/vmdk"
+)
+
+// vmdkTargetKind is a monolithicSparse vmdk image as a migration's
+// target, updated in place by each pass.
 func vmdkTargetKind() targetKind {
-	return notYetKind("vmdk", func(p string) bool { return hasExt(p, ".vmdk") },
-		"VM disk targets of this format are not available yet: migrate into a raw image (.img) and convert it after the final pass ('sauve convert')")
+	return imageTargetKind("vmdk", []string{".vmdk"},
+		func(f *os.File, path string) (imageUpdater, error) { return vmdk.OpenUpdate(f, path) },
+		func(f *os.File, path string, size int64) (imageUpdater, error) {
+			return vmdk.CreateUpdate(f, size, path)
+		})
+}
+
+// syncDir makes a new file's directory entry durable.
+func syncDir(path string) error {
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }

@@ -8,6 +8,11 @@
 // complete, so memory holds one L2 table and the L1 table whatever the
 // disk's size. Clusters of zeros are left unallocated.
 //
+// The Updater (update.go) changes a version 3 image in place, at random
+// offsets, for sauve migrate: clusters and tables are allocated at the
+// end of the file, refcounts kept, and Sync keeps the image valid
+// through a crash (leaked clusters at worst).
+//
 // The reader handles versions 2 and 3: standard, zero, compressed
 // (deflate and zstd) clusters, extended L2 entries (subclusters) and
 // backing files (OpenWithBacking; the caller opens the backing file). It

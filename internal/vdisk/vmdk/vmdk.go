@@ -12,6 +12,10 @@
 // file); the streamOptimized writer needs only an io.Writer, so it can
 // stream into an OVA archive while a digest is computed.
 //
+// The Updater (update.go) changes a monolithicSparse disk in place, at
+// random offsets, for sauve migrate: new grains and grain tables go at
+// the end of the file, and Sync keeps the disk valid through a crash.
+//
 // The reader handles both, with zeroed-grain entries and compressed
 // grains. Descriptor files that point to separate extent files
 // (monolithicFlat, twoGbMaxExtent*, ESXi's vmfs) are read by
