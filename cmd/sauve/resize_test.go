@@ -153,10 +153,60 @@ func TestRestoreLarger(t *testing.T) {
 		e.ok("export", "latest", out, "--size", "128M", "--grow-last-partition", "--grow-fs")
 		check(t, out, true)
 	})
-	t.Run("export vm format refuses grow", func(t *testing.T) {
+	t.Run("export qcow2", func(t *testing.T) {
+		requireTool(t, "qemu-img")
 		e := e.sub(t)
-		e.fail([]string{"raw exports only"}, "export", "latest", e.path("x.qcow2"), "--size", "128M", "--grow-last-partition")
+		out := e.path("export.qcow2")
+		e.ok("export", "latest", out, "--size", "128M")
+		raw := e.path("export-qcow2.img")
+		sh(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", out, raw)
+		check(t, raw, false)
 	})
+	t.Run("export qcow2 grow", func(t *testing.T) {
+		requireTool(t, "qemu-img")
+		e := e.sub(t)
+		out := e.path("export-grow.qcow2")
+		e.ok("export", "latest", out, "--size", "128M", "--grow-last-partition")
+		raw := e.path("export-grow-qcow2.img")
+		sh(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", out, raw)
+		requireGPTClean(t, raw)
+		after := partitionsOf(t, raw)
+		if len(after) != 2 || after[0] != before[0] || after[1].Start+after[1].Size != 128<<11-33 {
+			t.Fatalf("partitions %+v, were %+v", after, before)
+		}
+		if fileHashAt(t, raw, 1<<20, 8<<20) != p1 {
+			t.Error("partition 1 changed")
+		}
+		// The filesystem is the same, in a larger partition.
+		if n := extBlockCount(t, raw, after[1].Start*512, after[1].Size*512); n != blocks {
+			t.Errorf("ext4 has %d blocks, had %d", n, blocks)
+		}
+		e.fail([]string{"raw exports only"}, "export", "latest", e.path("x.qcow2"), "--size", "128M", "--grow-last-partition", "--grow-fs")
+	})
+	// Every streamed format gets the patches in its stream: read back
+	// through qemu-img, the table is clean and partition 2 ends at the end.
+	for _, v := range variants {
+		if v.format == "raw" {
+			continue
+		}
+		t.Run("export stream "+v.name, func(t *testing.T) {
+			requireTool(t, "qemu-img")
+			e := e.sub(t)
+			out := e.path("grow-" + v.name + "." + v.ext)
+			e.ok(append([]string{"export", "latest", out, "--size", "128M", "--grow-last-partition"}, v.args()...)...)
+			raw := out + ".raw"
+			sh(t, "qemu-img", "convert", "-f", v.qemu, "-O", "raw", out, raw)
+			requireGPTClean(t, raw)
+			fi, _ := os.Stat(raw)
+			after := partitionsOf(t, raw)
+			if len(after) != 2 || after[1].Start+after[1].Size != fi.Size()/512-33 {
+				t.Fatalf("partitions %+v of %d bytes", after, fi.Size())
+			}
+			if fileHashAt(t, raw, 1<<20, 8<<20) != p1 {
+				t.Error("partition 1 changed")
+			}
+		})
+	}
 	t.Run("grow-fs alone", func(t *testing.T) {
 		e := e.sub(t)
 		e.fail([]string{"give both"}, "restore", "latest", e.path("y.img"), "--grow-fs")

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
+	"github.com/sauve-backup/sauve/internal/resize"
 	"github.com/sauve-backup/sauve/internal/source"
 	"github.com/sauve-backup/sauve/internal/vdisk"
 )
@@ -51,12 +53,10 @@ A snapshot of several disks exports them all into the folder OUTPUT, one
 image per disk named after it, in the --format given; --disk NAME exports
 one.
 
-A raw OUTPUT larger than the disk (--size) gets its GPT's backup moved to
+An OUTPUT larger than the disk (--size) gets its GPT's backup moved to
 the end, as 'sgdisk -e' does; --grow-last-partition grows the partition
-that ends last and --grow-fs its ext2/3/4 or XFS filesystem (root;
-resize2fs or xfs_growfs). Both are for raw OUTPUT only: the VM formats
-keep the table as it was (run 'sgdisk -e' in the machine, or export raw
-and convert).`,
+that ends last (GPT or MBR) and, for raw OUTPUT only, --grow-fs its
+ext2/3/4 or XFS filesystem (root; resize2fs or xfs_growfs).`,
 		Example: `  sauve export latest --host web1 /srv/vm/web1.qcow2
   sauve export 1a2b3c4d web1.vmdk --size 100G
   sauve export latest web1.img --size 100G --grow-last-partition --grow-fs
@@ -131,7 +131,7 @@ func (g *globals) exportDisk(ctx context.Context, r *repo.Repository, sn *repo.S
 	if opts.Format == vdisk.OVA {
 		machineDefaults(&opts.OVA, sn.Machine, d.Name, flags)
 	}
-	if err := checkExportGrow(opts, d, grow, g.warnf); err != nil {
+	if err := checkExportGrow(opts, grow); err != nil {
 		return err
 	}
 	fail := func(err error) error {
@@ -155,9 +155,19 @@ func (g *globals) exportDisk(ctx context.Context, r *repo.Repository, sn *repo.S
 		}
 		m = layout.Map()
 	}
+	var src io.ReaderAt = dr
+	copySize := d.Size
+	grown, err := g.streamGrow(dr, d, opts, grow)
+	if err != nil {
+		return fail(err)
+	}
+	if grown != nil {
+		src, m = resize.Overlay(dr, m, d.Size, grown.Patches)
+		copySize = opts.Size
+	}
 	prog := new(vdisk.Progress)
 	data, err := g.writeImage(ctx, output, o.force, opts, "export "+d.Name, prog.Done.Load, func(w vdisk.Writer) error {
-		return vdisk.Copy(ctx, w, dr, m, d.Size, prog)
+		return vdisk.Copy(ctx, w, src, m, copySize, prog)
 	})
 	if err != nil {
 		return fail(err)

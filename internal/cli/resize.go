@@ -128,18 +128,41 @@ func (g *globals) growDisk(ctx context.Context, path string, oldSize int64, f gr
 	return out, nil
 }
 
-// checkExportGrow refuses the grow flags on an export they cannot apply
-// to: the VM formats are written as a stream, front to back, and the
-// table at the front would have to be patched before the rest is known.
-func checkExportGrow(opts vdisk.Options, d *repo.Disk, f growFlags, warn func(string, ...any)) error {
-	if opts.Format == vdisk.Raw {
-		return nil
-	}
-	if f.lastPartition {
-		return usageError{fmt.Errorf("--grow-last-partition works on raw exports only (not %s): export raw, or grow the partition in the machine", opts.Format)}
-	}
-	if opts.Size > d.Size && d.PartitionTable == "gpt" {
-		warn("the %s image is larger than the disk: its backup GPT stays at byte %d, not at the end (fix it with 'sgdisk -e' in the machine)", opts.Format, d.Size)
+// checkExportGrow refuses --grow-fs on an export it cannot apply to: the
+// filesystem tools need the image as a raw file.
+func checkExportGrow(opts vdisk.Options, f growFlags) error {
+	if opts.Format != vdisk.Raw && f.fs {
+		return usageError{fmt.Errorf("--grow-fs works on raw exports only (not %s): export raw, or grow the filesystem in the machine", opts.Format)}
 	}
 	return nil
+}
+
+// streamGrow plans the partition table patches of a VM format export
+// larger than the disk: those formats are written front to back, so the
+// patches go into the stream (resize.Overlay) instead of being applied
+// afterwards as for raw. It returns nil when there is nothing to patch. A
+// table the automatic GPT move refuses is exported as it is, with a
+// warning; with --grow-last-partition the refusal is an error.
+func (g *globals) streamGrow(dr io.ReaderAt, d *repo.Disk, opts vdisk.Options, f growFlags) (*resize.Result, error) {
+	if opts.Format == vdisk.Raw || opts.Size <= d.Size {
+		return nil, nil
+	}
+	res, err := resize.Plan(dr, d.Size, opts.Size, resize.Options{GrowLastPartition: f.lastPartition, SectorSize: d.SectorSize})
+	if err != nil {
+		if f.lastPartition || !errors.Is(err, resize.ErrRefused) {
+			return nil, fmt.Errorf("fix the partition table for the larger image: %w", err)
+		}
+		g.warnf("the partition table is exported as it is (its backup GPT, if any, not at the end): %v", err)
+		return nil, nil
+	}
+	if len(res.Patches) == 0 {
+		return nil, nil
+	}
+	if res.Kind == "gpt" {
+		g.printf("  moving the backup GPT to the end of the %s image\n", opts.Format)
+	}
+	if gr := res.Grown; gr != nil {
+		g.printf("  growing partition %d from %s to %s\n", gr.Number, bytesIEC(gr.OldSize), bytesIEC(gr.NewSize))
+	}
+	return res, nil
 }
