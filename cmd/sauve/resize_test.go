@@ -16,17 +16,23 @@ import (
 // bytes, partition 2 the rest, an ext4 filesystem with a file in it.
 func gptDisk(t *testing.T, e *env, path string) {
 	t.Helper()
+	// 64 MiB - 9 MiB - the backup GPT (33 sectors).
+	partedDisk(t, e, path, "gpt", 131038-18432+1)
+}
+
+// partedDisk is gptDisk with another label; partition 2 has p2 sectors.
+func partedDisk(t *testing.T, e *env, path, label string, p2 int64) {
+	t.Helper()
 	writeFile(t, path, nil)
 	os.Truncate(path, 64<<20)
-	shIn(t, "label: gpt\n2048,8M\n,\n", "sfdisk", "-q", path)
+	shIn(t, "label: "+label+"\n2048,8M\n,\n", "sfdisk", "-q", path)
 	writeAt(t, path, 1<<20, randomBytes(8<<20))
 	dir := e.path("content")
 	os.MkdirAll(dir, 0o755)
 	writeFile(t, dir+"/hello", textBytes(7, 100000))
 	part := e.path("part2")
 	writeFile(t, part, nil)
-	// 64 MiB - 9 MiB - the backup GPT (33 sectors), rounded down by sfdisk.
-	os.Truncate(part, (131038-18432+1)*512)
+	os.Truncate(part, p2*512)
 	sh(t, "mkfs.ext4", "-q", "-F", "-d", dir, part)
 	sh(t, "dd", "if="+part, "of="+path, "bs=1M", "seek=9", "conv=notrunc,sparse", "status=none")
 }
@@ -139,6 +145,14 @@ func TestRestoreLarger(t *testing.T) {
 		if !strings.Contains(msg, "grew partition 2") {
 			t.Errorf("output:\n%s", msg)
 		}
+		check(t, out, true)
+	})
+	t.Run("restore device grow", func(t *testing.T) {
+		e := e.sub(t)
+		out := e.path("big-dev-grow.img")
+		writeFile(t, out, nil)
+		os.Truncate(out, 128<<20)
+		e.ok("restore", "latest", losetup(t, out), "--grow-last-partition", "--grow-fs")
 		check(t, out, true)
 	})
 	t.Run("export", func(t *testing.T) {
@@ -276,4 +290,33 @@ func fileHashAt(t *testing.T, path string, off, n int64) string {
 		t.Fatal(err)
 	}
 	return fmt.Sprintf("%x", sha256.Sum256(b))
+}
+
+// TestRestoreLargerMBR grows the last partition of an MBR disk and its
+// ext4 on a larger file.
+func TestRestoreLargerMBR(t *testing.T) {
+	requireRoot(t)
+	for _, tool := range []string{"sfdisk", "mkfs.ext4", "resize2fs"} {
+		requireTool(t, tool)
+	}
+	e := newEnv(t)
+	src := e.path("mbr.img")
+	partedDisk(t, e, src, "dos", 131072-18432)
+	e.backup(src)
+	before := partitionsOf(t, src)
+	blocks := extBlockCount(t, src, before[1].Start*512, before[1].Size*512)
+	out := e.path("big.img")
+	writeFile(t, out, nil)
+	os.Truncate(out, 128<<20)
+	e.ok("restore", "latest", out, "--grow-last-partition", "--grow-fs")
+	if v := sh(t, "sfdisk", "--verify", out); !strings.Contains(v, "No errors detected") {
+		t.Fatalf("sfdisk --verify:\n%s", v)
+	}
+	after := partitionsOf(t, out)
+	if len(after) != 2 || after[0] != before[0] || after[1].Start != before[1].Start || after[1].Start+after[1].Size != 128<<11 {
+		t.Fatalf("partitions %+v, were %+v", after, before)
+	}
+	if n := extBlockCount(t, out, after[1].Start*512, after[1].Size*512); n <= blocks*3/2 {
+		t.Errorf("ext4 has %d blocks, had %d", n, blocks)
+	}
 }
