@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
+	"github.com/sauve-backup/sauve/internal/resize"
 	"github.com/sauve-backup/sauve/internal/source"
 	"github.com/sauve-backup/sauve/internal/vdisk"
 )
@@ -22,6 +24,7 @@ func newExportCmd(g *globals) *cobra.Command {
 		ff       filterFlags
 		diskName string
 		skipFree bool
+		grow     growFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "export SNAPSHOT OUTPUT",
@@ -48,15 +51,24 @@ complete; an existing OUTPUT is refused unless --force.
 
 A snapshot of several disks exports them all into the folder OUTPUT, one
 image per disk named after it, in the --format given; --disk NAME exports
-one.`,
+one.
+
+An OUTPUT larger than the disk (--size) gets its GPT's backup moved to
+the end, as 'sgdisk -e' does; --grow-last-partition grows the partition
+that ends last (GPT or MBR) and, for raw OUTPUT only, --grow-fs its
+ext2/3/4 or XFS filesystem (root; resize2fs or xfs_growfs).`,
 		Example: `  sauve export latest --host web1 /srv/vm/web1.qcow2
   sauve export 1a2b3c4d web1.vmdk --size 100G
+  sauve export latest web1.img --size 100G --grow-last-partition --grow-fs
   sauve export latest web1.vhdx --skip-free
   sauve export latest web1.ova --cpus 2 --memory 4G --controller scsi
   sauve export latest --host vm1 /srv/vm/vm1/ --format qcow2   # every disk of the snapshot`,
 		Args: exactArgs(2, "SNAPSHOT and OUTPUT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
+			if err := grow.check(); err != nil {
+				return err
+			}
 			r, sn, disks, err := g.openDisks(ctx, "export", args[0], &ff, diskName)
 			if err != nil {
 				return err
@@ -66,7 +78,7 @@ one.`,
 				return err
 			}
 			for i, d := range disks {
-				if err := g.exportDisk(ctx, r, sn, d, outputs[i], &o, cmd.Flags(), skipFree); err != nil {
+				if err := g.exportDisk(ctx, r, sn, d, outputs[i], &o, cmd.Flags(), skipFree, grow); err != nil {
 					return err
 				}
 			}
@@ -77,6 +89,7 @@ one.`,
 	ff.add(cmd)
 	ff.addDates(cmd)
 	cmd.Flags().StringVar(&diskName, "disk", "", "export only this disk of a multi-disk snapshot")
+	grow.add(cmd.Flags())
 	cmd.Flags().BoolVar(&skipFree, "skip-free", false, "leave the free space of ext2/3/4, XFS, NTFS, FAT and swap in the snapshot's disk unallocated (it reads as zeros)")
 	return cmd
 }
@@ -109,7 +122,7 @@ func exportOutputs(sn *repo.Snapshot, disks []*repo.Disk, output, format string)
 }
 
 // exportDisk writes disk d of sn to output.
-func (g *globals) exportDisk(ctx context.Context, r *repo.Repository, sn *repo.Snapshot, d *repo.Disk, output string, o *outFlags, flags *pflag.FlagSet, skipFree bool) error {
+func (g *globals) exportDisk(ctx context.Context, r *repo.Repository, sn *repo.Snapshot, d *repo.Disk, output string, o *outFlags, flags *pflag.FlagSet, skipFree bool, grow growFlags) error {
 	start := time.Now()
 	opts, err := o.resolve(output, d.Size, flags)
 	if err != nil {
@@ -117,6 +130,9 @@ func (g *globals) exportDisk(ctx context.Context, r *repo.Repository, sn *repo.S
 	}
 	if opts.Format == vdisk.OVA {
 		machineDefaults(&opts.OVA, sn.Machine, d.Name, flags)
+	}
+	if err := checkExportGrow(opts, grow); err != nil {
+		return err
 	}
 	fail := func(err error) error {
 		return fmt.Errorf("export of snapshot %s to %s: %w", sn.ID.Short(), output, err)
@@ -139,15 +155,32 @@ func (g *globals) exportDisk(ctx context.Context, r *repo.Repository, sn *repo.S
 		}
 		m = layout.Map()
 	}
+	var src io.ReaderAt = dr
+	copySize := d.Size
+	grown, err := g.streamGrow(dr, d, opts, grow)
+	if err != nil {
+		return fail(err)
+	}
+	if grown != nil {
+		src, m = resize.Overlay(dr, m, d.Size, grown.Patches)
+		copySize = opts.Size
+	}
 	prog := new(vdisk.Progress)
 	data, err := g.writeImage(ctx, output, o.force, opts, "export "+d.Name, prog.Done.Load, func(w vdisk.Writer) error {
-		return vdisk.Copy(ctx, w, dr, m, d.Size, prog)
+		return vdisk.Copy(ctx, w, src, m, copySize, prog)
 	})
 	if err != nil {
 		return fail(err)
 	}
 	fetched := dr.Stats().BytesFetched
 	fields := map[string]any{"snapshot": sn.ID.String(), "disk": d.Name, "disk_size": d.Size, "bytes_fetched": fetched}
+	if opts.Format == vdisk.Raw && opts.Size > d.Size {
+		grown, err := g.growDisk(ctx, output, d.Size, grow)
+		if err != nil {
+			return fail(err)
+		}
+		fields["resize"] = grown
+	}
 	if layout != nil {
 		layout.WarnLate()
 		fields["bytes_skipped"] = layout.Skipped()

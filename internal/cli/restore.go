@@ -22,6 +22,7 @@ func newRestoreCmd(g *globals) *cobra.Command {
 		force    bool
 		diskName string
 		bootOnly bool
+		grow     growFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "restore SNAPSHOT[:PART] TARGET...",
@@ -37,7 +38,7 @@ one. TARGET is:
                  failed or interrupted restore leaves nothing under TARGET
   an existing    written in place, every byte made equal to the snapshot
   file/device    (zeros written or punched where needed); a file is cut to
-                 the image's size
+                 the image's size, unless --grow-last-partition
   -              the raw image on standard output, zeros included
 
 With --delta, the target is read and hashed first and only the chunks that
@@ -74,7 +75,15 @@ fetched, the target must hold its size, and --delta works as for disks.
 nothing else: the MBR or the GPT (protective MBR, header, entries and the
 backup at the end), the gaps between partitions (boot loaders such as
 GRUB's core image, EBRs) and BIOS boot partitions, what 'dd' of the first
-sectors saved before; the partitions' contents are left as they are.`,
+sectors saved before; the partitions' contents are left as they are.
+
+On a device larger than the disk, a GPT's backup header and entry array
+are moved to the end of the device (as 'sgdisk -e' does) and the
+protective MBR made to cover it. --grow-last-partition (a device, or an
+existing file that then keeps its larger size) also grows the partition
+that ends last (GPT or MBR, never moving a partition), and --grow-fs its
+ext2/3/4 or XFS filesystem (root; resize2fs or xfs_growfs). A damaged
+table is refused and left as restored.`,
 		Example: `  sauve restore latest /var/tmp/vda.img
   sauve restore 1a2b3c4d /dev/vdb
   sauve restore latest --host web1 /dev/vda --delta
@@ -84,7 +93,8 @@ sectors saved before; the partitions' contents are left as they are.`,
   sauve restore latest - | qemu-img convert -f raw -O qcow2 /dev/stdin web.qcow2
   sauve restore latest:2 /dev/sda2                   # partition 2 alone
   sauve restore latest:root /var/tmp/root.img        # the partition labelled root
-  sauve restore latest --boot-only /dev/sda          # MBR/GPT and boot loader only`,
+  sauve restore latest --boot-only /dev/sda          # MBR/GPT and boot loader only
+  sauve restore latest /dev/sdb --grow-last-partition --grow-fs  # onto a larger disk`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) < 2 {
 				return usageError{fmt.Errorf("%s: expects SNAPSHOT and TARGET (or a folder, or one TARGET per disk)", cmd.CommandPath())}
@@ -94,6 +104,12 @@ sectors saved before; the partitions' contents are left as they are.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			spec := parseFileSpec(args[0])
+			if err := grow.check(); err != nil {
+				return err
+			}
+			if (spec.hasPart || bootOnly) && grow.lastPartition {
+				return usageError{errors.New("--grow-last-partition grows a whole disk's last partition: not with SNAPSHOT:PART or --boot-only")}
+			}
 			if spec.hasPart && (spec.path != "/" || bootOnly) {
 				return usageError{fmt.Errorf("%s: SNAPSHOT:PART restores a partition whole: no PATH (see 'sauve get'), no --boot-only", args[0])}
 			}
@@ -121,7 +137,9 @@ sectors saved before; the partitions' contents are left as they are.`,
 			}
 			var results []any
 			for i, d := range disks {
-				res, err := g.restoreDisk(ctx, r, sn, wholeDisk(d), targets[i], delta, force)
+				job := wholeDisk(d)
+				job.grow = grow
+				res, err := g.restoreDisk(ctx, r, sn, job, targets[i], delta, force)
 				if err != nil {
 					return err
 				}
@@ -139,6 +157,7 @@ sectors saved before; the partitions' contents are left as they are.`,
 	cmd.Flags().BoolVarP(&force, "force", "f", false, "overwrite a target that holds another disk's partition table or filesystem")
 	cmd.Flags().StringVar(&diskName, "disk", "", "restore only this disk of a multi-disk snapshot")
 	cmd.Flags().BoolVar(&bootOnly, "boot-only", false, "restore only the partition table, boot code and gaps between partitions, in place")
+	grow.add(cmd.Flags())
 	return cmd
 }
 
@@ -209,6 +228,9 @@ func (g *globals) restoreDisk(ctx context.Context, r *repo.Repository, sn *repo.
 		if delta {
 			return nil, usageError{errors.New("--delta needs a file or device target, not stdout")}
 		}
+		if job.grow.lastPartition {
+			return nil, usageError{errors.New("--grow-last-partition needs a file or device target, not stdout")}
+		}
 		if term.IsTerminal(int(os.Stdout.Fd())) {
 			return nil, usageError{errors.New("refusing to write a disk image to a terminal: redirect stdout")}
 		}
@@ -238,11 +260,20 @@ func (g *globals) restoreDisk(ctx context.Context, r *repo.Repository, sn *repo.
 		return nil, fmt.Errorf("restore of snapshot %s to %s: %w", sn.ID.Short(), target, err)
 	}
 	g.printRestore(sn, job, target, delta, res)
+	var grown map[string]any
+	if t != nil {
+		if grown, err = g.growRestored(ctx, job, t, job.grow); err != nil {
+			return nil, fmt.Errorf("restore of snapshot %s to %s: %w", sn.ID.Short(), target, err)
+		}
+	}
 	out := map[string]any{
 		"snapshot": sn.ID.String(), "disk": d.Name, "target": target, "delta": delta,
 		"size": job.target.Size, "bytes_written": res.BytesWritten, "bytes_fetched": res.BytesFetched,
 		"chunks_written": res.ChunksWritten, "chunks_unchanged": res.ChunksSame, "chunks_zero": res.ChunksZero,
 		"seconds": res.Seconds,
+	}
+	if grown != nil {
+		out["resize"] = grown
 	}
 	if job.partition != nil {
 		out["partition"] = job.partition.Number
@@ -344,7 +375,7 @@ func restoreToTarget(ctx context.Context, r *repo.Repository, job restoreJob, t 
 		t.abort()
 		return nil, err
 	}
-	if err := t.finish(job.target.Size); err != nil {
+	if err := t.finish(keepSize(job, t)); err != nil {
 		return nil, err
 	}
 	return res, nil

@@ -21,6 +21,7 @@ type restoreJob struct {
 	only      []extent.Range
 	shift     int64
 	partition *repo.Partition
+	grow      growFlags // a whole disk's only
 }
 
 func wholeDisk(d *repo.Disk) restoreJob {
