@@ -51,7 +51,7 @@ func newMigrateCmd(g *globals) *cobra.Command {
 		Use:   "migrate SOURCE TARGET",
 		Short: "Copy a disk in use onto another by delta passes, with a short final cut-over",
 		Long: `Copy SOURCE (a block device or a disk image file, in use or not) onto TARGET
-(a raw image file, created if missing, or a block device) by passes, as a
+(see TARGETS below, created if missing) by passes, as a
 migration of a running machine does. The first pass copies every used
 block of SOURCE; each later pass reads and hashes SOURCE again and writes
 only the chunks (1 MiB) whose BLAKE3 hash changed since the previous
@@ -91,10 +91,18 @@ Refused, each with nothing written: a TARGET smaller than SOURCE, a
 TARGET in use (mounted, a partition of it mounted, or backing a mounted
 loop device), TARGET being SOURCE, and a SOURCE that is a stream.
 
-Not available yet (later versions): VM disk targets (qcow2, VMDK, VHD,
-VHDX, VDI: migrate into a raw image and 'sauve convert' it), remote
-targets over SSH, growing the target (--size), QEMU dirty bitmaps (every
-pass reads all used blocks), and repository snapshots as SOURCE.
+TARGETS: a raw image file or a block device; a VM disk image updated in
+place at every pass (.qcow2: qcow2 v3; .vmdk: monolithicSparse), valid for
+'qemu-img check' after each pass (after a crash, at worst with leaked
+qcow2 clusters); or ssh://USER@HOST[:PORT]/PATH, a block device or file on
+another machine, written by sauve there ('sauve migrate-receive', started
+over SSH; --remote-sauve names it, "sudo sauve" works), compressed on the
+wire, with the host-key rules of sftp:// repositories (the key must be in
+known_hosts).
+
+Not available yet (later versions): growing the target (--size; restore
+and export have --grow-last-partition), QEMU dirty bitmaps (every pass
+reads all used blocks), and repository snapshots as SOURCE.
 
 --test-boot boots TARGET after the passes under QEMU, with no network and
 its writes going to a throw-away overlay (TARGET is not changed), while
@@ -107,7 +115,9 @@ serial console's last lines. Exit status 4 when the marker was not seen.`,
   sauve migrate /dev/vg0/web /srv/web.img --until-delta 64M --limit-rate 50M
   sauve migrate /dev/vg0/web /srv/web.img --final         # freeze, last delta, thaw
   sauve migrate /var/lib/images/db.img /dev/vdc --until-delta 32M --final --json
-  sauve migrate /dev/sda /srv/p2v/web1.img --test-boot --boot-marker 'web1 login:'`,
+  sauve migrate /dev/sda /srv/p2v/web1.img --test-boot --boot-marker 'web1 login:'
+  sauve migrate /dev/sda /var/lib/libvirt/images/web1.qcow2 --until-delta 64M --final
+  sauve migrate /dev/sda ssh://root@newhost/dev/vdb --until-delta 64M --final`,
 		Args: exactArgs(2, "SOURCE and TARGET"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.untilDelta = -1
