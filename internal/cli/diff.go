@@ -210,25 +210,10 @@ func (g *globals) deviceSide(ctx context.Context, path string, r *repo.Repositor
 		if _, err := extent.ReadRanges(img.At, buf[:n], off, ranges); err != nil {
 			return repo.ID{}, fmt.Errorf("read %s at %d: %w", path, off, err)
 		}
-		if allZero(buf[:n]) {
+		if extent.IsZero(buf[:n]) {
 			return repo.ID{}, nil
 		}
 		return r.ChunkID(buf[:n]), nil
 	}
 	return &diffSide{name: path, disk: d, id: id, at: img.At, close: closeAll}, nil
-}
-
-func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }

@@ -244,22 +244,7 @@ func (r *runner) read(i int64, buf []byte) (bool, error) {
 		}
 		r.p.BytesRead += rg.Len()
 	}
-	return isZero(buf), nil
-}
-
-func isZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
+	return extent.IsZero(buf), nil
 }
 
 // flush writes the batch: its chunks marked unknown, written, the target

@@ -1,10 +1,10 @@
 package repo
 
 import (
-	"bytes"
 	"container/list"
 	"context"
 	"fmt"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"sync"
 )
 
@@ -232,7 +232,7 @@ func (lc *listCache) load(ctx context.Context, r *Repository, d *Disk, e *listEn
 		delete(lc.entries, e.id)
 	} else {
 		// The IDs stay where they were decoded: no copy of a MiB.
-		if e.ids = plain[12:]; allZero(e.ids) {
+		if e.ids = plain[12:]; extent.IsZero(e.ids) {
 			e.ids = nil
 		}
 		e.elem = lc.lru.PushFront(e)
@@ -244,19 +244,6 @@ func (lc *listCache) load(ctx context.Context, r *Repository, d *Disk, e *listEn
 	}
 	lc.mu.Unlock()
 	close(e.ready)
-}
-
-var zeroBlock [4096]byte
-
-func allZero(b []byte) bool {
-	for len(b) > 0 {
-		n := min(len(b), len(zeroBlock))
-		if !bytes.Equal(b[:n], zeroBlock[:n]) {
-			return false
-		}
-		b = b[n:]
-	}
-	return true
 }
 
 // at returns entry k of the list.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"hash/crc32"
 	"io"
 
@@ -179,7 +180,7 @@ func growGPT(g *gpt, lastUse uint64) (*Grown, error) {
 	var bestEnd uint64
 	for i := 0; i < int(g.nEntries); i++ {
 		e := g.entries[i*int(g.entrySize):]
-		if allZero(e[:16]) {
+		if extent.IsZero(e[:16]) {
 			continue
 		}
 		if end := binary.LittleEndian.Uint64(e[40:]); best < 0 || end > bestEnd {
@@ -216,13 +217,4 @@ func protectiveMBR(mbr []byte, oldN int64, newN uint64) []byte {
 	binary.LittleEndian.PutUint32(m[446+16*i+12:], nc)
 	putCHS(m[446+16*i+5:], uint64(lba)+uint64(nc)-1)
 	return m
-}
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }

@@ -3,6 +3,7 @@ package qcow2
 import (
 	"errors"
 	"fmt"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"io"
 	"os"
 
@@ -387,7 +388,7 @@ func (u *Updater) writeCluster(vi, within int64, p []byte) error {
 	}
 	host := int64(e & offsetMask)
 	zero := host == 0 || e&flagZero != 0
-	if zero && vdio.IsZero(p) {
+	if zero && extent.IsZero(p) {
 		return nil
 	}
 	out, at := p, host+within

@@ -7,7 +7,6 @@
 package vdio
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -78,20 +77,6 @@ func ReadFull(r io.ReaderAt, size int64, p []byte, off int64, file, format, what
 		err = io.ErrUnexpectedEOF
 	}
 	return Wrap(file, format, off, err, "read %s", what)
-}
-
-var zeroPage [64 << 10]byte
-
-// IsZero reports whether b holds only zeros.
-func IsZero(b []byte) bool {
-	for len(b) > 0 {
-		n := min(len(b), len(zeroPage))
-		if !bytes.Equal(b[:n], zeroPage[:n]) {
-			return false
-		}
-		b = b[n:]
-	}
-	return true
 }
 
 // ZeroGrain is the granularity of zero detection inside allocated units:
@@ -247,12 +232,12 @@ func (u *Units) WriteAt(p []byte, off int64) (int, error) {
 		v := off + int64(i)
 		// The next run: up to the end of the grain of zero detection.
 		end := min(int((v/u.Grain+1)*u.Grain-off), len(p))
-		if !IsZero(p[i:end]) {
+		if !extent.IsZero(p[i:end]) {
 			// Extend over following non-zero grains of the same unit.
 			unitEnd := min(int((v/u.Unit+1)*u.Unit-off), len(p))
 			for end < unitEnd {
 				e := min(end+int(u.Grain), unitEnd)
-				if IsZero(p[end:e]) {
+				if extent.IsZero(p[end:e]) {
 					break
 				}
 				end = e

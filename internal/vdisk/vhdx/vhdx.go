@@ -143,7 +143,7 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 	if v := vdio.LE.Uint16(hdr[66:]); v != 1 {
 		return nil, vdio.Errorf(name, format, hdrOff+66, "unknown version %d", v)
 	}
-	if logGUID := hdr[48:64]; !vdio.IsZero(logGUID) {
+	if logGUID := hdr[48:64]; !extent.IsZero(logGUID) {
 		logLen, logOff := int64(vdio.LE.Uint32(hdr[68:])), int64(vdio.LE.Uint64(hdr[72:]))
 		if active, err := logActive(r, size, logOff, logLen, logGUID); err != nil {
 			return nil, vdio.Wrap(name, format, logOff, err, "log")

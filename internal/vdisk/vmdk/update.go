@@ -3,6 +3,7 @@ package vmdk
 import (
 	"errors"
 	"fmt"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"io"
 	"os"
 	"path/filepath"
@@ -298,7 +299,7 @@ func (u *Updater) writeGrain(gi, within int64, p []byte) error {
 		u.data = true
 		return nil
 	}
-	if vdio.IsZero(p) {
+	if extent.IsZero(p) {
 		return nil
 	}
 	host, err := u.alloc(u.grain)

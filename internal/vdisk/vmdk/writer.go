@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"io"
 	"runtime"
 	"sync"
@@ -371,7 +372,7 @@ func (s *StreamWriter) submit() {
 		return
 	}
 	n := min(s.grain, s.size-s.curIdx*s.grain)
-	if !vdio.IsZero(s.cur[:n]) {
+	if !extent.IsZero(s.cur[:n]) {
 		// Whole grains are compressed, the tail of the last one zeros.
 		j := &grainJob{idx: s.curIdx, in: s.cur, done: make(chan struct{})}
 		s.data += n
@@ -402,7 +403,7 @@ func (s *StreamWriter) WriteAt(p []byte, off int64) (int, error) {
 		gi := off / s.grain
 		if gi != s.curIdx {
 			s.submit()
-			if vdio.IsZero(p[:min(int64(len(p)), (gi+1)*s.grain-off)]) {
+			if extent.IsZero(p[:min(int64(len(p)), (gi+1)*s.grain-off)]) {
 				k := min(int64(len(p)), (gi+1)*s.grain-off)
 				p, off = p[k:], off+k
 				continue
