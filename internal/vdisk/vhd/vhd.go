@@ -205,6 +205,7 @@ type Reader struct {
 	block    int64
 	bitmap   int64 // bytes of sector bitmap before each block
 	bat      []uint32
+	batOff   int64
 	creator  string
 	chs      bool // size from the geometry
 }
@@ -290,7 +291,7 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 	if err := vdio.ReadFull(r, size, bat, int64(batOff), name, format, "block allocation table"); err != nil {
 		return nil, err
 	}
-	v.bat = make([]uint32, need)
+	v.bat, v.batOff = make([]uint32, need), int64(batOff)
 	for i := range v.bat {
 		v.bat[i] = vdio.BE.Uint32(bat[4*i:])
 	}
