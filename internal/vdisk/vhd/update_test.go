@@ -33,8 +33,8 @@ func TestUpdate(t *testing.T) {
 
 func TestUpdateCrash(t *testing.T) {
 	c := inPlace(false, defaultBlock)
-	vdiotest.TestCrash(t, c, func(f *os.File, budget int) (vdiotest.Updater, error) {
-		return OpenUpdate(vdiotest.DropFile(f, budget), f.Name())
+	vdiotest.TestCrash(t, c, func(f *vdiotest.DroppingFile) (vdiotest.Updater, error) {
+		return OpenUpdate(f, f.Name())
 	})
 }
 

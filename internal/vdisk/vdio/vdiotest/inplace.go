@@ -138,7 +138,7 @@ func TestInPlace(t *testing.T, c InPlace) {
 	f.Close()
 }
 
-// DroppingFile loses every write, truncation and sync after the first
+// DroppingFile is a file that loses every write, truncation and sync after the first
 // budget writes: a power cut at that point, all earlier writes durable.
 type DroppingFile struct {
 	*os.File
@@ -170,61 +170,78 @@ func (d *DroppingFile) Sync() error {
 // TestCrash cuts the power at several points of a batch of writes and
 // its Sync: the image is still valid (qemu-img), reopens, and once the
 // ranges of the lost batch are written again it equals the model.
-// wrap opens the image for updating through DropFile(f, budget).
-func TestCrash(t *testing.T, c InPlace, wrap func(f *os.File, budget int) (Updater, error)) {
+// open opens the image for updating through a DroppingFile.
+func TestCrash(t *testing.T, c InPlace, open func(f *DroppingFile) (Updater, error)) {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		t.Skip("qemu-img not installed")
 	}
-	for _, budget := range []int{0, 1, 2, 3, 5, 8, 13, 21, 34} {
-		img := filepath.Join(t.TempDir(), "t."+c.Format)
-		f, err := os.OpenFile(img, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-		if err != nil {
-			t.Fatal(err)
-		}
-		u, err := c.Create(f, c.Size)
-		if err != nil {
-			t.Fatal(err)
-		}
-		m := &model{disk: make([]byte, c.Size)}
-		r := rand.New(rand.NewPCG(uint64(budget), 2))
-		if err := randomOps(r, c, u, m, 10); err != nil {
-			t.Fatal(err)
-		}
-		if err := u.Sync(); err != nil {
-			t.Fatal(err)
-		}
-		m.pending = nil
-		// The batch the power cut interrupts.
-		if u, err = wrap(f, budget); err != nil {
-			t.Fatal(err)
-		}
-		if err := randomOps(r, c, u, m, 10); err != nil {
-			t.Fatal(err)
-		}
-		if err := u.Sync(); err != nil {
-			t.Fatal(err)
-		}
-		f.Close()
-		if f, err = os.OpenFile(img, os.O_RDWR, 0); err != nil {
-			t.Fatal(err)
-		}
-		if u, err = c.Open(f); err != nil {
-			t.Fatalf("power cut after %d writes: reopen: %v", budget, err)
-		}
-		qemuValid(t, c, img, nil, "after a power cut")
-		for _, p := range m.pending {
-			if _, err := u.WriteAt(m.disk[p[0]:p[0]+p[1]], p[0]); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := u.Sync(); err != nil {
-			t.Fatal(err)
-		}
-		qemuValid(t, c, img, m.disk, fmt.Sprintf("power cut after %d writes, batch written again", budget))
-		u.Close()
-		f.Close()
+	// A run without a cut counts the batch's writes; the cuts fall at its
+	// start, its middle, and each of its last writes (the metadata).
+	total := crashRun(t, c, open, 1<<30)
+	cuts := []int{0, 1, 2, total / 4, total / 2}
+	for i := max(0, total-6); i <= total; i++ {
+		cuts = append(cuts, i)
+	}
+	for _, budget := range cuts {
+		crashRun(t, c, open, budget)
 	}
 }
 
-// DropFile returns f losing every write after budget of them.
-func DropFile(f *os.File, budget int) *DroppingFile { return &DroppingFile{File: f, budget: budget} }
+// crashRun runs a batch cut after budget writes and returns how many
+// writes the batch made.
+func crashRun(t *testing.T, c InPlace, open func(f *DroppingFile) (Updater, error), budget int) int {
+	t.Helper()
+	img := filepath.Join(t.TempDir(), "t."+c.Format)
+	f, err := os.OpenFile(img, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	u, err := c.Create(f, c.Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &model{disk: make([]byte, c.Size)}
+	r := rand.New(rand.NewPCG(uint64(c.Size), 2))
+	if err := randomOps(r, c, u, m, 10); err != nil {
+		t.Fatal(err)
+	}
+	if err := u.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	m.pending = nil
+	// The batch the power cut interrupts.
+	d := &DroppingFile{File: f, budget: budget}
+	w, err := open(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := randomOps(r, c, w, m, 10); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	used := budget - max(d.budget, 0)
+	f.Close()
+	if f, err = os.OpenFile(img, os.O_RDWR, 0); err != nil {
+		t.Fatal(err)
+	}
+	what := fmt.Sprintf("power cut after %d writes of the batch", budget)
+	if u, err = c.Open(f); err != nil {
+		t.Fatalf("%s: reopen: %v", what, err)
+	}
+	qemuValid(t, c, img, nil, what)
+	for _, p := range m.pending {
+		if _, err := u.WriteAt(m.disk[p[0]:p[0]+p[1]], p[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := u.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	qemuValid(t, c, img, m.disk, what+", the batch written again")
+	u.Close()
+	return used
+}
+
