@@ -244,4 +244,3 @@ func crashRun(t *testing.T, c InPlace, open func(f *DroppingFile) (Updater, erro
 	u.Close()
 	return used
 }
-
