@@ -25,6 +25,8 @@ var migrateImageFormats = []struct {
 	{".vhd", "vpc", false, []string{"-o", "subformat=fixed,force_size=on"}},
 	{".vdi", "vdi", true, nil},
 	{".vdi", "vdi", true, []string{"-o", "static=on"}},
+	{".vhdx", "vhdx", true, nil},
+	{".vhdx", "vhdx", true, []string{"-o", "subformat=fixed,block_state_zero=off"}},
 }
 
 // checkImageTarget checks a target image with qemu-img (check where it
@@ -109,10 +111,10 @@ func TestMigrateVHDBoot(t *testing.T) {
 	line := "SAUVE MIGRATED BOOT " + hex.EncodeToString(randomBytes(4))
 	src := e.path("boot.raw")
 	bootDisk(t, src, line)
-	for _, ext := range []string{".vhd", ".vdi"} {
+	for _, ext := range []string{".vhd", ".vdi", ".vhdx"} {
 		target := e.path("boot" + ext)
 		e.ok("migrate", src, target, "--final")
-		format := map[string]string{".vhd": "vpc", ".vdi": "vdi"}[ext]
+		format := map[string]string{".vhd": "vpc", ".vdi": "vdi", ".vhdx": "vhdx"}[ext]
 		boot(t, target, format, line)
 	}
 }
@@ -143,6 +145,7 @@ func TestMigrateVHDRefusals(t *testing.T) {
 		{"differencing vdi", "vdi", ".vdi", "differencing images", func(b []byte) { binary.LittleEndian.PutUint32(b[76:], 4) }},
 		{"damaged vdi", "vdi", ".vdi", "no VDI signature", func(b []byte) { b[64] ^= 0xff }},
 		{"damaged vhd", "vpc", ".vhd", "dynamic header checksum", func(b []byte) { b[512+40] ^= 0xff }},
+		{"damaged vhdx", "vhdx", ".vhdx", "neither header is valid", func(b []byte) { b[64<<10+100] ^= 0xff; b[128<<10+100] ^= 0xff }},
 	} {
 		img := e.path(strings.ReplaceAll(c.name, " ", "-") + c.ext)
 		sh(t, "qemu-img", "create", "-f", c.format, img, "16M")
