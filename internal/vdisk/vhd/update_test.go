@@ -125,3 +125,13 @@ func TestUpdateRefusals(t *testing.T) {
 		}
 	}
 }
+
+func FuzzOpenUpdate(f *testing.F) {
+	vdiotest.FuzzUpdate(f, func(rw vdio.RWFile) (vdiotest.Updater, int64, error) {
+		u, err := OpenUpdate(rw, "fuzz.vhd")
+		if err != nil {
+			return nil, 0, err
+		}
+		return u, u.Size(), nil
+	})
+}

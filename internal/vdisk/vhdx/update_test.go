@@ -138,3 +138,13 @@ func TestUpdateReservedZeroBlock(t *testing.T) {
 		t.Errorf("file of %d bytes (was %d), block at %d (was %d)", fi.Size(), len(mf.B), r.bat[0], e>>20*mib)
 	}
 }
+
+func FuzzOpenUpdate(f *testing.F) {
+	vdiotest.FuzzUpdate(f, func(rw vdio.RWFile) (vdiotest.Updater, int64, error) {
+		u, err := OpenUpdate(rw, "fuzz.vhdx")
+		if err != nil {
+			return nil, 0, err
+		}
+		return u, u.Size(), nil
+	})
+}
