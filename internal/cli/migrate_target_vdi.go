@@ -1,7 +1,15 @@
 package cli
 
-// vdiTargetKind is a vdi image as a migration's target.
+import (
+	"os"
+
+	"github.com/sauve-backup/sauve/internal/vdisk/vdi"
+)
+
+// vdiTargetKind is a vdi image as a migration's target, updated in
+// place: a dynamic or fixed image that exists, or a new dynamic one.
 func vdiTargetKind() targetKind {
-	return notYetKind("vdi", func(p string) bool { return hasExt(p, ".vdi") },
-		"VM disk targets of this format are not available yet: migrate into a raw image (.img) and convert it after the final pass ('sauve convert')")
+	return imageTargetKind("vdi", []string{".vdi"},
+		func(f *os.File) (imageUpdater, error) { return vdi.OpenUpdate(f, f.Name()) },
+		func(f *os.File, size int64) (imageUpdater, error) { return vdi.CreateUpdate(f, f.Name(), size, false) })
 }

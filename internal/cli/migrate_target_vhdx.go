@@ -1,7 +1,15 @@
 package cli
 
-// vhdxTargetKind is a vhdx image as a migration's target.
+import (
+	"os"
+
+	"github.com/sauve-backup/sauve/internal/vdisk/vhdx"
+)
+
+// vhdxTargetKind is a vhdx image as a migration's target, updated in
+// place: a dynamic or fixed disk that exists, or a new dynamic one.
 func vhdxTargetKind() targetKind {
-	return notYetKind("vhdx", func(p string) bool { return hasExt(p, ".vhdx") },
-		"VM disk targets of this format are not available yet: migrate into a raw image (.img) and convert it after the final pass ('sauve convert')")
+	return imageTargetKind("vhdx", []string{".vhdx"},
+		func(f *os.File) (imageUpdater, error) { return vhdx.OpenUpdate(f, f.Name()) },
+		func(f *os.File, size int64) (imageUpdater, error) { return vhdx.CreateUpdate(f, f.Name(), size) })
 }

@@ -56,6 +56,8 @@ type Reader struct {
 	dataOff  int64
 	bmap     []uint32
 	fixed    bool
+	bmapOff  int64
+	alloc    uint32 // the header's count of allocated blocks
 }
 
 // Open reads a VDI's header and block map.
@@ -112,7 +114,7 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 	if err := vdio.ReadFull(r, size, b, bmapOff, name, format, "block map"); err != nil {
 		return nil, err
 	}
-	v.bmap = make([]uint32, need)
+	v.bmap, v.bmapOff, v.alloc = make([]uint32, need), bmapOff, vdio.LE.Uint32(h[388:])
 	for i := range v.bmap {
 		e := vdio.LE.Uint32(b[4*i:])
 		if e != free && e != zero {

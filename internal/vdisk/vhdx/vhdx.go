@@ -110,6 +110,10 @@ type Reader struct {
 	block    int64
 	ratio    int64
 	bat      []uint64
+	batOff   int64
+	batLen   int64
+	hdr      []byte // the current header
+	hdrEnd   int64  // end of the log, metadata and BAT regions
 }
 
 // Open reads a VHDX's headers, region table, metadata and BAT.
@@ -206,7 +210,8 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 	if err := vdio.ReadFull(r, size, raw, batOff, name, format, "BAT"); err != nil {
 		return nil, err
 	}
-	v.bat = make([]uint64, blocks)
+	v.bat, v.batOff, v.batLen, v.hdr = make([]uint64, blocks), batOff, batLen, hdr
+	v.hdrEnd = max(batOff+batLen, metaOff+metaLen, int64(vdio.LE.Uint64(hdr[72:]))+int64(vdio.LE.Uint32(hdr[68:])))
 	for i := int64(0); i < blocks; i++ {
 		j := i + i/v.ratio
 		e := vdio.LE.Uint64(raw[8*j:])
@@ -216,7 +221,9 @@ func Open(r io.ReaderAt, size int64, name string) (*Reader, error) {
 			v.bat[i] = 0
 		case stateFull:
 			off := int64(e>>20) * mib
-			if off < mib || off > size || v.block > size-off {
+			// The last block needs only the disk's tail (QEMU's fixed
+			// disks end there).
+			if n := min(v.block, v.size-i*v.block); off < mib || off > size || n > size-off {
 				return nil, vdio.Errorf(name, format, batOff+8*j, "BAT entry %d puts block %d at %d, past the end of the file (%d bytes)", j, i, off, size)
 			}
 			v.bat[i] = uint64(off)
