@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"fmt"
 	"path/filepath"
 	"strings"
 
@@ -56,16 +55,6 @@ func hasExt(path string, exts ...string) bool {
 		}
 	}
 	return false
-}
-
-// notYetKind is a kind of target this version recognises but does not
-// write: opening or creating one fails with why.
-func notYetKind(name string, match func(string) bool, why string) targetKind {
-	fail := func(path string) (migrationTarget, error) {
-		return nil, fmt.Errorf("target %s: %s", path, why)
-	}
-	return targetKind{name: name, match: match, open: fail,
-		create: func(path string, _ int64) (migrationTarget, error) { return fail(path) }}
 }
 
 // migrationTargetKind returns the kind of the target path names.

@@ -10,6 +10,8 @@ import (
 // place: a dynamic or fixed image that exists, or a new dynamic one.
 func vdiTargetKind() targetKind {
 	return imageTargetKind("vdi", []string{".vdi"},
-		func(f *os.File) (imageUpdater, error) { return vdi.OpenUpdate(f, f.Name()) },
-		func(f *os.File, size int64) (imageUpdater, error) { return vdi.CreateUpdate(f, f.Name(), size, false) })
+		func(f *os.File, path string) (imageUpdater, error) { return vdi.OpenUpdate(f, path) },
+		func(f *os.File, path string, size int64) (imageUpdater, error) {
+			return vdi.CreateUpdate(f, path, size, false)
+		})
 }

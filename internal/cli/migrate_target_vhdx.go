@@ -10,6 +10,8 @@ import (
 // place: a dynamic or fixed disk that exists, or a new dynamic one.
 func vhdxTargetKind() targetKind {
 	return imageTargetKind("vhdx", []string{".vhdx"},
-		func(f *os.File) (imageUpdater, error) { return vhdx.OpenUpdate(f, f.Name()) },
-		func(f *os.File, size int64) (imageUpdater, error) { return vhdx.CreateUpdate(f, f.Name(), size) })
+		func(f *os.File, path string) (imageUpdater, error) { return vhdx.OpenUpdate(f, path) },
+		func(f *os.File, path string, size int64) (imageUpdater, error) {
+			return vhdx.CreateUpdate(f, path, size)
+		})
 }

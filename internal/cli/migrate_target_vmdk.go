@@ -2,7 +2,6 @@ package cli
 
 import (
 	"os"
-	"path/filepath"
 
 	"github.com/sauve-backup/sauve/internal/vdisk/vmdk"
 )
@@ -15,14 +14,4 @@ func vmdkTargetKind() targetKind {
 		func(f *os.File, path string, size int64) (imageUpdater, error) {
 			return vmdk.CreateUpdate(f, size, path)
 		})
-}
-
-// syncDir makes a new file's directory entry durable.
-func syncDir(path string) error {
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -2,6 +2,7 @@ package vdi
 
 import (
 	"fmt"
+	"github.com/sauve-backup/sauve/internal/extent"
 
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
@@ -162,7 +163,7 @@ func (u *Updater) WriteAt(p []byte, off int64) (int, error) {
 		bi, in := v/u.block, v%u.block
 		n := int(min(int64(len(p)-done), u.block-in))
 		piece := p[done : done+n]
-		if e := u.bmap[bi]; (e == free || e == zero) && vdio.IsZero(piece) {
+		if e := u.bmap[bi]; (e == free || e == zero) && extent.IsZero(piece) {
 			done += n
 			continue
 		}

@@ -15,13 +15,16 @@ type RWFile interface {
 	Stat() (os.FileInfo, error)
 }
 
+// zeros is the source of WriteZeros.
+var zeros [64 << 10]byte
+
 // WriteZeros writes n zero bytes at off: ranges of an image that must
 // read as zeros are written, not punched, so that the updaters' ordering
 // of writes and syncs covers them too.
 func WriteZeros(w io.WriterAt, off, n int64) error {
 	for n > 0 {
-		k := min(n, int64(len(zeroPage)))
-		if _, err := w.WriteAt(zeroPage[:k], off); err != nil {
+		k := min(n, int64(len(zeros)))
+		if _, err := w.WriteAt(zeros[:k], off); err != nil {
 			return err
 		}
 		off, n = off+k, n-k

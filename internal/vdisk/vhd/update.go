@@ -2,6 +2,7 @@ package vhd
 
 import (
 	"fmt"
+	"github.com/sauve-backup/sauve/internal/extent"
 
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
@@ -153,7 +154,7 @@ func (u *Updater) WriteAt(p []byte, off int64) (int, error) {
 		bi, in := v/u.block, v%u.block
 		n := int(min(int64(len(p)-done), u.block-in))
 		piece := p[done : done+n]
-		if u.bat[bi] == unallocated && vdio.IsZero(piece) {
+		if u.bat[bi] == unallocated && extent.IsZero(piece) {
 			done += n
 			continue
 		}

@@ -13,10 +13,10 @@ import (
 
 func inPlace(fixed bool, block int64) vdiotest.InPlace {
 	return vdiotest.InPlace{Format: "vpc", Size: 9<<20 + 1536, Block: block,
-		Create: func(f *os.File, size int64) (vdiotest.Updater, error) {
+		Create: func(f *os.File, size int64) (vdiotest.InPlaceUpdater, error) {
 			return createUpdate(f, f.Name(), size, fixed, block)
 		},
-		Open: func(f *os.File) (vdiotest.Updater, error) { return OpenUpdate(f, f.Name()) },
+		Open: func(f *os.File) (vdiotest.InPlaceUpdater, error) { return OpenUpdate(f, f.Name()) },
 	}
 }
 
@@ -33,7 +33,7 @@ func TestUpdate(t *testing.T) {
 
 func TestUpdateCrash(t *testing.T) {
 	c := inPlace(false, defaultBlock)
-	vdiotest.TestCrash(t, c, func(f *vdiotest.DroppingFile) (vdiotest.Updater, error) {
+	vdiotest.TestCrash(t, c, func(f *vdiotest.DroppingFile) (vdiotest.InPlaceUpdater, error) {
 		return OpenUpdate(f, f.Name())
 	})
 }
@@ -127,7 +127,7 @@ func TestUpdateRefusals(t *testing.T) {
 }
 
 func FuzzOpenUpdate(f *testing.F) {
-	vdiotest.FuzzUpdate(f, func(rw vdio.RWFile) (vdiotest.Updater, int64, error) {
+	vdiotest.FuzzInPlace(f, func(rw vdio.RWFile) (vdiotest.InPlaceUpdater, int64, error) {
 		u, err := OpenUpdate(rw, "fuzz.vhd")
 		if err != nil {
 			return nil, 0, err

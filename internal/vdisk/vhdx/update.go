@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"fmt"
+	"github.com/sauve-backup/sauve/internal/extent"
 
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
@@ -211,7 +212,7 @@ func (u *Updater) WriteAt(p []byte, off int64) (int, error) {
 		bi, in := v/u.block, v%u.block
 		n := int(min(int64(len(p)-done), u.block-in))
 		piece := p[done : done+n]
-		if u.bat[bi] == 0 && vdio.IsZero(piece) {
+		if u.bat[bi] == 0 && extent.IsZero(piece) {
 			done += n
 			continue
 		}

@@ -14,15 +14,15 @@ import (
 
 func inPlace(size int64) vdiotest.InPlace {
 	return vdiotest.InPlace{Format: "vhdx", Check: true, Size: size, Block: BlockSize(size),
-		Create: func(f *os.File, size int64) (vdiotest.Updater, error) { return CreateUpdate(f, f.Name(), size) },
-		Open:   func(f *os.File) (vdiotest.Updater, error) { return OpenUpdate(f, f.Name()) },
+		Create: func(f *os.File, size int64) (vdiotest.InPlaceUpdater, error) { return CreateUpdate(f, f.Name(), size) },
+		Open:   func(f *os.File) (vdiotest.InPlaceUpdater, error) { return OpenUpdate(f, f.Name()) },
 	}
 }
 
 func TestUpdate(t *testing.T) { vdiotest.TestInPlace(t, inPlace(25<<20+1536)) }
 
 func TestUpdateCrash(t *testing.T) {
-	vdiotest.TestCrash(t, inPlace(25<<20+1536), func(f *vdiotest.DroppingFile) (vdiotest.Updater, error) {
+	vdiotest.TestCrash(t, inPlace(25<<20+1536), func(f *vdiotest.DroppingFile) (vdiotest.InPlaceUpdater, error) {
 		return OpenUpdate(f, f.Name())
 	})
 }
@@ -36,7 +36,7 @@ func TestUpdateQemuMade(t *testing.T) {
 	for _, opts := range []string{"subformat=dynamic", "subformat=fixed", "subformat=fixed,block_state_zero=off", "block_size=1M"} {
 		c := inPlace(12 << 20)
 		c.Block = 1 << 20
-		c.Create = func(f *os.File, size int64) (vdiotest.Updater, error) {
+		c.Create = func(f *os.File, size int64) (vdiotest.InPlaceUpdater, error) {
 			if out, err := exec.Command("qemu-img", "create", "-f", "vhdx", "-o", opts, f.Name(), "12M").CombinedOutput(); err != nil {
 				t.Fatalf("%v\n%s", err, out)
 			}
@@ -140,7 +140,7 @@ func TestUpdateReservedZeroBlock(t *testing.T) {
 }
 
 func FuzzOpenUpdate(f *testing.F) {
-	vdiotest.FuzzUpdate(f, func(rw vdio.RWFile) (vdiotest.Updater, int64, error) {
+	vdiotest.FuzzInPlace(f, func(rw vdio.RWFile) (vdiotest.InPlaceUpdater, int64, error) {
 		u, err := OpenUpdate(rw, "fuzz.vhdx")
 		if err != nil {
 			return nil, 0, err

@@ -1,6 +1,7 @@
 package vdiotest
 
 import (
+	"github.com/sauve-backup/sauve/internal/extent"
 	"io"
 	"os"
 	"testing"
@@ -35,7 +36,7 @@ func (s *sparseFile) ReadAt(p []byte, off int64) (int, error) {
 func (s *sparseFile) WriteAt(p []byte, off int64) (int, error) {
 	end := off + int64(len(p))
 	s.size = max(s.size, end)
-	if vdio.IsZero(p) {
+	if extent.IsZero(p) {
 		if off < int64(len(s.b)) {
 			clear(s.b[off:min(end, int64(len(s.b)))])
 		}
@@ -68,11 +69,11 @@ func (i sparseInfo) ModTime() time.Time { return time.Time{} }
 func (i sparseInfo) IsDir() bool        { return false }
 func (i sparseInfo) Sys() any           { return nil }
 
-// FuzzUpdate is the fuzz target of an in-place updater: it opens an input
+// FuzzInPlace is the fuzz target of an in-place updater: it opens an input
 // of the reader's corpus (FuzzFile) for updating and writes, zeroes and
 // syncs a few ranges placed by at. Damaged images may be refused; none
 // may panic, hang or allocate without bound.
-func FuzzUpdate(f *testing.F, open func(rw vdio.RWFile) (Updater, int64, error)) {
+func FuzzInPlace(f *testing.F, open func(rw vdio.RWFile) (InPlaceUpdater, int64, error)) {
 	// The reader's committed seeds are this target's.
 	for _, args := range Corpus(f, "FuzzOpen") {
 		f.Add(args[0], uint64(0x0102030405))

@@ -9,8 +9,8 @@ import (
 	"testing"
 )
 
-// Updater is a format's in-place updater.
-type Updater interface {
+// InPlaceUpdater is a format's in-place updater.
+type InPlaceUpdater interface {
 	WriteAt(p []byte, off int64) (int, error)
 	Zero(off, n int64) error
 	Sync() error
@@ -23,8 +23,8 @@ type InPlace struct {
 	Check  bool   // qemu-img check supports the format
 	Size   int64  // virtual size of the test disk
 	Block  int64  // the format's allocation unit, to aim writes at
-	Create func(f *os.File, size int64) (Updater, error)
-	Open   func(f *os.File) (Updater, error)
+	Create func(f *os.File, size int64) (InPlaceUpdater, error)
+	Open   func(f *os.File) (InPlaceUpdater, error)
 }
 
 // model is the disk the image must hold, and the ranges changed since
@@ -34,7 +34,7 @@ type model struct {
 	pending [][2]int64
 }
 
-func randomOps(r *rand.Rand, c InPlace, u Updater, m *model, ops int) error {
+func randomOps(r *rand.Rand, c InPlace, u InPlaceUpdater, m *model, ops int) error {
 	for range ops {
 		// Aim at a few blocks, so that writes hit allocated blocks, new
 		// ones, and block boundaries.
@@ -171,7 +171,7 @@ func (d *DroppingFile) Sync() error {
 // its Sync: the image is still valid (qemu-img), reopens, and once the
 // ranges of the lost batch are written again it equals the model.
 // open opens the image for updating through a DroppingFile.
-func TestCrash(t *testing.T, c InPlace, open func(f *DroppingFile) (Updater, error)) {
+func TestCrash(t *testing.T, c InPlace, open func(f *DroppingFile) (InPlaceUpdater, error)) {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		t.Skip("qemu-img not installed")
 	}
@@ -189,7 +189,7 @@ func TestCrash(t *testing.T, c InPlace, open func(f *DroppingFile) (Updater, err
 
 // crashRun runs a batch cut after budget writes and returns how many
 // writes the batch made.
-func crashRun(t *testing.T, c InPlace, open func(f *DroppingFile) (Updater, error), budget int) int {
+func crashRun(t *testing.T, c InPlace, open func(f *DroppingFile) (InPlaceUpdater, error), budget int) int {
 	t.Helper()
 	img := filepath.Join(t.TempDir(), "t."+c.Format)
 	f, err := os.OpenFile(img, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
