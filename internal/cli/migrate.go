@@ -92,9 +92,11 @@ TARGET in use (mounted, a partition of it mounted, or backing a mounted
 loop device), TARGET being SOURCE, and a SOURCE that is a stream.
 
 TARGETS: a raw image file or a block device; a VM disk image updated in
-place at every pass (.qcow2: qcow2 v3; .vmdk: monolithicSparse), valid for
+place at every pass (.qcow2: qcow2 v3; .vmdk: monolithicSparse; .vhd and
+.vdi: dynamic, or fixed when the image exists already; .vhdx), valid for
 'qemu-img check' after each pass (after a crash, at worst with leaked
-qcow2 clusters); or ssh://USER@HOST[:PORT]/PATH, a block device or file on
+qcow2 clusters; the next pass repairs what a crash left in VHD and VDI
+tables); or ssh://USER@HOST[:PORT]/PATH, a block device or file on
 another machine, written by sauve there ('sauve migrate-receive', started
 over SSH; --remote-sauve names it, "sudo sauve" works), compressed on the
 wire, with the host-key rules of sftp:// repositories (the key must be in
