@@ -2,7 +2,9 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -484,5 +486,70 @@ func TestMigrateTestBoot(t *testing.T) {
 	}
 	if fileHash(t, target, -1) != before {
 		t.Error("the test boot wrote the target")
+	}
+}
+
+// TestMigrateSize migrates a GPT disk onto a larger new raw target: after
+// --final the backup GPT is at the target's end and the last partition
+// grown (sgdisk -v clean), the other partitions as the source; the state
+// is gone, so a later pass copies everything again. Growth needs --final
+// and a raw target.
+func TestMigrateSize(t *testing.T) {
+	needTools(t, "sfdisk", "sgdisk", "mkfs.ext4")
+	e := newEnv(t)
+	src, fs := partDisk(t, e)
+	target := e.path("bigger.img")
+	out := e.ok("migrate", src, target, "--size", "48M", "--final", "--grow-last-partition")
+	if !strings.Contains(out, "moved the backup GPT") || !strings.Contains(out, "grew partition 3") {
+		t.Errorf("migrate --size did not say what it grew:\n%s", out)
+	}
+	if fi, err := os.Stat(target); err != nil || fi.Size() != 48<<20 {
+		t.Fatalf("target: %v, %v", fi, err)
+	}
+	if o, err := exec.Command("sgdisk", "-v", target).CombinedOutput(); err != nil || !strings.Contains(string(o), "No problems found") {
+		t.Errorf("sgdisk -v of the grown target: %v\n%s", err, o)
+	}
+	got, err := os.ReadFile(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got[2<<20:10<<20], fs) {
+		t.Error("partition 2 differs from the source's")
+	}
+	sf := sh(t, "sfdisk", "-J", target)
+	var p struct {
+		PartitionTable struct {
+			Partitions []struct{ Start, Size int64 }
+		}
+	}
+	if err := json.Unmarshal([]byte(sf), &p); err != nil || len(p.PartitionTable.Partitions) != 3 {
+		t.Fatalf("sfdisk -J: %v\n%s", err, sf)
+	}
+	if last := p.PartitionTable.Partitions[2]; (last.Start+last.Size)*512 < 47<<20 {
+		t.Errorf("the last partition ends at %d, not near the target's end", (last.Start+last.Size)*512)
+	}
+	// The state is gone: the next pass copies the whole disk again.
+	var passes []map[string]any
+	for _, line := range strings.Split(strings.TrimSpace(e.ok("migrate", src, target, "--json")), "\n") {
+		var v map[string]any
+		if json.Unmarshal([]byte(line), &v) == nil && v["summary"] == nil {
+			passes = append(passes, v)
+		}
+	}
+	if len(passes) != 1 || passes[0]["bytes_written"].(float64) < float64(len(fs)) {
+		t.Errorf("the pass after growth: %v", passes)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"migrate", src, e.path("x.img"), "--grow-last-partition"}, "add --final"},
+		{[]string{"migrate", src, e.path("x.qcow2"), "--size", "64M"}, "raw image files and block devices"},
+		{[]string{"migrate", src, e.path("x.img"), "--size", "lots"}, "want a size"},
+	} {
+		r := e.run(c.args...)
+		if r.code == 0 || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("%v: exit %d, %q", c.args, r.code, r.stderr)
+		}
 	}
 }

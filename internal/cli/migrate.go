@@ -35,6 +35,10 @@ type migrateOptions struct {
 	maxPasses     int
 	freezeTimeout time.Duration
 	boot          testBootFlags
+	// size is the size of a new target (0: the source's); grow what
+	// --final does with a larger raw target.
+	size int64
+	grow growFlags
 }
 
 // exitDiverging is migrate's exit status when --until-delta is not
@@ -102,9 +106,16 @@ over SSH; --remote-sauve names it, "sudo sauve" works), compressed on the
 wire, with the host-key rules of sftp:// repositories (the key must be in
 known_hosts).
 
-Not available yet (later versions): growing the target (--size; restore
-and export have --grow-last-partition), QEMU dirty bitmaps (every pass
-reads all used blocks), and repository snapshots as SOURCE.
+--size makes a new raw TARGET larger than SOURCE (an existing one, a
+device, must be as large); after the final pass
+--final moves a GPT's backup to the end of it, and --grow-last-partition
+(GPT or MBR) and --grow-fs (ext4, XFS; as root) grow the last partition
+and its filesystem. The passes' state no longer describes the grown
+target: it is removed, and a later pass copies everything again.
+
+Not available yet (later versions): growing VM image targets, QEMU dirty
+bitmaps (every pass reads all used blocks), and repository snapshots as
+SOURCE.
 
 --test-boot boots TARGET after the passes under QEMU, with no network and
 its writes going to a throw-away overlay (TARGET is not changed), while
@@ -153,6 +164,7 @@ serial console's last lines. Exit status 4 when the marker was not seen.`,
 	f.IntVar(&o.maxPasses, "max-passes", 20, "with --until-delta: give up after this many passes (exit status 3)")
 	f.DurationVar(&o.freezeTimeout, "freeze-timeout", 5*time.Minute, "with --final: longest time the filesystems stay frozen (they are thawed then even if sauve is killed, and the final pass fails)")
 	addTestBootFlags(cmd, &o.boot)
+	addMigrateGrowFlags(cmd, &o)
 	return cmd
 }
 
@@ -170,6 +182,8 @@ type migration struct {
 	// prevStart is when the previous pass started (zero: unknown).
 	prevStart time.Time
 	passes    []migrate.Pass
+	// grown is what --final did to a larger target (for --json).
+	grown map[string]any
 }
 
 // refuseMigrateTarget refuses what cannot be a migration's target at
@@ -186,6 +200,9 @@ func refuseMigrateTarget(path string) error {
 
 func (g *globals) migrate(ctx context.Context, srcPath, tgtPath string, o *migrateOptions) error {
 	if err := refuseMigrateTarget(tgtPath); err != nil {
+		return err
+	}
+	if err := checkMigrateGrow(tgtPath, o); err != nil {
 		return err
 	}
 	m, err := g.openMigration(ctx, srcPath, tgtPath, o)
@@ -215,6 +232,9 @@ func (g *globals) migrate(ctx context.Context, srcPath, tgtPath string, o *migra
 	var fr *finalResult
 	if o.final {
 		if fr, err = g.finalPass(ctx, m); err != nil {
+			return err
+		}
+		if err := g.growMigrated(ctx, m); err != nil {
 			return err
 		}
 	}
@@ -317,8 +337,8 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 				return m, err
 			}
 		}
-		if m.target.Size() < m.disk.Size {
-			return m, fmt.Errorf("target %s holds %d bytes, source %s %d: refusing a migration that would not fit (growing the target comes in a later version)", tgtPath, m.target.Size(), srcPath, m.disk.Size)
+		if m.target.Size() < max(m.disk.Size, o.size) {
+			return m, fmt.Errorf("target %s holds %d bytes, source %s %d (--size %d): refusing a migration that would not fit", tgtPath, m.target.Size(), srcPath, m.disk.Size, o.size)
 		}
 	}
 	statePath, err := g.migrateStatePath(o, src.Path, tgtPath)
@@ -332,7 +352,7 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 		return m, err
 	}
 	if !exists {
-		if m.target, err = kind.create(tgtPath, m.disk.Size); err != nil {
+		if m.target, err = kind.create(tgtPath, max(m.disk.Size, o.size)); err != nil {
 			return m, err
 		}
 	}
@@ -755,6 +775,9 @@ func (g *globals) printMigrateSummary(m *migration, fr *finalResult) error {
 			"final": fr != nil, "frozen_seconds": 0.0, "frozen_mounts": []string{}}
 		if fr != nil {
 			out["frozen_seconds"], out["frozen_mounts"] = fr.frozen.Seconds(), nonNil(fr.mounts)
+		}
+		if m.grown != nil {
+			out["grown"] = m.grown
 		}
 		return g.printJSONLine(out)
 	}
