@@ -419,7 +419,10 @@ func TestXFSAgainstKernel(t *testing.T) {
 			for p, format := range map[string]byte{"/one": fmtLocal, "/many-xattrs": fmtExtents} {
 				in, err := f.lookup(p)
 				must(t, err)
-				if in.aformat != format {
+				// Where the kernel puts 300 attributes' blocks varies from
+				// run to run: with small blocks their extents may outgrow
+				// the inode and take a btree fork, which reads as well.
+				if in.aformat != format && !(p == "/many-xattrs" && in.aformat == fmtBtree) {
 					t.Errorf("%s: attribute fork format %d, the test means %d", p, in.aformat, format)
 				}
 			}
