@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"github.com/sauve-backup/sauve/internal/extent"
-	"io"
-	"os"
 
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
@@ -27,13 +25,7 @@ import (
 // cluster.
 
 // UpdateFile is the image file an Updater changes.
-type UpdateFile interface {
-	io.ReaderAt
-	io.WriterAt
-	Sync() error
-	Stat() (os.FileInfo, error)
-	Truncate(size int64) error
-}
+type UpdateFile = vdio.RWFile
 
 // maxCachedL2 bounds the L2 tables kept between Syncs (clean ones are
 // dropped beyond it).
