@@ -38,10 +38,17 @@ const DefaultBatch = 64 << 20
 
 // Source is what a pass reads: Size bytes at At, of which only the
 // ranges Map gives hold data (nil: all of it); the rest reads as zeros.
+//
+// Changes, when set, gives the ranges that may have changed since the
+// previous pass (a QEMU dirty bitmap, the chunks of two snapshots that
+// differ): a chunk with nothing in Changes is not read and keeps its
+// hash, unless the state does not know it (a write a crash may have
+// torn), which is read again. Nil: every chunk may have changed.
 type Source struct {
-	At   io.ReaderAt
-	Size int64
-	Map  extent.Map
+	At      io.ReaderAt
+	Size    int64
+	Map     extent.Map
+	Changes extent.Map
 }
 
 // Target is what a pass writes. It is never read.
@@ -77,6 +84,9 @@ type Pass struct {
 	Start  time.Time `json:"start"`
 	// BytesRead are the bytes read of the source (free space is not).
 	BytesRead int64 `json:"bytes_read"`
+	// ChunksUnread are the chunks not read because the source's
+	// Changes said they had not changed.
+	ChunksUnread int64 `json:"chunks_unread"`
 	// BytesWritten are the bytes of data written to the target,
 	// BytesZeroed those made zeros (holes punched, discards).
 	BytesWritten int64 `json:"bytes_written"`
@@ -162,6 +172,17 @@ func (r *runner) run() error {
 			return err
 		}
 		n := chunkLen(i, r.cs, r.src.Size)
+		same, err := r.unchanged(i, n)
+		if err != nil {
+			return err
+		}
+		if same {
+			r.p.ChunksUnread++
+			if r.o.Progress != nil {
+				r.o.Progress.Done.Add(int64(n))
+			}
+			continue
+		}
 		if len(r.free) == 0 {
 			if err := r.flush(); err != nil {
 				return err
@@ -208,6 +229,20 @@ func (r *runner) run() error {
 		}
 	}
 	return r.flush()
+}
+
+// unchanged says whether chunk i, of n bytes, is known unchanged since
+// the previous pass without reading it.
+func (r *runner) unchanged(i int64, n int) (bool, error) {
+	if r.src.Changes == nil || r.st.hashes[i] == (Hash{}) {
+		return false, nil
+	}
+	off := i * int64(r.cs)
+	rs, err := r.src.Changes.Data(off, int64(n))
+	if err != nil {
+		return false, fmt.Errorf("changes of the source at %d: %w", off, err)
+	}
+	return len(rs) == 0, nil
 }
 
 func (r *runner) zeroHash(n int) Hash {

@@ -429,3 +429,43 @@ func TestMigrateLimitRate(t *testing.T) {
 		t.Error("rate 0 limits")
 	}
 }
+
+// With Changes, a pass reads only the chunks that may have changed and
+// those the state does not know (torn by a crash), and the target is
+// exact for every change Changes names.
+func TestMigrateChangesSkipsUnread(t *testing.T) {
+	size := int64(10 * cs)
+	d := newDisk(size, 5)
+	tg := newTarget(t, size)
+	st := newState(t, size, true)
+	run(t, d, tg, st, Options{})
+	d.data[2*cs+5] ^= 1
+	d.data[7*cs] ^= 1
+	if err := st.Set([]int64{4}, []Hash{{}}); err != nil { // as a crash leaves it
+		t.Fatal(err)
+	}
+	tg.writes = nil
+	src := d.source()
+	src.Changes = memMap{{Start: 2*cs + 5, End: 2*cs + 6}, {Start: 7 * cs, End: 7*cs + 1}}
+	p, err := Run(context.Background(), src, tg, st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameBytes(t, "pass with changes", tg.durable, d.want())
+	if want := []int64{2, 4, 7}; !slices.Equal(tg.writes, want) {
+		t.Errorf("wrote chunks %v, want %v", tg.writes, want)
+	}
+	if p.ChunksUnread != 7 || p.BytesRead != 3*cs {
+		t.Errorf("read %d bytes, %d chunks unread; want %d, 7", p.BytesRead, p.ChunksUnread, 3*cs)
+	}
+	// A change outside Changes is not seen: Changes must be complete.
+	d.data[9*cs] ^= 1
+	src.Changes = memMap{}
+	tg.writes = nil
+	if _, err := Run(context.Background(), src, tg, st, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if len(tg.writes) != 0 {
+		t.Errorf("empty Changes: wrote chunks %v", tg.writes)
+	}
+}
