@@ -186,11 +186,7 @@ snapshot, and the next backup reuses what it had uploaded.`,
 	f.StringVar(&o.snapshotSize, "snapshot-size", "", "COW space of an LVM snapshot (e.g. 20G; default: a tenth of the volume, at least 1 GiB)")
 	f.BoolVar(&o.noFSSkip, "no-fs-skip", false, "read and store free space too (filesystems are still found and reported)")
 	f.StringArrayVar(&q.drives, "drive", nil, "with qemu:SOCKET: back up this drive (its -drive id, device id or node name; repeatable; default: every writable drive)")
-	f.StringVar(&q.guestFreeze, "guest-freeze", "auto", "with qemu:SOCKET: freeze the guest's filesystems through its guest agent around the instant: auto (when it has one; a copy without a freeze is said), on (fail without), off")
-	f.StringVar(&q.guestAgent, "guest-agent", "", "with qemu:SOCKET: the guest agent's socket (default: found among the VM's chardevs)")
-	f.StringVar(&q.fleeceDir, "fleece-dir", "", "with qemu:SOCKET: where the fleecing images grow while the VM writes (default: $TMPDIR or /tmp)")
-	f.StringVar(&q.nbdServer, "nbd-server", "", "with qemu:SOCKET: the NBD server the VM already runs, to export the copies on (default: sauve starts one)")
-	f.BoolVar(&q.noBitmaps, "no-bitmaps", false, "with qemu:SOCKET: keep no dirty bitmaps in the VM (every backup reads every drive in full)")
+	q.add(f, "every backup reads every drive in full")
 	f.BoolVar(&o.allowEmpty, "allow-empty", false, "store a snapshot of an empty source (0 bytes) instead of refusing it")
 	// Hidden: tests of forget date their snapshots (RFC 3339). A manifest
 	// says whatever time its writer likes anyway; one in the future is

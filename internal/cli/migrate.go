@@ -18,6 +18,7 @@ import (
 	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
 
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/migrate"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
@@ -39,6 +40,7 @@ type migrateOptions struct {
 	// --final does with a larger raw target.
 	size int64
 	grow growFlags
+	vm   migrateQEMUFlags // for qemu:SOCKET sources (migrate_qemu.go)
 }
 
 // exitDiverging is migrate's exit status when --until-delta is not
@@ -54,7 +56,8 @@ func newMigrateCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "migrate SOURCE TARGET",
 		Short: "Copy a disk in use onto another by delta passes, with a short final cut-over",
-		Long: `Copy SOURCE (a block device or a disk image file, in use or not) onto TARGET
+		Long: `Copy SOURCE (a block device or a disk image file, in use or not, or a
+running QEMU VM's drive: qemu:SOCKET, below) onto TARGET
 (see TARGETS below, created if missing) by passes, as a
 migration of a running machine does. The first pass copies every used
 block of SOURCE; each later pass reads and hashes SOURCE again and writes
@@ -113,9 +116,27 @@ device, must be as large); after the final pass
 and its filesystem. The passes' state no longer describes the grown
 target: it is removed, and a later pass copies everything again.
 
-Not available yet (later versions): growing VM image targets, QEMU dirty
-bitmaps (every pass reads all used blocks), and repository snapshots as
-SOURCE.
+qemu:SOCKET migrates a drive of a running QEMU VM (QEMU 7 or newer,
+through its QMP socket; --drive names it when the VM has more than one
+writable drive). Each pass reads a new instant of the drive, taken as
+'sauve backup qemu:SOCKET' takes it (fleecing, read over NBD; the guest's
+filesystems frozen around the instant through its guest agent when it
+has one, --guest-freeze), and, on a qcow2 drive, only what the VM wrote
+since the previous pass's instant, known from a persistent dirty bitmap
+(QEMU keeps it in the image): a pass that dies leaves the bitmaps that
+the next one needs. Without one (a raw drive, --no-bitmaps, a bitmap
+lost: QEMU stopped uncleanly, or it was removed; or a 'sauve backup' of
+the same drive since, which retires the pass's bitmap) a pass reads the
+drive in full and says why. The state is of the VM (its UUID, or name)
+and drive, not of the socket. --final takes the last instant and reports
+the guest's freeze as the cut-over; the VM runs on, and its writes after
+that instant are not on TARGET. --stop-source pauses the VM (QMP stop)
+before the final instant and leaves it paused once TARGET is complete,
+saying how long it has been paused: resume it with cont, or end it with
+quit; if the final pass fails, the VM is resumed.
+
+Not available yet (later versions): growing VM image targets, and
+repository snapshots as SOURCE.
 
 --test-boot boots TARGET after the passes under QEMU, with no network and
 its writes going to a throw-away overlay (TARGET is not changed), while
@@ -130,7 +151,9 @@ serial console's last lines. Exit status 4 when the marker was not seen.`,
   sauve migrate /var/lib/images/db.img /dev/vdc --until-delta 32M --final --json
   sauve migrate /dev/sda /srv/p2v/web1.img --test-boot --boot-marker 'web1 login:'
   sauve migrate /dev/sda /var/lib/libvirt/images/web1.qcow2 --until-delta 64M --final
-  sauve migrate /dev/sda ssh://root@newhost/dev/vdb --until-delta 64M --final`,
+  sauve migrate /dev/sda ssh://root@newhost/dev/vdb --until-delta 64M --final
+  sauve migrate qemu:/run/vm1.qmp --drive virtio0 /srv/vm1.qcow2 --until-delta 64M
+  sauve migrate qemu:/run/vm1.qmp --drive virtio0 /srv/vm1.qcow2 --final --stop-source`,
 		Args: exactArgs(2, "SOURCE and TARGET"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.untilDelta = -1
@@ -165,14 +188,19 @@ serial console's last lines. Exit status 4 when the marker was not seen.`,
 	f.DurationVar(&o.freezeTimeout, "freeze-timeout", 5*time.Minute, "with --final: longest time the filesystems stay frozen (they are thawed then even if sauve is killed, and the final pass fails)")
 	addTestBootFlags(cmd, &o.boot)
 	addMigrateGrowFlags(cmd, &o)
+	addMigrateQEMUFlags(cmd, &o)
 	return cmd
 }
 
 // migration is one migrate command's source, target and state.
 type migration struct {
-	o      *migrateOptions
-	src    *source.Source
-	disk   *source.Disk
+	o    *migrateOptions
+	src  *source.Source
+	disk *source.Disk
+	// vm, when set, is the source, a drive of a running VM, read at a new
+	// instant each pass (migrate_qemu.go); src then only names it, and
+	// disk is the last pass's instant.
+	vm     *qemuSource
 	target migrationTarget
 	state  *migrate.State
 	limit  *migrate.Limiter
@@ -205,6 +233,9 @@ func (g *globals) migrate(ctx context.Context, srcPath, tgtPath string, o *migra
 	if err := checkMigrateGrow(tgtPath, o); err != nil {
 		return err
 	}
+	if err := checkMigrateQEMU(srcPath, o); err != nil {
+		return err
+	}
 	m, err := g.openMigration(ctx, srcPath, tgtPath, o)
 	if m != nil {
 		defer m.close()
@@ -212,7 +243,7 @@ func (g *globals) migrate(ctx context.Context, srcPath, tgtPath string, o *migra
 	if err != nil {
 		return err
 	}
-	if o.final {
+	if o.final && m.vm == nil {
 		// Before any pass: the final one could not write these.
 		mounts, err := shadow.MountsToFreeze(m.src)
 		if err != nil {
@@ -287,31 +318,14 @@ func (g *globals) diverging(m *migration, why string) error {
 // what must not be migrated before anything is written. It returns what
 // it opened also on error, for close.
 func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o *migrateOptions) (*migration, error) {
-	src, err := source.Open(ctx, srcPath)
-	if err != nil {
-		return nil, err
+	m := &migration{o: o, limit: migrate.NewLimiter(o.limitRate), warned: map[string]bool{}}
+	var srcID migrate.Identity
+	var err error
+	if socket, ok := strings.CutPrefix(srcPath, qemuPrefix); ok {
+		srcID, err = g.openQEMUSource(ctx, m, socket)
+	} else {
+		srcID, err = g.openMigrationSource(ctx, m, srcPath)
 	}
-	m := &migration{o: o, src: src, limit: migrate.NewLimiter(o.limitRate), warned: map[string]bool{}}
-	if src.Kind == source.Stream {
-		return m, fmt.Errorf("source %s is a stream (standard input, a FIFO or a character device): a migration reads its source again at every pass; give a block device or an image file", srcPath)
-	}
-	if err := src.RefuseEmpty("migrate it", "nothing to migrate"); err != nil {
-		return m, err
-	}
-	v := source.Live(src)
-	if src.Kind == source.Device {
-		if m.direct, err = openDirectReader(src); err != nil {
-			return m, err
-		}
-		v.At = m.direct
-	}
-	if m.disk, err = source.OpenDisk(v, source.Options{}); err != nil {
-		return m, err
-	}
-	if err := m.disk.RefuseEmpty("migrate it", "nothing to migrate"); err != nil {
-		return m, err
-	}
-	srcID, err := g.sourceIdentity(m)
 	if err != nil {
 		return m, err
 	}
@@ -330,7 +344,7 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 	}
 	if exists {
 		if tgtFI != nil {
-			if err := refuseSame(src, tgtPath, tgtFI); err != nil {
+			if err := m.refuseSame(tgtPath, tgtFI); err != nil {
 				return m, err
 			}
 			if m.target, err = kind.open(tgtPath); err != nil {
@@ -341,7 +355,7 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 			return m, fmt.Errorf("target %s holds %d bytes, source %s %d (--size %d): refusing a migration that would not fit", tgtPath, m.target.Size(), srcPath, m.disk.Size, o.size)
 		}
 	}
-	statePath, err := g.migrateStatePath(o, src.Path, tgtPath)
+	statePath, err := g.migrateStatePath(o, m.stateKey(), tgtPath)
 	if err != nil {
 		return m, err
 	}
@@ -378,6 +392,55 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 	return m, err
 }
 
+// openMigrationSource opens a device or image file as the source and
+// returns its identity.
+func (g *globals) openMigrationSource(ctx context.Context, m *migration, srcPath string) (migrate.Identity, error) {
+	src, err := source.Open(ctx, srcPath)
+	if err != nil {
+		return migrate.Identity{}, err
+	}
+	m.src = src
+	if src.Kind == source.Stream {
+		return migrate.Identity{}, fmt.Errorf("source %s is a stream (standard input, a FIFO or a character device): a migration reads its source again at every pass; give a block device or an image file", srcPath)
+	}
+	if err := src.RefuseEmpty("migrate it", "nothing to migrate"); err != nil {
+		return migrate.Identity{}, err
+	}
+	v := source.Live(src)
+	if src.Kind == source.Device {
+		if m.direct, err = openDirectReader(src); err != nil {
+			return migrate.Identity{}, err
+		}
+		v.At = m.direct
+	}
+	if m.disk, err = source.OpenDisk(v, source.Options{}); err != nil {
+		return migrate.Identity{}, err
+	}
+	if err := m.disk.RefuseEmpty("migrate it", "nothing to migrate"); err != nil {
+		return migrate.Identity{}, err
+	}
+	return g.sourceIdentity(m)
+}
+
+// refuseSame refuses a target that is the source (refuseSame), or one
+// of a source VM's drives.
+func (m *migration) refuseSame(tgtPath string, tfi os.FileInfo) error {
+	if m.vm != nil {
+		return m.vm.refuseTarget(tgtPath, tfi)
+	}
+	return refuseSame(m.src, tgtPath, tfi)
+}
+
+// stateKey is what names the source in the default state path: its
+// absolute path, or a VM's UUID and drive (qemu:UUID/DRIVE), whatever
+// its socket.
+func (m *migration) stateKey() string {
+	if m.vm != nil {
+		return m.vm.key()
+	}
+	return m.src.Path
+}
+
 func (m *migration) close() {
 	if m.state != nil {
 		m.state.Close()
@@ -394,7 +457,9 @@ func (m *migration) close() {
 	if m.direct != nil {
 		m.direct.f.Close()
 	}
-	m.src.Close()
+	if m.src != nil && m.vm == nil {
+		m.src.Close()
+	}
 }
 
 // directAlign is the alignment of O_DIRECT reads: a multiple of every
@@ -483,19 +548,25 @@ func (g *globals) sourceIdentity(m *migration) (migrate.Identity, error) {
 	if abs, err := filepath.Abs(m.src.Path); err == nil {
 		id.Path = abs
 	}
-	layout, err := m.disk.Map(source.MapOptions{NoSkip: true})
+	return id, describeIdentity(m.disk, &id)
+}
+
+// describeIdentity sets id's disk ID and filesystem UUIDs, those of the
+// layout disk holds.
+func describeIdentity(disk *source.Disk, id *migrate.Identity) error {
+	layout, err := disk.Map(source.MapOptions{NoSkip: true})
 	if err != nil {
-		return id, err
+		return err
 	}
 	var d repo.Disk
 	layout.Describe(&d)
-	id.DiskID = d.DiskID
+	id.DiskID, id.FSUUIDs = d.DiskID, nil
 	for _, p := range d.Partitions {
 		if p.FSUUID != "" {
 			id.FSUUIDs = append(id.FSUUIDs, p.FSUUID)
 		}
 	}
-	return id, nil
+	return nil
 }
 
 // fileIdentity identifies the file or device at path, of size bytes.
@@ -568,7 +639,10 @@ func (g *globals) migrateStatePath(o *migrateOptions, src, tgt string) (string, 
 	if base == "" {
 		return "", usageError{errors.New("no cache folder for the migration's state (--no-cache, or no $HOME): give --state FILE")}
 	}
-	a, _ := filepath.Abs(src)
+	a := src // a VM's drive is no path
+	if !strings.HasPrefix(src, qemuPrefix) {
+		a, _ = filepath.Abs(src)
+	}
 	b := tgt // a remote target's URL is not relative to here
 	if !migrationTargetKind(tgt).remote() {
 		b, _ = filepath.Abs(tgt)
@@ -589,6 +663,11 @@ func loadMigrateState(path string, srcID migrate.Identity, tgtPath string, tgtEx
 	}
 	if err != nil {
 		return nil, err
+	}
+	if srcID.VM != "" {
+		// A VM drive's layout is read from each pass's instant, and
+		// checked then (qemuSource.begin).
+		srcID.DiskID, srcID.FSUUIDs = st.Header.Source.DiskID, st.Header.Source.FSUUIDs
 	}
 	if why := st.Header.Source.Mismatch(srcID); why != "" {
 		st.Close()
@@ -630,6 +709,16 @@ func createRawTarget(path string, size int64) (migrationTarget, error) {
 // migratePass runs a pass: the source mapped again (its free space
 // changes), read, and its changed chunks written.
 func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (migrate.Pass, error) {
+	var changes extent.Map
+	if m.vm != nil {
+		// A new instant of the VM's drive, and what was written since
+		// the previous pass's.
+		defer m.vm.end()
+		var err error
+		if changes, err = m.vm.begin(ctx, m); err != nil {
+			return migrate.Pass{}, err
+		}
+	}
 	layout, err := m.disk.Map(source.MapOptions{NoSkip: m.o.noFSSkip, Warn: func(w string) {
 		if !m.warned[w] {
 			m.warned[w] = true
@@ -650,13 +739,20 @@ func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (mi
 			return fmt.Sprintf("changed %s, written %s", bytesIEC(prog.Changed.Load()), bytesIEC(prog.Written.Load()))
 		},
 	})
-	src := migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map()}
+	src := migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map(), Changes: changes}
 	p, err := migrate.Run(ctx, src, m.target, m.state, migrate.Options{Limit: m.limit, Progress: prog})
 	meter.Stop()
 	if err != nil {
 		return p, fmt.Errorf("migrate %s to %s: %w", m.src.Path, m.target.Path(), err)
 	}
 	layout.WarnLate()
+	if m.vm != nil {
+		// The writes are durable: record the instant's tracker, if its
+		// copy held.
+		if err := m.vm.verify(m); err != nil {
+			return p, err
+		}
+	}
 	h := &m.state.Header
 	if m.prevStart.IsZero() && h.Passes > 0 {
 		m.prevStart = h.LastStart
@@ -667,10 +763,15 @@ func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (mi
 	if err := m.state.Compact(); err != nil {
 		return p, err
 	}
+	var fullRead string
+	if m.vm != nil {
+		m.vm.commit(ctx)
+		fullRead = m.vm.fullRead
+	}
 	rates := migrate.Estimate(m.prevStart, p)
 	m.prevStart = p.Start
 	m.passes = append(m.passes, p)
-	return p, g.printPass(p, rates, final)
+	return p, g.printPass(p, rates, final, fullRead)
 }
 
 // passJSON is a pass's --json line.
@@ -678,11 +779,13 @@ type passJSON struct {
 	migrate.Pass
 	migrate.Rates
 	Final bool `json:"final"`
+	// FullRead says why a source with change tracking was read in full.
+	FullRead string `json:"full_read,omitempty"`
 }
 
-func (g *globals) printPass(p migrate.Pass, r migrate.Rates, final bool) error {
+func (g *globals) printPass(p migrate.Pass, r migrate.Rates, final bool, fullRead string) error {
 	if g.json {
-		return g.printJSONLine(passJSON{p, r, final})
+		return g.printJSONLine(passJSON{p, r, final, fullRead})
 	}
 	name := fmt.Sprintf("pass %d", p.Number)
 	if final {
@@ -691,6 +794,9 @@ func (g *globals) printPass(p migrate.Pass, r migrate.Rates, final bool) error {
 	g.printf("%s: read %s, wrote %s, zeroed %s; %d of %d chunks changed (%s) in %s (%s)\n", name,
 		bytesIEC(p.BytesRead), bytesIEC(p.BytesWritten), bytesIEC(p.BytesZeroed), p.ChunksChanged, p.Chunks, bytesIEC(p.BytesChanged),
 		seconds(p.Seconds), rate(p.BytesRead+p.BytesWritten+p.BytesZeroed, p.Seconds))
+	if p.ChunksUnread > 0 {
+		g.printf("  %d chunks not read: unchanged since the previous pass (dirty bitmap)\n", p.ChunksUnread)
+	}
 	if r.ChangeRate > 0 || p.Number > 1 {
 		g.printf("  source changed at %s/s since the previous pass, copied at %s/s; next pass about %s\n",
 			bytesIEC(int64(r.ChangeRate)), bytesIEC(int64(r.CopyRate)), seconds(r.NextSeconds))
@@ -713,11 +819,18 @@ func (g *globals) printJSONLine(v any) error {
 type finalResult struct {
 	frozen time.Duration
 	mounts []string
+	// cutover, when set, is said instead of the frozen mounts (a VM's
+	// final instant), and json adds to the summary.
+	cutover string
+	json    map[string]any
 }
 
 // finalPass freezes the filesystems mounted read-write from the source,
 // runs a pass and thaws them, whatever happens.
 func (g *globals) finalPass(ctx context.Context, m *migration) (*finalResult, error) {
+	if m.vm != nil {
+		return g.finalQEMUPass(ctx, m)
+	}
 	mounts, err := shadow.MountsToFreeze(m.src)
 	if err != nil {
 		return nil, err
@@ -775,13 +888,18 @@ func (g *globals) printMigrateSummary(m *migration, fr *finalResult) error {
 			"final": fr != nil, "frozen_seconds": 0.0, "frozen_mounts": []string{}}
 		if fr != nil {
 			out["frozen_seconds"], out["frozen_mounts"] = fr.frozen.Seconds(), nonNil(fr.mounts)
+			for k, v := range fr.json {
+				out[k] = v
+			}
 		}
 		if m.grown != nil {
 			out["grown"] = m.grown
 		}
 		return g.printJSONLine(out)
 	}
-	if fr != nil && len(fr.mounts) > 0 {
+	if fr != nil && fr.cutover != "" {
+		g.printf("%s", fr.cutover)
+	} else if fr != nil && len(fr.mounts) > 0 {
 		g.printf("cut-over: writes to %s were frozen for %s; %s now holds %s as it was frozen\n", strings.Join(fr.mounts, ", "), seconds(fr.frozen.Seconds()), m.target.Path(), m.src.Path)
 	} else if fr != nil {
 		g.printf("%s now holds %s\n", m.target.Path(), m.src.Path)

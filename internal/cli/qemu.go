@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/spf13/pflag"
+
 	"github.com/sauve-backup/sauve/internal/backup"
 	"github.com/sauve-backup/sauve/internal/machine"
 	"github.com/sauve-backup/sauve/internal/repo"
@@ -23,16 +25,34 @@ type qemuFlags struct {
 
 const qemuPrefix = "qemu:"
 
+// add declares the flags of qemu: sources that backup and migrate share
+// (--drive differs: backup takes several); full says what --no-bitmaps
+// costs.
+func (q *qemuFlags) add(f *pflag.FlagSet, full string) {
+	f.StringVar(&q.guestFreeze, "guest-freeze", "auto", "with qemu:SOCKET: freeze the guest's filesystems through its guest agent around the instant: auto (when it has one; a copy without a freeze is said), on (fail without), off")
+	f.StringVar(&q.guestAgent, "guest-agent", "", "with qemu:SOCKET: the guest agent's socket (default: found among the VM's chardevs)")
+	f.StringVar(&q.fleeceDir, "fleece-dir", "", "with qemu:SOCKET: where the fleecing images grow while the VM writes (default: $TMPDIR or /tmp)")
+	f.StringVar(&q.nbdServer, "nbd-server", "", "with qemu:SOCKET: the NBD server the VM already runs, to export the copies on (default: sauve starts one)")
+	f.BoolVar(&q.noBitmaps, "no-bitmaps", false, "with qemu:SOCKET: keep no dirty bitmaps in the VM ("+full+")")
+}
+
+// checkGuestFreeze refuses a --guest-freeze that is none of its values.
+func (q *qemuFlags) checkGuestFreeze() error {
+	switch q.guestFreeze {
+	case "auto", "on", "off":
+		return nil
+	}
+	return usageError{fmt.Errorf("--guest-freeze %q: choose auto, on or off", q.guestFreeze)}
+}
+
 // backupQEMU backs up the drives of the running VM whose QMP socket is
 // socket, at one instant, into one snapshot.
 func (g *globals) backupQEMU(ctx context.Context, socket string, o *backupOptions, q *qemuFlags) error {
 	if o.mode != shadow.Auto && o.mode != shadow.QEMU {
 		return usageError{fmt.Errorf("--snapshot %s: a QEMU VM is read through fleecing (--snapshot qemu or auto)", o.mode)}
 	}
-	switch q.guestFreeze {
-	case "auto", "on", "off":
-	default:
-		return usageError{fmt.Errorf("--guest-freeze %q: choose auto, on or off", q.guestFreeze)}
+	if err := q.checkGuestFreeze(); err != nil {
+		return err
 	}
 	var since func(drive string) string
 	qb, err := shadow.OpenQEMU(ctx, shadow.QEMUOptions{

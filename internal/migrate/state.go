@@ -35,11 +35,20 @@ type Identity struct {
 	// FSUUIDs the UUIDs of the filesystems found on it, in order.
 	DiskID  string   `json:"disk_id,omitempty"`
 	FSUUIDs []string `json:"fs_uuids,omitempty"`
+	// VM and Drive identify a drive of a running VM (a qemu: source):
+	// the VM's UUID ("name=" and its name without one) and the drive's
+	// id. Empty for a device or file.
+	VM    string `json:"vm,omitempty"`
+	Drive string `json:"drive,omitempty"`
 }
 
 // Mismatch says how other differs from id ("" when they match).
 func (id Identity) Mismatch(other Identity) string {
 	switch {
+	case id.VM != other.VM:
+		return fmt.Sprintf("VM %q, not %q", other.VM, id.VM)
+	case id.Drive != other.Drive:
+		return fmt.Sprintf("drive %q, not %q", other.Drive, id.Drive)
 	case id.Size != other.Size:
 		return fmt.Sprintf("size %d, not %d", other.Size, id.Size)
 	case id.Device != other.Device:
@@ -75,6 +84,13 @@ type Header struct {
 	// one started: the next pass's rate of change is measured from it.
 	Passes    int       `json:"passes,omitempty"`
 	LastStart time.Time `json:"last_start,omitzero"`
+	// Tracker names what records the source's writes since the instant
+	// of a completed pass (a QEMU dirty bitmap generation, as
+	// source.View.Tracker): every chunk the state knows holds what the
+	// source held at that instant or later, so the next pass reads only
+	// what it records as written (and the chunks the state does not
+	// know). Empty: every pass reads every chunk.
+	Tracker string `json:"tracker,omitempty"`
 }
 
 // Chunks is the number of chunks of the source.
