@@ -80,6 +80,9 @@ type QEMUBackup struct {
 	label  string // the VM in messages
 	drives []*qdrive
 	agent  string // guest agent socket, "" none
+	// stopped says the VM's CPUs are stopped (paused): QEMU then keeps
+	// the file descriptors of removed fd sets open until it runs again.
+	stopped bool
 	// freeze freezes the guest's filesystems (guestFreeze; tests replace
 	// it).
 	freeze func(ctx context.Context, socket string, timeout time.Duration) (func() (time.Duration, error), error)
@@ -160,10 +163,14 @@ func (q *QEMUBackup) open(ctx context.Context) error {
 	if q.name != "" {
 		q.label = q.name
 	}
-	var st struct{ Status string }
+	var st struct {
+		Status  string
+		Running bool
+	}
 	if err := q.c.Execute(ctx, "query-status", nil, &st); err != nil {
 		return fmt.Errorf("VM %s: %w", q.label, err)
 	}
+	q.stopped = !st.Running
 	switch st.Status {
 	case "inmigrate", "postmigrate", "finish-migrate", "shutdown", "guest-panicked":
 		return fmt.Errorf("VM %s is in state %s: its drives cannot be copied now", q.label, st.Status)

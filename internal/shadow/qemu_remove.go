@@ -83,7 +83,12 @@ func (q *QEMUBackup) removeLeftovers(ctx context.Context) error {
 		for _, fd := range s.Fds {
 			if dead(fd.Opaque) {
 				r.fdset(ctx, s.ID)
-				lo.add(fd.Opaque, &lo.fdsets)
+				// A paused VM lists the fd sets removed while it was
+				// paused (those of a sauve that ended well too) until it
+				// runs: not said as left.
+				if !q.stopped {
+					lo.add(fd.Opaque, &lo.fdsets)
+				}
 				break
 			}
 		}
