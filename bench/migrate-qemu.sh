@@ -111,7 +111,7 @@ for r in $(seq "$ROUNDS"); do
   cp "$WORK/day1.qcow2" "$WORK/drive.qcow2"
   qemu-system-x86_64 -M none -nodefaults -display none -name bench -uuid 5b0e3c1a-7d2f-4e8a-9c6b-1f2e3d4c5b6a \
     -qmp "unix:$WORK/vm.qmp,server=on,wait=off" -qmp "unix:$WORK/mon.qmp,server=on,wait=off" \
-    -drive "if=none,id=big,file=$WORK/drive.qcow2,format=qcow2" &
+    -drive "if=none,id=big,file=$WORK/drive.qcow2,format=qcow2" > /dev/null &
   QEMU_PID=$!
   for _ in $(seq 100); do [ -S "$WORK/mon.qmp" ] && break; sleep 0.1; done
   timed first "$S" migrate "qemu:$WORK/vm.qmp" "$WORK/target.qcow2" --json
