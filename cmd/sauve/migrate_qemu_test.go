@@ -336,3 +336,78 @@ func TestMigrateQEMURefusals(t *testing.T) {
 		t.Errorf("through another socket path: %+v", ps[0])
 	}
 }
+
+const migrateGuestRun = "SAUVE_GUEST=1 go test -run TestMigrateQEMUInGuest -timeout 30m -v ./cmd/sauve"
+
+// TestMigrateQEMUInGuest migrates the ext4 data drive of a booted guest
+// (test/guest, with qemu-ga and a writer making fsync'ed files without
+// end) by passes while the writer runs: the final pass freezes the guest
+// through its agent, and the target is then a clean filesystem (no
+// journal to recover, e2fsck -fn clean) of whole files, the last one
+// made during the final pass; the guest is thawed after it and writes
+// on. --final --stop-source leaves the VM paused; cont resumes it.
+//
+//	SAUVE_GUEST=1 go test -run TestMigrateQEMUInGuest -timeout 30m -v ./cmd/sauve
+func TestMigrateQEMUInGuest(t *testing.T) {
+	limit := guestTest(t, 6*time.Minute, migrateGuestRun, "migrate's final pass under the guest agent's freeze is tested in a QEMU (TCG) guest booted by test/guest/run.sh")
+	needTools(t, "qemu-img", "dumpe2fs", "e2fsck", "debugfs")
+	dir := t.TempDir()
+	seqfile := filepath.Join(dir, "seqfile")
+	sh(t, "go", "build", "-o", seqfile, "../../test/guest/seqfile")
+	e := newBareEnv(t)
+	g := bootQGAGuest(t, dir, limit)
+	target := filepath.Join(dir, "target.raw")
+	args := []string{"migrate", "qemu:" + g.qmp, target, "--drive", "data", "--guest-agent", g.qga, "--json"}
+	e.ok(append(args, "--guest-freeze", "on")...)
+	out := e.ok(append(args, "--guest-freeze", "on")...)
+	parseMigrate(t, out)
+	var delta vmPass
+	if err := jsonUnmarshal(strings.SplitN(out, "\n", 2)[0], &delta); err != nil {
+		t.Fatal(err)
+	}
+	// 256 chunks, of which the writer touches a few between passes.
+	if delta.ChunksUnread < 128 || delta.FullRead != "" {
+		t.Errorf("the delta pass read %d, %d chunks unread (full_read %q): the bitmap was not used", delta.BytesRead, delta.ChunksUnread, delta.FullRead)
+	}
+
+	before := g.seq()
+	passes, sum := parseMigrate(t, e.ok(append(args, "--guest-freeze", "on", "--final")...))
+	after := g.seq()
+	if len(passes) != 1 || !sum.Final || sum.FrozenSeconds <= 0 || sum.FrozenSeconds >= 10 {
+		t.Errorf("final pass: %+v, summary %+v: want one pass, frozen in (0, 10 s)", passes, sum)
+	}
+	var features string
+	for _, l := range strings.Split(sh(t, "dumpe2fs", "-h", target), "\n") {
+		if f, ok := strings.CutPrefix(l, "Filesystem features:"); ok {
+			features = strings.TrimSpace(f)
+		}
+	}
+	if features == "" || strings.Contains(" "+features+" ", " needs_recovery ") {
+		t.Errorf("the target after the frozen final pass needs journal recovery (features %q)", features)
+	}
+	if out, err := exec.Command("e2fsck", "-fn", target).CombinedOutput(); err != nil {
+		t.Errorf("e2fsck -fn of the target: %v\n%s", err, out)
+	}
+	files := checkFiles(t, seqfile, target)
+	if files.last < before || files.last > after {
+		t.Errorf("the target's last file is %d: not between %d (before the final pass) and %d (after)", files.last, before, after)
+	}
+	t.Logf("target: %s", files.report)
+	g.thawed("after the final pass")
+
+	out = e.ok("migrate", "qemu:"+g.qmp, target, "--drive", "data", "--guest-agent", g.qga, "--final", "--stop-source")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var st struct{ Status string }
+	if err := g.mon.Execute(ctx, "query-status", nil, &st); err != nil || st.Status != "paused" {
+		t.Fatalf("after --stop-source the VM is %q (%v):\n%s", st.Status, err, out)
+	}
+	if !strings.Contains(out, "cont") {
+		t.Errorf("--stop-source did not say how to resume the VM:\n%s", out)
+	}
+	if err := g.mon.Execute(ctx, "cont", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	g.progresses("after cont")
+	g.finish()
+}
