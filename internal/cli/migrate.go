@@ -121,8 +121,9 @@ through its QMP socket; --drive names it when the VM has more than one
 writable drive). Each pass reads a new instant of the drive, taken as
 'sauve backup qemu:SOCKET' takes it (fleecing, read over NBD; the guest's
 filesystems frozen around the instant through its guest agent when it
-has one, --guest-freeze), and, on a qcow2 drive, only what the VM wrote
-since the previous pass's instant, known from a persistent dirty bitmap
+has one, --guest-freeze), and, on a qcow2 drive, only the chunks (of
+256 KiB for a VM drive) that the VM wrote since the previous pass's
+instant, known from a persistent dirty bitmap
 (QEMU keeps it in the image): a pass that dies leaves the bitmaps that
 the next one needs. Without one (a raw drive, --no-bitmaps, a bitmap
 lost: QEMU stopped uncleanly, or it was removed; or a 'sauve backup' of
@@ -381,6 +382,9 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 		return m, nil
 	}
 	h := migrate.Header{ChunkSize: migrate.DefaultChunkSize, Source: srcID, Target: tgtID}
+	if m.vm != nil {
+		h.ChunkSize = m.vm.chunkSize()
+	}
 	var initial func(int64) migrate.Hash
 	if !exists {
 		// A new file reads as zeros: its zero chunks need no write.

@@ -129,6 +129,20 @@ func (g *globals) openQEMUSource(ctx context.Context, m *migration, socket strin
 	return migrate.Identity{Path: qs.key(), Size: qs.drive.Size, VM: qs.vm.key, Drive: qs.drive.ID}, nil
 }
 
+// chunkSize is the chunk size of a new state of the drive: a delta pass
+// reads whole chunks around what the bitmap (64 KiB blocks) marks, and
+// 256 KiB chunks read a third less than 1 MiB ones for the reference
+// disk's churn, at a first pass about 15% slower (64 KiB ones make every
+// pass slower: the cost of a chunk dominates); larger for drives over
+// 256 GiB, so that the state keeps at most 1 Mi chunks (32 MiB).
+func (qs *qemuSource) chunkSize() int {
+	cs := 256 << 10
+	for cs < migrate.DefaultChunkSize && qs.drive.Size/int64(cs) > 1<<20 {
+		cs <<= 1
+	}
+	return cs
+}
+
 // key names the drive whatever the VM's socket.
 func (qs *qemuSource) key() string { return qs.vm.path(qs.drive.ID) }
 
