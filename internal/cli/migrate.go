@@ -92,8 +92,8 @@ leaves a target that the next pass makes exact: a chunk's hash is kept
 only once its write is durable.
 
 Refused, each with nothing written: a TARGET smaller than SOURCE, a
-TARGET in use (mounted, a partition of it mounted, or backing a mounted
-loop device), TARGET being SOURCE, and a SOURCE that is a stream.
+TARGET in use (mounted, a partition of it mounted, backing a mounted
+loop device, or opened by a running QEMU: its image locks), TARGET being SOURCE, and a SOURCE that is a stream.
 
 TARGETS: a raw image file or a block device; a VM disk image updated in
 place at every pass (.qcow2: qcow2 v3; .vmdk: monolithicSparse; .vhd and
@@ -331,6 +331,9 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 	if exists {
 		if tgtFI != nil {
 			if err := refuseSame(src, tgtPath, tgtFI); err != nil {
+				return m, err
+			}
+			if err := refuseLockedTarget(tgtPath); err != nil {
 				return m, err
 			}
 			if m.target, err = kind.open(tgtPath); err != nil {
