@@ -12,13 +12,15 @@ import (
 )
 
 // A target that a running QEMU has open (raw or qcow2, nothing mounted
-// from it) is refused with nothing written: QEMU's image locks say so.
-// Once QEMU has stopped, the same command migrates.
+// from it) is refused by migrate and restore with nothing written:
+// QEMU's image locks say so. Once QEMU has stopped, the same command
+// migrates.
 func TestMigrateRefusesTargetOfRunningQEMU(t *testing.T) {
 	needTools(t, "qemu-system-x86_64", "qemu-img")
-	e := newBareEnv(t)
+	e := newEnv(t)
 	src := e.path("src.img")
 	randomFile(t, src, 8<<20)
+	e.ok("backup", src)
 	raw, qc := e.path("vm.raw"), e.path("vm.qcow2")
 	randomFile(t, raw, 8<<20)
 	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", qc, "8M")
@@ -45,14 +47,15 @@ func TestMigrateRefusesTargetOfRunningQEMU(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	for _, tgt := range []string{raw, qc} {
+	for _, c := range [][]string{{"migrate", src, raw}, {"migrate", src, qc}, {"restore", "latest", raw, "--force"}} {
+		tgt := c[2]
 		before := fileHash(t, tgt, -1)
-		stderr := e.fail([]string{"target " + tgt + " is in use", "qemu"}, "migrate", src, tgt)
+		stderr := e.fail([]string{"target " + tgt + " is in use", "qemu"}, c...)
 		if n := strings.Count(strings.TrimSpace(stderr), "\n"); n != 0 {
-			t.Errorf("a %d-line error:\n%s", n+1, stderr)
+			t.Errorf("%s: a %d-line error:\n%s", c[0], n+1, stderr)
 		}
 		if fileHash(t, tgt, -1) != before {
-			t.Errorf("%s was written by a refused migration", tgt)
+			t.Errorf("%s was written by a refused %s", tgt, c[0])
 		}
 	}
 	stop()

@@ -18,6 +18,7 @@ import (
 	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
 
+	"github.com/sauve-backup/sauve/internal/disk"
 	"github.com/sauve-backup/sauve/internal/migrate"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
@@ -333,7 +334,7 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 			if err := refuseSame(src, tgtPath, tgtFI); err != nil {
 				return m, err
 			}
-			if err := refuseLockedTarget(tgtPath); err != nil {
+			if err := disk.RefuseLocked(tgtPath); err != nil {
 				return m, err
 			}
 			if m.target, err = kind.open(tgtPath); err != nil {

@@ -1,4 +1,4 @@
-package cli
+package disk
 
 import (
 	"fmt"
@@ -9,14 +9,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// refuseLockedTarget refuses a target file or device that another
-// process holds a byte-range lock on. QEMU locks every image it opens
+// RefuseLocked refuses a target file or device that another process
+// holds a byte-range lock on. QEMU locks every image it opens
 // (its image locking: shared locks on a few bytes of the file, OFD
 // locks on Linux), so a target a running VM uses is found here even
 // when nothing is mounted from it; writing under a running guest would
 // corrupt both. A lock taken with flock(2) is not seen: QEMU does not
 // use it.
-func refuseLockedTarget(path string) error {
+func RefuseLocked(path string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("target: %w", err)
@@ -42,7 +42,7 @@ func refuseLockedTarget(path string) error {
 			who += " (" + string(b[:len(b)-1]) + ")"
 		}
 	}
-	return fmt.Errorf("target %s is in use: %s holds a lock on it at byte %d (a running QEMU locks the images it opens): stop it, or migrate into another target", path, who, lk.Start)
+	return fmt.Errorf("target %s is in use: %s holds a lock on it at byte %d (a running QEMU locks the images it opens): stop it, or write another target", path, who, lk.Start)
 }
 
 // openerOf returns a process other than this one that has f's file
