@@ -6,13 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/spf13/cobra"
 	"github.com/zeebo/blake3"
@@ -178,7 +176,6 @@ type migration struct {
 	state  *migrate.State
 	limit  *migrate.Limiter
 	lock   *os.File // held while the state is in use
-	direct *directReader
 	warned map[string]bool
 	// prevStart is when the previous pass started (zero: unknown).
 	prevStart time.Time
@@ -299,13 +296,7 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 	if err := src.RefuseEmpty("migrate it", "nothing to migrate"); err != nil {
 		return m, err
 	}
-	v := source.Live(src)
-	if src.Kind == source.Device {
-		if m.direct, err = openDirectReader(src); err != nil {
-			return m, err
-		}
-		v.At = m.direct
-	}
+	v := source.Live(src) // a device reads with O_DIRECT: see source.Open
 	if m.disk, err = source.OpenDisk(v, source.Options{}); err != nil {
 		return m, err
 	}
@@ -395,64 +386,7 @@ func (m *migration) close() {
 	if m.lock != nil {
 		m.lock.Close()
 	}
-	if m.direct != nil {
-		m.direct.f.Close()
-	}
 	m.src.Close()
-}
-
-// directAlign is the alignment of O_DIRECT reads: a multiple of every
-// logical sector size.
-const directAlign = 4096
-
-// directReader reads a block device with O_DIRECT. A filesystem mounted
-// from the device writes its data around the device's page cache, so
-// that what a buffered read cached at the previous pass would be read
-// again, stale; dropping the cache (FADV_DONTNEED) leaves the pages that
-// hold the filesystem's metadata buffers too, and the data blocks beside
-// them in the same page.
-type directReader struct {
-	f    *os.File
-	size int64
-	buf  []byte // aligned scratch space
-}
-
-func openDirectReader(src *source.Source) (*directReader, error) {
-	f, err := os.OpenFile("/proc/self/fd/"+fmt.Sprint(src.File().Fd()), os.O_RDONLY|syscall.O_DIRECT, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open %s with O_DIRECT: %w", src.Path, err)
-	}
-	return &directReader{f: f, size: src.Size}, nil
-}
-
-// ReadAt reads the aligned span around p through the scratch buffer. It
-// is not safe for concurrent use: a pass reads in order.
-func (r *directReader) ReadAt(p []byte, off int64) (int, error) {
-	if off >= r.size {
-		return 0, io.EOF
-	}
-	end := min(off+int64(len(p)), r.size)
-	from := off &^ (directAlign - 1)
-	to := min((end+directAlign-1)&^(directAlign-1), (r.size+directAlign-1)&^(directAlign-1))
-	need := int(to - from)
-	if len(r.buf) < need {
-		raw := make([]byte, need+directAlign)
-		pad := int(-uintptr(unsafe.Pointer(unsafe.SliceData(raw))) & (directAlign - 1))
-		r.buf = raw[pad : pad+need]
-	}
-	n, err := r.f.ReadAt(r.buf[:need], from)
-	if int64(n) < end-from && err == nil {
-		err = io.ErrUnexpectedEOF
-	}
-	got := max(0, min(int64(n), end-from)-(off-from))
-	copy(p, r.buf[off-from:off-from+got])
-	if got == int64(len(p)) {
-		return len(p), nil
-	}
-	if err == nil || errors.Is(err, io.ErrUnexpectedEOF) && end == r.size {
-		err = io.EOF
-	}
-	return int(got), err
 }
 
 // lockState takes the lock of the state file at path (a file beside it:

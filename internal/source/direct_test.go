@@ -85,3 +85,43 @@ func TestDeviceReadsDirect(t *testing.T) {
 		t.Errorf("read at the end: %d, %v", n, err)
 	}
 }
+
+// The O_DIRECT reader reads any range as a buffered read does, empty
+// reads and reads past the end included (here on a file, where O_DIRECT
+// works the same: no root needed).
+func TestDirectReaderRanges(t *testing.T) {
+	data := make([]byte, 3<<20+1536) // not a multiple of the alignment
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	path := filepath.Join(t.TempDir(), "disk")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	size := int64(len(data))
+	r, err := openDirect(f, size)
+	if err != nil {
+		t.Skipf("no O_DIRECT on %s: %v", path, err)
+	}
+	defer r.Close()
+	ref := bytes.NewReader(data)
+	for i := 0; i < 300; i++ {
+		off := rng.Int64N(size + 100)
+		n := rng.IntN(1 << 20)
+		if i%3 == 0 {
+			off = size - int64(rng.IntN(5000)) // around the end
+		}
+		got, want := make([]byte, n), make([]byte, n)
+		gn, gerr := r.ReadAt(got, off)
+		wn, werr := ref.ReadAt(want, off)
+		if gn != wn || !bytes.Equal(got[:gn], want[:wn]) || (gerr == nil) != (werr == nil) || gerr != nil && gerr != io.EOF {
+			t.Fatalf("ReadAt(%d bytes at %d): %d, %v; want %d, %v", n, off, gn, gerr, wn, werr)
+		}
+	}
+}
