@@ -6,18 +6,17 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/spf13/cobra"
 	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
 
+	"github.com/sauve-backup/sauve/internal/disk"
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/migrate"
 	"github.com/sauve-backup/sauve/internal/repo"
@@ -95,8 +94,8 @@ leaves a target that the next pass makes exact: a chunk's hash is kept
 only once its write is durable.
 
 Refused, each with nothing written: a TARGET smaller than SOURCE, a
-TARGET in use (mounted, a partition of it mounted, or backing a mounted
-loop device), TARGET being SOURCE, and a SOURCE that is a stream.
+TARGET in use (mounted, a partition of it mounted, backing a mounted
+loop device, or opened by a running QEMU: its image locks), TARGET being SOURCE, and a SOURCE that is a stream.
 
 TARGETS: a raw image file or a block device; a VM disk image updated in
 place at every pass (.qcow2: qcow2 v3; .vmdk: monolithicSparse; .vhd and
@@ -123,9 +122,8 @@ writable drive). Each pass reads a new instant of the drive, taken as
 filesystems frozen around the instant through its guest agent when it
 has one, --guest-freeze), and, on a qcow2 drive, only the chunks (of
 256 KiB for a VM drive) that the VM wrote since the previous pass's
-instant, known from a persistent dirty bitmap
-(QEMU keeps it in the image): a pass that dies leaves the bitmaps that
-the next one needs. Without one (a raw drive, --no-bitmaps, a bitmap
+instant, known from a persistent dirty bitmap (QEMU keeps it in the
+image): a pass that dies leaves the bitmaps that the next one needs. Without one (a raw drive, --no-bitmaps, a bitmap
 lost: QEMU stopped uncleanly, or it was removed; or a 'sauve backup' of
 the same drive since, which retires the pass's bitmap) a pass reads the
 drive in full and says why. The state is of the VM (its UUID, or name)
@@ -206,7 +204,6 @@ type migration struct {
 	state  *migrate.State
 	limit  *migrate.Limiter
 	lock   *os.File // held while the state is in use
-	direct *directReader
 	warned map[string]bool
 	// prevStart is when the previous pass started (zero: unknown).
 	prevStart time.Time
@@ -348,6 +345,9 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 			if err := m.refuseSame(tgtPath, tgtFI); err != nil {
 				return m, err
 			}
+			if err := disk.RefuseLocked(tgtPath); err != nil {
+				return m, err
+			}
 			if m.target, err = kind.open(tgtPath); err != nil {
 				return m, err
 			}
@@ -410,13 +410,7 @@ func (g *globals) openMigrationSource(ctx context.Context, m *migration, srcPath
 	if err := src.RefuseEmpty("migrate it", "nothing to migrate"); err != nil {
 		return migrate.Identity{}, err
 	}
-	v := source.Live(src)
-	if src.Kind == source.Device {
-		if m.direct, err = openDirectReader(src); err != nil {
-			return migrate.Identity{}, err
-		}
-		v.At = m.direct
-	}
+	v := source.Live(src) // a device reads with O_DIRECT: see source.Open
 	if m.disk, err = source.OpenDisk(v, source.Options{}); err != nil {
 		return migrate.Identity{}, err
 	}
@@ -458,66 +452,9 @@ func (m *migration) close() {
 	if m.lock != nil {
 		m.lock.Close()
 	}
-	if m.direct != nil {
-		m.direct.f.Close()
-	}
 	if m.src != nil && m.vm == nil {
 		m.src.Close()
 	}
-}
-
-// directAlign is the alignment of O_DIRECT reads: a multiple of every
-// logical sector size.
-const directAlign = 4096
-
-// directReader reads a block device with O_DIRECT. A filesystem mounted
-// from the device writes its data around the device's page cache, so
-// that what a buffered read cached at the previous pass would be read
-// again, stale; dropping the cache (FADV_DONTNEED) leaves the pages that
-// hold the filesystem's metadata buffers too, and the data blocks beside
-// them in the same page.
-type directReader struct {
-	f    *os.File
-	size int64
-	buf  []byte // aligned scratch space
-}
-
-func openDirectReader(src *source.Source) (*directReader, error) {
-	f, err := os.OpenFile("/proc/self/fd/"+fmt.Sprint(src.File().Fd()), os.O_RDONLY|syscall.O_DIRECT, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open %s with O_DIRECT: %w", src.Path, err)
-	}
-	return &directReader{f: f, size: src.Size}, nil
-}
-
-// ReadAt reads the aligned span around p through the scratch buffer. It
-// is not safe for concurrent use: a pass reads in order.
-func (r *directReader) ReadAt(p []byte, off int64) (int, error) {
-	if off >= r.size {
-		return 0, io.EOF
-	}
-	end := min(off+int64(len(p)), r.size)
-	from := off &^ (directAlign - 1)
-	to := min((end+directAlign-1)&^(directAlign-1), (r.size+directAlign-1)&^(directAlign-1))
-	need := int(to - from)
-	if len(r.buf) < need {
-		raw := make([]byte, need+directAlign)
-		pad := int(-uintptr(unsafe.Pointer(unsafe.SliceData(raw))) & (directAlign - 1))
-		r.buf = raw[pad : pad+need]
-	}
-	n, err := r.f.ReadAt(r.buf[:need], from)
-	if int64(n) < end-from && err == nil {
-		err = io.ErrUnexpectedEOF
-	}
-	got := max(0, min(int64(n), end-from)-(off-from))
-	copy(p, r.buf[off-from:off-from+got])
-	if got == int64(len(p)) {
-		return len(p), nil
-	}
-	if err == nil || errors.Is(err, io.ErrUnexpectedEOF) && end == r.size {
-		err = io.EOF
-	}
-	return int(got), err
 }
 
 // lockState takes the lock of the state file at path (a file beside it:

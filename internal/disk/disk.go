@@ -93,7 +93,8 @@ type TargetOptions struct {
 // opts.ImageSize bytes. "-" is standard output. It refuses a device
 // smaller than the image, and a file or device that a mounted filesystem
 // uses: mounted itself, a partition of it mounted, or a loop device (or a
-// chain of them) built on it and mounted. A new file is made with
+// chain of them) built on it and mounted; and, unless opts.ReadOnly, one
+// that a running QEMU has open (RefuseLocked). A new file is made with
 // NewFileTarget.
 func OpenTarget(path string, opts TargetOptions) (*Target, error) {
 	if path == "-" {
@@ -113,6 +114,11 @@ func OpenTarget(path string, opts TargetOptions) (*Target, error) {
 	}
 	if ms := Mounts(path, size); len(ms) > 0 {
 		return nil, mountedError(path, ms)
+	}
+	if !opts.ReadOnly {
+		if err := RefuseLocked(path); err != nil {
+			return nil, err
+		}
 	}
 	if fi.Mode().IsRegular() {
 		return openFileTarget(path, fi.Size(), opts)

@@ -71,9 +71,10 @@ type Source struct {
 	// SectorSize is a device's logical sector size, 0 for other kinds.
 	SectorSize int
 
-	f  *os.File
-	st *stream       // streams
-	br *bufio.Reader // streams: Stream, peeked by Empty
+	f      *os.File
+	direct *directReader // devices: At, unless O_DIRECT is refused
+	st     *stream       // streams
+	br     *bufio.Reader // streams: Stream, peeked by Empty
 }
 
 // Open opens path for reading; "-" is standard input. A stream (a pipe,
@@ -112,6 +113,9 @@ func Open(ctx context.Context, path string) (*Source, error) {
 			return nil, fmt.Errorf("size of device %s: %w", path, err)
 		}
 		s = &Source{Path: path, Kind: Device, Size: size, At: f, SectorSize: disk.SectorSize(f), f: f}
+		if s.direct, err = openDirect(f, size); err == nil {
+			s.At = s.direct
+		}
 	case fi.Mode()&(os.ModeNamedPipe|os.ModeCharDevice) != 0:
 		s = newStreamSource(ctx, path, f, fifo && fi.Mode()&os.ModeNamedPipe != 0)
 	default:
@@ -133,6 +137,9 @@ func (s *Source) Close() error {
 	}
 	if s.f == os.Stdin {
 		return nil
+	}
+	if s.direct != nil {
+		s.direct.Close()
 	}
 	return s.f.Close()
 }
