@@ -39,6 +39,8 @@ type migrateOptions struct {
 	// --final does with a larger raw target.
 	size int64
 	grow growFlags
+	// subformat is that of a new VHD or VDI target (--subformat).
+	subformat string
 }
 
 // exitDiverging is migrate's exit status when --until-delta is not
@@ -165,6 +167,7 @@ serial console's last lines. Exit status 4 when the marker was not seen.`,
 	f.DurationVar(&o.freezeTimeout, "freeze-timeout", 5*time.Minute, "with --final: longest time the filesystems stay frozen (they are thawed then even if sauve is killed, and the final pass fails)")
 	addTestBootFlags(cmd, &o.boot)
 	addMigrateGrowFlags(cmd, &o)
+	addMigrateSubformatFlag(cmd, &o)
 	return cmd
 }
 
@@ -315,7 +318,10 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 	if err != nil {
 		return m, err
 	}
-	kind := migrationTargetKind(tgtPath)
+	kind, err := migrationTargetKindFor(tgtPath, o.subformat)
+	if err != nil {
+		return m, err
+	}
 	exists, err := m.openRemoteTarget(kind, tgtPath)
 	if err != nil {
 		return m, err
