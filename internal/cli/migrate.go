@@ -99,7 +99,8 @@ loop device), TARGET being SOURCE, and a SOURCE that is a stream.
 
 TARGETS: a raw image file or a block device; a VM disk image updated in
 place at every pass (.qcow2: qcow2 v3; .vmdk: monolithicSparse; .vhd and
-.vdi: dynamic, or fixed when the image exists already; .vhdx), valid for
+.vdi: dynamic, or fixed with --subformat fixed (Azure takes fixed VHDs
+only) or when the image exists already; .vhdx), valid for
 'qemu-img check' after each pass (after a crash, at worst with leaked
 qcow2 clusters; the next pass repairs what a crash left in VHD and VDI
 tables); or ssh://USER@HOST[:PORT]/PATH, a block device or file on
@@ -108,16 +109,18 @@ over SSH; --remote-sauve names it, "sudo sauve" works), compressed on the
 wire, with the host-key rules of sftp:// repositories (the key must be in
 known_hosts).
 
---size makes a new raw TARGET larger than SOURCE (an existing one, a
-device, must be as large); after the final pass
---final moves a GPT's backup to the end of it, and --grow-last-partition
-(GPT or MBR) and --grow-fs (ext4, XFS; as root) grow the last partition
-and its filesystem. The passes' state no longer describes the grown
-target: it is removed, and a later pass copies everything again.
+--size makes a new TARGET, a raw file or a VM image (its virtual size),
+larger than SOURCE (an existing one, a device, must be as large); after
+the final pass --final moves a GPT's backup to the end of it, and
+--grow-last-partition (GPT or MBR) grows the last partition. --grow-fs
+(ext4, XFS; as root) grows its filesystem too, on raw targets only: a
+filesystem grows through the kernel, so grow that of a VM image inside
+the VM. The passes' state no longer describes the grown target: it is
+removed, and a later pass copies everything again. Remote targets are
+not grown.
 
-Not available yet (later versions): growing VM image targets, QEMU dirty
-bitmaps (every pass reads all used blocks), and repository snapshots as
-SOURCE.
+Not available yet (later versions): QEMU dirty bitmaps (every pass reads
+all used blocks), and repository snapshots as SOURCE.
 
 --test-boot boots TARGET after the passes under QEMU, with no network and
 its writes going to a throw-away overlay (TARGET is not changed), while
