@@ -128,7 +128,11 @@ SOURCE keeps running, and reports whether the guest printed --boot-marker
 ("login:") on its first serial port within --boot-timeout: a Linux guest
 does when its console is on ttyS0 (console=ttyS0, as cloud images have);
 one that writes only to its screen never does, and the report shows the
-serial console's last lines. Exit status 4 when the marker was not seen.`,
+serial console's last lines. Exit status 4 when the marker was not seen.
+An ssh:// target is booted on its own machine, by the sauve there, with
+the same rules (QEMU must be installed there; --boot-uefi names a
+firmware file there; the console is not copied, its last lines come back
+in the report).`,
 		Example: `  sauve migrate /dev/sda /dev/sdb                        # first pass; rerun for a delta pass
   sauve migrate /dev/vg0/web /srv/web.img --until-delta 64M --limit-rate 50M
   sauve migrate /dev/vg0/web /srv/web.img --final         # freeze, last delta, thaw
