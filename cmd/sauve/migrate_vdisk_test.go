@@ -206,6 +206,14 @@ func TestMigrateSubformatFixed(t *testing.T) {
 			if fi, err := os.Stat(fixed); err != nil || fi.Size() < size {
 				t.Fatalf("a fixed %s of a %d-byte disk: %v, %v", tc.ext, size, fi.Size(), err)
 			}
+			// A fixed VHD is the disk then its 512-byte footer (Azure
+			// checks it so); qemu-img reads that virtual size.
+			if fi, _ := os.Stat(fixed); tc.qemu == "vpc" && fi.Size() != size+512 {
+				t.Errorf("a fixed VHD of %d bytes is %d bytes, want %d", size, fi.Size(), size+512)
+			}
+			if tc.qemu == "vpc" && !strings.Contains(sh(t, "qemu-img", "info", "-f", "vpc", fixed), fmt.Sprintf("(%d bytes)", size)) {
+				t.Error("qemu-img info does not read the fixed VHD's virtual size as the source's")
+			}
 			checkImageTarget(t, fixed, tc.qemu, tc.check)
 			f.WriteAt(randomBytes(3<<20), 9<<20)
 			e.ok("migrate", src, fixed, "--subformat", "fixed") // an existing fixed image: accepted
