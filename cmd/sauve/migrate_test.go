@@ -544,7 +544,7 @@ func TestMigrateSize(t *testing.T) {
 		want string
 	}{
 		{[]string{"migrate", src, e.path("x.img"), "--grow-last-partition"}, "add --final"},
-		{[]string{"migrate", src, e.path("x.qcow2"), "--size", "64M"}, "raw image files and block devices"},
+		{[]string{"migrate", src, e.path("x.qcow2"), "--size", "64M", "--final", "--grow-last-partition", "--grow-fs"}, "grow it inside the VM"},
 		{[]string{"migrate", src, e.path("x.img"), "--size", "lots"}, "want a size"},
 	} {
 		r := e.run(c.args...)

@@ -179,3 +179,81 @@ func TestMigrateVDiskRefuses(t *testing.T) {
 		})
 	}
 }
+
+// --subformat fixed makes a new VHD or VDI target fixed (its file holds
+// the whole disk); every pass leaves it valid and the final one equal to
+// the source (qemu-img compare). An existing target of another
+// subformat, and --subformat on formats without any, are refused with
+// nothing written.
+func TestMigrateSubformatFixed(t *testing.T) {
+	needTools(t, "qemu-img")
+	e := newBareEnv(t)
+	src := e.path("src.img")
+	const size = 24 << 20
+	randomFile(t, src, size)
+	f, err := os.OpenFile(src, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt(make([]byte, 8<<20), 8<<20) // zeros, skipped in a dynamic image
+	for _, tc := range []struct {
+		ext, qemu string
+		check     bool
+	}{{".vhd", "vpc", false}, {".vdi", "vdi", true}} {
+		t.Run(tc.qemu, func(t *testing.T) {
+			fixed := e.path("fixed" + tc.ext)
+			e.ok("migrate", src, fixed, "--subformat", "fixed")
+			if fi, err := os.Stat(fixed); err != nil || fi.Size() < size {
+				t.Fatalf("a fixed %s of a %d-byte disk: %v, %v", tc.ext, size, fi.Size(), err)
+			}
+			// A fixed VHD is the disk then its 512-byte footer (Azure
+			// checks it so); qemu-img reads that virtual size.
+			if fi, _ := os.Stat(fixed); tc.qemu == "vpc" && fi.Size() != size+512 {
+				t.Errorf("a fixed VHD of %d bytes is %d bytes, want %d", size, fi.Size(), size+512)
+			}
+			if tc.qemu == "vpc" && !strings.Contains(sh(t, "qemu-img", "info", "-f", "vpc", fixed), fmt.Sprintf("(%d bytes)", size)) {
+				t.Error("qemu-img info does not read the fixed VHD's virtual size as the source's")
+			}
+			checkImageTarget(t, fixed, tc.qemu, tc.check)
+			f.WriteAt(randomBytes(3<<20), 9<<20)
+			e.ok("migrate", src, fixed, "--subformat", "fixed") // an existing fixed image: accepted
+			checkImageTarget(t, fixed, tc.qemu, tc.check)
+			e.ok("migrate", src, fixed, "--final")
+			checkImageTarget(t, fixed, tc.qemu, tc.check)
+			if out, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", tc.qemu, src, fixed).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img compare: %v\n%s", err, out)
+			}
+			// A new dynamic image (the default) is not preallocated; one
+			// given --subformat fixed is refused then.
+			dyn := e.path("dynamic" + tc.ext)
+			e.ok("migrate", src, dyn, "--subformat", "dynamic")
+			if fi, err := os.Stat(dyn); err != nil || fi.Size() >= size {
+				t.Fatalf("a dynamic %s: %v, %v", tc.ext, fi.Size(), err)
+			}
+			before := fileHash(t, dyn, -1)
+			e.fail([]string{"dynamic", "not --subformat fixed"}, "migrate", src, dyn, "--subformat", "fixed")
+			if fileHash(t, dyn, -1) != before {
+				t.Error("the refused migration wrote the target")
+			}
+			e.fail([]string{"fixed", "not --subformat dynamic"}, "migrate", src, fixed, "--subformat", "dynamic")
+		})
+	}
+	for _, c := range []struct{ target, sub, want string }{
+		{e.path("x.img"), "fixed", "no subformats"},
+		{e.path("x.qcow2"), "fixed", "no subformats"},
+		{e.path("x.vhdx"), "fixed", "no subformats"},
+		{"ssh://root@127.0.0.1/dev/vdb", "fixed", "no subformats"},
+		{e.path("x.vhd"), "sparse", "unknown vhd subformat"},
+		{e.path("x.vmdk"), "streamOptimized", "cannot be updated in place"},
+	} {
+		e.fail([]string{c.want}, "migrate", src, c.target, "--subformat", c.sub)
+		if strings.HasPrefix(c.target, "/") && fileExists(c.target) {
+			t.Errorf("%s was created", c.target)
+		}
+	}
+	if fi, err := os.Stat(e.path("x.vmdk")); err == nil {
+		t.Errorf("x.vmdk exists: %v", fi.Size())
+	}
+	e.ok("migrate", src, e.path("ok.vmdk"), "--subformat", "monolithicSparse")
+	qemuCheck(t, e.path("ok.vmdk"), "vmdk", false)
+}

@@ -40,6 +40,8 @@ type migrateOptions struct {
 	size int64
 	grow growFlags
 	vm   migrateQEMUFlags // for qemu:SOCKET sources (migrate_qemu.go)
+	// subformat is that of a new VHD or VDI target (--subformat).
+	subformat string
 }
 
 // exitDiverging is migrate's exit status when --until-delta is not
@@ -99,7 +101,8 @@ loop device, or opened by a running QEMU: its image locks), TARGET being SOURCE,
 
 TARGETS: a raw image file or a block device; a VM disk image updated in
 place at every pass (.qcow2: qcow2 v3; .vmdk: monolithicSparse; .vhd and
-.vdi: dynamic, or fixed when the image exists already; .vhdx), valid for
+.vdi: dynamic, or fixed with --subformat fixed (Azure takes fixed VHDs
+only) or when the image exists already; .vhdx), valid for
 'qemu-img check' after each pass (after a crash, at worst with leaked
 qcow2 clusters; the next pass repairs what a crash left in VHD and VDI
 tables); or ssh://USER@HOST[:PORT]/PATH, a block device or file on
@@ -108,12 +111,15 @@ over SSH; --remote-sauve names it, "sudo sauve" works), compressed on the
 wire, with the host-key rules of sftp:// repositories (the key must be in
 known_hosts).
 
---size makes a new raw TARGET larger than SOURCE (an existing one, a
-device, must be as large); after the final pass
---final moves a GPT's backup to the end of it, and --grow-last-partition
-(GPT or MBR) and --grow-fs (ext4, XFS; as root) grow the last partition
-and its filesystem. The passes' state no longer describes the grown
-target: it is removed, and a later pass copies everything again.
+--size makes a new TARGET, a raw file or a VM image (its virtual size),
+larger than SOURCE (an existing one, a device, must be as large); after
+the final pass --final moves a GPT's backup to the end of it, and
+--grow-last-partition (GPT or MBR) grows the last partition. --grow-fs
+(ext4, XFS; as root) grows its filesystem too, on raw targets only: a
+filesystem grows through the kernel, so grow that of a VM image inside
+the VM. The passes' state no longer describes the grown target: it is
+removed, and a later pass copies everything again. Remote targets are
+not grown.
 
 qemu:SOCKET migrates a drive of a running QEMU VM (QEMU 7 or newer,
 through its QMP socket; --drive names it when the VM has more than one
@@ -134,8 +140,7 @@ before the final instant and leaves it paused once TARGET is complete,
 saying how long it has been paused: resume it with cont, or end it with
 quit; if the final pass fails, the VM is resumed.
 
-Not available yet (later versions): growing VM image targets, and
-repository snapshots as SOURCE.
+Not available yet (later versions): repository snapshots as SOURCE.
 
 --test-boot boots TARGET after the passes under QEMU, with no network and
 its writes going to a throw-away overlay (TARGET is not changed), while
@@ -143,7 +148,11 @@ SOURCE keeps running, and reports whether the guest printed --boot-marker
 ("login:") on its first serial port within --boot-timeout: a Linux guest
 does when its console is on ttyS0 (console=ttyS0, as cloud images have);
 one that writes only to its screen never does, and the report shows the
-serial console's last lines. Exit status 4 when the marker was not seen.`,
+serial console's last lines. Exit status 4 when the marker was not seen.
+An ssh:// target is booted on its own machine, by the sauve there, with
+the same rules (QEMU must be installed there; --boot-uefi names a
+firmware file there; the console is not copied, its last lines come back
+in the report).`,
 		Example: `  sauve migrate /dev/sda /dev/sdb                        # first pass; rerun for a delta pass
   sauve migrate /dev/vg0/web /srv/web.img --until-delta 64M --limit-rate 50M
   sauve migrate /dev/vg0/web /srv/web.img --final         # freeze, last delta, thaw
@@ -188,6 +197,7 @@ serial console's last lines. Exit status 4 when the marker was not seen.`,
 	addTestBootFlags(cmd, &o.boot)
 	addMigrateGrowFlags(cmd, &o)
 	addMigrateQEMUFlags(cmd, &o)
+	addMigrateSubformatFlag(cmd, &o)
 	return cmd
 }
 
@@ -327,7 +337,10 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 	if err != nil {
 		return m, err
 	}
-	kind := migrationTargetKind(tgtPath)
+	kind, err := migrationTargetKindFor(tgtPath, o.subformat)
+	if err != nil {
+		return m, err
+	}
 	exists, err := m.openRemoteTarget(kind, tgtPath)
 	if err != nil {
 		return m, err

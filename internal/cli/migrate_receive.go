@@ -1,13 +1,16 @@
 package cli
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/sauve-backup/sauve/internal/bootcheck"
 	"github.com/sauve-backup/sauve/internal/remote"
 )
 
@@ -78,5 +81,28 @@ func receiveOpener(path string, create int64) (remote.Target, remote.Info, error
 		return nil, remote.Info{}, err
 	}
 	host, _ := os.Hostname()
-	return t, remote.Info{Size: t.Size(), Device: id.Device, FileDev: id.FileDev, Inode: id.Inode, Host: host, Created: created}, nil
+	return &receiveTarget{t, path}, remote.Info{Size: t.Size(), Device: id.Device, FileDev: id.FileDev, Inode: id.Inode, Host: host, Created: created}, nil
+}
+
+// receiveTarget is a remote migration's target, test-booted here on
+// request, with the rules of a local --test-boot (bootcheck).
+type receiveTarget struct {
+	migrationTarget
+	path string
+}
+
+func (t *receiveTarget) Boot(ctx context.Context, req remote.BootRequest) (*remote.BootResult, error) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		host, _ := os.Hostname()
+		return nil, fmt.Errorf("%s has no qemu-system-x86_64: install QEMU there (Debian: qemu-system-x86), or migrate a copy into a local target to test-boot it", host)
+	}
+	if err := t.Sync(); err != nil {
+		return nil, err
+	}
+	res, err := bootcheck.Boot(ctx, t.path, bootcheck.Options{Format: "raw", Marker: req.Marker, Timeout: req.Timeout,
+		Memory: req.Memory, Accel: req.Accel, UEFI: req.Firmware != "", Firmware: req.Firmware})
+	if err != nil {
+		return nil, err
+	}
+	return &remote.BootResult{Reached: res.Reached, Seconds: res.Seconds, Tail: res.Tail}, nil
 }

@@ -6,7 +6,10 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/spf13/cobra"
+
 	"github.com/sauve-backup/sauve/internal/migrate"
+	"github.com/sauve-backup/sauve/internal/vdisk"
 	"github.com/sauve-backup/sauve/internal/vdisk/vdio"
 )
 
@@ -89,4 +92,67 @@ func syncDir(path string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+func addMigrateSubformatFlag(cmd *cobra.Command, o *migrateOptions) {
+	cmd.Flags().StringVar(&o.subformat, "subformat", "", "a new .vhd or .vdi TARGET's subformat: dynamic (default) or fixed (Azure takes fixed VHDs only); .vmdk: monolithicSparse; an existing TARGET must be of it")
+}
+
+// migrationTargetKindFor is the kind of the target at path whose new
+// images are of subformat sub ("": the format's default), checked as
+// export checks it; an existing image of another subformat is refused
+// when opened, before anything is written.
+func migrationTargetKindFor(path, sub string) (targetKind, error) {
+	k := migrationTargetKind(path)
+	if sub == "" {
+		return k, nil
+	}
+	if k.name == "raw" || k.remote() {
+		return k, usageError{fmt.Errorf("--subformat %s: target %s is a raw image, a device or a remote disk, which have no subformats (it applies to .vhd, .vdi and .vmdk targets)", sub, path)}
+	}
+	_, s, err := vdisk.ParseFormat(k.name, sub)
+	if err != nil {
+		return k, usageError{fmt.Errorf("--subformat: %w", err)}
+	}
+	switch {
+	case k.name == vdisk.VMDK && s != "monolithicSparse":
+		return k, usageError{fmt.Errorf("--subformat %s: a streamOptimized VMDK is compressed and written once, it cannot be updated in place: migrate into a monolithicSparse one, then 'sauve convert' it", s)}
+	case k.name == vdisk.VHD:
+		k = vhdTargetKindOf(s == "fixed")
+	case k.name == vdisk.VDI:
+		k = vdiTargetKindOf(s == "fixed")
+	}
+	open := k.open
+	k.open = func(p string) (migrationTarget, error) {
+		t, err := open(p)
+		if err != nil {
+			return nil, err
+		}
+		if got := targetSubformat(t); got != s {
+			t.Close()
+			return nil, fmt.Errorf("target %s is a %s %s image, not --subformat %s: a migration updates it as it is (give --subformat %s, or remove it to make a new one)", p, got, k.name, s, got)
+		}
+		return t, nil
+	}
+	return k, nil
+}
+
+// targetSubformat is the subformat of an image target as vdisk names
+// them: fixed or dynamic for VHD and VDI, monolithicSparse for a VMDK
+// (the only one updated in place).
+func targetSubformat(t migrationTarget) string {
+	it, ok := t.(*imageTarget)
+	if !ok {
+		return ""
+	}
+	if f, ok := it.imageUpdater.(interface{ Fixed() bool }); ok {
+		if f.Fixed() {
+			return "fixed"
+		}
+		return "dynamic"
+	}
+	if migrationTargetKind(it.path).name == vdisk.VMDK {
+		return "monolithicSparse"
+	}
+	return ""
 }

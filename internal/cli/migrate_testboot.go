@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/sauve-backup/sauve/internal/bootcheck"
+	"github.com/sauve-backup/sauve/internal/remote"
 )
 
 // exitBootFailed is migrate's exit status when --test-boot did not see
@@ -43,20 +44,16 @@ var qemuFormats = map[string]string{"raw": "raw", "qcow2": "qcow2", "vmdk": "vmd
 
 // testBoot boots the target as it stands after the passes and reports.
 func (g *globals) testBoot(ctx context.Context, m *migration, f *testBootFlags) error {
-	kind := migrationTargetKind(m.target.Path())
-	format, ok := qemuFormats[kind.name]
-	if !ok {
-		return fmt.Errorf("--test-boot: a %s target is not booted here (QEMU boots local image files and devices)", kind.name)
-	}
-	o := bootcheck.Options{Format: format, Marker: f.marker, Timeout: f.timeout, Accel: f.accel, Memory: f.memory,
-		UEFI: f.uefi != "", Firmware: f.uefi}
-	if f.console {
-		o.Console = g.stderr
-	}
 	if !g.quiet && !g.json {
 		fmt.Fprintf(g.stderr, "test boot of %s (QEMU, no network, writes discarded), waiting up to %s for %q\n", m.target.Path(), f.timeout, f.marker)
 	}
-	res, err := bootcheck.Boot(ctx, m.target.Path(), o)
+	var res *bootcheck.Result
+	var err error
+	if st, ok := m.target.(*sshTarget); ok {
+		res, err = st.boot(ctx, f)
+	} else {
+		res, err = localBoot(ctx, m.target.Path(), f, g)
+	}
 	if err != nil {
 		return err
 	}
@@ -88,4 +85,34 @@ func indentTail(s string) string {
 		b.WriteString("  | " + l + "\n")
 	}
 	return b.String()
+}
+
+// localBoot boots a local target under QEMU here.
+func localBoot(ctx context.Context, path string, f *testBootFlags, g *globals) (*bootcheck.Result, error) {
+	kind := migrationTargetKind(path)
+	format, ok := qemuFormats[kind.name]
+	if !ok {
+		return nil, fmt.Errorf("--test-boot: a %s target is not booted here (QEMU boots local image files and devices)", kind.name)
+	}
+	o := bootcheck.Options{Format: format, Marker: f.marker, Timeout: f.timeout, Accel: f.accel, Memory: f.memory,
+		UEFI: f.uefi != "", Firmware: f.uefi}
+	if f.console {
+		o.Console = g.stderr
+	}
+	return bootcheck.Boot(ctx, path, o)
+}
+
+// boot test-boots a remote target on its machine, by sauve there: the
+// same rules as a local boot; --boot-uefi names a firmware file there,
+// and the console is not copied (its last lines come back in the
+// report).
+func (t *sshTarget) boot(ctx context.Context, f *testBootFlags) (*bootcheck.Result, error) {
+	res, err := t.c.Boot(ctx, remote.BootRequest{Marker: f.marker, Timeout: f.timeout, Memory: f.memory, Accel: f.accel, Firmware: f.uefi})
+	if err != nil {
+		if strings.Contains(err.Error(), "unexpected message of type 'B'") {
+			return nil, fmt.Errorf("--test-boot: the sauve on %s is older and cannot test-boot: install the same sauve version there", t.loc.host)
+		}
+		return nil, fmt.Errorf("--test-boot on %s: %w", t.loc.host, t.withStderr(err))
+	}
+	return &bootcheck.Result{Reached: res.Reached, Seconds: res.Seconds, Tail: res.Tail}, nil
 }

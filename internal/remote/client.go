@@ -21,10 +21,14 @@ type Client struct {
 	seq  uint64
 	info Info
 
-	acks chan uint64
-	done chan struct{} // closed when the remote end failed or went away
-	mu   sync.Mutex
-	err  error
+	acks  chan uint64
+	boots chan bootAnswer
+	// booting says a boot request waits for its result: a result
+	// unasked for is a protocol error, not a blocked reader.
+	booting atomic.Bool
+	done    chan struct{} // closed when the remote end failed or went away
+	mu      sync.Mutex
+	err     error
 
 	// Data counts the bytes written, Wire the bytes of the frames sent.
 	Data, Wire atomic.Int64
@@ -37,7 +41,7 @@ func Dial(r io.Reader, w io.Writer, path string, create int64) (*Client, error) 
 	if len(path) > maxPath {
 		return nil, fmt.Errorf("target path of %d bytes: at most %d", len(path), maxPath)
 	}
-	c := &Client{w: bufio.NewWriterSize(w, 256<<10), acks: make(chan uint64, 1), done: make(chan struct{})}
+	c := &Client{w: bufio.NewWriterSize(w, 256<<10), acks: make(chan uint64, 1), boots: make(chan bootAnswer, 1), done: make(chan struct{})}
 	br := bufio.NewReaderSize(r, 64<<10)
 	if err := writeFrame(c.w, msgHello, encodeHello(hello{version: Version, create: create, path: path})); err != nil {
 		return nil, fmt.Errorf("send hello: %w", err)
@@ -90,6 +94,18 @@ func (c *Client) read(br *bufio.Reader) {
 					c.acks <- seq
 					continue
 				}
+			case msgBootResult:
+				if !c.booting.Swap(false) {
+					err = errors.New("the remote end sent a test boot result unasked")
+					break
+				}
+				res, berr := decodeBootResult(f.payload)
+				var re *RemoteError
+				if berr == nil || errors.As(berr, &re) {
+					c.boots <- bootAnswer{res, berr}
+					continue
+				}
+				err = berr
 			case msgError:
 				err = &RemoteError{decodeText(f.payload)}
 			default:

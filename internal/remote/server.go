@@ -10,7 +10,8 @@ import (
 	"github.com/klauspost/compress/zstd"
 )
 
-// Target is what the remote end writes: a raw file or block device.
+// Target is what the remote end writes: a raw file or block device. One
+// that is also a Booter can be test-booted there.
 type Target interface {
 	WriteAt(p []byte, off int64) (int, error)
 	Zero(off, n int64) error
@@ -87,6 +88,12 @@ func serve(ctx context.Context, br *bufio.Reader, bw *bufio.Writer, open Opener)
 		}
 		if err != nil {
 			return err
+		}
+		if f.typ == msgBoot {
+			if err := s.serveBoot(ctx, br, bw, f.payload); err != nil {
+				return err
+			}
+			continue
 		}
 		ack, err := s.handle(f)
 		if err != nil {

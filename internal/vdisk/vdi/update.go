@@ -94,8 +94,8 @@ func (u *Updater) repair() error {
 	return nil
 }
 
-// CreateUpdate makes an empty dynamic VDI of size bytes (rounded up to
-// 512) in f, a new empty file, and opens it for updating.
+// CreateUpdate makes an empty VDI of size bytes (rounded up to 512),
+// fixed or dynamic, in f, a new empty file, and opens it for updating.
 func CreateUpdate(f vdio.RWFile, name string, size int64, fixed bool) (*Updater, error) {
 	return createUpdate(f, name, size, fixed, mib)
 }
@@ -116,6 +116,9 @@ func createUpdate(f vdio.RWFile, name string, size int64, fixed bool, block int6
 
 // Size returns the virtual size.
 func (u *Updater) Size() int64 { return u.size }
+
+// Fixed says whether the image is fixed (preallocated), not dynamic.
+func (u *Updater) Fixed() bool { return u.fixed }
 
 func (u *Updater) check(off, n int64) error {
 	if off < 0 || n < 0 || off > u.size || n > u.size-off {

@@ -133,6 +133,9 @@ func createUpdate(f vdio.RWFile, name string, size int64, fixed bool, block int6
 // Size returns the virtual size.
 func (u *Updater) Size() int64 { return u.size }
 
+// Fixed says whether the image is fixed (preallocated), not dynamic.
+func (u *Updater) Fixed() bool { return u.fixed }
+
 func (u *Updater) check(off, n int64) error {
 	if off < 0 || n < 0 || off > u.size || n > u.size-off {
 		return fmt.Errorf("%s: %d bytes at %d lie outside the disk (%d bytes)", u.name, n, off, u.size)
