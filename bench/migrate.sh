@@ -66,7 +66,7 @@ timed() { # timed KEY CMD... — wall and CPU of CMD
   read -r w u s < "$WORK/t"
   samples["$key"]+="$w $(awk -v u="$u" -v s="$s" 'BEGIN{print u+s}');"
 }
-json_field() { grep -o "\"$1\":[0-9]*" "$WORK/out" | head -1 | cut -d: -f2; }
+json_field() { grep -o "\"$1\":[0-9]*" "$WORK/out" | head -1 | cut -d: -f2 || true; }
 written() { samples["$1 w"]+="${2:-0};"; }
 SSHD_PID=
 cleanup() {
@@ -90,7 +90,7 @@ make_churn2() {
   used=$(df -B1 --output=used "$WORK/a" | tail -1)
   budget=$((used / 50))
   (cd "$WORK/a" && find . -type f -size +16k -printf '%s\t%p\n' | LC_ALL=C sort -t "$(printf '\t')" -k2 |
-    awk -F '\t' -v b="$budget" 'NR % 7 == 0 { if (t + $1 > b) exit; t += $1; print $2 }') > "$WORK/churn2.list"
+    awk -F '\t' -v b="$budget" 'NR % 7 == 0 && !done { if (t + $1 > b) { done = 1; next }; t += $1; print $2 }') > "$WORK/churn2.list"
   while IFS= read -r f; do
     size=$(stat -c %s "$WORK/a/$f")
     head -c "$size" /dev/zero | openssl enc -aes-128-ctr -nosalt -pbkdf2 -iter 1 -pass "pass:churn2 $f" |
@@ -188,7 +188,7 @@ cutover_row() {
   dd if=/dev/urandom of="$WORK/a/cutover2.bin" bs=1M count=16 conv=fsync status=none
   timed "sauve raw final" "$S" migrate "$WORK/src.img" "$WORK/sauve.img" --final --json
   written "sauve raw final" "$(json_field bytes_written)"
-  samples[frozen]+="$(grep -o '"frozen_seconds":[0-9.]*' "$WORK/out" | head -1 | cut -d: -f2);"
+  samples[frozen]+="$(grep -o "\"frozen_seconds\":[0-9.]*" "$WORK/out" | head -1 | cut -d: -f2 || true);"
   umount "$WORK/a"
 }
 
