@@ -42,6 +42,10 @@ type migrateOptions struct {
 	vm   migrateQEMUFlags // for qemu:SOCKET sources (migrate_qemu.go)
 	// subformat is that of a new VHD or VDI target (--subformat).
 	subformat string
+	// holdFlags are the flags that hold applications still for the
+	// final pass, quiesce what they ask for (nil: none).
+	holdFlags quiesceFlags
+	quiesce   *quiescer
 }
 
 // exitDiverging is migrate's exit status when --until-delta is not
@@ -64,9 +68,12 @@ migration of a running machine does. The first pass copies every used
 block of SOURCE; each later pass reads and hashes SOURCE again and writes
 only the chunks (1 MiB) whose BLAKE3 hash changed since the previous
 pass, known from a local state file: TARGET is never read back. Free
-space is skipped as backups skip it (it is zeros on TARGET), except in
-filesystems mounted read-write from SOURCE, whose free space changes
-while they are read: those are read in full.
+space is skipped as backups skip it, a chunk at a time: a chunk holding
+a used block is read in full (blocks freed since the previous pass keep
+their old bytes, and the chunk its hash); one holding none is not read,
+and TARGET keeps what it had there (zeros on a new TARGET; an existing
+one's old bytes are zeroed once). Filesystems mounted read-write from
+SOURCE, whose free space changes while they are read, are read in full.
 
 --final quiesces SOURCE for the last pass: the filesystems mounted
 read-write from it are frozen (fsfreeze, under the same thaw guard as
@@ -74,7 +81,13 @@ backups: they are thawed at the end, on error, on Ctrl-C, after
 --freeze-timeout, and even if sauve is killed), the delta is applied, and
 the cut-over time is reported: how long writes were frozen. TARGET then
 holds SOURCE as it was frozen. Without an earlier pass, --final runs a
-first pass unfrozen before it.
+first pass unfrozen before it. Applications are held still around the
+freeze as backup holds them (--pre-freeze and --post-thaw hooks,
+--writer postgresql or mariadb, --quiesce agent://): they are flushed
+and held first and let go after the thaw; a failing hook or writer runs
+no final pass (the filesystems thawed, post-thaw run, TARGET as the
+previous pass left it) unless --hook-failure continue. The summary says
+how they were held.
 
 After each pass sauve prints what it read and wrote, the chunks changed,
 the source's rate of change since the previous pass against the copy
@@ -182,11 +195,14 @@ in the report).`,
 			if o.maxPasses < 1 {
 				return usageError{errors.New("--max-passes: at least 1")}
 			}
+			if err := o.readQuiesce(g.warn); err != nil {
+				return err
+			}
 			return g.migrate(cmd.Context(), args[0], args[1], &o)
 		},
 	}
 	f := cmd.Flags()
-	f.BoolVar(&o.final, "final", false, "freeze the filesystems mounted from SOURCE for the last pass, and report the cut-over time")
+	f.BoolVar(&o.final, "final", false, "hold the applications (hooks, writers) and freeze the filesystems mounted from SOURCE for the last pass, and report the cut-over time")
 	f.StringVar(&untilDelta, "until-delta", "", "repeat passes until one changes at most this `SIZE` (e.g. 64M); exit status 3 when the delta stops shrinking")
 	f.StringVar(&limitRate, "limit-rate", "", "throttle reads and writes together to this many bytes a second (e.g. 50M)")
 	f.StringVar(&o.statePath, "state", "", "the state `FILE` of the passes (default: migrate/ID.state in the cache folder, --cache-dir or $XDG_CACHE_HOME/sauve)")
@@ -198,6 +214,7 @@ in the report).`,
 	addMigrateGrowFlags(cmd, &o)
 	addMigrateQEMUFlags(cmd, &o)
 	addMigrateSubformatFlag(cmd, &o)
+	addMigrateQuiesceFlags(cmd, &o)
 	return cmd
 }
 
@@ -769,20 +786,26 @@ func (g *globals) printJSONLine(v any) error {
 	return err
 }
 
-// finalResult is what the final pass froze.
+// finalResult is what the final pass froze, and how the applications
+// were held (nil: no hook, writer or agent).
 type finalResult struct {
-	frozen time.Duration
-	mounts []string
+	frozen  time.Duration
+	mounts  []string
+	quiesce *repo.Quiescing
 	// cutover, when set, is said instead of the frozen mounts (a VM's
 	// final instant), and json adds to the summary.
 	cutover string
 	json    map[string]any
 }
 
-// finalPass freezes the filesystems mounted read-write from the source,
-// runs a pass and thaws them, whatever happens.
+// finalPass holds the applications still (hooks, writers, agents), then
+// freezes the filesystems mounted read-write from the source, runs a
+// pass and thaws them, whatever happens.
 func (g *globals) finalPass(ctx context.Context, m *migration) (*finalResult, error) {
 	if m.vm != nil {
+		if m.o.quiesce != nil {
+			return nil, usageError{fmt.Errorf("--pre-freeze, --post-thaw, --writer and --quiesce are not supported with a qemu: source yet: the guest agent freezes its filesystems (--guest-freeze)")}
+		}
 		return g.finalQEMUPass(ctx, m)
 	}
 	mounts, err := shadow.MountsToFreeze(m.src)
@@ -792,24 +815,32 @@ func (g *globals) finalPass(ctx context.Context, m *migration) (*finalResult, er
 	if err := refuseFrozenPaths(mounts, m.target.Path(), m.state.Path()); err != nil {
 		return nil, err
 	}
-	if len(mounts) == 0 {
-		g.printf("no filesystem is mounted read-write from %s: nothing to freeze\n", m.src.Path)
-		_, err := g.migratePass(ctx, m, true)
-		return &finalResult{}, err
-	}
-	z, err := shadow.FreezeMounts(ctx, mounts, shadow.Options{FreezeTimeout: m.o.freezeTimeout, Warn: g.warn})
+	fr := &finalResult{}
+	err = g.holdApplications(ctx, m, mounts, fr, func() error {
+		if len(mounts) == 0 {
+			g.printf("no filesystem is mounted read-write from %s: nothing to freeze\n", m.src.Path)
+			_, err := g.migratePass(ctx, m, true)
+			return err
+		}
+		z, err := shadow.FreezeMounts(ctx, mounts, shadow.Options{FreezeTimeout: m.o.freezeTimeout, Warn: g.warn})
+		if err != nil {
+			return err
+		}
+		_, perr := g.migratePass(ctx, m, true)
+		took, terr := z.Thaw()
+		if perr != nil {
+			return perr
+		}
+		if terr != nil {
+			return fmt.Errorf("%w: the final pass was not of one instant; run it again, with a longer --freeze-timeout", terr)
+		}
+		fr.frozen, fr.mounts = took, mounts
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}
-	_, perr := g.migratePass(ctx, m, true)
-	took, terr := z.Thaw()
-	if perr != nil {
-		return nil, perr
-	}
-	if terr != nil {
-		return nil, fmt.Errorf("%w: the final pass was not of one instant; run it again, with a longer --freeze-timeout", terr)
-	}
-	return &finalResult{frozen: took, mounts: mounts}, nil
+	return fr, nil
 }
 
 // refuseFrozenPaths refuses a final pass whose target or state file lies
@@ -845,6 +876,9 @@ func (g *globals) printMigrateSummary(m *migration, fr *finalResult) error {
 			for k, v := range fr.json {
 				out[k] = v
 			}
+			if fr.quiesce != nil {
+				out["quiesce"] = fr.quiesce
+			}
 		}
 		if m.grown != nil {
 			out["grown"] = m.grown
@@ -857,6 +891,9 @@ func (g *globals) printMigrateSummary(m *migration, fr *finalResult) error {
 		g.printf("cut-over: writes to %s were frozen for %s; %s now holds %s as it was frozen\n", strings.Join(fr.mounts, ", "), seconds(fr.frozen.Seconds()), m.target.Path(), m.src.Path)
 	} else if fr != nil {
 		g.printf("%s now holds %s\n", m.target.Path(), m.src.Path)
+	}
+	if fr != nil {
+		printQuiescing(g.stdout, "", fr.quiesce)
 	}
 	return nil
 }

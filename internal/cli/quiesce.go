@@ -30,13 +30,36 @@ type quiesceFlags struct {
 	caller              agentCallerFlags
 }
 
+// add registers backup's flags: the holding flags, and --post-backup.
 func (f *quiesceFlags) add(fs *pflag.FlagSet) {
-	fs.StringArrayVar(&f.preFreeze, "pre-freeze", nil, "run this shell command just before the point-in-time copy (repeatable, in order); $SAUVE_DISKS and $SAUVE_PROVIDER say what is copied")
-	fs.StringArrayVar(&f.postThaw, "post-thaw", nil, "run this shell command just after the copy (repeatable); it always runs once a pre-freeze command has started, also on error, timeout and Ctrl-C")
+	f.addHolding(fs, backupHolding)
 	fs.StringArrayVar(&f.postBackup, "post-backup", nil, "run this shell command once the snapshot is stored (repeatable, in order), with $SAUVE_SNAPSHOT set: what may happen only then, such as pruning an archive; a failure exits 1 (the snapshot stays)")
-	fs.StringVar(&f.hooksFile, "hooks-file", "", "read hooks and writers from this file, one per line, before the flags': pre-freeze CMD, post-thaw CMD, post-backup CMD, writer SPEC, quiesce ADDRESS ('#' starts a comment)")
+}
+
+// holdingUse says what the holding flags hold applications still for,
+// in their help: a backup's copies, or a migration's final pass.
+type holdingUse struct {
+	instant  string // what the pre-freeze commands run just before
+	abort    string // what --hook-failure abort does
+	degrade  string // what --hook-failure continue does
+	hooksExt string // the hooks file's keys beyond pre-freeze and post-thaw
+}
+
+var backupHolding = holdingUse{
+	instant:  "the point-in-time copy",
+	abort:    "store no snapshot, say which failed and what it printed",
+	degrade:  "store a crash-consistent snapshot, and say why",
+	hooksExt: "post-backup CMD, ",
+}
+
+// addHolding registers the flags that hold applications still: hooks,
+// writers and agents, and what their failure does.
+func (f *quiesceFlags) addHolding(fs *pflag.FlagSet, u holdingUse) {
+	fs.StringArrayVar(&f.preFreeze, "pre-freeze", nil, "run this shell command just before "+u.instant+" (repeatable, in order); $SAUVE_DISKS and $SAUVE_PROVIDER say what is copied")
+	fs.StringArrayVar(&f.postThaw, "post-thaw", nil, "run this shell command just after the copy (repeatable); it always runs once a pre-freeze command has started, also on error, timeout and Ctrl-C")
+	fs.StringVar(&f.hooksFile, "hooks-file", "", "read hooks and writers from this file, one per line, before the flags': pre-freeze CMD, post-thaw CMD, "+u.hooksExt+"writer SPEC, quiesce ADDRESS ('#' starts a comment)")
 	fs.DurationVar(&f.hookTimeout, "hook-timeout", writer.DefaultHookTimeout, "longest time each --pre-freeze or --post-thaw command may run (its process group is killed then)")
-	fs.StringVar(&f.hookFailure, "hook-failure", "abort", "what a failing hook or writer does: abort (store no snapshot, say which failed and what it printed) or continue (store a crash-consistent snapshot, and say why)")
+	fs.StringVar(&f.hookFailure, "hook-failure", "abort", "what a failing hook or writer does: abort ("+u.abort+") or continue ("+u.degrade+")")
 	fs.StringArrayVar(&f.writers, "writer", nil, "flush and hold an application for the copy (repeatable): postgresql[:DSN] (CHECKPOINT first), mariadb[:DSN] or mysql[:DSN] (FLUSH TABLES WITH READ LOCK held until the copy is taken)")
 	fs.DurationVar(&f.writerTimeout, "writer-timeout", writer.DefaultDeadline, "longest time each writer may take to flush and hold its application")
 	fs.StringArrayVar(&f.agents, "quiesce", nil, "ask the sauve agent at agent://HOST:PORT (or unix:PATH, a VM's virtio-serial chardev) to freeze its writers and filesystems for the copy (repeatable); both sides authenticate with Ed25519 keys")

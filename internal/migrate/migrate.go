@@ -1,9 +1,21 @@
 // Package migrate copies a disk onto another by passes, as a migration
-// of a running machine does: the first pass copies every used block of
-// the source onto the target, and each later pass reads and hashes the
-// source again and writes only the chunks whose hash changed since the
-// previous pass, known from a local state file (State), so that the
-// target is never read back (it may be remote, slow, or a VM image).
+// of a running machine does: the first pass copies every chunk of the
+// source that holds a used block onto the target, and each later pass
+// reads and hashes those chunks again and writes only the ones whose
+// hash changed since the previous pass, known from a local state file
+// (State), so that the target is never read back (it may be remote,
+// slow, or a VM image).
+//
+// The target is a valid copy when every used block of the source is
+// equal on it; free blocks may hold anything. A chunk holding any used
+// block is read in full, its free blocks as they are on the source:
+// blocks freed since the last pass still hold their old bytes there, so
+// the chunk hashes as before and is not written again (reading free
+// space as zeros would make every chunk where a file was deleted or
+// shrunk a change). A chunk holding no used block is not read: when the
+// state knows what the target holds there, it is left as it is (free
+// space); when it does not (an existing target's old bytes, a write torn
+// by a crash), it is zeroed so that the state knows it from then on.
 //
 // Chunks are hashed with BLAKE3-256: a chunk is skipped only when its
 // hash equals the one recorded after its last durable write, and a
@@ -12,6 +24,10 @@
 // chunks are marked unknown in the state, written, the target is synced,
 // and only then are their new hashes recorded, so that a pass killed at
 // any instant leaves a state that claims nothing the target may not hold.
+//
+// A pass reads the source in order in one goroutine and hashes the
+// chunks read in a few others, while the batch is written: reading,
+// hashing and writing overlap, and the state is updated in chunk order.
 // The package knows nothing of devices, mounts or freezing: the caller
 // (internal/cli) opens the source and target and freezes what it must.
 package migrate
@@ -21,6 +37,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -36,8 +54,9 @@ const DefaultChunkSize = 1 << 20
 // two syncs of the target and the state.
 const DefaultBatch = 64 << 20
 
-// Source is what a pass reads: Size bytes at At, of which only the
-// ranges Map gives hold data (nil: all of it); the rest reads as zeros.
+// Source is what a pass reads: Size bytes at At, of which the ranges Map
+// gives hold the used blocks (nil: all of it). At is read by one
+// goroutine at a time, in order.
 //
 // Changes, when set, gives the ranges that may have changed since the
 // previous pass (a QEMU dirty bitmap, the chunks of two snapshots that
@@ -69,6 +88,9 @@ type Options struct {
 	Limit *Limiter
 	// Progress, when set, is updated as the pass goes.
 	Progress *Progress
+	// Hashers is how many goroutines hash the chunks read (0: one per
+	// CPU, at most 4).
+	Hashers int
 }
 
 // Progress is a pass's progress, updated atomically.
@@ -82,11 +104,15 @@ type Progress struct {
 type Pass struct {
 	Number int       `json:"pass"`
 	Start  time.Time `json:"start"`
-	// BytesRead are the bytes read of the source (free space is not).
+	// BytesRead are the bytes read of the source: the chunks holding a
+	// used block, in full.
 	BytesRead int64 `json:"bytes_read"`
 	// ChunksUnread are the chunks not read because the source's
 	// Changes said they had not changed.
 	ChunksUnread int64 `json:"chunks_unread"`
+	// ChunksFree are the chunks holding no used block, not read (and
+	// zeroed when the state did not know them).
+	ChunksFree int64 `json:"chunks_free"`
 	// BytesWritten are the bytes of data written to the target,
 	// BytesZeroed those made zeros (holes punched, discards).
 	BytesWritten int64 `json:"bytes_written"`
@@ -96,8 +122,8 @@ type Pass struct {
 	ChunksChanged int64   `json:"chunks_changed"`
 	Chunks        int64   `json:"chunks"`
 	Seconds       float64 `json:"seconds"`
-	// ReadSeconds is the time spent reading and hashing, WriteSeconds
-	// the time spent writing and syncing.
+	// ReadSeconds is the time the pass was not writing (reading and
+	// hashing), WriteSeconds the time spent writing and syncing.
 	ReadSeconds  float64 `json:"read_seconds"`
 	WriteSeconds float64 `json:"write_seconds"`
 }
@@ -129,6 +155,32 @@ type pending struct {
 	data []byte // nil: zeros
 }
 
+// What the reader found a chunk to be.
+type chunkKind int
+
+const (
+	chunkRead      chunkKind = iota // read (and hashed)
+	chunkUnchanged                  // not in Changes, known: not read
+	chunkFree                       // no used block, known: left as it is
+	chunkFreeZero                   // no used block, unknown: to be zeroed
+)
+
+// chunk is one chunk as the reader and a hasher left it.
+type chunk struct {
+	idx  int64
+	n    int
+	kind chunkKind
+	buf  []byte // chunkRead: the chunk's bytes
+	hash Hash
+	zero bool // chunkRead: all zeros (buf is given back at once)
+	err  error
+	done chan struct{} // chunkRead: closed once hashed
+}
+
+// pipelineDepth is how many chunks the reader may be ahead of the
+// writer, besides the batch's.
+const pipelineDepth = 8
+
 // Run runs one pass of src onto t with st, the state of the previous
 // passes, and returns what it did. On error the target and st are as a
 // kill at that instant would leave them: the next pass makes them exact.
@@ -140,151 +192,238 @@ func Run(ctx context.Context, src Source, t Target, st *State, o Options) (Pass,
 	if o.Batch <= 0 {
 		o.Batch = DefaultBatch
 	}
-	r := &runner{ctx: ctx, src: src, t: t, st: st, o: o, cs: cs,
-		p:     Pass{Start: time.Now(), Chunks: int64(len(st.hashes))},
-		zeros: map[int]Hash{}}
-	r.free = make([][]byte, max(1, int(o.Batch/int64(cs))))
-	for i := range r.free {
-		r.free[i] = make([]byte, cs)
+	if o.Hashers <= 0 {
+		o.Hashers = min(4, runtime.GOMAXPROCS(0))
 	}
-	err := r.run()
+	r := &runner{src: src, t: t, st: st, o: o, cs: cs,
+		p:        Pass{Start: time.Now(), Chunks: int64(len(st.hashes))},
+		batchMax: int((o.Batch + int64(cs) - 1) / int64(cs)),
+		zeroFull: ZeroHash(cs),
+		zeroLast: ZeroHash(chunkLen(int64(len(st.hashes))-1, cs, src.Size)),
+	}
+	r.batchMax = max(1, r.batchMax)
+	err := r.run(ctx)
 	r.p.Seconds = time.Since(r.p.Start).Seconds()
+	r.p.ReadSeconds = max(0, r.p.Seconds-r.p.WriteSeconds)
 	return r.p, err
 }
 
 type runner struct {
-	ctx   context.Context
-	src   Source
-	t     Target
-	st    *State
-	o     Options
-	cs    int
-	p     Pass
-	zeros map[int]Hash // hash of n zeros, by n
-	free  [][]byte     // chunk buffers not holding a pending chunk
-	batch []pending
+	src      Source
+	t        Target
+	st       *State
+	o        Options
+	cs       int
+	p        Pass
+	batchMax int         // chunks of a batch
+	zeroFull Hash        // hash of a whole chunk of zeros
+	zeroLast Hash        // hash of the last chunk's zeros
+	free     chan []byte // chunk buffers not in use
+	batch    []pending
 }
 
-func (r *runner) run() error {
-	hasher := blake3.New()
+func (r *runner) zeroHash(i int64) Hash {
+	if i == int64(len(r.st.hashes))-1 {
+		return r.zeroLast
+	}
+	return r.zeroFull
+}
+
+// run starts the reader and the hashers, and writes what they find
+// changed in chunk order. The reader and the hashers have stopped when
+// it returns.
+func (r *runner) run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	r.free = make(chan []byte, r.batchMax+pipelineDepth)
+	for range cap(r.free) {
+		r.free <- make([]byte, r.cs)
+	}
+	chunks := make(chan *chunk, pipelineDepth)
+	toHash := make(chan *chunk, pipelineDepth)
+	wg.Add(1 + r.o.Hashers)
+	go func() {
+		defer wg.Done()
+		defer close(chunks)
+		defer close(toHash)
+		r.read(ctx, chunks, toHash)
+	}()
+	for range r.o.Hashers {
+		go func() {
+			defer wg.Done()
+			hash(toHash)
+		}()
+	}
+	for c := range chunks {
+		if c.done != nil {
+			<-c.done
+		}
+		if c.err != nil {
+			return c.err
+		}
+		if err := r.take(ctx, c); err != nil {
+			return err
+		}
+	}
+	// The reader stops early only when ctx ends.
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return r.flush(ctx)
+}
+
+// hash hashes the chunks read until toHash is closed.
+func hash(toHash <-chan *chunk) {
+	h := blake3.New()
+	for c := range toHash {
+		if c.zero = extent.IsZero(c.buf); !c.zero {
+			h.Reset()
+			h.Write(c.buf)
+			copy(c.hash[:], h.Sum(nil))
+		}
+		close(c.done)
+	}
+}
+
+// read goes through the chunks in order, reads those that must be, and
+// hands them to the hashers and, in order, to the writer; it stops at
+// the first error (sent as a chunk) or when ctx ends.
+func (r *runner) read(ctx context.Context, chunks, toHash chan<- *chunk) {
+	send := func(ch chan<- *chunk, c *chunk) bool {
+		select {
+		case ch <- c:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
 	for i := int64(0); i < int64(len(r.st.hashes)); i++ {
-		if err := r.ctx.Err(); err != nil {
-			return err
+		if ctx.Err() != nil {
+			return
 		}
-		n := chunkLen(i, r.cs, r.src.Size)
-		same, err := r.unchanged(i, n)
-		if err != nil {
-			return err
-		}
-		if same {
-			r.p.ChunksUnread++
-			if r.o.Progress != nil {
-				r.o.Progress.Done.Add(int64(n))
+		c := &chunk{idx: i, n: chunkLen(i, r.cs, r.src.Size)}
+		c.kind, c.err = r.classify(i, c.n)
+		if c.err == nil && c.kind == chunkRead {
+			select {
+			case c.buf = <-r.free:
+			case <-ctx.Done():
+				return
 			}
-			continue
-		}
-		if len(r.free) == 0 {
-			if err := r.flush(); err != nil {
-				return err
+			c.buf = c.buf[:c.n]
+			if c.err = r.readChunk(ctx, i, c.buf); c.err == nil {
+				c.done = make(chan struct{})
+				if !send(toHash, c) {
+					return
+				}
 			}
 		}
-		buf := r.free[len(r.free)-1][:n]
-		t0 := time.Now()
-		zero, err := r.read(i, buf)
-		if err != nil {
-			return err
-		}
-		var h Hash
-		if zero {
-			h = r.zeroHash(n)
-		} else {
-			hasher.Reset()
-			hasher.Write(buf)
-			copy(h[:], hasher.Sum(nil))
-		}
-		r.p.ReadSeconds += time.Since(t0).Seconds()
-		if r.o.Progress != nil {
-			r.o.Progress.Done.Add(int64(n))
-		}
-		if h == r.st.hashes[i] {
-			continue
-		}
-		pd := pending{idx: i, hash: h}
-		if !zero {
-			pd.data = buf
-			r.free = r.free[:len(r.free)-1]
-		}
-		r.batch = append(r.batch, pd)
-		r.p.ChunksChanged++
-		r.p.BytesChanged += int64(n)
-		if r.o.Progress != nil {
-			r.o.Progress.Changed.Add(int64(n))
-		}
-		// Zero chunks hold no buffer: bound the batch all the same, so
-		// that the state is brought up to date as the pass goes.
-		if int64(len(r.batch))*int64(r.cs) >= r.o.Batch {
-			if err := r.flush(); err != nil {
-				return err
-			}
+		if !send(chunks, c) || c.err != nil {
+			return
 		}
 	}
-	return r.flush()
 }
 
-// unchanged says whether chunk i, of n bytes, is known unchanged since
-// the previous pass without reading it.
-func (r *runner) unchanged(i int64, n int) (bool, error) {
-	if r.src.Changes == nil || r.st.hashes[i] == (Hash{}) {
-		return false, nil
-	}
+// classify says what chunk i, of n bytes, is to the pass. It reads the
+// state's hash of a chunk not yet taken by the writer, which only
+// changes the hashes of chunks it has taken.
+func (r *runner) classify(i int64, n int) (chunkKind, error) {
 	off := i * int64(r.cs)
-	rs, err := r.src.Changes.Data(off, int64(n))
+	known := r.st.hashes[i] != (Hash{})
+	if r.src.Changes != nil && known {
+		rs, err := r.src.Changes.Data(off, int64(n))
+		if err != nil {
+			return 0, fmt.Errorf("changes of the source at %d: %w", off, err)
+		}
+		if len(rs) == 0 {
+			return chunkUnchanged, nil
+		}
+	}
+	if r.src.Map == nil {
+		return chunkRead, nil
+	}
+	rs, err := r.src.Map.Data(off, int64(n))
 	if err != nil {
-		return false, fmt.Errorf("changes of the source at %d: %w", off, err)
+		return 0, fmt.Errorf("map of the source at %d: %w", off, err)
 	}
-	return len(rs) == 0, nil
+	for _, rg := range rs {
+		if rg.Start < off || rg.End > off+int64(n) || rg.Start >= rg.End {
+			return 0, fmt.Errorf("map of the source gave %d-%d outside %d-%d", rg.Start, rg.End, off, off+int64(n))
+		}
+	}
+	switch {
+	case len(rs) > 0:
+		return chunkRead, nil
+	case known:
+		return chunkFree, nil
+	}
+	return chunkFreeZero, nil
 }
 
-func (r *runner) zeroHash(n int) Hash {
-	h, ok := r.zeros[n]
-	if !ok {
-		h = ZeroHash(n)
-		r.zeros[n] = h
-	}
-	return h
-}
-
-// read reads chunk i into buf, free space as zeros, and says whether it
-// is all zeros.
-func (r *runner) read(i int64, buf []byte) (bool, error) {
+// readChunk reads chunk i in full into buf.
+func (r *runner) readChunk(ctx context.Context, i int64, buf []byte) error {
 	off := i * int64(r.cs)
-	clear(buf)
-	ranges := []extent.Range{{Start: off, End: off + int64(len(buf))}}
-	if r.src.Map != nil {
-		var err error
-		if ranges, err = r.src.Map.Data(off, int64(len(buf))); err != nil {
-			return false, fmt.Errorf("map of the source at %d: %w", off, err)
+	if err := r.o.Limit.Wait(ctx, int64(len(buf))); err != nil {
+		return err
+	}
+	n, err := r.src.At.ReadAt(buf, off)
+	if err != nil && !(errors.Is(err, io.EOF) && off+int64(len(buf)) >= r.src.Size) {
+		return fmt.Errorf("read source at %d: %w", off+int64(n), err)
+	}
+	clear(buf[n:]) // past the end of a source that shrank: zeros
+	return nil
+}
+
+// take is the writer's part of chunk c: counted, and batched when it
+// changed.
+func (r *runner) take(ctx context.Context, c *chunk) error {
+	if r.o.Progress != nil {
+		r.o.Progress.Done.Add(int64(c.n))
+	}
+	pd := pending{idx: c.idx}
+	switch c.kind {
+	case chunkUnchanged:
+		r.p.ChunksUnread++
+		return nil
+	case chunkFree:
+		r.p.ChunksFree++
+		return nil
+	case chunkFreeZero:
+		r.p.ChunksFree++
+		pd.hash = r.zeroHash(c.idx)
+	case chunkRead:
+		r.p.BytesRead += int64(c.n)
+		pd.hash = c.hash
+		if c.zero {
+			pd.hash = r.zeroHash(c.idx)
+		}
+		if pd.hash == r.st.hashes[c.idx] || c.zero {
+			r.free <- c.buf[:cap(c.buf)]
+		} else {
+			pd.data = c.buf
+		}
+		if pd.hash == r.st.hashes[c.idx] {
+			return nil
 		}
 	}
-	for _, rg := range ranges {
-		if rg.Start < off || rg.End > off+int64(len(buf)) || rg.Start > rg.End {
-			return false, fmt.Errorf("map of the source gave %d-%d outside %d-%d", rg.Start, rg.End, off, off+int64(len(buf)))
-		}
-		if err := r.o.Limit.Wait(r.ctx, rg.Len()); err != nil {
-			return false, err
-		}
-		p := buf[rg.Start-off : rg.End-off]
-		if _, err := r.src.At.ReadAt(p, rg.Start); err != nil && !(errors.Is(err, io.EOF) && rg.End >= r.src.Size) {
-			return false, fmt.Errorf("read source at %d: %w", rg.Start, err)
-		}
-		r.p.BytesRead += rg.Len()
+	r.batch = append(r.batch, pd)
+	r.p.ChunksChanged++
+	r.p.BytesChanged += int64(c.n)
+	if r.o.Progress != nil {
+		r.o.Progress.Changed.Add(int64(c.n))
 	}
-	return extent.IsZero(buf), nil
+	// Zero chunks hold no buffer: the batch is bounded all the same, so
+	// that the state is brought up to date as the pass goes.
+	if len(r.batch) >= r.batchMax {
+		return r.flush(ctx)
+	}
+	return nil
 }
 
 // flush writes the batch: its chunks marked unknown, written, the target
 // synced, their hashes recorded.
-func (r *runner) flush() error {
+func (r *runner) flush(ctx context.Context) error {
 	if len(r.batch) == 0 {
 		return nil
 	}
@@ -300,7 +439,7 @@ func (r *runner) flush() error {
 		return err
 	}
 	for _, pd := range r.batch {
-		if err := r.write(pd); err != nil {
+		if err := r.write(ctx, pd); err != nil {
 			return err
 		}
 	}
@@ -312,15 +451,15 @@ func (r *runner) flush() error {
 	}
 	for _, pd := range r.batch {
 		if pd.data != nil {
-			r.free = append(r.free, pd.data[:cap(pd.data)])
+			r.free <- pd.data[:cap(pd.data)]
 		}
 	}
 	r.batch = r.batch[:0]
 	return nil
 }
 
-func (r *runner) write(pd pending) error {
-	if err := r.ctx.Err(); err != nil {
+func (r *runner) write(ctx context.Context, pd pending) error {
+	if err := ctx.Err(); err != nil {
 		return err
 	}
 	off := pd.idx * int64(r.cs)
@@ -331,7 +470,7 @@ func (r *runner) write(pd pending) error {
 		}
 		r.p.BytesZeroed += int64(n)
 	} else {
-		if err := r.o.Limit.Wait(r.ctx, int64(n)); err != nil {
+		if err := r.o.Limit.Wait(ctx, int64(n)); err != nil {
 			return err
 		}
 		if _, err := r.t.WriteAt(pd.data[:n], off); err != nil {

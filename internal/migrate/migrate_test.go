@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -129,13 +131,23 @@ func (d *disk) source() Source {
 	return Source{At: bytes.NewReader(d.data), Size: int64(len(d.data)), Map: m}
 }
 
-// want is what the target must hold: the data with free ranges zeroed.
-func (d *disk) want() []byte {
-	w := append([]byte(nil), d.data...)
-	for _, f := range d.free {
-		clear(w[f.Start:f.End])
+// used says whether chunk i holds a used byte of the disk.
+func (d *disk) used(i int64) bool {
+	rs, _ := d.source().Map.Data(i*cs, cs)
+	return len(rs) > 0
+}
+
+// validCopy fails unless the target is a valid copy of d: every chunk
+// that holds a used byte equal to the source's in full (free bytes
+// included), the free chunks anything.
+func validCopy(t *testing.T, what string, got []byte, d *disk) {
+	t.Helper()
+	for i := int64(0); i*cs < int64(len(d.data)); i++ {
+		end := min((i+1)*cs, int64(len(d.data)))
+		if d.used(i) && !bytes.Equal(got[i*cs:end], d.data[i*cs:end]) {
+			t.Fatalf("%s: target chunk %d, which holds used blocks, differs from the source's", what, i)
+		}
 	}
-	return w
 }
 
 func newState(t *testing.T, size int64, fresh bool) *State {
@@ -172,20 +184,10 @@ func run(t *testing.T, d *disk, tg *memTarget, st *State, o Options) Pass {
 	return p
 }
 
-func sameBytes(t *testing.T, what string, got, want []byte) {
-	t.Helper()
-	if !bytes.Equal(got, want) {
-		for i := range want {
-			if got[i] != want[i] {
-				t.Fatalf("%s: target differs from the source at %d (chunk %d)", what, i, i/cs)
-			}
-		}
-	}
-}
-
-// The first pass writes every chunk holding data, skips the zero chunks
-// of a new target and reads no free space; a second pass over an
-// unchanged source writes nothing.
+// The first pass writes every chunk holding a used block, in full,
+// skips the zero chunks of a new target and does not read (nor write)
+// its chunks holding no used block; a second pass over an unchanged
+// source writes nothing.
 func TestMigrateFirstPass(t *testing.T) {
 	size := int64(8*cs + 1000) // a short last chunk
 	d := newDisk(size, 1)
@@ -194,14 +196,17 @@ func TestMigrateFirstPass(t *testing.T) {
 	tg := newTarget(t, size)
 	st := newState(t, size, true)
 	p := run(t, d, tg, st, Options{})
-	sameBytes(t, "first pass", tg.durable, d.want())
+	validCopy(t, "first pass", tg.durable, d)
 	if want := []int64{0, 1, 2, 4, 6, 7, 8}; !slices.Equal(tg.writes, want) {
 		t.Errorf("first pass wrote chunks %v, want %v", tg.writes, want)
 	}
-	if want := size - cs - (cs - 200); p.BytesRead != want {
-		t.Errorf("read %d bytes, want %d (free space skipped)", p.BytesRead, want)
+	if !bytes.Equal(tg.durable[5*cs:6*cs], make([]byte, cs)) {
+		t.Error("the free chunk of a new target was written")
 	}
-	if p.BytesWritten != 6*cs+1000 || p.ChunksChanged != 7 || p.Chunks != 9 {
+	if want := size - cs; p.BytesRead != want {
+		t.Errorf("read %d bytes, want %d (the free chunk skipped, the mostly free one read in full)", p.BytesRead, want)
+	}
+	if p.BytesWritten != 6*cs+1000 || p.ChunksChanged != 7 || p.Chunks != 9 || p.ChunksFree != 1 {
 		t.Errorf("first pass: %+v", p)
 	}
 	st = reload(t, st)
@@ -212,43 +217,61 @@ func TestMigrateFirstPass(t *testing.T) {
 	}
 }
 
-// A delta pass writes exactly the chunks that changed: data changed, a
-// chunk become zeros (zeroed, not written), a chunk become free; not
-// those whose free space alone changed. An existing target's zero
-// chunks are zeroed at the first pass.
+// A delta pass writes exactly the chunks whose bytes changed: data
+// changed, in a used chunk's free space too, a chunk become zeros
+// (zeroed, not written). Not those where blocks were freed (their old
+// bytes are still there), nor those become free altogether, which keep
+// what the target had, changed or not, until they hold a used block
+// again. An existing target's free chunks, unknown to the state, are
+// zeroed at the first pass, as are its zero chunks.
 func TestMigrateDeltaWritesOnlyChanged(t *testing.T) {
 	size := int64(10 * cs)
 	d := newDisk(size, 2)
-	d.free = memMap{{Start: 8*cs + 10, End: 8*cs + 500}}
+	d.free = memMap{{Start: cs, End: 2 * cs}, {Start: 8*cs + 10, End: 8*cs + 500}}
 	clear(d.data[9*cs:])
 	tg := newTarget(t, size)
 	for i := range tg.durable {
 		tg.durable[i] = 0xee // an old disk's bytes
 	}
 	st := newState(t, size, false)
-	run(t, d, tg, st, Options{Batch: 3 * cs})
-	sameBytes(t, "first pass", tg.durable, d.want())
-	if !slices.Equal(tg.zeroed, []int64{9}) {
-		t.Errorf("first pass zeroed %v, want [9]", tg.zeroed)
+	p := run(t, d, tg, st, Options{Batch: 3 * cs})
+	validCopy(t, "first pass", tg.durable, d)
+	if !slices.Equal(tg.zeroed, []int64{1, 9}) || p.BytesRead != 9*cs || p.ChunksFree != 1 {
+		t.Errorf("first pass zeroed %v, want [1 9]; %+v", tg.zeroed, p)
 	}
 	d.data[2*cs+77] ^= 1
 	d.data[5*cs] ^= 0x80
 	clear(d.data[6*cs : 7*cs])
-	d.data[8*cs+20] ^= 1 // in free space
-	d.free = append(d.free, extent.Range{Start: 3 * cs, End: 4 * cs})
-	slices.SortFunc(d.free, func(a, b extent.Range) int { return int(a.Start - b.Start) })
+	d.data[8*cs+20] ^= 1 // in a used chunk's free space
+	d.data[7*cs+9] ^= 1  // in a chunk become free
+	d.free = memMap{{Start: cs, End: 2 * cs}, {Start: 3 * cs, End: 3*cs + 4096}, {Start: 3*cs + 8192, End: 3*cs + 12288},
+		{Start: 7 * cs, End: 8 * cs}, {Start: 8*cs + 10, End: 8*cs + 500}}
+	old7 := append([]byte(nil), tg.durable[7*cs:8*cs]...)
 	st = reload(t, st)
 	tg.writes, tg.zeroed = nil, nil
-	p := run(t, d, tg, st, Options{Batch: 3 * cs})
-	sameBytes(t, "delta pass", tg.durable, d.want())
-	if want := []int64{2, 3, 5, 6}; !slices.Equal(tg.writes, want) {
+	p = run(t, d, tg, st, Options{Batch: 3 * cs})
+	validCopy(t, "delta pass", tg.durable, d)
+	if want := []int64{2, 5, 6, 8}; !slices.Equal(tg.writes, want) {
 		t.Errorf("delta pass wrote chunks %v, want %v", tg.writes, want)
 	}
-	if want := []int64{3, 6}; !slices.Equal(tg.zeroed, want) {
+	if want := []int64{6}; !slices.Equal(tg.zeroed, want) {
 		t.Errorf("delta pass zeroed chunks %v, want %v", tg.zeroed, want)
 	}
-	if p.ChunksChanged != 4 || p.BytesChanged != 4*cs || p.BytesWritten != 2*cs || p.BytesZeroed != 2*cs {
+	if p.ChunksChanged != 4 || p.BytesChanged != 4*cs || p.BytesWritten != 3*cs || p.BytesZeroed != cs || p.ChunksFree != 2 || p.BytesRead != 8*cs {
 		t.Errorf("delta pass: %+v", p)
+	}
+	if !bytes.Equal(tg.durable[7*cs:8*cs], old7) {
+		t.Error("the chunk become free was written")
+	}
+	// Used again: chunk 7 changed while free, so it is written now;
+	// chunk 3's freed blocks used again with the same bytes are not.
+	d.free = memMap{{Start: cs, End: 2 * cs}}
+	st = reload(t, st)
+	tg.writes, tg.zeroed = nil, nil
+	run(t, d, tg, st, Options{Batch: 3 * cs})
+	validCopy(t, "third pass", tg.durable, d)
+	if want := []int64{7}; !slices.Equal(tg.writes, want) {
+		t.Errorf("third pass wrote chunks %v, want %v", tg.writes, want)
 	}
 }
 
@@ -294,18 +317,21 @@ func TestMigrateResumeAfterCrash(t *testing.T) {
 				} else {
 					tg.failWrites = kill
 				}
-				if _, err := Run(context.Background(), d.source(), tg, st, Options{Batch: 4 * cs}); err == nil {
+				if _, err := Run(context.Background(), d.source(), tg, st, Options{Batch: 4 * cs, Hashers: 1 + kill%3}); err == nil {
 					t.Fatal("the killed pass did not fail")
 				}
 				tg.crash(rng)
 				st = reload(t, st)
 				checkClaims(t, st, tg.durable, "after the crash")
-				// The source goes back to its old bytes in half the chunks.
+				// The source goes back to its old bytes in half the chunks;
+				// two chunks, which the killed pass may have torn, hold no
+				// used block any more, and a third one's blocks are freed.
 				for i := int64(0); i < 12; i += 2 {
 					copy(d.data[i*cs:(i+1)*cs], old[i*cs:])
 				}
-				run(t, d, tg, st, Options{Batch: 4 * cs})
-				sameBytes(t, "resumed pass", tg.durable, d.want())
+				d.free = memMap{{Start: cs, End: 2 * cs}, {Start: 5 * cs, End: 6 * cs}, {Start: 10*cs + 100, End: 11*cs - 100}}
+				run(t, d, tg, st, Options{Batch: 4 * cs, Hashers: 1 + kill%3})
+				validCopy(t, "resumed pass", tg.durable, d)
 				checkClaims(t, reload(t, st), tg.durable, "after the resumed pass")
 			})
 		}
@@ -406,7 +432,7 @@ func TestMigrateConvergence(t *testing.T) {
 			if v != c.want || pass != c.byPass {
 				t.Fatalf("verdict %v at pass %d, want %v at pass %d", v, pass, c.want, c.byPass)
 			}
-			sameBytes(t, "last pass", tg.durable, d.want())
+			validCopy(t, "last pass", tg.durable, d)
 		})
 	}
 	r := Estimate(time.Time{}, Pass{BytesRead: 100, Seconds: 1, ReadSeconds: 1})
@@ -451,7 +477,7 @@ func TestMigrateChangesSkipsUnread(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "pass with changes", tg.durable, d.want())
+	validCopy(t, "pass with changes", tg.durable, d)
 	if want := []int64{2, 4, 7}; !slices.Equal(tg.writes, want) {
 		t.Errorf("wrote chunks %v, want %v", tg.writes, want)
 	}
@@ -467,5 +493,66 @@ func TestMigrateChangesSkipsUnread(t *testing.T) {
 	}
 	if len(tg.writes) != 0 {
 		t.Errorf("empty Changes: wrote chunks %v", tg.writes)
+	}
+}
+
+// failingReader fails the read of one offset, and records a read after
+// the pass returned.
+type failingReader struct {
+	t        *testing.T
+	r        *bytes.Reader
+	failAt   int64
+	returned atomic.Bool
+}
+
+func (f *failingReader) ReadAt(p []byte, off int64) (int, error) {
+	if f.returned.Load() {
+		f.t.Error("the source was read after the pass returned")
+	}
+	if off == f.failAt {
+		return 0, errors.New("injected read failure")
+	}
+	return f.r.ReadAt(p, off)
+}
+
+// A read failing, or the pass cancelled, ends the pass with an error,
+// its reader and hashers stopped: the source is not read after Run
+// returns, and the state claims nothing the target does not hold.
+func TestMigrateStopsOnError(t *testing.T) {
+	size := int64(40 * cs)
+	d := newDisk(size, 9)
+	for _, c := range []struct {
+		name   string
+		failAt int64
+		cancel bool
+	}{{"read error", 17 * cs, false}, {"cancelled", -1, true}} {
+		t.Run(c.name, func(t *testing.T) {
+			tg := newTarget(t, size)
+			st := newState(t, size, true)
+			fr := &failingReader{t: t, r: bytes.NewReader(d.data), failAt: c.failAt}
+			src := d.source()
+			src.At = fr
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			o := Options{Batch: 4 * cs}
+			if c.cancel {
+				o.Progress = new(Progress)
+				go func() {
+					for o.Progress.Done.Load() < 9*cs {
+						time.Sleep(time.Millisecond)
+					}
+					cancel()
+				}()
+				o.Limit = NewLimiter(8 << 20) // slow enough to be cancelled midway
+			}
+			_, err := Run(ctx, src, tg, st, o)
+			fr.returned.Store(true)
+			if err == nil || !c.cancel && !strings.Contains(err.Error(), "injected read failure") || c.cancel && !errors.Is(err, context.Canceled) {
+				t.Fatalf("pass: %v", err)
+			}
+			time.Sleep(20 * time.Millisecond)
+			tg.crash(rand.New(rand.NewPCG(1, 2)))
+			checkClaims(t, reload(t, st), tg.durable, "after the failed pass")
+		})
 	}
 }
