@@ -308,6 +308,7 @@ func TestMigrateQEMURefusals(t *testing.T) {
 	e.fail([]string{"own disk"}, "migrate", "qemu:"+vm.sock, vm.qcow2, "--drive", "big")
 	e.fail([]string{"--final"}, "migrate", "qemu:"+vm.sock, target, "--drive", "big", "--stop-source")
 	e.fail([]string{"qemu:SOCKET"}, "migrate", vm.raw, target, "--drive", "big")
+	e.fail([]string{"not supported with a qemu: source", "--guest-freeze"}, "migrate", "qemu:"+vm.sock, target, "--drive", "big", "--final", "--pre-freeze", "true")
 	if _, err := os.Stat(target); err == nil {
 		t.Fatal("a refused migration made the target")
 	}

@@ -762,18 +762,7 @@ func TestMigrateFinalPostgreSQL(t *testing.T) {
 	inner := pi.dir(t, "migsrc")
 	sh(t, "mount", "-o", "loop", img, inner)
 	t.Cleanup(func() { exec.Command("fsfreeze", "-u", inner).Run(); exec.Command("umount", inner).Run() })
-	data := filepath.Join(inner, "pgdata")
-	if err := os.Mkdir(data, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	os.Chown(data, int(pi.cred.Uid), int(pi.cred.Gid))
-	pi.asPostgres(t, "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "-N")
-	conf, err := os.OpenFile(filepath.Join(data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintln(conf, "max_wal_size = 48MB\nmin_wal_size = 32MB")
-	conf.Close()
+	data := pi.initCluster(t, inner, "48MB")
 	src := pi.startPG(t, data, 6571)
 	sh(t, pi.tool("pgbench"), append(src.conn(), "-i", "-q", "-s", "1", "postgres")...)
 	src.psql(t, "postgres", "CHECKPOINT")

@@ -80,6 +80,28 @@ func (pi pgInstall) dir(t *testing.T, prefix string) string {
 
 // asPostgres runs a command as the postgres user and fails the test with
 // its output if it fails.
+// initCluster makes a cluster in dir/pgdata, owned by the servers' user,
+// whose WAL is kept to maxWAL (min 32MB) so that the image holding it
+// stays small; it returns the cluster's folder.
+func (pi pgInstall) initCluster(t *testing.T, dir, maxWAL string) string {
+	t.Helper()
+	data := filepath.Join(dir, "pgdata")
+	if err := os.Mkdir(data, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.Chown(data, int(pi.cred.Uid), int(pi.cred.Gid))
+	pi.asPostgres(t, "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "-N")
+	conf, err := os.OpenFile(filepath.Join(data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conf.Close()
+	if _, err := fmt.Fprintf(conf, "max_wal_size = %s\nmin_wal_size = 32MB\n", maxWAL); err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
 func (pi pgInstall) asPostgres(t *testing.T, name string, args ...string) {
 	t.Helper()
 	cmd := exec.Command(pi.tool(name), args...)
@@ -277,21 +299,10 @@ func TestPostgresUnderLoad(t *testing.T) {
 	// max_wal_size lets it keep.
 	inner := pi.dir(t, "inner")
 	img := ext4OnXFS(t, e, "256M", inner)
-	data := filepath.Join(inner, "pgdata")
-	if err := os.Mkdir(data, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	os.Chown(data, int(pi.cred.Uid), int(pi.cred.Gid))
-	pi.asPostgres(t, "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "-N")
 	// fsync and synchronous_commit stay on: a committed transaction must
 	// be in every copy taken after its commit returned. A small WAL keeps
 	// the image small.
-	conf, err := os.OpenFile(filepath.Join(data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintln(conf, "max_wal_size = 64MB\nmin_wal_size = 32MB")
-	conf.Close()
+	data := pi.initCluster(t, inner, "64MB")
 	src := pi.startPG(t, data, 6543)
 	sh(t, pi.tool("pgbench"), append(src.conn(), "-i", "-q", "-s", "2", "postgres")...)
 	// pg_amcheck checks only databases with the amcheck extension;

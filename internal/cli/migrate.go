@@ -803,9 +803,6 @@ type finalResult struct {
 // pass and thaws them, whatever happens.
 func (g *globals) finalPass(ctx context.Context, m *migration) (*finalResult, error) {
 	if m.vm != nil {
-		if m.o.quiesce != nil {
-			return nil, usageError{fmt.Errorf("--pre-freeze, --post-thaw, --writer and --quiesce are not supported with a qemu: source yet: the guest agent freezes its filesystems (--guest-freeze)")}
-		}
 		return g.finalQEMUPass(ctx, m)
 	}
 	mounts, err := shadow.MountsToFreeze(m.src)

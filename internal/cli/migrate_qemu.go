@@ -61,6 +61,9 @@ func checkMigrateQEMU(srcPath string, o *migrateOptions) error {
 	if err := v.checkGuestFreeze(); err != nil {
 		return err
 	}
+	if o.quiesce != nil {
+		return usageError{errors.New("--pre-freeze, --post-thaw, --writer and --quiesce are not supported with a qemu: source yet: the guest agent freezes its filesystems (--guest-freeze)")}
+	}
 	if v.stopSource && !o.final {
 		return usageError{errors.New("--stop-source pauses the VM for the final pass: add --final")}
 	}
