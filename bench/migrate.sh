@@ -244,6 +244,7 @@ for r in $(seq "$ROUNDS"); do
   rm -f "$WORK/src.img"
   dd_rows
   rsync_rows
+  declare -p samples > "$WORK/samples.sh" # a report can be made again from it
 done
 
 median() { sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }

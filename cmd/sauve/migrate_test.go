@@ -223,11 +223,7 @@ func TestMigrateKill9Resume(t *testing.T) {
 	}
 	// One round here; 8 with SAUVE_SOAK=1, each killing a copy pass
 	// twice and a final pass once at random moments.
-	rounds := 1
-	if os.Getenv("SAUVE_SOAK") == "1" {
-		rounds = 8
-	}
-	for round := range rounds {
+	for round := range soakRounds(1, 8) {
 		kill()
 		if round == 0 {
 			e.ok("migrate", img, target)
@@ -819,4 +815,13 @@ func TestMigrateFinalPostgreSQL(t *testing.T) {
 		t.Logf("migrated cluster: %d transactions (%d before the final pass, %d after), frozen %.3f s, held %.3f s", s.history(t), before, after, sum.Frozen, sum.Quiesce.WindowSeconds)
 		s.stop(t, syscall.SIGINT)
 	})
+}
+
+// soakRounds is short rounds of a kill -9 loop, or long ones with
+// SAUVE_SOAK=1.
+func soakRounds(short, long int) int {
+	if os.Getenv("SAUVE_SOAK") == "1" {
+		return long
+	}
+	return short
 }
