@@ -22,6 +22,7 @@ import (
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
 	"github.com/sauve-backup/sauve/internal/source"
+	"github.com/sauve-backup/sauve/internal/vdisk"
 )
 
 // migrateOptions are migrate's flags, read once.
@@ -73,7 +74,8 @@ a used block is read in full (blocks freed since the previous pass keep
 their old bytes, and the chunk its hash); one holding none is not read,
 and TARGET keeps what it had there (zeros on a new TARGET; an existing
 one's old bytes are zeroed once). Filesystems mounted read-write from
-SOURCE, whose free space changes while they are read, are read in full.
+SOURCE, whose free space changes while they are read, are read in full,
+except by the final pass, which freezes them.
 
 --final quiesces SOURCE for the last pass: the filesystems mounted
 read-write from it are frozen (fsfreeze, under the same thaw guard as
@@ -237,6 +239,9 @@ type migration struct {
 	passes    []migrate.Pass
 	// grown is what --final did to a larger target (for --json).
 	grown map[string]any
+	// frozen is set during the final pass while the filesystems mounted
+	// read-write from the source are frozen.
+	frozen bool
 }
 
 // refuseMigrateTarget refuses what cannot be a migration's target at
@@ -690,7 +695,7 @@ func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (mi
 			return migrate.Pass{}, err
 		}
 	}
-	layout, err := m.disk.Map(source.MapOptions{NoSkip: m.o.noFSSkip, Warn: func(w string) {
+	layout, err := m.disk.Map(source.MapOptions{NoSkip: m.o.noFSSkip, Frozen: m.frozen, Warn: func(w string) {
 		if !m.warned[w] {
 			m.warned[w] = true
 			g.warn(w)
@@ -711,6 +716,9 @@ func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (mi
 		},
 	})
 	src := migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map(), Changes: changes}
+	if m.disk.Format == vdisk.Raw && m.disk.View != nil {
+		src.Readers = m.disk.View.Readers // a VM's drive, read over NBD
+	}
 	p, err := migrate.Run(ctx, src, m.target, m.state, migrate.Options{Limit: m.limit, Progress: prog})
 	meter.Stop()
 	if err != nil {
@@ -823,7 +831,9 @@ func (g *globals) finalPass(ctx context.Context, m *migration) (*finalResult, er
 		if err != nil {
 			return err
 		}
+		m.frozen = true // the frozen filesystems' free space is skipped
 		_, perr := g.migratePass(ctx, m, true)
+		m.frozen = false
 		took, terr := z.Thaw()
 		if perr != nil {
 			return perr
