@@ -217,8 +217,10 @@ dd_rows() {
 rsync_rows() {
   local delta src
   for delta in day2 2pct; do
-    src=$B/day2.img
-    if [ "$delta" = 2pct ]; then put_churn2; src=$WORK/src.img; fi
+    # A copy of its own (another job may hold a loop device on the
+    # reference image, which mount refuses to overlap).
+    if [ "$delta" = 2pct ]; then put_churn2; else put "$B/day2.img"; fi
+    src=$WORK/src.img
     cp --sparse=always "$B/day1.img" "$WORK/rsync.img"
     mount -o ro,loop,offset="$PART_OFFSET" "$src" "$WORK/a"
     mount -o loop,offset="$PART_OFFSET" "$WORK/rsync.img" "$WORK/b"
@@ -230,8 +232,16 @@ rsync_rows() {
 }
 
 make_churn2
-[ "$SSH" = 1 ] && start_sshd
+[ "$SSH" = 1 ] && [ -z "${REPORT_ONLY:-}" ] && start_sshd
+# REPORT_ONLY=1 makes the report again from the samples of the rounds
+# run last.
+if [ -n "${REPORT_ONLY:-}" ]; then
+  # shellcheck disable=SC1091
+  source "$WORK/samples.sh"
+  ROUNDS=$(tr ';' '\n' <<< "${samples[dd raw first]}" | grep -c .) # one a round
+fi
 for r in $(seq "$ROUNDS"); do
+  [ -n "${REPORT_ONLY:-}" ] && break
   echo "== round $r"
   sauve_rows raw "$WORK/sauve.img" "$WORK/sauve.img"
   cutover_row
