@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
 	"math/rand/v2"
@@ -292,56 +291,59 @@ func TestMigrateSnapshotRefusals(t *testing.T) {
 }
 
 // kill -9 during passes from snapshots: the first pass, then a delta
-// pass from a second snapshot, each killed after its first progress
-// line; a pass from the first snapshot again then leaves the target the
-// first snapshot exactly (what the killed pass wrote of the second is
-// read again), and one from latest the second.
+// pass from a second snapshot, each killed once a batch of its writes is
+// durable and recorded (the state's journal holds their hashes); a pass
+// from the first snapshot again then leaves the target the first
+// snapshot exactly (what the killed pass wrote of the second is read
+// again, though the state knows it), and one from latest the second.
 func TestMigrateSnapshotKill9(t *testing.T) {
 	needTools(t, "mkfs.ext4", "sfdisk")
 	requireRoot(t)
 	e := newEnv(t)
-	img := snapDisk(t, e, "big.img", 160<<20, 96)
+	img := snapDisk(t, e, "big.img", 160<<20, 100)
 	b1 := e.backup(img)
-	target := e.path("t.raw")
+	target, state := e.path("t.raw"), e.path("t.state")
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 3))
 	kill := func(snap string) {
 		t.Helper()
-		c := e.cmd(nil, "migrate", snap, target, "--limit-rate", "24M", "--progress", "always")
-		pr, err := c.StderrPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
+		c := e.cmd(nil, "migrate", snap, target, "--state", state, "--limit-rate", "32M", "--progress", "always")
+		var stderr bytes.Buffer
+		c.Stderr = &stderr
 		if err := c.Start(); err != nil {
 			t.Fatal(err)
 		}
-		sc := bufio.NewScanner(pr)
-		sc.Split(bufio.ScanRunes)
-		var seen strings.Builder
-		for sc.Scan() && !strings.Contains(seen.String(), "pass snapshot") {
-			seen.WriteString(sc.Text())
+		// A batch is 64 MiB: 256 chunks of 256 KiB marked unknown, then
+		// their hashes, 48 bytes a record after a 40-byte header.
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if fi, err := os.Stat(state + ".journal"); err == nil && fi.Size() > 40+256*48 {
+				break
+			}
+			if time.Now().After(deadline) {
+				c.Process.Kill()
+				t.Fatalf("no batch recorded by the pass from %s", snap)
+			}
 		}
-		time.Sleep(time.Duration(300+rng.IntN(1200)) * time.Millisecond) // a pass takes about 4 s
+		time.Sleep(time.Duration(rng.IntN(300)) * time.Millisecond)
 		c.Process.Signal(syscall.SIGKILL)
-		go func() { _, _ = bufio.NewReader(pr).WriteTo(devNull{}) }()
 		if err := c.Wait(); err == nil {
 			t.Fatalf("the pass from %s ended before kill -9", snap)
 		}
+		if !strings.Contains(stderr.String(), "pass snapshot "+snap) {
+			t.Errorf("progress of the pass from %s:\n%s", snap, stderr.String())
+		}
 	}
 	kill(b1.ShortID)
-	snapMigrate(t, e, b1.ShortID, target)
+	snapMigrate(t, e, b1.ShortID, target, "--state", state)
 	sameImage(t, restored(t, e, b1.ShortID), target, "raw")
-	rewriteFiles(t, e, img, 0, 96)
+	rewriteFiles(t, e, img, 0, 100)
 	b2 := e.backup(img)
 	kill(b2.ShortID)
-	p, _ := snapMigrate(t, e, b1.ShortID, target)
+	p, _ := snapMigrate(t, e, b1.ShortID, target, "--state", state)
 	if p.FullRead != "" || p.ChunksUnread == 0 {
 		t.Errorf("pass from the first snapshot after a killed one from the second: %+v", p)
 	}
 	sameImage(t, restored(t, e, b1.ShortID), target, "raw")
-	snapMigrate(t, e, "latest", target)
+	snapMigrate(t, e, "latest", target, "--state", state)
 	sameImage(t, restored(t, e, b2.ShortID), target, "raw")
 }
 
-type devNull struct{}
-
-func (devNull) Write(p []byte) (int, error) { return len(p), nil }

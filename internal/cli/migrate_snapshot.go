@@ -30,6 +30,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -142,7 +143,20 @@ func (g *globals) openSnapshotSource(ctx context.Context, m *migration, spec str
 	if d.Size <= 0 {
 		return migrate.Identity{}, fmt.Errorf("disk %s of snapshot %s holds no byte: nothing to migrate", d.Name, sn.ID.Short())
 	}
-	dr, err := r.NewDiskReader(ctx, d, repo.ReaderOptions{Warn: g.warnf})
+	// A damaged copy is said once, however often reads and read-ahead
+	// meet it.
+	var mu sync.Mutex
+	warned := map[string]bool{}
+	warn := func(format string, args ...any) {
+		w := fmt.Sprintf(format, args...)
+		mu.Lock()
+		defer mu.Unlock()
+		if !warned[w] {
+			warned[w] = true
+			g.warn(w)
+		}
+	}
+	dr, err := r.NewDiskReader(ctx, d, repo.ReaderOptions{Warn: warn})
 	if err != nil {
 		return migrate.Identity{}, fmt.Errorf("snapshot %s: %w", sn.ID.Short(), err)
 	}
