@@ -258,6 +258,14 @@ func TestMigrateSnapshotRefusals(t *testing.T) {
 	e.fail([]string{"--pre-freeze", "live SOURCE"}, "migrate", "latest", "--host", "web1", target, "--state", state, "--pre-freeze", "true")
 	e.fail([]string{"--host", "not one"}, "migrate", img, target, "--state", state, "--host", "web1")
 	check("flags refused")
+	// A write-only key reads no snapshot: restore's refusal.
+	wkey := e.path("writer.key")
+	e.ok("key", "export", "--write-only", "--name", "web1", wkey)
+	w := newBareEnv(t)
+	w.setenv("SAUVE_REPO", e.repo)
+	w.setenv("SAUVE_KEY", wkey)
+	detOneError(t, w.fail([]string{"migrate of snapshot " + b1.ShortID, "write-only"}, "migrate", b1.ShortID, target, "--state", state))
+	check("a write-only key")
 
 	// A damaged pack of the second backup: the pass fails naming it,
 	// exit non-zero.
