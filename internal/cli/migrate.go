@@ -62,8 +62,9 @@ func newMigrateCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "migrate SOURCE TARGET",
 		Short: "Copy a disk in use onto another by delta passes, with a short final cut-over",
-		Long: `Copy SOURCE (a block device or a disk image file, in use or not, or a
-running QEMU VM's drive: qemu:SOCKET, below) onto TARGET
+		Long: `Copy SOURCE (a block device or a disk image file, in use or not, a
+running QEMU VM's drive: qemu:SOCKET, or a disk of a snapshot in the
+repository; both below) onto TARGET
 (see TARGETS below, created if missing) by passes, as a
 migration of a running machine does. The first pass copies every used
 block of SOURCE; each later pass reads and hashes SOURCE again and writes
@@ -154,7 +155,29 @@ before the final instant and leaves it paused once TARGET is complete,
 saying how long it has been paused: resume it with cont, or end it with
 quit; if the final pass fails, the VM is resumed.
 
-Not available yet (later versions): repository snapshots as SOURCE.
+SOURCE may be a snapshot of the repository (-r): 'latest' or an ID
+prefix that is no existing path, found as 'sauve restore' finds it
+(--host, --tag, --source, --before, --after; --disk NAME for a snapshot
+of several disks; a write-only key is refused). A migration is then
+seeded from last night's backup, with no load on the machine in
+production, and finished live: each pass from a snapshot reads it from
+the repository (every chunk verified against its ID; zero chunks cost
+no fetch), a pass from a later snapshot only the chunks whose IDs
+differ from those of the previous pass's snapshot; then passes from the
+live SOURCE onto the same TARGET, with the same state, and the last
+one with --final. The state's default path is the one of a live pass
+from the path the disk was backed up from, when absolute (--state
+FILE otherwise). A
+snapshot and a device or file are taken for one disk when their size,
+disk ID and filesystem UUIDs match (nothing to compare without any:
+refused); once a live pass has run, its device or inode guards the
+later ones. A pass reads in full, and says why, after a live pass, or
+when the previous pass's snapshot was forgotten or pruned, no longer
+loads, or is of another repository or disk size. A snapshot is one
+instant already: --final, --stop-source and the flags that hold
+applications are refused with it (run them with the live SOURCE), and
+--no-fs-skip changes nothing (every chunk is read: the repository
+stores free and zero chunks alike).
 
 --test-boot boots TARGET after the passes under QEMU, with no network and
 its writes going to a throw-away overlay (TARGET is not changed), while
@@ -175,7 +198,8 @@ in the report).`,
   sauve migrate /dev/sda /var/lib/libvirt/images/web1.qcow2 --until-delta 64M --final
   sauve migrate /dev/sda ssh://root@newhost/dev/vdb --until-delta 64M --final
   sauve migrate qemu:/run/vm1.qmp --drive virtio0 /srv/vm1.qcow2 --until-delta 64M
-  sauve migrate qemu:/run/vm1.qmp --drive virtio0 /srv/vm1.qcow2 --final --stop-source`,
+  sauve migrate qemu:/run/vm1.qmp --drive virtio0 /srv/vm1.qcow2 --final --stop-source
+  sauve migrate -r /backup/repo latest --host web1 /srv/web1.qcow2      # seed from the nightly backup`,
 		Args: exactArgs(2, "SOURCE and TARGET"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.untilDelta = -1
