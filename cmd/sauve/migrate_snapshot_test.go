@@ -138,6 +138,14 @@ func TestMigrateSnapshotSource(t *testing.T) {
 			qemuCheck(t, tg.path, "qcow2", false)
 		}
 	}
+	// A larger new VM image: the snapshot's disk, then zeros.
+	big := e.path("big.qcow2")
+	snapMigrate(t, e, "latest", big, "--size", "96M")
+	sameImage(t, restored(t, e, b1.ShortID), big, "qcow2")
+	qemuCheck(t, big, "qcow2", false)
+	if info := sh(t, "qemu-img", "info", big); !strings.Contains(info, "96 MiB") {
+		t.Errorf("--size 96M made:\n%s", info)
+	}
 	// The text output names the snapshot and its time.
 	out := e.ok("migrate", b1.ShortID, raw)
 	if !strings.Contains(out, "from snapshot "+b1.ShortID+" (") || !strings.Contains(out, "now holds disk "+b1.Disk+" of snapshot "+b1.ShortID) {
@@ -187,10 +195,15 @@ func TestMigrateSnapshotThenLive(t *testing.T) {
 	clone := e.path("clone.img")
 	sh(t, "cp", img, clone)
 
-	out := e.ok("migrate", img, target, "--state", state, "--final", "--json")
+	// No --state: the snapshots are of this path, the default state is
+	// theirs.
+	out := e.ok("migrate", img, target, "--final", "--json")
 	passes, sum := parseMigrate(t, out)
-	if len(passes) != 1 || !passes[0].Final || !sum.Final || passes[0].BytesRead < 10<<20 || passes[0].BytesWritten < 2<<20 {
+	if len(passes) != 1 || !passes[0].Final || !sum.Final || passes[0].Pass != 3 || passes[0].BytesRead < 10<<20 || passes[0].BytesWritten < 2<<20 {
 		t.Fatalf("final live pass: %+v", passes)
+	}
+	if !strings.Contains(out, `"state":"`+state+`"`) {
+		t.Fatalf("the live pass used another state than %s:\n%s", state, out)
 	}
 	sameTree(t, partTree(t, img), partTree(t, target))
 
