@@ -17,6 +17,7 @@ import (
 type snapPass struct {
 	migratePass
 	ChunksUnread   int64  `json:"chunks_unread"`
+	BytesFetched   *int64 `json:"bytes_fetched"`
 	FullRead       string `json:"full_read"`
 	SourceSnapshot *struct {
 		ID    string    `json:"id"`
@@ -166,6 +167,12 @@ func TestMigrateSnapshotSource(t *testing.T) {
 		if p.BytesRead <= 0 || p.BytesRead > differ || p.ChunksUnread <= 0 || p.BytesWritten > differ {
 			t.Fatalf("delta pass onto %s read %d bytes (%d chunks unread), wrote %d; the snapshots differ in %d", tg.format, p.BytesRead, p.ChunksUnread, p.BytesWritten, differ)
 		}
+		// Read-ahead fetches none of the chunks skipped: what is fetched
+		// is the differing chunks, sealed (random data: no compression).
+		if p.BytesFetched == nil || *p.BytesFetched <= 0 || *p.BytesFetched > differ+differ/64 {
+			t.Fatalf("delta pass onto %s fetched %d bytes; the snapshots differ in %d", tg.format, ptrOr(p.BytesFetched), differ)
+		}
+		t.Logf("fetched %d, differ %d", *p.BytesFetched, differ)
 		sameImage(t, restored(t, e, b2.ShortID), tg.path, tg.format)
 		if tg.format == "qcow2" {
 			qemuCheck(t, tg.path, "qcow2", false)
@@ -369,4 +376,11 @@ func TestMigrateSnapshotKill9(t *testing.T) {
 	sameImage(t, restored(t, e, b1.ShortID), target, "raw")
 	snapMigrate(t, e, "latest", target, "--state", state)
 	sameImage(t, restored(t, e, b2.ShortID), target, "raw")
+}
+
+func ptrOr(p *int64) int64 {
+	if p == nil {
+		return -1
+	}
+	return *p
 }

@@ -813,7 +813,7 @@ func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (mi
 		m.vm.commit(ctx)
 		note.fullRead, note.unread = m.vm.fullRead, "unchanged since the previous pass (dirty bitmap)"
 	case m.snap != nil:
-		note.fullRead, note.unread, note.snapshot = m.snap.fullRead, m.snap.unreadWhy(), m.snap.json()
+		note.fullRead, note.unread, note.snapshot, note.fetched = m.snap.fullRead, m.snap.unreadWhy(), m.snap.json(), m.snap.fetched()
 	}
 	rates := migrate.Estimate(m.prevStart, p)
 	m.prevStart = p.Start
@@ -888,6 +888,9 @@ type passJSON struct {
 	// SourceSnapshot is the snapshot a pass read (nil: a device, file or
 	// VM drive).
 	SourceSnapshot *snapshotJSONRef `json:"source_snapshot,omitempty"`
+	// BytesFetched is what a pass from a snapshot fetched from the
+	// repository (zero chunks cost none).
+	BytesFetched *int64 `json:"bytes_fetched,omitempty"`
 }
 
 // passNote is what printPass says of a pass besides its counts.
@@ -896,11 +899,12 @@ type passNote struct {
 	fullRead string           // why a source with change tracking was read in full
 	unread   string           // why chunks were not read
 	snapshot *snapshotJSONRef // the snapshot read, if any
+	fetched  *int64           // bytes fetched from the repository, if any
 }
 
 func (g *globals) printPass(p migrate.Pass, r migrate.Rates, n passNote) error {
 	if g.json {
-		return g.printJSONLine(passJSON{p, r, n.final, n.fullRead, n.snapshot})
+		return g.printJSONLine(passJSON{p, r, n.final, n.fullRead, n.snapshot, n.fetched})
 	}
 	name := fmt.Sprintf("pass %d", p.Number)
 	if n.snapshot != nil {
@@ -914,6 +918,9 @@ func (g *globals) printPass(p migrate.Pass, r migrate.Rates, n passNote) error {
 		seconds(p.Seconds), rate(p.BytesRead+p.BytesWritten+p.BytesZeroed, p.Seconds))
 	if p.ChunksUnread > 0 {
 		g.printf("  %d chunks not read: %s\n", p.ChunksUnread, n.unread)
+	}
+	if n.fetched != nil {
+		g.printf("  fetched %s from the repository (zero chunks need no fetch)\n", bytesIEC(*n.fetched))
 	}
 	if r.ChangeRate > 0 || p.Number > 1 {
 		g.printf("  source changed at %s/s since the previous pass, copied at %s/s; next pass about %s\n",

@@ -112,7 +112,9 @@ type snapshotSource struct {
 	r  *repo.Repository
 	sn *repo.Snapshot
 	d  *repo.Disk
-	dr *repo.DiskReader
+	dr *repo.DiskReader // the pass's
+	// warn says what the reader met, once.
+	warn func(format string, args ...any)
 	// listed are the repository's snapshots, loaded once the previous
 	// pass's snapshot is looked for.
 	listed []*repo.Snapshot
@@ -156,11 +158,10 @@ func (g *globals) openSnapshotSource(ctx context.Context, m *migration, spec str
 			g.warn(w)
 		}
 	}
-	dr, err := r.NewDiskReader(ctx, d, repo.ReaderOptions{Warn: warn})
-	if err != nil {
-		return migrate.Identity{}, fmt.Errorf("snapshot %s: %w", sn.ID.Short(), err)
+	ss := &snapshotSource{g: g, r: r, sn: sn, d: d, warn: warn}
+	if err := ss.newReader(ctx, nil); err != nil { // checks the disk's geometry
+		return migrate.Identity{}, err
 	}
-	ss := &snapshotSource{g: g, r: r, sn: sn, d: d, dr: dr}
 	m.snap = ss
 	name := "snapshot " + sn.ID.Short()
 	if len(sn.Disks) > 1 {
@@ -263,9 +264,35 @@ func (ss *snapshotSource) begin(ctx context.Context, m *migration) (extent.Map, 
 		ss.g.printf("%s is read in full: %s\n", m.src.Path, why)
 	}
 	if changes == nil {
-		return nil, nil
+		return nil, ss.newReader(ctx, nil)
 	}
-	return changes, nil
+	return changes, ss.newReader(ctx, changes)
+}
+
+// newReader makes the pass's reader of the disk; its read-ahead fetches
+// only the chunks in changes, when set: the pass reads no other (but the
+// few the state does not know, fetched when read).
+func (ss *snapshotSource) newReader(ctx context.Context, changes *migrate.ChunkChanges) error {
+	if ss.dr != nil {
+		ss.dr.Close()
+		ss.dr = nil
+	}
+	o := repo.ReaderOptions{Warn: ss.warn}
+	if changes != nil {
+		o.Want = changes.Marked
+	}
+	dr, err := ss.r.NewDiskReader(ctx, ss.d, o)
+	if err != nil {
+		return fmt.Errorf("snapshot %s: %w", ss.sn.ID.Short(), err)
+	}
+	ss.dr = dr
+	return nil
+}
+
+// fetched is what the pass's reader fetched from the repository.
+func (ss *snapshotSource) fetched() *int64 {
+	n := ss.dr.Stats().BytesFetched
+	return &n
 }
 
 func containsRef(refs []migrate.SnapshotRef, r migrate.SnapshotRef) bool {

@@ -28,7 +28,10 @@ func NewChunkChanges(size int64, cs int) *ChunkChanges {
 // Mark marks chunk i changed.
 func (c *ChunkChanges) Mark(i int64) { c.bits[i/64] |= 1 << (i % 64) }
 
-func (c *ChunkChanges) marked(i int64) bool { return c.bits[i/64]&(1<<(i%64)) != 0 }
+// Marked says whether chunk i is marked.
+func (c *ChunkChanges) Marked(i int64) bool {
+	return i >= 0 && i/64 < int64(len(c.bits)) && c.bits[i/64]&(1<<(i%64)) != 0
+}
 
 // Count is the number of chunks marked.
 func (c *ChunkChanges) Count() int64 {
@@ -48,7 +51,7 @@ func (c *ChunkChanges) Data(off, n int64) ([]extent.Range, error) {
 	end := min(off+n, c.size)
 	var out []extent.Range
 	for i := off / c.cs; i*c.cs < end; i++ {
-		if !c.marked(i) {
+		if !c.Marked(i) {
 			continue
 		}
 		s, t := max(i*c.cs, off), min((i+1)*c.cs, end)
