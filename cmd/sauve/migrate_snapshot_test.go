@@ -278,6 +278,14 @@ func TestMigrateSnapshotRefusals(t *testing.T) {
 	e.fail([]string{"--pre-freeze", "live SOURCE"}, "migrate", "latest", "--host", "web1", target, "--state", state, "--pre-freeze", "true")
 	e.fail([]string{"--host", "not one"}, "migrate", img, target, "--state", state, "--host", "web1")
 	check("flags refused")
+	// A snapshot of two disks: --disk names the one to migrate.
+	two := e.backup(img, other, "--host", "pair")
+	e.fail([]string{"holds 2 disks", "--disk"}, "migrate", two.ShortID, e.path("pair.raw"))
+	if _, err := os.Stat(e.path("pair.raw")); err == nil {
+		t.Fatal("a refused migration created its target")
+	}
+	snapMigrate(t, e, two.ShortID, e.path("pair.raw"), "--disk", "db1.img")
+	sameFile(t, other, e.path("pair.raw"))
 	// A write-only key reads no snapshot: restore's refusal.
 	wkey := e.path("writer.key")
 	e.ok("key", "export", "--write-only", "--name", "web1", wkey)

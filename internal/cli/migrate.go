@@ -177,7 +177,9 @@ loads, or is of another repository or disk size. A snapshot is one
 instant already: --final, --stop-source and the flags that hold
 applications are refused with it (run them with the live SOURCE), and
 --no-fs-skip changes nothing (every chunk is read: the repository
-stores free and zero chunks alike).
+stores free and zero chunks alike). Each pass says the snapshot and its
+time, and what it fetched from the repository (--json: source_snapshot,
+bytes_fetched).
 
 --test-boot boots TARGET after the passes under QEMU, with no network and
 its writes going to a throw-away overlay (TARGET is not changed), while
