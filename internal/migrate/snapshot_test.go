@@ -24,14 +24,14 @@ func TestDiffChunks(t *testing.T) {
 		want   []extent.Range
 	}{
 		{"same", 4 * c, []int{1, 2, 3, 4}, []int{1, 2, 3, 4}, [2]int64{0, 4 * c}, nil},
-		{"one", 4 * c, []int{1, 2, 3, 4}, []int{1, 9, 3, 4}, [2]int64{0, 4 * c}, []extent.Range{{c, 2 * c}}},
-		{"merged", 4 * c, []int{1, 2, 3, 4}, []int{1, 9, 9, 4}, [2]int64{0, 4 * c}, []extent.Range{{c, 3 * c}}},
-		{"apart", 4 * c, []int{1, 2, 3, 4}, []int{9, 2, 3, 9}, [2]int64{0, 4 * c}, []extent.Range{{0, c}, {3 * c, 4 * c}}},
-		{"zeroed", 3 * c, []int{1, 2, 3}, []int{1, 0, 3}, [2]int64{0, 3 * c}, []extent.Range{{c, 2 * c}}},
-		{"short last", 2*c + 100, []int{1, 2, 3}, []int{1, 2, 9}, [2]int64{0, 3 * c}, []extent.Range{{2 * c, 2*c + 100}}},
-		{"window", 4 * c, []int{1, 2, 3, 4}, []int{9, 9, 9, 9}, [2]int64{c + 10, c}, []extent.Range{{c + 10, 2*c + 10}}},
+		{"one", 4 * c, []int{1, 2, 3, 4}, []int{1, 9, 3, 4}, [2]int64{0, 4 * c}, []extent.Range{{Start: c, End: 2 * c}}},
+		{"merged", 4 * c, []int{1, 2, 3, 4}, []int{1, 9, 9, 4}, [2]int64{0, 4 * c}, []extent.Range{{Start: c, End: 3 * c}}},
+		{"apart", 4 * c, []int{1, 2, 3, 4}, []int{9, 2, 3, 9}, [2]int64{0, 4 * c}, []extent.Range{{Start: 0, End: c}, {Start: 3 * c, End: 4 * c}}},
+		{"zeroed", 3 * c, []int{1, 2, 3}, []int{1, 0, 3}, [2]int64{0, 3 * c}, []extent.Range{{Start: c, End: 2 * c}}},
+		{"short last", 2*c + 100, []int{1, 2, 3}, []int{1, 2, 9}, [2]int64{0, 3 * c}, []extent.Range{{Start: 2 * c, End: 2*c + 100}}},
+		{"window", 4 * c, []int{1, 2, 3, 4}, []int{9, 9, 9, 9}, [2]int64{c + 10, c}, []extent.Range{{Start: c + 10, End: 2*c + 10}}},
 		{"window unchanged", 4 * c, []int{1, 2, 3, 4}, []int{9, 2, 3, 9}, [2]int64{c, 2 * c}, nil},
-		{"many", 130 * c, seq(130, 0), append(seq(64, 0), seq(66, 1000)...), [2]int64{0, 130 * c}, []extent.Range{{64 * c, 130 * c}}},
+		{"many", 130 * c, seq(130, 0), append(seq(64, 0), seq(66, 1000)...), [2]int64{0, 130 * c}, []extent.Range{{Start: 64 * c, End: 130 * c}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ch := NewChunkChanges(tc.size, c)
