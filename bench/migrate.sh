@@ -244,6 +244,7 @@ for r in $(seq "$ROUNDS"); do
   rm -f "$WORK/src.img"
   dd_rows
   rsync_rows
+  declare -p samples > "$WORK/samples.sh" # a report can be made again from it
 done
 
 median() { sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
@@ -260,7 +261,7 @@ rows+=("rsync fs delta-day2" "rsync fs delta-2pct")
 {
   echo "## Migration passes on the reference disk (issue 15) ($(date +%F), $(nproc) cores)"
   echo
-  echo "Command: \`ROUNDS=$ROUNDS bash bench/migrate.sh\` (sauve $(git rev-parse --short HEAD), $(rsync --version | head -1 | cut -d' ' -f1-3), $(qemu-img --version | head -1)). Medians of $ROUNDS rounds, interleaved."
+  echo "Command: \`ROUNDS=$ROUNDS bash bench/migrate.sh\` (sauve $(git rev-parse --short HEAD), $(rsync --version | head -1 | awk '{print $1, $3}'), $(qemu-img --version | head -1)). Medians of $ROUNDS rounds, interleaved."
   echo "2% churn: $(cat "$WORK/churn2.stats")."
   echo
   echo "| tool | target | pass | wall s | CPU s | MiB written | wall vs first pass |"

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -194,7 +195,12 @@ func TestMigrateSSHKill9(t *testing.T) {
 	url := s.url(target)
 	running := func() bool { return exec.Command("pgrep", "-f", "migrate-receive "+target).Run() == nil }
 	midPass := 0
-	for i, delay := range []time.Duration{200 * time.Millisecond, 50 * time.Millisecond} {
+	delays := []time.Duration{200 * time.Millisecond, 50 * time.Millisecond}
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	for range soakRounds(0, 10) {
+		delays = append(delays, time.Duration(rng.IntN(800))*time.Millisecond)
+	}
+	for i, delay := range delays {
 		if i > 0 {
 			writeFile(t, filepath.Join(mnt, "data00"), randomBytes(8<<20))
 			sh(t, "sync")

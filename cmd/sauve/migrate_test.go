@@ -25,6 +25,7 @@ type migratePass struct {
 	BytesWritten  int64   `json:"bytes_written"`
 	BytesChanged  int64   `json:"bytes_changed"`
 	ChunksChanged int64   `json:"chunks_changed"`
+	ChunksFree    int64   `json:"chunks_free"`
 	Seconds       float64 `json:"seconds"`
 	ChangeRate    float64 `json:"change_rate"`
 	CopyRate      float64 `json:"copy_rate"`
@@ -154,6 +155,11 @@ func TestMigrateLoopMountedExt4(t *testing.T) {
 	e := newBareEnv(t)
 	img, mnt := mountedExt4(t, e, "src", 96<<20, 24)
 	target := e.path("target.img")
+	// 40 MiB of the image file allocated, and free in the filesystem.
+	writeFile(t, filepath.Join(mnt, "freed"), randomBytes(40<<20))
+	sh(t, "sync")
+	os.Remove(filepath.Join(mnt, "freed"))
+	sh(t, "sync")
 	w := startWriter(mnt, 20*time.Millisecond)
 	defer w.halt()
 	first, _ := parseMigrate(t, e.ok("migrate", img, target, "--json"))
@@ -181,6 +187,10 @@ func TestMigrateLoopMountedExt4(t *testing.T) {
 	w.halt()
 	if len(passes) != 1 || !passes[0].Final || !sum.Final || sum.FrozenSeconds <= 0 || sum.FrozenSeconds > 10 || len(sum.FrozenMounts) != 1 || sum.FrozenMounts[0] != mnt {
 		t.Fatalf("final pass: %+v, summary %+v", passes, sum)
+	}
+	// Frozen, the filesystem's free space stands still: skipped.
+	if p := passes[0]; p.BytesRead > delta[0].BytesRead-32<<20 {
+		t.Errorf("final pass of a frozen filesystem: read %d bytes, the pass before it (not frozen: read in full) %d: want its free space skipped", p.BytesRead, delta[0].BytesRead)
 	}
 	before := w.n.Load()
 	checkTarget(t, target, nil)
@@ -223,11 +233,7 @@ func TestMigrateKill9Resume(t *testing.T) {
 	}
 	// One round here; 8 with SAUVE_SOAK=1, each killing a copy pass
 	// twice and a final pass once at random moments.
-	rounds := 1
-	if os.Getenv("SAUVE_SOAK") == "1" {
-		rounds = 8
-	}
-	for round := range rounds {
+	for round := range soakRounds(1, 8) {
 		kill()
 		if round == 0 {
 			e.ok("migrate", img, target)
@@ -819,4 +825,13 @@ func TestMigrateFinalPostgreSQL(t *testing.T) {
 		t.Logf("migrated cluster: %d transactions (%d before the final pass, %d after), frozen %.3f s, held %.3f s", s.history(t), before, after, sum.Frozen, sum.Quiesce.WindowSeconds)
 		s.stop(t, syscall.SIGINT)
 	})
+}
+
+// soakRounds is short rounds of a kill -9 loop, or long ones with
+// SAUVE_SOAK=1.
+func soakRounds(short, long int) int {
+	if os.Getenv("SAUVE_SOAK") == "1" {
+		return long
+	}
+	return short
 }

@@ -91,7 +91,7 @@ func TestMigrateVDiskKill9(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
 			w := startWriter(mnt, 10*time.Millisecond)
 			defer w.halt()
-			for range 2 {
+			for range soakRounds(2, 12) { // kills at random moments
 				c := e.cmd(nil, "migrate", img, target, "--limit-rate", "16M")
 				if err := c.Start(); err != nil {
 					t.Fatal(err)

@@ -178,7 +178,7 @@ func TestMigrateVHDKill9(t *testing.T) {
 			target := e.path("target" + f.ext)
 			w := startWriter(mnt, 10*time.Millisecond)
 			defer w.halt()
-			for range 3 {
+			for range soakRounds(3, 12) { // kills at random moments
 				c := e.cmd(nil, "migrate", img, target, "--limit-rate", "16M")
 				if err := c.Start(); err != nil {
 					t.Fatal(err)

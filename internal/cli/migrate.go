@@ -17,10 +17,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sauve-backup/sauve/internal/disk"
+	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/migrate"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/shadow"
 	"github.com/sauve-backup/sauve/internal/source"
+	"github.com/sauve-backup/sauve/internal/vdisk"
 )
 
 // migrateOptions are migrate's flags, read once.
@@ -75,7 +77,8 @@ a used block is read in full (blocks freed since the previous pass keep
 their old bytes, and the chunk its hash); one holding none is not read,
 and TARGET keeps what it had there (zeros on a new TARGET; an existing
 one's old bytes are zeroed once). Filesystems mounted read-write from
-SOURCE, whose free space changes while they are read, are read in full.
+SOURCE, whose free space changes while they are read, are read in full,
+except by the final pass, which freezes them.
 
 --final quiesces SOURCE for the last pass: the filesystems mounted
 read-write from it are frozen (fsfreeze, under the same thaw guard as
@@ -273,6 +276,9 @@ type migration struct {
 	passes    []migrate.Pass
 	// grown is what --final did to a larger target (for --json).
 	grown map[string]any
+	// frozen is set during the final pass while the filesystems mounted
+	// read-write from the source are frozen.
+	frozen bool
 }
 
 // refuseMigrateTarget refuses what cannot be a migration's target at
@@ -850,7 +856,7 @@ func (g *globals) passSource(ctx context.Context, m *migration) (migrate.Source,
 		if err != nil {
 			return migrate.Source{}, nil, err
 		}
-		return migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map(), Changes: changes}, layout, nil
+		return m.diskSource(layout, changes), layout, nil
 	}
 	if err := forgetSnapshots(m.state); err != nil {
 		return migrate.Source{}, nil, err
@@ -859,12 +865,21 @@ func (g *globals) passSource(ctx context.Context, m *migration) (migrate.Source,
 	if err != nil {
 		return migrate.Source{}, nil, err
 	}
-	return migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map()}, layout, nil
+	return m.diskSource(layout, nil), layout, nil
+}
+
+// diskSource is the pass's source of a device, file or VM drive.
+func (m *migration) diskSource(layout *source.Layout, changes extent.Map) migrate.Source {
+	src := migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map(), Changes: changes}
+	if m.disk.Format == vdisk.Raw && m.disk.View != nil {
+		src.Readers = m.disk.View.Readers // a VM's drive, read over NBD
+	}
+	return src
 }
 
 // passLayout maps the source's disk again: its free space changes.
 func (g *globals) passLayout(m *migration) (*source.Layout, error) {
-	return m.disk.Map(source.MapOptions{NoSkip: m.o.noFSSkip, Warn: func(w string) {
+	return m.disk.Map(source.MapOptions{NoSkip: m.o.noFSSkip, Frozen: m.frozen, Warn: func(w string) {
 		if !m.warned[w] {
 			m.warned[w] = true
 			g.warn(w)
@@ -979,7 +994,9 @@ func (g *globals) finalPass(ctx context.Context, m *migration) (*finalResult, er
 		if err != nil {
 			return err
 		}
+		m.frozen = true // the frozen filesystems' free space is skipped
 		_, perr := g.migratePass(ctx, m, true)
+		m.frozen = false
 		took, terr := z.Thaw()
 		if perr != nil {
 			return perr

@@ -25,9 +25,11 @@
 // and only then are their new hashes recorded, so that a pass killed at
 // any instant leaves a state that claims nothing the target may not hold.
 //
-// A pass reads the source in order in one goroutine and hashes the
-// chunks read in a few others, while the batch is written: reading,
-// hashing and writing overlap, and the state is updated in chunk order.
+// A pass reads the source in order in one goroutine (or, for a source
+// that serves several reads at once, Source.Readers at a time) and
+// hashes the chunks read in a few others, while the batch is written:
+// reading, hashing and writing overlap, and the state is updated in
+// chunk order.
 // The package knows nothing of devices, mounts or freezing: the caller
 // (internal/cli) opens the source and target and freezes what it must.
 package migrate
@@ -68,6 +70,12 @@ type Source struct {
 	Size    int64
 	Map     extent.Map
 	Changes extent.Map
+	// Readers, when above 1, is how many chunks are read from At at
+	// once (At is then safe for concurrent use): a source whose reads
+	// wait on a round trip (NBD, a repository) serves several better
+	// than one. 0 or 1: one read at a time, in order, which a disk or a
+	// file read ahead by the kernel serves best.
+	Readers int
 }
 
 // Target is what a pass writes. It is never read.
@@ -237,23 +245,24 @@ func (r *runner) run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel()
-	r.free = make(chan []byte, r.batchMax+pipelineDepth)
+	r.free = make(chan []byte, r.batchMax+pipelineDepth+r.src.Readers)
 	for range cap(r.free) {
 		r.free <- make([]byte, r.cs)
 	}
-	chunks := make(chan *chunk, pipelineDepth)
+	chunks := make(chan *chunk, pipelineDepth+r.src.Readers)
 	toHash := make(chan *chunk, pipelineDepth)
-	wg.Add(1 + r.o.Hashers)
+	workers := max(r.o.Hashers, r.src.Readers)
+	wg.Add(1 + workers)
 	go func() {
 		defer wg.Done()
 		defer close(chunks)
 		defer close(toHash)
 		r.read(ctx, chunks, toHash)
 	}()
-	for range r.o.Hashers {
+	for range workers {
 		go func() {
 			defer wg.Done()
-			hash(toHash)
+			r.hash(ctx, toHash)
 		}()
 	}
 	for c := range chunks {
@@ -274,10 +283,17 @@ func (r *runner) run(ctx context.Context) error {
 	return r.flush(ctx)
 }
 
-// hash hashes the chunks read until toHash is closed.
-func hash(toHash <-chan *chunk) {
+// hash hashes the chunks read until toHash is closed; with several
+// Readers it reads them first.
+func (r *runner) hash(ctx context.Context, toHash <-chan *chunk) {
 	h := blake3.New()
 	for c := range toHash {
+		if r.src.Readers > 1 {
+			if c.err = r.readChunk(ctx, c.idx, c.buf); c.err != nil {
+				close(c.done)
+				continue
+			}
+		}
 		if c.zero = extent.IsZero(c.buf); !c.zero {
 			h.Reset()
 			h.Write(c.buf)
@@ -312,14 +328,20 @@ func (r *runner) read(ctx context.Context, chunks, toHash chan<- *chunk) {
 				return
 			}
 			c.buf = c.buf[:c.n]
-			if c.err = r.readChunk(ctx, i, c.buf); c.err == nil {
+			if r.src.Readers <= 1 {
+				c.err = r.readChunk(ctx, i, c.buf)
+			}
+			if c.err == nil {
 				c.done = make(chan struct{})
 				if !send(toHash, c) {
 					return
 				}
 			}
 		}
-		if !send(chunks, c) || c.err != nil {
+		// c.err is the hasher's once c is sent to it: a read error
+		// there reaches the writer, which stops the pass.
+		failed := c.done == nil && c.err != nil
+		if !send(chunks, c) || failed {
 			return
 		}
 	}

@@ -522,16 +522,17 @@ func TestMigrateStopsOnError(t *testing.T) {
 	size := int64(40 * cs)
 	d := newDisk(size, 9)
 	for _, c := range []struct {
-		name   string
-		failAt int64
-		cancel bool
-	}{{"read error", 17 * cs, false}, {"cancelled", -1, true}} {
+		name    string
+		failAt  int64
+		cancel  bool
+		readers int
+	}{{"read error", 17 * cs, false, 0}, {"cancelled", -1, true, 0}, {"read error/4 readers", 17 * cs, false, 4}, {"cancelled/4 readers", -1, true, 4}} {
 		t.Run(c.name, func(t *testing.T) {
 			tg := newTarget(t, size)
 			st := newState(t, size, true)
 			fr := &failingReader{t: t, r: bytes.NewReader(d.data), failAt: c.failAt}
 			src := d.source()
-			src.At = fr
+			src.At, src.Readers = fr, c.readers
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			o := Options{Batch: 4 * cs}
@@ -554,5 +555,66 @@ func TestMigrateStopsOnError(t *testing.T) {
 			tg.crash(rand.New(rand.NewPCG(1, 2)))
 			checkClaims(t, reload(t, st), tg.durable, "after the failed pass")
 		})
+	}
+}
+
+// slowReader answers each read after a delay, as an NBD server over a
+// link does, and records how many reads it served at once.
+type slowReader struct {
+	r         *bytes.Reader
+	in, most  atomic.Int64
+	readCount atomic.Int64
+}
+
+func (s *slowReader) ReadAt(p []byte, off int64) (int, error) {
+	n := s.in.Add(1)
+	defer s.in.Add(-1)
+	for m := s.most.Load(); n > m && !s.most.CompareAndSwap(m, n); m = s.most.Load() {
+	}
+	s.readCount.Add(1)
+	time.Sleep(2 * time.Millisecond)
+	return s.r.ReadAt(p, off)
+}
+
+// With Readers, chunks are read several at once, and the pass does what
+// a pass reading one at a time does: the same chunks written, in order,
+// the same state.
+func TestMigrateParallelReaders(t *testing.T) {
+	size := int64(30*cs + 555)
+	d := newDisk(size, 11)
+	d.free = memMap{{Start: 4 * cs, End: 6 * cs}}
+	var want []int64
+	for _, readers := range []int{1, 4} {
+		tg := newTarget(t, size)
+		st := newState(t, size, true)
+		sr := &slowReader{r: bytes.NewReader(d.data)}
+		src := d.source()
+		src.At, src.Readers = sr, readers
+		p, err := Run(context.Background(), src, tg, st, Options{Batch: 5 * cs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		validCopy(t, fmt.Sprintf("%d readers", readers), tg.durable, d)
+		if readers == 1 {
+			want = tg.writes
+			if sr.most.Load() != 1 {
+				t.Errorf("one reader: %d reads at once", sr.most.Load())
+			}
+		} else {
+			if !slices.Equal(tg.writes, want) {
+				t.Errorf("%d readers wrote chunks %v, one reader %v", readers, tg.writes, want)
+			}
+			if sr.most.Load() < 2 {
+				t.Errorf("%d readers: never more than %d reads at once", readers, sr.most.Load())
+			}
+		}
+		if p.BytesRead != size-2*cs || sr.readCount.Load() != 29 {
+			t.Errorf("%d readers: read %d bytes in %d reads, want %d in 29", readers, p.BytesRead, sr.readCount.Load(), size-2*cs)
+		}
+		st = reload(t, st)
+		tg.writes = nil
+		if p, err = Run(context.Background(), src, tg, st, Options{}); err != nil || len(tg.writes) != 0 || p.BytesChanged != 0 {
+			t.Errorf("%d readers, unchanged source: wrote %v (%v)", readers, tg.writes, err)
+		}
 	}
 }

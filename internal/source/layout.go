@@ -20,6 +20,11 @@ type MapOptions struct {
 	// why, from Map, and the problems found while the map was read, from
 	// WarnLate.
 	Warn func(string)
+	// Frozen says that every filesystem mounted read-write from the
+	// disk is frozen (FIFREEZE) while the map is read and used: their
+	// metadata is on disk and their free space stands still, so they
+	// are mapped as if unmounted, free space skipped.
+	Frozen bool
 }
 
 // Layout is what holds data on a disk: its partition table and
@@ -35,8 +40,8 @@ type Layout struct {
 
 // Map reads the partition table and filesystems of the disk. Where the
 // view is Live and the disk is the source's own bytes, the ranges of it
-// that are mounted read-write are imaged in full: their free space
-// changes while it is read. It fails only on I/O errors.
+// that are mounted read-write are imaged in full, unless o.Frozen: their
+// free space changes while it is read. It fails only on I/O errors.
 func (d *Disk) Map(o MapOptions) (*Layout, error) {
 	warn := o.Warn
 	if warn == nil {
@@ -48,7 +53,7 @@ func (d *Disk) Map(o MapOptions) (*Layout, error) {
 	opts := blockmap.LayoutOptions{NoSkip: o.NoSkip, Under: d.Alloc}
 	if d.Format == vdisk.Raw {
 		opts.SectorSize = d.View.SectorSize
-		if d.View.Live {
+		if d.View.Live && !o.Frozen {
 			opts.Busy = busy(d.View.Of.Path, d.View.Size)
 		}
 	}
