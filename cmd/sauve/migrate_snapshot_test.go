@@ -374,16 +374,21 @@ func TestMigrateSnapshotKill9(t *testing.T) {
 	kill(b1.ShortID)
 	snapMigrate(t, e, b1.ShortID, target, "--state", state)
 	sameImage(t, restored(t, e, b1.ShortID), target, "raw")
-	rewriteFiles(t, e, img, 0, 100)
-	b2 := e.backup(img)
-	kill(b2.ShortID)
-	p, _ := snapMigrate(t, e, b1.ShortID, target, "--state", state)
-	if p.FullRead != "" || p.ChunksUnread == 0 {
-		t.Errorf("pass from the first snapshot after a killed one from the second: %+v", p)
+	// One round here, 6 with SAUVE_SOAK=1.
+	prev := b1
+	for range soakRounds(1, 6) {
+		rewriteFiles(t, e, img, 0, 100)
+		next := e.backup(img)
+		kill(next.ShortID)
+		p, _ := snapMigrate(t, e, prev.ShortID, target, "--state", state)
+		if p.FullRead != "" || p.ChunksUnread == 0 {
+			t.Errorf("pass from %s after a killed one from %s: %+v", prev.ShortID, next.ShortID, p)
+		}
+		sameImage(t, restored(t, e, prev.ShortID), target, "raw")
+		snapMigrate(t, e, "latest", target, "--state", state)
+		sameImage(t, restored(t, e, next.ShortID), target, "raw")
+		prev = next
 	}
-	sameImage(t, restored(t, e, b1.ShortID), target, "raw")
-	snapMigrate(t, e, "latest", target, "--state", state)
-	sameImage(t, restored(t, e, b2.ShortID), target, "raw")
 }
 
 func ptrOr(p *int64) int64 {
