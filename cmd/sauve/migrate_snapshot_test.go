@@ -397,3 +397,19 @@ func ptrOr(p *int64) int64 {
 	}
 	return *p
 }
+
+// --test-boot after a pass from a snapshot boots the VM image made of it.
+func TestMigrateSnapshotTestBoot(t *testing.T) {
+	needTools(t, "qemu-system-x86_64", "qemu-img")
+	e := newEnv(t)
+	src := e.path("boot.img")
+	line := "SAUVE SNAPSHOT BOOT " + fmt.Sprintf("%x", randomBytes(4))
+	bootDisk(t, src, line)
+	b := e.backup(src)
+	target := e.path("target.qcow2")
+	out := e.ok("migrate", b.ShortID, target, "--test-boot", "--boot-marker", line, "--boot-accel", "tcg", "--boot-memory", "32", "--boot-timeout", "60s")
+	if !strings.Contains(out, "test boot: "+target+" reached") {
+		t.Fatalf("--test-boot did not report the boot:\n%s", out)
+	}
+	sameImage(t, restored(t, e, b.ShortID), target, "qcow2")
+}
