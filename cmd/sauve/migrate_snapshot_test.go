@@ -413,3 +413,25 @@ func TestMigrateSnapshotTestBoot(t *testing.T) {
 	}
 	sameImage(t, restored(t, e, b.ShortID), target, "qcow2")
 }
+
+// A snapshot migrated onto an ssh:// target, then a delta from a later
+// snapshot: the remote file is each snapshot's restore.
+func TestMigrateSnapshotSSH(t *testing.T) {
+	requireRoot(t)
+	needTools(t, "mkfs.ext4", "sfdisk")
+	s := startSSHTarget(t)
+	e := s.e
+	e.ok("init")
+	img := snapDisk(t, e, "web1.img", 48<<20, 6)
+	b1 := e.backup(img)
+	target := filepath.Join(t.TempDir(), "web1.img")
+	snapMigrate(t, e, "latest", s.url(target))
+	sameImage(t, restored(t, e, b1.ShortID), target, "raw")
+	rewriteFiles(t, e, img, 1, 2)
+	b2 := e.backup(img)
+	p, _ := snapMigrate(t, e, "latest", s.url(target))
+	if differ := diffBytes(t, e, b1.ShortID, b2.ShortID); p.ChunksUnread == 0 || p.BytesRead > differ || p.BytesWritten > differ {
+		t.Errorf("delta pass over SSH: %+v (the snapshots differ in %d bytes)", p, differ)
+	}
+	sameImage(t, restored(t, e, b2.ShortID), target, "raw")
+}
