@@ -847,7 +847,11 @@ func (g *globals) passSource(ctx context.Context, m *migration) (migrate.Source,
 		return migrate.Source{At: m.snap.dr, Size: m.disk.Size, Changes: changes}, nil, nil
 	case m.vm != nil:
 		// A new instant of the VM's drive, and what was written since
-		// the previous pass's.
+		// the previous pass's. (A VM drive's state never continues a
+		// snapshot's, but what a state claims is checked, not assumed.)
+		if err := forgetSnapshots(m.state); err != nil {
+			return migrate.Source{}, nil, err
+		}
 		changes, err := m.vm.begin(ctx, m)
 		if err != nil {
 			return migrate.Source{}, nil, err
