@@ -246,13 +246,11 @@ func (ss *snapshotSource) begin(ctx context.Context, m *migration) (extent.Map, 
 		return nil, err
 	}
 	ss.fullRead = why
-	ref := ss.ref()
-	switch {
-	case changes == nil:
-		// Every chunk is read: what earlier passes began no longer
-		// matters.
-		h.Begun = []migrate.SnapshotRef{ref}
-	case !containsRef(h.Begun, ref):
+	// Even a pass that reads every chunk keeps the earlier passes'
+	// snapshots: killed, it leaves the chunks it did not reach as they
+	// wrote them. Once the list is full, every pass reads in full until
+	// one completes (and empties it), so it need not grow.
+	if ref := ss.ref(); !containsRef(h.Begun, ref) && len(h.Begun) < maxBegun {
 		h.Begun = append(h.Begun, ref)
 	}
 	h.Tracker = ""

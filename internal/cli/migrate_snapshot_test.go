@@ -3,6 +3,7 @@ package cli
 import (
 	"bytes"
 	"context"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -10,6 +11,7 @@ import (
 	"github.com/sauve-backup/sauve/internal/migrate"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/repo/repotest"
+	"github.com/sauve-backup/sauve/internal/source"
 )
 
 // snapOf backs data up as disk vda and returns the snapshot as loaded.
@@ -108,6 +110,72 @@ func TestSnapshotSourceChanges(t *testing.T) {
 			for k := range marked {
 				if marked[k] != c.want[k] {
 					t.Fatalf("marked %v, want %v", marked, c.want)
+				}
+			}
+		})
+	}
+}
+
+// A pass from a snapshot records its snapshot among those begun, in the
+// state on disk, before it writes: also when it reads every chunk, so
+// that a kill leaves the next pass knowing every snapshot the target's
+// chunks may hold; once the list is full, it reads in full and the list
+// stays as it is. It clears the dirty bitmap's tracker.
+func TestSnapshotSourceBeginRecords(t *testing.T) {
+	tr := repotest.New(t, repotest.Options{})
+	cs := tr.Config().ChunkSize
+	s1 := snapOf(t, tr, bytes.Repeat([]byte{1}, 8*cs))
+	s2 := snapOf(t, tr, bytes.Repeat([]byte{2}, 8*cs))
+	ref := func(sn *repo.Snapshot) migrate.SnapshotRef {
+		return migrate.SnapshotRef{Repository: tr.Config().ID, Snapshot: sn.ID.String(), Disk: "vda", Time: sn.Time}
+	}
+	full := make([]migrate.SnapshotRef, maxBegun)
+	for i := range full {
+		full[i] = ref(s1)
+		full[i].Snapshot = strings.Repeat(string("0123456789"[i]), 64)
+	}
+	for _, c := range []struct {
+		name      string
+		begun     []migrate.SnapshotRef
+		wantBegun int
+		fullRead  bool
+	}{
+		{"delta", nil, 1, false},
+		{"delta after a killed one", []migrate.SnapshotRef{ref(s1)}, 2, false},
+		{"again the same", []migrate.SnapshotRef{ref(s2)}, 1, false},
+		{"full", full, maxBegun, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r1 := ref(s1)
+			h := migrate.Header{ChunkSize: cs, Source: migrate.Identity{Path: "h:/dev/vda", Size: 8 * int64(cs), Snapshot: true}, Target: migrate.Identity{Path: "/t", Size: 8 * int64(cs)},
+				Passes: 1, Snapshot: &r1, Begun: c.begun, Tracker: "qemu-bitmap:x"}
+			st, err := migrate.Create(filepath.Join(t.TempDir(), "s"), h, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			m := &migration{state: st, warned: map[string]bool{}, src: &source.Source{Path: "snapshot"}}
+			ss := &snapshotSource{g: &globals{quiet: true}, r: tr.Repository, sn: s2, d: &s2.Disks[0]}
+			defer ss.close()
+			changes, err := ss.begin(context.Background(), m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (changes == nil) != c.fullRead || (ss.fullRead != "") != c.fullRead {
+				t.Fatalf("changes %v, full read %q", changes, ss.fullRead)
+			}
+			got, err := migrate.Load(st.Path())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer got.Close()
+			g := got.Header
+			if len(g.Begun) != c.wantBegun || !containsRef(g.Begun, ref(s2)) && !c.fullRead || g.Tracker != "" || g.Snapshot == nil || !g.Snapshot.Same(r1) {
+				t.Fatalf("state on disk after begin: %+v", g)
+			}
+			for _, b := range c.begun {
+				if !containsRef(g.Begun, b) {
+					t.Fatalf("begun %s dropped: %+v", b.Snapshot, g.Begun)
 				}
 			}
 		})
