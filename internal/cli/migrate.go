@@ -169,12 +169,11 @@ no fetch), a pass from a later snapshot only the chunks whose IDs
 differ from those of the previous pass's snapshot; then passes from the
 live SOURCE onto the same TARGET, with the same state, and the last
 one with --final. The state's default path is the one of a live pass
-from the path the disk was backed up from, when absolute (--state
-FILE otherwise). A
-snapshot and a device or file are taken for one disk when their size,
-disk ID and filesystem UUIDs match (nothing to compare without any:
-refused); once a live pass has run, its device or inode guards the
-later ones. A pass reads in full, and says why, after a live pass, or
+from the path the disk was backed up from, when absolute (--state FILE
+otherwise). A snapshot and a device or file are taken for one disk when
+their size, disk ID and filesystem UUIDs match (nothing to compare
+without any: refused); once a live pass has run, its device or inode
+guards the later ones. A pass reads in full, and says why, after a live pass, or
 when the previous pass's snapshot was forgotten or pruned, no longer
 loads, or is of another repository or disk size. A snapshot is one
 instant already: --final, --stop-source and the flags that hold
