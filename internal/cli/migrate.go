@@ -47,6 +47,8 @@ type migrateOptions struct {
 	// final pass, quiesce what they ask for (nil: none).
 	holdFlags quiesceFlags
 	quiesce   *quiescer
+	// snap selects a repository snapshot as SOURCE (migrate_snapshot.go).
+	snap migrateSnapshotFlags
 }
 
 // exitDiverging is migrate's exit status when --until-delta is not
@@ -62,8 +64,9 @@ func newMigrateCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "migrate SOURCE TARGET",
 		Short: "Copy a disk in use onto another by delta passes, with a short final cut-over",
-		Long: `Copy SOURCE (a block device or a disk image file, in use or not, or a
-running QEMU VM's drive: qemu:SOCKET, below) onto TARGET
+		Long: `Copy SOURCE (a block device or a disk image file, in use or not, a
+running QEMU VM's drive: qemu:SOCKET, or a disk of a snapshot in the
+repository; both below) onto TARGET
 (see TARGETS below, created if missing) by passes, as a
 migration of a running machine does. The first pass copies every used
 block of SOURCE; each later pass reads and hashes SOURCE again and writes
@@ -155,7 +158,30 @@ before the final instant and leaves it paused once TARGET is complete,
 saying how long it has been paused: resume it with cont, or end it with
 quit; if the final pass fails, the VM is resumed.
 
-Not available yet (later versions): repository snapshots as SOURCE.
+SOURCE may be a snapshot of the repository (-r): 'latest' or an ID
+prefix that is no existing path, found as 'sauve restore' finds it
+(--host, --tag, --source, --before, --after; --disk NAME for a snapshot
+of several disks; a write-only key is refused). A migration is then
+seeded from last night's backup, with no load on the machine in
+production, and finished live: each pass from a snapshot reads it from
+the repository (every chunk verified against its ID; zero chunks cost
+no fetch), a pass from a later snapshot only the chunks whose IDs
+differ from those of the previous pass's snapshot; then passes from the
+live SOURCE onto the same TARGET, with the same state, and the last
+one with --final. The state's default path is the one of a live pass
+from the path the disk was backed up from, when absolute (--state FILE
+otherwise). A snapshot and a device or file are taken for one disk when
+their size, disk ID and filesystem UUIDs match (nothing to compare
+without any: refused); once a live pass has run, its device or inode
+guards the later ones. A pass reads in full, and says why, after a live pass, or
+when the previous pass's snapshot was forgotten or pruned, no longer
+loads, or is of another repository or disk size. A snapshot is one
+instant already: --final, --stop-source and the flags that hold
+applications are refused with it (run them with the live SOURCE), and
+--no-fs-skip changes nothing (every chunk is read: the repository
+stores free and zero chunks alike). Each pass says the snapshot and its
+time, and what it fetched from the repository (--json: source_snapshot,
+bytes_fetched).
 
 --test-boot boots TARGET after the passes under QEMU, with no network and
 its writes going to a throw-away overlay (TARGET is not changed), while
@@ -176,7 +202,8 @@ in the report).`,
   sauve migrate /dev/sda /var/lib/libvirt/images/web1.qcow2 --until-delta 64M --final
   sauve migrate /dev/sda ssh://root@newhost/dev/vdb --until-delta 64M --final
   sauve migrate qemu:/run/vm1.qmp --drive virtio0 /srv/vm1.qcow2 --until-delta 64M
-  sauve migrate qemu:/run/vm1.qmp --drive virtio0 /srv/vm1.qcow2 --final --stop-source`,
+  sauve migrate qemu:/run/vm1.qmp --drive virtio0 /srv/vm1.qcow2 --final --stop-source
+  sauve migrate -r /backup/repo latest --host web1 /srv/web1.qcow2      # seed from the nightly backup`,
 		Args: exactArgs(2, "SOURCE and TARGET"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.untilDelta = -1
@@ -196,6 +223,11 @@ in the report).`,
 			}
 			if o.maxPasses < 1 {
 				return usageError{errors.New("--max-passes: at least 1")}
+			}
+			// Before the checks of the flags that a snapshot refuses:
+			// they would send the user to add --final.
+			if err := o.snap.check(cmd, args[0]); err != nil {
+				return err
 			}
 			if err := o.readQuiesce(g.warn); err != nil {
 				return err
@@ -217,6 +249,7 @@ in the report).`,
 	addMigrateQEMUFlags(cmd, &o)
 	addMigrateSubformatFlag(cmd, &o)
 	addMigrateQuiesceFlags(cmd, &o)
+	o.snap.add(cmd)
 	return cmd
 }
 
@@ -228,7 +261,10 @@ type migration struct {
 	// vm, when set, is the source, a drive of a running VM, read at a new
 	// instant each pass (migrate_qemu.go); src then only names it, and
 	// disk is the last pass's instant.
-	vm     *qemuSource
+	vm *qemuSource
+	// snap, when set, is the source, a disk of a repository snapshot
+	// (migrate_snapshot.go); src then only names it.
+	snap   *snapshotSource
 	target migrationTarget
 	state  *migrate.State
 	limit  *migrate.Limiter
@@ -349,76 +385,103 @@ func (g *globals) diverging(m *migration, why string) error {
 // it opened also on error, for close.
 func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o *migrateOptions) (*migration, error) {
 	m := &migration{o: o, limit: migrate.NewLimiter(o.limitRate), warned: map[string]bool{}}
-	var srcID migrate.Identity
-	var err error
+	srcID, err := g.openSource(ctx, m, srcPath)
+	if err != nil {
+		return m, err
+	}
+	kind, exists, err := m.openTarget(tgtPath)
+	if err != nil {
+		return m, err
+	}
+	return m, g.openState(m, srcID, kind, tgtPath, exists)
+}
+
+// openSource opens the source, a VM's drive, a repository snapshot or a
+// device or file, and returns its identity.
+func (g *globals) openSource(ctx context.Context, m *migration, srcPath string) (migrate.Identity, error) {
 	if socket, ok := strings.CutPrefix(srcPath, qemuPrefix); ok {
-		srcID, err = g.openQEMUSource(ctx, m, socket)
-	} else {
-		srcID, err = g.openMigrationSource(ctx, m, srcPath)
+		return g.openQEMUSource(ctx, m, socket)
 	}
-	if err != nil {
-		return m, err
+	if m.o.snap.is {
+		return g.openSnapshotSource(ctx, m, srcPath)
 	}
-	kind, err := migrationTargetKindFor(tgtPath, o.subformat)
-	if err != nil {
-		return m, err
+	return g.openMigrationSource(ctx, m, srcPath)
+}
+
+// openTarget opens an existing target and refuses one that must not be
+// written; it says whether the target exists (a new one is created once
+// the state is known).
+func (m *migration) openTarget(tgtPath string) (kind targetKind, exists bool, err error) {
+	if kind, err = migrationTargetKindFor(tgtPath, m.o.subformat); err != nil {
+		return kind, false, err
 	}
-	exists, err := m.openRemoteTarget(kind, tgtPath)
-	if err != nil {
-		return m, err
+	if exists, err = m.openRemoteTarget(kind, tgtPath); err != nil {
+		return kind, false, err
 	}
 	var tgtFI os.FileInfo
 	if !kind.remote() {
 		tgtFI, err = os.Stat(tgtPath)
 		exists = err == nil
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return m, fmt.Errorf("target: %w", err)
+			return kind, false, fmt.Errorf("target: %w", err)
 		}
 	}
-	if exists {
-		if tgtFI != nil {
-			if err := m.refuseSame(tgtPath, tgtFI); err != nil {
-				return m, err
-			}
-			if err := disk.RefuseLocked(tgtPath); err != nil {
-				return m, err
-			}
-			if m.target, err = kind.open(tgtPath); err != nil {
-				return m, err
-			}
+	if !exists {
+		return kind, false, nil
+	}
+	if tgtFI != nil {
+		if err := m.refuseSame(tgtPath, tgtFI); err != nil {
+			return kind, true, err
 		}
-		if m.target.Size() < max(m.disk.Size, o.size) {
-			return m, fmt.Errorf("target %s holds %d bytes, source %s %d (--size %d): refusing a migration that would not fit", tgtPath, m.target.Size(), srcPath, m.disk.Size, o.size)
+		if err := disk.RefuseLocked(tgtPath); err != nil {
+			return kind, true, err
+		}
+		if m.target, err = kind.open(tgtPath); err != nil {
+			return kind, true, err
 		}
 	}
+	if m.target.Size() < max(m.disk.Size, m.o.size) {
+		return kind, true, fmt.Errorf("target %s holds %d bytes, source %s %d (--size %d): refusing a migration that would not fit", tgtPath, m.target.Size(), m.src.Path, m.disk.Size, m.o.size)
+	}
+	return kind, true, nil
+}
+
+// openState locks and loads the state of the pair, or creates the target
+// and a new state.
+func (g *globals) openState(m *migration, srcID migrate.Identity, kind targetKind, tgtPath string, exists bool) error {
+	o := m.o
 	statePath, err := g.migrateStatePath(o, m.stateKey(), tgtPath)
 	if err != nil {
-		return m, err
+		return err
 	}
 	if m.lock, err = lockState(statePath); err != nil {
-		return m, err
+		return err
 	}
 	if m.state, err = loadMigrateState(statePath, srcID, tgtPath, exists, o.reset); err != nil {
-		return m, err
+		return err
 	}
 	if !exists {
 		if m.target, err = kind.create(tgtPath, max(m.disk.Size, o.size)); err != nil {
-			return m, err
+			return err
 		}
 	}
 	tgtID, err := m.target.Identity()
 	if err != nil {
-		return m, err
+		return err
 	}
 	if m.state != nil {
 		if why := m.state.Header.Target.Mismatch(tgtID); why != "" {
-			return m, fmt.Errorf("state file %s is of another target than %s (it has %s): give another --state, or --reset to copy everything again", statePath, tgtPath, why)
+			return fmt.Errorf("state file %s is of another target than %s (it has %s): give another --state, or --reset to copy everything again", statePath, tgtPath, why)
 		}
-		return m, nil
+		adoptSource(&m.state.Header, srcID)
+		return nil
 	}
 	h := migrate.Header{ChunkSize: migrate.DefaultChunkSize, Source: srcID, Target: tgtID}
-	if m.vm != nil {
+	switch {
+	case m.vm != nil:
 		h.ChunkSize = m.vm.chunkSize()
+	case m.snap != nil:
+		h.ChunkSize = m.snap.chunkSize()
 	}
 	var initial func(int64) migrate.Hash
 	if !exists {
@@ -428,7 +491,18 @@ func (g *globals) openMigration(ctx context.Context, srcPath, tgtPath string, o 
 		}
 	}
 	m.state, err = migrate.Create(statePath, h, initial)
-	return m, err
+	return err
+}
+
+// adoptSource makes a device's or file's identity the state's source
+// once it continues a snapshot's passes (their identities matched by
+// size, disk ID and filesystem UUIDs): its device or inode then guard
+// the later live passes, which a snapshot's pass leaves alone. It is
+// written with the pass's state.
+func adoptSource(h *migrate.Header, srcID migrate.Identity) {
+	if h.Source.Snapshot && !srcID.Snapshot {
+		h.Source = srcID
+	}
 }
 
 // openMigrationSource opens a device or image file as the source and
@@ -458,18 +532,24 @@ func (g *globals) openMigrationSource(ctx context.Context, m *migration, srcPath
 // refuseSame refuses a target that is the source (refuseSame), or one
 // of a source VM's drives.
 func (m *migration) refuseSame(tgtPath string, tfi os.FileInfo) error {
-	if m.vm != nil {
+	switch {
+	case m.vm != nil:
 		return m.vm.refuseTarget(tgtPath, tfi)
+	case m.snap != nil:
+		return nil // a snapshot is in the repository, never a target
 	}
 	return refuseSame(m.src, tgtPath, tfi)
 }
 
 // stateKey is what names the source in the default state path: its
 // absolute path, or a VM's UUID and drive (qemu:UUID/DRIVE), whatever
-// its socket.
+// its socket, or a snapshot's disk's path as backed up.
 func (m *migration) stateKey() string {
-	if m.vm != nil {
+	switch {
+	case m.vm != nil:
 		return m.vm.key()
+	case m.snap != nil:
+		return m.snap.key()
 	}
 	return m.src.Path
 }
@@ -487,7 +567,10 @@ func (m *migration) close() {
 	if m.lock != nil {
 		m.lock.Close()
 	}
-	if m.src != nil && m.vm == nil {
+	if m.snap != nil {
+		m.snap.close()
+	}
+	if m.src != nil && m.vm == nil && m.snap == nil {
 		m.src.Close()
 	}
 }
@@ -615,8 +698,8 @@ func (g *globals) migrateStatePath(o *migrateOptions, src, tgt string) (string, 
 	if base == "" {
 		return "", usageError{errors.New("no cache folder for the migration's state (--no-cache, or no $HOME): give --state FILE")}
 	}
-	a := src // a VM's drive is no path
-	if !strings.HasPrefix(src, qemuPrefix) {
+	a := src // a VM's drive, a snapshot's disk is no path
+	if !strings.HasPrefix(src, qemuPrefix) && !strings.HasPrefix(src, snapshotKeyPrefix) {
 		a, _ = filepath.Abs(src)
 	}
 	b := tgt // a remote target's URL is not relative to here
@@ -685,22 +768,10 @@ func createRawTarget(path string, size int64) (migrationTarget, error) {
 // migratePass runs a pass: the source mapped again (its free space
 // changes), read, and its changed chunks written.
 func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (migrate.Pass, error) {
-	var changes extent.Map
 	if m.vm != nil {
-		// A new instant of the VM's drive, and what was written since
-		// the previous pass's.
 		defer m.vm.end()
-		var err error
-		if changes, err = m.vm.begin(ctx, m); err != nil {
-			return migrate.Pass{}, err
-		}
 	}
-	layout, err := m.disk.Map(source.MapOptions{NoSkip: m.o.noFSSkip, Frozen: m.frozen, Warn: func(w string) {
-		if !m.warned[w] {
-			m.warned[w] = true
-			g.warn(w)
-		}
-	}})
+	src, layout, err := g.passSource(ctx, m)
 	if err != nil {
 		return migrate.Pass{}, err
 	}
@@ -710,27 +781,28 @@ func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (mi
 		label = "final pass"
 	}
 	meter := startMeter(g.stderr, g.showProgress(), meterSource{
-		label: label + " " + filepath.Base(m.src.Path), total: func() int64 { return m.disk.Size }, current: prog.Done.Load,
+		label: label + " " + m.sourceLabel(), total: func() int64 { return m.disk.Size }, current: prog.Done.Load,
 		extra: func() string {
 			return fmt.Sprintf("changed %s, written %s", bytesIEC(prog.Changed.Load()), bytesIEC(prog.Written.Load()))
 		},
 	})
-	src := migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map(), Changes: changes}
-	if m.disk.Format == vdisk.Raw && m.disk.View != nil {
-		src.Readers = m.disk.View.Readers // a VM's drive, read over NBD
-	}
 	p, err := migrate.Run(ctx, src, m.target, m.state, migrate.Options{Limit: m.limit, Progress: prog})
 	meter.Stop()
 	if err != nil {
 		return p, fmt.Errorf("migrate %s to %s: %w", m.src.Path, m.target.Path(), err)
 	}
-	layout.WarnLate()
+	if layout != nil {
+		layout.WarnLate()
+	}
 	if m.vm != nil {
 		// The writes are durable: record the instant's tracker, if its
 		// copy held.
 		if err := m.vm.verify(m); err != nil {
 			return p, err
 		}
+	}
+	if m.snap != nil {
+		m.snap.done(&m.state.Header) // recorded with the pass's hashes
 	}
 	h := &m.state.Header
 	if m.prevStart.IsZero() && h.Passes > 0 {
@@ -742,15 +814,88 @@ func (g *globals) migratePass(ctx context.Context, m *migration, final bool) (mi
 	if err := m.state.Compact(); err != nil {
 		return p, err
 	}
-	var fullRead string
-	if m.vm != nil {
+	note := passNote{final: final}
+	switch {
+	case m.vm != nil:
 		m.vm.commit(ctx)
-		fullRead = m.vm.fullRead
+		note.fullRead, note.unread = m.vm.fullRead, "unchanged since the previous pass (dirty bitmap)"
+	case m.snap != nil:
+		note.fullRead, note.unread, note.snapshot, note.fetched = m.snap.fullRead, m.snap.unreadWhy(), m.snap.json(), m.snap.fetched()
 	}
 	rates := migrate.Estimate(m.prevStart, p)
 	m.prevStart = p.Start
 	m.passes = append(m.passes, p)
-	return p, g.printPass(p, rates, final, fullRead)
+	return p, g.printPass(p, rates, note)
+}
+
+// passSource prepares the pass's source: a new instant of a VM's drive,
+// a snapshot's disk, or the device or file mapped again (its layout is
+// then returned, for its late warnings). It returns with the state's
+// header saying what the pass may write, durably.
+func (g *globals) passSource(ctx context.Context, m *migration) (migrate.Source, *source.Layout, error) {
+	switch {
+	case m.snap != nil:
+		changes, err := m.snap.begin(ctx, m)
+		if err != nil {
+			return migrate.Source{}, nil, err
+		}
+		// No map: a free chunk and a zero one are both the zero ID in
+		// the repository, and a used zero chunk left alone would keep
+		// stale bytes on the target. Zero chunks read as zeros with no
+		// fetch, and hash as a new target's initial zeros.
+		return migrate.Source{At: m.snap.dr, Size: m.disk.Size, Changes: changes}, nil, nil
+	case m.vm != nil:
+		// A new instant of the VM's drive, and what was written since
+		// the previous pass's. (A VM drive's state never continues a
+		// snapshot's, but what a state claims is checked, not assumed.)
+		if err := forgetSnapshots(m.state); err != nil {
+			return migrate.Source{}, nil, err
+		}
+		changes, err := m.vm.begin(ctx, m)
+		if err != nil {
+			return migrate.Source{}, nil, err
+		}
+		layout, err := g.passLayout(m)
+		if err != nil {
+			return migrate.Source{}, nil, err
+		}
+		return m.diskSource(layout, changes), layout, nil
+	}
+	if err := forgetSnapshots(m.state); err != nil {
+		return migrate.Source{}, nil, err
+	}
+	layout, err := g.passLayout(m)
+	if err != nil {
+		return migrate.Source{}, nil, err
+	}
+	return m.diskSource(layout, nil), layout, nil
+}
+
+// diskSource is the pass's source of a device, file or VM drive.
+func (m *migration) diskSource(layout *source.Layout, changes extent.Map) migrate.Source {
+	src := migrate.Source{At: m.disk.At, Size: m.disk.Size, Map: layout.Map(), Changes: changes}
+	if m.disk.Format == vdisk.Raw && m.disk.View != nil {
+		src.Readers = m.disk.View.Readers // a VM's drive, read over NBD
+	}
+	return src
+}
+
+// passLayout maps the source's disk again: its free space changes.
+func (g *globals) passLayout(m *migration) (*source.Layout, error) {
+	return m.disk.Map(source.MapOptions{NoSkip: m.o.noFSSkip, Frozen: m.frozen, Warn: func(w string) {
+		if !m.warned[w] {
+			m.warned[w] = true
+			g.warn(w)
+		}
+	}})
+}
+
+// sourceLabel names the source on the progress meter.
+func (m *migration) sourceLabel() string {
+	if m.snap != nil {
+		return m.snap.label()
+	}
+	return filepath.Base(m.src.Path)
 }
 
 // passJSON is a pass's --json line.
@@ -760,21 +905,42 @@ type passJSON struct {
 	Final bool `json:"final"`
 	// FullRead says why a source with change tracking was read in full.
 	FullRead string `json:"full_read,omitempty"`
+	// SourceSnapshot is the snapshot a pass read (nil: a device, file or
+	// VM drive).
+	SourceSnapshot *snapshotJSONRef `json:"source_snapshot,omitempty"`
+	// BytesFetched is what a pass from a snapshot fetched from the
+	// repository (zero chunks cost none).
+	BytesFetched *int64 `json:"bytes_fetched,omitempty"`
 }
 
-func (g *globals) printPass(p migrate.Pass, r migrate.Rates, final bool, fullRead string) error {
+// passNote is what printPass says of a pass besides its counts.
+type passNote struct {
+	final    bool
+	fullRead string           // why a source with change tracking was read in full
+	unread   string           // why chunks were not read
+	snapshot *snapshotJSONRef // the snapshot read, if any
+	fetched  *int64           // bytes fetched from the repository, if any
+}
+
+func (g *globals) printPass(p migrate.Pass, r migrate.Rates, n passNote) error {
 	if g.json {
-		return g.printJSONLine(passJSON{p, r, final, fullRead})
+		return g.printJSONLine(passJSON{p, r, n.final, n.fullRead, n.snapshot, n.fetched})
 	}
 	name := fmt.Sprintf("pass %d", p.Number)
-	if final {
+	if n.snapshot != nil {
+		name += fmt.Sprintf(" from snapshot %s (%s)", n.snapshot.Short, n.snapshot.Time.Local().Format("2006-01-02 15:04"))
+	}
+	if n.final {
 		name = "final pass (" + name + ")"
 	}
 	g.printf("%s: read %s, wrote %s, zeroed %s; %d of %d chunks changed (%s) in %s (%s)\n", name,
 		bytesIEC(p.BytesRead), bytesIEC(p.BytesWritten), bytesIEC(p.BytesZeroed), p.ChunksChanged, p.Chunks, bytesIEC(p.BytesChanged),
 		seconds(p.Seconds), rate(p.BytesRead+p.BytesWritten+p.BytesZeroed, p.Seconds))
 	if p.ChunksUnread > 0 {
-		g.printf("  %d chunks not read: unchanged since the previous pass (dirty bitmap)\n", p.ChunksUnread)
+		g.printf("  %d chunks not read: %s\n", p.ChunksUnread, n.unread)
+	}
+	if n.fetched != nil {
+		g.printf("  fetched %s from the repository (zero chunks need no fetch)\n", bytesIEC(*n.fetched))
 	}
 	if r.ChangeRate > 0 || p.Number > 1 {
 		g.printf("  source changed at %s/s since the previous pass, copied at %s/s; next pass about %s\n",
@@ -890,7 +1056,14 @@ func (g *globals) printMigrateSummary(m *migration, fr *finalResult) error {
 		if m.grown != nil {
 			out["grown"] = m.grown
 		}
+		if m.snap != nil {
+			out["source_snapshot"] = m.snap.json()
+		}
 		return g.printJSONLine(out)
+	}
+	if m.snap != nil {
+		m.snap.printSummary(m)
+		return nil
 	}
 	if fr != nil && fr.cutover != "" {
 		g.printf("%s", fr.cutover)

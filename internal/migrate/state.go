@@ -40,10 +40,20 @@ type Identity struct {
 	// id. Empty for a device or file.
 	VM    string `json:"vm,omitempty"`
 	Drive string `json:"drive,omitempty"`
+	// Snapshot says the source is a disk of a repository snapshot: it
+	// has no device or inode, and Path names the host and the source
+	// as backed up.
+	Snapshot bool `json:"snapshot,omitempty"`
 }
 
-// Mismatch says how other differs from id ("" when they match).
+// Mismatch says how other differs from id ("" when they match). A
+// repository snapshot and a device or file (one has Snapshot set, the
+// other not) are one disk when their size, disk ID and filesystem UUIDs
+// match: a snapshot has no device or inode to compare.
 func (id Identity) Mismatch(other Identity) string {
+	if id.Snapshot != other.Snapshot {
+		return id.layoutMismatch(other)
+	}
 	switch {
 	case id.VM != other.VM:
 		return fmt.Sprintf("VM %q, not %q", other.VM, id.VM)
@@ -55,6 +65,30 @@ func (id Identity) Mismatch(other Identity) string {
 		return fmt.Sprintf("device %q, not %q", other.Device, id.Device)
 	case id.FileDev != other.FileDev || id.Inode != other.Inode:
 		return fmt.Sprintf("file %d:%d, not %d:%d (device:inode)", other.FileDev, other.Inode, id.FileDev, id.Inode)
+	case id.DiskID != other.DiskID:
+		return fmt.Sprintf("disk ID %q, not %q", other.DiskID, id.DiskID)
+	case !equalStrings(id.FSUUIDs, other.FSUUIDs):
+		return fmt.Sprintf("filesystem UUIDs %q, not %q", other.FSUUIDs, id.FSUUIDs)
+	case id.Snapshot && id.DiskID == "" && len(id.FSUUIDs) == 0 && id.Path != other.Path:
+		// Two snapshots with no layout to compare: of the same host and
+		// source as backed up, or refused.
+		return fmt.Sprintf("no disk ID or filesystem UUID to compare, and it is of %s, not %s", other.Path, id.Path)
+	}
+	return ""
+}
+
+// layoutMismatch compares a snapshot's identity with a device's or a
+// file's: by what the disk holds, never by where it is.
+func (id Identity) layoutMismatch(other Identity) string {
+	if id.VM != "" || other.VM != "" {
+		return "a repository snapshot and a running VM's drive (qemu:): a VM drive's passes do not continue a snapshot's, nor the other way round"
+	}
+	noIDs := func(i Identity) bool { return i.DiskID == "" && len(i.FSUUIDs) == 0 }
+	switch {
+	case id.Size != other.Size:
+		return fmt.Sprintf("size %d, not %d", other.Size, id.Size)
+	case noIDs(id) && noIDs(other):
+		return "no disk ID and no filesystem UUID, nor has the state's source: nothing tells a snapshot and a device or file to be one disk"
 	case id.DiskID != other.DiskID:
 		return fmt.Sprintf("disk ID %q, not %q", other.DiskID, id.DiskID)
 	case !equalStrings(id.FSUUIDs, other.FSUUIDs):
@@ -91,6 +125,28 @@ type Header struct {
 	// what it records as written (and the chunks the state does not
 	// know). Empty: every pass reads every chunk.
 	Tracker string `json:"tracker,omitempty"`
+	// Snapshot is the repository snapshot's disk that the last completed
+	// pass read: every chunk the state knows holds that disk's chunk
+	// (nil: the last pass read a device or file, or none yet). Begun
+	// are the snapshots' disks of the passes begun since, which may have
+	// written some of their chunks before they failed. The next pass
+	// from a snapshot reads only the chunks whose IDs differ between its
+	// disk and any of these.
+	Snapshot *SnapshotRef  `json:"snapshot,omitempty"`
+	Begun    []SnapshotRef `json:"snapshots_begun,omitempty"`
+}
+
+// SnapshotRef names a disk of a repository snapshot.
+type SnapshotRef struct {
+	Repository string    `json:"repository"` // the repository's ID
+	Snapshot   string    `json:"snapshot"`   // the snapshot's ID, hex
+	Disk       string    `json:"disk"`
+	Time       time.Time `json:"time,omitzero"` // informative
+}
+
+// Same says whether r and o name the same disk of the same snapshot.
+func (r SnapshotRef) Same(o SnapshotRef) bool {
+	return r.Repository == o.Repository && r.Snapshot == o.Snapshot && r.Disk == o.Disk
 }
 
 // Chunks is the number of chunks of the source.

@@ -25,6 +25,11 @@ type ReaderOptions struct {
 	// Warn hears of copies of chunks that failed and were read from
 	// another copy; nil: silence.
 	Warn func(format string, args ...any)
+	// Want, when set, says which chunks (by index) a sequential reader
+	// reads: read-ahead fetches no other, so that a reader that skips
+	// most chunks (a migration's delta between two snapshots) does not
+	// fetch what it skips. Reads of other chunks still fetch them.
+	Want func(i int64) bool
 }
 
 // DefaultReaderCache is the default budget of a DiskReader's cache.

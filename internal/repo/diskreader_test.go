@@ -592,3 +592,45 @@ func TestDiskReaderCloseWhileReading(t *testing.T) {
 	wg.Wait()
 	repotest.WaitGoroutines(t, before)
 }
+
+// With Want, read-ahead fetches only the chunks wanted: a reader that
+// skips most chunks (one in ten read, in order) fetches those alone,
+// while without Want read-ahead fetches what lies between.
+func TestDiskReaderReadAheadWant(t *testing.T) {
+	tr := repotest.New(t, repotest.Options{PackSize: 4 << 20})
+	const n = 400
+	data := make([]byte, n*chunk)
+	rng := mrand.New(mrand.NewPCG(9, 10))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	d := backupDisk(t, tr, data, nil)
+	want := func(i int64) bool { return i%10 == 3 || i%10 == 4 }
+	read := func(opts repo.ReaderOptions) int64 {
+		dr := newReader(t, tr, d, opts)
+		buf := make([]byte, chunk)
+		for i := int64(0); i < n; i++ {
+			if !want(i) {
+				continue
+			}
+			if _, err := dr.ReadAt(buf, i*chunk); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(buf, data[i*chunk:(i+1)*chunk]) {
+				t.Fatalf("wrong bytes of chunk %d", i)
+			}
+		}
+		dr.Close() // the read-ahead in flight ends: Stats are final
+		return dr.Stats().BytesFetched
+	}
+	wanted := int64(n / 5 * chunk)
+	with := read(repo.ReaderOptions{Want: want})
+	without := read(repo.ReaderOptions{})
+	t.Logf("fetched %d with Want, %d without, %d wanted", with, without, wanted)
+	if with < wanted || with > wanted+wanted/32 {
+		t.Errorf("with Want: fetched %d bytes for %d wanted", with, wanted)
+	}
+	if without < 2*wanted {
+		t.Errorf("without Want read-ahead fetched only %d bytes: the test shows nothing", without)
+	}
+}

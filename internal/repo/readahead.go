@@ -110,7 +110,7 @@ func (dr *DiskReader) claimAhead() ([]claimedRun, bool) {
 		if err != nil {
 			break // a demand read of it says what is wrong
 		}
-		if id.IsZero() {
+		if id.IsZero() || dr.opts.Want != nil && !dr.opts.Want(i) {
 			continue
 		}
 		e := dr.chunks.claim(id)
@@ -149,7 +149,7 @@ func (dr *DiskReader) extend(run *claimedRun, i int64) int64 {
 	}
 	for ; i < dr.d.Chunks(); i++ {
 		id, err := dr.chunkID(i)
-		if err != nil || id.IsZero() {
+		if err != nil || id.IsZero() || dr.opts.Want != nil && !dr.opts.Want(i) {
 			break
 		}
 		c, err := dr.runChunk(i, id)
