@@ -231,7 +231,45 @@ rsync_rows() {
   rm -f "$WORK/rsync.img"
 }
 
+# A repository holding day 1 and day 2 (backed up once), for the passes
+# from snapshots: a migration seeded from the nightly backups. The peer
+# is sauve restore of the same snapshots (the second with --delta, which
+# reads the target back).
+SNAP_ENV=(env SAUVE_REPO="$WORK/repo" XDG_CONFIG_HOME="$WORK/cfg")
+make_repo() {
+  [ -f "$WORK/repo.ids" ] && [ "$WORK/repo.ids" -nt "$S" ] && return
+  echo "== backing up day 1 and day 2"
+  rm -rf "$WORK/repo" "$WORK/cfg"
+  "${SNAP_ENV[@]}" "$S" init > /dev/null
+  put "$B/day1.img"
+  "${SNAP_ENV[@]}" "$S" backup "$WORK/src.img" > /dev/null
+  put "$B/day2.img"
+  "${SNAP_ENV[@]}" "$S" backup "$WORK/src.img" > /dev/null
+  "${SNAP_ENV[@]}" "$S" snapshots --json | python3 -c '
+import json, sys
+for s in sorted(json.load(sys.stdin), key=lambda s: s["time"]):
+    print(s["id"])' > "$WORK/repo.ids"
+}
+
+# snapshot_rows — a first pass from day 1's snapshot onto a new raw
+# target, then the delta pass from day 2's; restore beside it.
+snapshot_rows() {
+  local id1 id2
+  id1=$(sed -n 1p "$WORK/repo.ids"); id2=$(sed -n 2p "$WORK/repo.ids")
+  rm -rf "$WORK/cache" "$WORK/snap.img" "$WORK/restore.img"
+  timed "sauve snapshot first" "${SNAP_ENV[@]}" "$S" migrate "$id1" "$WORK/snap.img" --json
+  written "sauve snapshot first" "$(json_field bytes_written)"
+  timed "sauve snapshot delta-day2" "${SNAP_ENV[@]}" "$S" migrate "$id2" "$WORK/snap.img" --json
+  written "sauve snapshot delta-day2" "$(json_field bytes_written)"
+  rm -f "$WORK/snap.img"
+  timed "restore snapshot first" "${SNAP_ENV[@]}" "$S" restore "$id1" "$WORK/restore.img"
+  written "restore snapshot first" "$(du -B1 "$WORK/restore.img" | cut -f1)"
+  timed "restore snapshot delta-day2" "${SNAP_ENV[@]}" "$S" restore "$id2" "$WORK/restore.img" --delta
+  rm -f "$WORK/restore.img"
+}
+
 make_churn2
+[ -z "${REPORT_ONLY:-}" ] && make_repo
 [ "$SSH" = 1 ] && [ -z "${REPORT_ONLY:-}" ] && start_sshd
 # REPORT_ONLY=1 makes the report again from the samples of the rounds
 # run last.
@@ -254,6 +292,7 @@ for r in $(seq "$ROUNDS"); do
   rm -f "$WORK/src.img"
   dd_rows
   rsync_rows
+  snapshot_rows
   declare -p samples > "$WORK/samples.sh" # a report can be made again from it
 done
 
@@ -268,6 +307,7 @@ for kind in raw qcow2 vmdk ssh; do
 done
 for p in first delta-day2; do rows+=("dd raw $p" "dd+convert qcow2 $p" "dd+convert vmdk $p"); done
 rows+=("rsync fs delta-day2" "rsync fs delta-2pct")
+rows+=("sauve snapshot first" "sauve snapshot delta-day2" "restore snapshot first" "restore snapshot delta-day2")
 {
   echo "## Migration passes on the reference disk (issue 15) ($(date +%F), $(nproc) cores)"
   echo
