@@ -297,7 +297,8 @@ for r in $(seq "$ROUNDS"); do
 done
 
 median() { sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
-col() { IFS=';' read -ra xs <<< "${samples[$1]}"; for x in "${xs[@]}"; do echo "$x" | awk -v n="$2" '{print $n}'; done | median; }
+col() { IFS=';' read -ra xs <<< "${samples[$1]:-}"; for x in "${xs[@]}"; do echo "$x" | awk -v n="$2" '{print $n}'; done | median; }
+mibs() { local b; b=$(col "$1 w" 1); if [ -n "$b" ]; then echo $((b >> 20)); else echo -; fi; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.0f%%", 100 * a / b; else print "-" }'; }
 rows=()
 for kind in raw qcow2 vmdk ssh; do
@@ -320,7 +321,7 @@ rows+=("sauve snapshot first" "sauve snapshot delta-day2" "restore snapshot firs
     read -r tool target pass <<< "$k"
     first="$tool $target first"
     [ "$tool" = rsync ] && first="sauve raw first"
-    echo "| $tool | $target | $pass | $(col "$k" 1) | $(col "$k" 2) | $(( $(col "$k w" 1) >> 20 )) | $( [ "$pass" = first ] && echo - || ratio "$(col "$k" 1)" "$(col "$first" 1)") |"
+    echo "| $tool | $target | $pass | $(col "$k" 1) | $(col "$k" 2) | $(mibs "$k") | $( [ "$pass" = first ] && echo - || ratio "$(col "$k" 1)" "$(col "$first" 1)") |"
   done
   echo
   echo "- --final (sauve raw final): writes frozen for $(col frozen 1) s (median)"

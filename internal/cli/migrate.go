@@ -486,9 +486,7 @@ func (g *globals) openState(m *migration, srcID migrate.Identity, kind targetKin
 	var initial func(int64) migrate.Hash
 	if !exists {
 		// A new file reads as zeros: its zero chunks need no write.
-		initial = func(i int64) migrate.Hash {
-			return migrate.ZeroHash(int(min(int64(h.ChunkSize), srcID.Size-i*int64(h.ChunkSize))))
-		}
+		initial = migrate.NewTargetHashes(srcID.Size, h.ChunkSize)
 	}
 	m.state, err = migrate.Create(statePath, h, initial)
 	return err

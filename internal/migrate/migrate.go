@@ -151,6 +151,22 @@ func ZeroHash(n int) Hash {
 	return out
 }
 
+// NewTargetHashes returns the hash of each chunk of cs bytes of a new,
+// all-holes target of size bytes, for Create: the hashes of zeros, of a
+// whole chunk and of the last one, computed once (hashing every chunk's
+// zeros would cost a full read's CPU).
+func NewTargetHashes(size int64, cs int) func(int64) Hash {
+	full := ZeroHash(cs)
+	last := ZeroHash(chunkLen((size+int64(cs)-1)/int64(cs)-1, cs, size))
+	n := (size + int64(cs) - 1) / int64(cs)
+	return func(i int64) Hash {
+		if i == n-1 {
+			return last
+		}
+		return full
+	}
+}
+
 // chunkLen is the length of chunk i of a source of size bytes.
 func chunkLen(i int64, cs int, size int64) int {
 	return int(min(int64(cs), size-i*int64(cs)))

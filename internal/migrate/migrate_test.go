@@ -618,3 +618,16 @@ func TestMigrateParallelReaders(t *testing.T) {
 		}
 	}
 }
+
+// NewTargetHashes gives each chunk the hash of its length of zeros, the
+// last one short or whole.
+func TestNewTargetHashes(t *testing.T) {
+	for _, size := range []int64{1, cs - 1, cs, cs + 1, 5 * cs, 5*cs + 4096} {
+		h := NewTargetHashes(size, cs)
+		for i := int64(0); i*cs < size; i++ {
+			if got, want := h(i), ZeroHash(chunkLen(i, cs, size)); got != want {
+				t.Errorf("size %d, chunk %d: not the hash of its %d zeros", size, i, chunkLen(i, cs, size))
+			}
+		}
+	}
+}
