@@ -940,10 +940,15 @@ func (g *globals) printPass(p migrate.Pass, r migrate.Rates, n passNote) error {
 	if n.fetched != nil {
 		g.printf("  fetched %s from the repository (zero chunks need no fetch)\n", bytesIEC(*n.fetched))
 	}
-	if r.ChangeRate > 0 || p.Number > 1 {
+	switch {
+	case n.snapshot != nil:
+		// Between two snapshots the rate of change of the source says
+		// nothing of the next live pass.
+		g.printf("  copied at %s/s\n", bytesIEC(int64(r.CopyRate)))
+	case r.ChangeRate > 0 || p.Number > 1:
 		g.printf("  source changed at %s/s since the previous pass, copied at %s/s; next pass about %s\n",
 			bytesIEC(int64(r.ChangeRate)), bytesIEC(int64(r.CopyRate)), seconds(r.NextSeconds))
-	} else {
+	default:
 		g.printf("  copied at %s/s; next pass about %s\n", bytesIEC(int64(r.CopyRate)), seconds(r.NextSeconds))
 	}
 	return nil
