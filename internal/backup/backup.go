@@ -3,11 +3,13 @@
 // hashes them, skips zero chunks and chunks the repository holds, and hands
 // the rest to the repository to compress, seal and pack.
 //
-// The pipeline is four stages over bounded channels: read (one goroutine,
-// in disk order), hash and save (one per CPU), order (results back into
-// disk order) and chunk list (the snapshot's list of chunk IDs). Buffers
-// come from a fixed pool that the read stage waits on, so memory does not
-// depend on the disk's size, and a slow repository slows the reader down.
+// The pipeline is four stages over bounded channels: plan (one goroutine,
+// in disk order: which chunks to read, into which buffer), read, hash and
+// save (one per CPU, each reading its own chunks), order (results back
+// into disk order) and chunk list (the snapshot's list of chunk IDs).
+// Buffers come from a fixed pool that the plan stage waits on, so memory
+// does not depend on the disk's size, and a slow repository slows the
+// reads down.
 package backup
 
 import (
@@ -77,6 +79,10 @@ type Source struct {
 	// (a source whose reads each wait a round trip, such as NBD); the
 	// chunks still reach the later stages in order.
 	Readers int
+	// Concurrent says At may be read from several goroutines at once
+	// (a file, a block device): each worker then reads the chunks it
+	// hashes and compresses, instead of one reader feeding them all.
+	Concurrent bool
 }
 
 // Base is an earlier snapshot's disk of the same source, and the ranges
@@ -309,6 +315,9 @@ type pipeline struct {
 	// free is the pool of chunk buffers: the read stage takes one per
 	// chunk it reads, the hash and save stage gives it back.
 	free chan []byte
+	// read counts the bytes read from the source, by whichever stage
+	// reads them.
+	readBytes atomic.Int64
 }
 
 // job is one chunk read: its buffer, or none for a chunk the data map
@@ -322,6 +331,12 @@ type job struct {
 	// its ID there (zero for a chunk of zeros).
 	fromBase bool
 	base     repo.ID
+	// ranges, when set, are the parts of the chunk (at off) still to be
+	// read into buf: the hash and save stage reads them itself, so that
+	// reading is spread over the workers instead of waiting for one
+	// reader goroutine to be scheduled (see readInWorkers).
+	ranges []extent.Range
+	off    int64
 }
 
 // result is what the hash and save stage did with one chunk.
@@ -376,7 +391,7 @@ func (p *pipeline) run(ctx context.Context, s store) (*output, error) {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		defer close(jobs)
-		return p.read(gctx, jobs, &out.read)
+		return p.read(gctx, jobs)
 	})
 	var wg sync.WaitGroup
 	for range p.workers {
@@ -410,6 +425,7 @@ func (p *pipeline) run(ctx context.Context, s store) (*output, error) {
 	if want := (out.size + int64(p.cs) - 1) / int64(p.cs); want != out.chunks {
 		return nil, fmt.Errorf("internal error: %d chunks for %d bytes", out.chunks, out.size)
 	}
+	out.read = p.readBytes.Load()
 	out.stats.BytesRead = out.read
 	return out, nil
 }
@@ -470,28 +486,47 @@ func (p *pipeline) unchanged(ctx context.Context, i, off, n int64) (repo.ID, boo
 	return repo.ID{}, false, nil
 }
 
-// read is the read stage: it reads the source in order and sends one job
-// per chunk.
-func (p *pipeline) read(ctx context.Context, jobs chan<- job, read *int64) error {
-	count := func(n int64) {
-		*read += n
-		p.prog.Read.Add(n)
-	}
+// read is the read stage: it walks the source in order and sends one job
+// per chunk, read. A Concurrent source's chunks are read by the hash and
+// save stage instead (the jobs carry the ranges to read).
+func (p *pipeline) read(ctx context.Context, jobs chan<- job) error {
 	if p.src.Size < 0 {
-		return p.readStream(ctx, jobs, count)
+		return p.readStream(ctx, jobs, p.count)
 	}
 	if p.src.Readers > 1 {
-		return p.readParallel(ctx, jobs, count)
+		return p.readParallel(ctx, jobs, p.count)
 	}
 	return p.plan(ctx, func(t *readTask) error {
 		if t.ranges != nil {
+			if p.src.Concurrent {
+				// Read by a worker (readInWorkers): one reader
+				// goroutine feeding a worker per core ran only once
+				// a worker blocked for want of a job, so a core sat
+				// idle through every read.
+				t.j.ranges, t.j.off = t.ranges, t.off
+				return send(ctx, jobs, t.j)
+			}
 			p.fill(t)
-			if err := p.filled(t, count); err != nil {
+			if err := p.filled(t, p.count); err != nil {
 				return err
 			}
 		}
 		return send(ctx, jobs, t.j)
 	})
+}
+
+// count adds n bytes read from the source.
+func (p *pipeline) count(n int64) {
+	p.readBytes.Add(n)
+	p.prog.Read.Add(n)
+}
+
+// readInWorkers reads the ranges of a job that the read stage left to
+// the hash and save stage; on error its buffer goes back to the pool.
+func (p *pipeline) readInWorkers(j *job) error {
+	t := &readTask{j: *j, off: j.off, ranges: j.ranges}
+	p.fill(t)
+	return p.filled(t, p.count)
 }
 
 // readTask is one chunk of the read stage: its job, and the ranges of it
@@ -662,6 +697,11 @@ func send[T any](ctx context.Context, ch chan<- T, v T) error {
 func (p *pipeline) hashAndSave(ctx context.Context, s store, jobs <-chan job, results chan<- result) error {
 	zeros := make([]byte, p.cs)
 	for j := range jobs {
+		if j.ranges != nil {
+			if err := p.readInWorkers(&j); err != nil {
+				return err
+			}
+		}
 		res := result{i: j.i, n: j.n, kind: chunkZero}
 		switch {
 		case j.fromBase && !j.base.IsZero():

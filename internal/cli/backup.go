@@ -479,6 +479,10 @@ func (g *globals) prepareDisk(d *backupDisk, o *backupOptions) (backup.Source, e
 	if sd.Format == vdisk.Raw {
 		// An image format's reader on top decides its own reads.
 		bs.Readers = v.Readers
+		// A raw file, device or copy of one is read at any offset from
+		// any goroutine (io.ReaderAt's contract; an NBD export has
+		// Readers).
+		bs.Concurrent = true
 	}
 	return bs, nil
 }
