@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -83,6 +84,17 @@ type Source struct {
 	// (a file, a block device): each worker then reads the chunks it
 	// hashes and compresses, instead of one reader feeding them all.
 	Concurrent bool
+	// Prior, when set, is the read map of an earlier backup of this disk
+	// (ReadMap): the ranges it read, which are read again with those Map
+	// gives. A block freed since still holds what that backup read, so a
+	// chunk none of whose used blocks changed reads as it did then and is
+	// not stored again; a chunk that changed anyway is stored with the
+	// bytes outside Map as zeros, as without Prior.
+	Prior extent.Map
+	// Record, when set, hears in disk order what each chunk of a source
+	// of known Size was stored as: the ranges read (the rest is zeros),
+	// none for a chunk not read. It is the next backup's Prior.
+	Record func(off, n int64, ranges []extent.Range) error
 }
 
 // Base is an earlier snapshot's disk of the same source, and the ranges
@@ -305,6 +317,8 @@ type pipeline struct {
 	cs      int
 	workers int
 	prog    *Progress
+	// prior is the Source's Prior until it fails to read.
+	prior extent.Map
 	// base, when set, lists the chunks of the earlier disk whose
 	// unchanged chunks are taken without reading (Source.Base).
 	base *repo.ChunkList
@@ -331,12 +345,20 @@ type job struct {
 	// its ID there (zero for a chunk of zeros).
 	fromBase bool
 	base     repo.ID
-	// ranges, when set, are the parts of the chunk (at off) still to be
-	// read into buf: the hash and save stage reads them itself, so that
-	// reading is spread over the workers instead of waiting for one
-	// reader goroutine to be scheduled (see readInWorkers).
+	// ranges are the parts of the chunk (at off) read into buf; unread
+	// says the hash and save stage reads them itself, so that reading is
+	// spread over the workers instead of waiting for one reader
+	// goroutine to be scheduled (see readInWorkers).
 	ranges []extent.Range
 	off    int64
+	unread bool
+	// now, when prior is set, are the ranges of the chunk the data map
+	// gives: ranges adds those the Prior read map gives.
+	now   []extent.Range
+	prior bool
+	// id is the chunk's ID when settlePrior computed it already.
+	id     repo.ID
+	hashed bool
 }
 
 // result is what the hash and save stage did with one chunk.
@@ -347,6 +369,10 @@ type result struct {
 	kind   int // chunkZero, chunkNew, chunkReused
 	coded  int
 	sealed int
+	// off and ranges are the chunk's offset and what of it was stored
+	// as read (Source.Record).
+	off    int64
+	ranges []extent.Range
 }
 
 const (
@@ -366,7 +392,10 @@ type output struct {
 }
 
 func newPipeline(r Repository, src Source, opts Options, prog *Progress) *pipeline {
-	p := &pipeline{r: r, src: src, opts: opts, cs: r.Config().ChunkSize, workers: opts.Workers, prog: prog}
+	p := &pipeline{r: r, src: src, opts: opts, cs: r.Config().ChunkSize, workers: opts.Workers, prog: prog, prior: src.Prior}
+	if src.Size < 0 {
+		p.prior = nil
+	}
 	if p.workers <= 0 {
 		p.workers = runtime.GOMAXPROCS(0)
 	}
@@ -408,6 +437,11 @@ func (p *pipeline) run(ctx context.Context, s store) (*output, error) {
 			out.chunks++
 			out.size += int64(res.n)
 			p.tally(&out.stats, res)
+			if p.src.Record != nil && p.src.Size >= 0 {
+				if err := p.src.Record(res.off, int64(res.n), res.ranges); err != nil {
+					return err
+				}
+			}
 			return lw.Append(gctx, res.id)
 		})
 		if err != nil {
@@ -503,7 +537,7 @@ func (p *pipeline) read(ctx context.Context, jobs chan<- job) error {
 				// goroutine feeding a worker per core ran only once
 				// a worker blocked for want of a job, so a core sat
 				// idle through every read.
-				t.j.ranges, t.j.off = t.ranges, t.off
+				t.j.unread = true
 				return send(ctx, jobs, t.j)
 			}
 			p.fill(t)
@@ -519,6 +553,52 @@ func (p *pipeline) read(ctx context.Context, jobs chan<- job) error {
 func (p *pipeline) count(n int64) {
 	p.readBytes.Add(n)
 	p.prog.Read.Add(n)
+}
+
+// addPrior adds to t's ranges those the Prior read map gives for the
+// chunk at off (n bytes). A read map that fails to read is dropped, with
+// a warning: the rest of the disk is read as its data map says.
+func (p *pipeline) addPrior(t *readTask, off, n int64) {
+	if p.prior == nil {
+		return
+	}
+	pr, err := p.prior.Data(off, n)
+	if err != nil {
+		p.prior = nil
+		if p.opts.Warn != nil {
+			p.opts.Warn(fmt.Sprintf("disk %s: the read map of the last backup cannot be read (%v): from offset %d on, free blocks read as zeros", p.src.Name, err, off))
+		}
+		return
+	}
+	if len(pr) == 0 {
+		return
+	}
+	u := union(t.ranges, pr)
+	if slices.Equal(u, t.ranges) {
+		return
+	}
+	t.j.now, t.j.prior, t.ranges = t.ranges, true, u
+}
+
+// settlePrior decides what a chunk read with a Prior's ranges is stored
+// as, and returns the ranges it holds: as read, when the repository holds
+// it so (none of its used blocks changed since that backup: what was
+// freed since still holds what it read), else as the data map alone
+// says, the bytes of the Prior's ranges zeroed, which is what would be
+// stored without a Prior. A chunk is never stored with data the data map
+// does not name unless it is stored already.
+func (p *pipeline) settlePrior(s store, j *job) []extent.Range {
+	buf := j.buf[:j.n]
+	if extent.IsZero(buf) {
+		return j.ranges
+	}
+	id := p.r.ChunkID(buf)
+	if s.Reusable(id) {
+		j.id, j.hashed = id, true
+		return j.ranges
+	}
+	clearOutside(buf, j.off, j.now)
+	return j.now
 }
 
 // readInWorkers reads the ranges of a job that the read stage left to
@@ -561,11 +641,13 @@ func (p *pipeline) plan(ctx context.Context, do func(*readTask) error) error {
 			if t.ranges, err = m.Data(off, n); err != nil {
 				return fmt.Errorf("map of %s at offset %d: %w", p.src.Path, off, err)
 			}
+			p.addPrior(t, off, n)
 			if len(t.ranges) == 0 {
 				t.ranges, t.j.zero = nil, true
 			} else if t.j.buf, err = p.buffer(ctx); err != nil {
 				return err
 			}
+			t.j.ranges, t.j.off = t.ranges, off
 		}
 		if err := do(t); err != nil {
 			return err
@@ -697,18 +779,24 @@ func send[T any](ctx context.Context, ch chan<- T, v T) error {
 func (p *pipeline) hashAndSave(ctx context.Context, s store, jobs <-chan job, results chan<- result) error {
 	zeros := make([]byte, p.cs)
 	for j := range jobs {
-		if j.ranges != nil {
+		if j.unread {
 			if err := p.readInWorkers(&j); err != nil {
 				return err
 			}
 		}
-		res := result{i: j.i, n: j.n, kind: chunkZero}
+		res := result{i: j.i, n: j.n, kind: chunkZero, off: j.off, ranges: j.ranges}
+		if j.prior && !j.zero {
+			res.ranges = p.settlePrior(s, &j)
+		}
 		switch {
 		case j.fromBase && !j.base.IsZero():
 			res.id, res.kind = j.base, chunkUnchanged
 		case j.fromBase:
 		case !j.zero && !bytes.Equal(j.buf[:j.n], zeros[:j.n]):
-			res.id = p.r.ChunkID(j.buf[:j.n])
+			res.id = j.id
+			if !j.hashed {
+				res.id = p.r.ChunkID(j.buf[:j.n])
+			}
 			sr, err := s.SaveBlob(ctx, repo.DataBlob, res.id, j.buf[:j.n])
 			if err != nil {
 				return fmt.Errorf("store chunk at offset %d: %w", j.i*int64(p.cs), err)
