@@ -47,12 +47,12 @@ func TestPriorKeepsChunksOfFreedBlocks(t *testing.T) {
 	day1 := disk("rrrrrr", 0)
 	size := int64(len(day1))
 	half := int64(cs / 2)
-	map1 := mapOf{{0, 4 * cs}, {5 * cs, 6 * cs}} // chunk 4 free
+	map1 := mapOf{{Start: 0, End: 4 * cs}, {Start: 5 * cs, End: 6 * cs}} // chunk 4 free
 	day2 := bytes.Clone(day1)
 	for i := 2 * cs; i < 2*cs+cs/4; i++ { // chunk 2 written in its used half
 		day2[i] ^= 0x5a
 	}
-	map2 := mapOf{{0, cs + half}, {2 * cs, 2*cs + half}, {5 * cs, 6 * cs}} // halves of 1 and 2, and 3, freed
+	map2 := mapOf{{Start: 0, End: cs + half}, {Start: 2 * cs, End: 2*cs + half}, {Start: 5 * cs, End: 6 * cs}} // halves of 1 and 2, and 3, freed
 
 	for _, withPrior := range []bool{false, true} {
 		tr := repotest.New(t, repotest.Options{})
@@ -92,9 +92,9 @@ func TestPriorKeepsChunksOfFreedBlocks(t *testing.T) {
 		}
 		// Day 2's read map says what each chunk was stored as.
 		m := rec2.open(t, size)
-		wantMap := [][]rg{{{0, cs}}, {{cs, cs + half}}, {{2 * cs, 2*cs + half}}, nil, nil, {{5 * cs, 6 * cs}}}
+		wantMap := [][]rg{{{Start: 0, End: cs}}, {{Start: cs, End: cs + half}}, {{Start: 2 * cs, End: 2*cs + half}}, nil, nil, {{Start: 5 * cs, End: 6 * cs}}}
 		if withPrior {
-			wantMap[1], wantMap[3] = []rg{{cs, 2 * cs}}, []rg{{3 * cs, 4 * cs}}
+			wantMap[1], wantMap[3] = []rg{{Start: cs, End: 2 * cs}}, []rg{{Start: 3 * cs, End: 4 * cs}}
 		}
 		for i, w := range wantMap {
 			got, err := m.Data(int64(i)*cs, cs)
@@ -113,7 +113,7 @@ func TestReadMapRoundTrip(t *testing.T) {
 	for _, c := range []struct {
 		off int64
 		r   []rg
-	}{{0, []rg{{10, 20}, {90, 100}}}, {100, []rg{{100, 150}}}, {200, nil}, {300, []rg{{310, 400}}}} {
+	}{{0, []rg{{Start: 10, End: 20}, {Start: 90, End: 100}}}, {100, []rg{{Start: 100, End: 150}}}, {200, nil}, {300, []rg{{Start: 310, End: 400}}}} {
 		if err := w.Chunk(c.off, 100, c.r); err != nil {
 			t.Fatal(err)
 		}
@@ -128,7 +128,7 @@ func TestReadMapRoundTrip(t *testing.T) {
 	for _, c := range []struct {
 		off, n int64
 		want   []rg
-	}{{0, 50, []rg{{10, 20}}}, {50, 70, []rg{{90, 120}}}, {120, 80, []rg{{120, 150}}}, {200, 100, nil}, {300, 50, []rg{{310, 350}}}, {350, 50, []rg{{350, 400}}}} {
+	}{{0, 50, []rg{{Start: 10, End: 20}}}, {50, 70, []rg{{Start: 90, End: 120}}}, {120, 80, []rg{{Start: 120, End: 150}}}, {200, 100, nil}, {300, 50, []rg{{Start: 310, End: 350}}}, {350, 50, []rg{{Start: 350, End: 400}}}} {
 		got, err := m.Data(c.off, c.n)
 		if err != nil || !slices.Equal(got, c.want) {
 			t.Errorf("Data(%d, %d) = %v, %v; want %v", c.off, c.n, got, err, c.want)
@@ -147,7 +147,7 @@ func TestReadMapWriterRefusesGaps(t *testing.T) {
 		t.Error("chunk at 100 accepted first")
 	}
 	w = backup.NewReadMapWriter(&bytes.Buffer{}, 300)
-	if err := w.Chunk(0, 100, []rg{{50, 150}}); err == nil {
+	if err := w.Chunk(0, 100, []rg{{Start: 50, End: 150}}); err == nil {
 		t.Error("range past its chunk accepted")
 	}
 	w = backup.NewReadMapWriter(&bytes.Buffer{}, 300)
@@ -164,7 +164,7 @@ func TestDamagedPriorWarnsAndReadsTheMap(t *testing.T) {
 	var buf bytes.Buffer
 	w := backup.NewReadMapWriter(&buf, int64(len(data)))
 	for i := int64(0); i < 4; i++ {
-		_ = w.Chunk(i*cs, cs, []rg{{i * cs, (i + 1) * cs}})
+		_ = w.Chunk(i*cs, cs, []rg{{Start: i * cs, End: (i + 1) * cs}})
 	}
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
@@ -177,7 +177,7 @@ func TestDamagedPriorWarnsAndReadsTheMap(t *testing.T) {
 	} {
 		tr := repotest.New(t, repotest.Options{})
 		src := source(data)
-		src.Map = mapOf{{0, cs}} // only chunk 0 in use
+		src.Map = mapOf{{Start: 0, End: cs}} // only chunk 0 in use
 		m, err := backup.OpenReadMap(bytes.NewReader(bad), int64(len(data)))
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
