@@ -179,7 +179,7 @@ steps=("full backup, day 1" "backup day 2" "restore day 2")
       s=${samples["$tool|$step"]:-}
       [ -z "$s" ] && continue
       g=$(echo "$s" | median 4 | awk '{ if ($1 == 0) print "-"; else printf "%.1f", $1 / 1048576 }')
-      printf '| %s | %s | %s | %s | %s | %.0f | %s |\n' "$tool" "$step" "$(echo "$s" | median 1)" "$(echo "$s" | each)" \
+      printf '| %s | %s | %s | %s | %s | %.0f | %s |\n' "${tool//|/\\|}" "$step" "$(echo "$s" | median 1)" "$(echo "$s" | each)" \
         "$(echo "$s" | median 2)" "$(echo "$s" | median 3 | awk '{print $1 / 1024}')" "$g"
     done
   done
