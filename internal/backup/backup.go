@@ -3,11 +3,13 @@
 // hashes them, skips zero chunks and chunks the repository holds, and hands
 // the rest to the repository to compress, seal and pack.
 //
-// The pipeline is four stages over bounded channels: read (one goroutine,
-// in disk order), hash and save (one per CPU), order (results back into
-// disk order) and chunk list (the snapshot's list of chunk IDs). Buffers
-// come from a fixed pool that the read stage waits on, so memory does not
-// depend on the disk's size, and a slow repository slows the reader down.
+// The pipeline is four stages over bounded channels: plan (one goroutine,
+// in disk order: which chunks to read, into which buffer), read, hash and
+// save (one per CPU, each reading its own chunks), order (results back
+// into disk order) and chunk list (the snapshot's list of chunk IDs).
+// Buffers come from a fixed pool that the plan stage waits on, so memory
+// does not depend on the disk's size, and a slow repository slows the
+// reads down.
 package backup
 
 import (
@@ -17,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -77,6 +80,21 @@ type Source struct {
 	// (a source whose reads each wait a round trip, such as NBD); the
 	// chunks still reach the later stages in order.
 	Readers int
+	// Concurrent says At may be read from several goroutines at once
+	// (a file, a block device): each worker then reads the chunks it
+	// hashes and compresses, instead of one reader feeding them all.
+	Concurrent bool
+	// Prior, when set, is the read map of an earlier backup of this disk
+	// (ReadMap): the ranges it read, which are read again with those Map
+	// gives. A block freed since still holds what that backup read, so a
+	// chunk none of whose used blocks changed reads as it did then and is
+	// not stored again; a chunk that changed anyway is stored with the
+	// bytes outside Map as zeros, as without Prior.
+	Prior extent.Map
+	// Record, when set, hears in disk order what each chunk of a source
+	// of known Size was stored as: the ranges read (the rest is zeros),
+	// none for a chunk not read. It is the next backup's Prior.
+	Record func(off, n int64, ranges []extent.Range) error
 }
 
 // Base is an earlier snapshot's disk of the same source, and the ranges
@@ -299,6 +317,8 @@ type pipeline struct {
 	cs      int
 	workers int
 	prog    *Progress
+	// prior is the Source's Prior until it fails to read.
+	prior extent.Map
 	// base, when set, lists the chunks of the earlier disk whose
 	// unchanged chunks are taken without reading (Source.Base).
 	base *repo.ChunkList
@@ -309,6 +329,9 @@ type pipeline struct {
 	// free is the pool of chunk buffers: the read stage takes one per
 	// chunk it reads, the hash and save stage gives it back.
 	free chan []byte
+	// read counts the bytes read from the source, by whichever stage
+	// reads them.
+	readBytes atomic.Int64
 }
 
 // job is one chunk read: its buffer, or none for a chunk the data map
@@ -322,6 +345,20 @@ type job struct {
 	// its ID there (zero for a chunk of zeros).
 	fromBase bool
 	base     repo.ID
+	// ranges are the parts of the chunk (at off) read into buf; unread
+	// says the hash and save stage reads them itself, so that reading is
+	// spread over the workers instead of waiting for one reader
+	// goroutine to be scheduled (see readInWorkers).
+	ranges []extent.Range
+	off    int64
+	unread bool
+	// now, when prior is set, are the ranges of the chunk the data map
+	// gives: ranges adds those the Prior read map gives.
+	now   []extent.Range
+	prior bool
+	// id is the chunk's ID when settlePrior computed it already.
+	id     repo.ID
+	hashed bool
 }
 
 // result is what the hash and save stage did with one chunk.
@@ -332,6 +369,10 @@ type result struct {
 	kind   int // chunkZero, chunkNew, chunkReused
 	coded  int
 	sealed int
+	// off and ranges are the chunk's offset and what of it was stored
+	// as read (Source.Record).
+	off    int64
+	ranges []extent.Range
 }
 
 const (
@@ -351,7 +392,10 @@ type output struct {
 }
 
 func newPipeline(r Repository, src Source, opts Options, prog *Progress) *pipeline {
-	p := &pipeline{r: r, src: src, opts: opts, cs: r.Config().ChunkSize, workers: opts.Workers, prog: prog}
+	p := &pipeline{r: r, src: src, opts: opts, cs: r.Config().ChunkSize, workers: opts.Workers, prog: prog, prior: src.Prior}
+	if src.Size < 0 {
+		p.prior = nil
+	}
 	if p.workers <= 0 {
 		p.workers = runtime.GOMAXPROCS(0)
 	}
@@ -376,7 +420,7 @@ func (p *pipeline) run(ctx context.Context, s store) (*output, error) {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		defer close(jobs)
-		return p.read(gctx, jobs, &out.read)
+		return p.read(gctx, jobs)
 	})
 	var wg sync.WaitGroup
 	for range p.workers {
@@ -393,6 +437,11 @@ func (p *pipeline) run(ctx context.Context, s store) (*output, error) {
 			out.chunks++
 			out.size += int64(res.n)
 			p.tally(&out.stats, res)
+			if p.src.Record != nil && p.src.Size >= 0 {
+				if err := p.src.Record(res.off, int64(res.n), res.ranges); err != nil {
+					return err
+				}
+			}
 			return lw.Append(gctx, res.id)
 		})
 		if err != nil {
@@ -410,6 +459,7 @@ func (p *pipeline) run(ctx context.Context, s store) (*output, error) {
 	if want := (out.size + int64(p.cs) - 1) / int64(p.cs); want != out.chunks {
 		return nil, fmt.Errorf("internal error: %d chunks for %d bytes", out.chunks, out.size)
 	}
+	out.read = p.readBytes.Load()
 	out.stats.BytesRead = out.read
 	return out, nil
 }
@@ -470,28 +520,93 @@ func (p *pipeline) unchanged(ctx context.Context, i, off, n int64) (repo.ID, boo
 	return repo.ID{}, false, nil
 }
 
-// read is the read stage: it reads the source in order and sends one job
-// per chunk.
-func (p *pipeline) read(ctx context.Context, jobs chan<- job, read *int64) error {
-	count := func(n int64) {
-		*read += n
-		p.prog.Read.Add(n)
-	}
+// read is the read stage: it walks the source in order and sends one job
+// per chunk, read. A Concurrent source's chunks are read by the hash and
+// save stage instead (the jobs carry the ranges to read).
+func (p *pipeline) read(ctx context.Context, jobs chan<- job) error {
 	if p.src.Size < 0 {
-		return p.readStream(ctx, jobs, count)
+		return p.readStream(ctx, jobs, p.count)
 	}
 	if p.src.Readers > 1 {
-		return p.readParallel(ctx, jobs, count)
+		return p.readParallel(ctx, jobs, p.count)
 	}
 	return p.plan(ctx, func(t *readTask) error {
 		if t.ranges != nil {
+			if p.src.Concurrent {
+				// Read by a worker (readInWorkers): one reader
+				// goroutine feeding a worker per core ran only once
+				// a worker blocked for want of a job, so a core sat
+				// idle through every read.
+				t.j.unread = true
+				return send(ctx, jobs, t.j)
+			}
 			p.fill(t)
-			if err := p.filled(t, count); err != nil {
+			if err := p.filled(t, p.count); err != nil {
 				return err
 			}
 		}
 		return send(ctx, jobs, t.j)
 	})
+}
+
+// count adds n bytes read from the source.
+func (p *pipeline) count(n int64) {
+	p.readBytes.Add(n)
+	p.prog.Read.Add(n)
+}
+
+// addPrior adds to t's ranges those the Prior read map gives for the
+// chunk at off (n bytes). A read map that fails to read is dropped, with
+// a warning: the rest of the disk is read as its data map says.
+func (p *pipeline) addPrior(t *readTask, off, n int64) {
+	if p.prior == nil {
+		return
+	}
+	pr, err := p.prior.Data(off, n)
+	if err != nil {
+		p.prior = nil
+		if p.opts.Warn != nil {
+			p.opts.Warn(fmt.Sprintf("disk %s: the read map of the last backup cannot be read (%v): from offset %d on, free blocks read as zeros", p.src.Name, err, off))
+		}
+		return
+	}
+	if len(pr) == 0 {
+		return
+	}
+	u := union(t.ranges, pr)
+	if slices.Equal(u, t.ranges) {
+		return
+	}
+	t.j.now, t.j.prior, t.ranges = t.ranges, true, u
+}
+
+// settlePrior decides what a chunk read with a Prior's ranges is stored
+// as, and returns the ranges it holds: as read, when the repository holds
+// it so (none of its used blocks changed since that backup: what was
+// freed since still holds what it read), else as the data map alone
+// says, the bytes of the Prior's ranges zeroed, which is what would be
+// stored without a Prior. A chunk is never stored with data the data map
+// does not name unless it is stored already.
+func (p *pipeline) settlePrior(s store, j *job) []extent.Range {
+	buf := j.buf[:j.n]
+	if extent.IsZero(buf) {
+		return j.ranges
+	}
+	id := p.r.ChunkID(buf)
+	if s.Reusable(id) {
+		j.id, j.hashed = id, true
+		return j.ranges
+	}
+	clearOutside(buf, j.off, j.now)
+	return j.now
+}
+
+// readInWorkers reads the ranges of a job that the read stage left to
+// the hash and save stage; on error its buffer goes back to the pool.
+func (p *pipeline) readInWorkers(j *job) error {
+	t := &readTask{j: *j, off: j.off, ranges: j.ranges}
+	p.fill(t)
+	return p.filled(t, p.count)
 }
 
 // readTask is one chunk of the read stage: its job, and the ranges of it
@@ -526,11 +641,13 @@ func (p *pipeline) plan(ctx context.Context, do func(*readTask) error) error {
 			if t.ranges, err = m.Data(off, n); err != nil {
 				return fmt.Errorf("map of %s at offset %d: %w", p.src.Path, off, err)
 			}
+			p.addPrior(t, off, n)
 			if len(t.ranges) == 0 {
 				t.ranges, t.j.zero = nil, true
 			} else if t.j.buf, err = p.buffer(ctx); err != nil {
 				return err
 			}
+			t.j.ranges, t.j.off = t.ranges, off
 		}
 		if err := do(t); err != nil {
 			return err
@@ -662,13 +779,24 @@ func send[T any](ctx context.Context, ch chan<- T, v T) error {
 func (p *pipeline) hashAndSave(ctx context.Context, s store, jobs <-chan job, results chan<- result) error {
 	zeros := make([]byte, p.cs)
 	for j := range jobs {
-		res := result{i: j.i, n: j.n, kind: chunkZero}
+		if j.unread {
+			if err := p.readInWorkers(&j); err != nil {
+				return err
+			}
+		}
+		res := result{i: j.i, n: j.n, kind: chunkZero, off: j.off, ranges: j.ranges}
+		if j.prior && !j.zero {
+			res.ranges = p.settlePrior(s, &j)
+		}
 		switch {
 		case j.fromBase && !j.base.IsZero():
 			res.id, res.kind = j.base, chunkUnchanged
 		case j.fromBase:
 		case !j.zero && !bytes.Equal(j.buf[:j.n], zeros[:j.n]):
-			res.id = p.r.ChunkID(j.buf[:j.n])
+			res.id = j.id
+			if !j.hashed {
+				res.id = p.r.ChunkID(j.buf[:j.n])
+			}
 			sr, err := s.SaveBlob(ctx, repo.DataBlob, res.id, j.buf[:j.n])
 			if err != nil {
 				return fmt.Errorf("store chunk at offset %d: %w", j.i*int64(p.cs), err)

@@ -124,3 +124,63 @@ func (h holes) Data(off, n int64) ([]extent.Range, error) {
 	}
 	return out, nil
 }
+
+// A Concurrent source is read by the workers, several chunks at once (at
+// most one per worker), and the snapshot still restores byte-exact, holes
+// and all, with every byte read counted once.
+func TestConcurrentSourceReadByWorkers(t *testing.T) {
+	for _, workers := range []int{1, 3} {
+		tr := repotest.New(t, repotest.Options{})
+		data := disk("rrzrarrrhrzzrrbrrrrr", 78)
+		at := &slowAt{data: data, wait: 2 * time.Millisecond, failAt: -1}
+		src := named("vda", data)
+		src.At, src.Concurrent = at, true
+		src.Map = holes{{Start: 5 * cs, End: 6 * cs}, {Start: 7*cs + 512, End: 7*cs + 4096}}
+		want := bytes.Clone(data)
+		clear(want[5*cs : 6*cs])
+		clear(want[7*cs+512 : 7*cs+4096])
+		res, err := backup.Run(context.Background(), tr, src, backup.Options{Workers: workers})
+		if err != nil {
+			t.Fatalf("workers %d: %v", workers, err)
+		}
+		if got, _ := contents(t, tr, res.Snapshot.ID); !bytes.Equal(got, want) {
+			t.Errorf("workers %d: snapshot does not restore byte-exact", workers)
+		}
+		most := at.most.Load()
+		switch {
+		case workers == 1 && most != 1:
+			t.Errorf("workers 1: %d reads at once, want 1", most)
+		case workers > 1 && (most < 2 || most > int32(workers)):
+			t.Errorf("workers %d: %d reads at once, want 2 to %d", workers, most, workers)
+		}
+		if wantRead := int64(len(data) - cs - (4096 - 512)); res.Stats.BytesRead != wantRead {
+			t.Errorf("workers %d: read %d bytes, want %d", workers, res.Stats.BytesRead, wantRead)
+		}
+	}
+}
+
+// A read that fails in a worker stops the backup with its offset and
+// stores nothing; the buffers it held do not hang the other stages.
+func TestConcurrentSourceReadError(t *testing.T) {
+	tr := repotest.New(t, repotest.Options{})
+	data := disk("rrrrrrrrrrrrrrrrrrrr", 0)
+	at := &slowAt{data: data, wait: time.Millisecond, failAt: 9*cs + 10}
+	src := named("vda", data)
+	src.At, src.Concurrent = at, true
+	done := make(chan error, 1)
+	go func() {
+		_, err := backup.Run(context.Background(), tr, src, backup.Options{Workers: 3})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "injected EIO") || !strings.Contains(err.Error(), fmt.Sprintf("offset %d:", 9*cs)) {
+			t.Fatalf("err %v, want the injected error at chunk 9's offset", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("backup hangs after a read error")
+	}
+	if n := snapshotCount(t, tr); n != 0 {
+		t.Errorf("%d snapshots stored after a failed read", n)
+	}
+}

@@ -308,11 +308,18 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 	}
 	defer shadow.Release(views)
 	bss := make([]backup.Source, len(disks))
+	maps := &readMaps{parent: parent, warn: g.warnf}
+	if !o.noFSSkip {
+		maps.cache = r.LocalCache()
+	}
+	var snapID *repo.ID
+	defer func() { maps.finish(snapID) }()
 	for i, d := range disks {
 		d.view = views[i]
 		if bss[i], err = g.prepareDisk(d, o); err != nil {
 			return err
 		}
+		maps.attach(&bss[i])
 	}
 	prog := new(backup.Progress)
 	prog.Total.Store(backup.TotalSize(bss))
@@ -338,6 +345,7 @@ func (g *globals) backup(ctx context.Context, args []string, o *backupOptions) e
 	if err != nil {
 		return fmt.Errorf("backup of %s: %w", backupLabel(disks), err)
 	}
+	snapID = &res.Snapshot.ID
 	for _, d := range disks {
 		d.layout.WarnLate()
 	}
@@ -479,6 +487,10 @@ func (g *globals) prepareDisk(d *backupDisk, o *backupOptions) (backup.Source, e
 	if sd.Format == vdisk.Raw {
 		// An image format's reader on top decides its own reads.
 		bs.Readers = v.Readers
+		// A raw file, device or copy of one is read at any offset from
+		// any goroutine (io.ReaderAt's contract; an NBD export has
+		// Readers).
+		bs.Concurrent = true
 	}
 	return bs, nil
 }

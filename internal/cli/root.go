@@ -160,18 +160,20 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	pf.StringVar(&g.progress, "progress", "auto", "progress bar on stderr: auto (when stderr is a terminal), always, never")
 
 	// Hidden: profiles for docs/BENCHMARKS.md.
-	var cpuProfile, memProfile string
-	pf.StringVar(&cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) to this file")
-	pf.StringVar(&memProfile, "mem-profile", "", "write a heap profile (pprof) at exit to this file")
+	var prof profiles
+	pf.StringVar(&prof.cpu, "cpu-profile", "", "write a CPU profile (pprof) to this file")
+	pf.StringVar(&prof.mem, "mem-profile", "", "write a heap profile (pprof) at exit to this file")
+	pf.StringVar(&prof.trace, "trace", "", "write an execution trace (go tool trace) to this file")
 	// Hidden: tests that inject faults shorten the pauses between retries.
 	pf.DurationVar(&g.retryDelay, "retry-max-delay", 0, "longest pause between retries (default 30s)")
 	_ = pf.MarkHidden("retry-max-delay")
 	_ = pf.MarkHidden("cpu-profile")
 	_ = pf.MarkHidden("mem-profile")
+	_ = pf.MarkHidden("trace")
 	var stopProfile func()
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		var err error
-		stopProfile, err = startProfiles(cpuProfile, memProfile)
+		stopProfile, err = startProfiles(prof)
 		return err
 	}
 	root.PersistentPostRun = func(cmd *cobra.Command, args []string) {

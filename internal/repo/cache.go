@@ -2,6 +2,7 @@ package repo
 
 import (
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -280,3 +281,26 @@ func processTag(pid int) string {
 	}
 	return fmt.Sprintf("%d %s %s", pid, strings.TrimSpace(string(boot)), start)
 }
+
+// cacheReadMaps holds the read maps of the backups this machine made
+// (backup.ReadMapWriter), one per snapshot and disk: hints for the next
+// backup of the disk, never read as repository data.
+const cacheReadMaps = "readmaps"
+
+// ReadMapPath is where the read map of disk in snapshot sn is kept, and
+// the folder it is in (made if missing); "" without a cache.
+func (c *Cache) ReadMapPath(sn ID, disk string) (path, dir string) {
+	if c == nil {
+		return "", ""
+	}
+	dir = filepath.Join(c.dir, cacheReadMaps)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", ""
+	}
+	// By a hash of the name: a disk's name may hold any byte.
+	h := sha256.Sum256([]byte(disk))
+	return filepath.Join(dir, sn.String()+"-"+hex.EncodeToString(h[:16])), dir
+}
+
+// LocalCache returns the repository's local cache, nil without one.
+func (r *Repository) LocalCache() *Cache { return r.cache }
