@@ -773,30 +773,15 @@ func TestMigrateFinalPostgreSQL(t *testing.T) {
 	sh(t, pi.tool("pgbench"), append(src.conn(), "-i", "-q", "-s", "1", "postgres")...)
 	src.psql(t, "postgres", "CHECKPOINT")
 
-	bench := exec.Command(pi.tool("pgbench"), append(src.conn(), "-n", "-c", "2", "-j", "2", "-T", "3600", "postgres")...)
-	bench.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := bench.Start(); err != nil {
-		t.Fatal(err)
-	}
-	benchDone := make(chan struct{})
-	go func() { bench.Wait(); close(benchDone) }()
-	stopBench := func() { bench.Process.Kill(); <-benchDone }
-	t.Cleanup(stopBench)
-	for src.history(t) == 0 {
-		time.Sleep(50 * time.Millisecond)
-	}
+	bench := pi.startBench(t, src, e.path("pgbench.log"))
 	target := e.path("target.img")
 	e.ok("migrate", img, target)
 	spec := fmt.Sprintf("postgresql:host=%s port=%d user=postgres dbname=postgres", src.sock, src.port)
 	before := src.history(t)
 	_, sum := parseFinal(t, e.ok("migrate", img, target, "--final", "--json", "--writer", spec))
 	after := src.history(t)
-	select {
-	case <-benchDone:
-		t.Fatal("pgbench stopped during the migration")
-	default:
-	}
-	stopBench()
+	bench.stillRunning(t, "the migration")
+	bench.stop()
 	name := fmt.Sprintf("postgresql (%s:%d)", src.sock, src.port)
 	if q := sum.Quiesce; q == nil || q.Consistency != "application" || len(q.Writers) != 1 || q.Writers[0].Name != name || !q.Writers[0].Frozen || sum.Frozen <= 0 {
 		t.Fatalf("summary %+v, quiesce %+v: want application-consistent through %s", sum, sum.Quiesce, name)

@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -317,34 +318,8 @@ func TestPostgresUnderLoad(t *testing.T) {
 	src.psql(t, "postgres", "CHECKPOINT")
 	t.Logf("cluster ready in %.1f s", time.Since(start).Seconds())
 
-	// The load: pgbench's TPC-B-like script on two clients, unthrottled
-	// (here it is bound by fsync, a few hundred transactions a second),
-	// for as long as the backups last; killed when they are done, and at
-	// the end of the test however it ends. -T is only an upper bound; -n
-	// skips the VACUUM that pgbench -i just did.
-	benchLog := filepath.Join(e.dir, "pgbench.log")
-	logf, err := os.Create(benchLog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	bench := exec.Command(pi.tool("pgbench"), append(src.conn(), "-n", "-c", "2", "-j", "2", "-T", "3600", "postgres")...)
-	bench.Stdout, bench.Stderr = logf, logf
-	bench.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := bench.Start(); err != nil {
-		t.Fatal(err)
-	}
-	benchDone := make(chan struct{})
-	go func() { bench.Wait(); close(benchDone) }()
-	stopBench := func() { bench.Process.Kill(); <-benchDone }
-	t.Cleanup(stopBench)
-	for src.history(t) == 0 {
-		select {
-		case <-benchDone:
-			t.Fatalf("pgbench exited: %s", mustRead(t, benchLog))
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
+	// The load, for as long as the backups last.
+	bench := pi.startBench(t, src, filepath.Join(e.dir, "pgbench.log"))
 
 	l := &pgLoad{e: e, src: src, thawLog: filepath.Join(e.dir, "post-thaw.log"), inner: inner}
 	for _, m := range pgQuiesceModes {
@@ -389,14 +364,10 @@ func TestPostgresUnderLoad(t *testing.T) {
 		}
 		snaps = append(snaps, dbSnapshot{id: res.Snapshot, mode: m.name, before: before, after: after, frozen: res.Frozen, window: q.WindowSeconds})
 	}
-	select {
-	case <-benchDone:
-		t.Fatalf("pgbench stopped during the backups: %s", mustRead(t, benchLog))
-	default:
-	}
+	bench.stillRunning(t, "the backups")
 	// The load stops before the restores: they are checked one by one on
 	// an idle machine, and the live cluster has nothing more to prove.
-	stopBench()
+	bench.stop()
 	t.Logf("%d backups in %.1f s, %d transactions", rounds, time.Since(backupsAt).Seconds(), src.history(t))
 
 	restoresAt := time.Now()
@@ -491,5 +462,54 @@ func TestPostgresVolumeNotInBackup(t *testing.T) {
 	e.fail([]string{"needs", "its data directory", "on no disk of this backup"}, "backup", img, "--writer", writer)
 	if n := snapshotsOf(t, e); n != 0 {
 		t.Fatalf("%d snapshots stored for a copy that misses the database", n)
+	}
+}
+
+// pgBench is pgbench's TPC-B-like load running on a cluster.
+type pgBench struct {
+	log  string
+	done chan struct{}
+	stop func() // kills it and waits for it; again is a no-op
+}
+
+// startBench starts pgbench on two clients, unthrottled (bound by fsync
+// here, a few hundred transactions a second), logging to log, and
+// returns once its first transaction is in src's history. It runs until
+// stop, and is killed at the end of the test however it ends. -T is only
+// an upper bound; -n skips the VACUUM that pgbench -i just did.
+func (pi pgInstall) startBench(t *testing.T, src *pgServer, log string) *pgBench {
+	t.Helper()
+	logf, err := os.Create(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(pi.tool("pgbench"), append(src.conn(), "-n", "-c", "2", "-j", "2", "-T", "3600", "postgres")...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	b := &pgBench{log: log, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(b.done) }()
+	b.stop = sync.OnceFunc(func() { cmd.Process.Kill(); <-b.done })
+	t.Cleanup(b.stop)
+	for src.history(t) == 0 {
+		select {
+		case <-b.done:
+			t.Fatalf("pgbench exited: %s", mustRead(t, log))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return b
+}
+
+// stillRunning fails the test if pgbench has stopped during what.
+func (b *pgBench) stillRunning(t *testing.T, what string) {
+	t.Helper()
+	select {
+	case <-b.done:
+		t.Fatalf("pgbench stopped during %s: %s", what, mustRead(t, b.log))
+	default:
 	}
 }

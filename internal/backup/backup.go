@@ -573,7 +573,7 @@ func (p *pipeline) addPrior(t *readTask, off, n int64) {
 	if len(pr) == 0 {
 		return
 	}
-	u := union(t.ranges, pr)
+	u := extent.Union(t.ranges, pr)
 	if slices.Equal(u, t.ranges) {
 		return
 	}

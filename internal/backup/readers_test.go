@@ -76,28 +76,38 @@ func TestReadersReadAtOnceInOrder(t *testing.T) {
 }
 
 // A read that fails stops the backup with its offset, whichever reader
-// had it, and stores nothing.
-func TestReadersReadError(t *testing.T) {
-	tr := repotest.New(t, repotest.Options{})
-	data := disk("rrrrrrrrrrrrrrrrrrrr", 0)
-	at := &slowAt{data: data, wait: time.Millisecond, failAt: 9*cs + 10}
-	src := named("vda", data)
-	src.At, src.Readers = at, 4
-	done := make(chan error, 1)
-	go func() {
-		_, err := backup.Run(context.Background(), tr, src, backup.Options{})
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		if err == nil || !strings.Contains(err.Error(), "injected EIO") || !strings.Contains(err.Error(), fmt.Sprintf("offset %d:", 9*cs)) {
-			t.Fatalf("err %v, want the injected error at chunk 9's offset", err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("backup hangs after a read error")
-	}
-	if n := snapshotCount(t, tr); n != 0 {
-		t.Errorf("%d snapshots stored after a failed read", n)
+// (of Readers) or worker (of a Concurrent source) had it, and stores
+// nothing; the buffers the others held do not hang the other stages.
+func TestParallelReadError(t *testing.T) {
+	for _, c := range []struct {
+		name       string
+		readers    int
+		concurrent bool
+		workers    int
+	}{{"4 readers", 4, false, 0}, {"concurrent, 3 workers", 0, true, 3}} {
+		t.Run(c.name, func(t *testing.T) {
+			tr := repotest.New(t, repotest.Options{})
+			data := disk("rrrrrrrrrrrrrrrrrrrr", 0)
+			src := named("vda", data)
+			src.At = &slowAt{data: data, wait: time.Millisecond, failAt: 9*cs + 10}
+			src.Readers, src.Concurrent = c.readers, c.concurrent
+			done := make(chan error, 1)
+			go func() {
+				_, err := backup.Run(context.Background(), tr, src, backup.Options{Workers: c.workers})
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				if err == nil || !strings.Contains(err.Error(), "injected EIO") || !strings.Contains(err.Error(), fmt.Sprintf("offset %d:", 9*cs)) {
+					t.Fatalf("err %v, want the injected error at chunk 9's offset", err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("backup hangs after a read error")
+			}
+			if n := snapshotCount(t, tr); n != 0 {
+				t.Errorf("%d snapshots stored after a failed read", n)
+			}
+		})
 	}
 }
 
@@ -156,31 +166,5 @@ func TestConcurrentSourceReadByWorkers(t *testing.T) {
 		if wantRead := int64(len(data) - cs - (4096 - 512)); res.Stats.BytesRead != wantRead {
 			t.Errorf("workers %d: read %d bytes, want %d", workers, res.Stats.BytesRead, wantRead)
 		}
-	}
-}
-
-// A read that fails in a worker stops the backup with its offset and
-// stores nothing; the buffers it held do not hang the other stages.
-func TestConcurrentSourceReadError(t *testing.T) {
-	tr := repotest.New(t, repotest.Options{})
-	data := disk("rrrrrrrrrrrrrrrrrrrr", 0)
-	at := &slowAt{data: data, wait: time.Millisecond, failAt: 9*cs + 10}
-	src := named("vda", data)
-	src.At, src.Concurrent = at, true
-	done := make(chan error, 1)
-	go func() {
-		_, err := backup.Run(context.Background(), tr, src, backup.Options{Workers: 3})
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		if err == nil || !strings.Contains(err.Error(), "injected EIO") || !strings.Contains(err.Error(), fmt.Sprintf("offset %d:", 9*cs)) {
-			t.Fatalf("err %v, want the injected error at chunk 9's offset", err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("backup hangs after a read error")
-	}
-	if n := snapshotCount(t, tr); n != 0 {
-		t.Errorf("%d snapshots stored after a failed read", n)
 	}
 }

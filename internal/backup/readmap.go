@@ -182,26 +182,6 @@ func (m *ReadMap) Data(off, n int64) ([]extent.Range, error) {
 	}
 }
 
-// union returns the ranges in a or b (each in increasing order, not
-// overlapping), merged, in increasing order.
-func union(a, b []extent.Range) []extent.Range {
-	out := make([]extent.Range, 0, len(a)+len(b))
-	for len(a) > 0 || len(b) > 0 {
-		var r extent.Range
-		if len(b) == 0 || (len(a) > 0 && a[0].Start <= b[0].Start) {
-			r, a = a[0], a[1:]
-		} else {
-			r, b = b[0], b[1:]
-		}
-		if k := len(out) - 1; k >= 0 && r.Start <= out[k].End {
-			out[k].End = max(out[k].End, r.End)
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
-}
-
 // clearOutside zeroes the bytes of buf (the window at off) outside ranges.
 func clearOutside(buf []byte, off int64, ranges []extent.Range) {
 	pos := off

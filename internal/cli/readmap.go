@@ -4,6 +4,9 @@ import (
 	"errors"
 	"io/fs"
 	"os"
+	"path/filepath"
+	"strings"
+	"time"
 
 	"github.com/sauve-backup/sauve/internal/backup"
 	"github.com/sauve-backup/sauve/internal/repo"
@@ -51,7 +54,8 @@ func (m *readMaps) attach(bs *backup.Source) {
 	if dir == "" {
 		return
 	}
-	tmp, err := os.CreateTemp(dir, ".tmp-*")
+	removeStaleReadMaps(dir, time.Now().Add(-staleReadMap))
+	tmp, err := os.CreateTemp(dir, readMapTemp+"*")
 	if err != nil {
 		return
 	}
@@ -88,4 +92,31 @@ func (m *readMaps) finish(sn *repo.ID) {
 		_ = os.Remove(wr.tmp.Name())
 	}
 	m.open, m.writes = nil, nil
+}
+
+// readMapTemp starts the name of a read map being written; staleReadMap
+// is how old one must be to be left by a backup that was killed (one
+// still being written by a backup under way is younger: its writes
+// touch it), and removed.
+const (
+	readMapTemp  = ".tmp-"
+	staleReadMap = 24 * time.Hour
+)
+
+// removeStaleReadMaps removes the read maps being written that were last
+// modified before cutoff. Failures are ignored: a map is a hint, and a
+// leftover costs a few KiB.
+func removeStaleReadMaps(dir string, cutoff time.Time) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), readMapTemp) {
+			continue
+		}
+		if fi, err := e.Info(); err == nil && fi.Mode().IsRegular() && fi.ModTime().Before(cutoff) {
+			_ = os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
 }

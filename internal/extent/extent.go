@@ -106,6 +106,30 @@ func (s *Sparse) Data(off, n int64) ([]Range, error) {
 	return out, nil
 }
 
+// Union returns the ranges in a or b (each in increasing order, not
+// overlapping), merged: in increasing order, touching and overlapping
+// ranges joined. It returns a itself when b is empty.
+func Union(a, b []Range) []Range {
+	if len(b) == 0 {
+		return a
+	}
+	out := make([]Range, 0, len(a)+len(b))
+	for len(a) > 0 || len(b) > 0 {
+		var r Range
+		if len(b) == 0 || (len(a) > 0 && a[0].Start <= b[0].Start) {
+			r, a = a[0], a[1:]
+		} else {
+			r, b = b[0], b[1:]
+		}
+		if k := len(out) - 1; k >= 0 && r.Start <= out[k].End {
+			out[k].End = max(out[k].End, r.End)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
 // zeroPage is what IsZero compares with: bytes.Equal runs at memory
 // speed, a loop over the bytes at a fraction of it.
 var zeroPage [64 << 10]byte

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"testing"
 )
 
@@ -92,6 +93,26 @@ func TestReadRanges(t *testing.T) {
 		}
 		if n != wantN {
 			t.Errorf("read %d bytes, want %d", n, wantN)
+		}
+	}
+}
+
+func TestUnion(t *testing.T) {
+	r := func(s, e int64) Range { return Range{Start: s, End: e} }
+	for _, c := range []struct {
+		name string
+		a, b []Range
+		want []Range
+	}{
+		{"b empty", []Range{r(0, 4)}, nil, []Range{r(0, 4)}},
+		{"a empty", nil, []Range{r(2, 3), r(5, 6)}, []Range{r(2, 3), r(5, 6)}},
+		{"interleaved", []Range{r(0, 2), r(10, 12)}, []Range{r(4, 6), r(20, 22)}, []Range{r(0, 2), r(4, 6), r(10, 12), r(20, 22)}},
+		{"touching joined", []Range{r(0, 4)}, []Range{r(4, 8)}, []Range{r(0, 8)}},
+		{"overlap and inside", []Range{r(0, 10), r(20, 30)}, []Range{r(5, 22), r(24, 26)}, []Range{r(0, 30)}},
+		{"b first", []Range{r(8, 9)}, []Range{r(1, 2)}, []Range{r(1, 2), r(8, 9)}},
+	} {
+		if got := Union(c.a, c.b); !slices.Equal(got, c.want) {
+			t.Errorf("%s: Union(%v, %v) = %v, want %v", c.name, c.a, c.b, got, c.want)
 		}
 	}
 }

@@ -359,29 +359,7 @@ func (o *Overlay) Data(off, n int64) ([]extent.Range, error) {
 			own = append(own, r)
 		}
 	}
-	return union(base, own), nil
-}
-
-// union merges two sorted lists of ranges.
-func union(a, b []extent.Range) []extent.Range {
-	if len(b) == 0 {
-		return a
-	}
-	var out []extent.Range
-	for len(a) > 0 || len(b) > 0 {
-		var r extent.Range
-		if len(b) == 0 || (len(a) > 0 && a[0].Start <= b[0].Start) {
-			r, a = a[0], a[1:]
-		} else {
-			r, b = b[0], b[1:]
-		}
-		if k := len(out); k > 0 && r.Start <= out[k-1].End {
-			out[k-1].End = max(out[k-1].End, r.End)
-		} else {
-			out = append(out, r)
-		}
-	}
-	return out
+	return extent.Union(base, own), nil
 }
 
 // Flush makes every write that returned before it durable.
