@@ -7,6 +7,9 @@
 #   ROUNDS=5 bash bench/peers.sh
 #   OLD=/path/to/old/sauve bash bench/peers.sh   # adds the old binary's rows
 #
+# sauve runs three ways: its default, --no-fs-skip (every byte, as restic
+# and zstd store them) and --compression max (the smallest it stores).
+#
 # Images come from ../shared/bench/make-disk.sh (/tmp/bench/day1.img and
 # day2.img, 4 GiB each, ext4 in a partition at 1 MiB; day 2 about 2% churn
 # and files deleted). Each round runs every tool once, in turn, so that the
@@ -96,7 +99,7 @@ run_sauve() { # run_sauve ROUND LABEL BIN [FLAGS]
   measure "$label|backup day 2" "$R" "$bin backup $flags $WORK/disk.img"
   measure "$label|restore day 2" "" "$bin restore latest $WORK/restore.img"
   if [ "$round" = 1 ]; then
-    if [ -n "$flags" ]; then
+    if [ "$flags" = --no-fs-skip ]; then
       cmp "$B/day2.img" "$WORK/restore.img" || { echo "$label: restore differs from day 2" >&2; exit 1; }
     else
       same_files "$B/day2.img" "$WORK/restore.img" || { echo "$label: restore holds other files" >&2; exit 1; }
@@ -149,19 +152,22 @@ run_zstd() { # run_zstd ROUND — every backup a full copy of the disk
   rm -rf "$R" "$WORK/restore.img"
 }
 
-tools=("sauve" "sauve --no-fs-skip")
-[ -n "$OLD" ] && tools+=("sauve (old)" "sauve (old) --no-fs-skip")
+tools=("sauve" "sauve --no-fs-skip" "sauve --compression max")
+runs=('run_sauve $r "sauve" "$NEW"' 'run_sauve $r "sauve --no-fs-skip" "$NEW" --no-fs-skip'
+  'run_sauve $r "sauve --compression max" "$NEW" "--compression max"')
+if [ -n "$OLD" ]; then
+  tools+=("sauve (old)" "sauve (old) --no-fs-skip")
+  runs+=('run_sauve $r "sauve (old)" "$OLD"' 'run_sauve $r "sauve (old) --no-fs-skip" "$OLD" --no-fs-skip')
+fi
 tools+=("restic $(restic version | awk '{print $2}')" "partclone.ext4 | zstd -3" "zstd -T0 -3")
+runs+=('run_restic $r' 'run_partclone $r' 'run_zstd $r')
+# Each round starts one tool further down the list, so that no tool always
+# runs first (after the previous round's deletions) or after the same one.
 for r in $(seq "$ROUNDS"); do
-  run_sauve "$r" "sauve" "$NEW"
-  run_sauve "$r" "sauve --no-fs-skip" "$NEW" --no-fs-skip
-  if [ -n "$OLD" ]; then
-    run_sauve "$r" "sauve (old)" "$OLD"
-    run_sauve "$r" "sauve (old) --no-fs-skip" "$OLD" --no-fs-skip
-  fi
-  run_restic "$r"
-  run_partclone "$r"
-  run_zstd "$r"
+  n=${#runs[@]}
+  for i in $(seq 0 $((n - 1))); do
+    eval "${runs[$(((i + r - 1) % n))]}"
+  done
 done
 
 median() { tr ';' '\n' | grep -v '^$' | awk -v f="$1" '{print $f}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -185,7 +191,7 @@ steps=("full backup, day 1" "backup day 2" "restore day 2")
   done
   echo
   rw=$(echo "${samples["${tools[-3]}|full backup, day 1"]}" | median 1)
-  for tool in "sauve" "sauve --no-fs-skip"; do
+  for tool in "sauve" "sauve --no-fs-skip" "sauve --compression max"; do
     sw=$(echo "${samples["$tool|full backup, day 1"]}" | median 1)
     awk -v t="$tool" -v s="$sw" -v r="$rw" 'BEGIN { printf "- %s full backup: %.2f s against restic %.2f s: %.1fx\n", t, s, r, r / s }'
   done

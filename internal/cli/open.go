@@ -246,6 +246,7 @@ func (g *globals) openWith(ctx context.Context, be backend.Backend, keys *crypto
 	r, err := repo.Open(ctx, be, keys, repo.Options{
 		CacheDir:    g.cacheBase(),
 		Connections: g.connections,
+		Compression: g.level,
 		Warn:        func(f string, a ...any) { g.warnf(f, a...) },
 		Program:     "sauve " + Version,
 	})

@@ -16,6 +16,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
+
+	"github.com/sauve-backup/sauve/internal/zstdenc"
 )
 
 // Version is set at build time with -ldflags "-X ...cli.Version=...".
@@ -30,6 +32,8 @@ type globals struct {
 	noCache     bool
 	cacheDir    string
 	connections int
+	compression string
+	level       int // compression, parsed
 	progress    string
 	s3Endpoint  string
 	s3PathStyle bool
@@ -154,6 +158,7 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	pf.StringVar(&g.cacheDir, "cache-dir", os.Getenv("SAUVE_CACHE_DIR"), "local cache of index and chunk lists ($SAUVE_CACHE_DIR; default $XDG_CACHE_HOME/sauve)")
 	pf.BoolVar(&g.noCache, "no-cache", false, "do not use the local cache")
 	pf.IntVar(&g.connections, "connections", 0, "objects transferred at once (default: 2 for a folder, 4 for Azure, S3 and SFTP)")
+	pf.StringVar(&g.compression, "compression", os.Getenv("SAUVE_COMPRESSION"), "zstd level of the chunks a command stores: fast (level 1, the default), better (3), max (9: the smallest, 4-5x the CPU), or 1 to 19 ($SAUVE_COMPRESSION)")
 	pf.StringVar(&g.s3Endpoint, "s3-endpoint", "", "S3-compatible service URL, e.g. http://127.0.0.1:9000 (default $AWS_ENDPOINT_URL, else AWS)")
 	pf.BoolVar(&g.s3PathStyle, "s3-path-style", false, "address S3 buckets as ENDPOINT/BUCKET (implied for IP and localhost endpoints)")
 	pf.DurationVar(&g.netTimeout, "net-timeout", 0, "fail and retry a network transfer that makes no progress for this long (default 1m)")
@@ -173,6 +178,9 @@ $SAUVE_PASSPHRASE_FILE, or the terminal.`,
 	var stopProfile func()
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		var err error
+		if g.level, err = zstdenc.ParseLevel(g.compression); err != nil {
+			return usageError{err}
+		}
 		stopProfile, err = startProfiles(prof)
 		return err
 	}

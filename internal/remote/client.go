@@ -9,14 +9,14 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/klauspost/compress/zstd"
+	"github.com/sauve-backup/sauve/internal/zstdenc"
 )
 
 // Client is the local end: a migration's target whose writes go to the
 // remote end. It is used by one goroutine (a pass writes in order).
 type Client struct {
 	w    *bufio.Writer
-	enc  *zstd.Encoder
+	enc  *zstdenc.Encoder
 	buf  []byte
 	seq  uint64
 	info Info
@@ -63,7 +63,7 @@ func Dial(r io.Reader, w io.Writer, path string, create int64) (*Client, error) 
 	default:
 		return nil, fmt.Errorf("the remote end answered with a message of type %q: is it sauve migrate-receive?", f.typ)
 	}
-	c.enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	c.enc, err = zstdenc.New(zstdenc.DefaultLevel, MaxWrite)
 	if err != nil {
 		return nil, err
 	}
@@ -158,9 +158,10 @@ func (c *Client) WriteAt(p []byte, off int64) (int, error) {
 	for k := 0; k < len(p); k += MaxWrite {
 		q := p[k:min(len(p), k+MaxWrite)]
 		h := writeHeader{off: off + int64(k), n: len(q), enc: encZstd}
-		c.buf = c.enc.EncodeAll(q, c.buf[:0])
+		var err error
+		c.buf, err = c.enc.Encode(c.buf[:0], q)
 		data := c.buf
-		if len(data) >= len(q) {
+		if err != nil || len(data) >= len(q) {
 			h.enc, data = encRaw, q
 		}
 		if err := writeFrame(c.w, msgWrite, encodeWriteHeader(h), data); err != nil {
@@ -212,11 +213,8 @@ func (c *Client) Sync() error {
 	}
 }
 
-// Close releases the encoder; the caller closes the connection, which
-// ends the remote end.
+// Close does nothing of its own (the encoder's memory goes with the
+// client); the caller closes the connection, which ends the remote end.
 func (c *Client) Close() error {
-	if c.enc != nil {
-		c.enc.Close()
-	}
 	return nil
 }

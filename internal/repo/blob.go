@@ -6,6 +6,8 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/sauve-backup/sauve/internal/zstdenc"
 )
 
 // BlobType says how a blob in a pack is sealed.
@@ -35,20 +37,21 @@ const (
 	codingZstd = 1
 )
 
-// compressor codes blob plaintexts. zstd encoders and decoders are pooled:
+// compressor codes blob plaintexts. Encoders and decoders are pooled:
 // they hold window buffers worth reusing.
 type compressor struct {
 	encoders sync.Pool
 	decoders sync.Pool
 }
 
-func newCompressor(maxSize int) *compressor {
+// newCompressor returns a compressor for blobs of at most maxSize bytes
+// that compresses at level (zstdenc's levels; the caller checked it).
+func newCompressor(maxSize, level int) *compressor {
 	c := &compressor{}
 	c.encoders.New = func() any {
 		// No frame checksum: every blob is verified against its keyed
 		// hash, and the XXH64 of each frame cost 2% of a restore's CPU.
-		e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
-			zstd.WithLowerEncoderMem(true), zstd.WithWindowSize(windowFor(maxSize)), zstd.WithEncoderCRC(false))
+		e, err := zstdenc.New(level, maxSize)
 		if err != nil {
 			panic(err)
 		}
@@ -65,25 +68,22 @@ func newCompressor(maxSize int) *compressor {
 	return c
 }
 
-func windowFor(n int) int {
-	w := zstd.MinWindowSize
-	for w < n && w < zstd.MaxWindowSize {
-		w <<= 1
-	}
-	return w
-}
-
 // encode appends the coded form of plain to dst: zstd when it saves at
 // least 1/32 of the size, raw otherwise (random data, already compressed
-// files), so that incompressible chunks cost nothing to read back.
+// files), so that incompressible chunks cost nothing to read back. A
+// failure of the encoder, which only bad parameters cause, stores the blob
+// raw: larger, never wrong.
 func (c *compressor) encode(dst, plain []byte) []byte {
 	start := len(dst)
 	dst = append(dst, codingZstd)
-	e := c.encoders.Get().(*zstd.Encoder)
-	dst = e.EncodeAll(plain, dst)
+	e := c.encoders.Get().(*zstdenc.Encoder)
+	out, err := e.Encode(dst, plain)
 	c.encoders.Put(e)
-	if len(dst)-start-1 < len(plain)-len(plain)/32 {
-		return dst
+	if err == nil && len(out)-start-1 < len(plain)-len(plain)/32 {
+		return out
+	}
+	if err == nil {
+		dst = out
 	}
 	dst = append(dst[:start], codingRaw)
 	return append(dst, plain...)

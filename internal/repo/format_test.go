@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sauve-backup/sauve/internal/crypto"
+	"github.com/sauve-backup/sauve/internal/zstdenc"
 )
 
 func testMeta() *crypto.MetaSealer {
@@ -178,7 +179,7 @@ func TestChunkListRoundTrip(t *testing.T) {
 }
 
 func TestBlobCoding(t *testing.T) {
-	c := newCompressor(1 << 16)
+	c := newCompressor(1<<16, zstdenc.DefaultLevel)
 	random := make([]byte, 1<<16)
 	rand.Read(random)
 	text := []byte(strings.Repeat("sauve backs up disks. ", 3000))[:1<<16]
@@ -206,7 +207,7 @@ func TestBlobCoding(t *testing.T) {
 // memory of that size (in place in a buffer with that room), and one that
 // states less than it holds fails.
 func TestBlobDecodeFrameSize(t *testing.T) {
-	c := newCompressor(1 << 20)
+	c := newCompressor(1<<20, zstdenc.DefaultLevel)
 	in := []byte(strings.Repeat("chunk lists are mostly zeros. ", 400))[:10000]
 	coded := c.encode(nil, in)
 	out, err := c.decode(nil, coded, 1<<20)
@@ -429,7 +430,7 @@ func FuzzParseConfig(f *testing.F) {
 }
 
 func FuzzDecodeBlob(f *testing.F) {
-	c := newCompressor(1 << 16)
+	c := newCompressor(1<<16, zstdenc.DefaultLevel)
 	f.Add(c.encode(nil, bytes.Repeat([]byte("abc"), 1000)))
 	f.Add(c.encode(nil, []byte{1, 2, 3}))
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -492,7 +493,7 @@ func TestIndexBulkAndFresh(t *testing.T) {
 // it reaches a pack: compression (or the attempt, for random data).
 func BenchmarkEncodeChunk(b *testing.B) {
 	const size = DefaultChunkSize
-	c := newCompressor(size)
+	c := newCompressor(size, zstdenc.DefaultLevel)
 	random := make([]byte, size)
 	rand.Read(random)
 	text := []byte(strings.Repeat("sauve backs up disks, block by block. ", size/30))[:size]

@@ -23,6 +23,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/crypto"
+	"github.com/sauve-backup/sauve/internal/zstdenc"
 )
 
 // Options tune an open repository.
@@ -34,6 +35,10 @@ type Options struct {
 	Connections int
 	// Warn receives non-fatal problems; nil discards them.
 	Warn func(format string, args ...any)
+	// Compression is the zstd level new blobs are compressed at
+	// (zstdenc.MinLevel to MaxLevel; 0: zstdenc.DefaultLevel). It is the
+	// writer's choice: every level reads back the same way.
+	Compression int
 	// Program is recorded in ledger records.
 	Program string
 	// MaxOrphanReads bounds how many packs in no index LoadIndex reads
@@ -136,12 +141,18 @@ func Open(ctx context.Context, be backend.Backend, keys *crypto.Keys, opts Optio
 	if opts.MaxOrphanReads == 0 {
 		opts.MaxOrphanReads = 1000
 	}
+	if opts.Compression == 0 {
+		opts.Compression = zstdenc.DefaultLevel
+	}
+	if err := zstdenc.CheckLevel(opts.Compression); err != nil {
+		return nil, err
+	}
 	r := &Repository{
 		be: be, cfg: cfg, keys: keys, opts: opts,
 		ids:            crypto.NewHasher(keys.IDKey),
 		metaIDs:        crypto.NewHasher(crypto.NewHasher(keys.IDKey).Sum([]byte("sauve meta blob ids"))),
 		meta:           crypto.NewMetaSealer(keys.MetaKey),
-		comp:           newCompressor(max(cfg.ChunkSize, maxMetaBlob)),
+		comp:           newCompressor(max(cfg.ChunkSize, maxMetaBlob), opts.Compression),
 		timing:         defaultSessionTiming(),
 		dbBuildEntries: dbBuildEntries,
 	}
