@@ -5,7 +5,7 @@
 //
 // The pipeline is four stages over bounded channels: plan (one goroutine,
 // in disk order: which chunks to read, into which buffer), read, hash and
-// save (one per CPU, each reading its own chunks), order (results back
+// save (two per CPU, each reading its own chunks), order (results back
 // into disk order) and chunk list (the snapshot's list of chunk IDs).
 // Buffers come from a fixed pool that the plan stage waits on, so memory
 // does not depend on the disk's size, and a slow repository slows the
@@ -115,7 +115,7 @@ type Options struct {
 	Host    string
 	Tags    []string
 	Parent  *repo.ID
-	Workers int // hashing/compression goroutines; 0: one per CPU
+	Workers int // hashing/compression goroutines; 0: two per CPU
 	// Progress, when set, is updated as the backup runs.
 	Progress *Progress
 	// Time overrides the snapshot time (tests).
@@ -397,7 +397,11 @@ func newPipeline(r Repository, src Source, opts Options, prog *Progress) *pipeli
 		p.prior = nil
 	}
 	if p.workers <= 0 {
-		p.workers = runtime.GOMAXPROCS(0)
+		// Two per CPU: a worker spends most of its time in libzstd
+		// (cgo), in reads and waiting for a pack to be written, none of
+		// which needs the Go scheduler; with one per CPU a core sat idle
+		// a sixth of the time (docs/BENCHMARKS.md, issue 16, third part).
+		p.workers = 2 * runtime.GOMAXPROCS(0)
 	}
 	// Two buffers per worker keep every worker busy while the reader
 	// fills the next; two more absorb the order stage's waits.
