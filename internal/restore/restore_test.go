@@ -69,8 +69,21 @@ func zeroChunks(data []byte) (zero, other int64) {
 
 func backupDisk(t testing.TB, tr *repotest.Repo, data []byte, m extent.Map) *repo.Disk {
 	t.Helper()
+	return backupDiskWith(t, tr, data, m, backup.Options{})
+}
+
+// backupDiskInOrder backs data up with one worker, which stores the
+// chunks in disk order, so that restore's runs are as long as their
+// caps let them be.
+func backupDiskInOrder(t testing.TB, tr *repotest.Repo, data []byte) *repo.Disk {
+	t.Helper()
+	return backupDiskWith(t, tr, data, nil, backup.Options{Workers: 1})
+}
+
+func backupDiskWith(t testing.TB, tr *repotest.Repo, data []byte, m extent.Map, opts backup.Options) *repo.Disk {
+	t.Helper()
 	ctx := context.Background()
-	res, err := backup.Run(ctx, tr.Repository, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "file", Size: int64(len(data)), At: bytes.NewReader(data), Map: m}, backup.Options{})
+	res, err := backup.Run(ctx, tr.Repository, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "file", Size: int64(len(data)), At: bytes.NewReader(data), Map: m}, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -452,11 +465,7 @@ func TestRunCaps(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			tr := repotest.New(t, repotest.Options{PackSize: tc.pack})
-			// One backup worker stores the chunks in disk order, so that
-			// runs are as long as the caps let them be.
-			procs := runtime.GOMAXPROCS(1)
-			d := backupDisk(t, tr, tc.data, nil)
-			runtime.GOMAXPROCS(procs)
+			d := backupDiskInOrder(t, tr, tc.data)
 			s := &spy{Repository: tr.Repository}
 			tgt := &memTarget{}
 			if _, err := restore.ToTarget(context.Background(), s, d, tgt, restore.Options{Fresh: true}); err != nil {
