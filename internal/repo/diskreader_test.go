@@ -16,6 +16,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/backup"
+	"github.com/sauve-backup/sauve/internal/backup/backuptest"
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
 	"github.com/sauve-backup/sauve/internal/repo/repotest"
@@ -51,29 +52,7 @@ func diskData(seed uint64, n, tail int) []byte {
 // backupDisk backs data up and returns the disk as a reader loads it.
 func backupDisk(t testing.TB, tr *repotest.Repo, data []byte, m extent.Map) *repo.Disk {
 	t.Helper()
-	return backupDiskWith(t, tr, data, m, backup.Options{})
-}
-
-// backupDiskInOrder backs data up with one worker, which stores the
-// chunks in disk order, so that restore's runs are as long as their
-// caps let them be.
-func backupDiskInOrder(t testing.TB, tr *repotest.Repo, data []byte) *repo.Disk {
-	t.Helper()
-	return backupDiskWith(t, tr, data, nil, backup.Options{Workers: 1})
-}
-
-func backupDiskWith(t testing.TB, tr *repotest.Repo, data []byte, m extent.Map, opts backup.Options) *repo.Disk {
-	t.Helper()
-	ctx := context.Background()
-	res, err := backup.Run(ctx, tr.Repository, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "file", Size: int64(len(data)), At: bytes.NewReader(data), Map: m}, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sn, err := tr.LoadSnapshot(ctx, res.Snapshot.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &sn.Disks[0]
+	return backuptest.Disk(t, tr, data, m, backup.Options{})
 }
 
 func newReader(t testing.TB, tr *repotest.Repo, d *repo.Disk, opts repo.ReaderOptions) *repo.DiskReader {
@@ -400,7 +379,7 @@ func TestDiskReaderReadAhead(t *testing.T) {
 	for i := range data {
 		data[i] = byte(rng.Uint32())
 	}
-	d := backupDiskInOrder(t, tr, data)
+	d := backuptest.InOrder(t, tr, data)
 	read := func(opts repo.ReaderOptions) int64 {
 		dr := newReader(t, tr, d, opts)
 		if _, err := dr.Data(0, 1); err != nil { // the chunk list, loaded

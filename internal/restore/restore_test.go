@@ -19,6 +19,7 @@ import (
 
 	"github.com/sauve-backup/sauve/internal/backend"
 	"github.com/sauve-backup/sauve/internal/backup"
+	"github.com/sauve-backup/sauve/internal/backup/backuptest"
 	"github.com/sauve-backup/sauve/internal/crypto"
 	"github.com/sauve-backup/sauve/internal/extent"
 	"github.com/sauve-backup/sauve/internal/repo"
@@ -69,29 +70,7 @@ func zeroChunks(data []byte) (zero, other int64) {
 
 func backupDisk(t testing.TB, tr *repotest.Repo, data []byte, m extent.Map) *repo.Disk {
 	t.Helper()
-	return backupDiskWith(t, tr, data, m, backup.Options{})
-}
-
-// backupDiskInOrder backs data up with one worker, which stores the
-// chunks in disk order, so that restore's runs are as long as their
-// caps let them be.
-func backupDiskInOrder(t testing.TB, tr *repotest.Repo, data []byte) *repo.Disk {
-	t.Helper()
-	return backupDiskWith(t, tr, data, nil, backup.Options{Workers: 1})
-}
-
-func backupDiskWith(t testing.TB, tr *repotest.Repo, data []byte, m extent.Map, opts backup.Options) *repo.Disk {
-	t.Helper()
-	ctx := context.Background()
-	res, err := backup.Run(ctx, tr.Repository, backup.Source{Name: "vda", Path: "/dev/vda", Kind: "file", Size: int64(len(data)), At: bytes.NewReader(data), Map: m}, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sn, err := tr.LoadSnapshot(ctx, res.Snapshot.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &sn.Disks[0]
+	return backuptest.Disk(t, tr, data, m, backup.Options{})
 }
 
 // memTarget is a restore target in memory that records what is done to
@@ -465,7 +444,7 @@ func TestRunCaps(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			tr := repotest.New(t, repotest.Options{PackSize: tc.pack})
-			d := backupDiskInOrder(t, tr, tc.data)
+			d := backuptest.InOrder(t, tr, tc.data)
 			s := &spy{Repository: tr.Repository}
 			tgt := &memTarget{}
 			if _, err := restore.ToTarget(context.Background(), s, d, tgt, restore.Options{Fresh: true}); err != nil {
