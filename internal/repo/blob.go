@@ -83,7 +83,7 @@ func (c *compressor) encode(dst, plain []byte) []byte {
 		return out
 	}
 	if err == nil {
-		dst = out
+		dst = out // the encoder may have grown the buffer: the raw copy reuses it
 	}
 	dst = append(dst[:start], codingRaw)
 	return append(dst, plain...)

@@ -67,7 +67,7 @@ func TestRoundTrip(t *testing.T) {
 		{"zeros 1 MiB", make([]byte, 1<<20)},
 		{"half random 4 MiB", append(randomBytes(2<<20, 5), textLike(2<<20, 6)...)},
 	}
-	for _, level := range []int{1, 3, 9} {
+	for _, level := range []int{MinLevel, 3, 9, MaxLevel} {
 		for _, in := range inputs {
 			t.Run(fmt.Sprintf("level %d %s", level, in.name), func(t *testing.T) {
 				e, err := New(level, 4<<20)
